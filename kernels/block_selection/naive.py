@@ -1,0 +1,91 @@
+"""Top-n block selection, reference: compressed-attention probabilities -> selection block ids."""
+
+import torch
+
+from kernels.common import default_scale, group_queries, query_chunks
+from kernels.compressed_attention.naive import compressed_visibility
+
+
+def num_selection_blocks(seq_len: int, selection_block: int) -> int:
+    return -(-seq_len // selection_block)
+
+
+def overlap_weights(
+    num_blocks: int, num_sel_blocks: int, block_size: int, stride: int, selection_block: int
+) -> torch.Tensor:
+    """[N, S] float32: |tokens(compressed block i) & tokens(selection block j)| / stride.
+
+    For l=32, d=16, l'=64 each selection block j gets weights (1, 2, 2, 2, 1) from i = 4j-1 .. 4j+3.
+    """
+    cmp_start = torch.arange(num_blocks) * stride
+    sel_start = torch.arange(num_sel_blocks) * selection_block
+    lo = torch.maximum(cmp_start[:, None], sel_start[None, :])
+    hi = torch.minimum(cmp_start[:, None] + block_size, sel_start[None, :] + selection_block)
+    return (hi - lo).clamp_min(0).float() / stride
+
+
+def topn_from_scores(
+    scores: torch.Tensor, query_pos: torch.Tensor, selection_block: int, num_selected: int
+) -> torch.Tensor:
+    """Deterministic top-n over selection blocks.
+
+    scores: [B, C, HK, S] float32; query_pos: [C]. Candidates are blocks j with j*l' <= t; block 0 and
+    the two local blocks (t // l' and the one before) are always taken and count toward n; ties go to the
+    lower block id. Returns [B, C, HK, n] int32 in ascending order, -1 after the valid ids.
+    """
+    num_sel_blocks = scores.shape[-1]
+    block = torch.arange(num_sel_blocks, device=scores.device)
+    current = (query_pos // selection_block)[:, None]
+    valid = (block[None, :] <= current)[None, :, None, :]
+    forced = ((block[None, :] == 0) | (block[None, :] == current) | (block[None, :] == current - 1))
+    ranked = scores.masked_fill(forced[None, :, None, :], float("inf")).masked_fill(~valid, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    take = min(num_selected, num_sel_blocks)
+    chosen = order[..., :take]
+    chosen = torch.where(torch.gather(ranked, -1, chosen) == float("-inf"), num_sel_blocks, chosen)
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = torch.where(chosen == num_sel_blocks, -1, chosen).to(torch.int32)
+    if take < num_selected:
+        pad = chosen.new_full((*chosen.shape[:-1], num_selected - take), -1)
+        chosen = torch.cat([chosen, pad], dim=-1)
+    return chosen
+
+
+@torch.no_grad()
+def select_blocks_ref(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse_cmp: torch.Tensor,
+    block_size: int,
+    stride: int,
+    selection_block: int,
+    num_selected: int,
+    scale: float | None = None,
+    chunk_size: int = 256,
+    q_start: int = 0,
+) -> torch.Tensor:
+    """Selection blocks each GQA group's queries attend to.
+
+    q: [B, T, HQ, Dk]; k_cmp: [B, N, HK, Dk]; lse_cmp: [B, T, HQ] float32 from compressed attention.
+    p_cmp = exp(scale * q.k_cmp - lse_cmp) over visible blocks, summed over the group's query heads,
+    spread onto selection blocks by overlap_weights, then topn_from_scores.
+    Query j sits at position q_start + j; block ids are global (block j covers [j*l', (j+1)*l')).
+    Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
+    Not differentiable (top-n is discrete); chunked over queries.
+    """
+    seq, num_kv_heads, num_blocks = q.shape[1], k_cmp.shape[2], k_cmp.shape[1]
+    scale = default_scale(q.shape[-1], scale)
+    num_sel_blocks = num_selection_blocks(q_start + seq, selection_block)
+    weights = overlap_weights(num_blocks, num_sel_blocks, block_size, stride, selection_block).to(q.device)
+    qg = group_queries(q, num_kv_heads).float()
+    lse_g = lse_cmp.reshape(*qg.shape[:4]).float()
+    out = []
+    for start, end in query_chunks(seq, chunk_size):
+        positions = torch.arange(q_start + start, q_start + end, device=q.device)
+        logits = torch.einsum("bchgd,bnhd->bchgn", qg[:, start:end], k_cmp.float()) * scale
+        visible = compressed_visibility(positions, num_blocks, block_size, stride)[None, :, None, None, :]
+        lse = lse_g[:, start:end, ..., None]
+        probs = torch.where(visible & torch.isfinite(lse), torch.exp(logits - lse), torch.zeros_like(logits))
+        scores = probs.sum(dim=3) @ weights
+        out.append(topn_from_scores(scores, positions, selection_block, num_selected))
+    return torch.cat(out, dim=1)

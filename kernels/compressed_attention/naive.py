@@ -1,0 +1,53 @@
+"""Compressed attention, reference: every query against the compressed blocks that have ended."""
+
+import torch
+
+from kernels.common import default_scale, group_queries, masked_softmax_lse, query_chunks, run_chunk
+
+
+def compressed_visibility(
+    query_pos: torch.Tensor, num_blocks: int, block_size: int, stride: int
+) -> torch.Tensor:
+    """[C] positions -> [C, N] bool: query t sees block i iff the block has ended, i*d + l - 1 <= t."""
+    block_end = torch.arange(num_blocks, device=query_pos.device) * stride + block_size - 1
+    return block_end[None, :] <= query_pos[:, None]
+
+
+def compressed_attention_ref(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    block_size: int,
+    stride: int,
+    scale: float | None = None,
+    chunk_size: int = 256,
+    q_start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of queries over compressed tokens.
+
+    q: [B, T, HQ, Dk]; k_cmp: [B, N, HK, Dk]; v_cmp: [B, N, HK, Dv]; HQ a multiple of HK; any float dtype.
+    Query j sits at position t = q_start + j (context parallelism passes its chunk's global offset) and
+    sees compressed block i iff i*stride + block_size - 1 <= t.
+    Returns o: [B, T, HQ, Dv] in q.dtype (0 for a query that sees no block) and
+    lse: [B, T, HQ] float32, natural log-sum-exp of the scaled scores (-inf where no block is visible).
+    Computed in fp32, chunked over queries so no [T, N] tensor exists at once.
+    """
+    batch, seq, num_q_heads, _ = q.shape
+    num_kv_heads, num_blocks = k_cmp.shape[2], k_cmp.shape[1]
+    scale = default_scale(q.shape[-1], scale)
+    qg = group_queries(q, num_kv_heads)
+
+    def chunk(q_chunk, k_all, v_all, start):
+        positions = torch.arange(q_start + start, q_start + start + q_chunk.shape[1], device=q.device)
+        scores = torch.einsum("bchgd,bnhd->bchgn", q_chunk.float(), k_all.float()) * scale
+        visible = compressed_visibility(positions, num_blocks, block_size, stride)[None, :, None, None, :]
+        probs, lse = masked_softmax_lse(scores, visible)
+        return torch.einsum("bchgn,bnhd->bchgd", probs, v_all.float()), lse
+
+    outs, lses = [], []
+    for start, end in query_chunks(seq, chunk_size):
+        o, lse = run_chunk(chunk, qg[:, start:end], k_cmp, v_cmp, start)
+        outs.append(o)
+        lses.append(lse)
+    o = torch.cat(outs, dim=1).reshape(batch, seq, num_q_heads, v_cmp.shape[-1]).to(q.dtype)
+    return o, torch.cat(lses, dim=1).reshape(batch, seq, num_q_heads)

@@ -1,0 +1,47 @@
+"""phi: compresses each block of l consecutive keys (or values), taken every d tokens, into one token."""
+
+import torch
+import torch.nn.functional as F
+
+
+def num_compressed_blocks(seq_len: int, block_size: int, stride: int) -> int:
+    """Compressed block i covers tokens [i*stride, i*stride + block_size); only whole blocks exist."""
+    return 0 if seq_len < block_size else (seq_len - block_size) // stride + 1
+
+
+def _blocks(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, N, H, l, D], block i holding tokens i*d .. i*d+l-1."""
+    num_blocks = num_compressed_blocks(x.shape[1], block_size, stride)
+    x = x[:, : (num_blocks - 1) * stride + block_size] if num_blocks else x[:, :0]
+    if num_blocks == 0:
+        return x.new_zeros(x.shape[0], 0, x.shape[2], block_size, x.shape[3])
+    return x.unfold(1, block_size, stride).transpose(-1, -2)
+
+
+def mean_compress(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
+    """Mean pooling over each block (fla's choice; kept for comparisons).
+
+    x: [B, T, H, D] any float dtype. Returns [B, N, H, D], N = num_compressed_blocks(T, l, d), x.dtype.
+    """
+    return _blocks(x, block_size, stride).float().mean(dim=-2).to(x.dtype)
+
+
+def mlp_compress(
+    x: torch.Tensor,
+    block_size: int,
+    stride: int,
+    pos_emb: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    """The paper's phi: an MLP over a block's l tokens plus a learnable intra-block position embedding.
+
+    x: [B, T, H, D]; pos_emb: [l, D]; w1: [hidden, l*D], b1: [hidden]; w2: [D, hidden], b2: [D].
+    The same MLP serves every head. Returns [B, N, H, D] in x.dtype (computed in fp32).
+    """
+    blocks = _blocks(x, block_size, stride).float() + pos_emb.float()
+    flat = blocks.flatten(-2)
+    hidden = F.silu(F.linear(flat, w1.float(), b1.float()))
+    return F.linear(hidden, w2.float(), b2.float()).to(x.dtype)

@@ -1,0 +1,56 @@
+"""Selected attention, reference: each query over the raw tokens of its group's selected blocks."""
+
+import torch
+
+from kernels.common import default_scale, group_queries, masked_softmax_lse, query_chunks, run_chunk
+
+
+def selected_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    selection_block: int,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    q_start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of query t over tokens <= t of the selection blocks its GQA group picked.
+
+    q: [B, T, HQ, Dk]; k: [B, T, HK, Dk]; v: [B, T, HK, Dv]; block_idx: [B, T, HK, n] int, distinct ids
+    (any order), -1 for unused slots; block j covers tokens [j*l', (j+1)*l'). Keys are indexed by global
+    position; query j sits at position q_start + j.
+    Returns o: [B, T, HQ, Dv] in q.dtype and lse: [B, T, HQ] float32 (-inf for no visible token).
+    Memory per chunk: [B, chunk, HK, n*l', D] gathered keys and values.
+    """
+    batch, seq, num_q_heads, _ = q.shape
+    num_kv_heads = k.shape[2]
+    scale = default_scale(q.shape[-1], scale)
+    qg = group_queries(q, num_kv_heads)
+    offsets = torch.arange(selection_block, device=q.device)
+    k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)
+
+    def gather(x, tokens):
+        # x: [B, HK, T, D]; tokens: [B, C, HK, K] -> [B, C, HK, K, D]
+        b, c, h, kk = tokens.shape
+        idx = tokens.permute(0, 2, 1, 3).reshape(b, h, c * kk, 1).expand(-1, -1, -1, x.shape[-1])
+        return torch.gather(x, 2, idx).reshape(b, h, c, kk, -1).permute(0, 2, 1, 3, 4)
+
+    def chunk(q_chunk, k_all, v_all, blocks, start):
+        positions = torch.arange(q_start + start, q_start + start + q_chunk.shape[1], device=q.device)
+        tokens = (blocks.long()[..., None] * selection_block + offsets).flatten(-2)
+        visible = (blocks[..., None] >= 0).expand(*blocks.shape, selection_block).flatten(-2)
+        visible = visible & (tokens <= positions[None, :, None, None])
+        tokens = torch.where(visible, tokens, torch.zeros_like(tokens))
+        keys, values = gather(k_all.float(), tokens), gather(v_all.float(), tokens)
+        scores = torch.einsum("bchgd,bchkd->bchgk", q_chunk.float(), keys) * scale
+        probs, lse = masked_softmax_lse(scores, visible[:, :, :, None, :])
+        return torch.einsum("bchgk,bchkd->bchgd", probs, values), lse
+
+    outs, lses = [], []
+    for start, end in query_chunks(seq, chunk_size):
+        o, lse = run_chunk(chunk, qg[:, start:end], k_heads, v_heads, block_idx[:, start:end], start)
+        outs.append(o)
+        lses.append(lse)
+    o = torch.cat(outs, dim=1).reshape(batch, seq, num_q_heads, v.shape[-1]).to(q.dtype)
+    return o, torch.cat(lses, dim=1).reshape(batch, seq, num_q_heads)

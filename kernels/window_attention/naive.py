@@ -1,0 +1,48 @@
+"""Sliding-window attention, reference: query t over tokens (t - w, t]."""
+
+import torch
+
+from kernels.common import default_scale, group_queries, masked_softmax_lse, query_chunks, run_chunk
+
+
+def window_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+    chunk_size: int = 128,
+    q_start: int = 0,
+    k_start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal sliding-window attention.
+
+    q: [B, Tq, HQ, Dk]; k: [B, Tk, HK, Dk]; v: [B, Tk, HK, Dv]. Query j sits at position q_start + j and
+    key s at k_start + s (context parallelism passes a chunk with its left halo); query t sees keys at
+    positions p with t - window < p <= t.
+    Returns o: [B, Tq, HQ, Dv] in q.dtype and lse: [B, Tq, HQ] float32. Each chunk of C queries reads only
+    its C + window - 1 keys, so memory is O(C * (C + w)).
+    """
+    batch, seq, num_q_heads, _ = q.shape
+    num_kv_heads = k.shape[2]
+    scale = default_scale(q.shape[-1], scale)
+    qg = group_queries(q, num_kv_heads)
+
+    def chunk(q_chunk, k_span, v_span, q_pos0, k_pos0):
+        q_pos = torch.arange(q_pos0, q_pos0 + q_chunk.shape[1], device=q.device)
+        k_pos = torch.arange(k_pos0, k_pos0 + k_span.shape[1], device=q.device)
+        scores = torch.einsum("bchgd,bshd->bchgs", q_chunk.float(), k_span.float()) * scale
+        visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+        probs, lse = masked_softmax_lse(scores, visible[None, :, None, None, :])
+        return torch.einsum("bchgs,bshd->bchgd", probs, v_span.float()), lse
+
+    outs, lses = [], []
+    for start, end in query_chunks(seq, chunk_size):
+        # keys at global positions [q_start + start - window + 1, q_start + end), as local indices
+        lo = max(0, q_start + start - window + 1 - k_start)
+        hi = max(lo, min(k.shape[1], q_start + end - k_start))
+        o, lse = run_chunk(chunk, qg[:, start:end], k[:, lo:hi], v[:, lo:hi], q_start + start, k_start + lo)
+        outs.append(o)
+        lses.append(lse)
+    o = torch.cat(outs, dim=1).reshape(batch, seq, num_q_heads, v.shape[-1]).to(q.dtype)
+    return o, torch.cat(lses, dim=1).reshape(batch, seq, num_q_heads)

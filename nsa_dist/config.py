@@ -1,0 +1,287 @@
+"""One typed config tree, loaded from YAML, overridden with `--set a.b=c`, validated once at start.
+
+Every error is a ConfigError whose message names the field, the value and the fix.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which field, what value, and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2  # transformer layers
+    hidden_size: int = 128  # model width
+    ffn_hidden_size: int = 512  # MLP width
+    num_query_heads: int = 4  # HQ
+    num_kv_heads: int = 2  # HK; HQ / HK query heads share one KV head (a GQA group)
+    head_dim_k: int = 32  # Dk, query/key head dim (even: RoPE rotates pairs)
+    head_dim_v: int = 32  # Dv, value head dim (may differ from Dk)
+    vocab_size: int = 256  # tokenizer vocabulary
+    rotary_base: float = 10000.0  # RoPE base (stages may raise it as context grows)
+    attention: Literal["nsa", "dense"] = "nsa"  # dense: full causal attention, for baselines
+
+
+@dataclass
+class NSAConfig:
+    compress_block: int = 32  # l: tokens per compressed block (paper 32)
+    stride: int = 16  # d: stride between compressed blocks; must divide l and l' (paper 16)
+    selection_block: int = 64  # l': tokens per selection block (paper 64)
+    num_selected: int = 16  # n: selection blocks per query, forced blocks included (paper 16)
+    window: int = 512  # w: sliding-window length (paper 512)
+    kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
+    phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean
+    impl: Literal["auto", "reference"] = "auto"  # auto: the fastest implementation for the device
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1  # TP size: splits query heads and KV groups
+    pipeline: int = 1  # PP size: splits layers
+    context: int = 1  # CP size: splits the sequence (stages may override)
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 1234
+    micro_batch_size: int = 1  # sequences per micro-batch
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # cosine decays to this
+    warmup_steps: int = 10  # linear warmup, then cosine
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    dtype: Literal["fp32", "bf16"] = "fp32"  # parameter/activation dtype (bf16 on GPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    log_interval: int = 1  # steps between log lines
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage0"
+    seq_len: int = 1024  # tokens per sequence in this stage
+    steps: int = 20  # optimizer steps in this stage
+    context_parallel: int | None = None  # CP size for this stage; None: parallel.context
+    rotary_base: float | None = None  # RoPE base for this stage; None: model.rotary_base
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str = ""  # empty: a local sqlite file (runs/mlflow.db)
+    experiment: str = "nsa-dist"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def stage_context_parallel(self, stage: StageConfig) -> int:
+        return self.parallel.context if stage.context_parallel is None else stage.context_parallel
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, where: str):
+    """Checks `value` against the annotation `tp` and builds nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _convert(value, inner, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}={value!r} is not allowed: use {_describe(tp)}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r} must be a list (YAML '- item' entries)")
+        return [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a mapping of {tp.__name__} fields")
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} at {where}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where} is not a config field: use one of {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            where = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(data[name], hints[name], where)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Applies one `a.b=c` (or `stages.0.seq_len=4096`) to the raw YAML mapping; c is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r} must look like key=value, e.g. --set nsa.window=256")
+    path, raw = override.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {override!r} has an empty key: use dotted names like model.hidden_size")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--set {path}: {where} must index an existing list entry (0..{len(node) - 1})")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {path}: {where} is a value, not a section")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        if not keys[-1].isdigit() or int(keys[-1]) >= len(node):
+            raise ConfigError(f"--set {path}: the last key must index an existing list entry")
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML preset (or the defaults when path is None), applies overrides, validates."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file, e.g. configs/quickstart.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, nsa:, ...)")
+    if "stages" not in data and any(o.split("=", 1)[0].startswith("stages.") for o in overrides):
+        data["stages"] = [dataclasses.asdict(StageConfig())]
+    for override in overrides:
+        apply_override(data, override)
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, f"{prefix}.{name}={value} must be positive")
+
+
+def validate(config: Config) -> None:
+    """All cross-field rules, checked once at start."""
+    m, nsa, par, tr = config.model, config.nsa, config.parallel, config.training
+    _positive(m, "model", "num_layers", "hidden_size", "ffn_hidden_size", "num_query_heads", "num_kv_heads",
+              "head_dim_k", "head_dim_v", "rotary_base")
+    _require(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be at least 2")
+    _require(m.num_query_heads % m.num_kv_heads == 0,
+             f"model.num_query_heads={m.num_query_heads} must be a multiple of model.num_kv_heads="
+             f"{m.num_kv_heads} (each KV head serves a whole GQA group)")
+    _require(m.head_dim_k % 2 == 0, f"model.head_dim_k={m.head_dim_k} must be even: RoPE rotates pairs of dims")
+
+    _positive(nsa, "nsa", "compress_block", "stride", "selection_block", "num_selected", "window")
+    _require(nsa.compress_block % nsa.stride == 0,
+             f"nsa.compress_block={nsa.compress_block} must be a multiple of nsa.stride={nsa.stride}")
+    _require(nsa.selection_block % nsa.stride == 0,
+             f"nsa.selection_block={nsa.selection_block} must be a multiple of nsa.stride={nsa.stride}")
+    _require(nsa.compress_block <= nsa.selection_block,
+             f"nsa.compress_block={nsa.compress_block} must not exceed nsa.selection_block={nsa.selection_block}")
+    _require(nsa.num_selected >= 3,
+             f"nsa.num_selected={nsa.num_selected} must be at least 3: block 0 and the two local blocks are "
+             "always selected and count toward it")
+
+    _positive(par, "parallel", "tensor", "pipeline", "context")
+    _require(m.num_kv_heads % par.tensor == 0,
+             f"parallel.tensor={par.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor "
+             "parallelism splits whole GQA groups")
+    _require(m.num_layers % par.pipeline == 0,
+             f"parallel.pipeline={par.pipeline} must divide model.num_layers={m.num_layers}")
+
+    _positive(tr, "training", "micro_batch_size", "lr", "log_interval")
+    _require(0 <= tr.min_lr <= tr.lr, f"training.min_lr={tr.min_lr} must be between 0 and training.lr={tr.lr}")
+    _require(tr.warmup_steps >= 0, f"training.warmup_steps={tr.warmup_steps} must be >= 0")
+    _require(tr.weight_decay >= 0, f"training.weight_decay={tr.weight_decay} must be >= 0")
+    _require(tr.grad_clip >= 0, f"training.grad_clip={tr.grad_clip} must be >= 0 (0 disables clipping)")
+
+    _require(len(config.stages) > 0, "stages is empty: give at least one stage with seq_len and steps")
+    names = [s.name for s in config.stages]
+    for i, stage in enumerate(config.stages):
+        where = f"stages[{i}]"
+        _require(names.count(stage.name) == 1, f"{where}.name={stage.name!r} is used by two stages: names must be unique")
+        _require(stage.steps > 0, f"{where}.steps={stage.steps} must be positive")
+        _require(stage.seq_len > 0, f"{where}.seq_len={stage.seq_len} must be positive")
+        if stage.rotary_base is not None:
+            _require(stage.rotary_base > 0, f"{where}.rotary_base={stage.rotary_base} must be positive")
+        cp = config.stage_context_parallel(stage)
+        _require(cp > 0, f"{where}.context_parallel={cp} must be positive")
+        if i > 0:
+            previous = config.stages[i - 1].seq_len
+            _require(stage.seq_len >= previous,
+                     f"{where}.seq_len={stage.seq_len} is shorter than the previous stage's {previous}: "
+                     "a curriculum extends context, so order stages by growing seq_len")
+        if cp > 1:
+            chunk = 2 * cp * nsa.selection_block
+            _require(stage.seq_len % chunk == 0,
+                     f"{where}.seq_len={stage.seq_len} must be a multiple of 2 * context_parallel * "
+                     f"nsa.selection_block = {chunk}: the sequence splits into 2*CP chunks of whole selection blocks")
+            chunk_len = stage.seq_len // (2 * cp)
+            _require(max(nsa.window, nsa.compress_block - nsa.stride) <= chunk_len,
+                     f"{where}: nsa.window={nsa.window} is longer than one context-parallel chunk "
+                     f"({chunk_len} tokens at seq_len={stage.seq_len}, CP={cp}): lower the window or CP")

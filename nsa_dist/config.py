@@ -136,6 +136,12 @@ def _convert(value, tp, where: str):
             raise ConfigError(f"{where}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
         return float(value)

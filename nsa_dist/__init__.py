@@ -1,0 +1,1 @@
+"""nsa-dist: distributed long-context training with Native Sparse Attention."""

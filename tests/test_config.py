@@ -1,0 +1,123 @@
+"""The typed config: presets load, overrides apply, and every invalid value is named in its error."""
+
+import pytest
+
+from nsa_dist.config import Config, ConfigError, load_config
+
+PRESETS = ["configs/quickstart.yaml", "configs/paper.yaml"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load(preset):
+    config = load_config(preset)
+    assert isinstance(config, Config)
+    assert config.stages and config.stages[0].seq_len > 0
+
+
+def test_defaults_are_valid():
+    assert load_config(None).nsa.selection_block == 64
+
+
+def test_overrides_reach_nested_fields_and_stage_entries():
+    config = load_config("configs/quickstart.yaml",
+                         ["nsa.window=32", "model.rotary_base=5e5", "stages.1.steps=3", "nsa.kv=shared"])
+    assert config.nsa.window == 32
+    assert config.model.rotary_base == 500000.0
+    assert config.stages[1].steps == 3
+    assert config.nsa.kv == "shared"
+
+
+def test_int_is_accepted_where_float_is_expected():
+    assert load_config(None, ["training.lr=1"]).training.lr == 1.0
+
+
+def test_stage_context_parallel_defaults_to_parallel_context():
+    config = load_config(None, ["parallel.context=2", "stages.0.seq_len=2048"])
+    assert config.stage_context_parallel(config.stages[0]) == 2
+
+
+# (overrides, the field the message must name, a phrase of the fix)
+INVALID = [
+    (["model.num_layers=0"], "model.num_layers", "positive"),
+    (["model.hidden_size=-8"], "model.hidden_size", "positive"),
+    (["model.num_query_heads=6", "model.num_kv_heads=4"], "model.num_query_heads", "multiple"),
+    (["model.num_kv_heads=0"], "model.num_kv_heads", "positive"),
+    (["model.head_dim_k=33"], "model.head_dim_k", "even"),
+    (["model.head_dim_v=0"], "model.head_dim_v", "positive"),
+    (["model.vocab_size=1"], "model.vocab_size", "at least 2"),
+    (["model.rotary_base=0"], "model.rotary_base", "positive"),
+    (["model.attention=flash"], "model.attention", "'nsa', 'dense'"),
+    (["model.hidden_size=abc"], "model.hidden_size", "integer"),
+    (["model.hidden_size=1.5"], "model.hidden_size", "integer"),
+    (["model.colour=red"], "model.colour", "not a config field"),
+    (["nsa.stride=24"], "nsa.compress_block=32 must be a multiple of nsa.stride=24", "multiple"),
+    (["nsa.stride=32", "nsa.compress_block=32", "nsa.selection_block=48"], "nsa.selection_block", "multiple"),
+    (["nsa.compress_block=128"], "nsa.compress_block", "must not exceed nsa.selection_block"),
+    (["nsa.num_selected=2"], "nsa.num_selected", "at least 3"),
+    (["nsa.window=0"], "nsa.window", "positive"),
+    (["nsa.stride=0"], "nsa.stride", "positive"),
+    (["nsa.kv=both"], "nsa.kv", "'separate', 'shared'"),
+    (["nsa.phi=conv"], "nsa.phi", "'mlp', 'mean'"),
+    (["nsa.impl=cuda"], "nsa.impl", "one of"),
+    (["parallel.tensor=0"], "parallel.tensor", "positive"),
+    (["parallel.tensor=4"], "parallel.tensor", "num_kv_heads"),
+    (["parallel.pipeline=3"], "parallel.pipeline", "num_layers"),
+    (["training.lr=0"], "training.lr", "positive"),
+    (["training.min_lr=1.0"], "training.min_lr", "between"),
+    (["training.warmup_steps=-1"], "training.warmup_steps", ">= 0"),
+    (["training.grad_clip=-1"], "training.grad_clip", ">= 0"),
+    (["training.dtype=fp8"], "training.dtype", "'fp32', 'bf16'"),
+    (["training.micro_batch_size=0"], "training.micro_batch_size", "positive"),
+    (["tracking.enabled=maybe"], "tracking.enabled", "true or false"),
+    (["stages=[]"], "stages", "at least one stage"),
+    (["stages=4"], "stages", "list"),
+    (["stages.0.steps=0"], "stages[0].steps", "positive"),
+    (["stages.0.seq_len=0"], "stages[0].seq_len", "positive"),
+    (["stages.0.rotary_base=-1"], "stages[0].rotary_base", "positive"),
+    (["stages.0.context_parallel=2", "stages.0.seq_len=1000"], "stages[0].seq_len=1000", "multiple of 2 * context_parallel"),
+    (["stages.0.context_parallel=4", "stages.0.seq_len=512", "nsa.window=512"], "nsa.window=512", "context-parallel chunk"),
+    (["stages.0.context_parallel=0"], "stages[0].context_parallel", "positive"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,fix", INVALID, ids=[" ".join(o) for o, _, _ in INVALID])
+def test_invalid_config_names_the_field(overrides, field, fix):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides)
+    message = str(excinfo.value)
+    assert field in message, message
+    assert fix in message, message
+
+
+def test_invalid_stage_order_and_duplicate_names(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stages:\n  - {name: a, seq_len: 512, steps: 1}\n  - {name: b, seq_len: 256, steps: 1}\n")
+    with pytest.raises(ConfigError, match=r"stages\[1\].seq_len=256 is shorter"):
+        load_config(path)
+    path.write_text("stages:\n  - {name: a, seq_len: 256, steps: 1}\n  - {name: a, seq_len: 512, steps: 1}\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\].name='a' is used by two stages"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override,phrase", [
+    ("nsa.window", "key=value"),
+    ("=3", "empty key"),
+    ("stages.7.steps=1", "existing list entry"),
+    ("nsa.window.x=1", "nsa.window"),
+])
+def test_malformed_overrides(override, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)

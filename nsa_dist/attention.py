@@ -8,6 +8,8 @@ from torch import nn
 from kernels.compression import mean_compress, mlp_compress
 from kernels.nsa import NSAResult, native_sparse_attention
 from nsa_dist.config import ModelConfig, NSAConfig
+from nsa_dist.parallel import nsa_context_parallel, zigzag_positions
+from nsa_dist.parallel.comm import group_size_rank
 from nsa_dist.rope import apply_rotary, rotary_angles
 
 BRANCHES = ("cmp", "slc", "win")
@@ -36,8 +38,11 @@ class NSAAttention(nn.Module):
     """Native Sparse Attention over [B, T, hidden] with its q, per-branch (or shared) K/V, gate and phi.
 
     RoPE is applied to q and every k before NSA, so phi compresses rotated keys and all positions are
-    the tokens' global positions (pass `positions` when this module sees a slice of a longer sequence).
+    the tokens' global positions. With `cp_group` set (see apply_context_parallel) the input is this
+    rank's zigzag shard and NSA runs sequence-sharded; the math does not change.
     """
+
+    cp_group = None  # the context-parallel process group, set by apply_context_parallel
 
     def __init__(self, model: ModelConfig, nsa: NSAConfig):
         super().__init__()
@@ -56,7 +61,10 @@ class NSAAttention(nn.Module):
         """x: [B, T, hidden] -> NSAResult with output [B, T, HQ, Dv] (before the output projection)."""
         batch, seq, _ = x.shape
         m = self.model
-        if positions is None:
+        cp_size, cp_rank = group_size_rank(self.cp_group)
+        if positions is None and cp_size > 1:
+            positions = zigzag_positions(seq * cp_size, cp_rank, cp_size).to(x.device)
+        elif positions is None:
             positions = torch.arange(seq, device=x.device)
         cos, sin = rotary_angles(positions, m.head_dim_k, m.rotary_base)
         q = apply_rotary(self.q_proj(x).view(batch, seq, m.num_query_heads, m.head_dim_k), cos, sin)
@@ -68,11 +76,12 @@ class NSAAttention(nn.Module):
         per_branch = [kv[b] for b in BRANCHES] if "shared" not in kv else [kv["shared"]] * 3
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, seq, m.num_query_heads, len(BRANCHES))
         n = self.nsa
-        return native_sparse_attention(
-            q, *per_branch, gates, self.compress_k, self.compress_v,
-            block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-            num_selected=n.num_selected, window=n.window,
-        )
+        sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
+                     num_selected=n.num_selected, window=n.window)
+        if cp_size > 1:
+            return nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v,
+                                        group=self.cp_group, **sizes)
+        return native_sparse_attention(q, *per_branch, gates, self.compress_k, self.compress_v, **sizes)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]."""
@@ -110,3 +119,12 @@ class DenseAttention(nn.Module):
 def build_attention(model: ModelConfig, nsa: NSAConfig) -> nn.Module:
     """The attention module the config asks for: `model.attention` is nsa or dense."""
     return NSAAttention(model, nsa) if model.attention == "nsa" else DenseAttention(model)
+
+
+def apply_context_parallel(module: nn.Module, group) -> nn.Module:
+    """Shards every NSA layer in `module` over the context-parallel `group`: each layer then expects this
+    rank's zigzag shard of the sequence (nsa_dist.parallel.split_zigzag)."""
+    for layer in module.modules():
+        if isinstance(layer, NSAAttention):
+            layer.cp_group = group
+    return module

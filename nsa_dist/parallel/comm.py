@@ -1,0 +1,208 @@
+"""Autograd-aware communication for sequence-sharded NSA, with byte accounting.
+
+- `exchange_halo`: each chunk receives the tail of the chunk before it by point-to-point; the backward
+  sends the halo's gradient back to its owner.
+- `ZigzagGather`: all-gathers a zigzag-sharded tensor into global sequence order; the backward
+  reduce-scatters the gradient (every rank used the whole gathered tensor) back to the owners.
+  It can be started early (`start`) and finished later (`finish`), so the gather overlaps compute.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from nsa_dist.parallel.layout import ZigzagLayout
+
+# torch 2.13 renames the *_into_tensor / *_tensor collectives; 2.11 (the GPU image) has only the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent and received, per collective. Ring all-gather / reduce-scatter move
+    (P-1)/P of the full tensor through every rank, which is what is recorded for them."""
+
+    sent: dict = field(default_factory=lambda: defaultdict(int))
+    received: dict = field(default_factory=lambda: defaultdict(int))
+    # bytes a transfer of only what was used would have moved (e.g. the selected remote blocks)
+    needed: dict = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, name: str, sent: int, received: int) -> None:
+        self.sent[name] += sent
+        self.received[name] += received
+
+    def total(self) -> dict:
+        return {"sent": sum(self.sent.values()), "received": sum(self.received.values())}
+
+    def as_metrics(self, prefix: str = "comm") -> dict:
+        metrics = {f"{prefix}/{name}/sent_bytes": v for name, v in self.sent.items()}
+        metrics |= {f"{prefix}/{name}/received_bytes": v for name, v in self.received.items()}
+        metrics |= {f"{prefix}/{name}/needed_bytes": v for name, v in self.needed.items()}
+        return metrics
+
+
+def group_size_rank(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+# ------------------------------------------------------------------------------------ left halo
+
+
+def _swap_tails(first_tail, second_tail, layout: ZigzagLayout, group, stats, name):
+    """Rank r sends `first_tail` to r+1 and `second_tail` to r-1; returns what it received:
+    (from r-1, or None on rank 0) and (from r+1, or None on the last rank)."""
+    p, r = layout.cp_size, layout.cp_rank
+    from_prev = torch.empty_like(first_tail) if r > 0 else None
+    from_next = torch.empty_like(second_tail) if r < p - 1 else None
+    ops = []
+    if r < p - 1:
+        ops.append(dist.P2POp(dist.isend, first_tail.contiguous(), dist.get_global_rank(group, r + 1), group))
+        ops.append(dist.P2POp(dist.irecv, from_next, dist.get_global_rank(group, r + 1), group))
+    if r > 0:
+        ops.append(dist.P2POp(dist.isend, second_tail.contiguous(), dist.get_global_rank(group, r - 1), group))
+        ops.append(dist.P2POp(dist.irecv, from_prev, dist.get_global_rank(group, r - 1), group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    if stats is not None:
+        sent = (r < p - 1) * _nbytes(first_tail) + (r > 0) * _nbytes(second_tail)
+        received = (r > 0) * _nbytes(first_tail) + (r < p - 1) * _nbytes(second_tail)
+        stats.add(name, sent, received)
+    return from_prev, from_next
+
+
+class _HaloExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, halo, layout, group, stats):
+        # x: [B, 2C, ...] local shard. Returns the halos of the first and second local chunk,
+        # [B, h1, ...] and [B, halo, ...] (h1 = 0 on rank 0, whose first chunk starts the sequence).
+        ctx.halo, ctx.layout, ctx.group, ctx.stats = halo, layout, group, stats
+        c = layout.chunk_len
+        first_tail, second_tail = x[:, c - halo : c], x[:, 2 * c - halo :]
+        if layout.cp_size == 1:
+            return x[:, :0].clone(), first_tail.clone()
+        from_prev, from_next = _swap_tails(first_tail, second_tail, layout, group, stats, "halo")
+        first_halo = from_prev if from_prev is not None else x[:, :0].clone()
+        # the last rank's second chunk follows its own first chunk
+        second_halo = from_next if from_next is not None else first_tail.clone()
+        return first_halo, second_halo
+
+    @staticmethod
+    def backward(ctx, grad_first, grad_second):
+        layout, halo, c = ctx.layout, ctx.halo, ctx.layout.chunk_len
+        p, r = layout.cp_size, layout.cp_rank
+        grad = grad_second.new_zeros(grad_second.shape[0], 2 * c, *grad_second.shape[2:])
+        if p == 1:
+            grad[:, c - halo : c] += grad_second
+            return grad, None, None, None, None
+        # the halo gradient travels back the way the halo came: the reverse of _swap_tails
+        to_prev = grad_first if r > 0 else grad_second[:, :0]
+        to_next = grad_second if r < p - 1 else grad_first[:, :0]
+        back_from_next, back_from_prev = _swap_back(to_prev, to_next, layout, ctx.group, ctx.stats, halo, grad)
+        if back_from_next is not None:
+            grad[:, c - halo : c] += back_from_next
+        if back_from_prev is not None:
+            grad[:, 2 * c - halo :] += back_from_prev
+        if r == p - 1:
+            grad[:, c - halo : c] += grad_second
+        return grad, None, None, None, None
+
+
+def _swap_back(to_prev, to_next, layout, group, stats, halo, like):
+    """Backward of _swap_tails: rank r sends its first halo's grad to r-1 and its second halo's grad to
+    r+1; receives the grads of its own first tail (from r+1) and second tail (from r-1)."""
+    p, r = layout.cp_size, layout.cp_rank
+    shape = (like.shape[0], halo, *like.shape[2:])
+    from_next = like.new_empty(shape) if r < p - 1 else None
+    from_prev = like.new_empty(shape) if r > 0 else None
+    ops = []
+    if r > 0:
+        ops.append(dist.P2POp(dist.isend, to_prev.contiguous(), dist.get_global_rank(group, r - 1), group))
+        ops.append(dist.P2POp(dist.irecv, from_prev, dist.get_global_rank(group, r - 1), group))
+    if r < p - 1:
+        ops.append(dist.P2POp(dist.isend, to_next.contiguous(), dist.get_global_rank(group, r + 1), group))
+        ops.append(dist.P2POp(dist.irecv, from_next, dist.get_global_rank(group, r + 1), group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    if stats is not None:
+        nbytes = halo * like[:, :1].numel() * like.element_size()
+        count_sent = (r > 0) + (r < p - 1)
+        stats.add("halo_grad", count_sent * nbytes, count_sent * nbytes)
+    return from_next, from_prev
+
+
+def exchange_halo(x: torch.Tensor, halo: int, layout: ZigzagLayout, group, stats: CommStats | None = None):
+    """x: [B, 2C, ...] local zigzag shard -> (halo of the first chunk, halo of the second chunk).
+
+    The first is [B, 0, ...] on rank 0 (its first chunk starts the sequence), else [B, halo, ...]."""
+    return _HaloExchange.apply(x, halo, layout, group, stats)
+
+
+# ----------------------------------------------------------------------------- zigzag all-gather
+
+
+def _to_global_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """[P * B, 2C, ...] rank-major (rank r: chunks r, 2P-1-r) -> [B, 2PC, ...] in sequence order."""
+    per_rank = gathered.chunk(cp_size, dim=0)
+    halves = [x.chunk(2, dim=1) for x in per_rank]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim=1)
+
+
+def _to_rank_order(full: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """Inverse of _to_global_order: [B, 2PC, ...] -> [P * B, 2C, ...]."""
+    chunks = full.chunk(2 * cp_size, dim=1)
+    return torch.cat([torch.cat([chunks[r], chunks[2 * cp_size - 1 - r]], dim=1) for r in range(cp_size)], dim=0)
+
+
+class _ZigzagGathered(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gathered, group, cp_size, stats, name):
+        ctx.group, ctx.cp_size, ctx.stats, ctx.name = group, cp_size, stats, name
+        return _to_global_order(gathered, cp_size)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        ranked = _to_rank_order(grad_full.contiguous(), ctx.cp_size).contiguous()
+        grad = ranked.new_empty(ranked.shape[0] // ctx.cp_size, *ranked.shape[1:])
+        _reduce_scatter(grad, ranked, group=ctx.group)
+        if ctx.stats is not None:
+            moved = (ctx.cp_size - 1) * _nbytes(grad)
+            ctx.stats.add(f"{ctx.name}_grad", moved, moved)
+        return grad, None, None, None, None, None
+
+
+class ZigzagGather:
+    """All-gather of a zigzag shard [B, 2C, ...] into the global sequence [B, 2PC, ...], started now and
+    finished by `finish()`; the backward reduce-scatters the gradient to the owners."""
+
+    def __init__(self, x: torch.Tensor, group, stats: CommStats | None = None, name: str = "gather"):
+        self.x, self.group, self.stats, self.name = x, group, stats, name
+        self.cp_size, _ = group_size_rank(group)
+        local = x.detach().contiguous()
+        self.buffer = local.new_empty(self.cp_size * local.shape[0], *local.shape[1:])
+        self.work = _all_gather(self.buffer, local, group=group, async_op=True) if self.cp_size > 1 else None
+        if self.work is None:
+            self.buffer.copy_(local)
+        if stats is not None and self.cp_size > 1:
+            moved = (self.cp_size - 1) * _nbytes(local)
+            stats.add(name, moved, moved)
+
+    def finish(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return _ZigzagGathered.apply(self.x, self.buffer, self.group, self.cp_size, self.stats, self.name)
+
+
+def gather_zigzag(x: torch.Tensor, group, stats: CommStats | None = None, name: str = "gather") -> torch.Tensor:
+    """Blocking form of ZigzagGather."""
+    return ZigzagGather(x, group, stats, name).finish()

@@ -1,0 +1,244 @@
+"""Sequence-sharded NSA equals single-rank NSA: outputs and every input and parameter gradient."""
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_harness import run_distributed
+from kernels.compression import mean_compress, mlp_compress
+from kernels.nsa import native_sparse_attention
+from nsa_dist.parallel import (CommStats, LayoutError, ZigzagLayout, dense_context_parallel, nsa_context_parallel,
+                               nsa_cp_bytes, split_zigzag)
+from nsa_dist.parallel.layout import merge_zigzag, validate_layout
+
+
+@dataclass(frozen=True)
+class Case:
+    seq_len: int
+    num_q_heads: int
+    num_kv_heads: int
+    block_size: int
+    stride: int
+    selection_block: int
+    num_selected: int
+    window: int
+    kv: str  # separate | shared
+    phi: str  # mlp | mean
+    dk: int = 16
+    dv: int = 8
+    batch: int = 1
+    seed: int = 0
+
+
+def make_inputs(case: Case):
+    """Full-sequence leaf tensors and phi parameters, identical in every process (same seed)."""
+    g = torch.Generator().manual_seed(case.seed)
+    b, t, hq, hk = case.batch, case.seq_len, case.num_q_heads, case.num_kv_heads
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).float().requires_grad_()
+
+    leaves = {"q": randn(b, t, hq, case.dk), "gates": torch.rand(b, t, hq, 3, generator=g).requires_grad_()}
+    for branch in ("cmp", "slc", "win") if case.kv == "separate" else ("shared",):
+        leaves[f"k_{branch}"], leaves[f"v_{branch}"] = randn(b, t, hk, case.dk), randn(b, t, hk, case.dv)
+    params = {}
+    if case.phi == "mlp":
+        for name, dim in (("k", case.dk), ("v", case.dv)):
+            params[f"{name}_pos"] = randn(case.block_size, dim) * 0.1
+            params[f"{name}_w1"] = randn(dim, case.block_size * dim) * (case.block_size * dim) ** -0.5
+            params[f"{name}_b1"] = randn(dim) * 0.1
+            params[f"{name}_w2"] = randn(dim, dim) * dim**-0.5
+            params[f"{name}_b2"] = randn(dim) * 0.1
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    upstream = torch.randn(b, t, hq, case.dv, generator=g)
+    return leaves, params, upstream
+
+
+def phis(case: Case, params: dict):
+    if case.phi == "mean":
+        f = functools.partial(mean_compress, block_size=case.block_size, stride=case.stride)
+        return f, f
+    return tuple(
+        functools.partial(mlp_compress, block_size=case.block_size, stride=case.stride, pos_emb=params[f"{n}_pos"],
+                          w1=params[f"{n}_w1"], b1=params[f"{n}_b1"], w2=params[f"{n}_w2"], b2=params[f"{n}_b2"])
+        for n in ("k", "v")
+    )
+
+
+def branch_kv(case: Case, t: dict):
+    if case.kv == "shared":
+        pair = (t["k_shared"], t["v_shared"])
+        return pair, pair, pair
+    return tuple((t[f"k_{b}"], t[f"v_{b}"]) for b in ("cmp", "slc", "win"))
+
+
+def sizes(case: Case) -> dict:
+    return dict(block_size=case.block_size, stride=case.stride, selection_block=case.selection_block,
+                num_selected=case.num_selected, window=case.window)
+
+
+def owner_rank(block: torch.Tensor, case: Case, cp_size: int) -> torch.Tensor:
+    chunk = block * case.selection_block // (case.seq_len // (2 * cp_size))
+    return torch.where(chunk < cp_size, chunk, 2 * cp_size - 1 - chunk)
+
+
+def assert_rms_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str, atol: float = 1e-5) -> None:
+    """RMS-relative error: sums over many terms (parameter gradients) reorder between layouts, so single
+    elements may differ more than the tensor as a whole. `atol` (per element, RMS) covers gradients
+    that are zero up to cancellation, such as phi's output bias: softmax ignores a shift shared by all
+    compressed keys."""
+    diff, ref = (got - want).double().norm(), want.double().norm()
+    assert diff <= rel * ref + atol * want.numel() ** 0.5, f"{what}: RMS-relative error {diff / ref:.2e} > {rel:.0e}"
+
+
+def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int) -> int:
+    """Compares this rank's CP result to the single-rank one; returns how many selected blocks it
+    took from other ranks."""
+    leaves, params, upstream = make_inputs(case)
+    compress_k, compress_v = phis(case, params)
+    full = native_sparse_attention(leaves["q"], *branch_kv(case, leaves), leaves["gates"], compress_k, compress_v,
+                                   **sizes(case))
+    ref_grads = torch.autograd.grad(full.output, list(leaves.values()) + list(params.values()), upstream)
+
+    local = {k: split_zigzag(v.detach(), rank, world).requires_grad_() for k, v in leaves.items()}
+    local_params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    compress_k, compress_v = phis(case, local_params)
+    stats = CommStats()
+    group = dist.group.WORLD
+    result = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], compress_k, compress_v,
+                                  group=group, kv_heads_per_gather=kv_heads_per_gather, stats=stats, **sizes(case))
+    grads = torch.autograd.grad(result.output, list(local.values()) + list(local_params.values()),
+                                split_zigzag(upstream, rank, world))
+
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.output, split_zigzag(full.output.detach(), rank, world), **tol)
+    assert torch.equal(result.block_idx, split_zigzag(full.block_idx, rank, world)), "selections differ"
+    for lse_name in ("lse_cmp", "lse_slc", "lse_win"):
+        torch.testing.assert_close(getattr(result, lse_name), split_zigzag(getattr(full, lse_name), rank, world))
+    names = list(leaves) + list(params)
+    for name, got, want in zip(names, grads, ref_grads):
+        if name in params:
+            dist.all_reduce(got)  # a parameter's gradient is the sum of every rank's contribution
+        else:
+            want = split_zigzag(want, rank, world)
+        assert_rms_close(got, want, 1e-5, f"grad of {name}")
+    expected = nsa_cp_bytes(seq_len=case.seq_len, cp_size=world, cp_rank=rank, batch=case.batch,
+                            num_kv_heads=case.num_kv_heads, dk=case.dk, dv=case.dv, block_size=case.block_size,
+                            stride=case.stride, window=case.window, kv=case.kv, element_size=4)
+    assert dict(stats.sent) == expected and dict(stats.received) == expected, (dict(stats.sent), expected)
+    assert 0 < stats.needed["selection_kv"] <= expected["selection_kv"]
+    owners = owner_rank(result.block_idx.long().clamp_min(0), case, world)
+    return int(((owners != rank) & (result.block_idx >= 0)).sum())
+
+
+CASES = [
+    Case(256, 4, 2, 16, 8, 16, 4, 20, "separate", "mlp", seed=1),
+    Case(256, 2, 2, 8, 4, 16, 5, 9, "shared", "mean", seed=2),
+    Case(384, 16, 1, 16, 16, 16, 3, 7, "separate", "mean", dk=8, dv=12, seed=3),
+    Case(256, 8, 2, 32, 16, 32, 4, 16, "shared", "mlp", batch=2, seed=4),
+]
+
+
+def _check_cases(rank, world, cases):
+    remote = 0
+    for case in cases:
+        for per_gather in sorted({1, case.num_kv_heads}):
+            remote += check_case(rank, world, case, per_gather)
+    total = torch.tensor([remote])
+    dist.all_reduce(total)
+    assert total.item() > 0, "no query selected a block held by another rank: the test proves nothing"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_matches_single_rank(world):
+    cases = [c for c in CASES if c.seq_len % (2 * world * c.selection_block) == 0
+             and max(c.window - 1, c.block_size - c.stride) <= c.seq_len // (2 * world)]
+    assert len(cases) >= 3
+    run_distributed(_check_cases, world, cases)
+
+
+def _check_gather_chunking(rank, world, case):
+    results = []
+    for per_gather in (1, case.num_kv_heads):
+        leaves, params, upstream = make_inputs(case)
+        local = {k: split_zigzag(v.detach(), rank, world).requires_grad_() for k, v in leaves.items()}
+        compress_k, compress_v = phis(case, params)
+        out = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], compress_k, compress_v,
+                                   group=dist.group.WORLD, kv_heads_per_gather=per_gather, **sizes(case)).output
+        grads = torch.autograd.grad(out, list(local.values()), split_zigzag(upstream, rank, world))
+        results.append((out, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert_rms_close(out_a, out_b, 1e-6, "output", atol=0)
+    for name, a, b in zip(("q", "gates", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"), grads_a, grads_b):
+        assert_rms_close(a, b, 1e-6, f"grad of {name}", atol=0)
+
+
+@pytest.mark.timeout(120)
+def test_results_do_not_depend_on_gather_chunking():
+    run_distributed(_check_gather_chunking, 2, Case(256, 8, 4, 16, 8, 16, 4, 20, "separate", "mean", seed=5))
+
+
+def test_zigzag_split_matches_megatron_layout_and_merges_back():
+    x = torch.arange(2 * 32).view(2, 32)
+    layout = ZigzagLayout(seq_len=32, cp_size=4, cp_rank=1)
+    assert layout.chunk_ids == (1, 6)
+    assert split_zigzag(x, 1, 4).tolist() == [[4, 5, 6, 7, 24, 25, 26, 27], [36, 37, 38, 39, 56, 57, 58, 59]]
+    assert layout.positions().tolist() == [4, 5, 6, 7, 24, 25, 26, 27]
+    assert torch.equal(merge_zigzag([split_zigzag(x, r, 4) for r in range(4)]), x)
+
+
+@pytest.mark.parametrize("seq_len,cp,window,match", [
+    (1000, 2, 16, "multiple of 2 \\* cp_size \\* selection_block = 256"),
+    (512, 4, 128, "left halo \\(127 tokens"),
+    (256, 0, 16, "at least 1"),
+])
+def test_invalid_layouts_are_explained(seq_len, cp, window, match):
+    with pytest.raises(LayoutError, match=match):
+        validate_layout(seq_len, cp, block_size=32, stride=16, selection_block=64, window=window)
+
+
+def _check_dense(rank, world):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 64, 4, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 64, 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 64, 2, 6, generator=g, requires_grad=True)
+    upstream = torch.randn(2, 64, 4, 6, generator=g)
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    ref_grads = torch.autograd.grad(full, (q, k, v), upstream)
+    local = [split_zigzag(x.detach(), rank, world).requires_grad_() for x in (q, k, v)]
+    out = dense_context_parallel(*local, group=dist.group.WORLD)
+    grads = torch.autograd.grad(out, local, split_zigzag(upstream, rank, world))
+    torch.testing.assert_close(out, split_zigzag(full.detach(), rank, world), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert_rms_close(got, split_zigzag(want, rank, world), 1e-5, "dense grad")
+
+
+@pytest.mark.timeout(120)
+def test_dense_baseline_under_cp_matches_full_attention():
+    run_distributed(_check_dense, 4)
+
+
+def _check_module(rank, world):
+    from nsa_dist.attention import NSAAttention, apply_context_parallel
+    from nsa_dist.config import load_config
+
+    config = load_config(None, ["model.hidden_size=32", "model.num_query_heads=4", "model.num_kv_heads=2",
+                                "model.head_dim_k=8", "model.head_dim_v=4", "nsa.compress_block=8", "nsa.stride=4",
+                                "nsa.selection_block=16", "nsa.num_selected=3", "nsa.window=12"])
+    torch.manual_seed(0)
+    layer = NSAAttention(config.model, config.nsa)
+    x = torch.randn(1, 128, 32)
+    full = layer(x)
+    apply_context_parallel(layer, dist.group.WORLD)
+    local = layer(split_zigzag(x, rank, world))
+    torch.testing.assert_close(local, split_zigzag(full, rank, world), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_nsa_module_under_cp_matches_single_rank():
+    run_distributed(_check_module, 2)

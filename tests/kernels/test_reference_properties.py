@@ -1,0 +1,251 @@
+"""Properties of the pure-PyTorch NSA reference that hold by DESIGN §2, checked on the reference alone:
+hand-computed block scores, causality, edge rows, forced blocks, determinism, gradients."""
+import math
+
+import pytest
+import torch
+
+from kernels.block_selection.naive import overlap_weights, select_blocks_ref, topn_from_scores
+from kernels.compressed_attention.naive import compressed_attention_ref
+from kernels.compression.naive import mean_compress, mlp_compress
+from kernels.selected_attention.naive import selected_attention_ref
+from kernels.window_attention.naive import window_attention_ref
+from nsa_inputs import Case, Inputs, make_inputs, ref_phis, run_reference
+from oracle import MlpPhiParams
+
+CAUSAL_CASES = [
+    Case(16, 8, 32, 4, 24, T=160, G=2, HK=2, kv="separate", phi="mlp"),
+    Case(4, 2, 8, 6, 10, T=90, G=4, HK=1, kv="shared", phi="mean", B=2),
+]
+
+
+def test_overlap_weights_hand_computed():
+    # l=32, d=16, l'=64, T=256: compressed block i covers [16i, 16i+32), N = 15; selection block j
+    # covers [64j, 64j+64), S = 4. Block 4j-1 straddles into j by 16 tokens (1), 4j..4j+2 lie inside
+    # (32 tokens: 2), 4j+3 sticks out of j by 16 (1). Block 0 has no i = -1; block 3 has no i = 15.
+    want = torch.zeros(15, 4)
+    want[0:4, 0] = torch.tensor([2, 2, 2, 1])
+    want[3:8, 1] = torch.tensor([1, 2, 2, 2, 1])
+    want[7:12, 2] = torch.tensor([1, 2, 2, 2, 1])
+    want[11:15, 3] = torch.tensor([1, 2, 2, 2])
+    torch.testing.assert_close(overlap_weights(15, 4, 32, 16, 64), want, rtol=0, atol=0)
+
+
+def test_topn_from_scores_hand_built():
+    l_sel, n = 16, 5
+    scores = torch.tensor([
+        # t=100: candidates 0..6, forced {0, 6, 5}; best two of 1..4 are 2 (0.7) then 3 (0.5, tied
+        # with 4: the lower id wins); block 7 scores highest but starts after t.
+        [0.0, 0.3, 0.7, 0.5, 0.5, 0.0, 0.0, 9.9],
+        # t=20: only blocks 0 and 1 start at or before t, both forced: -1 padding after them.
+        [0.0, 0.1, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
+        # t=47: blocks 0..2 all forced (0, 2 and 1) even though they score least.
+        [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        # t=127: forced {0, 7, 6}; 1..5 tie exactly, so the two lowest ids fill the free slots.
+        [0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0],
+    ]).reshape(1, 4, 1, 8)
+    query_pos = torch.tensor([100, 20, 47, 127])
+    want = torch.tensor([[0, 2, 3, 5, 6], [0, 1, -1, -1, -1], [0, 1, 2, -1, -1], [0, 1, 2, 6, 7]],
+                        dtype=torch.int32).reshape(1, 4, 1, n)
+    got = topn_from_scores(scores, query_pos, l_sel, n)
+    assert got.dtype == torch.int32
+    assert torch.equal(got, want)
+
+
+def test_select_blocks_from_hand_built_p_cmp():
+    # One query at t=447 (q_start) with l=32, d=16, l'=64, n=5: all N=27 compressed blocks are
+    # visible, selection blocks 0..6 are candidates, forced {0, 6, 5}, two free slots among 1..4.
+    # With Dk=2, q_h = e_h, scale 1 and k_cmp[i] = (log p0[i], log p1[i]) the group's two heads
+    # see exactly the probabilities p0, p1 below (every other block gets 1e-6).
+    t, N = 447, 27
+    p = torch.full((2, N), 1e-6, dtype=torch.float64)
+    p[0, 7], p[0, 13], p[0, 0] = 0.26, 0.15, 0.59  # head 0
+    p[1, 17], p[1, 11], p[1, 26] = 0.14, 0.10, 0.76  # head 1
+    # Weighted scores (block j takes 1,2,2,2,1 from i = 4j-1..4j+3), summed over the two heads:
+    #   block 1: i=7 (w1) 0.26                    = 0.26
+    #   block 2: i=7 (w1) 0.26 + i=11 (w1) 0.10    = 0.36
+    #   block 3: i=11 (w1) 0.10 + i=13 (w2) 0.30   = 0.40
+    #   block 4: i=17 (w2) 0.28                    = 0.28
+    # so {2, 3} win. Unweighted overlap would pick {1, 2}; max instead of sum over heads {3, 4}.
+    q = torch.eye(2).reshape(1, 1, 2, 2)
+    k_cmp = p.log().T.reshape(1, N, 1, 2).float()
+    lse = torch.logsumexp(p.log(), dim=1).reshape(1, 1, 2).float()
+    got = select_blocks_ref(q, k_cmp, lse, 32, 16, 64, 5, scale=1.0, q_start=t)
+    assert got.tolist() == [[[[0, 2, 3, 5, 6]]]]
+
+
+def branch_results(case: Case, inputs) -> dict:
+    """Every reference branch run on its own, plus the composed function; each tensor has T at dim 1."""
+    compress_k, compress_v = ref_phis(case, inputs)
+    k_cmp, v_cmp = compress_k(inputs.kv_cmp[0]), compress_v(inputs.kv_cmp[1])
+    o_cmp, lse_cmp = compressed_attention_ref(inputs.q, k_cmp, v_cmp, case.l, case.d)
+    idx = select_blocks_ref(inputs.q, k_cmp, lse_cmp, case.l, case.d, case.l_sel, case.n)
+    o_slc, lse_slc = selected_attention_ref(inputs.q, *inputs.kv_slc, idx, case.l_sel)
+    o_win, lse_win = window_attention_ref(inputs.q, *inputs.kv_win, case.w)
+    nsa = run_reference(case, inputs)
+    return dict(k_cmp=k_cmp, v_cmp=v_cmp, o_cmp=o_cmp, lse_cmp=lse_cmp, idx=idx, o_slc=o_slc, lse_slc=lse_slc,
+                o_win=o_win, lse_win=lse_win, output=nsa.output, block_idx=nsa.block_idx,
+                nsa_lse_cmp=nsa.lse_cmp, nsa_lse_slc=nsa.lse_slc, nsa_lse_win=nsa.lse_win)
+
+
+@pytest.mark.parametrize("case", CAUSAL_CASES)
+def test_future_tokens_never_change_the_past(case):
+    inputs = make_inputs(case)
+    before = branch_results(case, inputs)
+    gen = torch.Generator().manual_seed(7)
+    # Cut points at a compression block end, a selection block end, and mid-block.
+    for t0 in (case.l - 1, case.l_sel - 1, case.T // 2 + 3):
+        changed = make_inputs(case)
+        for x in {id(x): x for x in [changed.q, *changed.kv_cmp, *changed.kv_slc, *changed.kv_win,
+                                     changed.gates]}.values():
+            x[:, t0 + 1:] = torch.rand(x[:, t0 + 1:].shape, generator=gen) * 10 - 5
+        after = branch_results(case, changed)
+        ended = (t0 - case.l + 1) // case.d + 1  # compressed blocks with i*d + l - 1 <= t0
+        for name in before:
+            keep = ended if name in ("k_cmp", "v_cmp") else t0 + 1
+            assert torch.equal(after[name][:, :keep], before[name][:, :keep]), (name, t0)
+            if name in ("k_cmp", "v_cmp"):
+                assert not torch.equal(after[name], before[name]), "the perturbation must reach phi"
+
+
+def test_queries_without_a_compressed_block():
+    # Queries t < l - 1 see no compressed block: o_cmp = 0 and lse = -inf, yet the output and
+    # every gradient stay finite.
+    case = CAUSAL_CASES[0]
+    inputs = make_inputs(case)
+    for x in inputs.leaves():
+        x.requires_grad_(True)
+    res = branch_results(case, inputs)
+    early = case.l - 1
+    assert torch.equal(res["o_cmp"][:, :early], torch.zeros_like(res["o_cmp"][:, :early]))
+    assert torch.all(res["lse_cmp"][:, :early] == -math.inf)
+    assert torch.all(res["nsa_lse_cmp"][:, :early] == -math.inf)
+    assert torch.isfinite(res["lse_cmp"][:, early:]).all()
+    assert torch.isfinite(res["output"]).all()
+    grads = torch.autograd.grad(res["output"].sum() + res["o_cmp"].sum(), inputs.leaves())
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_forced_blocks_always_selected():
+    # Compressed scores peak in the middle of the sequence, so block 0 and the local blocks get the
+    # least probability mass: they must be selected anyway.
+    l, d, l_sel, n, T = 4, 2, 8, 4, 96
+    N = (T - l) // d + 1
+    q = torch.ones(1, T, 2, 4)
+    k_cmp = (-0.05 * (torch.arange(N) - N / 2) ** 2).reshape(1, N, 1, 1).expand(1, N, 1, 4).contiguous()
+    v_cmp = torch.randn(1, N, 1, 3)
+    _, lse = compressed_attention_ref(q, k_cmp, v_cmp, l, d, scale=1.0)
+    idx = select_blocks_ref(q, k_cmp, lse, l, d, l_sel, n, scale=1.0)
+    for t in range(T):
+        chosen = set(idx[0, t, 0].tolist())
+        assert {0, t // l_sel, max(t // l_sel - 1, 0)} <= chosen, t
+    # At t = 95 the one free slot goes to block 6 (compressed blocks 23..27, nearest the peak at
+    # i = 23.5), so forcing is what kept block 0 and the local blocks 10, 11 in.
+    assert set(idx[0, T - 1, 0].tolist()) == {0, 6, 10, 11}
+
+
+def test_selection_is_deterministic_and_padded():
+    case = CAUSAL_CASES[1]
+    inputs = make_inputs(case)
+    compress_k, compress_v = ref_phis(case, inputs)
+    k_cmp, v_cmp = compress_k(inputs.kv_cmp[0]), compress_v(inputs.kv_cmp[1])
+    _, lse = compressed_attention_ref(inputs.q, k_cmp, v_cmp, case.l, case.d)
+    args = (inputs.q, k_cmp, lse, case.l, case.d, case.l_sel, case.n)
+    idx = select_blocks_ref(*args)
+    # Recomputation, and any chunking of the queries, selects identically.
+    assert torch.equal(select_blocks_ref(*args), idx)
+    assert torch.equal(select_blocks_ref(*args, chunk_size=7), idx)
+    assert torch.equal(run_reference(case, inputs).block_idx, idx)
+    assert idx.dtype == torch.int32 and idx.shape == (case.B, case.T, case.HK, case.n)
+    for t in range(case.T):
+        valid = min(case.n, t // case.l_sel + 1)
+        for row in idx[:, t].reshape(-1, case.n).tolist():
+            assert row[valid:] == [-1] * (case.n - valid), (t, row)
+            assert row[:valid] == sorted(set(row[:valid])) and row[0] == 0, (t, row)
+
+
+def test_exact_ties_go_to_the_lower_block():
+    # k_cmp = 0 gives every visible compressed block the same probability; every selection block
+    # that is neither forced nor recent has all its compressed blocks visible, so they tie exactly.
+    l, d, l_sel, n, T = 4, 2, 8, 5, 96
+    N = (T - l) // d + 1
+    q = torch.randn(1, T, 2, 4, generator=torch.Generator().manual_seed(0))
+    k_cmp = torch.zeros(1, N, 1, 4)
+    _, lse = compressed_attention_ref(q, k_cmp, torch.zeros(1, N, 1, 3), l, d)
+    idx = select_blocks_ref(q, k_cmp, lse, l, d, l_sel, n)
+    for t in range(3 * l_sel, T):
+        cur = t // l_sel
+        free = [j for j in range(1, cur - 1)][:n - 3]
+        assert [j for j in idx[0, t, 0].tolist() if j >= 0] == sorted({0, cur - 1, cur, *free}), t
+
+
+# gradcheck. The reference computes in fp32 even for float64 inputs (its docstrings say so), which
+# puts its own rounding at ~1e-7: central differences need eps = 1e-3 and a 1e-3 tolerance to sit
+# well above that. A wrong backward formula is off by O(1), far outside it.
+GRADCHECK = dict(eps=1e-3, atol=1e-3, rtol=1e-3)
+TINY = Case(4, 2, 8, 3, 5, T=20, G=2, HK=1, kv="separate", phi="mlp", Dk=3, Dv=2)
+
+
+def test_gradcheck_nsa():
+    # Every differentiable input of the composed function: q, (k, v) of each branch, gates and both
+    # phi MLPs. n = 3 with l' = 8 leaves no free top-n slot, so the (non-differentiable) selection
+    # cannot flip under the finite-difference steps.
+    inputs = make_inputs(TINY, dtype=torch.float64, hidden=4)
+
+    def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *phi):
+        rebuilt = Inputs(q, (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win), gates,
+                         MlpPhiParams(*phi[:5]), MlpPhiParams(*phi[5:]))
+        return run_reference(TINY, rebuilt).output
+
+    leaves = [x.requires_grad_(True) for x in inputs.leaves()]
+    assert torch.autograd.gradcheck(nsa, leaves, **GRADCHECK)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64,
+                       requires_grad=True)
+
+
+def test_gradcheck_compression():
+    l, d = TINY.l, TINY.d
+    x = _randn(1, 12, 2, 3)
+    assert torch.autograd.gradcheck(lambda x: mean_compress(x, l, d), (x,), **GRADCHECK)
+    p = make_inputs(TINY, dtype=torch.float64, hidden=4).phi_k
+    params = [t.requires_grad_(True) for t in (p.pos_emb, p.w1, p.b1, p.w2, p.b2)]
+    assert torch.autograd.gradcheck(lambda x, *p: mlp_compress(x, l, d, *p), (x, *params), **GRADCHECK)
+
+
+# The branch checks use chunk_size=8 so that several query chunks (each recomputed in backward) are hit.
+def test_gradcheck_compressed_attention():
+    l, d, T = TINY.l, TINY.d, TINY.T
+    N = (T - l) // d + 1
+    q, k_cmp, v_cmp = _randn(1, T, 2, 3, seed=1), _randn(1, N, 1, 3, seed=2), _randn(1, N, 1, 2, seed=3)
+
+    def f(q, k_cmp, v_cmp):
+        o, lse = compressed_attention_ref(q, k_cmp, v_cmp, l, d, chunk_size=8)
+        return o, lse[:, l - 1:]  # earlier rows are -inf, which finite differences cannot difference
+
+    assert torch.autograd.gradcheck(f, (q, k_cmp, v_cmp), **GRADCHECK)
+
+
+def test_gradcheck_selected_attention():
+    l_sel, T = TINY.l_sel, TINY.T
+    q, k, v = _randn(1, T, 2, 3, seed=1), _randn(1, T, 1, 3, seed=2), _randn(1, T, 1, 2, seed=3)
+    # Unordered ids with a -1 hole in the middle: the documented contract is "distinct ids, any order".
+    cur = [t // l_sel for t in range(T)]
+    idx = torch.tensor([[c, -1, 0 if c > 0 else -1] for c in cur], dtype=torch.int32).reshape(1, T, 1, 3)
+
+    def f(q, k, v):
+        return selected_attention_ref(q, k, v, idx, l_sel, chunk_size=8)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), **GRADCHECK)
+
+
+def test_gradcheck_window_attention():
+    T, w = TINY.T, TINY.w
+    q, k, v = _randn(1, T, 2, 3, seed=1), _randn(1, T, 1, 3, seed=2), _randn(1, T, 1, 2, seed=3)
+
+    def f(q, k, v):
+        return window_attention_ref(q, k, v, w, chunk_size=8)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), **GRADCHECK)

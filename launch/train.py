@@ -1,19 +1,25 @@
-"""`make train`: the main job on its embedded default.
+"""`make train`: trains the config's GPT model (Megatron-core, NSA) through its stages and prints the loss.
 
-Until the trainer lands (issue 5) this runs one NSA attention layer per curriculum stage on random
-hidden states, forward and backward, and prints what each branch computed.
+Starts one process per rank on this machine (default: parallel.tensor x pipeline x context, so DP=1),
+or, when started by torchrun (RANK is set), runs as that one rank.
 """
 
 import argparse
+import os
+import socket
 import sys
-import time
+import warnings
 
 import torch
+import torch.multiprocessing as mp
 from rich.console import Console
-from rich.table import Table
 
-from nsa_dist.attention import NSAAttention
-from nsa_dist.config import Config, ConfigError, StageConfig, load_config
+# Megatron-core says so at import on machines without TransformerEngine and apex, then uses torch's
+# norms and optimizers, which is what we want (DESIGN §4). Set before the imports that trigger it.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
+
+from nsa_dist.config import Config, ConfigError, load_config
+from nsa_dist.trainer import StepLog, data_parallel_size, train
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -21,40 +27,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="YAML preset, e.g. configs/quickstart.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set nsa.window=128 (repeatable)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes to start (default: TP x PP x CP; more processes add data parallelism)")
     return parser.parse_args(argv)
 
 
-def resolve_device(config: Config) -> torch.device:
-    wanted = config.training.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device='cuda' but no CUDA device is visible: use cpu or auto")
-    return torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
+def print_step(log: StepLog) -> None:
+    print(f"{log.stage:>8} step {log.step:4d}  loss {log.loss:7.4f}  grad norm {log.grad_norm:6.3f}  "
+          f"lr {log.lr:.2e}  {log.tokens_per_s:7.0f} tok/s  {log.memory_gb:5.2f} GB", flush=True)
 
 
-def run_stage(config: Config, stage: StageConfig, device: torch.device) -> dict:
-    """One NSA layer forward+backward at the stage's sequence length; returns what it computed."""
-    torch.manual_seed(config.training.seed)
-    model = config.model
-    if stage.rotary_base is not None:
-        model = type(model)(**{**vars(model), "rotary_base": stage.rotary_base})
-    layer = NSAAttention(model, config.nsa).to(device)
-    x = torch.randn(config.training.micro_batch_size, stage.seq_len, model.hidden_size, device=device)
-    start = time.perf_counter()
-    result = layer.attend(x)
-    out = layer.o_proj(result.output.flatten(-2))
-    out.square().mean().backward()
-    elapsed = time.perf_counter() - start
-    blocks = result.block_idx
-    grads = [p.grad for p in layer.parameters() if p.grad is not None]
-    return {
-        "stage": stage.name,
-        "seq_len": stage.seq_len,
-        "out rms": out.pow(2).mean().sqrt().item(),
-        "blocks/q": (blocks >= 0).sum(-1).float().mean().item(),
-        "no-cmp frac": (result.lse_cmp == float("-inf")).float().mean().item(),
-        "grads ok": all(torch.isfinite(g).all().item() for g in grads),
-        "fwd+bwd s": elapsed,
-    }
+def worker(local_rank: int, config: Config, world_size: int, port: int) -> None:
+    """One rank of a local job: torchrun's environment, then the trainer."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run_rank(config)
+
+
+def run_rank(config: Config) -> None:
+    if not torch.cuda.is_available():
+        # processes share the cores: one thread each unless there are cores to spare
+        torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["WORLD_SIZE"])))
+    hooks = [print_step] if os.environ["RANK"] == "0" else []
+    history = train(config, hooks)
+    if os.environ["RANK"] == "0":
+        print(f"loss {history[0].loss:.4f} -> {history[-1].loss:.4f} over {history[-1].step} steps", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,22 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, args.overrides)
-        device = resolve_device(config)
+        par = config.parallel
+        world_size = args.nproc or int(os.environ.get("WORLD_SIZE", par.tensor * par.pipeline * par.context))
+        data_parallel_size(config, world_size)
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc}")
         return 2
+    if "RANK" in os.environ:  # started by torchrun: this process is one rank
+        run_rank(config)
+        return 0
     m, n = config.model, config.nsa
-    console.print(f"NSA layer on {device}: HQ={m.num_query_heads} HK={m.num_kv_heads} Dk={m.head_dim_k} "
-                  f"Dv={m.head_dim_v} | l={n.compress_block} d={n.stride} l'={n.selection_block} "
-                  f"n={n.num_selected} w={n.window} kv={n.kv} phi={n.phi}")
-    rows = [run_stage(config, stage, device) for stage in config.stages]
-    table = Table(title="NSA forward+backward per stage (training arrives with issue 5)")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-    console.print(table)
-    return 0 if all(row["grads ok"] for row in rows) else 1
+    console.print(f"GPT {m.num_layers} layers, hidden {m.hidden_size}, {m.attention} attention "
+                  f"(HQ={m.num_query_heads} HK={m.num_kv_heads}; l={n.compress_block} d={n.stride} "
+                  f"l'={n.selection_block} n={n.num_selected} w={n.window}) | {world_size} processes: "
+                  f"TP={par.tensor} PP={par.pipeline} CP={par.context} DP={world_size // (par.tensor * par.pipeline * par.context)}")
+    mp.start_processes(worker, args=(config, world_size, free_port()), nprocs=world_size, start_method="spawn")
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class ModelConfig:
     vocab_size: int = 256  # tokenizer vocabulary
     rotary_base: float = 10000.0  # RoPE base (stages may raise it as context grows)
     attention: Literal["nsa", "dense"] = "nsa"  # dense: full causal attention, for baselines
+    init_std: float = 0.02  # std of the normal weight init (output projections scaled by 1/sqrt(2 * layers))
 
 
 @dataclass
@@ -54,14 +55,27 @@ class ParallelConfig:
 class TrainingConfig:
     seed: int = 1234
     micro_batch_size: int = 1  # sequences per micro-batch
+    global_batch_size: int = 1  # sequences per optimizer step over all data-parallel ranks (micro-batches fill it)
     lr: float = 3e-4  # peak learning rate
     min_lr: float = 3e-5  # cosine decays to this
     warmup_steps: int = 10  # linear warmup, then cosine
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    recompute: bool = False  # full activation recomputation per layer: keeps only layer inputs for backward
+    loss_chunk: int = 4096  # sequence positions per output-layer + cross-entropy chunk (bounds logits memory)
     dtype: Literal["fp32", "bf16"] = "fp32"  # parameter/activation dtype (bf16 on GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     log_interval: int = 1  # steps between log lines
+
+
+@dataclass
+class DataConfig:
+    """The synthetic task: each sequence repeats one random segment drawn from a fixed sparse Markov chain,
+    so a model can lower its loss by learning the chain (bigrams) and by copying (induction)."""
+
+    period: int = 64  # tokens in the segment that each sequence repeats
+    successors: int = 4  # possible next tokens of every token in the Markov chain
+    seed: int = 0  # picks the chain and the segments
 
 
 @dataclass
@@ -86,6 +100,7 @@ class Config:
     nsa: NSAConfig = field(default_factory=NSAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -233,9 +248,9 @@ def _positive(section, prefix: str, *names: str) -> None:
 
 def validate(config: Config) -> None:
     """All cross-field rules, checked once at start."""
-    m, nsa, par, tr = config.model, config.nsa, config.parallel, config.training
+    m, nsa, par, tr, data = config.model, config.nsa, config.parallel, config.training, config.data
     _positive(m, "model", "num_layers", "hidden_size", "ffn_hidden_size", "num_query_heads", "num_kv_heads",
-              "head_dim_k", "head_dim_v", "rotary_base")
+              "head_dim_k", "head_dim_v", "rotary_base", "init_std")
     _require(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be at least 2")
     _require(m.num_query_heads % m.num_kv_heads == 0,
              f"model.num_query_heads={m.num_query_heads} must be a multiple of model.num_kv_heads="
@@ -259,12 +274,22 @@ def validate(config: Config) -> None:
              "parallelism splits whole GQA groups")
     _require(m.num_layers % par.pipeline == 0,
              f"parallel.pipeline={par.pipeline} must divide model.num_layers={m.num_layers}")
+    _require(m.vocab_size % par.tensor == 0,
+             f"model.vocab_size={m.vocab_size} must be a multiple of parallel.tensor={par.tensor}: the embedding "
+             "and output layer split the vocabulary evenly over TP ranks")
 
-    _positive(tr, "training", "micro_batch_size", "lr", "log_interval")
+    _positive(tr, "training", "micro_batch_size", "global_batch_size", "lr", "log_interval", "loss_chunk")
+    _require(tr.global_batch_size % tr.micro_batch_size == 0,
+             f"training.global_batch_size={tr.global_batch_size} must be a multiple of training.micro_batch_size="
+             f"{tr.micro_batch_size}: a step is a whole number of micro-batches")
     _require(0 <= tr.min_lr <= tr.lr, f"training.min_lr={tr.min_lr} must be between 0 and training.lr={tr.lr}")
     _require(tr.warmup_steps >= 0, f"training.warmup_steps={tr.warmup_steps} must be >= 0")
     _require(tr.weight_decay >= 0, f"training.weight_decay={tr.weight_decay} must be >= 0")
     _require(tr.grad_clip >= 0, f"training.grad_clip={tr.grad_clip} must be >= 0 (0 disables clipping)")
+
+    _positive(data, "data", "period", "successors")
+    _require(data.successors <= m.vocab_size,
+             f"data.successors={data.successors} must not exceed model.vocab_size={m.vocab_size}")
 
     _require(len(config.stages) > 0, "stages is empty: give at least one stage with seq_len and steps")
     names = [s.name for s in config.stages]
@@ -291,3 +316,7 @@ def validate(config: Config) -> None:
             _require(max(nsa.window, nsa.compress_block - nsa.stride) <= chunk_len,
                      f"{where}: nsa.window={nsa.window} is longer than one context-parallel chunk "
                      f"({chunk_len} tokens at seq_len={stage.seq_len}, CP={cp}): lower the window or CP")
+    total_steps = sum(stage.steps for stage in config.stages)
+    _require(tr.warmup_steps < total_steps,
+             f"training.warmup_steps={tr.warmup_steps} must be less than the {total_steps} steps of all stages: "
+             "lower the warmup or add steps")

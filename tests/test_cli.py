@@ -4,14 +4,28 @@ import pytest
 
 from launch.train import main
 
-FAST = ["--config", "configs/quickstart.yaml", "--set", "stages.0.seq_len=64", "--set", "stages.1.seq_len=96"]
+FAST = ["--config", "configs/quickstart.yaml", "--set", "stages.0.steps=2", "--set", "stages.1.steps=1",
+        "--set", "training.warmup_steps=1"]
 
 
 @pytest.mark.timeout(120)
-def test_train_entry_point_runs_every_stage(capsys):
+def test_train_entry_point_trains_every_stage_on_two_processes(capfd):
     assert main(FAST) == 0
-    printed = capsys.readouterr().out
-    assert "short" in printed and "long" in printed and "True" in printed
+    printed = capfd.readouterr().out  # the ranks are child processes: capture at the file descriptors
+    assert "2 processes: TP=1 PP=1 CP=2 DP=1" in printed.replace("\n", " ")
+    assert "short step    1" in printed and "long step    3" in printed
+    assert "over 3 steps" in printed
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--nproc", "3"], "3 processes cannot be split"),
+    (["--nproc", "4", "--set", "training.global_batch_size=1"], "data-parallel size 2"),
+    (["--set", "training.dtype=bf16", "--set", "training.device=cpu"], "needs a GPU"),
+    (["--set", "stages.1.context_parallel=1"], "changing CP between stages"),
+])
+def test_layout_errors_are_clear_messages(args, phrase, capsys):
+    assert main(["--config", "configs/quickstart.yaml", *args]) == 2
+    assert phrase in capsys.readouterr().out.replace("\n", " ")
 
 
 def test_bad_config_is_a_clear_message(capsys):

@@ -1,0 +1,99 @@
+"""Training speed and peak memory of the GPT with NSA against the dense-attention baseline, in one run.
+
+Trains the same model (default: configs/paper.yaml's 12 layers, hidden 1024, 16 query heads per KV head)
+with model.attention=nsa and =dense on one process, at one sequence length in bf16 with per-layer
+recomputation, and reports tokens/s (steps after the first, which warms up) and peak memory.
+
+    python tools/bench_train.py --seq-len 65536 --steps 3
+    python tools/bench_train.py --set model.num_layers=2 --seq-len 512 --steps 2 --set training.dtype=fp32
+
+Writes benchmarks/train_<seq_len>.json and prints a table last.
+"""
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
+
+from nsa_dist.config import load_config  # noqa: E402  (after the filter: megatron warns at import)
+from nsa_dist.parallel import nsa_cp  # noqa: E402
+from nsa_dist.trainer import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/paper.yaml"))
+    parser.add_argument("--seq-len", type=int, default=65536)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per attention (the first is not timed)")
+    parser.add_argument("--attention", default="dense,nsa", help="comma-separated, timed in this order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/train_<seq_len>.json)")
+    return parser.parse_args()
+
+
+def nsa_kernels() -> list[str]:
+    """The kernel modules that sequence-sharded NSA calls (`naive`: the PyTorch reference; `triton`)."""
+    return sorted({f.__module__ for f in vars(nsa_cp).values()
+                   if inspect.isfunction(f) and f.__module__.startswith("kernels.")})
+
+
+def bench(args, attention: str) -> dict:
+    config = load_config(args.config, [
+        "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
+        f"stages=[{{name: bench, seq_len: {args.seq_len}, steps: {args.steps}}}]",
+        *args.overrides, f"model.attention={attention}",
+    ])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    history = train(config, [lambda log: print(f"{attention} step {log.step}: {log.step_time_s:.2f} s, "
+                                               f"loss {log.loss:.4f}, {log.memory_gb:.1f} GB", flush=True)])
+    timed = history[1:] or history
+    result = {
+        "attention": attention,
+        "tokens_per_s": mean(log.tokens_per_s for log in timed),
+        "step_time_s": mean(log.step_time_s for log in timed),
+        "first_step_time_s": history[0].step_time_s,
+        "peak_memory_gb": max(log.memory_gb for log in history),
+        "losses": [log.loss for log in history],
+        "config": config.to_dict(),
+    }
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    results = [bench(args, attention) for attention in args.attention.split(",")]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"device": device, "torch": torch.__version__, "nsa_kernels": nsa_kernels(), "seq_len": args.seq_len,
+              "results": results}
+    out = Path(args.out) if args.out else ROOT / f"benchmarks/train_{args.seq_len}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    base = results[0]
+    print(f"\n{device}, seq_len {args.seq_len}, NSA kernels: {', '.join(report['nsa_kernels'])}  -> {out}")
+    print(f"{'attention':>10} {'tokens/s':>10} {'step s':>8} {'peak GB':>8} {'speed vs ' + base['attention']:>16}")
+    for r in results:
+        print(f"{r['attention']:>10} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.2f} {r['peak_memory_gb']:>8.1f} "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:>15.2f}x")
+
+
+if __name__ == "__main__":
+    main()

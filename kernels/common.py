@@ -14,6 +14,8 @@ def masked_softmax_lse(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.
     A row with no visible entry gets probabilities 0 and lse -inf, with finite gradients: the row max
     is detached (the result does not depend on it) and logs/divisions are guarded.
     """
+    if scores.shape[-1] == 0:  # no key at all, e.g. a document shorter than one compression block
+        return scores, scores.new_full(scores.shape[:-1], float("-inf"))
     masked = scores.masked_fill(~mask, float("-inf"))
     row_max = masked.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -49,3 +51,24 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
     return q.reshape(batch, seq, num_kv_heads, num_q_heads // num_kv_heads, dim)
+
+
+def document_pieces(cu_seqlens: torch.Tensor, q_start: int, seq: int):
+    """Yields (doc, lo, hi): document doc holds the queries lo..hi-1 of a chunk of seq queries that starts
+    at global position q_start. Used by the references to run each packed document on its own."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] > q_start or bounds[-1] < q_start + seq:
+        raise ValueError(f"cu_seqlens {bounds} must cover the queries' positions [{q_start}, {q_start + seq})")
+    for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        lo, hi = max(start, q_start) - q_start, min(end, q_start + seq) - q_start
+        if lo < hi:
+            yield doc, lo, hi
+
+
+def document_of(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Index of the packed document holding each global token position (cu_seqlens: [D+1] boundaries).
+
+    Positions past the last boundary count as the last document.
+    """
+    docs = torch.searchsorted(cu_seqlens.to(torch.int64), positions.to(torch.int64), right=True) - 1
+    return docs.clamp(0, cu_seqlens.numel() - 2)

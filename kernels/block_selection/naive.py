@@ -2,8 +2,9 @@
 
 import torch
 
-from kernels.common import default_scale, group_queries, query_chunks
+from kernels.common import default_scale, document_pieces, group_queries, query_chunks
 from kernels.compressed_attention.naive import compressed_visibility
+from kernels.compression.naive import compressed_cu_seqlens
 
 
 def num_selection_blocks(seq_len: int, selection_block: int) -> int:
@@ -63,6 +64,7 @@ def select_blocks_ref(
     scale: float | None = None,
     chunk_size: int = 256,
     q_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection blocks each GQA group's queries attend to.
 
@@ -72,7 +74,19 @@ def select_blocks_ref(
     Query j sits at position q_start + j; block ids are global (block j covers [j*l', (j+1)*l')).
     Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
     Not differentiable (top-n is discrete); chunked over queries.
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B = 1): each document is
+    scored on its own compressed tokens, with positions and block ids counted from its start.
     """
+    if cu_seqlens is not None:
+        cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
+        starts = cu_seqlens.tolist()
+        return torch.cat([
+            select_blocks_ref(
+                q[:, lo:hi], k_cmp[:, cmp_bounds[doc] : cmp_bounds[doc + 1]], lse_cmp[:, lo:hi], block_size, stride,
+                selection_block, num_selected, scale, chunk_size, q_start + lo - starts[doc],
+            )
+            for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1])
+        ], dim=1)
     seq, num_kv_heads, num_blocks = q.shape[1], k_cmp.shape[2], k_cmp.shape[1]
     scale = default_scale(q.shape[-1], scale)
     num_sel_blocks = num_selection_blocks(q_start + seq, selection_block)

@@ -2,7 +2,10 @@
 
 import torch
 
-from kernels.common import default_scale, group_queries, masked_softmax_lse, query_chunks, run_chunk
+from kernels.common import (
+    default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
+)
+from kernels.compression.naive import compressed_cu_seqlens
 
 
 def compressed_visibility(
@@ -22,6 +25,7 @@ def compressed_attention_ref(
     scale: float | None = None,
     chunk_size: int = 256,
     q_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of queries over compressed tokens.
 
@@ -31,7 +35,21 @@ def compressed_attention_ref(
     Returns o: [B, T, HQ, Dv] in q.dtype (0 for a query that sees no block) and
     lse: [B, T, HQ] float32, natural log-sum-exp of the scaled scores (-inf where no block is visible).
     Computed in fp32, chunked over queries so no [T, N] tensor exists at once.
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (global positions, B = 1):
+    each document is attended on its own, with positions restarting at its start, over its own
+    compressed tokens (k_cmp holds them document after document, see compression.compress_documents).
     """
+    if cu_seqlens is not None:
+        cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
+        starts = cu_seqlens.tolist()
+        pieces = []
+        for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1]):
+            rows = slice(cmp_bounds[doc], cmp_bounds[doc + 1])
+            pieces.append(compressed_attention_ref(
+                q[:, lo:hi], k_cmp[:, rows], v_cmp[:, rows], block_size, stride, scale, chunk_size,
+                q_start + lo - starts[doc],
+            ))
+        return torch.cat([o for o, _ in pieces], dim=1), torch.cat([lse for _, lse in pieces], dim=1)
     batch, seq, num_q_heads, _ = q.shape
     num_kv_heads, num_blocks = k_cmp.shape[2], k_cmp.shape[1]
     scale = default_scale(q.shape[-1], scale)

@@ -45,3 +45,26 @@ def mlp_compress(
     flat = blocks.flatten(-2)
     hidden = F.silu(F.linear(flat, w1.float(), b1.float()))
     return F.linear(hidden, w2.float(), b2.float()).to(x.dtype)
+
+
+def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
+    """Document boundaries of packed sequences -> boundaries of their compressed tokens.
+
+    Compression blocks never straddle a document: document d of length L_d has
+    num_compressed_blocks(L_d, l, d) of them. Returns int32 [D+1], starting at 0.
+    """
+    lengths = cu_seqlens.diff().to(torch.int64)
+    counts = torch.where(lengths >= block_size, (lengths - block_size) // stride + 1, 0)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
+def compress_documents(compress, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Applies phi (any [B, T, H, D] -> [B, N, H, D] compression) to each packed document on its own.
+
+    x: [1, T, H, D] with document boundaries cu_seqlens (int32 [D+1]); the compressed tokens of all
+    documents are concatenated in document order (boundaries: compressed_cu_seqlens). None: compress(x).
+    """
+    if cu_seqlens is None:
+        return compress(x)
+    bounds = cu_seqlens.tolist()
+    return torch.cat([compress(x[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)

@@ -2,7 +2,9 @@
 
 import torch
 
-from kernels.common import default_scale, group_queries, masked_softmax_lse, query_chunks, run_chunk
+from kernels.common import (
+    default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
+)
 
 
 def selected_attention_ref(
@@ -14,6 +16,7 @@ def selected_attention_ref(
     scale: float | None = None,
     chunk_size: int = 64,
     q_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query t over tokens <= t of the selection blocks its GQA group picked.
 
@@ -22,7 +25,19 @@ def selected_attention_ref(
     position; query j sits at position q_start + j.
     Returns o: [B, T, HQ, Dv] in q.dtype and lse: [B, T, HQ] float32 (-inf for no visible token).
     Memory per chunk: [B, chunk, HK, n*l', D] gathered keys and values.
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B = 1); block ids are then
+    per document: block j of document D covers cu_seqlens[D] + [j*l', (j+1)*l').
     """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        pieces = [
+            selected_attention_ref(
+                q[:, lo:hi], k[:, bounds[doc] : bounds[doc + 1]], v[:, bounds[doc] : bounds[doc + 1]],
+                block_idx[:, lo:hi], selection_block, scale, chunk_size, q_start + lo - bounds[doc],
+            )
+            for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1])
+        ]
+        return torch.cat([o for o, _ in pieces], dim=1), torch.cat([lse for _, lse in pieces], dim=1)
     batch, seq, num_q_heads, _ = q.shape
     num_kv_heads = k.shape[2]
     scale = default_scale(q.shape[-1], scale)

@@ -2,7 +2,9 @@
 
 import torch
 
-from kernels.common import default_scale, group_queries, masked_softmax_lse, query_chunks, run_chunk
+from kernels.common import (
+    default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
+)
 
 
 def window_attention_ref(
@@ -14,6 +16,7 @@ def window_attention_ref(
     chunk_size: int = 128,
     q_start: int = 0,
     k_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention.
 
@@ -22,7 +25,21 @@ def window_attention_ref(
     positions p with t - window < p <= t.
     Returns o: [B, Tq, HQ, Dv] in q.dtype and lse: [B, Tq, HQ] float32. Each chunk of C queries reads only
     its C + window - 1 keys, so memory is O(C * (C + w)).
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (global positions, B = 1):
+    a query sees only the keys of its own document.
     """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        pieces = []
+        for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1]):
+            k_lo = max(bounds[doc], k_start)
+            k_hi = min(bounds[doc + 1], k_start + k.shape[1])
+            keys = slice(k_lo - k_start, k_hi - k_start)
+            pieces.append(window_attention_ref(
+                q[:, lo:hi], k[:, keys], v[:, keys], window, scale, chunk_size,
+                q_start + lo - bounds[doc], k_lo - bounds[doc],
+            ))
+        return torch.cat([o for o, _ in pieces], dim=1), torch.cat([lse for _, lse in pieces], dim=1)
     batch, seq, num_q_heads, _ = q.shape
     num_kv_heads = k.shape[2]
     scale = default_scale(q.shape[-1], scale)

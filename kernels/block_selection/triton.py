@@ -1,0 +1,170 @@
+"""Top-n block selection, Triton: never materializes the T x T/d score matrix (DESIGN §2).
+
+One program owns a tile of BLOCK_T query tokens of one document and one (batch, KV head). It walks the
+selection blocks in tiles of ST (>= n) blocks. For each tile it recomputes, for the ST * l'/d compressed
+blocks that start inside it, p_cmp = exp(scale * q.k_cmp - lse_cmp) summed over the G query heads of the
+group, spreads them onto selection blocks with the overlap weights (a [BLOCK_C, ST] matrix built from
+indices), and merges the tile's scores into a running top-ST list kept in registers. A compressed block
+can reach one selection block past the tile (it ends l - d tokens after it starts); that part is carried
+into the next tile. So each compressed score is computed once, as in compressed attention's forward.
+
+Ranking: each (score, block) pair is packed into one int64 key, score bits high (scores are >= 0, so
+their float bits order like the floats; forced blocks get +inf) and 0x7FFFFFFF - block low, so that a
+descending sort of keys ranks by score and breaks ties toward the lower block id, exactly as the
+reference's stable sort. Blocks a query may not pick get key -1.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import default_scale, document_of
+from kernels.compression.naive import compressed_cu_seqlens
+from kernels.range_attention import LOG2E
+from kernels.triton_utils import check_attention_inputs, check_packed, dot_precision, poisoned, pow2
+
+BLOCK_T = 64  # query tokens per program
+
+
+@triton.jit
+def _topn_kernel(
+    q, k_cmp, lse, tiles, out,
+    T, NC, HQ, HK, NSEL, q_start, scale_log2,
+    G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
+    DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    R: tl.constexpr = SEL // STRIDE  # compressed blocks starting inside one selection block
+    tile = tl.program_id(0)
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    tok_lo = tl.load(tiles + tile * 5)
+    tok_hi = tl.load(tiles + tile * 5 + 1)
+    doc_start = tl.load(tiles + tile * 5 + 2)
+    cmp_start = tl.load(tiles + tile * 5 + 3)
+    cmp_count = tl.load(tiles + tile * 5 + 4)
+
+    toks = tok_lo + tl.arange(0, BLOCK_T)
+    tok_ok = toks < tok_hi
+    pos = q_start + toks - doc_start  # position inside the document
+    cur = pos // SEL
+    num_seen = tl.where(pos >= L - 1, (pos - L + 1) // STRIDE + 1, 0)
+    last = tl.max(tl.where(tok_ok, cur, 0))
+    cols = tl.arange(0, ST)
+    local_c = tl.arange(0, BLOCK_C)
+    dk = tl.arange(0, BLOCK_DK)
+
+    running = tl.full([BLOCK_T, ST], -1, tl.int64)
+    carry = tl.zeros([BLOCK_T], tl.float32)
+    for j0 in range(0, last + 1, ST):
+        c = j0 * R + local_c
+        c_ok = (local_c < ST * R) & (c < cmp_count)
+        kv_row = (b * NC + cmp_start + c) * HK + hk
+        kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=c_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        visible = tok_ok[:, None] & c_ok[None, :] & (c[None, :] < num_seen[:, None])
+        p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+        for g in range(G):
+            flat = (b * T + toks) * HQ + hk * G + g
+            qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
+            row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
+            row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+            s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+            p_sum += tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
+
+        # |tokens(compressed block c) & tokens(selection block j)| / d
+        c_first = c * STRIDE
+        blocks = j0 + cols
+        overlap = (tl.minimum(c_first[:, None] + L, (blocks[None, :] + 1) * SEL)
+                   - tl.maximum(c_first[:, None], blocks[None, :] * SEL))
+        weight = tl.where(c_ok[:, None], tl.maximum(overlap, 0).to(tl.float32) / STRIDE, 0.0)
+        scores = tl.dot(p_sum, weight, input_precision="ieee") + tl.where(cols[None, :] == 0, carry[:, None], 0.0)
+        spill = tl.minimum(c_first + L, (j0 + ST + 1) * SEL) - tl.maximum(c_first, (j0 + ST) * SEL)
+        carry = tl.sum(p_sum * tl.where(c_ok, tl.maximum(spill, 0).to(tl.float32) / STRIDE, 0.0)[None, :], 1)
+
+        allowed = tok_ok[:, None] & (blocks[None, :] <= cur[:, None])
+        forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
+        scores = tl.where(forced, float("inf"), scores)
+        key = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - blocks).to(tl.int64)[None, :]
+        key = tl.where(allowed, key, -1)
+        running = tl.topk(tl.reshape(tl.join(running, key), [BLOCK_T, 2 * ST]), ST)
+
+    # the first n keys are the pick; write their block ids in ascending order, -1 after them
+    picked = (cols[None, :] < NSEL) & (running >= 0)
+    ids = tl.where(picked, 0x7FFFFFFF - (running & 0x7FFFFFFF), 0x7FFFFFFF).to(tl.int32)
+    ids = tl.sort(ids)
+    ids = tl.where(ids == 0x7FFFFFFF, -1, ids)
+    dst = ((b * T + toks) * HK + hk)[:, None] * NSEL + cols[None, :]
+    tl.store(out + dst, ids, mask=tok_ok[:, None] & (cols[None, :] < NSEL))
+
+
+def query_tiles(
+    seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
+    block_t: int, device: torch.device,
+) -> torch.Tensor:
+    """Tiles of at most block_t query tokens that never straddle a document.
+
+    Returns int64 [num_tiles, 5]: (first token, end token) as local query indices, the document's first
+    global position, its first compressed row, its number of compressed rows.
+    """
+    if cu_seqlens is None:
+        docs = [(0, q_start + seq, 0, num_blocks)]
+    else:
+        bounds = cu_seqlens.tolist()
+        cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
+        docs = [(bounds[i], bounds[i + 1], cmp_bounds[i], cmp_bounds[i + 1] - cmp_bounds[i])
+                for i in range(len(bounds) - 1)]
+    rows = []
+    for doc_lo, doc_hi, cmp_lo, cmp_count in docs:
+        lo, hi = max(doc_lo, q_start) - q_start, min(doc_hi, q_start + seq) - q_start
+        rows += [(t, min(t + block_t, hi), doc_lo, cmp_lo, cmp_count) for t in range(lo, hi, block_t)]
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 5)
+
+
+@torch.no_grad()
+def select_blocks_triton(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse_cmp: torch.Tensor,
+    block_size: int,
+    stride: int,
+    selection_block: int,
+    num_selected: int,
+    scale: float | None = None,
+    q_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Selection blocks each GQA group's queries attend to (Triton; same result as select_blocks_ref).
+
+    q: [B, T, HQ, Dk]; k_cmp: [B, N, HK, Dk] (one dtype among fp32/fp16/bf16); lse_cmp: [B, T, HQ] float32
+    from compressed attention. HQ = G * HK with G <= 32; Dk <= 256; stride must divide block_size and
+    selection_block, and block_size <= selection_block.
+    Query j sits at position q_start + j; block j covers [j*l', (j+1)*l'). Block 0 and the two local
+    blocks are always picked; the rest by summed, overlap-weighted p_cmp, ties to the lower id.
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); positions
+    and block ids are then per document, and k_cmp holds every document's compressed tokens in order.
+    Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
+    """
+    if block_size % stride or selection_block % stride or block_size > selection_block:
+        raise ValueError(
+            f"select_blocks_triton: need stride | block_size, stride | selection_block and block_size <= "
+            f"selection_block; got l={block_size}, d={stride}, l'={selection_block}"
+        )
+    check_attention_inputs("select_blocks_triton", q, k_cmp, k_cmp)
+    check_packed("select_blocks_triton", q.shape[0], cu_seqlens)
+    batch, seq, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cmp.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = default_scale(head_dim, scale)
+    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, BLOCK_T, q.device)
+    top = pow2(num_selected)
+    out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
+    if tiles.shape[0] == 0:
+        return out
+    _topn_kernel[(tiles.shape[0], batch * num_kv_heads)](
+        q.contiguous(), k_cmp.contiguous(), lse_cmp.float().contiguous(), tiles, out,
+        seq, k_cmp.shape[1], num_q_heads, num_kv_heads, num_selected, q_start, scale * LOG2E,
+        G=group, L=block_size, STRIDE=stride, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
+        BLOCK_T=BLOCK_T, BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
+        num_warps=8,  # no register spills on sm_90 at head dims up to 256 (ptxas resource usage)
+    )
+    return out

@@ -1,0 +1,73 @@
+"""Compressed attention, Triton: each query over the compressed blocks of its document that have ended.
+
+The visible compressed tokens of query t are one contiguous range of k_cmp rows, so this branch only
+computes those ranges; the forward/backward kernels are the range attention in kernels/range_attention.py.
+"""
+
+import torch
+
+from kernels.common import default_scale, document_of
+from kernels.compression.naive import compressed_cu_seqlens
+from kernels.range_attention import RangeAttention
+from kernels.triton_utils import check_attention_inputs, check_packed
+
+
+def compressed_ranges(
+    seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """Key ranges per query token and query ranges per compressed token (all int32).
+
+    Query j (global position q_start + j, local position p in its document) sees the rows
+    [first row of its document, + number of its document's blocks with i*d + l - 1 <= p).
+    Compressed row r (block i of document D) is seen by query tokens from the one where block i ends
+    up to the end of D.
+    """
+    if cu_seqlens is None:
+        cu = torch.tensor([0, q_start + seq], device=device)
+        cmp_cu = torch.tensor([0, num_blocks], device=device)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        cmp_cu = compressed_cu_seqlens(cu_seqlens, block_size, stride).to(device=device, dtype=torch.int64)
+    pos = torch.arange(q_start, q_start + seq, device=device)
+    doc = document_of(pos, cu)
+    local = pos - cu[doc]
+    seen = torch.where(local >= block_size - 1, (local - block_size + 1) // stride + 1, 0)
+    lo = cmp_cu[doc]
+    hi = torch.minimum(lo + seen, cmp_cu[doc + 1])
+
+    rows = torch.arange(num_blocks, device=device)
+    row_doc = document_of(rows, cmp_cu)
+    block_end = cu[row_doc] + (rows - cmp_cu[row_doc]) * stride + block_size - 1
+    qlo = (block_end - q_start).clamp(0, seq)
+    qhi = (cu[row_doc + 1] - q_start).clamp(0, seq)
+    return tuple(x.to(torch.int32).contiguous() for x in (lo, hi, qlo, qhi))
+
+
+def compressed_attention_triton(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    block_size: int,
+    stride: int,
+    scale: float | None = None,
+    q_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of queries over compressed tokens (Triton; same meaning as compressed_attention_ref).
+
+    q: [B, T, HQ, Dk]; k_cmp: [B, N, HK, Dk]; v_cmp: [B, N, HK, Dv]; one dtype among fp32/fp16/bf16,
+    HQ = G * HK with G <= 32, Dk and Dv <= 256. Query j sits at global position q_start + j and sees
+    compressed block i iff i*stride + block_size - 1 <= its position.
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); positions
+    restart at each document, a query sees only its document's blocks, and k_cmp holds every document's
+    compressed tokens in document order (kernels.compression.naive.compress_documents).
+    Returns o: [B, T, HQ, Dv] q.dtype (0 for a query that sees no block) and
+    lse: [B, T, HQ] float32, natural log-sum-exp of the scaled scores (-inf where no block is visible).
+    Differentiable in q, k_cmp, v_cmp (and through lse).
+    """
+    check_attention_inputs("compressed_attention_triton", q, k_cmp, v_cmp)
+    check_packed("compressed_attention_triton", q.shape[0], cu_seqlens)
+    ranges = compressed_ranges(q.shape[1], k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, q.device)
+    scale = default_scale(q.shape[-1], scale)
+    return RangeAttention.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), *ranges, scale)

@@ -1,0 +1,358 @@
+"""Selected attention, Triton: each query over the raw tokens <= t of its GQA group's selected blocks.
+
+Forward and dQ (paper §3.4, group-centric): one program per (query token, batch, KV head) holds all G
+query heads of the group as the rows of its tile (padded to >= 16 rows, the smallest tl.dot) and loops
+over the group's n selected blocks, so each selected KV block is read once per group, not per head.
+
+dK/dV: deterministic through an inverted index, no atomics. Scattering from the query side would make
+many programs add into the same popular KV block (block 0 and the local blocks are picked by every
+query): a race, or atomics whose summation order varies between runs. Instead the host sorts the
+(query token, KV block) pairs of block_idx by KV block (a stable sort, so tokens stay ascending) into a
+CSR list: for each KV block, the query tokens of the group that picked it. A program owns one KV block
+and walks its list, rows = (token, head) pairs, accumulating dK/dV in registers. Lists are cut into
+segments of at most ~2x the mean list length so that block 0 (picked by all T queries) does not
+serialize the backward; each segment writes an fp32 partial, and a second kernel sums a block's
+partials in segment order. Every output element has exactly one writer and a fixed summation order.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import default_scale, document_of
+from kernels.range_attention import LOG2E
+from kernels.triton_utils import check_attention_inputs, check_packed, dot_precision, poisoned, pow2
+
+ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
+
+
+@triton.jit
+def _selected_fwd(
+    q, k, v, block_idx, doc_start, o, lse,
+    T, TK, HQ, HK, NSEL, q_start, scale_log2,
+    G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    pos = q_start + t
+    first_key = tl.load(doc_start + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_G)
+    head_ok = heads < G
+    flat = (b * T + t) * HQ + hk * G + heads
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    offs = tl.arange(0, BLOCK_S)
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for slot in range(NSEL):
+        j = tl.load(block_idx + ((b * T + t) * HK + hk) * NSEL + slot)
+        keys = first_key + j.to(tl.int64) * SEL + offs
+        key_ok = (j >= 0) & (offs < SEL) & (keys <= pos)
+        kv_row = (b * TK + keys) * HK + hk
+        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - shift)
+        p = tl.exp2(s - shift[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        m = m_new
+
+    seen = l_sum > 0
+    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
+    tl.store(o + flat[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),
+             mask=head_ok[:, None] & (dv[None, :] < DV))
+    row_lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse + flat, row_lse, mask=head_ok)
+
+
+@triton.jit
+def _selected_bwd_dq(
+    q, k, v, do, lse, delta, block_idx, doc_start, dq,
+    T, TK, HQ, HK, NSEL, q_start, scale_log2, scale,
+    G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    pos = q_start + t
+    first_key = tl.load(doc_start + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_G)
+    head_ok = heads < G
+    flat = (b * T + t) * HQ + hk * G + heads
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    offs = tl.arange(0, BLOCK_S)
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    row_lse = tl.load(lse + flat, mask=head_ok, other=0.0)
+    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+    row_delta = tl.load(delta + flat, mask=head_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
+    for slot in range(NSEL):
+        j = tl.load(block_idx + ((b * T + t) * HK + hk) * NSEL + slot)
+        keys = first_key + j.to(tl.int64) * SEL + offs
+        key_ok = (j >= 0) & (offs < SEL) & (keys <= pos)
+        kv_row = (b * TK + keys) * HK + hk
+        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        p = tl.where(key_ok[None, :], tl.exp2(s - row_lse[:, None]), 0.0)
+        dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        acc += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+    tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
+             mask=head_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def _selected_bwd_dkv(
+    q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
+    T, TK, HQ, HK, KB, q_start, scale_log2, scale,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seg = tl.program_id(0).to(tl.int64)
+    block = tl.load(seg_block + seg).to(tl.int64)  # (b * HK + hk) * KB + key block
+    b = block // (HK * KB)
+    hk = (block // KB) % HK
+    kb = block % KB
+    e0 = tl.load(seg_lo + seg)
+    num_rows = (tl.load(seg_hi + seg) - e0) * G
+    offs = tl.arange(0, BLOCK_S)
+    keys = tl.load(block_start + kb).to(tl.int64) + offs
+    key_ok = keys < tl.load(block_end + kb)
+    kv_row = (b * TK + keys) * HK + hk
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+
+    acc_k = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    for r0 in range(0, num_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_rows
+        tok = tl.load(entries + e0 + rows // G, mask=row_ok, other=0).to(tl.int64)
+        flat = (b * T + tok) * HQ + hk * G + rows % G
+        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
+        row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= q_start + tok[:, None])
+        p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
+        acc_v += tl.dot(tl.trans(p.to(dot.dtype)), dot, input_precision=PRECISION)
+        dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        acc_k += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+    tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
+    tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
+
+
+@triton.jit
+def _selected_bwd_reduce(
+    part_k, part_v, seg_first, seg_count, block_start, block_end, dk_out, dv_out,
+    TK, HK, KB,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    block = tl.program_id(0).to(tl.int64)
+    b = block // (HK * KB)
+    hk = (block // KB) % HK
+    kb = block % KB
+    first = tl.load(seg_first + block)
+    count = tl.load(seg_count + block)
+    offs = tl.arange(0, BLOCK_S)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    acc_k = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    for i in range(count):
+        seg = (first + i).to(tl.int64)
+        acc_k += tl.load(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :])
+        acc_v += tl.load(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :])
+    keys = tl.load(block_start + kb).to(tl.int64) + offs
+    key_ok = keys < tl.load(block_end + kb)
+    kv_row = (b * TK + keys) * HK + hk
+    tl.store(dk_out + kv_row[:, None] * DK + dk[None, :], acc_k.to(dk_out.dtype.element_ty),
+             mask=key_ok[:, None] & (dk[None, :] < DK))
+    tl.store(dv_out + kv_row[:, None] * DV + dv[None, :], acc_v.to(dv_out.dtype.element_ty),
+             mask=key_ok[:, None] & (dv[None, :] < DV))
+
+
+def selection_layout(
+    seq: int, num_keys: int, selection_block: int, q_start: int, cu_seqlens: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """Where selection blocks live in the key tensor.
+
+    Returns doc_start [T] (global position of each query's document start: its block j starts at
+    doc_start + j*l'), block_base [T] (number of key blocks before its document), and per key block
+    (documents in order, each cut into blocks of l'), block_start / block_end [KB] (global positions,
+    end exclusive, never past the document's end). All int32.
+    """
+    if cu_seqlens is None:
+        cu = torch.tensor([0, num_keys], device=device)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    blocks_per_doc = -(-cu.diff() // selection_block)
+    block_cu = torch.cat([blocks_per_doc.new_zeros(1), blocks_per_doc.cumsum(0)])
+    doc = document_of(torch.arange(q_start, q_start + seq, device=device), cu)
+    blocks = torch.arange(int(block_cu[-1]), device=device)
+    block_doc = document_of(blocks, block_cu)
+    block_start = cu[block_doc] + (blocks - block_cu[block_doc]) * selection_block
+    block_end = torch.minimum(block_start + selection_block, cu[block_doc + 1])
+    return tuple(x.to(torch.int32).contiguous() for x in (cu[doc], block_cu[doc], block_start, block_end))
+
+
+def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks: int):
+    """block_idx [B, T, HK, n] -> for each (b, hk, key block): the query tokens that selected it.
+
+    Returns entries (int32 query tokens, grouped by key block, ascending within one) and segments: each
+    a slice [seg_lo, seg_hi) of entries belonging to key block seg_block ((b * HK + hk) * KB + block);
+    a block's segments are consecutive, from seg_first[block], seg_count[block] of them.
+    """
+    batch, seq, num_kv_heads, num_selected = block_idx.shape
+    device = block_idx.device
+    total_blocks = batch * num_kv_heads * num_blocks
+    ids = block_idx.long()
+    group = torch.arange(batch, device=device)[:, None, None, None] * num_kv_heads + torch.arange(
+        num_kv_heads, device=device
+    )[None, None, :, None]
+    key = group * num_blocks + block_base.long()[None, :, None, None] + ids
+    key = torch.where(ids >= 0, key, total_blocks).flatten()  # unused slots sort to the end
+    order = torch.sort(key, stable=True).indices
+    entries = ((order // (num_kv_heads * num_selected)) % seq).to(torch.int32)
+    counts = torch.bincount(key, minlength=total_blocks + 1)[:total_blocks]
+    starts = counts.cumsum(0) - counts
+    # cap a segment at twice the mean list length, so no program gets much more than its share
+    cap = max(ROWS_PER_TILE, 2 * -(-seq * num_selected // max(num_blocks, 1)))
+    seg_count = -(-counts // cap)
+    seg_first = seg_count.cumsum(0) - seg_count
+    num_segments = int(seg_count.sum())
+    seg_block = torch.repeat_interleave(torch.arange(total_blocks, device=device), seg_count, output_size=num_segments)
+    seg_lo = starts[seg_block] + (torch.arange(num_segments, device=device) - seg_first[seg_block]) * cap
+    seg_hi = torch.minimum(seg_lo + cap, starts[seg_block] + counts[seg_block])
+    return entries, seg_block, seg_lo, seg_hi, seg_first, seg_count
+
+
+def _consts(q, k, v, selection_block):
+    group = q.shape[2] // k.shape[2]
+    return dict(
+        G=group, DK=q.shape[-1], DV=v.shape[-1], BLOCK_S=pow2(selection_block),
+        BLOCK_DK=pow2(q.shape[-1]), BLOCK_DV=pow2(v.shape[-1]), PRECISION=dot_precision(q.dtype),
+    )
+
+
+def _warps(q, v) -> int:
+    # no register spills on sm_90 at head dims <= 128 (ptxas resource usage); fewer above 128
+    return 8 if max(q.shape[-1], v.shape[-1]) > 128 else 4
+
+
+class SelectedAttention(torch.autograd.Function):
+    """(o, lse) of selected attention; differentiable in q, k, v. Arguments as selected_attention_triton,
+    plus the layout from selection_layout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout):
+        batch, seq, num_q_heads, _ = q.shape
+        doc_start = layout[0]
+        consts = _consts(q, k, v, selection_block)
+        o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
+        lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
+        grid = (seq, batch * k.shape[2])
+        _selected_fwd[grid](
+            q, k, v, block_idx, doc_start, o, lse,
+            seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E,
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts, num_warps=_warps(q, v),
+        )
+        ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
+        ctx.args = (selection_block, scale, q_start)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, block_idx, doc_start, block_base, block_start, block_end = ctx.saved_tensors
+        selection_block, scale, q_start = ctx.args
+        batch, seq, num_q_heads, _ = q.shape
+        num_keys, num_kv_heads = k.shape[1], k.shape[2]
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.float()  # dL/ds = p * (dp - delta + dlse)
+        consts = _consts(q, k, v, selection_block)
+        sizes = (seq, num_keys, num_q_heads, num_kv_heads)
+
+        dq = poisoned(q.shape, q.dtype, q.device)
+        _selected_bwd_dq[(seq, batch * num_kv_heads)](
+            q, k, v, do, lse, delta, block_idx, doc_start, dq,
+            *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts, num_warps=_warps(q, v),
+        )
+
+        num_blocks = block_start.numel()
+        entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(block_idx, block_base, num_blocks)
+        tile = (consts["BLOCK_S"], consts["BLOCK_DK"], consts["BLOCK_DV"])
+        part_k = torch.empty(seg_block.numel(), tile[0], tile[1], dtype=torch.float32, device=q.device)
+        part_v = torch.empty(seg_block.numel(), tile[0], tile[2], dtype=torch.float32, device=q.device)
+        if seg_block.numel():
+            _selected_bwd_dkv[(seg_block.numel(),)](
+                q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
+                *sizes, num_blocks, q_start, scale * LOG2E, scale,
+                BLOCK_M=ROWS_PER_TILE, **consts, num_warps=8,  # dK and dV accumulate side by side
+            )
+        dk = poisoned(k.shape, k.dtype, k.device)
+        dv = poisoned(v.shape, v.dtype, v.device)
+        _selected_bwd_reduce[(batch * num_kv_heads * num_blocks,)](
+            part_k, part_v, seg_first, seg_count, block_start, block_end, dk, dv,
+            num_keys, num_kv_heads, num_blocks,
+            DK=consts["DK"], DV=consts["DV"], BLOCK_S=tile[0], BLOCK_DK=tile[1], BLOCK_DV=tile[2],
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def selected_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    selection_block: int,
+    scale: float | None = None,
+    q_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of query t over tokens <= t of its group's selected blocks (Triton; as selected_attention_ref).
+
+    q: [B, T, HQ, Dk]; k: [B, TK, HK, Dk]; v: [B, TK, HK, Dv]; one dtype among fp32/fp16/bf16,
+    HQ = G * HK with G <= 32, Dk and Dv <= 256. Keys are indexed by global position; query j sits at
+    q_start + j. block_idx: [B, T, HK, n] int32, distinct ids per row (any order), -1 for unused slots;
+    block j covers tokens [j*l', (j+1)*l') of the query's document.
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); block ids
+    are then per document (block j of document D covers cu_seqlens[D] + [j*l', (j+1)*l')).
+    Returns o: [B, T, HQ, Dv] q.dtype and lse: [B, T, HQ] float32 (-inf, with o = 0, where nothing is
+    visible). Differentiable in q, k, v (and through lse).
+    """
+    check_attention_inputs("selected_attention_triton", q, k, v)
+    check_packed("selected_attention_triton", q.shape[0], cu_seqlens)
+    if selection_block > 256:
+        raise ValueError(f"selected_attention_triton: selection_block={selection_block} > 256 is not supported")
+    layout = selection_layout(q.shape[1], k.shape[1], selection_block, q_start, cu_seqlens, q.device)
+    scale = default_scale(q.shape[-1], scale)
+    return SelectedAttention.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), block_idx.to(torch.int32).contiguous(),
+        selection_block, scale, q_start, layout,
+    )

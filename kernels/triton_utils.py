@@ -1,0 +1,50 @@
+"""Host-side helpers shared by the Triton branches: tile sizes, dot precision, output buffers, checks."""
+
+import torch
+import triton
+
+
+def pow2(x: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(x, minimum): tl.arange needs powers of two, tl.dot needs >= 16."""
+    return max(minimum, triton.next_power_of_2(x))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full-precision dots (the GPU default, tf32, would cost them ~3e-4 relative error);
+    fp16/bf16 inputs use the tensor cores with fp32 accumulation and ignore this setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def poisoned(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer filled with NaN (floats) or -2 (ints), so that a position a kernel forgot to
+    write fails the tests instead of passing on stale memory. Costs one fill per output."""
+    fill = float("nan") if dtype.is_floating_point else -2
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def check_attention_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shapes and dtypes the kernels support; raises a ValueError naming the offending argument."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+        raise ValueError(f"{name}: q, k, v must be [B, T, H, D]; got {shapes}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share one dtype among fp32/fp16/bf16; "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{name}: query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
+    group = q.shape[2] // k.shape[2]
+    if group > 32:
+        raise ValueError(f"{name}: GQA group size {group} > 32 is not supported; use more KV heads")
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        raise ValueError(f"{name}: head dims up to 256 are supported; got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
+
+
+def check_packed(name: str, batch: int, cu_seqlens: torch.Tensor | None) -> None:
+    if cu_seqlens is None:
+        return
+    if batch != 1:
+        raise ValueError(f"{name}: packed sequences (cu_seqlens) need batch size 1; got {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: cu_seqlens must be an int32 tensor [num_docs + 1]; got {cu_seqlens}")

@@ -1,0 +1,65 @@
+"""Sliding-window attention, Triton: query t over keys (t - w, t] of its document.
+
+The visible keys of a query are one contiguous range, so this branch only computes the ranges; the
+forward/backward kernels are the range attention in kernels/range_attention.py.
+"""
+
+import torch
+
+from kernels.common import default_scale, document_of
+from kernels.range_attention import RangeAttention
+from kernels.triton_utils import check_attention_inputs, check_packed
+
+
+def window_ranges(
+    seq: int, num_keys: int, window: int, q_start: int, k_start: int, cu_seqlens: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """Key ranges per query token and query ranges per key (all int32, local indices).
+
+    Query j (global position t = q_start + j) sees the keys at global positions max(t - w + 1, start of
+    its document) .. t; key s (global position k_start + s) is seen by queries up to min(its position
+    + w, end of its document) - 1.
+    """
+    if cu_seqlens is None:
+        cu = torch.tensor([0, max(q_start + seq, k_start + num_keys)], device=device)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    pos = torch.arange(q_start, q_start + seq, device=device)
+    first = torch.maximum(pos - window + 1, cu[document_of(pos, cu)])
+    lo = (first - k_start).clamp(0, num_keys)
+    hi = (pos + 1 - k_start).clamp(0, num_keys)
+
+    key_pos = torch.arange(k_start, k_start + num_keys, device=device)
+    last = torch.minimum(key_pos + window, cu[document_of(key_pos, cu) + 1])
+    qlo = (key_pos - q_start).clamp(0, seq)
+    qhi = (last - q_start).clamp(0, seq)
+    return tuple(x.to(torch.int32).contiguous() for x in (lo, hi, qlo, qhi))
+
+
+def window_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+    q_start: int = 0,
+    k_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal sliding-window attention (Triton; same meaning as window_attention_ref).
+
+    q: [B, Tq, HQ, Dk]; k: [B, Tk, HK, Dk]; v: [B, Tk, HK, Dv]; one dtype among fp32/fp16/bf16,
+    HQ = G * HK with G <= 32, Dk and Dv <= 256. Query j sits at global position q_start + j, key s at
+    k_start + s (context parallelism passes a chunk with its left halo); query t sees keys p with
+    t - window < p <= t.
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents in global positions
+    (B must be 1); a query sees only keys of its own document.
+    Returns o: [B, Tq, HQ, Dv] q.dtype and lse: [B, Tq, HQ] float32 (-inf, with o = 0, where no key is
+    visible). Differentiable in q, k, v (and through lse).
+    """
+    check_attention_inputs("window_attention_triton", q, k, v)
+    check_packed("window_attention_triton", q.shape[0], cu_seqlens)
+    ranges = window_ranges(q.shape[1], k.shape[1], window, q_start, k_start, cu_seqlens, q.device)
+    scale = default_scale(q.shape[-1], scale)
+    return RangeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *ranges, scale)

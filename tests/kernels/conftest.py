@@ -1,0 +1,9 @@
+"""Without CUDA (CI) the Triton kernels run under Triton's interpreter. Triton reads TRITON_INTERPRET
+when a kernel is defined, so it is set here, before the test modules of this folder import them."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,68 @@
+"""Top-n block selection: Triton kernel against the reference, which it must match exactly."""
+
+import pytest
+import torch
+
+from kernels.block_selection.naive import select_blocks_ref
+from kernels.block_selection.triton import select_blocks_triton
+from kernels.compressed_attention.naive import compressed_attention_ref
+from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks
+from triton_cases import DEVICE, INTERPRETER_WARNINGS, randn, require_backend
+
+pytestmark = INTERPRETER_WARNINGS
+
+T = 131
+DK = 32
+
+
+def check(group, kv_heads, dtype, sizes, q_start=0, cu_seqlens=None):
+    require_backend()
+    block_size, stride, selection_block, num_selected = sizes
+    if cu_seqlens is None:
+        num_blocks = num_compressed_blocks(T, block_size, stride)
+    else:
+        num_blocks = int(compressed_cu_seqlens(cu_seqlens, block_size, stride)[-1])
+    q = randn(1, T - q_start, group * kv_heads, DK, dtype=dtype, grad=False)
+    k_cmp = randn(1, num_blocks, kv_heads, DK, dtype=dtype, grad=False)
+    _, lse = compressed_attention_ref(q, k_cmp, k_cmp, block_size, stride, q_start=q_start, cu_seqlens=cu_seqlens)
+    args = (q, k_cmp, lse, block_size, stride, selection_block, num_selected)
+    picked = select_blocks_triton(*args, q_start=q_start, cu_seqlens=cu_seqlens)
+    expected = select_blocks_ref(*args, q_start=q_start, cu_seqlens=cu_seqlens)
+    assert picked.dtype == torch.int32 and picked.shape == expected.shape
+    mismatch = (picked != expected).any(-1).nonzero()
+    assert len(mismatch) == 0, f"{len(mismatch)} rows differ, first (b, t, hk) = {mismatch[0].tolist()}"
+
+
+@pytest.mark.parametrize(
+    "dtype, group, kv_heads",
+    [(torch.float32, 1, 2), (torch.float16, 2, 1), (torch.float32, 4, 1), (torch.float16, 16, 1)],
+)
+def test_matches_reference(dtype, group, kv_heads):
+    torch.manual_seed(group)
+    check(group, kv_heads, dtype, (16, 8, 16, 4))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        (8, 4, 8, 5),  # 17 selection blocks: two tiles, scores carried across the tile boundary
+        (16, 8, 32, 3),  # l < l'
+        (16, 4, 16, 2),  # n smaller than the three forced blocks
+    ],
+    ids=["two-tiles", "l-below-l'", "n-below-forced"],
+)
+def test_block_sizes(sizes):
+    torch.manual_seed(0)
+    check(2, 1, torch.float32, sizes)
+
+
+@pytest.mark.parametrize("q_start", [0, 40])
+def test_packed_documents(q_start):
+    torch.manual_seed(q_start)
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE)
+    check(2, 1, torch.float32, (16, 8, 16, 4), q_start=q_start, cu_seqlens=cu_seqlens)
+
+
+def test_chunk_at_offset():
+    torch.manual_seed(0)
+    check(2, 1, torch.float32, (8, 4, 8, 5), q_start=45)

@@ -1,0 +1,52 @@
+"""Compressed attention: Triton kernel against the reference (outputs, lse, gradients)."""
+
+import pytest
+import torch
+
+from kernels.compressed_attention.naive import compressed_attention_ref
+from kernels.compressed_attention.triton import compressed_attention_triton
+from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks
+from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
+
+pytestmark = INTERPRETER_WARNINGS
+
+L, STRIDE = 16, 8  # compression block, stride
+T = 131  # a multiple of no block size
+DK, DV = 32, 16
+
+
+def leaves(batch, seq, num_blocks, group, kv_heads, dtype):
+    return dict(
+        q=randn(batch, seq, group * kv_heads, DK, dtype=dtype),
+        k_cmp=randn(batch, num_blocks, kv_heads, DK, dtype=dtype),
+        v_cmp=randn(batch, num_blocks, kv_heads, DV, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(dtype, group):
+    torch.manual_seed(group)
+    kv_heads = 1 if group == 16 else 2
+    inputs = leaves(2, T, num_compressed_blocks(T, L, STRIDE), group, kv_heads, dtype)
+    compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, dtype, block_size=L, stride=STRIDE)
+
+
+def test_chunk_at_offset():
+    """Queries of a chunk at q_start = 45 against the compressed tokens of the whole sequence."""
+    torch.manual_seed(0)
+    q_start = 45
+    inputs = leaves(1, T - q_start, num_compressed_blocks(T, L, STRIDE), 2, 2, torch.float32)
+    compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                      block_size=L, stride=STRIDE, q_start=q_start)
+
+
+@pytest.mark.parametrize("q_start", [0, 40])
+def test_packed_documents(q_start):
+    """Documents shorter than one block, of one token, and of several blocks; the chunk may start inside one."""
+    torch.manual_seed(q_start)
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE)
+    num_blocks = int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
+    inputs = leaves(1, T - q_start, num_blocks, 4, 1, torch.float32)
+    compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                      block_size=L, stride=STRIDE, q_start=q_start, cu_seqlens=cu_seqlens)

@@ -1,0 +1,84 @@
+"""Selected attention: Triton kernel against the reference (outputs, lse, gradients), and the inverted
+index behind its dK/dV backward."""
+
+import pytest
+import torch
+
+from kernels.block_selection.naive import topn_from_scores
+from kernels.selected_attention.naive import selected_attention_ref
+from kernels.selected_attention.triton import inverted_index, selected_attention_triton, selection_layout
+from triton_cases import DEVICE, INTERPRETER_WARNINGS, compare_attention, randn
+
+pytestmark = INTERPRETER_WARNINGS
+
+SEL, NUM_SELECTED = 16, 4  # selection block l', n
+T = 131
+DK, DV = 32, 16
+
+
+def random_blocks(batch, seq, kv_heads, q_start=0, doc_starts=None, shuffle=False):
+    """Valid picks as top-n makes them (block 0, the local blocks, random others; -1 padded), per document
+    when doc_starts [T] gives each query's document start. shuffle: slots in random order."""
+    positions = torch.arange(q_start, q_start + seq)
+    if doc_starts is not None:
+        positions = positions - doc_starts
+    scores = torch.rand(batch, seq, kv_heads, -(-(q_start + seq) // SEL))
+    blocks = topn_from_scores(scores, positions, SEL, NUM_SELECTED)
+    if shuffle:
+        blocks = torch.gather(blocks, -1, torch.argsort(torch.rand(blocks.shape), dim=-1))
+    return blocks.to(DEVICE)
+
+
+def leaves(batch, seq, num_keys, group, kv_heads, dtype):
+    return dict(
+        q=randn(batch, seq, group * kv_heads, DK, dtype=dtype),
+        k=randn(batch, num_keys, kv_heads, DK, dtype=dtype),
+        v=randn(batch, num_keys, kv_heads, DV, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype, group, kv_heads",
+    [
+        (torch.float32, 1, 2),
+        (torch.float16, 2, 2),
+        (torch.float32, 4, 1),
+        (torch.float16, 16, 1),
+        (torch.float32, 16, 1),
+    ],
+)
+def test_matches_reference(dtype, group, kv_heads):
+    torch.manual_seed(group)
+    blocks = random_blocks(1, T, kv_heads, shuffle=group == 4)
+    compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, T, T, group, kv_heads, dtype),
+                      dtype, block_idx=blocks, selection_block=SEL)
+
+
+def test_chunk_at_offset_in_packed_documents():
+    torch.manual_seed(0)
+    q_start = 40
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, T), right=True) - 1]
+    blocks = random_blocks(1, T - q_start, 1, q_start, doc_starts)
+    compare_attention(selected_attention_triton, selected_attention_ref,
+                      leaves(1, T - q_start, T, 2, 1, torch.float32), torch.float32,
+                      block_idx=blocks, selection_block=SEL, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+def test_inverted_index_lists_every_pick_once():
+    """Per (batch, KV head, key block): the tokens that picked it, ascending, cut into bounded segments."""
+    torch.manual_seed(0)
+    batch, kv_heads = 2, 3
+    blocks = random_blocks(batch, T, kv_heads)
+    _, block_base, block_start, _ = selection_layout(T, T, SEL, 0, None, blocks.device)
+    num_blocks = block_start.numel()
+    entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(blocks, block_base, num_blocks)
+    expected = {}
+    for b, t, h, slot in torch.nonzero(blocks >= 0).tolist():
+        expected.setdefault((b * kv_heads + h) * num_blocks + int(blocks[b, t, h, slot]), []).append(t)
+    found = {}
+    for seg, block in enumerate(seg_block.tolist()):
+        assert seg_first[block] <= seg < seg_first[block] + seg_count[block]
+        found.setdefault(block, []).extend(entries[seg_lo[seg] : seg_hi[seg]].tolist())
+    assert found == expected
+    assert int(seg_count[0]) > 1, "block 0 (picked by every query) should span several segments"

@@ -1,0 +1,56 @@
+"""Sliding-window attention: Triton kernel against the reference (outputs, lse, gradients)."""
+
+import pytest
+import torch
+
+from kernels.window_attention.naive import window_attention_ref
+from kernels.window_attention.triton import window_attention_triton
+from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
+
+pytestmark = INTERPRETER_WARNINGS
+
+WINDOW = 24
+T = 131
+DK, DV = 32, 16
+
+
+def leaves(batch, seq, num_keys, group, kv_heads, dtype):
+    return dict(
+        q=randn(batch, seq, group * kv_heads, DK, dtype=dtype),
+        k=randn(batch, num_keys, kv_heads, DK, dtype=dtype),
+        v=randn(batch, num_keys, kv_heads, DV, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(dtype, group):
+    torch.manual_seed(group)
+    kv_heads = 1 if group == 16 else 2
+    compare_attention(window_attention_triton, window_attention_ref, leaves(2, T, T, group, kv_heads, dtype), dtype,
+                      window=WINDOW)
+
+
+def test_window_longer_than_sequence():
+    torch.manual_seed(0)
+    compare_attention(window_attention_triton, window_attention_ref, leaves(1, T, T, 2, 1, torch.float32),
+                      torch.float32, window=200)
+
+
+def test_chunk_with_left_halo():
+    """Queries [64, 131) with keys [40, 131): what context parallelism passes (chunk plus halo)."""
+    torch.manual_seed(0)
+    q_start, k_start = 64, 40
+    compare_attention(window_attention_triton, window_attention_ref,
+                      leaves(1, T - q_start, T - k_start, 2, 2, torch.float32), torch.float32,
+                      window=WINDOW, q_start=q_start, k_start=k_start)
+
+
+@pytest.mark.parametrize("q_start", [0, 40])
+def test_packed_documents(q_start):
+    torch.manual_seed(q_start)
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE)
+    k_start = max(0, q_start - WINDOW)
+    compare_attention(window_attention_triton, window_attention_ref,
+                      leaves(1, T - q_start, T - k_start, 4, 1, torch.float32), torch.float32,
+                      window=WINDOW, q_start=q_start, k_start=k_start, cu_seqlens=cu_seqlens)

@@ -1,0 +1,72 @@
+"""Shared by the Triton-vs-reference tests: random inputs and RMS-relative comparisons of outputs,
+log-sum-exps and gradients."""
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# RMS-relative error allowed: fp32 differs from the reference by summation order only; fp16 kernels
+# round p to fp16 before the P @ V product (as flash attention does) and round their outputs.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = [torch.float32, torch.float16]
+
+
+def require_backend() -> None:
+    """Fails with a sentence when the kernels cannot run here, instead of an obscure Triton error."""
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: tests/kernels/conftest.py sets it; "
+                    "run the kernel tests with pytest from the repository root")
+
+
+def randn(*shape, dtype=torch.float32, grad=True, generator=None) -> torch.Tensor:
+    x = torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype)
+    return x.requires_grad_(grad)
+
+
+def rms_rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: {int((~torch.isfinite(x)).sum())} non-finite values (a missed write?)"
+    err = rms_rel(x, ref)
+    assert err < TOLERANCE[dtype], f"{name}: RMS-relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def assert_lse_close(name: str, lse: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """-inf exactly where the reference has it (a query that sees nothing), close elsewhere."""
+    empty = ref == float("-inf")
+    assert torch.equal(lse == float("-inf"), empty), f"{name}: -inf at other positions than the reference"
+    assert_close(name, lse[~empty], ref[~empty], dtype)
+
+
+def compare_attention(kernel, reference, leaves: dict, dtype: torch.dtype, **kwargs) -> None:
+    """Runs kernel(**leaves, **kwargs) and reference(...) -> (o, lse); compares o, lse and the gradients of
+    every leaf under one random upstream gradient on o and on lse."""
+    require_backend()
+    results = {}
+    grad_gen = torch.Generator().manual_seed(1)
+    upstream = None
+    for name, fn in (("kernel", kernel), ("reference", reference)):
+        o, lse = fn(**leaves, **kwargs)
+        if upstream is None:
+            upstream = (randn(*o.shape, grad=False, generator=grad_gen),
+                        randn(*lse.shape, grad=False, generator=grad_gen))
+        finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
+        loss = (o.float() * upstream[0]).sum() + (finite_lse * upstream[1]).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        results[name] = (o.detach(), lse.detach(), grads)
+    (o, lse, grads), (o_ref, lse_ref, grads_ref) = results["kernel"], results["reference"]
+    assert o.dtype == o_ref.dtype and lse.dtype == torch.float32
+    assert_close("o", o, o_ref, dtype)
+    assert_lse_close("lse", lse, lse_ref, dtype)
+    for leaf, g, g_ref in zip(leaves, grads, grads_ref):
+        assert g.dtype == g_ref.dtype, f"d{leaf}: dtype {g.dtype} != {g_ref.dtype}"
+        assert_close(f"d{leaf}", g, g_ref, dtype)
+
+# numpy's warning about Triton's interpreter turning a one-element array into a loop bound: noise
+INTERPRETER_WARNINGS = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

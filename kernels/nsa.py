@@ -41,6 +41,13 @@ def branch_ops(impl: str) -> BranchOps:
     raise ValueError(f"impl={impl!r}: expected 'reference' or 'triton' ('auto' is resolved by the caller)")
 
 
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """"auto" is the Triton kernels on CUDA and the reference elsewhere; other values pass through."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    return impl
+
+
 class NSAResult(NamedTuple):
     output: torch.Tensor  # [B, T, HQ, Dv], q.dtype
     block_idx: torch.Tensor  # [B, T, HK, n] int32 selection block ids, -1 padded

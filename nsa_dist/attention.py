@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.compression import mean_compress, mlp_compress
-from kernels.nsa import NSAResult, native_sparse_attention
+from kernels.nsa import NSAResult, native_sparse_attention, resolve_impl
 from nsa_dist.config import ModelConfig, NSAConfig
 from nsa_dist.parallel import nsa_context_parallel, zigzag_positions
 from nsa_dist.parallel.comm import group_size_rank
@@ -77,7 +77,7 @@ class NSAAttention(nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, seq, m.num_query_heads, len(BRANCHES))
         n = self.nsa
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-                     num_selected=n.num_selected, window=n.window)
+                     num_selected=n.num_selected, window=n.window, impl=resolve_impl(n.impl, x.device))
         if cp_size > 1:
             return nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v,
                                         group=self.cp_group, **sizes)

@@ -41,7 +41,7 @@ class NSAConfig:
     window: int = 512  # w: sliding-window length (paper 512)
     kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
     phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean
-    impl: Literal["auto", "reference"] = "auto"  # auto: the fastest implementation for the device
+    impl: Literal["auto", "triton", "reference"] = "auto"  # auto: Triton kernels on CUDA, reference on CPU
 
 
 @dataclass
@@ -267,6 +267,17 @@ def validate(config: Config) -> None:
     _require(nsa.num_selected >= 3,
              f"nsa.num_selected={nsa.num_selected} must be at least 3: block 0 and the two local blocks are "
              "always selected and count toward it")
+    if nsa.impl != "reference":  # the kernels' limits ("auto" takes the kernels on every GPU)
+        fix = "or set nsa.impl=reference (pure PyTorch, slow)"
+        _require(nsa.selection_block <= 256,
+                 f"nsa.selection_block={nsa.selection_block} exceeds the Triton kernels' 256: use a smaller block {fix}")
+        _require(m.num_query_heads // m.num_kv_heads <= 32,
+                 f"model.num_query_heads={m.num_query_heads} / model.num_kv_heads={m.num_kv_heads} = "
+                 f"{m.num_query_heads // m.num_kv_heads} query heads per KV head exceeds the Triton kernels' 32: "
+                 f"add KV heads {fix}")
+        for name in ("head_dim_k", "head_dim_v"):
+            _require(getattr(m, name) <= 256,
+                     f"model.{name}={getattr(m, name)} exceeds the Triton kernels' 256 {fix}")
 
     _positive(par, "parallel", "tensor", "pipeline", "context")
     _require(m.num_kv_heads % par.tensor == 0,

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.compression import mlp_compress
+from kernels.nsa import resolve_impl
 from nsa_dist.attention import BRANCHES, Compression
 from nsa_dist.config import Config, ModelConfig, NSAConfig
 from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigzag_positions
@@ -138,7 +139,7 @@ class ParallelSelfAttention(MegatronModule):
             out = nsa_context_parallel(
                 q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                 block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-                num_selected=n.num_selected, window=n.window,
+                num_selected=n.num_selected, window=n.window, impl=resolve_impl(n.impl, q.device),
             ).output
         out = out.transpose(0, 1).reshape(seq, batch, self.q_heads * m.head_dim_v)
         return self.linear_proj(out)

@@ -12,7 +12,7 @@ Writes benchmarks/train_<seq_len>.json and prints a table last.
 
 import argparse
 import gc
-import inspect
+import sys
 import json
 import os
 import socket
@@ -25,7 +25,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
 
 from nsa_dist.config import load_config  # noqa: E402  (after the filter: megatron warns at import)
-from nsa_dist.parallel import nsa_cp  # noqa: E402
+from kernels.nsa import resolve_impl  # noqa: E402
 from nsa_dist.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +40,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/train_<seq_len>.json)")
     return parser.parse_args()
-
-
-def nsa_kernels() -> list[str]:
-    """The kernel modules that sequence-sharded NSA calls (`naive`: the PyTorch reference; `triton`)."""
-    return sorted({f.__module__ for f in vars(nsa_cp).values()
-                   if inspect.isfunction(f) and f.__module__.startswith("kernels.")})
 
 
 def bench(args, attention: str) -> dict:
@@ -82,13 +76,15 @@ def main() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     results = [bench(args, attention) for attention in args.attention.split(",")]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    report = {"device": device, "torch": torch.__version__, "nsa_kernels": nsa_kernels(), "seq_len": args.seq_len,
-              "results": results}
+    nsa_config = load_config(args.config, args.overrides).nsa
+    nsa_impl = resolve_impl(nsa_config.impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    report = {"command": "python3 " + " ".join(sys.argv), "device": device, "torch": torch.__version__,
+              "nsa_impl": nsa_impl, "seq_len": args.seq_len, "results": results}
     out = Path(args.out) if args.out else ROOT / f"benchmarks/train_{args.seq_len}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     base = results[0]
-    print(f"\n{device}, seq_len {args.seq_len}, NSA kernels: {', '.join(report['nsa_kernels'])}  -> {out}")
+    print(f"\n{device}, seq_len {args.seq_len}, NSA implementation: {nsa_impl}  -> {out}")
     print(f"{'attention':>10} {'tokens/s':>10} {'step s':>8} {'peak GB':>8} {'speed vs ' + base['attention']:>16}")
     for r in results:
         print(f"{r['attention']:>10} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.2f} {r['peak_memory_gb']:>8.1f} "

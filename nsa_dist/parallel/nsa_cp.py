@@ -15,11 +15,7 @@ gathers), so outputs and gradients equal the single-rank result.
 
 import torch
 
-from kernels.block_selection.naive import select_blocks_ref
-from kernels.compressed_attention.naive import compressed_attention_ref
-from kernels.nsa import Compress, NSAResult
-from kernels.selected_attention.naive import selected_attention_ref
-from kernels.window_attention.naive import window_attention_ref
+from kernels.nsa import Compress, NSAResult, branch_ops, native_sparse_attention
 from nsa_dist.parallel.accounting import needed_selection_bytes
 from nsa_dist.parallel.comm import CommStats, ZigzagGather, exchange_halo, gather_zigzag, group_size_rank
 from nsa_dist.parallel.layout import ZigzagLayout, halo_len, validate_layout
@@ -74,6 +70,7 @@ def nsa_context_parallel(
     scale: float | None = None,
     kv_heads_per_gather: int = 1,
     stats: CommStats | None = None,
+    impl: str = "reference",
 ) -> NSAResult:
     """NSA on this rank's zigzag shard of a sequence sharded over the CP group `group`.
 
@@ -84,9 +81,15 @@ def nsa_context_parallel(
     kv_heads_per_gather: KV heads per selection all-gather; transient memory for the gathered raw K/V
     is 2 * B * T * kv_heads_per_gather * (Dk + Dv) elements (two gathers in flight).
     stats: if given, bytes sent/received per collective are added to it.
+    impl: "reference" or "triton" (kernels.nsa.branch_ops).
     Returns NSAResult for the local tokens (block ids are global).
     """
     cp_size, cp_rank = group_size_rank(group)
+    sizes = dict(block_size=block_size, stride=stride, selection_block=selection_block, num_selected=num_selected,
+                 window=window, scale=scale)
+    if cp_size == 1:
+        return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes, impl=impl)
+    ops = branch_ops(impl)
     batch, local_len, num_q_heads, _ = q.shape
     num_kv_heads = kv_slc[0].shape[2]
     group_heads = num_q_heads // num_kv_heads
@@ -118,15 +121,14 @@ def nsa_context_parallel(
     outs = {"cmp": [], "win": [], "lse_cmp": [], "lse_win": [], "blocks": []}
     for i, start in enumerate(layout.chunk_starts):
         q_chunk = q[:, i * c : (i + 1) * c]
-        o, lse = compressed_attention_ref(q_chunk, k_cmp, v_cmp, block_size, stride, scale, q_start=start)
+        o, lse = ops.compressed(q_chunk, k_cmp, v_cmp, block_size, stride, scale, q_start=start)
         outs["cmp"].append(o)
         outs["lse_cmp"].append(lse)
-        outs["blocks"].append(select_blocks_ref(q_chunk.detach(), k_cmp.detach(), lse.detach(), block_size,
-                                                stride, selection_block, num_selected, scale, q_start=start))
+        outs["blocks"].append(ops.select(q_chunk.detach(), k_cmp.detach(), lse.detach(), block_size, stride,
+                                         selection_block, num_selected, scale, q_start=start))
         # 4. window over halo + chunk
         _, _, k_win, v_win = haloed[i]
-        o, lse = window_attention_ref(q_chunk, k_win, v_win, window, scale, q_start=start,
-                                      k_start=start - (k_win.shape[1] - c))
+        o, lse = ops.window(q_chunk, k_win, v_win, window, scale, q_start=start, k_start=start - (k_win.shape[1] - c))
         outs["win"].append(o)
         outs["lse_win"].append(lse)
     block_idx = torch.cat(outs["blocks"], dim=1)
@@ -144,8 +146,8 @@ def nsa_context_parallel(
         k_all, v_all = gathered.split([dk_slc, gathered.shape[-1] - dk_slc], dim=-1)
         q_heads = q[:, :, heads.start * group_heads : heads.stop * group_heads]
         per_chunk = [
-            selected_attention_ref(q_heads[:, i * c : (i + 1) * c], k_all, v_all,
-                                   block_idx[:, i * c : (i + 1) * c, heads], selection_block, scale, q_start=start)
+            ops.selected(q_heads[:, i * c : (i + 1) * c], k_all, v_all, block_idx[:, i * c : (i + 1) * c, heads],
+                         selection_block, scale, q_start=start)
             for i, start in enumerate(layout.chunk_starts)
         ]
         o_slc.append(torch.cat([o for o, _ in per_chunk], dim=1))

@@ -1,5 +1,5 @@
 """Without CUDA (CI) the Triton kernels run under Triton's interpreter. Triton reads TRITON_INTERPRET
-when a kernel is defined, so it is set here, before the test modules of this folder import them."""
+when a kernel is defined, so it is set here, before any test module imports them."""
 
 import os
 

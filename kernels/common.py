@@ -4,6 +4,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The reference computes in fp32, or in float64 for float64 inputs (so gradcheck can be exact)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     return head_dim**-0.5 if scale is None else scale
 

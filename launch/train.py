@@ -11,6 +11,7 @@ import sys
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from rich.console import Console
 
@@ -52,6 +53,10 @@ def run_rank(config: Config) -> None:
     history = train(config, hooks)
     if os.environ["RANK"] == "0":
         print(f"loss {history[0].loss:.4f} -> {history[-1].loss:.4f} over {history[-1].step} steps", flush=True)
+    # tear down together while the interpreter is alive: a rank that exits while a peer still sends to it,
+    # or gloo threads freeing tensors during interpreter shutdown, abort the process
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:

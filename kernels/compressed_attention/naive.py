@@ -3,7 +3,7 @@
 import torch
 
 from kernels.common import (
-    default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
+    acc_dtype, default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
 )
 from kernels.compression.naive import compressed_cu_seqlens
 
@@ -33,7 +33,7 @@ def compressed_attention_ref(
     Query j sits at position t = q_start + j (context parallelism passes its chunk's global offset) and
     sees compressed block i iff i*stride + block_size - 1 <= t.
     Returns o: [B, T, HQ, Dv] in q.dtype (0 for a query that sees no block) and
-    lse: [B, T, HQ] float32, natural log-sum-exp of the scaled scores (-inf where no block is visible).
+    lse: [B, T, HQ] float32 (float64 for float64 inputs), natural log-sum-exp of the scaled scores (-inf where no block is visible).
     Computed in fp32, chunked over queries so no [T, N] tensor exists at once.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (global positions, B = 1):
     each document is attended on its own, with positions restarting at its start, over its own
@@ -57,10 +57,11 @@ def compressed_attention_ref(
 
     def chunk(q_chunk, k_all, v_all, start):
         positions = torch.arange(q_start + start, q_start + start + q_chunk.shape[1], device=q.device)
-        scores = torch.einsum("bchgd,bnhd->bchgn", q_chunk.float(), k_all.float()) * scale
+        acc = acc_dtype(q_chunk)
+        scores = torch.einsum("bchgd,bnhd->bchgn", q_chunk.to(acc), k_all.to(acc)) * scale
         visible = compressed_visibility(positions, num_blocks, block_size, stride)[None, :, None, None, :]
         probs, lse = masked_softmax_lse(scores, visible)
-        return torch.einsum("bchgn,bnhd->bchgd", probs, v_all.float()), lse
+        return torch.einsum("bchgn,bnhd->bchgd", probs, v_all.to(acc)), lse
 
     outs, lses = [], []
     for start, end in query_chunks(seq, chunk_size):

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from kernels.common import acc_dtype
+
 
 def num_compressed_blocks(seq_len: int, block_size: int, stride: int) -> int:
     """Compressed block i covers tokens [i*stride, i*stride + block_size); only whole blocks exist."""
@@ -23,7 +25,7 @@ def mean_compress(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor
 
     x: [B, T, H, D] any float dtype. Returns [B, N, H, D], N = num_compressed_blocks(T, l, d), x.dtype.
     """
-    return _blocks(x, block_size, stride).float().mean(dim=-2).to(x.dtype)
+    return _blocks(x, block_size, stride).to(acc_dtype(x)).mean(dim=-2).to(x.dtype)
 
 
 def mlp_compress(
@@ -41,10 +43,11 @@ def mlp_compress(
     x: [B, T, H, D]; pos_emb: [l, D]; w1: [hidden, l*D], b1: [hidden]; w2: [D, hidden], b2: [D].
     The same MLP serves every head. Returns [B, N, H, D] in x.dtype (computed in fp32).
     """
-    blocks = _blocks(x, block_size, stride).float() + pos_emb.float()
+    acc = acc_dtype(x)
+    blocks = _blocks(x, block_size, stride).to(acc) + pos_emb.to(acc)
     flat = blocks.flatten(-2)
-    hidden = F.silu(F.linear(flat, w1.float(), b1.float()))
-    return F.linear(hidden, w2.float(), b2.float()).to(x.dtype)
+    hidden = F.silu(F.linear(flat, w1.to(acc), b1.to(acc)))
+    return F.linear(hidden, w2.to(acc), b2.to(acc)).to(x.dtype)
 
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import torch
 
 from kernels.common import (
-    default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
+    acc_dtype, default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
 )
 
 
@@ -23,7 +23,8 @@ def selected_attention_ref(
     q: [B, T, HQ, Dk]; k: [B, T, HK, Dk]; v: [B, T, HK, Dv]; block_idx: [B, T, HK, n] int, distinct ids
     (any order), -1 for unused slots; block j covers tokens [j*l', (j+1)*l'). Keys are indexed by global
     position; query j sits at position q_start + j.
-    Returns o: [B, T, HQ, Dv] in q.dtype and lse: [B, T, HQ] float32 (-inf for no visible token).
+    Returns o: [B, T, HQ, Dv] in q.dtype and lse: [B, T, HQ] float32 or wider (-inf for no
+    visible token).
     Memory per chunk: [B, chunk, HK, n*l', D] gathered keys and values.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B = 1); block ids are then
     per document: block j of document D covers cu_seqlens[D] + [j*l', (j+1)*l').
@@ -57,8 +58,9 @@ def selected_attention_ref(
         visible = (blocks[..., None] >= 0).expand(*blocks.shape, selection_block).flatten(-2)
         visible = visible & (tokens <= positions[None, :, None, None])
         tokens = torch.where(visible, tokens, torch.zeros_like(tokens))
-        keys, values = gather(k_all.float(), tokens), gather(v_all.float(), tokens)
-        scores = torch.einsum("bchgd,bchkd->bchgk", q_chunk.float(), keys) * scale
+        acc = acc_dtype(q_chunk)
+        keys, values = gather(k_all.to(acc), tokens), gather(v_all.to(acc), tokens)
+        scores = torch.einsum("bchgd,bchkd->bchgk", q_chunk.to(acc), keys) * scale
         probs, lse = masked_softmax_lse(scores, visible[:, :, :, None, :])
         return torch.einsum("bchgk,bchkd->bchgd", probs, values), lse
 

@@ -3,7 +3,7 @@
 import torch
 
 from kernels.common import (
-    default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
+    acc_dtype, default_scale, document_pieces, group_queries, masked_softmax_lse, query_chunks, run_chunk,
 )
 
 
@@ -23,8 +23,8 @@ def window_attention_ref(
     q: [B, Tq, HQ, Dk]; k: [B, Tk, HK, Dk]; v: [B, Tk, HK, Dv]. Query j sits at position q_start + j and
     key s at k_start + s (context parallelism passes a chunk with its left halo); query t sees keys at
     positions p with t - window < p <= t.
-    Returns o: [B, Tq, HQ, Dv] in q.dtype and lse: [B, Tq, HQ] float32. Each chunk of C queries reads only
-    its C + window - 1 keys, so memory is O(C * (C + w)).
+    Returns o: [B, Tq, HQ, Dv] in q.dtype and lse: [B, Tq, HQ] float32 or wider. Each chunk of C
+    queries reads only its C + window - 1 keys, so memory is O(C * (C + w)).
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (global positions, B = 1):
     a query sees only the keys of its own document.
     """
@@ -48,10 +48,11 @@ def window_attention_ref(
     def chunk(q_chunk, k_span, v_span, q_pos0, k_pos0):
         q_pos = torch.arange(q_pos0, q_pos0 + q_chunk.shape[1], device=q.device)
         k_pos = torch.arange(k_pos0, k_pos0 + k_span.shape[1], device=q.device)
-        scores = torch.einsum("bchgd,bshd->bchgs", q_chunk.float(), k_span.float()) * scale
+        acc = acc_dtype(q_chunk)
+        scores = torch.einsum("bchgd,bshd->bchgs", q_chunk.to(acc), k_span.to(acc)) * scale
         visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
         probs, lse = masked_softmax_lse(scores, visible[None, :, None, None, :])
-        return torch.einsum("bchgs,bshd->bchgd", probs, v_span.float()), lse
+        return torch.einsum("bchgs,bshd->bchgd", probs, v_span.to(acc)), lse
 
     outs, lses = [], []
     for start, end in query_chunks(seq, chunk_size):

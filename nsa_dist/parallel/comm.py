@@ -200,6 +200,7 @@ class ZigzagGather:
     def finish(self) -> torch.Tensor:
         if self.work is not None:
             self.work.wait()
+            self.work = None  # gloo's work holds the buffers; let it go now, not at interpreter exit
         return _ZigzagGathered.apply(self.x, self.buffer, self.group, self.cp_size, self.stats, self.name)
 
 

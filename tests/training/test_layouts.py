@@ -8,6 +8,7 @@ single process trains the references; each group pays its start-up once.
 import json
 import os
 import socket
+import sys
 import warnings
 
 import pytest
@@ -71,6 +72,14 @@ def _worker(rank: int, world_size: int, port: int, runs: dict, out_path: str) ->
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    # as tests/parallel/dist_harness.py: tear down together, then skip interpreter finalization, where
+    # gloo's threads freeing tensors abort the process now and then
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _spawn(world_size: int, runs: dict, tmp_path) -> dict:

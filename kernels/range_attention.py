@@ -47,6 +47,34 @@ def _row_pointers(pid_m, b, hk, T, HQ, G: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION: tl.constexpr):
+    """One key tile of a flash-attention forward (base 2): the scores of qt against kt where `visible`,
+    folded into the running row max m, row sum l_sum and output acc. Returns the new (m, l_sum, acc)."""
+    s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # a row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids (-inf) - (-inf)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - shift)
+    p = tl.exp2(s - shift[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+    return m_new, l_sum, acc
+
+
+@triton.jit
+def store_rows(o, lse, flat, row_ok, dv, DV: tl.constexpr, m, l_sum, acc):
+    """Normalizes and stores a forward's rows: output (0 where a row saw no key) and natural-log lse
+    (-inf there)."""
+    seen = l_sum > 0
+    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
+    tl.store(o + flat[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),
+             mask=row_ok[:, None] & (dv[None, :] < DV))
+    row_lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse + flat, row_lse, mask=row_ok)
+
+
+@triton.jit
 def _range_attn_fwd(
     q, k, v, o, lse, lo, hi,
     T, TK, HQ, HK, scale_log2,
@@ -75,24 +103,9 @@ def _range_attn_fwd(
         key_ok = keys < end
         kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
         vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # a row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids (-inf) - (-inf)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - shift)
-        p = tl.exp2(s - shift[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-        m = m_new
-
-    seen = l_sum > 0
-    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
-    tl.store(o + flat[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),
-             mask=row_ok[:, None] & (dv[None, :] < DV))
-    row_lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse + flat, row_lse, mask=row_ok)
+        m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
+    store_rows(o, lse, flat, row_ok, dv, DV, m, l_sum, acc)
 
 
 @triton.jit

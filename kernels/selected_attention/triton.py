@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import default_scale, document_of
-from kernels.range_attention import LOG2E
+from kernels.range_attention import LOG2E, online_softmax_step, store_rows
 from kernels.triton_utils import check_attention_inputs, check_packed, dot_precision, poisoned, pow2
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
@@ -57,22 +57,8 @@ def _selected_fwd(
         kv_row = (b * TK + keys) * HK + hk
         kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
         vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - shift)
-        p = tl.exp2(s - shift[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-        m = m_new
-
-    seen = l_sum > 0
-    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
-    tl.store(o + flat[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),
-             mask=head_ok[:, None] & (dv[None, :] < DV))
-    row_lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse + flat, row_lse, mask=head_ok)
+        m, l_sum, acc = online_softmax_step(qt, kt, vt, key_ok[None, :], m, l_sum, acc, scale_log2, PRECISION)
+    store_rows(o, lse, flat, head_ok, dv, DV, m, l_sum, acc)
 
 
 @triton.jit

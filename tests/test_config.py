@@ -14,6 +14,16 @@ def test_presets_load(preset):
     assert config.stages and config.stages[0].seq_len > 0
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_fit_the_trainers_layout_checks(preset):
+    """A preset must start: its stages keep one CP size and its batch fits its own process count."""
+    from nsa_dist.trainer import data_parallel_size
+
+    config = load_config(preset, ["training.device=cpu", "training.dtype=fp32"])
+    par = config.parallel
+    assert data_parallel_size(config, par.tensor * par.pipeline * par.context) >= 1
+
+
 def test_defaults_are_valid():
     assert load_config(None).nsa.selection_block == 64
 

@@ -4,10 +4,13 @@
   sends the halo's gradient back to its owner.
 - `ZigzagGather`: all-gathers a zigzag-sharded tensor into global sequence order; the backward
   reduce-scatters the gradient (every rank used the whole gathered tensor) back to the owners.
-  It can be started early (`start`) and finished later (`finish`), so the gather overlaps compute.
+  It starts when constructed and is finished later (`finish`), so the gather overlaps compute.
+Every wait on communication is timed into CommStats: what the overlap leaves exposed.
 """
 
+import time
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +32,38 @@ class CommStats:
     received: dict = field(default_factory=lambda: defaultdict(int))
     # bytes a transfer of only what was used would have moved (e.g. the selected remote blocks)
     needed: dict = field(default_factory=lambda: defaultdict(int))
+    # seconds spent waiting on each collective (CPU); CUDA waits are (name, start, end) events read later
+    exposed: dict = field(default_factory=lambda: defaultdict(float))
+    exposed_events: list = field(default_factory=list)
 
     def add(self, name: str, sent: int, received: int) -> None:
         self.sent[name] += sent
         self.received[name] += received
+
+    @contextmanager
+    def waiting(self, name: str, device: torch.device):
+        """Times the wait inside the block: the communication that overlap did not hide. On CUDA a wait
+        makes the compute stream wait for the communication stream, so the stall is the time between
+        events recorded on the compute stream before and after it; on CPU it is the wall time."""
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.exposed_events.append((name, start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.exposed[name] += time.perf_counter() - began
+
+    def exposed_seconds(self) -> dict:
+        """Seconds of exposed communication per collective (synchronizes CUDA to read its events)."""
+        if self.exposed_events:
+            torch.cuda.synchronize()
+            for name, start, end in self.exposed_events:
+                self.exposed[name] += start.elapsed_time(end) / 1e3
+            self.exposed_events.clear()
+        return dict(self.exposed)
 
     def total(self) -> dict:
         return {"sent": sum(self.sent.values()), "received": sum(self.received.values())}
@@ -41,6 +72,7 @@ class CommStats:
         metrics = {f"{prefix}/{name}/sent_bytes": v for name, v in self.sent.items()}
         metrics |= {f"{prefix}/{name}/received_bytes": v for name, v in self.received.items()}
         metrics |= {f"{prefix}/{name}/needed_bytes": v for name, v in self.needed.items()}
+        metrics |= {f"{prefix}/{name}/exposed_s": v for name, v in self.exposed_seconds().items()}
         return metrics
 
 
@@ -57,26 +89,29 @@ def _nbytes(x: torch.Tensor) -> int:
 # ------------------------------------------------------------------------------------ left halo
 
 
-def _swap_tails(first_tail, second_tail, layout: ZigzagLayout, group, stats, name):
-    """Rank r sends `first_tail` to r+1 and `second_tail` to r-1; returns what it received:
-    (from r-1, or None on rank 0) and (from r+1, or None on the last rank)."""
+def _swap_with_neighbours(to_next, to_prev, layout: ZigzagLayout, group, stats, name):
+    """Rank r sends `to_next` to r+1 and `to_prev` to r-1 (where those ranks exist), and receives the
+    matching tensors, all of to_next's shape: returns (from r-1 or None on rank 0, from r+1 or None on the
+    last rank). The halo goes forward with (first tail, second tail); its gradient comes back with
+    (second halo's grad, first halo's grad)."""
     p, r = layout.cp_size, layout.cp_rank
-    from_prev = torch.empty_like(first_tail) if r > 0 else None
-    from_next = torch.empty_like(second_tail) if r < p - 1 else None
+    from_prev = torch.empty_like(to_next) if r > 0 else None
+    from_next = torch.empty_like(to_next) if r < p - 1 else None
     ops = []
     if r < p - 1:
-        ops.append(dist.P2POp(dist.isend, first_tail.contiguous(), dist.get_global_rank(group, r + 1), group))
+        ops.append(dist.P2POp(dist.isend, to_next.contiguous(), dist.get_global_rank(group, r + 1), group))
         ops.append(dist.P2POp(dist.irecv, from_next, dist.get_global_rank(group, r + 1), group))
     if r > 0:
-        ops.append(dist.P2POp(dist.isend, second_tail.contiguous(), dist.get_global_rank(group, r - 1), group))
+        ops.append(dist.P2POp(dist.isend, to_prev.contiguous(), dist.get_global_rank(group, r - 1), group))
         ops.append(dist.P2POp(dist.irecv, from_prev, dist.get_global_rank(group, r - 1), group))
     if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        works = dist.batch_isend_irecv(ops)
+        with stats.waiting(name, to_next.device) if stats is not None else nullcontext():
+            for work in works:
+                work.wait()
     if stats is not None:
-        sent = (r < p - 1) * _nbytes(first_tail) + (r > 0) * _nbytes(second_tail)
-        received = (r > 0) * _nbytes(first_tail) + (r < p - 1) * _nbytes(second_tail)
-        stats.add(name, sent, received)
+        moved = ((r > 0) + (r < p - 1)) * _nbytes(to_next)
+        stats.add(name, moved, moved)
     return from_prev, from_next
 
 
@@ -90,7 +125,8 @@ class _HaloExchange(torch.autograd.Function):
         first_tail, second_tail = x[:, c - halo : c], x[:, 2 * c - halo :]
         if layout.cp_size == 1:
             return x[:, :0].clone(), first_tail.clone()
-        from_prev, from_next = _swap_tails(first_tail, second_tail, layout, group, stats, "halo")
+        # rank r's first chunk follows rank r-1's first chunk; its second chunk follows rank r+1's second
+        from_prev, from_next = _swap_with_neighbours(first_tail, second_tail, layout, group, stats, "halo")
         first_halo = from_prev if from_prev is not None else x[:, :0].clone()
         # the last rank's second chunk follows its own first chunk
         second_halo = from_next if from_next is not None else first_tail.clone()
@@ -99,46 +135,21 @@ class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_first, grad_second):
         layout, halo, c = ctx.layout, ctx.halo, ctx.layout.chunk_len
-        p, r = layout.cp_size, layout.cp_rank
         grad = grad_second.new_zeros(grad_second.shape[0], 2 * c, *grad_second.shape[2:])
-        if p == 1:
+        last = layout.cp_rank == layout.cp_size - 1
+        if last:  # its second halo was its own first tail
             grad[:, c - halo : c] += grad_second
+        if layout.cp_size == 1:
             return grad, None, None, None, None
-        # the halo gradient travels back the way the halo came: the reverse of _swap_tails
-        to_prev = grad_first if r > 0 else grad_second[:, :0]
-        to_next = grad_second if r < p - 1 else grad_first[:, :0]
-        back_from_next, back_from_prev = _swap_back(to_prev, to_next, layout, ctx.group, ctx.stats, halo, grad)
-        if back_from_next is not None:
-            grad[:, c - halo : c] += back_from_next
-        if back_from_prev is not None:
-            grad[:, 2 * c - halo :] += back_from_prev
-        if r == p - 1:
-            grad[:, c - halo : c] += grad_second
+        # each halo's gradient goes back to the rank it came from (rank 0 has no first halo to return)
+        to_prev = grad_first if layout.cp_rank > 0 else grad_second
+        second_tail_grad, first_tail_grad = _swap_with_neighbours(
+            grad_second, to_prev, layout, ctx.group, ctx.stats, "halo_grad")
+        if first_tail_grad is not None:
+            grad[:, c - halo : c] += first_tail_grad
+        if second_tail_grad is not None:
+            grad[:, 2 * c - halo :] += second_tail_grad
         return grad, None, None, None, None
-
-
-def _swap_back(to_prev, to_next, layout, group, stats, halo, like):
-    """Backward of _swap_tails: rank r sends its first halo's grad to r-1 and its second halo's grad to
-    r+1; receives the grads of its own first tail (from r+1) and second tail (from r-1)."""
-    p, r = layout.cp_size, layout.cp_rank
-    shape = (like.shape[0], halo, *like.shape[2:])
-    from_next = like.new_empty(shape) if r < p - 1 else None
-    from_prev = like.new_empty(shape) if r > 0 else None
-    ops = []
-    if r > 0:
-        ops.append(dist.P2POp(dist.isend, to_prev.contiguous(), dist.get_global_rank(group, r - 1), group))
-        ops.append(dist.P2POp(dist.irecv, from_prev, dist.get_global_rank(group, r - 1), group))
-    if r < p - 1:
-        ops.append(dist.P2POp(dist.isend, to_next.contiguous(), dist.get_global_rank(group, r + 1), group))
-        ops.append(dist.P2POp(dist.irecv, from_next, dist.get_global_rank(group, r + 1), group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-    if stats is not None:
-        nbytes = halo * like[:, :1].numel() * like.element_size()
-        count_sent = (r > 0) + (r < p - 1)
-        stats.add("halo_grad", count_sent * nbytes, count_sent * nbytes)
-    return from_next, from_prev
 
 
 def exchange_halo(x: torch.Tensor, halo: int, layout: ZigzagLayout, group, stats: CommStats | None = None):
@@ -174,7 +185,8 @@ class _ZigzagGathered(torch.autograd.Function):
     def backward(ctx, grad_full):
         ranked = _to_rank_order(grad_full.contiguous(), ctx.cp_size).contiguous()
         grad = ranked.new_empty(ranked.shape[0] // ctx.cp_size, *ranked.shape[1:])
-        _reduce_scatter(grad, ranked, group=ctx.group)
+        with ctx.stats.waiting(f"{ctx.name}_grad", grad.device) if ctx.stats is not None else nullcontext():
+            _reduce_scatter(grad, ranked, group=ctx.group)  # blocking in backward: all of it is exposed
         if ctx.stats is not None:
             moved = (ctx.cp_size - 1) * _nbytes(grad)
             ctx.stats.add(f"{ctx.name}_grad", moved, moved)
@@ -199,7 +211,8 @@ class ZigzagGather:
 
     def finish(self) -> torch.Tensor:
         if self.work is not None:
-            self.work.wait()
+            with self.stats.waiting(self.name, self.buffer.device) if self.stats is not None else nullcontext():
+                self.work.wait()
             self.work = None  # gloo's work holds the buffers; let it go now, not at interpreter exit
         return _ZigzagGathered.apply(self.x, self.buffer, self.group, self.cp_size, self.stats, self.name)
 

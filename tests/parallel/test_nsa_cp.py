@@ -132,6 +132,10 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
                             stride=case.stride, window=case.window, kv=case.kv, element_size=4)
     assert dict(stats.sent) == expected and dict(stats.received) == expected, (dict(stats.sent), expected)
     assert 0 < stats.needed["selection_kv"] <= expected["selection_kv"]
+    exposed = stats.exposed_seconds()
+    assert set(exposed) == set(expected), exposed  # every collective's wait is timed
+    assert all(0 <= seconds < 60 for seconds in exposed.values()), exposed
+    assert "comm/selection_kv/exposed_s" in stats.as_metrics()
     owners = owner_rank(result.block_idx.long().clamp_min(0), case, world)
     return int(((owners != rank) & (result.block_idx >= 0)).sum())
 

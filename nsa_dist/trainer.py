@@ -69,6 +69,10 @@ def data_parallel_size(config: Config, world_size: int) -> int:
                               "checkpoint resharded into a new job; run such stages as separate jobs for now")
     if config.training.dtype == "bf16" and resolve_device(config).type == "cpu":
         raise ConfigError("training.dtype='bf16' needs a GPU: use training.dtype=fp32 on CPU")
+    if (config.nsa.impl == "triton" and resolve_device(config).type == "cpu"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError("nsa.impl='triton' needs a GPU and none is in use: use nsa.impl=auto (the reference "
+                          "on CPU), or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter")
     return dp
 
 

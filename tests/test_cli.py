@@ -37,3 +37,10 @@ def test_bad_config_is_a_clear_message(capsys):
 def test_missing_config_file(capsys):
     assert main(["--config", "configs/nope.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_message(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = ["--config", "configs/quickstart.yaml", "--set", "nsa.impl=triton", "--set", "training.device=cpu"]
+    assert main(args) == 2
+    assert "nsa.impl='triton' needs a GPU" in capsys.readouterr().out.replace("\n", " ")

@@ -115,8 +115,9 @@ def nsa_context_parallel(
     dk = local_cmp[0][0].shape[-1]
     packed_cmp = torch.cat([torch.cat(kv, dim=-1) for kv in local_cmp], dim=1)
     drop = block_size // stride - 1  # the padding in front of block 0
-    k_cmp, v_cmp = gather_zigzag(packed_cmp, group, stats, "compressed_kv")[:, drop:].split(
-        [dk, packed_cmp.shape[-1] - dk], dim=-1)
+    all_cmp = gather_zigzag(packed_cmp, group, stats, "compressed_kv")[:, drop:]
+    # contiguous once here, not once per chunk and branch inside the kernels' wrappers
+    k_cmp, v_cmp = (x.contiguous() for x in all_cmp.split([dk, packed_cmp.shape[-1] - dk], dim=-1))
 
     outs = {"cmp": [], "win": [], "lse_cmp": [], "lse_win": [], "blocks": []}
     for i, start in enumerate(layout.chunk_starts):
@@ -143,7 +144,8 @@ def nsa_context_parallel(
         gathered = pending.finish()
         if n + 1 < len(head_slices):
             pending = ZigzagGather(packed_slc[:, :, head_slices[n + 1]], group, stats, "selection_kv")
-        k_all, v_all = gathered.split([dk_slc, gathered.shape[-1] - dk_slc], dim=-1)
+        # contiguous once here, not once per chunk inside the kernels' wrappers
+        k_all, v_all = (x.contiguous() for x in gathered.split([dk_slc, gathered.shape[-1] - dk_slc], dim=-1))
         q_heads = q[:, :, heads.start * group_heads : heads.stop * group_heads]
         per_chunk = [
             ops.selected(q_heads[:, i * c : (i + 1) * c], k_all, v_all, block_idx[:, i * c : (i + 1) * c, heads],

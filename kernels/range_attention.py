@@ -7,11 +7,23 @@ Layout [B, T, H, D]. A program owns a tile of BLOCK_M rows, where row r is the p
 query head r % G) of one GQA group: every query head of a group shares the KV head, so each key tile
 is loaded once per group, and any group size 1..32 fills the tile without padding.
 
+Each loop over tiles runs in three parts: the tiles at its start and end, where some (row, key) pairs
+are not visible, compute and apply the visibility mask; the tiles between, visible to every row of
+the program (most of them: a compressed-attention row sees all earlier blocks, a window row w keys),
+skip the mask and its integer work.
+
 Backward (FlashAttention-2): dQ by query tiles, dK/dV by key tiles, each output element written by
-exactly one program (no atomics, deterministic). The dK/dV program visits only the query rows whose
-ranges can contain its keys, bounded by per-key query ranges that the branches pass in. The compressed
-branch has few keys (T/d) that each see up to T*G rows, so too few key tiles to fill the GPU: the rows of
-a key tile are then split among several programs, each writing an fp32 partial, summed in split order.
+exactly one program (no atomics, deterministic). The dK/dV program computes the transposed scores
+(keys as the rows of its dots, as in Triton's fused-attention tutorial), so that P^T and dS^T come out
+of one dot already in the layout of the next, and visits only the query rows whose ranges can contain
+its keys (per-key query ranges that the branches pass in). The compressed branch has few keys (T/d)
+that each see up to T*G rows, so too few key tiles to fill the GPU: the rows of a key tile are then
+split among several programs, each writing an fp32 partial, summed in split order.
+
+On the GPU the tile sizes, warps and pipeline stages are autotuned per shape (triton.autotune, cached
+per (T, TK, G, Dk, Dv, dtype)); rows are visited longest-first (the last query tiles of the compressed
+branch see the most keys), so that the long programs do not start last and leave the GPU idle at the
+end. Under the interpreter (CPU) one fixed configuration runs.
 """
 
 import torch
@@ -23,16 +35,34 @@ from kernels.triton_utils import dot_precision, poisoned, pow2
 LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2 is the fast instruction)
 
 
-def _tiles(device: torch.device, head_dim: int, kernel: str) -> dict:
-    """Tile sizes and warps per kernel ("fwd", "dq", "dkv"); chosen so that no kernel spills registers on
-    sm_90 (ptxas resource usage) at head dims 32..256."""
-    # The interpreter (CPU) runs one numpy op per tile op: big tiles make it fast.
-    if device.type == "cpu":
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    if head_dim > 128:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    # dK and dV accumulate in registers side by side: twice the fp32 state of the other two
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if kernel == "dkv" else 4, num_stages=2)
+def _config(block_m, block_n, warps, stages):
+    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M query rows, BLOCK_N keys, warps, stages) tried per kernel on the GPU; head dims above 128 get
+# smaller tiles, which keep dK and dV (fp32, side by side in registers) from spilling.
+_CONFIGS = {
+    "fwd": ([_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 2),
+             _config(64, 64, 4, 3)],
+            [_config(64, 32, 8, 2), _config(64, 64, 8, 1), _config(64, 32, 4, 2)]),
+    "dq": ([_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 2), _config(128, 32, 8, 2)],
+           [_config(64, 32, 8, 2), _config(64, 32, 4, 2)]),
+    "dkv": ([_config(64, 64, 4, 2), _config(64, 64, 8, 2), _config(64, 128, 8, 2), _config(32, 128, 8, 2),
+             _config(64, 128, 8, 3)],
+            [_config(64, 32, 8, 2), _config(32, 64, 8, 2), _config(64, 32, 4, 2)]),
+}
+# The interpreter runs one numpy op per tile op: big tiles make it fast.
+_CPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+
+
+def _autotuned(kernel, name):
+    small, large = _CONFIGS[name]
+
+    def by_head_dim(configs, named_args, **kwargs):
+        return large if max(kwargs["BLOCK_DK"], kwargs["BLOCK_DV"]) > 128 else small
+
+    return triton.autotune(small + large, key=["T", "TK", "G", "DK", "DV"],
+                           prune_configs_by={"early_config_prune": by_head_dim})(kernel)
 
 
 @triton.jit
@@ -47,11 +77,29 @@ def _row_pointers(pid_m, b, hk, T, HQ, G: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION: tl.constexpr):
-    """One key tile of a flash-attention forward (base 2): the scores of qt against kt where `visible`,
-    folded into the running row max m, row sum l_sum and output acc. Returns the new (m, l_sum, acc)."""
+def _longest_first(T, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's row tile, counted from the last: later queries see more keys (causal ranges)."""
+    return tl.cdiv(T * G, BLOCK_M) - 1 - tl.program_id(0)
+
+
+@triton.jit
+def _split_loop(start, end, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Tiles start, start + BLOCK, ... < end, in three parts: [start, mid_lo) masked, [mid_lo, mid_hi)
+    entirely inside [full_lo, full_hi) (no mask needed), [mid_hi, end) masked. Returns (mid_lo, mid_hi)."""
+    mid_lo = tl.minimum(start + tl.cdiv(tl.maximum(full_lo - start, 0), BLOCK) * BLOCK, end)
+    mid_hi = mid_lo + tl.maximum(tl.minimum(full_hi, end) - mid_lo, 0) // BLOCK * BLOCK
+    return mid_lo, mid_hi
+
+
+@triton.jit
+def online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION: tl.constexpr,
+                        MASKED: tl.constexpr = True):
+    """One key tile of a flash-attention forward (base 2): the scores of qt against kt where `visible`
+    (everywhere if not MASKED), folded into the running row max m, row sum l_sum and output acc.
+    Returns the new (m, l_sum, acc)."""
     s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-    s = tl.where(visible, s, float("-inf"))
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     # a row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids (-inf) - (-inf)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -75,6 +123,25 @@ def store_rows(o, lse, flat, row_ok, dv, DV: tl.constexpr, m, l_sum, acc):
 
 
 @triton.jit
+def _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Keys n0 .. n0 + BLOCK_N - 1 and their K and V tiles (rows past `end` zero when MASKED; an unmasked
+    tile lies inside [0, end) by construction)."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
+    k_ptr = k + kv_row[:, None] * DK + dk[None, :]
+    v_ptr = v + kv_row[:, None] * DV + dv[None, :]
+    if MASKED:
+        key_ok = keys < end
+        kt = tl.load(k_ptr, mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        vt = tl.load(v_ptr, mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    else:
+        kt = tl.load(k_ptr, mask=dk[None, :] < DK, other=0.0)
+        vt = tl.load(v_ptr, mask=dv[None, :] < DV, other=0.0)
+    return keys, kt, vt
+
+
+@triton.jit
 def _range_attn_fwd(
     q, k, v, o, lse, lo, hi,
     T, TK, HQ, HK, scale_log2,
@@ -82,7 +149,7 @@ def _range_attn_fwd(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = _longest_first(T, G, BLOCK_M)
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
     tok, flat, row_ok = _row_pointers(pid_m, b, hk, T, HQ, G, BLOCK_M)
@@ -97,15 +164,34 @@ def _range_attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     start = tl.min(tl.where(row_ok & (row_lo < row_hi), row_lo, TK))
     end = tl.max(tl.where(row_ok, row_hi, 0))
-    for n0 in range(start, end, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
-        key_ok = keys < end
-        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    # keys every row of the tile sees (none if one row sees nothing)
+    mid_lo, mid_hi = _split_loop(start, end, tl.max(tl.where(row_ok, row_lo, 0)),
+                                 tl.min(tl.where(row_ok, row_hi, TK)), BLOCK_N)
+    for n0 in range(start, mid_lo, BLOCK_N):
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
+        visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
+        m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
+    for n0 in range(mid_lo, mid_hi, BLOCK_N):
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False)
+        m, l_sum, acc = online_softmax_step(qt, kt, vt, None, m, l_sum, acc, scale_log2, PRECISION, False)
+    for n0 in range(mid_hi, end, BLOCK_N):
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
     store_rows(o, lse, flat, row_ok, dv, DV, m, l_sum, acc)
+
+
+@triton.jit
+def _dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One key tile of dQ: acc += dS @ K with dS = P * (dO V^T - delta)."""
+    s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+    p = tl.exp2(s - row_lse[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
+    ds = p * (dp - row_delta[:, None])
+    return acc + tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
 
 
 @triton.jit
@@ -116,7 +202,7 @@ def _range_attn_bwd_dq(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = _longest_first(T, G, BLOCK_M)
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
     tok, flat, row_ok = _row_pointers(pid_m, b, hk, T, HQ, G, BLOCK_M)
@@ -134,20 +220,59 @@ def _range_attn_bwd_dq(
     acc = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     start = tl.min(tl.where(row_ok & (row_lo < row_hi), row_lo, TK))
     end = tl.max(tl.where(row_ok, row_hi, 0))
-    for n0 in range(start, end, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
-        key_ok = keys < end
-        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+    mid_lo, mid_hi = _split_loop(start, end, tl.max(tl.where(row_ok, row_lo, 0)),
+                                 tl.min(tl.where(row_ok, row_hi, TK)), BLOCK_N)
+    for n0 in range(start, mid_lo, BLOCK_N):
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
-        dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - row_delta[:, None])
-        acc += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+        acc = _dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
+    for n0 in range(mid_lo, mid_hi, BLOCK_N):
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False)
+        acc = _dq_step(qt, dot, kt, vt, None, row_lse, row_delta, acc, scale_log2, PRECISION, False)
+    for n0 in range(mid_hi, end, BLOCK_N):
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
+        visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
+        acc = _dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
     tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=row_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, row_end, keys, kt, vt, acc_k, acc_v, dk, dv,
+              T, HQ, scale_log2, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+              PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_M - 1 into dK, dV of one key tile, transposed (keys are the dots' rows):
+    acc_v += P^T dO, acc_k += dS^T Q with dS^T = P^T * (V dO^T - delta). An unmasked tile's rows all
+    exist and see every key of the tile, by construction."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    tok = rows // G
+    flat = (b.to(tl.int64) * T + tok) * HQ + hk * G + rows % G
+    q_ptr = q + flat[:, None] * DK + dk[None, :]
+    do_ptr = do + flat[:, None] * DV + dv[None, :]
+    if MASKED:
+        row_ok = rows < row_end
+        qt = tl.load(q_ptr, mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        dot = tl.load(do_ptr, mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
+        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
+    else:
+        qt = tl.load(q_ptr, mask=dk[None, :] < DK, other=0.0)
+        dot = tl.load(do_ptr, mask=dv[None, :] < DV, other=0.0)
+        row_lse = tl.load(lse + flat)
+        row_delta = tl.load(delta + flat)
+    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+    s_t = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
+    p_t = tl.exp2(s_t - row_lse[None, :])
+    if MASKED:
+        row_lo = tl.load(lo + tok, mask=row_ok, other=0)
+        row_hi = tl.load(hi + tok, mask=row_ok, other=0)
+        visible = row_ok[None, :] & (keys[:, None] >= row_lo[None, :]) & (keys[:, None] < row_hi[None, :])
+        p_t = tl.where(visible, p_t, 0.0)
+    acc_v += tl.dot(p_t.to(dot.dtype), dot, input_precision=PRECISION)
+    dp_t = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - row_delta[None, :])
+    acc_k += tl.dot(ds_t.to(qt.dtype), qt, input_precision=PRECISION)
+    return acc_k, acc_v
 
 
 @triton.jit
@@ -177,28 +302,22 @@ def _range_attn_bwd_dkv(
     split = tl.program_id(2)
     split_lo = row_start + split * share
     split_hi = tl.minimum(split_lo + share, row_end)
+    # rows that see every key of the tile (none if the tile has a missing key or one nobody sees)
+    full_lo = tl.max(tl.where(key_ok, key_qlo, T)) * G
+    full_hi = tl.min(tl.where(key_ok, key_qhi, 0)) * G
+    mid_lo, mid_hi = _split_loop(split_lo, split_hi, full_lo, full_hi, BLOCK_M)
 
     acc_k = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for r0 in range(split_lo, split_hi, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < split_hi
-        tok = rows // G
-        flat = (b.to(tl.int64) * T + tok) * HQ + hk * G + rows % G
-        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
-        row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
-        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
-        row_lo = tl.load(lo + tok, mask=row_ok, other=0)
-        row_hi = tl.load(hi + tok, mask=row_ok, other=0)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        visible = row_ok[:, None] & (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
-        acc_v += tl.dot(tl.trans(p.to(dot.dtype)), dot, input_precision=PRECISION)
-        dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - row_delta[:, None])
-        acc_k += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+    for r0 in range(split_lo, mid_lo, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v, dk, dv,
+                                 T, HQ, scale_log2, G, DK, DV, BLOCK_M, PRECISION, True)
+    for r0 in range(mid_lo, mid_hi, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v, dk, dv,
+                                 T, HQ, scale_log2, G, DK, DV, BLOCK_M, PRECISION, False)
+    for r0 in range(mid_hi, split_hi, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v, dk, dv,
+                                 T, HQ, scale_log2, G, DK, DV, BLOCK_M, PRECISION, True)
     out_row = split.to(tl.int64) * B * TK * HK + kv_row  # split s writes slice s of [NUM_SPLITS, B, TK, HK, D]
     tl.store(dk_out + out_row[:, None] * DK + dk[None, :], (acc_k * scale).to(dk_out.dtype.element_ty),
              mask=key_ok[:, None] & (dk[None, :] < DK))
@@ -206,7 +325,19 @@ def _range_attn_bwd_dkv(
              mask=key_ok[:, None] & (dv[None, :] < DV))
 
 
+_KERNELS = {"fwd": _range_attn_fwd, "dq": _range_attn_bwd_dq, "dkv": _range_attn_bwd_dkv}
+_TUNED = {name: _autotuned(kernel, name) for name, kernel in _KERNELS.items()}
 _MAX_SPLITS = 32
+_SPLIT_KEYS = 64  # keys per tile assumed when choosing the dK/dV split (the autotuned tile may differ)
+
+
+def _launch(name, device, grid, *args, **consts):
+    """Runs kernel `name`: autotuned on the GPU, the fixed CPU tiles under the interpreter. grid maps
+    the tile sizes (a dict with BLOCK_M, BLOCK_N) to the launch grid."""
+    if device.type == "cpu":
+        _KERNELS[name][grid(_CPU_TILES)](*args, **consts, **_CPU_TILES)
+    else:
+        _TUNED[name][grid](*args, **consts)
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -228,18 +359,19 @@ def _launch_args(q, k, v, scale):
 def range_attention_fwd(q, k, v, lo, hi, scale):
     batch, seq, num_q_heads, _ = q.shape
     consts, sizes = _launch_args(q, k, v, scale)
-    tiles = _tiles(q.device, max(q.shape[-1], v.shape[-1]), "fwd")
     o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
     lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
-    grid = (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
-    _range_attn_fwd[grid](q, k, v, o, lse, lo, hi, *sizes, **consts, **tiles)
+
+    def grid(tiles):
+        return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
+
+    _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts)
     return o, lse
 
 
 def range_attention_bwd(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
     batch, seq, _, _ = q.shape
     consts, sizes = _launch_args(q, k, v, scale)
-    head_dim = max(q.shape[-1], v.shape[-1])
     # dL/ds = p * (dp - delta + dlse): a gradient on lse folds into delta
     delta = (o.float() * do.float()).sum(-1)
     if dlse is not None:
@@ -247,20 +379,24 @@ def range_attention_bwd(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
     dq = poisoned(q.shape, q.dtype, q.device)
     dk = poisoned(k.shape, k.dtype, k.device)
     dv = poisoned(v.shape, v.dtype, v.device)
-    tiles = _tiles(q.device, head_dim, "dq")
-    grid_q = (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
-    _range_attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, lo, hi, *sizes, scale, **consts, **tiles)
-    tiles = _tiles(q.device, head_dim, "dkv")
-    key_programs = max(1, triton.cdiv(k.shape[1], tiles["BLOCK_N"]) * batch * k.shape[2])
+
+    def grid_q(tiles):
+        return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
+
+    _launch("dq", q.device, grid_q, q, k, v, do, lse, delta, dq, lo, hi, *sizes, scale, **consts)
+    key_programs = max(1, triton.cdiv(k.shape[1], _SPLIT_KEYS) * batch * k.shape[2])
     splits = max(1, min(_MAX_SPLITS, _programs_wanted(q.device) // key_programs))
     if splits > 1:
         dk_parts = poisoned((splits, *k.shape), torch.float32, k.device)
         dv_parts = poisoned((splits, *v.shape), torch.float32, v.device)
     else:
         dk_parts, dv_parts = dk, dv
-    grid_k = (triton.cdiv(k.shape[1], tiles["BLOCK_N"]), batch * k.shape[2], splits)
-    _range_attn_bwd_dkv[grid_k](q, k, v, do, lse, delta, dk_parts, dv_parts, lo, hi, qlo, qhi, batch, *sizes, scale,
-                                splits, **consts, **tiles)
+
+    def grid_k(tiles):
+        return (triton.cdiv(k.shape[1], tiles["BLOCK_N"]), batch * k.shape[2], splits)
+
+    _launch("dkv", q.device, grid_k, q, k, v, do, lse, delta, dk_parts, dv_parts, lo, hi, qlo, qhi, batch, *sizes,
+            scale, splits, **consts)
     if splits > 1:
         dk.copy_(dk_parts.sum(0))
         dv.copy_(dv_parts.sum(0))
@@ -272,8 +408,8 @@ class RangeAttention(torch.autograd.Function):
 
     q: [B, T, HQ, Dk]; k: [B, TK, HK, Dk]; v: [B, TK, HK, Dv]; contiguous, one dtype.
     lo, hi: [T] int32, query token t sees keys lo[t] <= s < hi[t] (empty when lo >= hi).
-    qlo, qhi: [TK] int32, key s is seen by at most the query tokens qlo[s] <= t < qhi[s] (a bound for the
-    backward's loop; masking always uses lo/hi).
+    qlo, qhi: [TK] int32, key s is seen by exactly the query tokens qlo[s] <= t < qhi[s] (qlo >= qhi: by
+    none): the inverse of lo/hi, which the dK/dV kernel uses to bound its rows and to skip the mask.
     Returns o: [B, T, HQ, Dv] q.dtype (0 where nothing is visible) and lse: [B, T, HQ] float32 (-inf there).
     """
 

@@ -6,6 +6,7 @@ import torch
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks
+from kernels.range_attention import _CPU_TILES
 from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
 
 pytestmark = INTERPRETER_WARNINGS
@@ -50,3 +51,19 @@ def test_packed_documents(q_start):
     inputs = leaves(1, T - q_start, num_blocks, 4, 1, torch.float32)
     compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
                       block_size=L, stride=STRIDE, q_start=q_start, cu_seqlens=cu_seqlens)
+
+
+def test_several_key_tiles():
+    """Enough compressed tokens (199) for three full key tiles and a partial one under the interpreter's
+    tiles, so that the online softmax must rescale its running sums when a later tile raises a row's
+    max (q is scaled up to make that common), and the dK/dV programs of different key tiles meet."""
+    key_tile = _CPU_TILES["BLOCK_N"]
+    seq = 3 * key_tile * STRIDE + 100
+    num_blocks = num_compressed_blocks(seq, L, STRIDE)
+    assert num_blocks > 3 * key_tile
+    torch.manual_seed(0)
+    inputs = leaves(1, seq, num_blocks, 2, 1, torch.float32)
+    with torch.no_grad():
+        inputs["q"].mul_(4.0)
+    compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                      block_size=L, stride=STRIDE)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kernels.range_attention import _CPU_TILES
 from kernels.window_attention.naive import window_attention_ref
 from kernels.window_attention.triton import window_attention_triton
 from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
@@ -54,3 +55,15 @@ def test_packed_documents(q_start):
     compare_attention(window_attention_triton, window_attention_ref,
                       leaves(1, T - q_start, T - k_start, 4, 1, torch.float32), torch.float32,
                       window=WINDOW, q_start=q_start, k_start=k_start, cu_seqlens=cu_seqlens)
+
+
+def test_window_over_several_key_tiles():
+    """A window of 2.5 key tiles (interpreter tiles): rows whose every key of a tile is visible take the
+    kernels' unmasked path, the tiles at the window's two edges the masked one."""
+    torch.manual_seed(0)
+    window = 5 * _CPU_TILES["BLOCK_N"] // 2
+    seq = 3 * window
+    inputs = leaves(1, seq, seq, 2, 1, torch.float32)
+    with torch.no_grad():
+        inputs["q"].mul_(4.0)
+    compare_attention(window_attention_triton, window_attention_ref, inputs, torch.float32, window=window)

@@ -7,6 +7,7 @@ import torch
 from kernels.block_selection.naive import select_blocks_ref
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
+from kernels.gate_combine.naive import combine_branches_ref
 from kernels.selected_attention.naive import selected_attention_ref
 from kernels.window_attention.naive import window_attention_ref
 
@@ -20,23 +21,27 @@ class BranchOps(NamedTuple):
     select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens) -> block ids
     selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens) -> (o, lse)
     window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens) -> (o, lse)
+    combine: Callable  # (o_cmp, o_slc, o_win or None, gates) -> gated sum of the outputs
 
 
 def branch_ops(impl: str) -> BranchOps:
     """The branch functions of `impl`: "reference" (pure PyTorch, any device) or "triton" (the kernels;
     CUDA, or CPU under TRITON_INTERPRET=1). Choosing for "auto" is the caller's business."""
     if impl == "reference":
-        return BranchOps(compressed_attention_ref, select_blocks_ref, selected_attention_ref, window_attention_ref)
+        return BranchOps(compressed_attention_ref, select_blocks_ref, selected_attention_ref, window_attention_ref,
+                         combine_branches_ref)
     if impl == "triton":
         # Imported on first use: Triton decides between compiling and interpreting (TRITON_INTERPRET) when
         # a kernel is defined, so importing this module must not define them.
         from kernels.block_selection.triton import select_blocks_triton
         from kernels.compressed_attention.triton import compressed_attention_triton
+        from kernels.gate_combine.triton import combine_branches_triton
         from kernels.selected_attention.triton import selected_attention_triton
         from kernels.window_attention.triton import window_attention_triton
 
         return BranchOps(
-            compressed_attention_triton, select_blocks_triton, selected_attention_triton, window_attention_triton
+            compressed_attention_triton, select_blocks_triton, selected_attention_triton, window_attention_triton,
+            combine_branches_triton,
         )
     raise ValueError(f"impl={impl!r}: expected 'reference' or 'triton' ('auto' is resolved by the caller)")
 
@@ -80,7 +85,8 @@ def native_sparse_attention(
     kv_cmp, kv_slc, kv_win: per branch (k [B, T, HK, Dk], v [B, T, HK, Dv]); pass the same pair three
     times for shared K/V. gates: [B, T, HQ, 3] in (0, 1), order (cmp, slc, win).
     compress_k, compress_v: phi, [B, T, HK, D] -> [B, N, HK, D] with N = (T - l) // d + 1 blocks.
-    Sizes: compression block l = block_size, stride d, selection block l', n selected blocks, window w.
+    Sizes: compression block l = block_size, stride d, selection block l', n selected blocks, window w
+    (w = 0 turns the window branch off: o_win = 0, lse_win = -inf; fla's configuration, for comparisons).
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     """
@@ -93,8 +99,8 @@ def native_sparse_attention(
         cu_seqlens=cu_seqlens,
     )
     o_slc, lse_slc = ops.selected(q, kv_slc[0], kv_slc[1], block_idx, selection_block, scale, cu_seqlens=cu_seqlens)
-    o_win, lse_win = ops.window(q, kv_win[0], kv_win[1], window, scale, cu_seqlens=cu_seqlens)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    g = gates.to(acc).unsqueeze(-1)
-    output = g[..., 0, :] * o_cmp.to(acc) + g[..., 1, :] * o_slc.to(acc) + g[..., 2, :] * o_win.to(acc)
-    return NSAResult(output.to(q.dtype), block_idx, lse_cmp, lse_slc, lse_win)
+    if window > 0:
+        o_win, lse_win = ops.window(q, kv_win[0], kv_win[1], window, scale, cu_seqlens=cu_seqlens)
+    else:
+        o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
+    return NSAResult(ops.combine(o_cmp, o_slc, o_win, gates), block_idx, lse_cmp, lse_slc, lse_win)

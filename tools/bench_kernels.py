@@ -341,6 +341,14 @@ def main():
               "paper_config": PAPER, "fla_config": FLA_CONFIG, "rows": [], "breakdown": []}
     rows, hk, d = report["rows"], a.kv_heads, a.head_dim
     nsa = nsa_mod.native_sparse_attention
+
+    def save():
+        """Written after every shape, so that a run stopped at its time limit keeps what it measured."""
+        report["ratios"] = {f"G={G} T={T}": ratios(rows, G, T) for G in a.groups for T in sorted(a.seqs)}
+        report["targets_met"] = targets(rows, a.groups)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=1))
+
     for G in a.groups:
         for T in sorted(a.seqs):
             print(f"\n== G={G} T={T}", flush=True)
@@ -358,19 +366,18 @@ def main():
                 if "fla" in a.lines:
                     time_line("fla", lambda: fla_line(inp), a.reps, rows, **where)
             del inp
+            save()
     if "ours" in a.lines:
         for T in a.long_seqs:
             print(f"\n== G={a.groups[0]} T={T} (ours alone)", flush=True)
             inp = Inputs(T, a.groups[0] * hk, hk, d)
             time_line("ours paper mean", lambda: ours_paper(nsa, inp, "mean"), a.reps, rows, G=a.groups[0], T=T, HK=hk)
             del inp
+            save()
         for T in a.breakdown_seqs:
             print(f"\n== breakdown G={a.groups[0]} T={T}", flush=True)
             report["breakdown"] += breakdown(nsa_mod, T, a.groups[0] * hk, hk, d, a.reps)
-    report["ratios"] = {f"G={G} T={T}": ratios(rows, G, T) for G in a.groups for T in sorted(a.seqs)}
-    report["targets_met"] = targets(rows, a.groups)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1))
+    save()
     print_tables(report)
 
 

@@ -39,17 +39,15 @@ def _config(block_m, block_n, warps, stages):
     return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M query rows, BLOCK_N keys, warps, stages) tried per kernel on the GPU; head dims above 128 get
-# smaller tiles, which keep dK and dV (fp32, side by side in registers) from spilling.
+# (BLOCK_M query rows, BLOCK_N keys, warps, stages) tried per kernel on the GPU: the winners of a wider
+# search on the H200 (benchmarks/kernels-notes.md) at T = 16K..128K, G = 16, D = 128, compressed and
+# window branch; head dims above 128 get smaller tiles, which keep dK and dV (fp32, side by side in
+# registers) from spilling.
 _CONFIGS = {
-    "fwd": ([_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 2),
-             _config(64, 64, 4, 3)],
-            [_config(64, 32, 8, 2), _config(64, 64, 8, 1), _config(64, 32, 4, 2)]),
-    "dq": ([_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 2), _config(128, 32, 8, 2)],
-           [_config(64, 32, 8, 2), _config(64, 32, 4, 2)]),
-    "dkv": ([_config(64, 64, 4, 2), _config(64, 64, 8, 2), _config(64, 128, 8, 2), _config(32, 128, 8, 2),
-             _config(64, 128, 8, 3)],
-            [_config(64, 32, 8, 2), _config(32, 64, 8, 2), _config(64, 32, 4, 2)]),
+    "fwd": ([_config(128, 64, 8, 3), _config(64, 64, 4, 2)], [_config(64, 32, 8, 2), _config(64, 32, 4, 2)]),
+    "dq": ([_config(128, 64, 8, 3), _config(64, 64, 4, 2)], [_config(64, 32, 8, 2), _config(64, 32, 4, 2)]),
+    "dkv": ([_config(64, 128, 8, 3), _config(64, 64, 4, 2), _config(64, 64, 8, 2)],
+            [_config(64, 32, 8, 2), _config(32, 64, 8, 2)]),
 }
 # The interpreter runs one numpy op per tile op: big tiles make it fast.
 _CPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
@@ -325,6 +323,36 @@ def _range_attn_bwd_dkv(
              mask=key_ok[:, None] & (dv[None, :] < DV))
 
 
+@triton.jit
+def _delta_kernel(o, do, dlse, delta, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  HAS_DLSE: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dv = tl.arange(0, BLOCK_DV)
+    offs = rows[:, None] * DV + dv[None, :]
+    mask = row_ok[:, None] & (dv[None, :] < DV)
+    out = tl.load(o + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(do + offs, mask=mask, other=0.0).to(tl.float32)
+    row_delta = tl.sum(out * grad, 1)
+    if HAS_DLSE:
+        row_delta -= tl.load(dlse + rows, mask=row_ok, other=0.0)
+    tl.store(delta + rows, row_delta, mask=row_ok)
+
+
+def attention_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """delta = rowsum(o * dO) - dlse, fp32 [B, T, HQ], the backward's correction term: dL/ds = p * (dp - delta)
+    (a gradient on lse folds in here). One pass over o and dO; o, do: [B, T, HQ, Dv] contiguous."""
+    rows, dv = o.numel() // o.shape[-1], o.shape[-1]
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    dlse = dlse.float().contiguous() if dlse is not None else None
+    block_r = 16
+    _delta_kernel[(triton.cdiv(rows, block_r),)](
+        o, do, dlse if dlse is not None else delta, delta, rows,
+        DV=dv, BLOCK_R=block_r, BLOCK_DV=pow2(dv), HAS_DLSE=dlse is not None,
+    )
+    return delta
+
+
 _KERNELS = {"fwd": _range_attn_fwd, "dq": _range_attn_bwd_dq, "dkv": _range_attn_bwd_dkv}
 _TUNED = {name: _autotuned(kernel, name) for name, kernel in _KERNELS.items()}
 _MAX_SPLITS = 32
@@ -372,10 +400,7 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
 def range_attention_bwd(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
     batch, seq, _, _ = q.shape
     consts, sizes = _launch_args(q, k, v, scale)
-    # dL/ds = p * (dp - delta + dlse): a gradient on lse folds into delta
-    delta = (o.float() * do.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
+    delta = attention_delta(o, do, dlse)
     dq = poisoned(q.shape, q.dtype, q.device)
     dk = poisoned(k.shape, k.dtype, k.device)
     dv = poisoned(v.shape, v.dtype, v.device)

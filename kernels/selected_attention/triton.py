@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import default_scale, document_of
-from kernels.range_attention import LOG2E, online_softmax_step, store_rows
+from kernels.range_attention import LOG2E, attention_delta, online_softmax_step, store_rows
 from kernels.triton_utils import check_attention_inputs, check_packed, dot_precision, poisoned, pow2
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
@@ -277,9 +277,7 @@ class SelectedAttention(torch.autograd.Function):
         batch, seq, num_q_heads, _ = q.shape
         num_keys, num_kv_heads = k.shape[1], k.shape[2]
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.float()  # dL/ds = p * (dp - delta + dlse)
+        delta = attention_delta(o, do, dlse)
         consts = _consts(q, k, v, selection_block)
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 

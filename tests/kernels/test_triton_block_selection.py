@@ -35,9 +35,11 @@ def check(group, kv_heads, dtype, sizes, q_start=0, cu_seqlens=None):
 
 @pytest.mark.parametrize(
     "dtype, group, kv_heads",
-    [(torch.float32, 1, 2), (torch.float16, 2, 1), (torch.float32, 4, 1), (torch.float16, 16, 1)],
+    [(torch.float32, 1, 2), (torch.float16, 2, 1), (torch.float32, 3, 1), (torch.float32, 4, 1),
+     (torch.float16, 16, 1), (torch.float32, 32, 1)],
 )
 def test_matches_reference(dtype, group, kv_heads):
+    """Groups of 3 (heads padded to 4 in the kernel's dot) and 32 (two dots of 16 heads per key tile)."""
     torch.manual_seed(group)
     check(group, kv_heads, dtype, (16, 8, 16, 4))
 

@@ -349,6 +349,11 @@ def main():
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=1))
 
+    if "ours" in a.lines:
+        for T in a.breakdown_seqs:
+            print(f"\n== breakdown G={a.groups[0]} T={T}", flush=True)
+            report["breakdown"] += breakdown(nsa_mod, T, a.groups[0] * hk, hk, d, a.reps)
+            save()
     for G in a.groups:
         for T in sorted(a.seqs):
             print(f"\n== G={G} T={T}", flush=True)
@@ -374,9 +379,6 @@ def main():
             time_line("ours paper mean", lambda: ours_paper(nsa, inp, "mean"), a.reps, rows, G=a.groups[0], T=T, HK=hk)
             del inp
             save()
-        for T in a.breakdown_seqs:
-            print(f"\n== breakdown G={a.groups[0]} T={T}", flush=True)
-            report["breakdown"] += breakdown(nsa_mod, T, a.groups[0] * hk, hk, d, a.reps)
     save()
     print_tables(report)
 

@@ -1,10 +1,13 @@
-"""`make train`: trains the config's GPT model (Megatron-core, NSA) through its stages and prints the loss.
+"""`make train`: trains the config's GPT model (Megatron-core, NSA) through its curriculum and prints the loss.
 
-Starts one process per rank on this machine (default: parallel.tensor x pipeline x context, so DP=1),
-or, when started by torchrun (RANK is set), runs as that one rank.
+Starts one process per rank on this machine (default: the largest TP x PP x CP of the stages, so the
+widest stage runs with DP=1 and narrower ones add data parallelism), or, when started by torchrun (RANK
+is set), runs as that one rank. Checkpoints go to run.dir; the same command run again resumes from the
+newest complete one, and never reruns a finished stage.
 """
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -16,11 +19,14 @@ import torch.multiprocessing as mp
 from rich.console import Console
 
 # Megatron-core says so at import on machines without TransformerEngine and apex, then uses torch's
-# norms and optimizers, which is what we want (DESIGN §4). Set before the imports that trigger it.
+# norms and optimizers, which is what we want. Set before the imports that trigger it.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
+# Megatron-core 0.16's checkpoint loader still calls torch's deprecated DCP entry points; nothing to act on.
+warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state_dict. is deprecated|DTensor instead)")
 
-from nsa_dist.config import Config, ConfigError, load_config
-from nsa_dist.trainer import StepLog, data_parallel_size, train
+from nsa_dist.checkpoint import CheckpointError, newest_checkpoint  # noqa: E402
+from nsa_dist.config import Config, ConfigError, load_config  # noqa: E402
+from nsa_dist.trainer import StepLog, plan, stages_to_run, train  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set nsa.window=128 (repeatable)")
     parser.add_argument("--nproc", type=int, default=None,
-                        help="processes to start (default: TP x PP x CP; more processes add data parallelism)")
+                        help="processes to start (default: the largest TP x PP x CP of the stages; more "
+                             "processes add data parallelism)")
     return parser.parse_args(argv)
 
 
@@ -46,13 +53,20 @@ def worker(local_rank: int, config: Config, world_size: int, port: int) -> None:
 
 
 def run_rank(config: Config) -> None:
+    rank0 = os.environ["RANK"] == "0"
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("nsa_dist").setLevel(logging.INFO if rank0 else logging.WARNING)
     if not torch.cuda.is_available():
         # processes share the cores: one thread each unless there are cores to spare
         torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["WORLD_SIZE"])))
-    hooks = [print_step] if os.environ["RANK"] == "0" else []
-    history = train(config, hooks)
-    if os.environ["RANK"] == "0":
-        print(f"loss {history[0].loss:.4f} -> {history[-1].loss:.4f} over {history[-1].step} steps", flush=True)
+    try:
+        result = train(config, [print_step] if rank0 else [])
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if rank0 and result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"loss {first.loss:.4f} -> {last.loss:.4f} over steps {first.step}-{last.step}", flush=True)
     # tear down together while the interpreter is alive: a rank that exits while a peer still sends to it,
     # or gloo threads freeing tensors during interpreter shutdown, abort the process
     dist.barrier()
@@ -65,26 +79,61 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def summary(config: Config, world_size: int) -> str:
+    """What the run directory holds after a job: the newest checkpoint and what is left to do."""
+    newest = newest_checkpoint(config.run.dir)
+    left = stages_to_run(config, newest)
+    saved = f"newest checkpoint: {newest.path}" if newest else "no checkpoint saved"
+    if not left:
+        return f"all {len(config.stages)} stages done; {saved}"
+    stage = left[0]
+    if stage.model_parallel > world_size:
+        return (f"{saved}. Stage {stage.name!r} ({stage.layout()}) needs {stage.model_parallel} processes and "
+                f"this job had {world_size}: rerun with --nproc {stage.model_parallel} (or more GPUs) to continue")
+    return f"{saved}; stages left: {', '.join(s.name for s in left)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     console = Console()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, args.overrides)
-        par = config.parallel
-        world_size = args.nproc or int(os.environ.get("WORLD_SIZE", par.tensor * par.pipeline * par.context))
-        data_parallel_size(config, world_size)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        if args.nproc is not None and args.nproc < 1:
+            raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+        widest = max(stage.model_parallel for stage in config.resolved_stages())
+        world_size = args.nproc or int(os.environ.get("WORLD_SIZE", widest))
+        resume, stages = plan(config, world_size)
+    except (ConfigError, CheckpointError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
     if "RANK" in os.environ:  # started by torchrun: this process is one rank
         run_rank(config)
         return 0
+    if not stages:
+        console.print(f"nothing to train: {summary(config, world_size)}", soft_wrap=True)
+        return 0
     m, n = config.model, config.nsa
     console.print(f"GPT {m.num_layers} layers, hidden {m.hidden_size}, {m.attention} attention "
                   f"(HQ={m.num_query_heads} HK={m.num_kv_heads}; l={n.compress_block} d={n.stride} "
-                  f"l'={n.selection_block} n={n.num_selected} w={n.window}) | {world_size} processes: "
-                  f"TP={par.tensor} PP={par.pipeline} CP={par.context} DP={world_size // (par.tensor * par.pipeline * par.context)}")
-    mp.start_processes(worker, args=(config, world_size, free_port()), nprocs=world_size, start_method="spawn")
+                  f"l'={n.selection_block} n={n.num_selected} w={n.window}) | {world_size} processes | run "
+                  f"directory {config.run.dir}", soft_wrap=True)
+    for stage in stages:
+        console.print(f"  stage {stage.name}: {stage.seq_len} tokens x {stage.steps} steps, {stage.layout()} "
+                      f"DP={world_size // stage.model_parallel if stage.model_parallel <= world_size else '-'}, "
+                      f"RoPE base {stage.rotary_base:g}", soft_wrap=True)
+    if resume is not None:
+        console.print(f"resuming from {resume.path} (step {resume.state.step}, stage {resume.state.stage})",
+                      soft_wrap=True)
+    try:
+        mp.start_processes(worker, args=(config, world_size, free_port()), nprocs=world_size, start_method="spawn")
+    except mp.ProcessException as exc:
+        # a rank that raised shows its traceback here; one that exited (a clear error, or a kill) has
+        # printed its message or none
+        detail = exc.msg if isinstance(exc, mp.ProcessRaisedException) else f"exit code {exc.exit_code}"
+        console.print(f"[red]training stopped:[/red] rank {exc.error_index} failed ({detail}). "
+                      f"{summary(config, world_size)}", soft_wrap=True)
+        return 1
+    console.print(summary(config, world_size), soft_wrap=True)
     return 0
 
 

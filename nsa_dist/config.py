@@ -80,11 +80,70 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
+    """One step of the context-extension curriculum. Fields left empty (null) take the value of the
+    matching field in parallel: or training: (or model.rotary_base)."""
+
     name: str = "stage0"
     seq_len: int = 1024  # tokens per sequence in this stage
     steps: int = 20  # optimizer steps in this stage
+    tensor_parallel: int | None = None  # TP size for this stage; None: parallel.tensor
+    pipeline_parallel: int | None = None  # PP size for this stage; None: parallel.pipeline
     context_parallel: int | None = None  # CP size for this stage; None: parallel.context
     rotary_base: float | None = None  # RoPE base for this stage; None: model.rotary_base
+    global_batch_size: int | None = None  # sequences per step; None: training.global_batch_size
+    micro_batch_size: int | None = None  # sequences per micro-batch; None: training.micro_batch_size
+    # continue: the run-wide schedule (training.warmup_steps, then cosine from training.lr to
+    # training.min_lr over the steps of all stages) at this stage's global steps; restart: a fresh
+    # warmup, peak and decay over this stage's own steps
+    lr_schedule: Literal["continue", "restart"] = "continue"
+    lr: float | None = None  # restart only: peak learning rate; None: training.lr
+    min_lr: float | None = None  # restart only: the cosine decays to this; None: training.min_lr
+    warmup_steps: int | None = None  # restart only: linear warmup steps; None: training.warmup_steps
+    # keep: Adam's moments carry over from the previous stage (resharded); reset: start them at zero
+    optimizer_state: Literal["keep", "reset"] = "keep"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage with every default filled in: what the trainer runs."""
+
+    index: int
+    name: str
+    seq_len: int
+    steps: int
+    first_step: int  # optimizer steps taken by the stages before this one
+    tensor: int
+    pipeline: int
+    context: int
+    rotary_base: float
+    global_batch_size: int
+    micro_batch_size: int
+    lr_schedule: str
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    optimizer_state: str
+
+    @property
+    def model_parallel(self) -> int:
+        """Processes that hold one copy of the model: TP x PP x CP."""
+        return self.tensor * self.pipeline * self.context
+
+    def layout(self) -> str:
+        return f"TP={self.tensor} PP={self.pipeline} CP={self.context}"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # optimizer steps between checkpoints; 0: only at the end of each stage
+    keep_last: int = 2  # newest checkpoints kept; each stage's final checkpoint is always kept
+    async_save: bool = False  # write shards in background processes while training goes on
+    init_from: str = ""  # a checkpoint directory whose weights start a new run; empty: random init
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # checkpoints live under <dir>/checkpoints; a rerun resumes from there
 
 
 @dataclass
@@ -103,9 +162,33 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
-    def stage_context_parallel(self, stage: StageConfig) -> int:
-        return self.parallel.context if stage.context_parallel is None else stage.context_parallel
+    def resolved_stages(self) -> list[Stage]:
+        """The stages with their defaults filled in from parallel:, training: and model:."""
+        par, tr = self.parallel, self.training
+        stages, first_step = [], 0
+
+        def pick(value, default):
+            return default if value is None else value
+
+        for index, s in enumerate(self.stages):
+            stages.append(Stage(
+                index=index, name=s.name, seq_len=s.seq_len, steps=s.steps, first_step=first_step,
+                tensor=pick(s.tensor_parallel, par.tensor), pipeline=pick(s.pipeline_parallel, par.pipeline),
+                context=pick(s.context_parallel, par.context),
+                rotary_base=pick(s.rotary_base, self.model.rotary_base),
+                global_batch_size=pick(s.global_batch_size, tr.global_batch_size),
+                micro_batch_size=pick(s.micro_batch_size, tr.micro_batch_size),
+                lr_schedule=s.lr_schedule, lr=pick(s.lr, tr.lr), min_lr=pick(s.min_lr, tr.min_lr),
+                warmup_steps=pick(s.warmup_steps, tr.warmup_steps), optimizer_state=s.optimizer_state))
+            first_step += s.steps
+        return stages
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -280,19 +363,7 @@ def validate(config: Config) -> None:
                      f"model.{name}={getattr(m, name)} exceeds the Triton kernels' 256 {fix}")
 
     _positive(par, "parallel", "tensor", "pipeline", "context")
-    _require(m.num_kv_heads % par.tensor == 0,
-             f"parallel.tensor={par.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor "
-             "parallelism splits whole GQA groups")
-    _require(m.num_layers % par.pipeline == 0,
-             f"parallel.pipeline={par.pipeline} must divide model.num_layers={m.num_layers}")
-    _require(m.vocab_size % par.tensor == 0,
-             f"model.vocab_size={m.vocab_size} must be a multiple of parallel.tensor={par.tensor}: the embedding "
-             "and output layer split the vocabulary evenly over TP ranks")
-
     _positive(tr, "training", "micro_batch_size", "global_batch_size", "lr", "log_interval", "loss_chunk")
-    _require(tr.global_batch_size % tr.micro_batch_size == 0,
-             f"training.global_batch_size={tr.global_batch_size} must be a multiple of training.micro_batch_size="
-             f"{tr.micro_batch_size}: a step is a whole number of micro-batches")
     _require(0 <= tr.min_lr <= tr.lr, f"training.min_lr={tr.min_lr} must be between 0 and training.lr={tr.lr}")
     _require(tr.warmup_steps >= 0, f"training.warmup_steps={tr.warmup_steps} must be >= 0")
     _require(tr.weight_decay >= 0, f"training.weight_decay={tr.weight_decay} must be >= 0")
@@ -302,32 +373,88 @@ def validate(config: Config) -> None:
     _require(data.successors <= m.vocab_size,
              f"data.successors={data.successors} must not exceed model.vocab_size={m.vocab_size}")
 
+    ck = config.checkpoint
+    _require(ck.interval >= 0, f"checkpoint.interval={ck.interval} must be >= 0 (0: save at stage ends only)")
+    _require(ck.keep_last >= 1, f"checkpoint.keep_last={ck.keep_last} must be at least 1: resuming needs the "
+             "newest checkpoint")
+    _require(bool(config.run.dir.strip()), "run.dir is empty: give the directory that holds this run's "
+             "checkpoints, e.g. runs/my-run")
+
     _require(len(config.stages) > 0, "stages is empty: give at least one stage with seq_len and steps")
     names = [s.name for s in config.stages]
-    for i, stage in enumerate(config.stages):
-        where = f"stages[{i}]"
-        _require(names.count(stage.name) == 1, f"{where}.name={stage.name!r} is used by two stages: names must be unique")
-        _require(stage.steps > 0, f"{where}.steps={stage.steps} must be positive")
-        _require(stage.seq_len > 0, f"{where}.seq_len={stage.seq_len} must be positive")
-        if stage.rotary_base is not None:
-            _require(stage.rotary_base > 0, f"{where}.rotary_base={stage.rotary_base} must be positive")
-        cp = config.stage_context_parallel(stage)
-        _require(cp > 0, f"{where}.context_parallel={cp} must be positive")
-        if i > 0:
-            previous = config.stages[i - 1].seq_len
-            _require(stage.seq_len >= previous,
-                     f"{where}.seq_len={stage.seq_len} is shorter than the previous stage's {previous}: "
-                     "a curriculum extends context, so order stages by growing seq_len")
-        if cp > 1:
-            chunk = 2 * cp * nsa.selection_block
-            _require(stage.seq_len % chunk == 0,
-                     f"{where}.seq_len={stage.seq_len} must be a multiple of 2 * context_parallel * "
-                     f"nsa.selection_block = {chunk}: the sequence splits into 2*CP chunks of whole selection blocks")
-            chunk_len = stage.seq_len // (2 * cp)
-            _require(max(nsa.window, nsa.compress_block - nsa.stride) <= chunk_len,
-                     f"{where}: nsa.window={nsa.window} is longer than one context-parallel chunk "
-                     f"({chunk_len} tokens at seq_len={stage.seq_len}, CP={cp}): lower the window or CP")
-    total_steps = sum(stage.steps for stage in config.stages)
-    _require(tr.warmup_steps < total_steps,
-             f"training.warmup_steps={tr.warmup_steps} must be less than the {total_steps} steps of all stages: "
-             "lower the warmup or add steps")
+    for raw, stage in zip(config.stages, config.resolved_stages()):
+        _validate_stage(config, raw, stage, names)
+    continuing = sum(s.steps for s in config.stages if s.lr_schedule == "continue")
+    if continuing:
+        _require(tr.warmup_steps < config.total_steps,
+                 f"training.warmup_steps={tr.warmup_steps} must be less than the {config.total_steps} steps "
+                 "of all stages: lower the warmup or add steps")
+
+
+def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[str]) -> None:
+    """One stage's rules, checked on its resolved values; errors name the stage field, or the
+    parallel:/training: field it inherited."""
+    m, nsa = config.model, config.nsa
+    where = f"stages[{stage.index}]"
+
+    def field_name(stage_field: str, section_field: str) -> str:
+        explicit = getattr(raw, stage_field) is not None
+        return f"{where}.{stage_field}" if explicit else section_field
+
+    tp = field_name("tensor_parallel", "parallel.tensor")
+    pp = field_name("pipeline_parallel", "parallel.pipeline")
+    cp_name = field_name("context_parallel", "parallel.context")
+    gbs = field_name("global_batch_size", "training.global_batch_size")
+    mbs = field_name("micro_batch_size", "training.micro_batch_size")
+    _require(names.count(stage.name) == 1, f"{where}.name={stage.name!r} is used by two stages: names must be unique")
+    _require(stage.name.strip() != "", f"{where}.name is empty: give each stage a name, e.g. ctx8k")
+    _require(stage.steps > 0, f"{where}.steps={stage.steps} must be positive")
+    _require(stage.seq_len > 0, f"{where}.seq_len={stage.seq_len} must be positive")
+    for name, value in ((tp, stage.tensor), (pp, stage.pipeline), (cp_name, stage.context),
+                        (gbs, stage.global_batch_size), (mbs, stage.micro_batch_size)):
+        _require(value > 0, f"{name}={value} must be positive")
+    _require(stage.rotary_base > 0, f"{where}.rotary_base={stage.rotary_base} must be positive")
+
+    _require(m.num_kv_heads % stage.tensor == 0,
+             f"{tp}={stage.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor parallelism "
+             "splits whole GQA groups")
+    _require(m.vocab_size % stage.tensor == 0,
+             f"model.vocab_size={m.vocab_size} must be a multiple of {tp}={stage.tensor}: the embedding "
+             "and output layer split the vocabulary evenly over TP ranks")
+    _require(m.num_layers % stage.pipeline == 0,
+             f"{pp}={stage.pipeline} must divide model.num_layers={m.num_layers}")
+    _require(stage.global_batch_size % stage.micro_batch_size == 0,
+             f"{gbs}={stage.global_batch_size} must be a multiple of {mbs}={stage.micro_batch_size}: a "
+             "step is a whole number of micro-batches")
+
+    if stage.lr_schedule == "continue":
+        for name in ("lr", "min_lr", "warmup_steps"):
+            _require(getattr(raw, name) is None,
+                     f"{where}.{name}={getattr(raw, name)} applies only to a fresh schedule: set "
+                     f"{where}.lr_schedule=restart, or drop {where}.{name} to continue the run-wide schedule")
+    else:
+        _require(stage.lr > 0, f"{field_name('lr', 'training.lr')}={stage.lr} must be positive")
+        _require(0 <= stage.min_lr <= stage.lr,
+                 f"{field_name('min_lr', 'training.min_lr')}={stage.min_lr} must be between 0 and the "
+                 f"stage's peak lr {stage.lr}")
+        warmup = field_name("warmup_steps", "training.warmup_steps")
+        _require(0 <= stage.warmup_steps < stage.steps,
+                 f"{warmup}={stage.warmup_steps} must be >= 0 and less than {where}.steps={stage.steps}: "
+                 "a restarted schedule warms up inside its own stage")
+
+    if stage.index > 0:
+        previous = config.stages[stage.index - 1].seq_len
+        _require(stage.seq_len >= previous,
+                 f"{where}.seq_len={stage.seq_len} is shorter than the previous stage's {previous}: "
+                 "a curriculum extends context, so order stages by growing seq_len")
+    cp = stage.context
+    if cp > 1:
+        chunk = 2 * cp * nsa.selection_block
+        _require(stage.seq_len % chunk == 0,
+                 f"{where}.seq_len={stage.seq_len} must be a multiple of 2 * context_parallel * "
+                 f"nsa.selection_block = {chunk} (CP={cp} from {cp_name}): the sequence splits into 2*CP "
+                 "chunks of whole selection blocks")
+        chunk_len = stage.seq_len // (2 * cp)
+        _require(max(nsa.window, nsa.compress_block - nsa.stride) <= chunk_len,
+                 f"{where}: nsa.window={nsa.window} is longer than one context-parallel chunk "
+                 f"({chunk_len} tokens at seq_len={stage.seq_len}, CP={cp}): lower the window or CP")

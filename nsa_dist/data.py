@@ -33,19 +33,24 @@ class SyntheticCopyTask:
         return torch.tensor(segment * repeats)[:length]
 
 
+# Evaluation reads the stream from here on, far beyond any training run's position: held-out sequences.
+VALIDATION_START = 1 << 40
+
+
 def micro_batches(task: SyntheticCopyTask, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int,
-                  dp_size: int, cp_group, device: torch.device) -> Iterator[dict]:
+                  dp_size: int, cp_group, device: torch.device, first_sequence: int = 0) -> Iterator[dict]:
     """Yields {"tokens", "labels"} micro-batches, each [micro_batch, seq_len / CP] on `device`, forever.
 
-    Optimizer step k uses sequences [k * global_batch, (k + 1) * global_batch); DP rank d takes its
-    contiguous share of them, in micro-batches. Labels are the next tokens. Both are split into this
+    The k-th step from here uses sequences first_sequence + [k * global_batch, (k + 1) * global_batch)
+    (first_sequence is the data position a checkpoint saved); DP rank d takes its contiguous share of
+    them, in micro-batches. Labels are the next tokens. Both are split into this
     rank's zigzag shard with Megatron-core's own splitter, given the CP group explicitly (left out, it
     would split over the whole world).
     """
     per_rank = global_batch // dp_size
     step = 0
     while True:
-        first = step * global_batch + dp_rank * per_rank
+        first = first_sequence + step * global_batch + dp_rank * per_rank
         for start in range(first, first + per_rank, micro_batch):
             rows = torch.stack([task.sequence(i, seq_len + 1) for i in range(start, start + micro_batch)])
             batch = {"tokens": rows[:, :-1].to(device), "labels": rows[:, 1:].to(device)}

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.compression import mlp_compress
 from kernels.nsa import resolve_impl
 from nsa_dist.attention import BRANCHES, Compression
-from nsa_dist.config import Config, ModelConfig, NSAConfig
+from nsa_dist.config import Config, ModelConfig, NSAConfig, Stage
 from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigzag_positions
 from nsa_dist.rope import apply_rotary, rotary_angles
 
@@ -59,6 +59,17 @@ class ReplicatedCompression(Compression):
         pos_emb, w1, b1, w2, b2 = (copy_to_tensor_model_parallel_region(p, self.tp_group)
                                    for p in (self.pos_emb, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias))
         return mlp_compress(x, self.block_size, self.stride, pos_emb, w1, b1, w2, b2)
+
+
+class ParallelLinearDict(nn.ModuleDict):
+    """Tensor-parallel projections by name (one per NSA branch). Megatron's checkpointing would take a
+    plain ModuleDict's tensors as replicated; this one asks each layer for its TP-sharded entries."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        sharded = {}
+        for name, layer in self.items():
+            sharded.update(layer.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        return sharded
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group) -> torch.Tensor:
@@ -103,8 +114,8 @@ class ParallelSelfAttention(MegatronModule):
         separate = model.attention == "nsa" and nsa.kv == "separate"
         kv_names = BRANCHES if separate else ("shared",)
         self.linear_q = column(hq * dk)
-        self.linear_k = nn.ModuleDict({name: column(hk * dk) for name in kv_names})
-        self.linear_v = nn.ModuleDict({name: column(hk * dv) for name in kv_names})
+        self.linear_k = ParallelLinearDict({name: column(hk * dk) for name in kv_names})
+        self.linear_v = ParallelLinearDict({name: column(hk * dv) for name in kv_names})
         if model.attention == "nsa":
             # gate output features are ordered (head, branch), so a TP shard holds whole heads
             self.linear_gate = column(hq * len(BRANCHES), bias=True)
@@ -183,9 +194,9 @@ def layer_spec(config: Config) -> ModuleSpec:
     return spec
 
 
-def transformer_config(config: Config, dtype: torch.dtype) -> TransformerConfig:
-    """Megatron's TransformerConfig for this model and layout."""
-    m, par, tr = config.model, config.parallel, config.training
+def transformer_config(config: Config, stage: Stage, dtype: torch.dtype) -> TransformerConfig:
+    """Megatron's TransformerConfig for this model in a stage's layout."""
+    m, tr = config.model, config.training
     recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -194,9 +205,9 @@ def transformer_config(config: Config, dtype: torch.dtype) -> TransformerConfig:
         num_attention_heads=m.num_query_heads,
         num_query_groups=m.num_kv_heads,
         kv_channels=m.head_dim_k,
-        tensor_model_parallel_size=par.tensor,
-        pipeline_model_parallel_size=par.pipeline,
-        context_parallel_size=par.context,
+        tensor_model_parallel_size=stage.tensor,
+        pipeline_model_parallel_size=stage.pipeline,
+        context_parallel_size=stage.context,
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,

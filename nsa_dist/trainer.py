@@ -1,16 +1,25 @@
-"""The trainer, top to bottom: parallel state from config, model, optimizer, data, loop, logging hooks.
+"""The trainer, top to bottom: the curriculum's stages, each in its own parallel layout, from checkpoints.
 
 `train(config, hooks)` runs in every process of a torch.distributed job, with torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): launch/train.py spawns such processes locally,
 and torchrun or Ray set the same variables. Megatron-core does the heavy lifting: its parallel state,
-GPTModel, DDP, optimizer, LR schedule and pipeline schedules. Hooks receive a StepLog every
-training.log_interval steps, on every rank (the logged values are global, so they agree across ranks).
+GPTModel, DDP, optimizer, LR schedule, pipeline schedules and distributed checkpoints.
+
+The curriculum: each stage builds Megatron's model-parallel groups for its own TP/PP/CP (data
+parallelism fills the rest of the world), a model and an optimizer, and starts from the newest complete
+checkpoint of the run (nsa_dist/checkpoint.py) resharded into that layout: the stage's own newest
+checkpoint when a run resumes, else the previous stage's final one. Finished stages are never rerun. A
+stage that needs more processes than the job has ends the job after the stages before it; a job started
+with enough processes continues from there. Hooks receive a StepLog every training.log_interval steps on
+every rank (the values are global, so they agree across ranks).
 """
 
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import psutil
@@ -22,10 +31,14 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nsa_dist.config import Config, ConfigError
-from nsa_dist.data import SyntheticCopyTask, micro_batches
+from nsa_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, TrainState, check_same_model,
+                                 load_checkpoint, newest_checkpoint, read_checkpoint, step_dir)
+from nsa_dist.config import Config, ConfigError, Stage
+from nsa_dist.data import VALIDATION_START, SyntheticCopyTask, micro_batches
 from nsa_dist.megatron_cpu import enable_cpu
 from nsa_dist.model import build_model, init_weights, set_rotary_base, transformer_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +56,16 @@ class StepLog:
 Hook = Callable[[StepLog], None]
 
 
+@dataclass
+class TrainResult:
+    history: list[StepLog]  # the steps this job took
+    checkpoint: Path | None  # the run's newest complete checkpoint
+    waiting: Stage | None  # the first stage this job could not run: it needs more processes
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
 def resolve_device(config: Config) -> torch.device:
     wanted = config.training.device
     if wanted == "cuda" and not torch.cuda.is_available():
@@ -50,30 +73,67 @@ def resolve_device(config: Config) -> torch.device:
     return torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def data_parallel_size(config: Config, world_size: int) -> int:
-    """DP = world / (TP * PP * CP); checks that the processes and the batch fit the layout."""
-    par, tr = config.parallel, config.training
-    model_parallel = par.tensor * par.pipeline * par.context
-    if world_size % model_parallel:
-        raise ConfigError(f"{world_size} processes cannot be split into parallel.tensor={par.tensor} x "
-                          f"parallel.pipeline={par.pipeline} x parallel.context={par.context} groups: start a "
-                          f"multiple of {model_parallel} processes")
-    dp = world_size // model_parallel
-    if tr.global_batch_size % (tr.micro_batch_size * dp):
-        raise ConfigError(f"training.global_batch_size={tr.global_batch_size} must be a multiple of "
-                          f"training.micro_batch_size={tr.micro_batch_size} x data-parallel size {dp}")
-    for stage in config.stages:
-        if config.stage_context_parallel(stage) != par.context:
-            raise ConfigError(f"stage {stage.name!r} asks for context_parallel={stage.context_parallel} but the "
-                              f"job runs parallel.context={par.context}: changing CP between stages needs the "
-                              "checkpoint resharded into a new job; run such stages as separate jobs for now")
-    if config.training.dtype == "bf16" and resolve_device(config).type == "cpu":
+def stages_to_run(config: Config, resume: Checkpoint | None) -> list[Stage]:
+    """The stages left after the run's newest checkpoint: a finished stage is never rerun."""
+    stages = config.resolved_stages()
+    if resume is None:
+        return stages
+    names = [stage.name for stage in stages]
+    state = resume.state
+    if state.stage not in names:
+        raise CheckpointError(f"checkpoint {resume.path} was saved in stage {state.stage!r}, which the config "
+                              f"does not have (stages: {', '.join(names)}): restore that stage, or choose a new "
+                              "run.dir to start over")
+    stage = stages[names.index(state.stage)]
+    if not state.stage_done and state.stage_step >= stage.steps:
+        raise CheckpointError(f"checkpoint {resume.path} has run {state.stage_step} steps of stage {stage.name!r}, "
+                              f"which now has steps={stage.steps}: raise stages[{stage.index}].steps above "
+                              f"{state.stage_step}, or choose a new run.dir")
+    return stages[stage.index + (1 if state.stage_done else 0):]
+
+
+def check_layouts(config: Config, world_size: int, stages: Sequence[Stage]) -> None:
+    """Checks that this job's processes and batches fit the stages it will run; raises ConfigError.
+
+    A stage that needs more processes than the job has waits for a later job, unless it is the first
+    one left, in which case the job could do nothing."""
+    for stage in stages:
+        where = f"stage {stage.name!r} ({stage.layout()})"
+        if stage.model_parallel > world_size:
+            if stage is stages[0]:
+                raise ConfigError(f"{where} needs {stage.model_parallel} processes and this job has "
+                                  f"{world_size}: start at least {stage.model_parallel}")
+            continue
+        if world_size % stage.model_parallel:
+            raise ConfigError(f"{world_size} processes cannot be split into {where} groups: start a multiple of "
+                              f"{stage.model_parallel} processes")
+        dp = world_size // stage.model_parallel
+        if stage.global_batch_size % (stage.micro_batch_size * dp):
+            raise ConfigError(f"{where}: global_batch_size={stage.global_batch_size} must be a multiple of "
+                              f"micro_batch_size={stage.micro_batch_size} x data-parallel size {dp} (set "
+                              f"training.global_batch_size or stages[{stage.index}].global_batch_size)")
+    device = resolve_device(config)
+    if config.training.dtype == "bf16" and device.type == "cpu":
         raise ConfigError("training.dtype='bf16' needs a GPU: use training.dtype=fp32 on CPU")
-    if (config.nsa.impl == "triton" and resolve_device(config).type == "cpu"
-            and os.environ.get("TRITON_INTERPRET") != "1"):
+    if config.nsa.impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("nsa.impl='triton' needs a GPU and none is in use: use nsa.impl=auto (the reference "
                           "on CPU), or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter")
-    return dp
+
+
+def plan(config: Config, world_size: int) -> tuple[Checkpoint | None, list[Stage]]:
+    """What a job of world_size processes would do: the checkpoint it starts from and the stages left.
+    Raises ConfigError or CheckpointError before any process starts."""
+    resume = newest_checkpoint(config.run.dir)
+    if resume is not None:
+        check_same_model(resume, config)
+    elif config.checkpoint.init_from:
+        check_same_model(read_checkpoint(config.checkpoint.init_from), config)
+    stages = stages_to_run(config, resume)
+    check_layouts(config, world_size, stages)
+    return resume, stages
+
+
+# ------------------------------------------------------------------------------------ one step
 
 
 def forward_step(batches, model):
@@ -109,11 +169,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def train(config: Config, hooks: Sequence[Hook] = ()) -> list[StepLog]:
-    """Trains config's model through all its stages in this process's rank; returns the step logs."""
-    par = config.parallel
+# ------------------------------------------------------------------------------------ building
 
-    # 1. device, process group and Megatron's parallel state
+
+def _start_processes(config: Config) -> torch.device:
+    """Device and the default process group (idempotent)."""
     device = resolve_device(config)
     # Megatron-core's tensor-parallel layers want one CUDA work queue, so that communication kernels run
     # in the order they were issued (it warns otherwise); must be set before CUDA starts.
@@ -124,84 +184,206 @@ def train(config: Config, hooks: Sequence[Hook] = ()) -> list[StepLog]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dp_size = data_parallel_size(config, dist.get_world_size())
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=par.tensor,
-                                             pipeline_model_parallel_size=par.pipeline,
-                                             context_parallel_size=par.context)
-    try:
-        return _train(config, hooks, device, dp_size)
-    finally:
-        parallel_state.destroy_model_parallel()  # so one process can train several layouts (tests)
+    return device
 
 
-def _train(config: Config, hooks: Sequence[Hook], device: torch.device, dp_size: int) -> list[StepLog]:
-    par, tr = config.parallel, config.training
+def _build(config: Config, stage: Stage, device: torch.device):
+    """This stage's model (every layout starts from the same weights), in Megatron's DDP, and its optimizer."""
+    tr = config.training
     torch.manual_seed(tr.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(tr.seed)
-
-    # 2. this pipeline stage's model, with every layout starting from the same weights, in Megatron's DDP
     dtype = torch.bfloat16 if tr.dtype == "bf16" else torch.float32
-    tf_config = transformer_config(config, dtype)
+    tf_config = transformer_config(config, stage, dtype)
     model = build_model(config, tf_config).to(device=device, dtype=dtype)
     init_weights(model, tr.seed, config.model.init_std, config.model.num_layers,
-                 parallel_state.get_tensor_model_parallel_rank(), par.tensor)
+                 parallel_state.get_tensor_model_parallel_rank(), stage.tensor)
+    set_rotary_base(model, stage.rotary_base)
     # The distributed optimizer shards optimizer state over DP ranks; on CPU it rejects the parameters.
     distributed_optimizer = device.type == "cuda"
     model = DistributedDataParallel(
         config=tf_config, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                  use_distributed_optimizer=distributed_optimizer))
-
-    # 3. optimizer (AdamW, clipping, bf16 master weights) and LR schedule: linear warmup, then cosine
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
                         adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=tr.grad_clip,
                         bf16=dtype == torch.bfloat16, params_dtype=dtype,
                         use_distributed_optimizer=distributed_optimizer),
         [model])
-    total_steps = sum(stage.steps for stage in config.stages)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr, lr_warmup_steps=tr.warmup_steps,
-        lr_decay_steps=total_steps, lr_decay_style="cosine", start_wd=tr.weight_decay, end_wd=tr.weight_decay,
-        wd_incr_steps=total_steps, wd_incr_style="constant")
     tf_config.finalize_model_grads_func = finalize_model_grads  # DP/CP all-reduce, embedding sync, / tokens
     tf_config.no_sync_func = model.no_sync  # reduce gradients once per step, not once per micro-batch
     tf_config.grad_scale_func = optimizer.scale_loss
+    return model, optimizer
 
-    # 4. data: this DP rank's micro-batches, split into this CP rank's zigzag shard
-    task = SyntheticCopyTask(config.data, config.model.vocab_size)
-    num_micro_batches = tr.global_batch_size // (tr.micro_batch_size * dp_size)
+
+def lr_scheduler(optimizer, config: Config, stage: Stage, state: TrainState) -> OptimizerParamScheduler:
+    """Linear warmup, then cosine: the run-wide schedule at the global step, or (lr_schedule: restart) the
+    stage's own schedule at its own step. The config's values win over a checkpoint's on resume; only
+    the step counter is taken from it."""
+    tr = config.training
+    if stage.lr_schedule == "continue":
+        peak, floor, warmup, decay, done = tr.lr, tr.min_lr, tr.warmup_steps, config.total_steps, state.step
+    else:
+        peak, floor, warmup, decay, done = stage.lr, stage.min_lr, stage.warmup_steps, stage.steps, state.stage_step
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=peak, min_lr=floor, lr_warmup_steps=warmup, lr_decay_steps=decay,
+        lr_decay_style="cosine", start_wd=tr.weight_decay, end_wd=tr.weight_decay, wd_incr_steps=decay,
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+    if done:
+        scheduler.step(increment=done)
+    return scheduler
+
+
+def _broadcast_from_rank0(compute: Callable):
+    """compute() on rank 0 (e.g. reading the run directory), its result or its error on every rank."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", compute())
+        except (CheckpointError, ConfigError) as exc:
+            box[0] = ("error", exc)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def train(config: Config, hooks: Sequence[Hook] = ()) -> TrainResult:
+    """Trains config's model through the stages left in its run directory; every rank calls it."""
+    device = _start_processes(config)
+    world_size = dist.get_world_size()
+    resume, stages = _broadcast_from_rank0(lambda: plan(config, world_size))
+    initial = None
+    if resume is None and config.checkpoint.init_from:
+        initial = read_checkpoint(config.checkpoint.init_from)
+    writer = CheckpointWriter(config)
+    history: list[StepLog] = []
+    try:
+        for stage in stages:
+            if stage.model_parallel > world_size:
+                return TrainResult(history, resume.path if resume else None, waiting=stage)
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=stage.tensor,
+                                                     pipeline_model_parallel_size=stage.pipeline,
+                                                     context_parallel_size=stage.context)
+            try:
+                resume = _train_stage(config, stage, resume, initial, writer, hooks, device, history)
+            finally:
+                parallel_state.destroy_model_parallel()  # the next stage builds its own groups
+    finally:
+        writer.close()
+    return TrainResult(history, resume.path if resume else None, waiting=None)
+
+
+def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial: Checkpoint | None,
+                 writer: CheckpointWriter, hooks: Sequence[Hook], device: torch.device,
+                 history: list[StepLog]) -> Checkpoint:
+    """Runs one stage from `start` (this stage's newest checkpoint, or the previous stage's final one;
+    None for a new run, which may take its weights from `initial`); returns the stage's final checkpoint."""
+    # 1. model and optimizer in this stage's layout, their state from the checkpoint it starts from
+    model, optimizer = _build(config, stage, device)
+    if start is not None and start.state.stage == stage.name:  # resume inside this stage: everything
+        state = replace(start.state)
+        scheduler = lr_scheduler(optimizer, config, stage, state)
+        load_checkpoint(start, model, optimizer, scheduler, with_optimizer=True)
+    elif start is not None:  # the previous stage's weights (and Adam's moments, unless reset)
+        state = TrainState(step=start.state.step, stage=stage.name, stage_index=stage.index,
+                           consumed_sequences=start.state.consumed_sequences)
+        load_checkpoint(start, model, optimizer, with_optimizer=stage.optimizer_state == "keep")
+        scheduler = lr_scheduler(optimizer, config, stage, state)
+    else:
+        state = TrainState(stage=stage.name, stage_index=stage.index)
+        if initial is not None:
+            load_checkpoint(initial, model, optimizer, with_optimizer=False)
+        scheduler = lr_scheduler(optimizer, config, stage, state)
+    if dist.get_rank() == 0:
+        source = start.path if start is not None else (initial.path if initial else "random weights")
+        log.info("stage %s: %d tokens, %s DP=%d, steps %d-%d, from %s", stage.name, stage.seq_len, stage.layout(),
+                 parallel_state.get_data_parallel_world_size(), state.step + 1,
+                 state.step + stage.steps - state.stage_step, source)
+
+    # 2. data: this DP rank's micro-batches from the saved data position, split into this CP rank's shard
+    tr = config.training
+    dp_size = parallel_state.get_data_parallel_world_size()
+    batches = micro_batches(SyntheticCopyTask(config.data, config.model.vocab_size), stage.seq_len,
+                            stage.global_batch_size, stage.micro_batch_size,
+                            parallel_state.get_data_parallel_rank(), dp_size,
+                            parallel_state.get_context_parallel_group(), device,
+                            first_sequence=state.consumed_sequences)
+    num_micro_batches = stage.global_batch_size // (stage.micro_batch_size * dp_size)
     forward_backward = get_forward_backward_func()
 
-    # 5. the loop
-    history: list[StepLog] = []
-    step = 0
-    for stage in config.stages:
-        set_rotary_base(model.module, stage.rotary_base or config.model.rotary_base)
-        batches = micro_batches(task, stage.seq_len, tr.global_batch_size, tr.micro_batch_size,
+    # 3. the loop; checkpoints every checkpoint.interval steps and at the stage's end
+    while state.stage_step < stage.steps:
+        start_time = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=batches, model=[model],
+                                  num_microbatches=num_micro_batches, seq_length=stage.seq_len,
+                                  micro_batch_size=stage.micro_batch_size, forward_only=False)
+        scheduler.step(increment=1)  # step k (1-based) runs at the schedule's lr(k)
+        lr = optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = optimizer.step()
+        loss = global_mean_loss(losses, device)
+        state.step += 1
+        state.stage_step += 1
+        state.consumed_sequences += stage.global_batch_size
+        elapsed = time.perf_counter() - start_time
+        step_log = StepLog(stage=stage.name, step=state.step, loss=loss, grad_norm=float(grad_norm), lr=lr,
+                           tokens_per_s=stage.global_batch_size * stage.seq_len / elapsed, step_time_s=elapsed,
+                           memory_gb=peak_memory_gb(device))
+        history.append(step_log)
+        if state.step % tr.log_interval == 0 or state.stage_step == stage.steps:
+            for hook in hooks:
+                hook(step_log)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {state.step} of stage {stage.name!r}: lower "
+                                     "training.lr or raise training.warmup_steps")
+        state.stage_done = state.stage_step == stage.steps
+        interval = config.checkpoint.interval
+        if state.stage_done or (interval and state.step % interval == 0):
+            writer.save(model, optimizer, scheduler, replace(state))
+        writer.poll()
+    writer.wait()  # the next stage loads this one's final checkpoint
+    return read_checkpoint(step_dir(config.run.dir, state.step))
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(config: Config, checkpoint: str | Path, stage_name: str, num_batches: int = 1) -> float:
+    """Mean loss of a checkpoint's weights on `num_batches` held-out global batches of a stage's data,
+    computed in that stage's layout (any layout loads any checkpoint); every rank calls it."""
+    device = _start_processes(config)
+    stages = {stage.name: stage for stage in config.resolved_stages()}
+    if stage_name not in stages:
+        raise ConfigError(f"stage {stage_name!r} is not in the config: use one of {', '.join(stages)}")
+    stage = stages[stage_name]
+    source = _broadcast_from_rank0(lambda: read_checkpoint(checkpoint))
+    check_same_model(source, config)
+    check_layouts(config, dist.get_world_size(), [stage])
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=stage.tensor,
+                                             pipeline_model_parallel_size=stage.pipeline,
+                                             context_parallel_size=stage.context)
+    try:
+        model, optimizer = _build(config, stage, device)
+        load_checkpoint(source, model, optimizer, with_optimizer=False)
+        dp_size = parallel_state.get_data_parallel_world_size()
+        batches = micro_batches(SyntheticCopyTask(config.data, config.model.vocab_size), stage.seq_len,
+                                stage.global_batch_size, stage.micro_batch_size,
                                 parallel_state.get_data_parallel_rank(), dp_size,
-                                parallel_state.get_context_parallel_group(), device)
-        for _ in range(stage.steps):
-            start = time.perf_counter()
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            losses = forward_backward(forward_step_func=forward_step, data_iterator=batches, model=[model],
-                                      num_microbatches=num_micro_batches, seq_length=stage.seq_len,
-                                      micro_batch_size=tr.micro_batch_size, forward_only=False)
-            scheduler.step(increment=1)  # step k (1-based) runs at the schedule's lr(k)
-            lr = optimizer.param_groups[0]["lr"]
-            _, grad_norm, _ = optimizer.step()
-            loss = global_mean_loss(losses, device)
-            step += 1
-            elapsed = time.perf_counter() - start
-            log = StepLog(stage=stage.name, step=step, loss=loss, grad_norm=float(grad_norm), lr=lr,
-                          tokens_per_s=tr.global_batch_size * stage.seq_len / elapsed, step_time_s=elapsed,
-                          memory_gb=peak_memory_gb(device))
-            history.append(log)
-            if step % tr.log_interval == 0 or step == total_steps:
-                for hook in hooks:
-                    hook(log)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step} of stage {stage.name!r}: lower "
-                                         "training.lr or raise training.warmup_steps")
-    return history
+                                parallel_state.get_context_parallel_group(), device, first_sequence=VALIDATION_START)
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for _ in range(num_batches):
+                losses += get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=batches, model=[model],
+                    num_microbatches=stage.global_batch_size // (stage.micro_batch_size * dp_size),
+                    seq_length=stage.seq_len, micro_batch_size=stage.micro_batch_size, forward_only=True)
+        return global_mean_loss(losses, device)
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -1,30 +1,67 @@
-"""`make train`'s entry point: runs on a preset, and rejects bad input with a sentence, not a traceback."""
+"""`make train`'s entry point: runs the quickstart's curriculum, resumes it, and rejects bad input with a
+sentence, not a traceback."""
 
 import pytest
 
 from launch.train import main
 
 FAST = ["--config", "configs/quickstart.yaml", "--set", "stages.0.steps=2", "--set", "stages.1.steps=1",
-        "--set", "training.warmup_steps=1"]
+        "--set", "training.warmup_steps=1", "--set", "checkpoint.interval=0"]
 
 
-@pytest.mark.timeout(120)
-def test_train_entry_point_trains_every_stage_on_two_processes(capfd):
-    assert main(FAST) == 0
-    printed = capfd.readouterr().out  # the ranks are child processes: capture at the file descriptors
-    assert "2 processes: TP=1 PP=1 CP=2 DP=1" in printed.replace("\n", " ")
+def printed_by(capfd) -> str:
+    """stdout and stderr (the ranks' logs) of the launcher and its ranks, captured at the file descriptors
+    because ranks are child processes."""
+    captured = capfd.readouterr()
+    return (captured.out + captured.err).replace("\n", " ")
+
+
+def fast(tmp_path, *args):
+    return FAST + ["--set", f"run.dir={tmp_path}", *args]
+
+
+@pytest.mark.timeout(180)
+def test_train_runs_both_stages_and_a_rerun_has_nothing_left(tmp_path, capfd):
+    assert main(fast(tmp_path)) == 0
+    printed = printed_by(capfd)
+    assert "2 processes" in printed
+    assert "stage short: 256 tokens x 2 steps, TP=1 PP=1 CP=1 DP=2" in printed
+    assert "stage long: 512 tokens x 1 steps, TP=1 PP=1 CP=2 DP=1" in printed
     assert "short step    1" in printed and "long step    3" in printed
-    assert "over 3 steps" in printed
+    assert f"saved checkpoint {tmp_path}/checkpoints/step_00000002 (step 2, stage short, done)" in printed
+    assert f"from {tmp_path}/checkpoints/step_00000002" in printed  # stage long starts from stage short's end
+    assert f"all 2 stages done; newest checkpoint: {tmp_path}/checkpoints/step_00000003" in printed
+    assert main(fast(tmp_path)) == 0
+    printed = printed_by(capfd)
+    assert "nothing to train: all 2 stages done" in printed and "step    1" not in printed
+
+
+@pytest.mark.timeout(180)
+def test_a_stage_wider_than_the_job_waits_for_the_next_job(tmp_path, capfd):
+    """One process runs stage short (CP=1) and stops before stage long (CP=2); a job with two processes
+    picks it up from stage short's final checkpoint without rerunning stage short."""
+    assert main(fast(tmp_path, "--nproc", "1")) == 0
+    printed = printed_by(capfd)
+    assert "short step    2" in printed and "long step" not in printed
+    assert "Stage 'long' (TP=1 PP=1 CP=2) needs 2 processes and this job had 1: rerun with --nproc 2" in printed
+    assert main(fast(tmp_path)) == 0
+    printed = printed_by(capfd)
+    assert f"resuming from {tmp_path}/checkpoints/step_00000002 (step 2, stage short)" in printed
+    assert "short step" not in printed and "long step    3" in printed
+    assert "all 2 stages done" in printed
 
 
 @pytest.mark.parametrize("args,phrase", [
-    (["--nproc", "3"], "3 processes cannot be split"),
-    (["--nproc", "4", "--set", "training.global_batch_size=1"], "data-parallel size 2"),
+    (["--nproc", "3", "--set", "training.global_batch_size=6"], "3 processes cannot be split into stage 'long' (TP=1 PP=1 CP=2) groups"),
+    (["--nproc", "0"], "--nproc 0 must be at least 1"),
+    (["--nproc", "-2"], "--nproc -2 must be at least 1"),
+    (["--nproc", "4", "--set", "training.global_batch_size=2"], "data-parallel size 4"),
     (["--set", "training.dtype=bf16", "--set", "training.device=cpu"], "needs a GPU"),
-    (["--set", "stages.1.context_parallel=1"], "changing CP between stages"),
+    (["--set", "stages.0.context_parallel=4", "--set", "stages.0.seq_len=512", "--nproc", "2"],
+     "stage 'short' (TP=1 PP=1 CP=4) needs 4 processes and this job has 2: start at least 4"),
 ])
-def test_layout_errors_are_clear_messages(args, phrase, capsys):
-    assert main(["--config", "configs/quickstart.yaml", *args]) == 2
+def test_layout_errors_are_clear_messages(args, phrase, tmp_path, capsys):
+    assert main(["--config", "configs/quickstart.yaml", "--set", f"run.dir={tmp_path}", *args]) == 2
     assert phrase in capsys.readouterr().out.replace("\n", " ")
 
 
@@ -39,8 +76,9 @@ def test_missing_config_file(capsys):
     assert "does not exist" in capsys.readouterr().out
 
 
-def test_triton_on_cpu_without_the_interpreter_is_a_clear_message(capsys, monkeypatch):
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_message(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    args = ["--config", "configs/quickstart.yaml", "--set", "nsa.impl=triton", "--set", "training.device=cpu"]
+    args = ["--config", "configs/quickstart.yaml", "--set", "nsa.impl=triton", "--set", "training.device=cpu",
+            "--set", f"run.dir={tmp_path}"]
     assert main(args) == 2
     assert "nsa.impl='triton' needs a GPU" in capsys.readouterr().out.replace("\n", " ")

@@ -15,13 +15,14 @@ def test_presets_load(preset):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_presets_fit_the_trainers_layout_checks(preset):
-    """A preset must start: its stages keep one CP size and its batch fits its own process count."""
-    from nsa_dist.trainer import data_parallel_size
+def test_presets_fit_the_trainers_layout_checks(preset, tmp_path):
+    """A preset must start: every stage's layout and batch fit the default process count (the widest stage's)."""
+    from nsa_dist.trainer import plan
 
-    config = load_config(preset, ["training.device=cpu", "training.dtype=fp32"])
-    par = config.parallel
-    assert data_parallel_size(config, par.tensor * par.pipeline * par.context) >= 1
+    config = load_config(preset, ["training.device=cpu", "training.dtype=fp32", f"run.dir={tmp_path}"])
+    widest = max(stage.model_parallel for stage in config.resolved_stages())
+    resume, stages = plan(config, widest)
+    assert resume is None and [s.name for s in stages] == [s.name for s in config.stages]
 
 
 def test_defaults_are_valid():
@@ -41,9 +42,18 @@ def test_int_is_accepted_where_float_is_expected():
     assert load_config(None, ["training.lr=1"]).training.lr == 1.0
 
 
-def test_stage_context_parallel_defaults_to_parallel_context():
-    config = load_config(None, ["parallel.context=2", "stages.0.seq_len=2048"])
-    assert config.stage_context_parallel(config.stages[0]) == 2
+def test_stages_inherit_unset_fields():
+    config = load_config(None, ["parallel.context=2", "parallel.tensor=2", "training.global_batch_size=4",
+                                "training.warmup_steps=2",
+                                "stages=[{name: a, seq_len: 2048, steps: 3}, {name: b, seq_len: 4096, steps: 5, "
+                                "context_parallel: 4, tensor_parallel: 1, rotary_base: 5e5, micro_batch_size: 2, "
+                                "lr_schedule: restart, lr: 1e-4, warmup_steps: 1}]"])
+    a, b = config.resolved_stages()
+    assert (a.tensor, a.pipeline, a.context, a.global_batch_size, a.micro_batch_size) == (2, 1, 2, 4, 1)
+    assert (a.rotary_base, a.lr, a.first_step) == (10000.0, 3e-4, 0)
+    assert (b.tensor, b.context, b.micro_batch_size, b.rotary_base, b.first_step) == (1, 4, 2, 5e5, 3)
+    assert (b.lr_schedule, b.lr, b.min_lr, b.warmup_steps, b.optimizer_state) == ("restart", 1e-4, 3e-5, 1, "keep")
+    assert b.model_parallel == 4 and config.total_steps == 8
 
 
 # (overrides, the field the message must name, a phrase of the fix)
@@ -100,6 +110,21 @@ INVALID = [
     (["stages.0.context_parallel=2", "stages.0.seq_len=1000"], "stages[0].seq_len=1000", "multiple of 2 * context_parallel"),
     (["stages.0.context_parallel=4", "stages.0.seq_len=512", "nsa.window=512"], "nsa.window=512", "context-parallel chunk"),
     (["stages.0.context_parallel=0"], "stages[0].context_parallel", "positive"),
+    (["stages.0.tensor_parallel=4"], "stages[0].tensor_parallel=4", "num_kv_heads"),
+    (["stages.0.pipeline_parallel=3"], "stages[0].pipeline_parallel=3", "num_layers"),
+    (["stages.0.global_batch_size=3", "stages.0.micro_batch_size=2"], "stages[0].global_batch_size=3", "multiple"),
+    (["stages.0.micro_batch_size=0"], "stages[0].micro_batch_size", "positive"),
+    (["stages.0.name="], "stages[0].name", "empty"),
+    (["stages.0.lr=1e-4"], "stages[0].lr=0.0001", "lr_schedule=restart"),
+    (["stages.0.warmup_steps=2"], "stages[0].warmup_steps=2", "lr_schedule=restart"),
+    (["stages.0.lr_schedule=restart", "stages.0.warmup_steps=20"], "stages[0].warmup_steps=20", "less than"),
+    (["stages.0.lr_schedule=restart", "stages.0.lr=1e-4", "stages.0.min_lr=1e-3"], "stages[0].min_lr", "between"),
+    (["stages.0.lr_schedule=cosine"], "stages[0].lr_schedule", "'continue', 'restart'"),
+    (["stages.0.optimizer_state=drop"], "stages[0].optimizer_state", "'keep', 'reset'"),
+    (["checkpoint.interval=-1"], "checkpoint.interval", ">= 0"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last", "at least 1"),
+    (["checkpoint.async_save=sometimes"], "checkpoint.async_save", "true or false"),
+    (["run.dir= "], "run.dir", "empty"),
 ]
 
 

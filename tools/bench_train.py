@@ -16,6 +16,7 @@ import sys
 import json
 import os
 import socket
+import tempfile
 import warnings
 from pathlib import Path
 from statistics import mean
@@ -46,12 +47,13 @@ def bench(args, attention: str) -> dict:
     config = load_config(args.config, [
         "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
         f"stages=[{{name: bench, seq_len: {args.seq_len}, steps: {args.steps}}}]",
+        f"run.dir={tempfile.mkdtemp(prefix=f'bench_train_{attention}_')}",  # a fresh run: nothing to resume
         *args.overrides, f"model.attention={attention}",
     ])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     history = train(config, [lambda log: print(f"{attention} step {log.step}: {log.step_time_s:.2f} s, "
-                                               f"loss {log.loss:.4f}, {log.memory_gb:.1f} GB", flush=True)])
+                                               f"loss {log.loss:.4f}, {log.memory_gb:.1f} GB", flush=True)]).history
     timed = history[1:] or history
     result = {
         "attention": attention,

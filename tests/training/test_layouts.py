@@ -1,20 +1,16 @@
 """Megatron-core GPT with NSA trains identically in every parallel layout, and learns.
 
-Real processes on gloo (torch.multiprocessing spawn). To keep CI time bounded, one group of 4 processes
+Real processes on gloo (tests/dist_harness.py). To keep CI time bounded, one group of 4 processes
 trains every multi-rank layout in turn (the trainer tears its parallel state down after each), and one
 single process trains the references; each group pays its start-up once.
 """
 
 import json
-import os
-import socket
-import sys
-import warnings
 
 import pytest
-import torch.multiprocessing as mp
 
 from nsa_dist.config import load_config
+from dist_harness import run_distributed
 
 # A tiny model every layout below can split: 2 layers (PP=2), 2 KV heads and an even vocabulary (TP=2),
 # 128 tokens = 2 * CP * selection_block * 2 with a window that fits one CP chunk (CP=2).
@@ -56,38 +52,22 @@ REFERENCES = {
 }
 
 
-def _worker(rank: int, world_size: int, port: int, runs: dict, out_path: str) -> None:
-    warnings.filterwarnings("ignore")
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
+def _train_runs(rank: int, world_size: int, runs: dict, out_path: str, run_root: str) -> None:
     from nsa_dist.trainer import train
 
-    torch.set_num_threads(1)
     results = {}
-    for name, (overrides, steps) in runs.items():
-        history = train(tiny_config(*overrides, steps=steps))
-        results[name] = [(log.loss, log.grad_norm) for log in history]
+    for index, (name, (overrides, steps)) in enumerate(runs.items()):
+        # each run in its own run directory, or it would resume from the previous run's checkpoint
+        result = train(tiny_config(*overrides, f"run.dir={run_root}/{index}", steps=steps))
+        results[name] = [(log.loss, log.grad_norm) for log in result.history]
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
-    # as tests/parallel/dist_harness.py: tear down together, then skip interpreter finalization, where
-    # gloo's threads freeing tensors abort the process now and then
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
 
 
 def _spawn(world_size: int, runs: dict, tmp_path) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out_path = str(tmp_path / f"results_{world_size}.json")
-    mp.start_processes(_worker, args=(world_size, port, runs, out_path), nprocs=world_size, start_method="spawn")
+    run_distributed(_train_runs, world_size, runs, out_path, str(tmp_path / "runs"))
     with open(out_path) as f:
         return json.load(f)
 

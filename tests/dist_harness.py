@@ -1,5 +1,6 @@
 """Runs a test body in real processes on gloo (no mocked collectives)."""
 
+import multiprocessing
 import os
 import socket
 import sys
@@ -24,7 +25,11 @@ def _worker(rank, world_size, port, fn, args):
     dist.destroy_process_group()
     # Skip interpreter finalization: gloo's worker threads can release their last tensors after Python
     # is torn down, which aborts the process now and then ("terminate called without an active
-    # exception"). A failure has already raised above, so exiting 0 here hides nothing.
+    # exception"). A failure has already raised above, so exiting 0 here hides nothing. Helper processes
+    # this rank started (Megatron's checkpoint writer keeps a multiprocessing manager) would outlive an
+    # os._exit, so they are ended first.
+    for child in multiprocessing.active_children():
+        child.terminate()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

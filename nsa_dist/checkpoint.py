@@ -1,0 +1,356 @@
+"""Checkpoints: Megatron-core's dist_checkpointing (torch_dist format) plus a completion marker written last.
+
+A run's checkpoints live in `<run.dir>/checkpoints/step_<8 digits>/`. Each holds Megatron's files (the
+PyTorch DCP shards `*.distcp` and `.metadata`, `common.pt`, `metadata.json`) and `complete.json`, our
+marker, which rank 0 writes only after every rank has written its shards and every file is synced. A
+directory without the marker is an interrupted save: it is skipped with a warning and never loaded.
+
+What one holds:
+- the model: `GPTModel.sharded_state_dict()`, every tensor described by its global shape, so a checkpoint
+  saved under one TP/PP/CP/DP layout loads into any other;
+- the optimizer: Adam's moments keyed like the model's tensors, so they reshard the same way. The
+  distributed optimizer (GPU) saves `fully_reshardable` at the end of a stage (the next stage may change
+  TP/PP) and `dp_reshardable` within a stage (fast, and a resume keeps the stage's layout);
+- the LR scheduler's state, and per rank the torch, CUDA and Megatron tracker RNG states;
+- in the marker: the training state (step, stage, data position), the layout, the resolved config and
+  every file's size, so a truncated or missing file is reported before anything is loaded.
+"""
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+from nsa_dist.config import Config, Stage
+
+log = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+FORMAT_VERSION = 1
+# model fields a checkpoint may not change: they set parameter shapes or what the model computes.
+# rotary_base is per stage (RoPE has no weights), init_std only matters before the first step.
+MODEL_FIELDS_FREE_TO_CHANGE = {"model.rotary_base", "model.init_std", "nsa.impl"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names its path and what to do."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint's marker."""
+
+    step: int = 0  # optimizer steps taken over all stages
+    stage: str = ""  # the stage the checkpoint was saved in
+    stage_index: int = 0
+    stage_step: int = 0  # steps taken in that stage
+    stage_done: bool = False  # saved at the end of its stage: the next stage starts from it
+    consumed_sequences: int = 0  # the data position: sequences drawn from the stream so far
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint on disk, as its marker describes it."""
+
+    path: Path
+    state: TrainState
+    layout: dict  # {"tensor", "pipeline", "context", "data"} it was saved under
+    config: dict  # the resolved config of the run that saved it
+    optimizer_sharding: str  # how the distributed optimizer's state was laid out
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step_{step:08d}"
+
+
+# ------------------------------------------------------------------------------------ finding them
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Reads a checkpoint directory's marker and checks that its files are all there, whole.
+
+    Raises CheckpointError naming the path and the fix: missing, not a directory, empty, incomplete (no
+    marker), unreadable marker, another format version, a missing or truncated file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path (checkpoint.init_from or "
+                              "run.dir)")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a file, not a checkpoint directory: give the "
+                              "step_<N> directory under <run.dir>/checkpoints")
+    if not any(path.iterdir()):
+        raise CheckpointError(f"checkpoint {path} is an empty directory: give a step_<N> directory that "
+                              "holds a saved checkpoint")
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MARKER}, so its save was "
+                              "interrupted. Use an earlier checkpoint of the run")
+    try:
+        meta = json.loads(marker.read_text())
+        state = TrainState(**meta["state"])
+        checkpoint = Checkpoint(path=path, state=state, layout=meta["layout"], config=meta["config"],
+                                optimizer_sharding=meta["optimizer_sharding"])
+        files, version = meta["files"], meta["format_version"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} has a corrupt {MARKER} ({exc}): the checkpoint cannot be "
+                              "trusted; delete it to fall back to an earlier one") from exc
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}; this nsa-dist reads "
+                              f"version {FORMAT_VERSION}: load it with the nsa-dist that wrote it")
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing its file {name}: it is damaged; delete it "
+                                  "to fall back to an earlier one")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path}: {name} has {file.stat().st_size} bytes but had {size} "
+                                  "when saved, so it was truncated or changed; delete the checkpoint to "
+                                  "fall back to an earlier one")
+    return checkpoint
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
+    """The run's complete checkpoints, oldest first. Directories without a marker (interrupted saves)
+    are skipped with a warning; a damaged complete checkpoint raises CheckpointError."""
+    root = checkpoints_dir(run_dir)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root} is a file, but run.dir={run_dir} needs it to be the checkpoint "
+                              "directory: move the file or choose another run.dir")
+    found = []
+    for path in sorted(root.glob("step_*")) if root.is_dir() else []:
+        if not (path / MARKER).exists():
+            log.warning("skipping %s: it has no %s (its save was interrupted); it is never loaded", path, MARKER)
+            continue
+        found.append(read_checkpoint(path))
+    return sorted(found, key=lambda c: c.state.step)
+
+
+def newest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_model(checkpoint: Checkpoint, config: Config) -> None:
+    """Raises CheckpointError listing every model/NSA field in which the checkpoint's config differs."""
+    saved = _flatten({"model": checkpoint.config.get("model", {}), "nsa": checkpoint.config.get("nsa", {})})
+    wanted = _flatten({"model": asdict(config.model), "nsa": asdict(config.nsa)})
+    differences = [f"{name} is {saved.get(name)!r} there and {value!r} here"
+                   for name, value in wanted.items()
+                   if name not in MODEL_FIELDS_FREE_TO_CHANGE and saved.get(name) != value]
+    if differences:
+        raise CheckpointError(f"checkpoint {checkpoint.path} holds another model: " + "; ".join(differences)
+                              + ". Set these fields to the checkpoint's values, or choose a new run.dir to "
+                              "train a new model")
+
+
+# ------------------------------------------------------------------------------------ state dicts
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+            "context": parallel_state.get_context_parallel_world_size(),
+            "data": parallel_state.get_data_parallel_world_size()}
+
+
+def _rng_sharded_object() -> ShardedObject:
+    """This rank's RNG states, one object per rank of the layout (loaded only into the same layout)."""
+    shape = tuple(_layout()[axis] for axis in ("pipeline", "tensor", "context", "data"))
+    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_context_parallel_rank(), parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
+
+
+def _sharded_state_dict(model, optimizer, scheduler, optimizer_sharding: str, *, with_optimizer: bool,
+                        with_rng: bool, is_loading: bool) -> dict:
+    gpt = model.module  # Megatron's DDP wraps the GPTModel
+    model_state = gpt.sharded_state_dict()
+    state = {"model": model_state}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_sharding})
+        state["scheduler"] = scheduler.state_dict() if scheduler is not None else {}
+    if with_rng:
+        state["rng_state"] = _rng_sharded_object()
+    return state
+
+
+# ------------------------------------------------------------------------------------ save
+
+
+def _sync_files(path: Path) -> dict:
+    """fsyncs every file of a checkpoint and returns {name: size}: the marker may only follow durable data."""
+    sizes = {}
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+        sizes[file.name] = file.stat().st_size
+    return sizes
+
+
+def _write_json_atomically(path: Path, content: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(content, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Deletes complete checkpoints beyond the newest keep_last (a stage's final checkpoint is kept), and
+    interrupted saves older than the newest complete checkpoint (they can never be completed)."""
+    complete = complete_checkpoints(run_dir)
+    if not complete:
+        return
+    for checkpoint in complete[:-keep_last]:
+        if not checkpoint.state.stage_done:
+            shutil.rmtree(checkpoint.path)
+    newest = complete[-1].path.name
+    for path in checkpoints_dir(run_dir).glob("step_*"):
+        if not (path / MARKER).exists() and path.name < newest:
+            shutil.rmtree(path)
+
+
+class CheckpointWriter:
+    """Saves checkpoints, synchronously or (async_save) in Megatron's background writer processes.
+
+    The marker is written by rank 0 once every rank's shards are on disk; only then are old checkpoints
+    pruned, so a failed save never costs the previous checkpoint."""
+
+    def __init__(self, config: Config):
+        self.run_dir = Path(config.run.dir)
+        self.config = config
+        self.keep_last = config.checkpoint.keep_last
+        self.queue = AsyncCallsQueue() if config.checkpoint.async_save else None
+
+    def save(self, model, optimizer, scheduler, state: TrainState) -> Path:
+        """Saves (or, with async_save, starts saving) a checkpoint of `state`; every rank calls it."""
+        path = step_dir(self.run_dir, state.step)
+        if dist.get_rank() == 0:
+            if path.exists():  # an earlier save of this step that never completed
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        dist.barrier()
+        sharding = "fully_reshardable" if state.stage_done else "dp_reshardable"
+        sharded = _sharded_state_dict(model, optimizer, scheduler, sharding, with_optimizer=True, with_rng=True,
+                                      is_loading=False)
+        start = time.perf_counter()
+        try:
+            request = dist_checkpointing.save(sharded, str(path), async_sharded_save=self.queue is not None)
+        except Exception as exc:
+            raise self._save_failed(path, exc) from exc
+        marker = {"format_version": FORMAT_VERSION, "state": asdict(state), "layout": _layout(),
+                  "config": self.config.to_dict(), "optimizer_sharding": sharding}
+
+        def finish():
+            if dist.get_rank() == 0:
+                marker["files"] = _sync_files(path)
+                marker["save_seconds"] = round(time.perf_counter() - start, 3)
+                _write_json_atomically(path / MARKER, marker)
+                prune_checkpoints(self.run_dir, self.keep_last)
+                size = sum(marker["files"].values())
+                log.info("saved checkpoint %s (step %d, stage %s%s) in %.1f s, %.1f MB", path, state.step,
+                         state.stage, ", done" if state.stage_done else "", marker["save_seconds"], size / 1e6)
+            dist.barrier()
+
+        if self.queue is None:
+            finish()
+        else:
+            request.add_finalize_fn(finish)
+            self.queue.schedule_async_request(request)
+        return path
+
+    def _save_failed(self, path: Path, exc: Exception) -> CheckpointError:
+        previous = newest_checkpoint(self.run_dir)
+        kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
+        return CheckpointError(f"saving checkpoint {path} failed ({type(exc).__name__}: {exc}); {kept}. Free disk "
+                               "space (or lower checkpoint.keep_last) and rerun the same command to resume")
+
+    def poll(self) -> None:
+        """Finishes background saves that are done (async_save); call once per step on every rank."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Blocks until every background save is complete and marked."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+            self.queue.close()
+
+
+# ------------------------------------------------------------------------------------ load
+
+
+def load_checkpoint(checkpoint: Checkpoint, model, optimizer, scheduler=None, *, with_optimizer: bool) -> None:
+    """Loads a checkpoint into this layout's model (and optimizer), resharding as needed.
+
+    `scheduler` is given when resuming inside the checkpoint's own stage: it then takes its step counter
+    from the checkpoint (its other values come from the config). RNG states are restored only into the
+    layout the checkpoint was saved under."""
+    same_layout = checkpoint.layout == _layout()
+    sharded = _sharded_state_dict(model, optimizer, scheduler, checkpoint.optimizer_sharding,
+                                  with_optimizer=with_optimizer, with_rng=same_layout, is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(checkpoint.path))
+        model.module.load_state_dict(loaded["model"])
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {checkpoint.path} could not be loaded ({type(exc).__name__}: {exc}); "
+                              "its files may be damaged: delete it to fall back to an earlier one") from exc
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        optimizer.reload_model_params()  # fp32 main weights (bf16 training) from the loaded weights
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])

@@ -3,9 +3,7 @@
 One program owns a tile of BLOCK_T query tokens of one document and one (batch, KV head). It walks the
 selection blocks in tiles of ST (>= n) blocks. For each tile it recomputes, for the ST * l'/d compressed
 blocks that start inside it, p_cmp = exp(scale * q.k_cmp - lse_cmp) summed over the G query heads of the
-group: the (token, head) pairs are the rows of one dot (HEADS heads per dot, padded to a power of two),
-whose q rows stay in registers across the loop when G <= 16, instead of G dots of BLOCK_T rows that
-reload q for every head on every tile. It spreads them onto selection blocks with the overlap weights (a [BLOCK_C, ST] matrix built from
+group, spreads them onto selection blocks with the overlap weights (a [BLOCK_C, ST] matrix built from
 indices), and merges the tile's scores into a running top-ST list kept in registers. A compressed block
 can reach one selection block past the tile (it ends l - d tokens after it starts); that part is carried
 into the next tile. So each compressed score is computed once, as in compressed attention's forward.
@@ -25,17 +23,7 @@ from kernels.compression.naive import compressed_cu_seqlens
 from kernels.range_attention import LOG2E
 from kernels.triton_utils import check_attention_inputs, check_packed, dot_precision, poisoned, pow2
 
-# rows = (token, query head) pairs in one dot with the compressed keys: heads padded to a power of two,
-# at most 16 heads per dot (larger groups take several), and at least 16 tokens (the overlap-weight dot
-# needs 16 rows)
-MAX_HEADS_PER_DOT = 16
-MIN_ROWS = 128
-
-
-def tile_shape(group: int) -> tuple[int, int]:
-    """(query tokens per program, query heads per dot) for a GQA group of `group` heads."""
-    heads = min(pow2(group, minimum=1), MAX_HEADS_PER_DOT)
-    return max(16, MIN_ROWS // heads), heads
+BLOCK_T = 64  # query tokens per program
 
 
 @triton.jit
@@ -43,11 +31,10 @@ def _topn_kernel(
     q, k_cmp, lse, tiles, out,
     T, NC, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
-    DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, HEADS: tl.constexpr,
-    BLOCK_C: tl.constexpr, ST: tl.constexpr, PRECISION: tl.constexpr,
+    DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     R: tl.constexpr = SEL // STRIDE  # compressed blocks starting inside one selection block
-    CHUNKS: tl.constexpr = (G + HEADS - 1) // HEADS  # dots per key tile, HEADS query heads each
     tile = tl.program_id(0)
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
@@ -66,13 +53,6 @@ def _topn_kernel(
     cols = tl.arange(0, ST)
     local_c = tl.arange(0, BLOCK_C)
     dk = tl.arange(0, BLOCK_DK)
-    # row r of a dot: token toks[r // HEADS], query head r % HEADS of the chunk
-    rows = tl.arange(0, BLOCK_T * HEADS)
-    row_tok = tok_lo + rows // HEADS
-    row_ok = row_tok < tok_hi
-    # with one chunk (G <= HEADS) the q rows stay in registers for the whole loop; more chunks reload them
-    if CHUNKS == 1:
-        q_rows, lse_rows = _query_rows(q, lse, b, T, HQ, hk, row_tok, row_ok, rows, 0, dk, G, DK, HEADS)
 
     running = tl.full([BLOCK_T, ST], -1, tl.int64)
     carry = tl.zeros([BLOCK_T], tl.float32)
@@ -81,17 +61,15 @@ def _topn_kernel(
         c_ok = (local_c < ST * R) & (c < cmp_count)
         kv_row = (b * NC + cmp_start + c) * HK + hk
         kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=c_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
-        for chunk in tl.static_range(CHUNKS):
-            if CHUNKS > 1:
-                q_rows, lse_rows = _query_rows(q, lse, b, T, HQ, hk, row_tok, row_ok, rows, chunk, dk, G, DK, HEADS)
-            s = tl.dot(q_rows, tl.trans(kt), input_precision=PRECISION) * scale_log2
-            # padded heads and missing tokens have lse = +inf and add exp2(-inf) = 0; blocks a token does not
-            # see may overflow exp2 here, and are dropped below, column by column
-            p = tl.exp2(s - lse_rows[:, None])
-            p_sum += tl.sum(tl.reshape(p, [BLOCK_T, HEADS, BLOCK_C]), 1)
         visible = tok_ok[:, None] & c_ok[None, :] & (c[None, :] < num_seen[:, None])
-        p_sum = tl.where(visible, p_sum, 0.0)
+        p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+        for g in range(G):
+            flat = (b * T + toks) * HQ + hk * G + g
+            qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
+            row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
+            row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+            s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+            p_sum += tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
 
         # |tokens(compressed block c) & tokens(selection block j)| / d
         c_first = c * STRIDE
@@ -119,21 +97,6 @@ def _topn_kernel(
     tl.store(out + dst, ids, mask=tok_ok[:, None] & (cols[None, :] < NSEL))
 
 
-@triton.jit
-def _query_rows(q, lse, b, T, HQ, hk, row_tok, row_ok, rows, chunk, dk, G: tl.constexpr, DK: tl.constexpr,
-                HEADS: tl.constexpr):
-    """q rows and base-2 lse of query heads chunk * HEADS ... of the group for the rows' tokens. A padded
-    head or missing token gets q = 0 and lse = +inf (its p is dropped); a token that sees no block has
-    lse = -inf and sees nothing, so 0 stands in to keep exp2 finite."""
-    head = chunk * HEADS + rows % HEADS
-    ok = row_ok & (head < G)
-    flat = (b * T + row_tok) * HQ + hk * G + head
-    q_rows = tl.load(q + flat[:, None] * DK + dk[None, :], mask=ok[:, None] & (dk[None, :] < DK), other=0.0)
-    row_lse = tl.load(lse + flat, mask=ok, other=float("inf"))
-    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
-    return q_rows, row_lse
-
-
 def query_tiles(
     seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
     block_t: int, device: torch.device,
@@ -144,15 +107,12 @@ def query_tiles(
     global position, its first compressed row, its number of compressed rows.
     """
     if cu_seqlens is None:
-        # one document: built on the device, so that no host-to-device copy waits for the GPU's queue
-        first = torch.arange(0, seq, block_t, dtype=torch.int64, device=device)
-        tiles = torch.zeros(first.numel(), 5, dtype=torch.int64, device=device)
-        tiles[:, 0], tiles[:, 1], tiles[:, 4] = first, (first + block_t).clamp_max(seq), num_blocks
-        return tiles
-    bounds = cu_seqlens.tolist()
-    cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
-    docs = [(bounds[i], bounds[i + 1], cmp_bounds[i], cmp_bounds[i + 1] - cmp_bounds[i])
-            for i in range(len(bounds) - 1)]
+        docs = [(0, q_start + seq, 0, num_blocks)]
+    else:
+        bounds = cu_seqlens.tolist()
+        cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
+        docs = [(bounds[i], bounds[i + 1], cmp_bounds[i], cmp_bounds[i + 1] - cmp_bounds[i])
+                for i in range(len(bounds) - 1)]
     rows = []
     for doc_lo, doc_hi, cmp_lo, cmp_count in docs:
         lo, hi = max(doc_lo, q_start) - q_start, min(doc_hi, q_start + seq) - q_start
@@ -195,8 +155,7 @@ def select_blocks_triton(
     num_kv_heads = k_cmp.shape[2]
     group = num_q_heads // num_kv_heads
     scale = default_scale(head_dim, scale)
-    block_t, heads = tile_shape(group)
-    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, block_t, q.device)
+    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, BLOCK_T, q.device)
     top = pow2(num_selected)
     out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
     if tiles.shape[0] == 0:
@@ -205,7 +164,7 @@ def select_blocks_triton(
         q.contiguous(), k_cmp.contiguous(), lse_cmp.float().contiguous(), tiles, out,
         seq, k_cmp.shape[1], num_q_heads, num_kv_heads, num_selected, q_start, scale * LOG2E,
         G=group, L=block_size, STRIDE=stride, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
-        BLOCK_T=block_t, HEADS=heads, BLOCK_C=pow2(top * selection_block // stride), ST=top,
-        PRECISION=dot_precision(q.dtype), num_warps=8,
+        BLOCK_T=BLOCK_T, BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
+        num_warps=8,  # no register spills on sm_90 at head dims up to 256 (ptxas resource usage)
     )
     return out

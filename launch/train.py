@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                       soft_wrap=True)
     try:
         mp.start_processes(worker, args=(config, world_size, free_port()), nprocs=world_size, start_method="spawn")
-    except mp.ProcessException as exc:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         # a rank that raised shows its traceback here; one that exited (a clear error, or a kill) has
         # printed its message or none
         detail = exc.msg if isinstance(exc, mp.ProcessRaisedException) else f"exit code {exc.exit_code}"

@@ -31,8 +31,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint import CheckpointException
 
-from nsa_dist.config import Config, Stage
+# What a failed save or load raises: PyTorch's DCP reports its ranks' failures as CheckpointException,
+# which derives from BaseException, not Exception.
+FAILURES = (Exception, CheckpointException)
+
+from nsa_dist.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +130,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return checkpoint
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
-    """The run's complete checkpoints, oldest first. Directories without a marker (interrupted saves)
-    are skipped with a warning; a damaged complete checkpoint raises CheckpointError."""
+def complete_checkpoints(run_dir: str | Path, warn: bool = True) -> list[Checkpoint]:
+    """The run's complete checkpoints, oldest first. Directories without a marker (interrupted saves, or
+    saves in progress) are skipped, with a warning if `warn`; a damaged complete checkpoint raises
+    CheckpointError."""
     root = checkpoints_dir(run_dir)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file, but run.dir={run_dir} needs it to be the checkpoint "
@@ -134,7 +141,9 @@ def complete_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
     found = []
     for path in sorted(root.glob("step_*")) if root.is_dir() else []:
         if not (path / MARKER).exists():
-            log.warning("skipping %s: it has no %s (its save was interrupted); it is never loaded", path, MARKER)
+            if warn:
+                log.warning("skipping %s: it has no %s (its save was interrupted); it is never loaded", path,
+                            MARKER)
             continue
         found.append(read_checkpoint(path))
     return sorted(found, key=lambda c: c.state.step)
@@ -201,15 +210,49 @@ def _rng_sharded_object() -> ShardedObject:
     return ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
 
 
+def _prepare_distributed_optimizer_for_loading(optimizer) -> None:
+    """Two gaps of Megatron-core 0.16.1's distributed optimizer with torch's Adam (no Apex or Transformer
+    Engine), bridged here for every DistributedOptimizer inside `optimizer`:
+
+    - it can describe its state for loading only once that state exists, and a new one has none: one step
+      on zero gradients creates it (Megatron does the same for its FSDP); the checkpoint overwrites it;
+    - its fully reshardable loaders copy every key of Adam's per-parameter state, 'step' included, but the
+      checkpoint keeps 'step' per parameter group (restored before the copy), so the copy keeps the
+      restored 'step' instead of failing on the missing key.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        if not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+        if getattr(inner, "_keeps_restored_step", False):
+            continue
+        copy_states = inner._set_main_param_and_optimizer_states
+
+        def copy_keeping_step(model_param, tensors, inner=inner, copy_states=copy_states):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+            step = inner.optimizer.state[main_param].get("step")
+            if "step" not in tensors and step is not None:
+                tensors = {**tensors, "step": step}
+            copy_states(model_param, tensors)
+
+        inner._set_main_param_and_optimizer_states = copy_keeping_step
+        inner._keeps_restored_step = True
+
+
 def _sharded_state_dict(model, optimizer, scheduler, optimizer_sharding: str, *, with_optimizer: bool,
                         with_rng: bool, is_loading: bool) -> dict:
     gpt = model.module  # Megatron's DDP wraps the GPTModel
     model_state = gpt.sharded_state_dict()
     state = {"model": model_state}
     if with_optimizer:
+        if is_loading:
+            _prepare_distributed_optimizer_for_loading(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_sharding})
-        state["scheduler"] = scheduler.state_dict() if scheduler is not None else {}
+        if scheduler is not None:  # saved for the record (Megatron's tools read it); see load_checkpoint
+            state["scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_sharded_object()
     return state
@@ -245,7 +288,7 @@ def _write_json_atomically(path: Path, content: dict) -> None:
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Deletes complete checkpoints beyond the newest keep_last (a stage's final checkpoint is kept), and
     interrupted saves older than the newest complete checkpoint (they can never be completed)."""
-    complete = complete_checkpoints(run_dir)
+    complete = complete_checkpoints(run_dir, warn=False)  # newer saves may be in progress (async_save)
     if not complete:
         return
     for checkpoint in complete[:-keep_last]:
@@ -283,7 +326,7 @@ class CheckpointWriter:
         start = time.perf_counter()
         try:
             request = dist_checkpointing.save(sharded, str(path), async_sharded_save=self.queue is not None)
-        except Exception as exc:
+        except FAILURES as exc:
             raise self._save_failed(path, exc) from exc
         marker = {"format_version": FORMAT_VERSION, "state": asdict(state), "layout": _layout(),
                   "config": self.config.to_dict(), "optimizer_sharding": sharding}
@@ -309,7 +352,8 @@ class CheckpointWriter:
     def _save_failed(self, path: Path, exc: Exception) -> CheckpointError:
         previous = newest_checkpoint(self.run_dir)
         kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
-        return CheckpointError(f"saving checkpoint {path} failed ({type(exc).__name__}: {exc}); {kept}. Free disk "
+        cause = " ".join(str(exc).split())  # DCP's messages span lines
+        return CheckpointError(f"saving checkpoint {path} failed ({type(exc).__name__}: {cause}); {kept}. Free disk "
                                "space (or lower checkpoint.keep_last) and rerun the same command to resume")
 
     def poll(self) -> None:
@@ -331,26 +375,34 @@ class CheckpointWriter:
 # ------------------------------------------------------------------------------------ load
 
 
-def load_checkpoint(checkpoint: Checkpoint, model, optimizer, scheduler=None, *, with_optimizer: bool) -> None:
-    """Loads a checkpoint into this layout's model (and optimizer), resharding as needed.
-
-    `scheduler` is given when resuming inside the checkpoint's own stage: it then takes its step counter
-    from the checkpoint (its other values come from the config). RNG states are restored only into the
-    layout the checkpoint was saved under."""
+def load_checkpoint(checkpoint: Checkpoint, model, optimizer, *, with_optimizer: bool) -> float:
+    """Loads a checkpoint into this layout's model (and optimizer), resharding as needed; returns the
+    seconds it took. RNG states are restored only into the layout the checkpoint was saved under. The
+    LR schedule is not loaded: the trainer positions it from the config and the saved step counters, so a
+    changed schedule in the config takes effect on resume."""
+    start = time.perf_counter()
     same_layout = checkpoint.layout == _layout()
-    sharded = _sharded_state_dict(model, optimizer, scheduler, checkpoint.optimizer_sharding,
+    sharded = _sharded_state_dict(model, optimizer, None, checkpoint.optimizer_sharding,
                                   with_optimizer=with_optimizer, with_rng=same_layout, is_loading=True)
     try:
         loaded = dist_checkpointing.load(sharded, str(checkpoint.path))
         model.module.load_state_dict(loaded["model"])
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {checkpoint.path} could not be loaded ({type(exc).__name__}: {exc}); "
+    except FAILURES as exc:
+        cause = " ".join(str(exc).split())
+        raise CheckpointError(f"checkpoint {checkpoint.path} could not be loaded ({type(exc).__name__}: {cause}); "
                               "its files may be damaged: delete it to fall back to an earlier one") from exc
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     else:
         optimizer.reload_model_params()  # fp32 main weights (bf16 training) from the loaded weights
-    if scheduler is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
+    seconds = time.perf_counter() - start
+    if dist.get_rank() == 0:
+        log.info("loaded checkpoint %s in %.1f s%s", checkpoint.path, seconds, "" if same_layout else
+                 f" (saved under {_describe(checkpoint.layout)}, resharded into {_describe(_layout())})")
+    return seconds
+
+
+def _describe(layout: dict) -> str:
+    return " ".join(f"{axis[:1].upper()}P={layout[axis]}" for axis in ("tensor", "pipeline", "context", "data"))

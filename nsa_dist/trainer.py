@@ -16,7 +16,11 @@ every rank (the values are global, so they agree across ranks).
 
 import logging
 import math
+import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +58,12 @@ class StepLog:
 
 
 Hook = Callable[[StepLog], None]
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean next-token loss over the evaluated batches
+    load_seconds: float  # time to load (and reshard) the checkpoint
 
 
 @dataclass
@@ -172,8 +182,21 @@ def peak_memory_gb(device: torch.device) -> float:
 # ------------------------------------------------------------------------------------ building
 
 
+def _end_helpers_and_exit(signum, frame) -> None:
+    """On SIGTERM (how torch.multiprocessing, torchrun and Ray stop the other ranks when one fails), end the
+    helper processes this rank started before exiting: Megatron's checkpoint writer keeps a
+    multiprocessing manager per rank, which would otherwise outlive the rank."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
 def _start_processes(config: Config) -> torch.device:
-    """Device and the default process group (idempotent)."""
+    """Device, the default process group (idempotent) and the SIGTERM handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _end_helpers_and_exit)
     device = resolve_device(config)
     # Megatron-core's tensor-parallel layers want one CUDA work queue, so that communication kernels run
     # in the order they were issued (it warns otherwise); must be set before CUDA starts.
@@ -218,8 +241,7 @@ def _build(config: Config, stage: Stage, device: torch.device):
 
 def lr_scheduler(optimizer, config: Config, stage: Stage, state: TrainState) -> OptimizerParamScheduler:
     """Linear warmup, then cosine: the run-wide schedule at the global step, or (lr_schedule: restart) the
-    stage's own schedule at its own step. The config's values win over a checkpoint's on resume; only
-    the step counter is taken from it."""
+    stage's own schedule at its own step, positioned at `state`'s step counters."""
     tr = config.training
     if stage.lr_schedule == "continue":
         peak, floor, warmup, decay, done = tr.lr, tr.min_lr, tr.warmup_steps, config.total_steps, state.step
@@ -287,18 +309,16 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
     model, optimizer = _build(config, stage, device)
     if start is not None and start.state.stage == stage.name:  # resume inside this stage: everything
         state = replace(start.state)
-        scheduler = lr_scheduler(optimizer, config, stage, state)
-        load_checkpoint(start, model, optimizer, scheduler, with_optimizer=True)
+        load_checkpoint(start, model, optimizer, with_optimizer=True)
     elif start is not None:  # the previous stage's weights (and Adam's moments, unless reset)
         state = TrainState(step=start.state.step, stage=stage.name, stage_index=stage.index,
                            consumed_sequences=start.state.consumed_sequences)
         load_checkpoint(start, model, optimizer, with_optimizer=stage.optimizer_state == "keep")
-        scheduler = lr_scheduler(optimizer, config, stage, state)
     else:
         state = TrainState(stage=stage.name, stage_index=stage.index)
         if initial is not None:
             load_checkpoint(initial, model, optimizer, with_optimizer=False)
-        scheduler = lr_scheduler(optimizer, config, stage, state)
+    scheduler = lr_scheduler(optimizer, config, stage, state)
     if dist.get_rank() == 0:
         source = start.path if start is not None else (initial.path if initial else "random weights")
         log.info("stage %s: %d tokens, %s DP=%d, steps %d-%d, from %s", stage.name, stage.seq_len, stage.layout(),
@@ -354,36 +374,42 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(config: Config, checkpoint: str | Path, stage_name: str, num_batches: int = 1) -> float:
-    """Mean loss of a checkpoint's weights on `num_batches` held-out global batches of a stage's data,
-    computed in that stage's layout (any layout loads any checkpoint); every rank calls it."""
+def evaluate(config: Config, checkpoints: Sequence[str | Path], stage_name: str, num_batches: int = 1,
+             first_sequence: int = VALIDATION_START) -> list[Evaluation]:
+    """Mean loss of each checkpoint's weights on the same `num_batches` global batches of a stage's data
+    from `first_sequence` on (default: held-out sequences), computed in that stage's layout (any layout
+    loads any checkpoint); every rank calls it. The model is built once and loads each checkpoint in turn."""
     device = _start_processes(config)
     stages = {stage.name: stage for stage in config.resolved_stages()}
     if stage_name not in stages:
         raise ConfigError(f"stage {stage_name!r} is not in the config: use one of {', '.join(stages)}")
     stage = stages[stage_name]
-    source = _broadcast_from_rank0(lambda: read_checkpoint(checkpoint))
-    check_same_model(source, config)
+    sources = _broadcast_from_rank0(lambda: [read_checkpoint(path) for path in checkpoints])
+    for source in sources:
+        check_same_model(source, config)
     check_layouts(config, dist.get_world_size(), [stage])
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=stage.tensor,
                                              pipeline_model_parallel_size=stage.pipeline,
                                              context_parallel_size=stage.context)
     try:
         model, optimizer = _build(config, stage, device)
-        load_checkpoint(source, model, optimizer, with_optimizer=False)
-        dp_size = parallel_state.get_data_parallel_world_size()
-        batches = micro_batches(SyntheticCopyTask(config.data, config.model.vocab_size), stage.seq_len,
-                                stage.global_batch_size, stage.micro_batch_size,
-                                parallel_state.get_data_parallel_rank(), dp_size,
-                                parallel_state.get_context_parallel_group(), device, first_sequence=VALIDATION_START)
         model.eval()
-        losses = []
-        with torch.no_grad():
-            for _ in range(num_batches):
-                losses += get_forward_backward_func()(
-                    forward_step_func=forward_step, data_iterator=batches, model=[model],
-                    num_microbatches=stage.global_batch_size // (stage.micro_batch_size * dp_size),
-                    seq_length=stage.seq_len, micro_batch_size=stage.micro_batch_size, forward_only=True)
-        return global_mean_loss(losses, device)
+        dp_size = parallel_state.get_data_parallel_world_size()
+        results = []
+        for source in sources:
+            load_seconds = load_checkpoint(source, model, optimizer, with_optimizer=False)
+            batches = micro_batches(SyntheticCopyTask(config.data, config.model.vocab_size), stage.seq_len,
+                                    stage.global_batch_size, stage.micro_batch_size,
+                                    parallel_state.get_data_parallel_rank(), dp_size,
+                                    parallel_state.get_context_parallel_group(), device, first_sequence=first_sequence)
+            losses = []
+            with torch.no_grad():
+                for _ in range(num_batches):
+                    losses += get_forward_backward_func()(
+                        forward_step_func=forward_step, data_iterator=batches, model=[model],
+                        num_microbatches=stage.global_batch_size // (stage.micro_batch_size * dp_size),
+                        seq_length=stage.seq_len, micro_batch_size=stage.micro_batch_size, forward_only=True)
+            results.append(Evaluation(global_mean_loss(losses, device), load_seconds))
+        return results
     finally:
         parallel_state.destroy_model_parallel()

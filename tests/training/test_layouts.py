@@ -9,25 +9,11 @@ import json
 
 import pytest
 
-from nsa_dist.config import load_config
 from dist_harness import run_distributed
+from tiny import tiny_config
 
-# A tiny model every layout below can split: 2 layers (PP=2), 2 KV heads and an even vocabulary (TP=2),
-# 128 tokens = 2 * CP * selection_block * 2 with a window that fits one CP chunk (CP=2).
-TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_query_heads=4",
-    "model.num_kv_heads=2", "model.head_dim_k=16", "model.head_dim_v=8", "model.vocab_size=128",
-    "nsa.compress_block=8", "nsa.stride=4", "nsa.selection_block=16", "nsa.num_selected=3", "nsa.window=16",
-    "data.period=24", "data.successors=2", "training.micro_batch_size=1", "training.global_batch_size=4",
-    "training.lr=3e-3", "training.min_lr=3e-4", "training.warmup_steps=1", "training.device=cpu",
-]
 FIRST_STEPS = 3
 LEARN_STEPS = 20
-
-
-def tiny_config(*overrides: str, steps: int = FIRST_STEPS):
-    return load_config(None, TINY + ["stages.0.seq_len=128", f"stages.0.steps={steps}", *overrides])
-
 
 # name -> overrides; on 4 processes, what is left of the world is data parallelism
 LAYOUTS = {

@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state
 
 from nsa_dist.checkpoint import CheckpointError, newest_checkpoint  # noqa: E402
 from nsa_dist.config import Config, ConfigError, load_config  # noqa: E402
-from nsa_dist.trainer import StepLog, plan, stages_to_run, train  # noqa: E402
+from nsa_dist.trainer import StepLog, TrainingHooks, plan, stages_to_run, train  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,9 +40,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def print_step(log: StepLog) -> None:
-    print(f"{log.stage:>8} step {log.step:4d}  loss {log.loss:7.4f}  grad norm {log.grad_norm:6.3f}  "
-          f"lr {log.lr:.2e}  {log.tokens_per_s:7.0f} tok/s  {log.memory_gb:5.2f} GB", flush=True)
+class PrintSteps(TrainingHooks):
+    def step(self, log: StepLog) -> None:
+        print(f"{log.stage:>8} step {log.step:4d}  loss {log.loss:7.4f}  grad norm {log.grad_norm:6.3f}  "
+              f"lr {log.lr:.2e}  {log.tokens_per_s:7.0f} tok/s  {log.memory_gb:5.2f} GB", flush=True)
 
 
 def worker(local_rank: int, config: Config, world_size: int, port: int) -> None:
@@ -60,7 +61,7 @@ def run_rank(config: Config) -> None:
         # processes share the cores: one thread each unless there are cores to spare
         torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["WORLD_SIZE"])))
     try:
-        result = train(config, [print_step] if rank0 else [])
+        result = train(config, [PrintSteps()] if rank0 else [])
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -24,6 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -306,9 +307,10 @@ class CheckpointWriter:
     The marker is written by rank 0 once every rank's shards are on disk; only then are old checkpoints
     pruned, so a failed save never costs the previous checkpoint."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, on_saved: Callable[[Path, TrainState], object] = lambda path, state: None):
         self.run_dir = Path(config.run.dir)
         self.config = config
+        self.on_saved = on_saved  # called on rank 0 once a checkpoint is complete
         self.keep_last = config.checkpoint.keep_last
         self.queue = AsyncCallsQueue() if config.checkpoint.async_save else None
 
@@ -340,6 +342,7 @@ class CheckpointWriter:
                 size = sum(marker["files"].values())
                 log.info("saved checkpoint %s (step %d, stage %s%s) in %.1f s, %.1f MB", path, state.step,
                          state.stage, ", done" if state.stage_done else "", marker["save_seconds"], size / 1e6)
+                self.on_saved(path, state)
             dist.barrier()
 
         if self.queue is None:

@@ -72,7 +72,7 @@ class ParallelLinearDict(nn.ModuleDict):
         return sharded
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group) -> torch.Tensor:
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group, stats=None) -> torch.Tensor:
     """Causal GQA attention of this rank's queries over the whole sequence: [B, T_local, H, D] in and out.
 
     On one rank, torch's fused causal kernels (flash / cuDNN on GPU); over a CP group, the sequence-sharded
@@ -81,7 +81,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, enable_gqa=True)
         return out.transpose(1, 2)
-    return dense_context_parallel(q, k, v, group=cp_group)
+    return dense_context_parallel(q, k, v, group=cp_group, stats=stats)
 
 
 class ParallelSelfAttention(MegatronModule):
@@ -100,6 +100,7 @@ class ParallelSelfAttention(MegatronModule):
         self.model, self.nsa = model, nsa
         self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
         self.rotary_base = model.rotary_base  # a curriculum stage may change it: set_rotary_base
+        self.comm_stats = None  # CommStats that CP collectives report to (set_comm_stats), or None
         tp = self.tp_group.size()
         if model.num_kv_heads % tp:
             raise ValueError(f"tensor parallel size {tp} must divide model.num_kv_heads={model.num_kv_heads}: "
@@ -143,7 +144,7 @@ class ParallelSelfAttention(MegatronModule):
                      heads(self.linear_v[name], self.kv_heads, m.head_dim_v))
               for name in self.linear_k}
         if m.attention == "dense":
-            out = dense_attention(q, *kv["shared"], self.cp_group)
+            out = dense_attention(q, *kv["shared"], self.cp_group, self.comm_stats)
         else:
             gates = torch.sigmoid(heads(self.linear_gate, self.q_heads, len(BRANCHES)))
             per_branch = [kv[b] for b in BRANCHES] if "shared" not in kv else [kv["shared"]] * 3
@@ -151,6 +152,7 @@ class ParallelSelfAttention(MegatronModule):
                 q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                 block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
                 num_selected=n.num_selected, window=n.window, impl=resolve_impl(n.impl, q.device),
+                stats=self.comm_stats,
             ).output
         out = out.transpose(0, 1).reshape(seq, batch, self.q_heads * m.head_dim_v)
         return self.linear_proj(out)
@@ -287,3 +289,10 @@ def set_rotary_base(gpt: GPTModel, base: float) -> None:
     for module in gpt.modules():
         if isinstance(module, ParallelSelfAttention):
             module.rotary_base = base
+
+
+def set_comm_stats(gpt: GPTModel, stats) -> None:
+    """Makes every attention layer report its context-parallel collectives to `stats` (a CommStats)."""
+    for module in gpt.modules():
+        if isinstance(module, ParallelSelfAttention):
+            module.comm_stats = stats

@@ -10,8 +10,8 @@ parallelism fills the rest of the world), a model and an optimizer, and starts f
 checkpoint of the run (nsa_dist/checkpoint.py) resharded into that layout: the stage's own newest
 checkpoint when a run resumes, else the previous stage's final one. Finished stages are never rerun. A
 stage that needs more processes than the job has ends the job after the stages before it; a job started
-with enough processes continues from there. Hooks receive a StepLog every training.log_interval steps on
-every rank (the values are global, so they agree across ranks).
+with enough processes continues from there. Hooks (TrainingHooks: the console, MLflow, tests) hear of each
+stage, step and saved checkpoint on the ranks they are given to (launchers give them to rank 0).
 """
 
 import logging
@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,7 +40,8 @@ from nsa_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, 
 from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.data import VALIDATION_START, SyntheticCopyTask, micro_batches
 from nsa_dist.megatron_cpu import enable_cpu
-from nsa_dist.model import build_model, init_weights, set_rotary_base, transformer_config
+from nsa_dist.model import build_model, init_weights, set_comm_stats, set_rotary_base, transformer_config
+from nsa_dist.parallel import CommStats
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,26 @@ class StepLog:
     tokens_per_s: float  # tokens of the global batch per second of step time
     step_time_s: float
     memory_gb: float  # this process's peak CUDA memory allocated, or its resident set size on CPU
+    # per context-parallel collective of this rank's step: {"bytes": sent + received, "exposed_s": seconds
+    # the compute waited on it}; empty without context parallelism
+    comm: dict = field(default_factory=dict)
 
 
-Hook = Callable[[StepLog], None]
+class TrainingHooks:
+    """What the trainer reports as it goes, to the console, MLflow or a test; subclasses override what they
+    need. Called on the ranks they are given to; checkpoint_saved only on rank 0 (which writes markers)."""
+
+    def stage_started(self, stage: Stage, state: TrainState, source: str) -> None:
+        """A stage begins at `state` (step counters), from `source` (a checkpoint path or random weights)."""
+
+    def step(self, log: StepLog) -> None:
+        """An optimizer step is done (every training.log_interval steps, and a stage's last)."""
+
+    def checkpoint_saved(self, path: Path, state: TrainState) -> None:
+        """A checkpoint is complete (its marker written)."""
+
+    def stage_finished(self, stage: Stage, logs: list[StepLog]) -> None:
+        """A stage's last step is done and its final checkpoint complete; `logs` are this job's steps of it."""
 
 
 @dataclass
@@ -274,7 +292,7 @@ def _broadcast_from_rank0(compute: Callable):
 # ------------------------------------------------------------------------------------ training
 
 
-def train(config: Config, hooks: Sequence[Hook] = ()) -> TrainResult:
+def train(config: Config, hooks: Sequence[TrainingHooks] = ()) -> TrainResult:
     """Trains config's model through the stages left in its run directory; every rank calls it."""
     device = _start_processes(config)
     world_size = dist.get_world_size()
@@ -282,7 +300,7 @@ def train(config: Config, hooks: Sequence[Hook] = ()) -> TrainResult:
     initial = None
     if resume is None and config.checkpoint.init_from:
         initial = read_checkpoint(config.checkpoint.init_from)
-    writer = CheckpointWriter(config)
+    writer = CheckpointWriter(config, on_saved=lambda path, state: [h.checkpoint_saved(path, state) for h in hooks])
     history: list[StepLog] = []
     try:
         for stage in stages:
@@ -301,7 +319,7 @@ def train(config: Config, hooks: Sequence[Hook] = ()) -> TrainResult:
 
 
 def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial: Checkpoint | None,
-                 writer: CheckpointWriter, hooks: Sequence[Hook], device: torch.device,
+                 writer: CheckpointWriter, hooks: Sequence[TrainingHooks], device: torch.device,
                  history: list[StepLog]) -> Checkpoint:
     """Runs one stage from `start` (this stage's newest checkpoint, or the previous stage's final one;
     None for a new run, which may take its weights from `initial`); returns the stage's final checkpoint."""
@@ -319,11 +337,13 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         if initial is not None:
             load_checkpoint(initial, model, optimizer, with_optimizer=False)
     scheduler = lr_scheduler(optimizer, config, stage, state)
+    source = str(start.path if start is not None else (initial.path if initial else "random weights"))
     if dist.get_rank() == 0:
-        source = start.path if start is not None else (initial.path if initial else "random weights")
         log.info("stage %s: %d tokens, %s DP=%d, steps %d-%d, from %s", stage.name, stage.seq_len, stage.layout(),
                  parallel_state.get_data_parallel_world_size(), state.step + 1,
                  state.step + stage.steps - state.stage_step, source)
+    for hook in hooks:
+        hook.stage_started(stage, replace(state), source)
 
     # 2. data: this DP rank's micro-batches from the saved data position, split into this CP rank's shard
     tr = config.training
@@ -337,8 +357,11 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
     forward_backward = get_forward_backward_func()
 
     # 3. the loop; checkpoints every checkpoint.interval steps and at the stage's end
+    first_log = len(history)
     while state.stage_step < stage.steps:
         start_time = time.perf_counter()
+        comm = CommStats()
+        set_comm_stats(model, comm)  # the attention layers add their collectives' bytes and waits
         model.zero_grad_buffer()
         optimizer.zero_grad()
         losses = forward_backward(forward_step_func=forward_step, data_iterator=batches, model=[model],
@@ -352,13 +375,16 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         state.stage_step += 1
         state.consumed_sequences += stage.global_batch_size
         elapsed = time.perf_counter() - start_time
+        exposed = comm.exposed_seconds()
         step_log = StepLog(stage=stage.name, step=state.step, loss=loss, grad_norm=float(grad_norm), lr=lr,
                            tokens_per_s=stage.global_batch_size * stage.seq_len / elapsed, step_time_s=elapsed,
-                           memory_gb=peak_memory_gb(device))
+                           memory_gb=peak_memory_gb(device),
+                           comm={name: {"bytes": comm.sent[name] + comm.received[name],
+                                        "exposed_s": exposed.get(name, 0.0)} for name in comm.sent})
         history.append(step_log)
         if state.step % tr.log_interval == 0 or state.stage_step == stage.steps:
             for hook in hooks:
-                hook(step_log)
+                hook.step(step_log)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {state.step} of stage {stage.name!r}: lower "
                                      "training.lr or raise training.warmup_steps")
@@ -368,6 +394,8 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
             writer.save(model, optimizer, scheduler, replace(state))
         writer.poll()
     writer.wait()  # the next stage loads this one's final checkpoint
+    for hook in hooks:
+        hook.stage_finished(stage, history[first_log:])
     return read_checkpoint(step_dir(config.run.dir, state.step))
 
 

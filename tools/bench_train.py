@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not inst
 
 from nsa_dist.config import load_config  # noqa: E402  (after the filter: megatron warns at import)
 from kernels.nsa import resolve_impl  # noqa: E402
-from nsa_dist.trainer import train  # noqa: E402
+from nsa_dist.trainer import TrainingHooks, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+class PrintStep(TrainingHooks):
+    def __init__(self, attention: str):
+        self.attention = attention
+
+    def step(self, log):
+        print(f"{self.attention} step {log.step}: {log.step_time_s:.2f} s, loss {log.loss:.4f}, "
+              f"{log.memory_gb:.1f} GB", flush=True)
+
+
 def bench(args, attention: str) -> dict:
     config = load_config(args.config, [
         "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
@@ -52,8 +61,7 @@ def bench(args, attention: str) -> dict:
     ])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    history = train(config, [lambda log: print(f"{attention} step {log.step}: {log.step_time_s:.2f} s, "
-                                               f"loss {log.loss:.4f}, {log.memory_gb:.1f} GB", flush=True)]).history
+    history = train(config, [PrintStep(attention)]).history
     timed = history[1:] or history
     result = {
         "attention": attention,

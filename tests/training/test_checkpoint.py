@@ -39,13 +39,14 @@ def _die() -> None:
 
 
 def _killed_after_step_3(rank: int, world_size: int, root: str) -> None:
-    def kill_rank_1(log):
-        if log.step == 4 and rank == 1:  # step 3's checkpoint is complete, step 6's not yet written
-            _die()
+    from nsa_dist.trainer import TrainingHooks, train
 
-    from nsa_dist.trainer import train
+    class KillRank1(TrainingHooks):
+        def step(self, log):
+            if log.step == 4 and rank == 1:  # step 3's checkpoint is complete, step 6's not yet written
+                _die()
 
-    train(run_config(root, "killed"), [kill_rank_1])
+    train(run_config(root, "killed"), [KillRank1()])
 
 
 def _killed_between_shards_and_marker(rank: int, world_size: int, root: str) -> None:
@@ -64,14 +65,15 @@ def _killed_between_shards_and_marker(rank: int, world_size: int, root: str) -> 
 
 
 def _disk_full_at_step_2(rank: int, world_size: int, root: str) -> None:
-    def fill_disk(log):
-        if log.step == 2:  # from now on no file of this process (and its writers) may pass 100 kB
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write then fails with EFBIG, not a signal
-            resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    from nsa_dist.trainer import TrainingHooks, train
 
-    from nsa_dist.trainer import train
+    class FillDisk(TrainingHooks):
+        def step(self, log):
+            if log.step == 2:  # from now on no file of this process (and its writers) may pass 100 kB
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write then fails with EFBIG, not a signal
+                resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
 
-    train(run_config(root, "disk_full", "checkpoint.interval=1"), [fill_disk])
+    train(run_config(root, "disk_full", "checkpoint.interval=1"), [FillDisk()])
 
 
 def _resume_all(rank: int, world_size: int, root: str, out_path: str) -> None:

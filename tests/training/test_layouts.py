@@ -46,6 +46,7 @@ def _train_runs(rank: int, world_size: int, runs: dict, out_path: str, run_root:
         # each run in its own run directory, or it would resume from the previous run's checkpoint
         result = train(tiny_config(*overrides, f"run.dir={run_root}/{index}", steps=steps))
         results[name] = [(log.loss, log.grad_norm) for log in result.history]
+        results[f"{name} comm"] = result.history[0].comm
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -80,6 +81,13 @@ def _reference_for(layout: str) -> str:
 def test_first_steps_match_one_process(layout, layouts, references):
     """Loss and gradient norm of the first steps, fp32: the layout changes only summation order."""
     expected, got = references[_reference_for(layout)], layouts[layout]
+    comm = layouts[f"{layout} comm"]
+    if "CP2" in layout:  # every step reports its context-parallel collectives
+        wanted = {"dense_kv"} if layout.startswith("dense") else {"halo", "compressed_kv", "selection_kv"}
+        assert wanted <= set(comm) and all(comm[name]["bytes"] > 0 for name in wanted), comm
+        assert all(entry["exposed_s"] >= 0 for entry in comm.values())
+    else:
+        assert comm == {}
     assert len(got) == len(expected) == FIRST_STEPS
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, expected), start=1):
         assert loss == pytest.approx(ref_loss, rel=1e-6), f"{layout} step {step} loss"

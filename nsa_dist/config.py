@@ -4,6 +4,7 @@ Every error is a ConfigError whose message names the field, the value and the fi
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,11 +238,14 @@ def _convert(value, tp, where: str):
         if isinstance(value, str):
             # YAML 1.1 reads 3e-4 (no dot) as a string; accept what Python reads as a number.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value} must be a finite number: set it to a finite value (inf and nan "
+                              "are not allowed)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -301,9 +305,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file, e.g. configs/quickstart.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not a text file (byte {exc.start} is not UTF-8): "
+                              "pass a YAML file, e.g. configs/quickstart.yaml") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if data is None:
+            raise ConfigError(f"config file {str(path)!r} is empty: write the sections to change (model:, nsa:, "
+                              "stages:, ...) into it, or start from a preset such as configs/quickstart.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, nsa:, ...)")
     if "stages" not in data and any(o.split("=", 1)[0].startswith("stages.") for o in overrides):
@@ -384,6 +394,15 @@ def validate(config: Config) -> None:
     names = [s.name for s in config.stages]
     for raw, stage in zip(config.stages, config.resolved_stages()):
         _validate_stage(config, raw, stage, names)
+    for stage in config.resolved_stages():
+        # with n above a stage's block count every query takes all its blocks (dense attention), while the
+        # kernels still walk n slots per query
+        blocks = -(-stage.seq_len // nsa.selection_block)
+        _require(nsa.num_selected <= blocks,
+                 f"nsa.num_selected={nsa.num_selected} is more than the {blocks} selection blocks of stage "
+                 f"{stage.name!r} (stages[{stage.index}].seq_len={stage.seq_len} / nsa.selection_block="
+                 f"{nsa.selection_block}, rounded up): lower nsa.num_selected to at most {blocks}, or raise "
+                 f"stages[{stage.index}].seq_len to at least {nsa.num_selected * nsa.selection_block}")
     continuing = sum(s.steps for s in config.stages if s.lr_schedule == "continue")
     if continuing:
         _require(tr.warmup_steps < config.total_steps,

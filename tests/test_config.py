@@ -125,6 +125,23 @@ INVALID = [
     (["checkpoint.keep_last=0"], "checkpoint.keep_last", "at least 1"),
     (["checkpoint.async_save=sometimes"], "checkpoint.async_save", "true or false"),
     (["run.dir= "], "run.dir", "empty"),
+    (["training.lr=inf"], "training.lr=inf", "must be a finite number"),
+    (["training.lr=nan"], "training.lr=nan", "must be a finite number"),
+    (["training.lr=1e400"], "training.lr=inf", "must be a finite number"),
+    (["training.min_lr=-.inf"], "training.min_lr=-inf", "must be a finite number"),
+    (["training.weight_decay=.nan"], "training.weight_decay=nan", "must be a finite number"),
+    (["training.grad_clip=inf"], "training.grad_clip=inf", "must be a finite number"),
+    (["model.rotary_base=inf"], "model.rotary_base=inf", "must be a finite number"),
+    (["model.init_std=nan"], "model.init_std=nan", "must be a finite number"),
+    (["stages.0.lr=inf"], "stages[0].lr=inf", "must be a finite number"),
+    (["stages.0.min_lr=nan"], "stages[0].min_lr=nan", "must be a finite number"),
+    (["stages.0.rotary_base=inf"], "stages[0].rotary_base=inf", "must be a finite number"),
+    (["stages.0.seq_len=512"], "nsa.num_selected=16 is more than the 8 selection blocks of stage 'stage0'",
+     "lower nsa.num_selected to at most 8, or raise stages[0].seq_len to at least 1024"),
+    (["stages.0.seq_len=900"], "stages[0].seq_len=900 / nsa.selection_block=64, rounded up",
+     "at most 15"),
+    (["stages=[{name: a, seq_len: 1024, steps: 1}, {name: b, seq_len: 2048, steps: 1}]", "nsa.num_selected=20"],
+     "nsa.num_selected=20 is more than the 16 selection blocks of stage 'a'", "stages[0].seq_len to at least 1280"),
 ]
 
 
@@ -169,3 +186,22 @@ def test_bad_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(scalar)
+
+
+def test_a_binary_file_is_named_not_decoded(tmp_path):
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"\x80\x02PK\x03\x04\xff\xfe")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(binary)
+    assert f"config file '{binary}' is not a text file (byte 0 is not UTF-8)" in str(excinfo.value)
+    assert "pass a YAML file" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "# only a comment\n"])
+def test_an_empty_file_is_an_error_not_the_defaults(tmp_path, content):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(content)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(empty)
+    assert f"config file '{empty}' is empty" in str(excinfo.value)
+    assert "configs/quickstart.yaml" in str(excinfo.value)

@@ -98,8 +98,7 @@ class MLflowTracker(TrainingHooks):
         # The monitor logs a warning or error on each failed call and chats at info level at every stage's
         # start and end; a failing store is reported once, by this module.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
-        # Set by the background thread only; read by the training thread to skip queueing.
-        self._off = False
+        self._off = False  # set by the background thread when the store fails; the hooks then queue nothing
         self._warned_full = False
         self._warned_params = False
         self._client: MlflowClient | None = None
@@ -152,7 +151,8 @@ class MLflowTracker(TrainingHooks):
         if not self.enabled or self._ids is None:
             return ""
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self._ids['experiment_id']}/runs/{self._ids['parent']}"
+            ids = self._ids
+            return f"{self.uri.rstrip('/')}/#/experiments/{ids['experiment_id']}/runs/{ids['parent']}"
         return f"nsa-dist ui {shlex.quote(self.config.run.dir)}"
 
     def _submit(self, what: str, task, *args) -> None:
@@ -163,8 +163,8 @@ class MLflowTracker(TrainingHooks):
         except queue.Full:
             if not self._warned_full:
                 self._warned_full = True
-                log.warning("MLflow (%s) is %d calls behind: new metrics are dropped until it catches up; "
-                            "training goes on", self.uri, QUEUE_SIZE)
+                log.warning("MLflow (%s) is %d calls behind: this job's further steps, checkpoints and stage "
+                            "ends are not logged until it catches up; training goes on", self.uri, QUEUE_SIZE)
 
     # ------------------------------------------------------------------------ the background thread
 
@@ -183,7 +183,8 @@ class MLflowTracker(TrainingHooks):
         cause = " ".join(str(exc).split())[:400]
         log.warning("MLflow tracking is off for the rest of this job: %s failed on the store %s (%s: %s). "
                     "Training goes on; check that the store is reachable (tracking.tracking_uri or "
-                    "MLFLOW_TRACKING_URI), or set tracking.enabled=false", what, self.uri, type(exc).__name__, cause)
+                    "MLFLOW_TRACKING_URI), or set tracking.enabled=false",
+                    what, self.uri, type(exc).__name__, cause)
         self._stop_monitor()  # its own failures on the store it logs (silenced above), never raises
 
     def _open(self) -> None:
@@ -336,9 +337,9 @@ class MLflowTracker(TrainingHooks):
                    if key in logged and logged[key] != value]
         if changed and not self._warned_params:
             self._warned_params = True
-            log.warning("MLflow run %s keeps the params an earlier job logged, and this job's config differs: %s. "
-                        "Use a new run.dir to record this config as runs of its own", run.info.run_id,
-                        "; ".join(changed))
+            log.warning("MLflow run %s keeps the params an earlier job logged, and this job's config differs: "
+                        "%s. Use a new run.dir to record this config as runs of its own",
+                        run.info.run_id, "; ".join(changed))
 
     def _loss_history(self, run_id: str, this_job: list[StepLog]) -> dict[int, float]:
         """{step: loss} of a child run: what the store holds (earlier jobs' steps included) and this job's

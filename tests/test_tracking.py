@@ -3,9 +3,13 @@ quickstart curriculum: no training needed."""
 
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 from urllib.parse import unquote, urlparse
@@ -149,7 +153,8 @@ def test_two_stage_curriculum_one_parent_two_children(tmp_path):
         checkpoint = step_dir(config.run.dir, steps[-1])
         assert child.data.tags["checkpoint.latest"] == str(checkpoint)
         assert child.data.tags[f"checkpoint.{checkpoint.name}"] == str(checkpoint)
-        assert png_title(artifact_dir(child) / "loss.png") == f"loss of {stage.name}, steps {steps[0]}-{steps[-1]}"
+        title = f"loss of {stage.name}, steps {steps[0]}-{steps[-1]}"
+        assert png_title(artifact_dir(child) / "loss.png") == title
     assert "checkpoint.step_00000010" in runs[ids["stages"]["short"]].data.tags
     assert any(key.startswith("system/cpu") for key in runs[ids["stages"]["short"]].data.metrics)
     long_id = ids["stages"]["long"]
@@ -186,7 +191,8 @@ def test_resumed_job_continues_the_same_runs(tmp_path, caplog):
 
     # job 2 resumes from the checkpoint at step 25 (steps 26, 27 again); its config differs in one field
     caplog.set_level(logging.WARNING)
-    second = MLflowTracker(quickstart(tmp_path, "training.log_interval=2"), command=COMMAND, hardware="2 CPU cores")
+    changed = quickstart(tmp_path, "training.log_interval=2")
+    second = MLflowTracker(changed, command=COMMAND, hardware="2 CPU cores")
     logs = run_steps(second, config, long, range(26, 31))
     wait_for(lambda: client.get_run(ids["stages"]["long"]).info.status == "RUNNING")
     second.stage_finished(long, logs)
@@ -225,9 +231,7 @@ def test_a_job_waiting_for_more_processes_is_scheduled_not_failed(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_tracking_server_that_is_down_gives_one_warning_and_never_blocks(tmp_path, caplog):
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     config = quickstart(tmp_path, f"tracking.tracking_uri=http://127.0.0.1:{port}")
     short, long = config.resolved_stages()
     caplog.set_level(logging.WARNING)
@@ -247,6 +251,71 @@ def test_a_tracking_server_that_is_down_gives_one_warning_and_never_blocks(tmp_p
     assert f"127.0.0.1:{port}" in warnings[0].getMessage()
     assert tracker.ui_hint() == ""
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(directory: Path):
+    """A real `mlflow server` (sqlite store, served artifacts) on 127.0.0.1; yields (url, stop)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
+         "--artifacts-destination", str(directory / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop():
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)  # the server and its uvicorn worker
+            server.wait()
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout_s=40)
+        yield f"http://127.0.0.1:{port}", stop
+    finally:
+        stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_tracking_server_that_goes_down_mid_run_gives_one_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    with mlflow_server(tmp_path) as (url, stop):
+        config = quickstart(tmp_path, f"tracking.tracking_uri={url}")
+        short, long = config.resolved_stages()
+        tracker = MLflowTracker(config, command=COMMAND, hardware="2 CPU cores")
+        hooks = Timed(tracker)
+        logs = run_steps(hooks, config, short, range(1, 11))
+        client = MlflowClient(url)
+        short_id = wait_for(lambda: (read_run_ids(config.run.dir) or {}).get("stages", {}).get("short"))
+        wait_for(lambda: len(client.get_metric_history(short_id, "loss")) == 10)
+        parent_id = read_run_ids(config.run.dir)["parent"]
+        assert [a.path for a in client.list_artifacts(parent_id)] == ["config.yaml"]
+        stop()
+        start = time.monotonic()
+        logs += run_steps(hooks, config, short, range(11, 21))
+        hooks.stage_finished(short, logs)
+        hooks.stage_finished(long, run_steps(hooks, config, long, range(21, 31)))
+        tracker.finish(TrainResult(logs, None, waiting=None))
+        took = time.monotonic() - start
+
+    assert hooks.slowest < 0.1, f"a hook call took {hooks.slowest:.3f} s"
+    assert took < 5.0, f"the job's tracking took {took:.1f} s after the server went down"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].name.startswith("nsa_dist") and url in warnings[0].getMessage()
+    experiment_id = read_run_ids(config.run.dir)["experiment_id"]
+    assert tracker.ui_hint() == f"{url}/#/experiments/{experiment_id}/runs/{parent_id}"
 
 
 @pytest.mark.timeout(60)

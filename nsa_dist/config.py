@@ -149,9 +149,10 @@ class RunConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    tracking_uri: str = ""  # empty: a local sqlite file (runs/mlflow.db)
-    experiment: str = "nsa-dist"
+    enabled: bool = True  # rank 0 records the run in MLflow (nsa_dist/tracking.py)
+    # the MLflow store, e.g. a server's http://host:5000; empty: $MLFLOW_TRACKING_URI, else <run.dir>/mlflow.db
+    tracking_uri: str = ""
+    experiment: str = "nsa-dist"  # MLflow experiment the runs go to
 
 
 @dataclass

@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m launch.train --config configs/quickstart.yaml $(ARGS)
+	$(VENV)/bin/nsa-dist train configs/quickstart.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

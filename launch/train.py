@@ -1,4 +1,5 @@
-"""`make train`: trains the config's GPT model (Megatron-core, NSA) through its curriculum and prints the loss.
+"""Trains a config's GPT model (Megatron-core, NSA) through its curriculum without Ray: for torchrun on
+GPU machines, and for single machines without a Ray install. `nsa-dist train` is the Ray launcher.
 
 Starts one process per rank on this machine (default: the largest TP x PP x CP of the stages, so the
 widest stage runs with DP=1 and narrower ones add data parallelism), or, when started by torchrun (RANK
@@ -9,6 +10,7 @@ newest complete one, and never reruns a finished stage.
 import argparse
 import logging
 import os
+import shlex
 import socket
 import sys
 import warnings
@@ -26,12 +28,13 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state
 
 from nsa_dist.checkpoint import CheckpointError, newest_checkpoint  # noqa: E402
 from nsa_dist.config import Config, ConfigError, load_config  # noqa: E402
-from nsa_dist.trainer import StepLog, TrainingHooks, plan, stages_to_run, train  # noqa: E402
+from launch.console import ConsoleReporter  # noqa: E402
+from nsa_dist.trainer import plan, stages_to_run, train  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML preset, e.g. configs/quickstart.yaml")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set nsa.window=128 (repeatable)")
     parser.add_argument("--nproc", type=int, default=None,
@@ -40,34 +43,43 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class PrintSteps(TrainingHooks):
-    def step(self, log: StepLog) -> None:
-        print(f"{log.stage:>8} step {log.step:4d}  loss {log.loss:7.4f}  grad norm {log.grad_norm:6.3f}  "
-              f"lr {log.lr:.2e}  {log.tokens_per_s:7.0f} tok/s  {log.memory_gb:5.2f} GB", flush=True)
-
-
-def worker(local_rank: int, config: Config, world_size: int, port: int) -> None:
+def worker(local_rank: int, config: Config, world_size: int, port: int, command: str) -> None:
     """One rank of a local job: torchrun's environment, then the trainer."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    run_rank(config)
+    run_rank(config, command)
 
 
-def run_rank(config: Config) -> None:
+def run_rank(config: Config, command: str) -> None:
+    """One rank: the trainer; rank 0 prints progress (and tracks the run in MLflow)."""
     rank0 = os.environ["RANK"] == "0"
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("nsa_dist").setLevel(logging.INFO if rank0 else logging.WARNING)
     if not torch.cuda.is_available():
         # processes share the cores: one thread each unless there are cores to spare
         torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["WORLD_SIZE"])))
+    hooks, tracker = [], None
+    if rank0:
+        hooks.append(ConsoleReporter())
+        if config.tracking.enabled:
+            from nsa_dist.tracking import MLflowTracker
+
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
+            tracker = MLflowTracker(config, command=command, hardware=f"{os.environ['WORLD_SIZE']} processes, {device}")
+            hooks.append(tracker)
     try:
-        result = train(config, [PrintSteps()] if rank0 else [])
+        result = train(config, hooks)
     except (ConfigError, CheckpointError) as exc:
+        if tracker is not None:
+            tracker.finish(None, error=str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if rank0 and result.history:
-        first, last = result.history[0], result.history[-1]
-        print(f"loss {first.loss:.4f} -> {last.loss:.4f} over steps {first.step}-{last.step}", flush=True)
+    except Exception as exc:
+        if tracker is not None:
+            tracker.finish(None, error=f"{type(exc).__name__}: {exc}")
+        raise
+    if tracker is not None:
+        tracker.finish(result)
+        print(f"results in MLflow: {tracker.ui_hint()}", flush=True)
     # tear down together while the interpreter is alive: a rank that exits while a peer still sends to it,
     # or gloo threads freeing tensors during interpreter shutdown, abort the process
     dist.barrier()
@@ -107,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
+    command = "python -m launch.train " + " ".join(shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv))
     if "RANK" in os.environ:  # started by torchrun: this process is one rank
-        run_rank(config)
+        run_rank(config, command)
         return 0
     if not stages:
         console.print(f"nothing to train: {summary(config, world_size)}", soft_wrap=True)
@@ -126,11 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"resuming from {resume.path} (step {resume.state.step}, stage {resume.state.stage})",
                       soft_wrap=True)
     try:
-        mp.start_processes(worker, args=(config, world_size, free_port()), nprocs=world_size, start_method="spawn")
+        mp.start_processes(worker, args=(config, world_size, free_port(), command), nprocs=world_size,
+                           start_method="spawn")
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         # a rank that raised shows its traceback here; one that exited (a clear error, or a kill) has
         # printed its message or none
-        detail = exc.msg if isinstance(exc, mp.ProcessRaisedException) else f"exit code {exc.exit_code}"
+        if isinstance(exc, mp.ProcessRaisedException):
+            detail = exc.msg
+        elif exc.signal_name == "SIGKILL":
+            detail = ("it was killed by SIGKILL, which usually means the machine ran out of memory: lower "
+                      "training.micro_batch_size or the stage's seq_len, set training.recompute=true, or use "
+                      "more processes")
+        else:
+            detail = f"exit code {exc.exit_code}"
         console.print(f"[red]training stopped:[/red] rank {exc.error_index} failed ({detail}). "
                       f"{summary(config, world_size)}", soft_wrap=True)
         return 1

@@ -272,7 +272,7 @@ def _sync_files(path: Path) -> dict:
     return sizes
 
 
-def _write_json_atomically(path: Path, content: dict) -> None:
+def write_json_atomically(path: Path, content: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         json.dump(content, handle, indent=1)
@@ -337,7 +337,7 @@ class CheckpointWriter:
             if dist.get_rank() == 0:
                 marker["files"] = _sync_files(path)
                 marker["save_seconds"] = round(time.perf_counter() - start, 3)
-                _write_json_atomically(path / MARKER, marker)
+                write_json_atomically(path / MARKER, marker)
                 prune_checkpoints(self.run_dir, self.keep_last)
                 size = sum(marker["files"].values())
                 log.info("saved checkpoint %s (step %d, stage %s%s) in %.1f s, %.1f MB", path, state.step,

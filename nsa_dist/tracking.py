@@ -36,7 +36,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-from nsa_dist.checkpoint import TrainState, _write_json_atomically
+from nsa_dist.checkpoint import TrainState, write_json_atomically
 from nsa_dist.config import Config, Stage
 from nsa_dist.trainer import StepLog, TrainingHooks, TrainResult
 
@@ -376,7 +376,7 @@ class MLflowTracker(TrainingHooks):
             monitor.finish()
 
     def _save_ids(self) -> None:
-        _write_json_atomically(self.run_dir / RUN_IDS_FILE, self._ids)
+        write_json_atomically(self.run_dir / RUN_IDS_FILE, self._ids)
 
 
 def _sqlite_file(uri: str) -> Path:

@@ -120,8 +120,13 @@ def stages_to_run(config: Config, resume: Checkpoint | None) -> list[Stage]:
     return stages[stage.index + (1 if state.stage_done else 0):]
 
 
-def check_layouts(config: Config, world_size: int, stages: Sequence[Stage]) -> None:
-    """Checks that this job's processes and batches fit the stages it will run; raises ConfigError.
+# On CPU, sequences longer than this would take hours per step: CPU runs are for tests and small models.
+CPU_MAX_SEQ_LEN = 65536
+
+
+def check_layouts(config: Config, world_size: int, stages: Sequence[Stage], device: torch.device) -> None:
+    """Checks that this job's processes, batches and device (where the workers train, which a launcher may
+    know better than this process) fit the stages it will run; raises ConfigError.
 
     A stage that needs more processes than the job has waits for a later job, unless it is the first
     one left, in which case the job could do nothing."""
@@ -140,7 +145,11 @@ def check_layouts(config: Config, world_size: int, stages: Sequence[Stage]) -> N
             raise ConfigError(f"{where}: global_batch_size={stage.global_batch_size} must be a multiple of "
                               f"micro_batch_size={stage.micro_batch_size} x data-parallel size {dp} (set "
                               f"training.global_batch_size or stages[{stage.index}].global_batch_size)")
-    device = resolve_device(config)
+    longest = max((stage.seq_len for stage in stages), default=0)
+    if device.type == "cpu" and longest > CPU_MAX_SEQ_LEN:
+        raise ConfigError(f"a stage has {longest} tokens per sequence and this job trains on CPUs: CPU runs are for "
+                          f"tests and small models, up to {CPU_MAX_SEQ_LEN} tokens; train on GPUs, or shorten the "
+                          "stages")
     if config.training.dtype == "bf16" and device.type == "cpu":
         raise ConfigError("training.dtype='bf16' needs a GPU: use training.dtype=fp32 on CPU")
     if config.nsa.impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -157,7 +166,7 @@ def plan(config: Config, world_size: int) -> tuple[Checkpoint | None, list[Stage
     elif config.checkpoint.init_from:
         check_same_model(read_checkpoint(config.checkpoint.init_from), config)
     stages = stages_to_run(config, resume)
-    check_layouts(config, world_size, stages)
+    check_layouts(config, world_size, stages, resolve_device(config))
     return resume, stages
 
 
@@ -292,8 +301,10 @@ def _broadcast_from_rank0(compute: Callable):
 # ------------------------------------------------------------------------------------ training
 
 
-def train(config: Config, hooks: Sequence[TrainingHooks] = ()) -> TrainResult:
-    """Trains config's model through the stages left in its run directory; every rank calls it."""
+def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str | None = None) -> TrainResult:
+    """Trains config's model through the stages left in its run directory (up to and including
+    `last_stage` if given: a launcher that runs later stages with another number of processes); every
+    rank calls it."""
     device = _start_processes(config)
     world_size = dist.get_world_size()
     resume, stages = _broadcast_from_rank0(lambda: plan(config, world_size))
@@ -313,6 +324,8 @@ def train(config: Config, hooks: Sequence[TrainingHooks] = ()) -> TrainResult:
                 resume = _train_stage(config, stage, resume, initial, writer, hooks, device, history)
             finally:
                 parallel_state.destroy_model_parallel()  # the next stage builds its own groups
+            if stage.name == last_stage:
+                break
     finally:
         writer.close()
     return TrainResult(history, resume.path if resume else None, waiting=None)
@@ -415,7 +428,7 @@ def evaluate(config: Config, checkpoints: Sequence[str | Path], stage_name: str,
     sources = _broadcast_from_rank0(lambda: [read_checkpoint(path) for path in checkpoints])
     for source in sources:
         check_same_model(source, config)
-    check_layouts(config, dist.get_world_size(), [stage])
+    check_layouts(config, dist.get_world_size(), [stage], device)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=stage.tensor,
                                              pipeline_model_parallel_size=stage.pipeline,
                                              context_parallel_size=stage.context)

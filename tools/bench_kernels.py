@@ -326,6 +326,9 @@ def print_tables(report):
 
 def main():
     a = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tools/bench_kernels.py times the NSA kernels against cuDNN and fla on an NVIDIA GPU, and this machine has none that torch can use: run it on a GPU machine "
+                 "(README, 'On a GPU machine')")
     if a.kernels_root:
         sys.path.insert(0, str(Path(a.kernels_root).resolve()))
     sys.path.insert(1 if a.kernels_root else 0, str(REPO))

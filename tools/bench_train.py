@@ -25,7 +25,7 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
 
-from nsa_dist.config import load_config  # noqa: E402  (after the filter: megatron warns at import)
+from nsa_dist.config import ConfigError, load_config  # noqa: E402  (after the filter: megatron warns at import)
 from kernels.nsa import resolve_impl  # noqa: E402
 from nsa_dist.trainer import TrainingHooks, train  # noqa: E402
 
@@ -84,7 +84,10 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    results = [bench(args, attention) for attention in args.attention.split(",")]
+    try:
+        results = [bench(args, attention) for attention in args.attention.split(",")]
+    except ConfigError as exc:  # e.g. bf16 (the default here) on a machine without a GPU
+        sys.exit(f"error: {exc}")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     nsa_config = load_config(args.config, args.overrides).nsa
     nsa_impl = resolve_impl(nsa_config.impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

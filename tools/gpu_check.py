@@ -264,6 +264,9 @@ def section(name, fn, report):
 
 def main():
     a = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tools/gpu_check.py checks and times the Triton kernels in bf16 on an NVIDIA GPU, and this machine has none that torch can use: run it on a GPU machine "
+                 "(README, 'On a GPU machine')")
     hq, hk, d = a.q_heads, a.kv_heads, a.head_dim
     paper_shape = dict(hq=hq, hk=hk, dk=d, dv=d, q_start=0, docs=None)
     cases = [dict(T=T, **paper_shape) for T in a.check_seqs]

@@ -53,14 +53,14 @@ def _killed_between_shards_and_marker(rank: int, world_size: int, root: str) -> 
     import nsa_dist.checkpoint as checkpoint
     from nsa_dist.trainer import train
 
-    write_marker = checkpoint._write_json_atomically
+    write_marker = checkpoint.write_json_atomically
 
     def write_marker_or_die(path, content):
         if content["state"]["step"] == 4:  # every rank's shards of step 4 are on disk; its marker is not
             _die()
         write_marker(path, content)
 
-    checkpoint._write_json_atomically = write_marker_or_die
+    checkpoint.write_json_atomically = write_marker_or_die
     train(run_config(root, "crashed", "checkpoint.interval=2", "checkpoint.keep_last=1"))
 
 

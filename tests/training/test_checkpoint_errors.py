@@ -14,9 +14,12 @@ from launch.train import main
 from nsa_dist.checkpoint import MARKER, newest_checkpoint
 
 
+TINY_YAML = Path(__file__).with_name("tiny.yaml")  # one stage: stage0, 128 tokens, 2 steps
+
+
 def args(run_dir, *overrides: str) -> list[str]:
-    sets = TINY + ["stages.0.seq_len=128", "stages.0.steps=2", f"run.dir={run_dir}", *overrides]
-    return [item for override in sets for item in ("--set", override)]
+    sets = TINY + [f"run.dir={run_dir}", *overrides]
+    return ["--config", str(TINY_YAML)] + [item for override in sets for item in ("--set", override)]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ TINY = [
     "nsa.compress_block=8", "nsa.stride=4", "nsa.selection_block=16", "nsa.num_selected=3", "nsa.window=16",
     "data.period=24", "data.successors=2", "training.micro_batch_size=1", "training.global_batch_size=4",
     "training.lr=3e-3", "training.min_lr=3e-4", "training.warmup_steps=1", "training.device=cpu",
+    "tracking.enabled=false",  # MLflow has its own tests (tests/test_tracking.py, tests/launch/)
 ]
 
 

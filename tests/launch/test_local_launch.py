@@ -1,12 +1,12 @@
-"""`make train`'s entry point: runs the quickstart's curriculum, resumes it, and rejects bad input with a
-sentence, not a traceback."""
+"""The local launcher (`python -m launch.train`, also one rank under torchrun): runs the quickstart's
+curriculum, resumes it, and rejects bad input with a sentence, not a traceback."""
 
 import pytest
 
 from launch.train import main
 
 FAST = ["--config", "configs/quickstart.yaml", "--set", "stages.0.steps=2", "--set", "stages.1.steps=1",
-        "--set", "training.warmup_steps=1", "--set", "checkpoint.interval=0"]
+        "--set", "training.warmup_steps=1", "--set", "checkpoint.interval=0", "--set", "tracking.enabled=false"]
 
 
 def printed_by(capfd) -> str:
@@ -27,13 +27,13 @@ def test_train_runs_both_stages_and_a_rerun_has_nothing_left(tmp_path, capfd):
     assert "2 processes" in printed
     assert "stage short: 256 tokens x 2 steps, TP=1 PP=1 CP=1 DP=2" in printed
     assert "stage long: 512 tokens x 1 steps, TP=1 PP=1 CP=2 DP=1" in printed
-    assert "short step    1" in printed and "long step    3" in printed
-    assert f"saved checkpoint {tmp_path}/checkpoints/step_00000002 (step 2, stage short, done)" in printed
+    assert "short step 1: loss" in printed and "long step 3: loss" in printed
+    assert f"saved checkpoint {tmp_path}/checkpoints/step_00000002 (step 2, end of stage short)" in printed
     assert f"from {tmp_path}/checkpoints/step_00000002" in printed  # stage long starts from stage short's end
     assert f"all 2 stages done; newest checkpoint: {tmp_path}/checkpoints/step_00000003" in printed
     assert main(fast(tmp_path)) == 0
     printed = printed_by(capfd)
-    assert "nothing to train: all 2 stages done" in printed and "step    1" not in printed
+    assert "nothing to train: all 2 stages done" in printed and "step 1:" not in printed
 
 
 @pytest.mark.timeout(180)
@@ -42,12 +42,12 @@ def test_a_stage_wider_than_the_job_waits_for_the_next_job(tmp_path, capfd):
     picks it up from stage short's final checkpoint without rerunning stage short."""
     assert main(fast(tmp_path, "--nproc", "1")) == 0
     printed = printed_by(capfd)
-    assert "short step    2" in printed and "long step" not in printed
+    assert "short step 2: loss" in printed and "long step" not in printed
     assert "Stage 'long' (TP=1 PP=1 CP=2) needs 2 processes and this job had 1: rerun with --nproc 2" in printed
     assert main(fast(tmp_path)) == 0
     printed = printed_by(capfd)
     assert f"resuming from {tmp_path}/checkpoints/step_00000002 (step 2, stage short)" in printed
-    assert "short step" not in printed and "long step    3" in printed
+    assert "short step" not in printed and "long step 3: loss" in printed
     assert "all 2 stages done" in printed
 
 
@@ -57,6 +57,8 @@ def test_a_stage_wider_than_the_job_waits_for_the_next_job(tmp_path, capfd):
     (["--nproc", "-2"], "--nproc -2 must be at least 1"),
     (["--nproc", "4", "--set", "training.global_batch_size=2"], "data-parallel size 4"),
     (["--set", "training.dtype=bf16", "--set", "training.device=cpu"], "needs a GPU"),
+    (["--set", "stages.1.seq_len=131072", "--set", "training.device=cpu"],
+     "a stage has 131072 tokens per sequence and this job trains on CPUs"),
     (["--set", "stages.0.context_parallel=4", "--set", "stages.0.seq_len=512", "--nproc", "2"],
      "stage 'short' (TP=1 PP=1 CP=4) needs 4 processes and this job has 2: start at least 4"),
 ])

@@ -1,0 +1,91 @@
+"""What a training job prints: a progress bar per stage (step/steps, loss, tokens/s, ETA), a summary table at
+each stage's end, and each saved checkpoint. Without a terminal (CI, `ray job submit`, a log file) it prints
+one whole line per logged step instead of redrawing a bar.
+
+`ConsoleReporter` is a TrainingHooks: rank 0 of a torchrun job calls it directly; under Ray, rank 0
+forwards its calls through a queue (`ForwardHooks`) and the driver calls it, so the bar is drawn on the
+user's terminal rather than in a worker's log.
+"""
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nsa_dist.checkpoint import TrainState
+from nsa_dist.config import Stage
+from nsa_dist.trainer import StepLog, TrainingHooks
+
+
+class ConsoleReporter(TrainingHooks):
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(soft_wrap=True)  # soft_wrap: long lines stay whole in logs
+        self.progress: Progress | None = None
+        self.task = None
+        self.stage_start = 0  # global step before the current stage's first
+
+    def stage_started(self, stage: Stage, state: TrainState, source: str) -> None:
+        self.console.print(f"[bold]stage {stage.name}[/bold]: {stage.seq_len} tokens x {stage.global_batch_size} "
+                           f"sequences per step, {stage.layout()}, RoPE base {stage.rotary_base:g}, steps "
+                           f"{state.step + 1}-{state.step + stage.steps - state.stage_step}, from {source}")
+        self.stage_start = state.step - state.stage_step
+        if self.console.is_terminal:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                                     console=self.console, transient=False)
+            self.task = self.progress.add_task(stage.name, total=stage.steps, completed=state.stage_step,
+                                               status="")
+            self.progress.start()
+
+    def step(self, log: StepLog) -> None:
+        status = f"loss {log.loss:.4f}  {log.tokens_per_s:,.0f} tok/s  {log.memory_gb:.2f} GB"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=log.step - self.stage_start, status=status)
+        else:
+            self.console.print(f"{log.stage} step {log.step}: {status}  lr {log.lr:.2e}  grad norm "
+                               f"{log.grad_norm:.3f}  {log.step_time_s:.2f} s")
+
+    def checkpoint_saved(self, path: Path, state: TrainState) -> None:
+        self.console.print(f"saved checkpoint {path} (step {state.step}"
+                           f"{', end of stage ' + state.stage if state.stage_done else ''})")
+
+    def stage_finished(self, stage: Stage, logs: list[StepLog]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if not logs:
+            return
+        table = Table(title=f"stage {stage.name} ({len(logs)} steps in this job)", title_justify="left")
+        for column in ("first loss", "last loss", "mean tokens/s", "mean step s", "peak memory GB"):
+            table.add_column(column, justify="right")
+        table.add_row(f"{logs[0].loss:.4f}", f"{logs[-1].loss:.4f}",
+                      f"{sum(log.tokens_per_s for log in logs) / len(logs):,.0f}",
+                      f"{sum(log.step_time_s for log in logs) / len(logs):.2f}",
+                      f"{max(log.memory_gb for log in logs):.2f}")
+        self.console.print(table)
+
+
+class ForwardHooks(TrainingHooks):
+    """Sends every hook call, with its arguments, to `send` (under Ray: a queue the driver reads)."""
+
+    def __init__(self, send):
+        self.send = send
+
+    def stage_started(self, stage, state, source):
+        self.send(("stage_started", (stage, state, source)))
+
+    def step(self, log):
+        self.send(("step", (log,)))
+
+    def checkpoint_saved(self, path, state):
+        self.send(("checkpoint_saved", (path, state)))
+
+    def stage_finished(self, stage, logs):
+        self.send(("stage_finished", (stage, logs)))
+
+
+def deliver(event: tuple, hooks: TrainingHooks) -> None:
+    """Calls on `hooks` what a ForwardHooks sent."""
+    name, args = event
+    getattr(hooks, name)(*args)

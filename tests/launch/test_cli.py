@@ -1,0 +1,77 @@
+"""`nsa-dist`'s command line: help, printed configs and bad input, each answered with a sentence before any
+Ray cluster or worker starts (these tests start none)."""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.cli import main
+
+
+def test_help_lists_the_presets_and_where_fields_are_described():
+    printed = subprocess.run([sys.executable, "-m", "launch", "train", "--help"], capture_output=True, text=True,
+                             timeout=60).stdout.replace("\n", " ")
+    assert "configs/quickstart.yaml" in printed and "configs/paper.yaml" in printed
+    assert "--print-config" in printed
+
+
+def test_the_console_script_and_python_m_launch_are_the_same_command():
+    console_script = Path(sys.executable).parent / "nsa-dist"  # installed by `pip install -e .` into the venv
+    for command in ([str(console_script)], [sys.executable, "-m", "launch"]):
+        done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "{train,status,ui}" in done.stdout
+
+
+def test_print_config_prints_the_resolved_config(capsys):
+    assert main(["train", "configs/quickstart.yaml", "--set", "nsa.window=32", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["nsa"]["window"] == 32 and printed["stages"][1]["context_parallel"] == 2
+
+
+def test_an_unknown_subcommand_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fly"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'fly'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist"),
+    (["configs/quickstart.yaml", "--set", "training.lr=inf"], "training.lr"),
+    (["configs/quickstart.yaml", "--set", "nsa.stride=5"], "nsa.compress_block=16 must be a multiple of nsa.stride=5"),
+    (["configs/quickstart.yaml", "--workers", "0"], "--workers 0 must be at least 1"),
+])
+def test_config_errors_come_before_any_cluster_starts(args, phrase, capsys, tmp_path):
+    assert main(["train", *args, "--set", f"run.dir={tmp_path}"]) == 2
+    assert phrase in capsys.readouterr().out.replace("\n", " ")
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_address_fails_quickly(capsys, tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    assert main(["train", "configs/quickstart.yaml", "--set", f"run.dir={tmp_path}", "--address",
+                 f"127.0.0.1:{port}"]) == 2
+    assert time.monotonic() - start < 60
+    assert f"cannot reach the Ray cluster at --address 127.0.0.1:{port}" in capsys.readouterr().out
+
+
+def test_status_without_runs_and_with_a_missing_run_dir(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 0
+    assert "no runs found under runs/" in capsys.readouterr().out
+    assert main(["status", "runs/none"]) == 2
+    assert "run directory runs/none does not exist" in capsys.readouterr().out
+
+
+def test_ui_without_a_tracked_run_is_a_clear_message(capsys, tmp_path):
+    assert main(["ui", str(tmp_path)]) == 2
+    assert "holds no tracked run" in capsys.readouterr().out

@@ -104,29 +104,20 @@ class _ForwardLogs(logging.Handler):
 
 def _worker_main(job: dict) -> None:
     """One Ray Train worker: the trainer for this group's stages; rank 0 reports and tracks."""
+    from nsa_dist.tracking import train_tracked
     from nsa_dist.trainer import train
 
     config, events = job["config"], job["events"]
     rank = ray.train.get_context().get_world_rank()
     logging.getLogger("nsa_dist").addHandler(_ForwardLogs(events.put))
     events.put(("placement", (rank, ray.get_runtime_context().get_node_id())))
-    hooks, tracker = [], None
-    if rank == 0:
-        hooks = [ForwardHooks(events.put)]
-        if config.tracking.enabled:
-            from nsa_dist.tracking import MLflowTracker
-
-            tracker = MLflowTracker(config, command=job["command"], hardware=job["hardware"])
-            hooks.append(tracker)
-    try:
-        result = train(config, hooks, last_stage=job["last_stage"])
-    except Exception as exc:
-        if tracker is not None:
-            tracker.finish(None, error=f"{type(exc).__name__}: {exc}")
-        raise
-    if tracker is not None:
-        tracker.finish(result)
-        events.put(("tracking", (tracker.ui_hint(),)))
+    if rank != 0:
+        train(config, last_stage=job["last_stage"])
+        return
+    _, ui_hint = train_tracked(config, [ForwardHooks(events.put)], command=job["command"],
+                               hardware=job["hardware"], last_stage=job["last_stage"])
+    if ui_hint:
+        events.put(("tracking", (ui_hint,)))
 
 
 class _Driver:

@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state
 from nsa_dist.checkpoint import CheckpointError, newest_checkpoint  # noqa: E402
 from nsa_dist.config import Config, ConfigError, load_config  # noqa: E402
 from launch.console import ConsoleReporter  # noqa: E402
+from nsa_dist.tracking import train_tracked  # noqa: E402
 from nsa_dist.trainer import plan, stages_to_run, train  # noqa: E402
 
 
@@ -57,29 +58,18 @@ def run_rank(config: Config, command: str) -> None:
     if not torch.cuda.is_available():
         # processes share the cores: one thread each unless there are cores to spare
         torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["WORLD_SIZE"])))
-    hooks, tracker = [], None
-    if rank0:
-        hooks.append(ConsoleReporter())
-        if config.tracking.enabled:
-            from nsa_dist.tracking import MLflowTracker
-
-            device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
-            tracker = MLflowTracker(config, command=command, hardware=f"{os.environ['WORLD_SIZE']} processes, {device}")
-            hooks.append(tracker)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
     try:
-        result = train(config, hooks)
+        if rank0:
+            _, ui_hint = train_tracked(config, [ConsoleReporter()], command=command,
+                                       hardware=f"{os.environ['WORLD_SIZE']} processes, {device}")
+            if ui_hint:
+                print(f"results in MLflow: {ui_hint}", flush=True)
+        else:
+            train(config)
     except (ConfigError, CheckpointError) as exc:
-        if tracker is not None:
-            tracker.finish(None, error=str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except Exception as exc:
-        if tracker is not None:
-            tracker.finish(None, error=f"{type(exc).__name__}: {exc}")
-        raise
-    if tracker is not None:
-        tracker.finish(result)
-        print(f"results in MLflow: {tracker.ui_hint()}", flush=True)
     # tear down together while the interpreter is alive: a rank that exits while a peer still sends to it,
     # or gloo threads freeing tensors during interpreter shutdown, abort the process
     dist.barrier()

@@ -379,6 +379,25 @@ class MLflowTracker(TrainingHooks):
         write_json_atomically(self.run_dir / RUN_IDS_FILE, self._ids)
 
 
+def train_tracked(config: Config, hooks: list, *, command: str, hardware: str,
+                  last_stage: str | None = None) -> tuple[TrainResult, str]:
+    """Rank 0's train(): with an MLflowTracker among the hooks when tracking is enabled, whose runs end as
+    the training ends (FAILED, with the error, if it raises). Returns the result and the command that
+    opens the run in the MLflow UI ("" without tracking)."""
+    from nsa_dist.trainer import train
+
+    if not config.tracking.enabled:
+        return train(config, hooks, last_stage=last_stage), ""
+    tracker = MLflowTracker(config, command=command, hardware=hardware)
+    try:
+        result = train(config, [*hooks, tracker], last_stage=last_stage)
+    except BaseException as exc:
+        tracker.finish(None, error=f"{type(exc).__name__}: {exc}")
+        raise
+    tracker.finish(result)
+    return result, tracker.ui_hint()
+
+
 def _sqlite_file(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///")).resolve()
 

@@ -130,6 +130,38 @@ def test_a_two_node_cluster_runs_one_cp_rank_on_each_node(tmp_path, capsys):
 
 
 @pytest.mark.timeout(300)
+def test_stages_of_different_sizes_run_as_successive_worker_groups(tmp_path, capsys):
+    """Stage a's single sequence per step fits one worker; stage b (CP=2) needs two: two TorchTrainer runs,
+    the second starting from the first's final checkpoint."""
+    stages = ("stages=[{name: a, seq_len: 256, steps: 2, context_parallel: 1, global_batch_size: 1}, "
+              "{name: b, seq_len: 256, steps: 2, context_parallel: 2, global_batch_size: 1}]")
+    assert main(["train", QUICKSTART, "--set", f"run.dir={tmp_path}", "--set", stages, "--set",
+                 "training.warmup_steps=1", "--set", "tracking.enabled=false"]) == 0
+    printed = capsys.readouterr().out.replace("\n", " ")
+    assert "worker group 1/2: 1 workers for stage(s) a" in printed
+    assert "worker group 2/2: 2 workers for stage(s) b" in printed
+    assert f"from {tmp_path}/checkpoints/step_00000002" in printed
+    assert f"all stages done; newest checkpoint: {tmp_path}/checkpoints/step_00000004" in printed
+
+
+def test_worker_groups_take_the_most_workers_each_stage_divides():
+    from launch.ray_job import worker_groups
+    from nsa_dist.config import ConfigError, load_config
+
+    config = load_config(QUICKSTART, ["training.warmup_steps=0",
+        "stages=[{name: a, seq_len: 256, steps: 1, context_parallel: 1, global_batch_size: 6}, "
+        "{name: b, seq_len: 256, steps: 1, context_parallel: 1, global_batch_size: 4}, "
+        "{name: c, seq_len: 512, steps: 1, context_parallel: 2, global_batch_size: 2}, "
+        "{name: d, seq_len: 512, steps: 1, context_parallel: 4, global_batch_size: 1}]"])
+    groups = worker_groups(config.resolved_stages(), 8, "GPUs")
+    assert [(group.workers, [stage.name for stage in group.stages]) for group in groups] == [
+        (6, ["a"]), (4, ["b", "c", "d"])]
+    with pytest.raises(ConfigError) as error:
+        worker_groups(config.resolved_stages(), 2, "GPUs")
+    assert "stage 'd' (TP=1 PP=1 CP=4) needs 4 workers and the Ray cluster has 2 GPUs" in str(error.value)
+
+
+@pytest.mark.timeout(300)
 def test_a_tracking_server_that_is_down_costs_one_warning(tmp_path, capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

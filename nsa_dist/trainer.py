@@ -311,7 +311,12 @@ def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str |
     initial = None
     if resume is None and config.checkpoint.init_from:
         initial = read_checkpoint(config.checkpoint.init_from)
-    writer = CheckpointWriter(config, on_saved=lambda path, state: [h.checkpoint_saved(path, state) for h in hooks])
+
+    def checkpoint_saved(path: Path, state: TrainState) -> None:
+        for hook in hooks:
+            hook.checkpoint_saved(path, state)
+
+    writer = CheckpointWriter(config, on_saved=checkpoint_saved)
     history: list[StepLog] = []
     try:
         for stage in stages:

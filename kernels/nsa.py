@@ -1,6 +1,6 @@
 """NSA composed from its branches: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (DESIGN §2)."""
 
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -61,6 +61,90 @@ class NSAResult(NamedTuple):
     lse_win: torch.Tensor
 
 
+class QuerySpan(NamedTuple):
+    """Rows [offset, offset + length) of the queries, at global positions start .. start + length - 1, with
+    the window branch's keys and values for them (k_win, v_win [B, S, HK, D], whose first token sits at
+    global position win_start). One span covers a whole sequence; a CP rank has one per zigzag chunk."""
+
+    offset: int
+    start: int
+    length: int
+    k_win: torch.Tensor
+    v_win: torch.Tensor
+    win_start: int
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def compose_nsa(
+    q: torch.Tensor,
+    gates: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    spans: list[QuerySpan],
+    selection_kv: Iterable[tuple[slice, torch.Tensor, torch.Tensor]],
+    *,
+    block_size: int,
+    stride: int,
+    selection_block: int,
+    num_selected: int,
+    window: int,
+    scale: float | None = None,
+    impl: str = "reference",
+    cu_seqlens: torch.Tensor | None = None,
+) -> NSAResult:
+    """NSA's branches and their gated sum for some query rows of a sequence: the one composition that the
+    single-rank path (native_sparse_attention) and the sequence-sharded path (nsa_context_parallel) share.
+
+    q: [B, Tq, HQ, Dk] and gates [B, Tq, HQ, 3], the rows of `spans`.
+    k_cmp, v_cmp: [B, N, HK, D], every compressed token of the sequence from position 0 (already phi'd).
+    selection_kv: (KV-head slice, k, v) items that together cover every KV head; k, v [B, S, h, D] hold the
+    raw tokens from global position 0 through every query's last selectable block. Items are consumed one
+    at a time after the other branches ran, so a caller can hand out K/V that are still arriving.
+    cu_seqlens: packed documents (one span from position 0, B = 1), as in native_sparse_attention.
+    """
+    ops = branch_ops(impl)
+    sizes_cmp = (block_size, stride)
+    o_cmp, lse_cmp, blocks, o_win, lse_win = [], [], [], [], []
+    for span in spans:
+        rows = q[:, span.offset : span.offset + span.length]
+        o, lse = ops.compressed(rows, k_cmp, v_cmp, *sizes_cmp, scale, q_start=span.start, cu_seqlens=cu_seqlens)
+        o_cmp.append(o)
+        lse_cmp.append(lse)
+        blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
+                                 num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens))
+        if window > 0:
+            o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
+                                k_start=span.win_start, cu_seqlens=cu_seqlens)
+            o_win.append(o)
+            lse_win.append(lse)
+    block_idx = _cat(blocks, 1)
+
+    group = q.shape[2] // block_idx.shape[2]  # query heads per KV head
+    o_slc, lse_slc = [], []
+    for heads, k, v in selection_kv:
+        q_heads = q[:, :, heads.start * group : heads.stop * group]
+        per_span = [
+            ops.selected(q_heads[:, s.offset : s.offset + s.length], k, v,
+                         block_idx[:, s.offset : s.offset + s.length, heads], selection_block, scale,
+                         q_start=s.start, cu_seqlens=cu_seqlens)
+            for s in spans
+        ]
+        o_slc.append(_cat([o for o, _ in per_span], 1))
+        lse_slc.append(_cat([lse for _, lse in per_span], 1))
+    o_slc, lse_slc = _cat(o_slc, 2), _cat(lse_slc, 2)
+
+    lse_cmp = _cat(lse_cmp, 1)
+    if window > 0:
+        o_win, lse_win = _cat(o_win, 1), _cat(lse_win, 1)
+    else:  # fla's configuration: no window branch
+        o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
+    output = ops.combine(_cat(o_cmp, 1), o_slc, o_win, gates)
+    return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win)
+
+
 def native_sparse_attention(
     q: torch.Tensor,
     kv_cmp: tuple[torch.Tensor, torch.Tensor],
@@ -90,17 +174,10 @@ def native_sparse_attention(
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     """
-    ops = branch_ops(impl)
     k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens)
     v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens)
-    o_cmp, lse_cmp = ops.compressed(q, k_cmp, v_cmp, block_size, stride, scale, cu_seqlens=cu_seqlens)
-    block_idx = ops.select(
-        q.detach(), k_cmp.detach(), lse_cmp.detach(), block_size, stride, selection_block, num_selected, scale,
-        cu_seqlens=cu_seqlens,
-    )
-    o_slc, lse_slc = ops.selected(q, kv_slc[0], kv_slc[1], block_idx, selection_block, scale, cu_seqlens=cu_seqlens)
-    if window > 0:
-        o_win, lse_win = ops.window(q, kv_win[0], kv_win[1], window, scale, cu_seqlens=cu_seqlens)
-    else:
-        o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
-    return NSAResult(ops.combine(o_cmp, o_slc, o_win, gates), block_idx, lse_cmp, lse_slc, lse_win)
+    whole = QuerySpan(offset=0, start=0, length=q.shape[1], k_win=kv_win[0], v_win=kv_win[1], win_start=0)
+    all_heads = slice(0, kv_slc[0].shape[2])
+    return compose_nsa(q, gates, k_cmp, v_cmp, [whole], [(all_heads, *kv_slc)], block_size=block_size,
+                       stride=stride, selection_block=selection_block, num_selected=num_selected, window=window,
+                       scale=scale, impl=impl, cu_seqlens=cu_seqlens)

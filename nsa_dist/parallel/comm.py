@@ -3,7 +3,7 @@
 - `exchange_halo`: each chunk receives the tail of the chunk before it by point-to-point; the backward
   sends the halo's gradient back to its owner.
 - `ZigzagGather`: all-gathers a zigzag-sharded tensor into global sequence order; the backward
-  reduce-scatters the gradient (every rank used the whole gathered tensor) back to the owners.
+  reduce-scatters the gradient (every rank used the whole gathered tensor) back to the owners, in fp32.
   It starts when constructed and is finished later (`finish`), so the gather overlaps compute.
 Every wait on communication is timed into CommStats: what the overlap leaves exposed.
 """
@@ -183,14 +183,16 @@ class _ZigzagGathered(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_full):
-        ranked = _to_rank_order(grad_full.contiguous(), ctx.cp_size).contiguous()
+        # every rank's partial gradient is summed in fp32, as one rank's kernels sum it, then rounded once
+        wide = torch.promote_types(grad_full.dtype, torch.float32)
+        ranked = _to_rank_order(grad_full.to(wide), ctx.cp_size).contiguous()
         grad = ranked.new_empty(ranked.shape[0] // ctx.cp_size, *ranked.shape[1:])
         with ctx.stats.waiting(f"{ctx.name}_grad", grad.device) if ctx.stats is not None else nullcontext():
             _reduce_scatter(grad, ranked, group=ctx.group)  # blocking in backward: all of it is exposed
         if ctx.stats is not None:
             moved = (ctx.cp_size - 1) * _nbytes(grad)
             ctx.stats.add(f"{ctx.name}_grad", moved, moved)
-        return grad, None, None, None, None, None
+        return grad.to(grad_full.dtype), None, None, None, None, None
 
 
 class ZigzagGather:

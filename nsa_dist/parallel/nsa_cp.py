@@ -1,21 +1,23 @@
 """NSA over a context-parallel group: each rank computes its zigzag shard's queries exactly.
 
-Per layer and rank (DESIGN §3):
-1. The selection branch's raw K/V all-gather starts first (per chunk of KV heads, so transient memory is
-   bounded), and overlaps with steps 2-4, which do not need it.
-2. One point-to-point halo exchange gives each chunk the K/V tokens just before it (window and
+This module only communicates; the branches and their composition are kernels.nsa.compose_nsa, the same
+function the single-rank path uses. Per layer and rank (DESIGN §3):
+1. One point-to-point halo exchange gives each chunk the K/V tokens just before it (window and
    compression-block reach).
-3. Each rank compresses the blocks that end in its chunks; the compressed K/V (T/d tokens in all) are
+2. Each rank compresses the blocks that end in its chunks; the compressed K/V (T/d tokens in all) are
    all-gathered, so compressed attention and top-n see every block, at global positions.
-4. Window attention on halo + chunk.
-5. Selected attention over the gathered raw K/V with global block ids.
-The backward of every exchange returns gradients to their owners (p2p for halos, reduce-scatter for the
-gathers), so outputs and gradients equal the single-rank result.
+3. The selection branch's raw K/V are all-gathered per slice of KV heads (transient memory stays bounded).
+   The gather overlaps steps 1-2 and the compressed, top-n and window branches, which do not need it.
+   On NCCL, collectives of one process group run in issue order on one stream, so the overlap needs the
+   gather on its own group (`gather_group`, see nsa_dist.parallel.groups); without one, the gather is
+   issued after the small collectives that the compute waits on, and overlaps only the compute.
+The backward of every exchange returns gradients to their owners (p2p for halos, fp32 reduce-scatter
+for the gathers), so outputs and gradients equal the single-rank result.
 """
 
 import torch
 
-from kernels.nsa import Compress, NSAResult, branch_ops, native_sparse_attention
+from kernels.nsa import Compress, NSAResult, QuerySpan, compose_nsa, native_sparse_attention
 from nsa_dist.parallel.accounting import needed_selection_bytes
 from nsa_dist.parallel.comm import CommStats, ZigzagGather, exchange_halo, gather_zigzag, group_size_rank
 from nsa_dist.parallel.layout import ZigzagLayout, halo_len, validate_layout
@@ -52,6 +54,36 @@ def _compress_chunk(k, v, compress_k, compress_v, start, halo_tokens, block_size
     return k_cmp, v_cmp
 
 
+class GatheredSelectionKV:
+    """The selection branch's raw K/V of the whole sequence, all-gathered one slice of KV heads at a time.
+
+    The first gather starts at construction; iterating yields (head slice, k, v) with k, v [B, T, h, D] in
+    sequence order, starting the next slice's gather before handing out the current one, so at most two
+    slices are in flight: 2 * B * T * kv_heads_per_gather * (Dk + Dv) elements."""
+
+    def __init__(self, kv: tuple[torch.Tensor, torch.Tensor], kv_heads_per_gather: int, group, stats):
+        num_kv_heads = kv[0].shape[2]
+        if not 1 <= kv_heads_per_gather <= num_kv_heads or num_kv_heads % kv_heads_per_gather:
+            raise ValueError(f"kv_heads_per_gather={kv_heads_per_gather} must divide the {num_kv_heads} KV heads")
+        self.dk = kv[0].shape[-1]
+        self.packed = torch.cat(kv, dim=-1)
+        self.group, self.stats = group, stats
+        self.head_slices = [slice(h, h + kv_heads_per_gather) for h in range(0, num_kv_heads, kv_heads_per_gather)]
+        self.pending = self._start(0)
+
+    def _start(self, n: int) -> ZigzagGather:
+        return ZigzagGather(self.packed[:, :, self.head_slices[n]], self.group, self.stats, "selection_kv")
+
+    def __iter__(self):
+        for n, heads in enumerate(self.head_slices):
+            gathered = self.pending.finish()
+            if n + 1 < len(self.head_slices):
+                self.pending = self._start(n + 1)
+            # contiguous once here, not once per chunk inside the kernels' wrappers
+            k, v = (x.contiguous() for x in gathered.split([self.dk, gathered.shape[-1] - self.dk], dim=-1))
+            yield heads, k, v
+
+
 def nsa_context_parallel(
     q: torch.Tensor,
     kv_cmp: tuple[torch.Tensor, torch.Tensor],
@@ -69,6 +101,7 @@ def nsa_context_parallel(
     window: int,
     scale: float | None = None,
     kv_heads_per_gather: int = 1,
+    gather_group=None,
     stats: CommStats | None = None,
     impl: str = "reference",
 ) -> NSAResult:
@@ -78,35 +111,29 @@ def nsa_context_parallel(
     (T_local = T / P tokens; RoPE already applied at global positions): q [B, T_local, HQ, Dk],
     kv_* per branch ([B, T_local, HK, Dk], [B, T_local, HK, Dv]) (the same pair object for shared K/V),
     gates [B, T_local, HQ, 3]. `group`: the CP process group (None or size 1: one rank).
-    kv_heads_per_gather: KV heads per selection all-gather; transient memory for the gathered raw K/V
-    is 2 * B * T * kv_heads_per_gather * (Dk + Dv) elements (two gathers in flight).
-    stats: if given, bytes sent/received per collective are added to it.
+    kv_heads_per_gather: KV heads per selection all-gather (see GatheredSelectionKV).
+    gather_group: a process group of the same ranks as `group` for the selection gather, so that on NCCL
+    it runs beside the halo and compressed collectives (None: it shares `group`, issued after them).
+    stats: if given, bytes sent/received and exposed waits per collective are added to it.
     impl: "reference" or "triton" (kernels.nsa.branch_ops).
     Returns NSAResult for the local tokens (block ids are global).
     """
     cp_size, cp_rank = group_size_rank(group)
     sizes = dict(block_size=block_size, stride=stride, selection_block=selection_block, num_selected=num_selected,
-                 window=window, scale=scale)
+                 window=window, scale=scale, impl=impl)
     if cp_size == 1:
-        return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes, impl=impl)
-    ops = branch_ops(impl)
-    batch, local_len, num_q_heads, _ = q.shape
-    num_kv_heads = kv_slc[0].shape[2]
-    group_heads = num_q_heads // num_kv_heads
-    layout = ZigzagLayout(local_len * cp_size, cp_size, cp_rank)
+        return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes)
+    layout = ZigzagLayout(q.shape[1] * cp_size, cp_size, cp_rank)
     validate_layout(layout.seq_len, cp_size, block_size=block_size, stride=stride,
                     selection_block=selection_block, window=window)
-    if not 1 <= kv_heads_per_gather <= num_kv_heads or num_kv_heads % kv_heads_per_gather:
-        raise ValueError(f"kv_heads_per_gather={kv_heads_per_gather} must divide the {num_kv_heads} KV heads")
     c = layout.chunk_len
     halo = halo_len(block_size, stride, window)
 
-    # 1. start the selection branch's raw K/V gather; it overlaps with everything up to step 5
-    head_slices = [slice(h, h + kv_heads_per_gather) for h in range(0, num_kv_heads, kv_heads_per_gather)]
-    packed_slc = torch.cat(kv_slc, dim=-1)
-    pending = ZigzagGather(packed_slc[:, :, head_slices[0]], group, stats, "selection_kv")
+    # On its own group the selection gather starts first and overlaps everything up to the selected branch
+    if gather_group is not None:
+        selection_kv = GatheredSelectionKV(kv_slc, kv_heads_per_gather, gather_group, stats)
 
-    # 2. halos, 3. compressed tokens of the local chunks, gathered
+    # 1. halos, 2. compressed tokens of the local chunks, gathered
     haloed = _exchange_kv_halos(kv_cmp, kv_win, halo, layout, group, stats)
     local_cmp = [
         _compress_chunk(k, v, compress_k, compress_v, start, k.shape[1] - c, block_size, stride, c)
@@ -119,45 +146,18 @@ def nsa_context_parallel(
     # contiguous once here, not once per chunk and branch inside the kernels' wrappers
     k_cmp, v_cmp = (x.contiguous() for x in all_cmp.split([dk, packed_cmp.shape[-1] - dk], dim=-1))
 
-    outs = {"cmp": [], "win": [], "lse_cmp": [], "lse_win": [], "blocks": []}
+    # 3. on the CP group itself, the selection gather queues behind the collectives above, not before them
+    if gather_group is None:
+        selection_kv = GatheredSelectionKV(kv_slc, kv_heads_per_gather, group, stats)
+
+    spans = []
     for i, start in enumerate(layout.chunk_starts):
-        q_chunk = q[:, i * c : (i + 1) * c]
-        o, lse = ops.compressed(q_chunk, k_cmp, v_cmp, block_size, stride, scale, q_start=start)
-        outs["cmp"].append(o)
-        outs["lse_cmp"].append(lse)
-        outs["blocks"].append(ops.select(q_chunk.detach(), k_cmp.detach(), lse.detach(), block_size, stride,
-                                         selection_block, num_selected, scale, q_start=start))
-        # 4. window over halo + chunk
         _, _, k_win, v_win = haloed[i]
-        o, lse = ops.window(q_chunk, k_win, v_win, window, scale, q_start=start, k_start=start - (k_win.shape[1] - c))
-        outs["win"].append(o)
-        outs["lse_win"].append(lse)
-    block_idx = torch.cat(outs["blocks"], dim=1)
+        spans.append(QuerySpan(offset=i * c, start=start, length=c, k_win=k_win, v_win=v_win,
+                               win_start=start - (k_win.shape[1] - c)))
+    result = compose_nsa(q, gates, k_cmp, v_cmp, spans, selection_kv, **sizes)
     if stats is not None:
         stats.needed["selection_kv"] += needed_selection_bytes(
-            block_idx, layout, selection_block, kv_slc[0].shape[-1], kv_slc[1].shape[-1], kv_slc[0].element_size())
-
-    # 5. selected attention, one gathered KV-head chunk at a time (the next gather runs meanwhile)
-    o_slc, lse_slc = [], []
-    dk_slc = kv_slc[0].shape[-1]
-    for n, heads in enumerate(head_slices):
-        gathered = pending.finish()
-        if n + 1 < len(head_slices):
-            pending = ZigzagGather(packed_slc[:, :, head_slices[n + 1]], group, stats, "selection_kv")
-        # contiguous once here, not once per chunk inside the kernels' wrappers
-        k_all, v_all = (x.contiguous() for x in gathered.split([dk_slc, gathered.shape[-1] - dk_slc], dim=-1))
-        q_heads = q[:, :, heads.start * group_heads : heads.stop * group_heads]
-        per_chunk = [
-            ops.selected(q_heads[:, i * c : (i + 1) * c], k_all, v_all, block_idx[:, i * c : (i + 1) * c, heads],
-                         selection_block, scale, q_start=start)
-            for i, start in enumerate(layout.chunk_starts)
-        ]
-        o_slc.append(torch.cat([o for o, _ in per_chunk], dim=1))
-        lse_slc.append(torch.cat([lse for _, lse in per_chunk], dim=1))
-
-    g = gates.float().unsqueeze(-1)
-    o_cmp, o_win = torch.cat(outs["cmp"], dim=1), torch.cat(outs["win"], dim=1)
-    o_sel = torch.cat(o_slc, dim=2)
-    output = g[..., 0, :] * o_cmp.float() + g[..., 1, :] * o_sel.float() + g[..., 2, :] * o_win.float()
-    return NSAResult(output.to(q.dtype), block_idx, torch.cat(outs["lse_cmp"], dim=1),
-                     torch.cat(lse_slc, dim=2), torch.cat(outs["lse_win"], dim=1))
+            result.block_idx, layout, selection_block, kv_slc[0].shape[-1], kv_slc[1].shape[-1],
+            kv_slc[0].element_size())
+    return result

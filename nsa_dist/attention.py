@@ -1,18 +1,63 @@
-"""Attention modules that own their projections: NSA (the product) and dense causal (the baseline)."""
+"""NSA as Megatron-core attention: Megatron's own SelfAttention, a fused projection, NSA as the core.
 
+`ParallelSelfAttention` is Megatron's `SelfAttention` with one change to what its column-parallel
+`linear_qkv` produces. Per KV group (so a TP shard holds whole GQA groups) the output features are
+
+    [ G query heads x (Dk + 3 gate logits) | K per branch (nb x Dk) | V per branch (nb x Dv) ]
+
+with G = HQ / HK, nb = 3 for NSA with separate K/V (cmp, slc, win), 1 for shared K/V and for dense
+attention (which has no gate logits). Everything else is Megatron's: sequence parallelism, qk-layernorm
+(on the Dk query channels and every branch's keys), RoPE through its `apply_rotary_pos_emb`, the output
+projection, checkpointing. The gate logits ride as un-rotated trailing channels of each query head
+(Megatron's RoPE rotates only the first `freqs.shape[-1]` channels), so they reach the core attention
+with the query they belong to and need no extra path through Megatron's forward.
+
+The core attention is `NSACoreAttention` (NSA over the context-parallel group; one rank is the same code
+with a group of one) or `DenseCoreAttention` (the baseline). phi, the compression MLP, is shared by all
+heads and so replicated over TP; its gradient is summed over the TP group once per step
+(`sum_replicated_grads`, called where Megatron finalizes gradients).
+"""
+
+import functools
+import math
+from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.attention import Attention, SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from kernels.compression import mean_compress, mlp_compress
-from kernels.nsa import NSAResult, native_sparse_attention, resolve_impl
+from kernels.nsa import native_sparse_attention, resolve_impl
 from nsa_dist.config import ModelConfig, NSAConfig
-from nsa_dist.parallel import nsa_context_parallel, zigzag_positions
-from nsa_dist.parallel.comm import group_size_rank
-from nsa_dist.rope import apply_rotary, rotary_angles
+from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigzag_positions
 
 BRANCHES = ("cmp", "slc", "win")
+
+
+@functools.lru_cache(maxsize=16)
+def rotary_freqs(seq_len: int, cp_size: int, cp_rank: int, head_dim: int, base: float,
+                 device: torch.device) -> torch.Tensor:
+    """RoPE angles of this CP rank's zigzag shard of a seq_len sequence: [T_local, 1, 1, head_dim] fp32,
+    the layout Megatron's apply_rotary_pos_emb takes (rotate-half convention).
+
+    Formed in float64 and reduced modulo 2*pi before the cast: at position 1M an fp32 angle is off by up
+    to ~0.06 rad. Cached per (length, layout, base), so the layers of a step share one tensor.
+    """
+    if cp_size == 1:
+        positions = torch.arange(seq_len, device=device)
+    else:
+        positions = zigzag_positions(seq_len, cp_rank, cp_size).to(device)
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
+    angles = torch.remainder(positions.double()[:, None] * (base**-exponents)[None, :], 2 * math.pi)
+    return torch.cat([angles, angles], dim=-1).float()[:, None, None, :]
 
 
 class Compression(nn.Module):
@@ -34,97 +79,213 @@ class Compression(nn.Module):
                             self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
-class NSAAttention(nn.Module):
-    """Native Sparse Attention over [B, T, hidden] with its q, per-branch (or shared) K/V, gate and phi.
+def _to_batch_major(x: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Megatron's [s, b, h, d] (or [t, h, d] for packed documents) -> [b, s, h, d]."""
+    return x.unsqueeze(0) if packed else x.transpose(0, 1)
 
-    RoPE is applied to q and every k before NSA, so phi compresses rotated keys and all positions are
-    the tokens' global positions. With `cp_group` set (see apply_context_parallel) the input is this
-    rank's zigzag shard and NSA runs sequence-sharded; the math does not change.
-    """
 
-    cp_group = None  # the context-parallel process group, set by apply_context_parallel
+def _cu_seqlens(packed_seq_params, cp_group) -> torch.Tensor | None:
+    if packed_seq_params is None:
+        return None
+    if cp_group.size() > 1:
+        raise NotImplementedError(
+            "packed documents (packed_seq_params) under context parallelism are not supported yet: train "
+            "packed documents with parallel.context=1, or let attention cross documents (no cu_seqlens)")
+    return packed_seq_params.cu_seqlens_q.to(torch.int32)
 
-    def __init__(self, model: ModelConfig, nsa: NSAConfig):
-        super().__init__()
+
+class NSACoreAttention(MegatronModule):
+    """Megatron core attention computing NSA over the context-parallel group.
+
+    Takes Megatron's query [s, b, HQ, Dk + 3] (the gate logits trailing), key [s, b, nb * HK, Dk] and
+    value [s, b, nb * HK, Dv] (branches major), all for this rank's TP heads and CP shard with RoPE at
+    global positions; returns [s, b, HQ * Dv]."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type=None, attention_type=None,
+                 cp_comm_type=None, softmax_scale=None, pg_collection=None, *, model: ModelConfig, nsa: NSAConfig):
+        super().__init__(config=config)
         self.model, self.nsa = model, nsa
-        hq, hk, dk, dv = model.num_query_heads, model.num_kv_heads, model.head_dim_k, model.head_dim_v
-        kv_names = BRANCHES if nsa.kv == "separate" else ("shared",)
-        self.q_proj = nn.Linear(model.hidden_size, hq * dk, bias=False)
-        self.k_proj = nn.ModuleDict({b: nn.Linear(model.hidden_size, hk * dk, bias=False) for b in kv_names})
-        self.v_proj = nn.ModuleDict({b: nn.Linear(model.hidden_size, hk * dv, bias=False) for b in kv_names})
-        self.gate_proj = nn.Linear(model.hidden_size, hq * len(BRANCHES))
-        self.compress_k = Compression(nsa.phi, nsa.compress_block, nsa.stride, dk)
-        self.compress_v = Compression(nsa.phi, nsa.compress_block, nsa.stride, dv)
-        self.o_proj = nn.Linear(hq * dv, model.hidden_size, bias=False)
+        self.cp_group = pg_collection.cp
+        self.comm_stats = None  # CommStats the CP collectives report to (set_comm_stats)
+        self.gather_group = None  # a twin of the CP group for the selection gather (set_gather_group)
+        self.softmax_scale = softmax_scale
+        self.compress_k = Compression(nsa.phi, nsa.compress_block, nsa.stride, model.head_dim_k)
+        self.compress_v = Compression(nsa.phi, nsa.compress_block, nsa.stride, model.head_dim_v)
 
-    def attend(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> NSAResult:
-        """x: [B, T, hidden] -> NSAResult with output [B, T, HQ, Dv] (before the output projection)."""
-        batch, seq, _ = x.shape
-        m = self.model
-        cp_size, cp_rank = group_size_rank(self.cp_group)
-        if positions is None and cp_size > 1:
-            positions = zigzag_positions(seq * cp_size, cp_rank, cp_size).to(x.device)
-        elif positions is None:
-            positions = torch.arange(seq, device=x.device)
-        cos, sin = rotary_angles(positions, m.head_dim_k, m.rotary_base)
-        q = apply_rotary(self.q_proj(x).view(batch, seq, m.num_query_heads, m.head_dim_k), cos, sin)
-        kv = {}
-        for name in self.k_proj:
-            k = self.k_proj[name](x).view(batch, seq, m.num_kv_heads, m.head_dim_k)
-            v = self.v_proj[name](x).view(batch, seq, m.num_kv_heads, m.head_dim_v)
-            kv[name] = (apply_rotary(k, cos, sin), v)
-        per_branch = [kv[b] for b in BRANCHES] if "shared" not in kv else [kv["shared"]] * 3
-        gates = torch.sigmoid(self.gate_proj(x)).view(batch, seq, m.num_query_heads, len(BRANCHES))
-        n = self.nsa
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        packed = packed_seq_params is not None
+        cu_seqlens = _cu_seqlens(packed_seq_params, self.cp_group)
+        dk, n = self.model.head_dim_k, self.nsa
+        query, key, value = (_to_batch_major(x, packed) for x in (query, key, value))
+        q, gates = query[..., :dk], torch.sigmoid(query[..., dk:])
+        branches = len(BRANCHES) if n.kv == "separate" else 1
+        keys, values = key.chunk(branches, dim=2), value.chunk(branches, dim=2)
+        per_branch = list(zip(keys, values)) if branches > 1 else [(keys[0], values[0])] * len(BRANCHES)
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-                     num_selected=n.num_selected, window=n.window, impl=resolve_impl(n.impl, x.device))
-        if cp_size > 1:
-            return nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v,
-                                        group=self.cp_group, **sizes)
-        return native_sparse_attention(q, *per_branch, gates, self.compress_k, self.compress_v, **sizes)
+                     num_selected=n.num_selected, window=n.window, scale=self.softmax_scale,
+                     impl=resolve_impl(n.impl, q.device))
+        if cu_seqlens is not None:
+            out = native_sparse_attention(q, *per_branch, gates, self.compress_k, self.compress_v, **sizes,
+                                          cu_seqlens=cu_seqlens).output
+        else:
+            out = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
+                                       gather_group=self.gather_group, stats=self.comm_stats, **sizes).output
+        return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, hidden] -> [B, T, hidden]."""
-        out = self.attend(x, positions).output
-        return self.o_proj(out.flatten(-2))
+
+class DenseCoreAttention(MegatronModule):
+    """Megatron core attention computing full causal attention: torch's fused kernels on one rank (cuDNN or
+    flash on GPU), the mask-free sequence-sharded baseline (nsa_dist.parallel.dense_cp) over a CP group."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type=None, attention_type=None,
+                 cp_comm_type=None, softmax_scale=None, pg_collection=None):
+        super().__init__(config=config)
+        self.cp_group = pg_collection.cp
+        self.comm_stats = None
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        packed = packed_seq_params is not None
+        cu_seqlens = _cu_seqlens(packed_seq_params, self.cp_group)
+        q, k, v = (_to_batch_major(x, packed) for x in (query, key, value))
+        if self.cp_group.size() > 1:
+            out = dense_context_parallel(q, k, v, group=self.cp_group, scale=self.softmax_scale, stats=self.comm_stats)
+        else:
+            bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+            out = torch.cat([
+                F.scaled_dot_product_attention(q[:, lo:hi].transpose(1, 2), k[:, lo:hi].transpose(1, 2),
+                                               v[:, lo:hi].transpose(1, 2), is_causal=True,
+                                               scale=self.softmax_scale, enable_gqa=True).transpose(1, 2)
+                for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+        return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
 
-class DenseAttention(nn.Module):
-    """Full causal GQA attention with RoPE: the baseline NSA is compared against."""
+class ParallelSelfAttention(SelfAttention):
+    """Megatron's SelfAttention with NSA's fused projection (see the module docstring) and RoPE at the
+    tokens' global positions (the zigzag CP shard's), computed once per sequence length and base."""
 
-    def __init__(self, model: ModelConfig):
-        super().__init__()
+    def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type=AttnMaskType.causal, cp_comm_type: str | None = None, pg_collection=None, *,
+                 model: ModelConfig, nsa: NSAConfig):
+        # Attention.__init__ builds the core attention and the output projection; SelfAttention.__init__
+        # would build Megatron's q|k|v projection, which is replaced here by NSA's.
+        Attention.__init__(self, config=config, submodules=submodules, layer_number=layer_number,
+                           attn_mask_type=attn_mask_type, attention_type="self", cp_comm_type=cp_comm_type,
+                           pg_collection=pg_collection)
+        tp = self.pg_collection.tp.size()
+        if model.num_kv_heads % tp:
+            raise ValueError(f"tensor parallel size {tp} must divide model.num_kv_heads={model.num_kv_heads}: "
+                             "TP splits whole GQA groups; lower parallel.tensor or raise num_kv_heads")
         self.model = model
-        hq, hk, dk, dv = model.num_query_heads, model.num_kv_heads, model.head_dim_k, model.head_dim_v
-        self.q_proj = nn.Linear(model.hidden_size, hq * dk, bias=False)
-        self.k_proj = nn.Linear(model.hidden_size, hk * dk, bias=False)
-        self.v_proj = nn.Linear(model.hidden_size, hk * dv, bias=False)
-        self.o_proj = nn.Linear(hq * dv, model.hidden_size, bias=False)
+        self.rotary_base = model.rotary_base  # a curriculum stage may change it: set_rotary_base
+        self.gate_width = len(BRANCHES) if model.attention == "nsa" else 0
+        self.branches = len(BRANCHES) if model.attention == "nsa" and nsa.kv == "separate" else 1
+        dk, dv = model.head_dim_k, model.head_dim_v
+        group = model.num_query_heads // model.num_kv_heads
+        self.split_sizes = [group * (dk + self.gate_width), self.branches * dk, self.branches * dv]
+        self.linear_qkv = submodules.linear_qkv(
+            config.hidden_size, model.num_kv_heads * sum(self.split_sizes), config=config,
+            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear or config.add_qkv_bias,
+            skip_bias_add=False, is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.pg_collection.tp)
+        self.q_layernorm = self.k_layernorm = None
+        if model.qk_layernorm:
+            self.q_layernorm = build_module(submodules.q_layernorm, hidden_size=dk, config=config,
+                                            eps=config.layernorm_epsilon)
+            self.k_layernorm = build_module(submodules.k_layernorm, hidden_size=dk, config=config,
+                                            eps=config.layernorm_epsilon)
+        if dv != dk:  # Attention.__init__ sized the output projection for Dv = Dk
+            self.linear_proj = build_module(
+                submodules.linear_proj, model.num_query_heads * dv, config.hidden_size, config=config,
+                init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
+                skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj", tp_group=self.pg_collection.tp)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        m = self.model
-        if positions is None:
-            positions = torch.arange(seq, device=x.device)
-        cos, sin = rotary_angles(positions, m.head_dim_k, m.rotary_base)
-        q = apply_rotary(self.q_proj(x).view(batch, seq, m.num_query_heads, m.head_dim_k), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(batch, seq, m.num_kv_heads, m.head_dim_k), cos, sin)
-        v = self.v_proj(x).view(batch, seq, m.num_kv_heads, m.head_dim_v)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-        )
-        return self.o_proj(out.transpose(1, 2).flatten(-2))
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        """[s, b, hidden] -> query [s, b, HQ_tp, Dk + gates], key [s, b, nb * HK_tp, Dk], value
+        [s, b, nb * HK_tp, Dv], keys and values ordered branch-major."""
+        if output_gate or not split_qkv:
+            raise NotImplementedError("NSA's projection supports neither attention_output_gate nor fused QKV RoPE")
+        mixed, _ = self.linear_qkv(hidden_states)
+        s, b = mixed.shape[:2]
+        groups = self.num_query_groups_per_partition
+        dk, dv = self.model.head_dim_k, self.model.head_dim_v
+        q, k, v = mixed.view(s, b, groups, -1).split(self.split_sizes, dim=-1)
+        query = q.reshape(s, b, self.num_attention_heads_per_partition, dk + self.gate_width)
+        key = k.reshape(s, b, groups, self.branches, dk).transpose(2, 3).reshape(s, b, -1, dk)
+        value = v.reshape(s, b, groups, self.branches, dv).transpose(2, 3).reshape(s, b, -1, dv)
+        if self.q_layernorm is not None:
+            query = torch.cat([self.q_layernorm(query[..., :dk]), query[..., dk:]], dim=-1)
+            key = self.k_layernorm(key)
+        return query, key, value
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        """Megatron's forward, given the RoPE angles of this rank's tokens (GPTModel is built without a
+        position embedding, so the rotary argument arrives empty)."""
+        cp = self.pg_collection.cp
+        seq = hidden_states.shape[0] * (self.pg_collection.tp.size() if self.config.sequence_parallel else 1)
+        if kwargs.get("packed_seq_params") is not None:
+            cu_seqlens = _cu_seqlens(kwargs["packed_seq_params"], cp)  # refuses CP with a clear error
+            # packed documents: given angles for the longest document (not for every packed token),
+            # Megatron's RoPE restarts at each document's start
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            freqs = rotary_freqs(longest, 1, 0, self.model.head_dim_k, self.rotary_base, hidden_states.device)
+        else:
+            freqs = rotary_freqs(seq * cp.size(), cp.size(), cp.rank(), self.model.head_dim_k, self.rotary_base,
+                                 hidden_states.device)
+        kwargs["rotary_pos_emb"] = freqs
+        return super().forward(hidden_states, attention_mask, **kwargs)
 
 
-def build_attention(model: ModelConfig, nsa: NSAConfig) -> nn.Module:
-    """The attention module the config asks for: `model.attention` is nsa or dense."""
-    return NSAAttention(model, nsa) if model.attention == "nsa" else DenseAttention(model)
+def attention_spec(model: ModelConfig, nsa: NSAConfig, norm=None) -> ModuleSpec:
+    """The self-attention slot of a GPT layer: ParallelSelfAttention with NSA's (or dense) core attention,
+    Megatron's local linear layers, and qk-layernorm (with `model.qk_layernorm`) by `norm` (None:
+    Megatron's local norm)."""
+    local = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_layernorm)
+    megatron = local.submodules.self_attention
+    core = (functools.partial(NSACoreAttention, model=model, nsa=nsa) if model.attention == "nsa"
+            else DenseCoreAttention)
+    submodules = replace(megatron.submodules, core_attention=core)
+    if model.qk_layernorm and norm is not None:
+        submodules = replace(submodules, q_layernorm=norm, k_layernorm=norm)
+    return ModuleSpec(module=ParallelSelfAttention, params={**megatron.params, "model": model, "nsa": nsa},
+                      submodules=submodules)
 
 
-def apply_context_parallel(module: nn.Module, group) -> nn.Module:
-    """Shards every NSA layer in `module` over the context-parallel `group`: each layer then expects this
-    rank's zigzag shard of the sequence (nsa_dist.parallel.split_zigzag)."""
-    for layer in module.modules():
-        if isinstance(layer, NSAAttention):
-            layer.cp_group = group
-    return module
+def _modules(model: nn.Module, kind: type):
+    return (m for m in model.modules() if isinstance(m, kind))
+
+
+def set_rotary_base(model: nn.Module, base: float) -> None:
+    """Sets the RoPE base of every attention layer (curriculum stages may raise it as context grows)."""
+    for module in _modules(model, ParallelSelfAttention):
+        module.rotary_base = base
+
+
+def set_comm_stats(model: nn.Module, stats) -> None:
+    """Makes every core attention report its context-parallel collectives to `stats` (a CommStats)."""
+    for module in _modules(model, (NSACoreAttention, DenseCoreAttention)):
+        module.comm_stats = stats
+
+
+def set_gather_group(model: nn.Module, group) -> None:
+    """Gives every NSA layer the twin of its CP group for the selection gather (nsa_dist.parallel.groups)."""
+    for module in _modules(model, NSACoreAttention):
+        module.gather_group = group
+
+
+def sum_replicated_grads(model: nn.Module, tp_group) -> None:
+    """Sums phi's gradients over the TP group, in one coalesced fp32 all-reduce.
+
+    phi is replicated on every TP rank and each rank compresses only its own KV heads, so each holds a
+    partial gradient. Call once per step after Megatron's finalize_model_grads (gradients in the
+    model's fp32 main_grad buffers)."""
+    if tp_group.size() == 1:
+        return
+    grads = [p.main_grad for m in _modules(model, Compression) for p in m.parameters() if p.requires_grad]
+    if not grads:
+        return
+    coalesced = _flatten_dense_tensors(grads)
+    dist.all_reduce(coalesced, group=tp_group)
+    for grad, summed in zip(grads, _unflatten_dense_tensors(coalesced, grads)):
+        grad.copy_(summed)

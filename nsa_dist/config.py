@@ -30,6 +30,7 @@ class ModelConfig:
     vocab_size: int = 256  # tokenizer vocabulary
     rotary_base: float = 10000.0  # RoPE base (stages may raise it as context grows)
     attention: Literal["nsa", "dense"] = "nsa"  # dense: full causal attention, for baselines
+    qk_layernorm: bool = False  # RMSNorm on every query and key head (Megatron's qk-layernorm)
     init_std: float = 0.02  # std of the normal weight init (output projections scaled by 1/sqrt(2 * layers))
 
 
@@ -50,6 +51,7 @@ class ParallelConfig:
     tensor: int = 1  # TP size: splits query heads and KV groups
     pipeline: int = 1  # PP size: splits layers
     context: int = 1  # CP size: splits the sequence (stages may override)
+    sequence_parallel: bool = False  # shard activations outside attention over TP (stages with TP > 1)
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Stage:
     tensor: int
     pipeline: int
     context: int
+    sequence_parallel: bool  # parallel.sequence_parallel, where this stage has TP > 1
     rotary_base: float
     global_batch_size: int
     micro_batch_size: int
@@ -180,6 +183,7 @@ class Config:
                 index=index, name=s.name, seq_len=s.seq_len, steps=s.steps, first_step=first_step,
                 tensor=pick(s.tensor_parallel, par.tensor), pipeline=pick(s.pipeline_parallel, par.pipeline),
                 context=pick(s.context_parallel, par.context),
+                sequence_parallel=par.sequence_parallel and pick(s.tensor_parallel, par.tensor) > 1,
                 rotary_base=pick(s.rotary_base, self.model.rotary_base),
                 global_batch_size=pick(s.global_batch_size, tr.global_batch_size),
                 micro_batch_size=pick(s.micro_batch_size, tr.micro_batch_size),

@@ -16,6 +16,8 @@ What each redirect does:
   only save and restore it. Setting the CUDA state is already a queued no-op in a CPU build of torch, so
   the tracker's fork (used around weight init) draws from the CPU generator and logs "CPU RNG state
   changed within GPU RNG context" each time: expected here, so that logger is quietened.
+- Custom autograd backwards (Megatron's sequence-parallel linear layers allocate there) run in the same
+  mode: the autograd engine does not carry the mode into them.
 - `tensor.type()` reports a CPU float32 tensor as `torch.cuda.FloatTensor`: Megatron's gradient clipping
   asserts that name to mean "fp32 gradients", which is what it checks on CPU too.
 """
@@ -104,3 +106,12 @@ def enable_cpu() -> None:
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
     _MODE = _CudaToCpu()
     _MODE.__enter__()
+    # The autograd engine runs custom backwards outside the mode (its stack is not carried into them), and
+    # Megatron's sequence-parallel linear layers allocate on torch.cuda.current_device() there.
+    run_backward = torch.autograd.function.BackwardCFunction.apply
+
+    def run_backward_on_cpu(self, *args):
+        with _CudaToCpu():
+            return run_backward(self, *args)
+
+    torch.autograd.function.BackwardCFunction.apply = run_backward_on_cpu

@@ -1,18 +1,17 @@
-"""GPT on Megatron-core with NSA (or dense, for baselines) attention at every layer's self-attention slot.
+"""GPT on Megatron-core with NSA (or dense, for baselines) attention in every layer.
 
-Megatron's SelfAttention has one fused QKV projection and a core-attention slot. NSA needs more: per-branch
-K/V (the paper's default), per-head gates and phi (the compression MLP), so `ParallelSelfAttention`
-replaces SelfAttention at the `self_attention` slot of Megatron's local GPT layer spec and owns those
-projections as tensor-parallel layers. Everything else (embedding, norms, MLP, pipeline stages, DDP,
-optimizer, schedules) is Megatron-core's own.
+The layer is Megatron's local GPT layer (RMSNorm, SwiGLU MLP) whose self-attention is Megatron's own
+SelfAttention with NSA's fused projection and NSA as its core attention (nsa_dist.attention). Everything
+else (embedding, norms, MLP, pipeline stages, sequence parallelism, DDP, optimizer, schedules) is
+Megatron-core's own.
 
 Parallelism, as applied here:
-- TP splits query heads and KV heads in whole GQA groups (HK % TP == 0): ColumnParallelLinear for q,
-  K/V and gates, RowParallelLinear for the output. phi is shared by every head, so it is replicated and
-  its gradient is summed over the TP group.
+- TP splits query heads and KV heads in whole GQA groups (HK % TP == 0). phi is replicated; its gradient
+  is summed over TP once per step (finalize_grads). Sequence parallelism shards the activations between
+  the attention and MLP blocks over TP (Megatron's), when the stage has TP > 1 and asks for it.
 - CP: every rank holds the zigzag shard of the sequence that Megatron's `get_batch_on_this_cp_rank`
   produces; RoPE is applied at those global positions, and the core attention is sequence-sharded NSA
-  (`nsa_context_parallel`) over Megatron's CP group, passed explicitly.
+  over Megatron's CP group, passed explicitly.
 - PP: GPTModel builds this stage's layers; the loss lives on the last stage.
 """
 
@@ -21,158 +20,47 @@ import zlib
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    copy_to_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
-)
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.compression import mlp_compress
-from kernels.nsa import resolve_impl
-from nsa_dist.attention import BRANCHES, Compression
-from nsa_dist.config import Config, ModelConfig, NSAConfig, Stage
-from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigzag_positions
-from nsa_dist.rope import apply_rotary, rotary_angles
+from nsa_dist.attention import attention_spec, sum_replicated_grads
+from nsa_dist.config import Config, Stage
 
 
-class ReplicatedCompression(Compression):
-    """phi, replicated on every TP rank: each rank compresses its own KV heads with the same MLP, so the
-    MLP's gradient is the sum over the TP group (copy_to_tensor_model_parallel_region: identity forward,
-    all-reduce backward)."""
-
-    def __init__(self, kind: str, block_size: int, stride: int, head_dim: int, tp_group):
-        super().__init__(kind, block_size, stride, head_dim)
-        self.tp_group = tp_group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "mean":
-            return super().forward(x)
-        pos_emb, w1, b1, w2, b2 = (copy_to_tensor_model_parallel_region(p, self.tp_group)
-                                   for p in (self.pos_emb, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias))
-        return mlp_compress(x, self.block_size, self.stride, pos_emb, w1, b1, w2, b2)
-
-
-class ParallelLinearDict(nn.ModuleDict):
-    """Tensor-parallel projections by name (one per NSA branch). Megatron's checkpointing would take a
-    plain ModuleDict's tensors as replicated; this one asks each layer for its TP-sharded entries."""
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-        sharded = {}
-        for name, layer in self.items():
-            sharded.update(layer.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
-        return sharded
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group, stats=None) -> torch.Tensor:
-    """Causal GQA attention of this rank's queries over the whole sequence: [B, T_local, H, D] in and out.
-
-    On one rank, torch's fused causal kernels (flash / cuDNN on GPU); over a CP group, the sequence-sharded
-    dense baseline, which all-gathers K/V and masks by global position."""
-    if cp_group is None or cp_group.size() == 1:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2)
-    return dense_context_parallel(q, k, v, group=cp_group, stats=stats)
-
-
-class ParallelSelfAttention(MegatronModule):
-    """Self-attention with TP-sharded projections; the core is NSA over the CP group, or dense.
-
-    Built by Megatron's TransformerLayer from the spec (config, layer_number, pg_collection); called
-    with hidden_states [s_local, b, hidden] and returns (output [s_local, b, hidden], bias=None).
-    """
-
-    def __init__(self, config: TransformerConfig, layer_number: int, model: ModelConfig, nsa: NSAConfig,
-                 pg_collection: ProcessGroupCollection | None = None):
-        super().__init__(config=config)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.layer_number = layer_number
-        self.model, self.nsa = model, nsa
-        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
-        self.rotary_base = model.rotary_base  # a curriculum stage may change it: set_rotary_base
-        self.comm_stats = None  # CommStats that CP collectives report to (set_comm_stats), or None
-        tp = self.tp_group.size()
-        if model.num_kv_heads % tp:
-            raise ValueError(f"tensor parallel size {tp} must divide model.num_kv_heads={model.num_kv_heads}: "
-                             "TP splits whole GQA groups; lower parallel.tensor or raise num_kv_heads")
-        self.q_heads, self.kv_heads = model.num_query_heads // tp, model.num_kv_heads // tp
-        hq, hk, dk, dv = model.num_query_heads, model.num_kv_heads, model.head_dim_k, model.head_dim_v
-
-        def column(out_features: int, bias: bool = False) -> ColumnParallelLinear:
-            return ColumnParallelLinear(config.hidden_size, out_features, config=config, init_method=config.init_method,
-                                        bias=bias, gather_output=False, tp_group=self.tp_group)
-
-        separate = model.attention == "nsa" and nsa.kv == "separate"
-        kv_names = BRANCHES if separate else ("shared",)
-        self.linear_q = column(hq * dk)
-        self.linear_k = ParallelLinearDict({name: column(hk * dk) for name in kv_names})
-        self.linear_v = ParallelLinearDict({name: column(hk * dv) for name in kv_names})
-        if model.attention == "nsa":
-            # gate output features are ordered (head, branch), so a TP shard holds whole heads
-            self.linear_gate = column(hq * len(BRANCHES), bias=True)
-            self.compress_k = ReplicatedCompression(nsa.phi, nsa.compress_block, nsa.stride, dk, self.tp_group)
-            self.compress_v = ReplicatedCompression(nsa.phi, nsa.compress_block, nsa.stride, dv, self.tp_group)
-        self.linear_proj = RowParallelLinear(hq * dv, config.hidden_size, config=config,
-                                             init_method=config.output_layer_init_method, bias=False,
-                                             input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **megatron_kwargs):
-        """Causal masking is built into both cores and RoPE is applied here at global positions, so
-        Megatron's mask and rotary arguments (None with position_embedding_type='none') are not used."""
-        seq, batch, _ = hidden_states.shape
-        m, n = self.model, self.nsa
-        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
-        positions = zigzag_positions(seq * cp_size, cp_rank, cp_size).to(hidden_states.device)
-        cos, sin = rotary_angles(positions, m.head_dim_k, self.rotary_base)
-
-        def heads(linear, num_heads, head_dim):
-            out, _ = linear(hidden_states)
-            return out.view(seq, batch, num_heads, head_dim).transpose(0, 1)  # [B, T_local, H, D]
-
-        q = apply_rotary(heads(self.linear_q, self.q_heads, m.head_dim_k), cos, sin)
-        kv = {name: (apply_rotary(heads(self.linear_k[name], self.kv_heads, m.head_dim_k), cos, sin),
-                     heads(self.linear_v[name], self.kv_heads, m.head_dim_v))
-              for name in self.linear_k}
-        if m.attention == "dense":
-            out = dense_attention(q, *kv["shared"], self.cp_group, self.comm_stats)
-        else:
-            gates = torch.sigmoid(heads(self.linear_gate, self.q_heads, len(BRANCHES)))
-            per_branch = [kv[b] for b in BRANCHES] if "shared" not in kv else [kv["shared"]] * 3
-            out = nsa_context_parallel(
-                q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
-                block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-                num_selected=n.num_selected, window=n.window, impl=resolve_impl(n.impl, q.device),
-                stats=self.comm_stats,
-            ).output
-        out = out.transpose(0, 1).reshape(seq, batch, self.q_heads * m.head_dim_v)
-        return self.linear_proj(out)
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_layer, chunk: int) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_layer, chunk: int,
+                          sequence_parallel: int = 1) -> torch.Tensor:
     """Per-token loss [B, S] (fp32) of hidden [S, B, H] against labels [B, S].
 
     Logits exist for at most `chunk` positions at a time: each chunk's output layer and vocab-parallel
     cross-entropy are recomputed in backward. At 1M tokens and a 32K vocabulary, the whole sequence's
     fp32 logits alone would be 128 GB.
+    With sequence parallelism over `sequence_parallel` TP ranks, hidden holds this rank's S / TP rows and
+    the output layer all-gathers each chunk's rows from every TP rank, so each chunk's labels are picked
+    at those positions and the losses are put back in sequence order.
     """
 
     def chunk_loss(h, target):
         logits, _ = output_layer(h)
         return vocab_parallel_cross_entropy(logits.float(), target)
 
-    losses = [checkpoint(chunk_loss, hidden[s : s + chunk], labels[:, s : s + chunk].t(), use_reentrant=False)
-              for s in range(0, hidden.shape[0], chunk)]
-    return torch.cat(losses).t()
+    local = hidden.shape[0]
+    shard_starts = torch.arange(sequence_parallel, device=labels.device)[:, None] * local
+    losses, positions = [], []
+    for s in range(0, local, chunk):
+        rows = torch.arange(s, min(s + chunk, local), device=labels.device)
+        gathered = (shard_starts + rows[None, :]).flatten()  # the sequence positions the chunk's logits hold
+        losses.append(checkpoint(chunk_loss, hidden[s : s + chunk], labels[:, gathered].t(), use_reentrant=False))
+        positions.append(gathered)
+    losses = torch.cat(losses)
+    if sequence_parallel > 1:
+        losses = losses[torch.argsort(torch.cat(positions))]
+    return losses.t()
 
 
 class NSAGPTModel(GPTModel):
@@ -185,15 +73,35 @@ class NSAGPTModel(GPTModel):
     def _postprocess(self, hidden_states, labels=None, **kwargs):
         if not self.post_process or labels is None:
             return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
-        return chunked_cross_entropy(hidden_states, labels, self.output_layer, self.loss_chunk)
+        sequence_parallel = self.output_layer.tp_group.size() if self.config.sequence_parallel else 1
+        return chunked_cross_entropy(hidden_states, labels, self.output_layer, self.loss_chunk, sequence_parallel)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, built as Megatron builds its norms (config, hidden_size, eps).
+
+    Megatron's fallback norm without Apex or Transformer Engine refuses sequence parallelism: under it
+    each TP rank normalizes only its shard of the tokens, so the weight's gradient is partial and must be
+    summed over TP. This one marks its weight `sequence_parallel`, which is how Megatron's finalize_model_grads
+    knows to sum it (what its Apex and TE norms do)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 def layer_spec(config: Config) -> ModuleSpec:
-    """Megatron's local GPT layer (RMSNorm, SwiGLU MLP) with ParallelSelfAttention at the attention slot."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention = ModuleSpec(module=ParallelSelfAttention,
-                                                params={"model": config.model, "nsa": config.nsa})
+    """Megatron's local GPT layer (RMSNorm, SwiGLU MLP) with NSA's (or dense) self-attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.model.qk_layernorm)
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.self_attention = attention_spec(config.model, config.nsa, norm=RMSNorm)
     return spec
+
+
+def block_spec(config: Config, tf_config: TransformerConfig) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers and the final norm."""
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(config)] * get_num_layers_to_build(tf_config),
+                                      layer_norm=RMSNorm)
 
 
 def transformer_config(config: Config, stage: Stage, dtype: torch.dtype) -> TransformerConfig:
@@ -210,6 +118,8 @@ def transformer_config(config: Config, stage: Stage, dtype: torch.dtype) -> Tran
         tensor_model_parallel_size=stage.tensor,
         pipeline_model_parallel_size=stage.pipeline,
         context_parallel_size=stage.context,
+        sequence_parallel=stage.sequence_parallel,
+        qk_layernorm=m.qk_layernorm,
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -235,13 +145,13 @@ def build_model(config: Config, tf_config: TransformerConfig) -> NSAGPTModel:
     """This pipeline stage's part of the GPT model (parallel state must be initialised)."""
     return NSAGPTModel(
         config=tf_config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=block_spec(config, tf_config),
         vocab_size=config.model.vocab_size,
         max_sequence_length=max(stage.seq_len for stage in config.stages),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=False,
-        position_embedding_type="none",  # RoPE is applied inside ParallelSelfAttention
+        position_embedding_type="none",  # RoPE angles come from nsa_dist.attention (global positions, cached)
         loss_chunk=config.training.loss_chunk,
     )
 
@@ -284,15 +194,9 @@ def init_weights(gpt: GPTModel, seed: int, std: float, num_layers: int, tp_rank:
         param.copy_(full)
 
 
-def set_rotary_base(gpt: GPTModel, base: float) -> None:
-    """Sets the RoPE base of every attention layer (curriculum stages may raise it as context grows)."""
-    for module in gpt.modules():
-        if isinstance(module, ParallelSelfAttention):
-            module.rotary_base = base
-
-
-def set_comm_stats(gpt: GPTModel, stats) -> None:
-    """Makes every attention layer report its context-parallel collectives to `stats` (a CommStats)."""
-    for module in gpt.modules():
-        if isinstance(module, ParallelSelfAttention):
-            module.comm_stats = stats
+def finalize_grads(model: list, *args, **kwargs) -> None:
+    """Megatron's finalize_model_grads (DP/CP reduction, embedding sync, division by tokens), then phi's
+    partial gradients summed over TP, once per step (nsa_dist.attention.sum_replicated_grads)."""
+    finalize_model_grads(model, *args, **kwargs)
+    for chunk in model:
+        sum_replicated_grads(chunk, parallel_state.get_tensor_model_parallel_group())

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,7 +31,7 @@ import psutil
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -40,7 +41,9 @@ from nsa_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, 
 from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.data import VALIDATION_START, SyntheticCopyTask, micro_batches
 from nsa_dist.megatron_cpu import enable_cpu
-from nsa_dist.model import build_model, init_weights, set_comm_stats, set_rotary_base, transformer_config
+from nsa_dist.attention import set_comm_stats, set_gather_group, set_rotary_base
+from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
+from nsa_dist.parallel.groups import twin_groups
 from nsa_dist.parallel import CommStats
 
 log = logging.getLogger(__name__)
@@ -237,7 +240,24 @@ def _start_processes(config: Config) -> torch.device:
     return device
 
 
-def _build(config: Config, stage: Stage, device: torch.device):
+@contextmanager
+def parallel_layout(stage: Stage):
+    """Megatron's parallel groups for the stage's layout, and the twin of this rank's CP group that NSA's
+    selection gather runs on (nsa_dist.parallel.groups); both are torn down on exit."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=stage.tensor,
+                                             pipeline_model_parallel_size=stage.pipeline,
+                                             context_parallel_size=stage.context)
+    gather_group = None
+    try:
+        gather_group = twin_groups(parallel_state.get_context_parallel_group())
+        yield gather_group
+    finally:
+        if gather_group is not None:
+            dist.destroy_process_group(gather_group)
+        parallel_state.destroy_model_parallel()
+
+
+def _build(config: Config, stage: Stage, device: torch.device, gather_group):
     """This stage's model (every layout starts from the same weights), in Megatron's DDP, and its optimizer."""
     tr = config.training
     torch.manual_seed(tr.seed)
@@ -248,6 +268,7 @@ def _build(config: Config, stage: Stage, device: torch.device):
     init_weights(model, tr.seed, config.model.init_std, config.model.num_layers,
                  parallel_state.get_tensor_model_parallel_rank(), stage.tensor)
     set_rotary_base(model, stage.rotary_base)
+    set_gather_group(model, gather_group)
     # The distributed optimizer shards optimizer state over DP ranks; on CPU it rejects the parameters.
     distributed_optimizer = device.type == "cuda"
     model = DistributedDataParallel(
@@ -260,7 +281,7 @@ def _build(config: Config, stage: Stage, device: torch.device):
                         bf16=dtype == torch.bfloat16, params_dtype=dtype,
                         use_distributed_optimizer=distributed_optimizer),
         [model])
-    tf_config.finalize_model_grads_func = finalize_model_grads  # DP/CP all-reduce, embedding sync, / tokens
+    tf_config.finalize_model_grads_func = finalize_grads  # DP/CP all-reduce, embedding sync, phi over TP, / tokens
     tf_config.no_sync_func = model.no_sync  # reduce gradients once per step, not once per micro-batch
     tf_config.grad_scale_func = optimizer.scale_loss
     return model, optimizer
@@ -322,13 +343,8 @@ def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str |
         for stage in stages:
             if stage.model_parallel > world_size:
                 return TrainResult(history, resume.path if resume else None, waiting=stage)
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=stage.tensor,
-                                                     pipeline_model_parallel_size=stage.pipeline,
-                                                     context_parallel_size=stage.context)
-            try:
-                resume = _train_stage(config, stage, resume, initial, writer, hooks, device, history)
-            finally:
-                parallel_state.destroy_model_parallel()  # the next stage builds its own groups
+            with parallel_layout(stage) as gather_group:  # the next stage builds its own groups
+                resume = _train_stage(config, stage, resume, initial, writer, hooks, device, history, gather_group)
             if stage.name == last_stage:
                 break
     finally:
@@ -338,11 +354,11 @@ def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str |
 
 def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial: Checkpoint | None,
                  writer: CheckpointWriter, hooks: Sequence[TrainingHooks], device: torch.device,
-                 history: list[StepLog]) -> Checkpoint:
+                 history: list[StepLog], gather_group) -> Checkpoint:
     """Runs one stage from `start` (this stage's newest checkpoint, or the previous stage's final one;
     None for a new run, which may take its weights from `initial`); returns the stage's final checkpoint."""
     # 1. model and optimizer in this stage's layout, their state from the checkpoint it starts from
-    model, optimizer = _build(config, stage, device)
+    model, optimizer = _build(config, stage, device, gather_group)
     if start is not None and start.state.stage == stage.name:  # resume inside this stage: everything
         state = replace(start.state)
         load_checkpoint(start, model, optimizer, with_optimizer=True)
@@ -434,11 +450,8 @@ def evaluate(config: Config, checkpoints: Sequence[str | Path], stage_name: str,
     for source in sources:
         check_same_model(source, config)
     check_layouts(config, dist.get_world_size(), [stage], device)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=stage.tensor,
-                                             pipeline_model_parallel_size=stage.pipeline,
-                                             context_parallel_size=stage.context)
-    try:
-        model, optimizer = _build(config, stage, device)
+    with parallel_layout(stage) as gather_group:
+        model, optimizer = _build(config, stage, device, gather_group)
         model.eval()
         dp_size = parallel_state.get_data_parallel_world_size()
         results = []
@@ -457,5 +470,3 @@ def evaluate(config: Config, checkpoints: Sequence[str | Path], stage_name: str,
                         seq_length=stage.seq_len, micro_batch_size=stage.micro_batch_size, forward_only=True)
             results.append(Evaluation(global_mean_loss(losses, device), load_seconds))
         return results
-    finally:
-        parallel_state.destroy_model_parallel()

@@ -1,82 +1,191 @@
-"""The attention modules that own projections: NSA (kv shared/separate, phi mlp/mean) and dense."""
+"""The attention layer training uses (Megatron's SelfAttention with NSA's fused projection and core):
+gradients, causality, dense against an explicit softmax, RoPE, packed documents, CP against one rank.
+
+Megatron modules need torch.distributed and parallel state, so each test body runs in real gloo
+processes (tests/dist_harness.py); several checks share one process to pay its start-up once.
+"""
+
+import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from nsa_dist.attention import DenseAttention, NSAAttention, build_attention
+from dist_harness import run_distributed
+from nsa_dist.attention import rotary_freqs
 from nsa_dist.config import load_config
-from nsa_dist.rope import apply_rotary, rotary_angles
+from nsa_dist.parallel import split_zigzag
 
 SMALL = ["model.hidden_size=32", "model.num_query_heads=4", "model.num_kv_heads=2", "model.head_dim_k=8",
          "model.head_dim_v=4", "nsa.compress_block=8", "nsa.stride=4", "nsa.selection_block=16",
-         "nsa.num_selected=3", "nsa.window=12"]
+         "nsa.num_selected=3", "nsa.window=12", "training.dtype=fp32"]
 
 
-def small_config(*extra):
-    return load_config(None, SMALL + list(extra))
+def build_layer(*overrides: str, seed: int = 0):
+    """One ParallelSelfAttention (float64 weights) in Megatron's parallel state of this process group,
+    built by its spec as a GPT layer builds it. Call inside a distributed worker, between
+    initialize_model_parallel and destroy_model_parallel."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.spec_utils import build_module
+
+    from nsa_dist.attention import attention_spec
+    from nsa_dist.megatron_cpu import enable_cpu
+    from nsa_dist.model import transformer_config
+
+    enable_cpu()
+    config = load_config(None, SMALL + list(overrides))
+    stage = config.resolved_stages()[0]
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    layer = build_module(attention_spec(config.model, config.nsa), config=transformer_config(config, stage, torch.float32),
+                         layer_number=1)
+    with torch.no_grad():  # Megatron zero-initializes biases; give every parameter a value that matters
+        for param in layer.parameters():
+            param.normal_(0, 0.3)
+    return layer.double(), config
 
 
-@pytest.mark.parametrize("kv", ["separate", "shared"])
-@pytest.mark.parametrize("phi", ["mlp", "mean"])
-def test_nsa_module_shapes_and_gradients(kv, phi):
-    config = small_config(f"nsa.kv={kv}", f"nsa.phi={phi}")
+def _attend(layer, x, **kwargs):
+    out, _ = layer(x, None, **kwargs)
+    return out
+
+
+def _single_rank_checks(rank, world):
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    parallel_state.initialize_model_parallel()
+    try:
+        # every parameter gets a gradient, for each kind of K/V and phi
+        for kv in ("separate", "shared"):
+            for phi in ("mlp", "mean"):
+                layer, _ = build_layer(f"nsa.kv={kv}", f"nsa.phi={phi}")
+                x = torch.randn(45, 2, 32, dtype=torch.float64)
+                out = _attend(layer, x)
+                assert out.shape == (45, 2, 32)
+                out.square().sum().backward()
+                for name, param in layer.named_parameters():
+                    assert param.grad is not None and param.grad.abs().sum() > 0, f"{kv} {phi}: {name} has no gradient"
+
+        # separate K/V: one K and V projection per branch, in the one fused projection
+        separate, _ = build_layer("nsa.kv=separate")
+        shared, _ = build_layer("nsa.kv=shared")
+        extra = sum(p.numel() for p in separate.parameters()) - sum(p.numel() for p in shared.parameters())
+        assert extra == 2 * 32 * 2 * (8 + 4)  # two more K and V projections of hidden -> HK * (Dk + Dv)
+
+        # causal: later tokens change nothing before them
+        for attention in ("nsa", "dense"):
+            layer, _ = build_layer(f"model.attention={attention}", seed=1)
+            x = torch.randn(40, 1, 32, dtype=torch.float64)
+            changed = x.clone()
+            changed[25:] = torch.randn(15, 1, 32, dtype=torch.float64)
+            with torch.no_grad():
+                torch.testing.assert_close(_attend(layer, x)[:25], _attend(layer, changed)[:25], rtol=0, atol=0)
+
+        # dense equals an explicit causal softmax over RoPE'd q and k from the fused projection
+        layer, config = build_layer("model.attention=dense", seed=2)
+        x = torch.randn(10, 1, 32, dtype=torch.float64)
+        with torch.no_grad():
+            mixed, _ = layer.linear_qkv(x)
+            q, k, v = mixed.view(10, 2, -1).split([2 * 8, 8, 4], dim=-1)
+            q, k, v = q.reshape(10, 4, 8), k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+            angles = torch.arange(10, dtype=torch.float64)[:, None] * config.model.rotary_base ** (
+                -torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+            cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
+
+            def rope(t):
+                return t * cos + torch.cat([-t[..., 4:], t[..., :4]], dim=-1) * sin
+
+            scores = torch.einsum("thd,shd->hts", rope(q), rope(k)) / 8**0.5
+            scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+            expected, _ = layer.linear_proj(torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(10, 1, 16))
+            torch.testing.assert_close(_attend(layer, x), expected, rtol=1e-5, atol=1e-6)  # fp32 angles
+
+        # packed documents: each document is attended (and RoPE'd) as if it were alone
+        for attention in ("nsa", "dense"):
+            layer, _ = build_layer(f"model.attention={attention}", seed=3)
+            lengths = [40, 24, 36]
+            x = torch.randn(sum(lengths), 1, 32, dtype=torch.float64)
+            cu = torch.tensor([0, 40, 64, 100], dtype=torch.int32)
+            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=40,
+                                     max_seqlen_kv=40)
+            with torch.no_grad():
+                together = _attend(layer, x, packed_seq_params=packed)
+                alone = torch.cat([_attend(layer, x[lo:hi]) for lo, hi in zip(cu[:-1], cu[1:])])
+            torch.testing.assert_close(together, alone, rtol=1e-9, atol=1e-10, msg=lambda m: f"{attention}: {m}")
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.timeout(180)
+def test_layer_on_one_rank():
+    run_distributed(_single_rank_checks, 1)
+
+
+def _context_parallel_checks(rank, world):
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nsa_dist.attention import set_gather_group
+    from nsa_dist.parallel.groups import twin_groups
+
     torch.manual_seed(0)
-    layer = NSAAttention(config.model, config.nsa)
-    x = torch.randn(2, 45, 32)
-    out = layer(x)
-    assert out.shape == (2, 45, 32)
-    out.square().sum().backward()
-    for name, param in layer.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
-        assert param.grad.abs().sum() > 0, f"{name} gets no gradient"
+    x = torch.randn(128, 1, 32, dtype=torch.float64)
+    upstream = torch.randn(128, 1, 32, dtype=torch.float64)
+    for attention in ("nsa", "dense"):
+        parallel_state.initialize_model_parallel()
+        layer, _ = build_layer(f"model.attention={attention}", "nsa.kv=separate")
+        full = _attend(layer, x)
+        full.backward(upstream)
+        full_grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+        parallel_state.destroy_model_parallel()
+
+        parallel_state.initialize_model_parallel(context_parallel_size=world)
+        gather_group = twin_groups(parallel_state.get_context_parallel_group())
+        for twin in (None, gather_group):  # the selection gather on the CP group itself, or on its own
+            layer, _ = build_layer(f"model.attention={attention}", "nsa.kv=separate")
+            set_gather_group(layer, twin)
+            local = _attend(layer, split_zigzag(x.transpose(0, 1), rank, world).transpose(0, 1))
+            torch.testing.assert_close(local, split_zigzag(full.detach().transpose(0, 1), rank, world).transpose(0, 1),
+                                       rtol=1e-9, atol=1e-10)
+            local.backward(split_zigzag(upstream.transpose(0, 1), rank, world).transpose(0, 1))
+            for name, param in layer.named_parameters():  # each rank's share of the weights' gradient
+                summed = param.grad.clone()
+                dist.all_reduce(summed)
+                torch.testing.assert_close(summed, full_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+        cu = torch.tensor([0, 64], dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=64, max_seqlen_kv=64)
+        with pytest.raises(NotImplementedError, match="packed documents .* context parallelism"):
+            _attend(layer, x[:64], packed_seq_params=packed)
+        dist.destroy_process_group(gather_group)
+        parallel_state.destroy_model_parallel()
 
 
-def test_separate_kv_has_one_projection_per_branch():
-    separate = NSAAttention(small_config().model, small_config("nsa.kv=separate").nsa)
-    shared = NSAAttention(small_config().model, small_config("nsa.kv=shared").nsa)
-    assert sorted(separate.k_proj) == ["cmp", "slc", "win"] and list(shared.k_proj) == ["shared"]
-    extra = sum(p.numel() for p in separate.parameters()) - sum(p.numel() for p in shared.parameters())
-    assert extra == 2 * 32 * 2 * (8 + 4)  # two more K and V projections of hidden -> HK * (Dk + Dv)
+@pytest.mark.timeout(180)
+def test_layer_under_context_parallelism_equals_one_rank():
+    """Outputs and weight gradients of the CP=2 layer equal one rank's, for NSA and the dense baseline."""
+    run_distributed(_context_parallel_checks, 2)
 
 
-@pytest.mark.parametrize("attention", ["nsa", "dense"])
-def test_module_is_causal(attention):
-    config = small_config(f"model.attention={attention}")
-    torch.manual_seed(1)
-    layer = build_attention(config.model, config.nsa)
-    x = torch.randn(1, 40, 32)
-    changed = x.clone()
-    changed[:, 25:] = torch.randn(1, 15, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x)[:, :25], layer(changed)[:, :25], rtol=0, atol=0)
+def test_rotary_angles_are_exact_at_a_million_tokens():
+    """The cached angles (reduced mod 2 pi in float64) give cos/sin within fp32 rounding at every position,
+    where angles formed in fp32 are off by up to ~0.06 rad near 1M."""
+    seq, dim, base = 1 << 20, 64, 5e5
+    freqs = rotary_freqs(seq, 1, 0, dim, base, torch.device("cpu"))[:, 0, 0]
+    positions = torch.arange(seq, dtype=torch.float64)[:, None]
+    exact = positions * base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    exact = torch.cat([exact, exact], dim=-1)
+    assert (freqs.double().cos() - exact.cos()).abs().max() < 1e-6
+    assert (freqs.double().sin() - exact.sin()).abs().max() < 1e-6
+    fp32 = torch.arange(seq, dtype=torch.float32)[:, None] * torch.tensor(base, dtype=torch.float32) ** (
+        -torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    assert (fp32.double().cos() - exact[:, : dim // 2].cos()).abs().max() > 1e-3  # what the cache avoids
 
 
-def test_dense_matches_explicit_causal_softmax():
-    config = small_config("model.attention=dense")
-    torch.manual_seed(2)
-    layer = DenseAttention(config.model)
-    x = torch.randn(1, 10, 32, dtype=torch.float64)
-    layer = layer.double()
-    cos, sin = rotary_angles(torch.arange(10), 8, config.model.rotary_base)
-    q = apply_rotary(layer.q_proj(x).view(1, 10, 4, 8), cos.double(), sin.double())
-    k = apply_rotary(layer.k_proj(x).view(1, 10, 2, 8), cos.double(), sin.double()).repeat_interleave(2, dim=2)
-    v = layer.v_proj(x).view(1, 10, 2, 4).repeat_interleave(2, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / 8**0.5
-    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
-    expected = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
-    torch.testing.assert_close(layer(x), layer.o_proj(expected.flatten(-2)))
-
-
-def test_rope_uses_global_positions():
-    """With mean pooling every NSA score is a sum of RoPE dot products, so shifting all positions by a
-    constant leaves the output unchanged; a wrong or dropped position would break this."""
-    config = small_config("nsa.phi=mean")
-    torch.manual_seed(3)
-    layer = NSAAttention(config.model, config.nsa).double()
-    x = torch.randn(1, 33, 32, dtype=torch.float64)
-    base = layer.attend(x, torch.arange(33))
-    shifted = layer.attend(x, torch.arange(33) + 1000)
-    torch.testing.assert_close(base.output, shifted.output, rtol=1e-5, atol=1e-6)
-    assert torch.equal(base.block_idx, shifted.block_idx)
-    moved = layer.attend(x, torch.arange(33) * 2)
-    assert not torch.allclose(base.output, moved.output, atol=1e-3)
+def test_rotary_angles_follow_the_zigzag_shard():
+    """A CP rank's angles are the whole sequence's at its zigzag positions (RoPE at global positions)."""
+    full = rotary_freqs(64, 1, 0, 8, 1e4, torch.device("cpu"))
+    for rank in range(2):
+        shard = rotary_freqs(64, 2, rank, 8, 1e4, torch.device("cpu"))
+        torch.testing.assert_close(shard, split_zigzag(full.transpose(0, 1), rank, 2).transpose(0, 1))
+    assert math.isclose(float(full[5, 0, 0, 0]), 5.0)

@@ -1,4 +1,16 @@
-"""One context-parallel rank's share of one NSA layer, forward + backward, on one GPU.
+"""NSA's core attention under context parallelism against the dense baseline: across GPUs, or one rank's
+share on one GPU.
+
+Across GPUs (torchrun, NCCL): every rank runs nsa_context_parallel (its zigzag shard, phi as an MLP,
+separate K/V) and the dense baseline (dense_context_parallel: all-gathered K/V, cuDNN, no mask), and the
+script reports the slowest rank's forward and forward+backward, the peak memory, and bytes and exposed
+seconds per collective (CommStats), with the selection gather on its own process group and, for
+comparison, on the CP group itself:
+
+    torchrun --standalone --nproc_per_node 2 tools/bench_cp.py --distributed --seq-lens 262144 \
+        --out benchmarks/cp_nccl_2gpu.json
+
+One GPU, per rank (the original mode, below):
 
 For each sequence length T and CP size P, every timed rank r runs exactly the compute it would run in
 nsa_context_parallel: compress its two zigzag chunks (with halos), compressed attention and top-n of its
@@ -13,12 +25,14 @@ Beside the times: bytes sent per layer per rank (forward + backward) by ours and
 import argparse
 import functools
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -26,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.compression import mlp_compress  # noqa: E402
 from kernels.nsa import branch_ops  # noqa: E402
-from nsa_dist.parallel import ZigzagLayout, nsa_cp_bytes, ring_attention_bytes  # noqa: E402
+from nsa_dist.attention import Compression  # noqa: E402
+from nsa_dist.parallel import (CommStats, ZigzagLayout, dense_context_parallel, nsa_context_parallel,  # noqa: E402
+                               nsa_cp_bytes, ring_attention_bytes, split_zigzag)
+from nsa_dist.parallel.groups import twin_groups  # noqa: E402
 from nsa_dist.parallel.layout import halo_len  # noqa: E402
 
 
@@ -47,6 +64,8 @@ def parse_args():
     p.add_argument("--iters", type=int, default=2, help="timed runs per measurement (after one warmup)")
     p.add_argument("--all-ranks", action="store_true", help="time every rank, not only the first and last")
     p.add_argument("--out", default="benchmarks/cp_h200.json")
+    p.add_argument("--distributed", action="store_true", help="run across GPUs under torchrun (see above)")
+    p.add_argument("--dense-max-seq-len", type=int, default=1 << 20, help="longest T the dense baseline runs at")
     return p.parse_args()
 
 
@@ -139,8 +158,123 @@ def make_full(a, seq_len: int) -> dict:
     return full
 
 
+def cuda_timed(fn, iters: int, warmup: int = 1) -> float:
+    """Median milliseconds of fn() over iters runs (after warmup), the slowest rank's for each run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        elapsed = torch.tensor([(time.perf_counter() - start) * 1e3], device="cuda")
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(elapsed.item())
+    return sorted(times)[len(times) // 2]
+
+
+def local_inputs(a, seq_len: int, rank: int, world: int) -> dict:
+    """This rank's zigzag shard of one layer's bf16 inputs (the same full tensors on every rank)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hq, hk, d = a.q_heads, a.kv_heads, a.head_dim
+
+    def shard(*shape, rand=torch.randn):
+        full = rand(1, seq_len, *shape, device="cuda", generator=g, dtype=torch.bfloat16)
+        return (split_zigzag(full, rank, world) if world > 1 else full).contiguous()
+
+    x = {"q": shard(hq, d), "gates": shard(hq, 3, rand=torch.rand), "upstream": shard(hq, d)}
+    for b in ("cmp", "slc", "win"):
+        x[f"k_{b}"], x[f"v_{b}"] = shard(hk, d), shard(hk, d)
+    return x
+
+
+def distributed_main(a) -> None:
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    group = dist.group.WORLD
+    twin = twin_groups(group)
+    torch.manual_seed(0)
+    phi = [Compression("mlp", a.block_size, a.stride, a.head_dim).cuda().bfloat16() for _ in range(2)]
+    sizes = dict(block_size=a.block_size, stride=a.stride, selection_block=a.selection_block,
+                 num_selected=a.num_selected, window=a.window, impl=a.impl)
+    rows = []
+    for seq_len in a.seq_lens:
+        x = local_inputs(a, seq_len, rank, world)
+        leaves = {k: v.requires_grad_() for k, v in x.items() if k != "upstream"}
+
+        def nsa(gather_group, stats=None):
+            kv = [(leaves[f"k_{b}"], leaves[f"v_{b}"]) for b in ("cmp", "slc", "win")]
+            return nsa_context_parallel(leaves["q"], *kv, leaves["gates"], *phi, group=group,
+                                        gather_group=gather_group, stats=stats, **sizes).output
+
+        def dense(stats=None):
+            return dense_context_parallel(leaves["q"], leaves["k_slc"], leaves["v_slc"], group=group, stats=stats)
+
+        variants = {"nsa": lambda stats=None: nsa(twin, stats)}
+        if world > 1:
+            variants["nsa, gather on the CP group"] = lambda stats=None: nsa(None, stats)
+        if seq_len <= a.dense_max_seq_len:
+            variants["dense"] = dense
+        for name, run in variants.items():
+            def forward():
+                with torch.no_grad():
+                    run()
+
+            def forward_backward():
+                run().backward(x["upstream"])
+                for leaf in leaves.values():
+                    leaf.grad = None
+
+            torch.cuda.reset_peak_memory_stats()
+            fwd_ms = cuda_timed(forward, a.iters)
+            fwd_bwd_ms = cuda_timed(forward_backward, a.iters)
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device="cuda")
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            stats = CommStats()  # one more forward+backward, instrumented
+            dist.barrier()
+            run(stats).backward(x["upstream"])
+            for leaf in leaves.values():
+                leaf.grad = None
+            exposed = stats.exposed_seconds()
+            per_op = {}
+            for op in sorted(set(stats.sent) | set(exposed)):
+                worst = torch.tensor([exposed.get(op, 0.0)], device="cuda")
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                per_op[op] = {"sent_bytes": stats.sent.get(op, 0), "exposed_ms": worst.item() * 1e3}
+            rows.append({"seq_len": seq_len, "gpus": world, "variant": name, "fwd_ms": fwd_ms,
+                         "fwd_bwd_ms": fwd_bwd_ms, "peak_gib": peak.item(), "collectives": per_op})
+            if rank == 0:
+                print(f"T={seq_len} P={world} {name}: fwd {fwd_ms:.1f} ms, fwd+bwd {fwd_bwd_ms:.1f} ms, "
+                      f"peak {peak.item():.1f} GiB", flush=True)
+        x = leaves = None  # this length's tensors go before the next length's arrive
+        torch.cuda.empty_cache()
+    if rank == 0:
+        result = {"command": f"torchrun --nproc_per_node {world} " + " ".join(sys.argv),
+                  "machine": f"{world} x {torch.cuda.get_device_name()}", "torch": torch.__version__,
+                  "args": vars(a), "rows": rows}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+        print(f"\n{'T':>8} {'GPUs':>4} {'variant':<30} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>8} "
+              f"{'sel. gather exposed ms':>22} {'= % of fwd+bwd':>14}")
+        for r in rows:
+            sel = r["collectives"].get("selection_kv", {}).get("exposed_ms", 0.0)
+            print(f"{r['seq_len']:>8} {r['gpus']:>4} {r['variant']:<30} {r['fwd_ms']:>8.1f} {r['fwd_bwd_ms']:>8.1f} "
+                  f"{r['peak_gib']:>8.1f} {sel:>22.2f} {100 * sel / r['fwd_bwd_ms']:>13.1f}%")
+        for r in rows:
+            print(f"{r['seq_len']} P={r['gpus']} {r['variant']}: " + ", ".join(
+                f"{op} {v['sent_bytes'] / 2**20:.0f} MiB / {v['exposed_ms']:.2f} ms" for op, v in r["collectives"].items()))
+    if twin is not None:
+        dist.destroy_process_group(twin)
+    dist.destroy_process_group()
+
+
 def main():
     a = parse_args()
+    if a.distributed:
+        return distributed_main(a)
     ops = branch_ops(a.impl)
     rows = []
     for seq_len in a.seq_lens:
@@ -167,7 +301,7 @@ def main():
                 print(f"T={seq_len:>8} P={cp} r={rank}: nsa {nsa_ms:9.1f} ms  dense {dense_ms:9.1f} ms  "
                       f"ratio {r['nsa_over_dense']:.3f}  bytes ours {r['nsa_bytes'] / 2**20:8.1f} MiB  "
                       f"ring {r['ring_bytes'] / 2**20:8.1f} MiB", flush=True)
-        del full
+        full = None  # this length's tensors go before the next length's arrive
         if a.device == "cuda":
             torch.cuda.empty_cache()
     machine = torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu"

@@ -1,13 +1,102 @@
 """Dense causal attention under the same context parallelism: the baseline NSA is measured against.
 
-K/V are all-gathered into sequence order (reduce-scattered in the backward) and each local chunk
-attends causally by global position."""
+K/V are all-gathered into sequence order (reduce-scattered in fp32 in the backward). Each local chunk
+of queries starting at global position s attends to keys [0, s + C) as two fused attention calls with no
+mask tensor: causal over its own chunk (the diagonal block) and unmasked over the keys before it. The two
+partial results are merged by their log-sum-exps; the backward runs each call's own backward with the
+merged output and log-sum-exp, which gives exactly that part's share of the gradient (as ring attention
+does). On CUDA the calls are cuDNN's fused attention; on CPU, torch's CPU flash attention.
+"""
 
 import torch
 import torch.nn.functional as F
 
 from nsa_dist.parallel.comm import CommStats, gather_zigzag, group_size_rank
 from nsa_dist.parallel.layout import ZigzagLayout
+
+
+def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _reduce_heads(grad: torch.Tensor, group: int) -> torch.Tensor:
+    return grad if group == 1 else grad.unflatten(1, (-1, group)).sum(dim=2)
+
+
+def _cpu_inputs(q, k, v):
+    """The CPU kernel has no GQA and needs one head size: K/V repeated per query head, zero channels
+    appended to the smaller of Dk and Dv (zeros change no score and no output channel)."""
+    group = q.shape[1] // k.shape[1]
+    width = max(q.shape[-1], v.shape[-1])
+
+    def pad(x):
+        return F.pad(x, (0, width - x.shape[-1]))
+
+    return pad(q), pad(_expand_heads(k, group)), pad(_expand_heads(v, group)), group
+
+
+def _attend(q, k, v, causal: bool, scale: float):
+    """One fused attention over [B, H, S, D] tensors (K/V may have fewer heads: GQA). Returns the output
+    and the log-sum-exp [B, HQ, Sq] (fp32), both needed by the backward."""
+    if q.is_cuda:
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+        return out, lse.view(q.shape[:3])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *_cpu_inputs(q, k, v)[:3], 0.0, causal, scale=scale)
+    return out[..., : v.shape[-1]], lse
+
+
+def _attend_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+    if q.is_cuda:
+        empty = q.new_empty(0)
+        rng = torch.zeros(1, dtype=torch.int64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out, q, k, v, out, lse.unsqueeze(-1), rng, rng, empty, empty, empty, q.shape[2], k.shape[2],
+            0.0, causal, scale=scale)
+    q_in, k_in, v_in, group = _cpu_inputs(q, k, v)
+    width = q_in.shape[-1]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        F.pad(grad_out, (0, width - grad_out.shape[-1])), q_in, k_in, v_in, F.pad(out, (0, width - out.shape[-1])),
+        lse, 0.0, causal, scale=scale)
+    dk, dv = dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
+    return dq[..., : q.shape[-1]], _reduce_heads(dk, group), _reduce_heads(dv, group)
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """Queries of one chunk [s, s + C) over keys [0, s + C): causal diagonal block + unmasked past."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        # q: [B, HQ, C, D]; k, v: [B, HK, s + C, D], the chunk's own keys last
+        c = q.shape[2]
+        past = k.shape[2] - c
+        out, lse = _attend(q, k[:, :, past:], v[:, :, past:], True, scale)
+        if past:
+            out_past, lse_past = _attend(q, k[:, :, :past], v[:, :, :past], False, scale)
+            merged = torch.logaddexp(lse, lse_past)
+            wide = torch.promote_types(q.dtype, torch.float32)
+            out = (out.to(wide) * (lse - merged).exp().unsqueeze(-1)
+                   + out_past.to(wide) * (lse_past - merged).exp().unsqueeze(-1)).to(q.dtype)
+            lse = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        c = q.shape[2]
+        past = k.shape[2] - c
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk[:, :, past:], dv[:, :, past:] = _attend_backward(
+            grad_out, q, k[:, :, past:], v[:, :, past:], out, lse, True, ctx.scale)
+        if past:
+            dq_past, dk[:, :, :past], dv[:, :, :past] = _attend_backward(
+                grad_out, q, k[:, :, :past], v[:, :, :past], out, lse, False, ctx.scale)
+            dq = dq + dq_past
+        return dq, dk, dv, None
 
 
 def dense_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, scale: float | None = None,
@@ -17,17 +106,16 @@ def dense_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     causal attention over the whole sequence."""
     cp_size, cp_rank = group_size_rank(group)
     layout = ZigzagLayout(q.shape[1] * cp_size, cp_size, cp_rank)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     dk = k.shape[-1]
     k_all, v_all = gather_zigzag(torch.cat([k, v], dim=-1), group, stats, "dense_kv").split(
         [dk, v.shape[-1]], dim=-1)
+    k_all, v_all = k_all.transpose(1, 2).contiguous(), v_all.transpose(1, 2).contiguous()  # [B, HK, T, D]
     c = layout.chunk_len
     outs = []
     for i, start in enumerate(layout.chunk_starts):
-        q_pos = torch.arange(start, start + c, device=q.device)
+        q_chunk = q[:, i * c : (i + 1) * c].transpose(1, 2).contiguous()
         keys = slice(0, start + c)  # causal: nothing after the chunk's last token
-        mask = torch.arange(start + c, device=q.device)[None, :] <= q_pos[:, None]
-        out = F.scaled_dot_product_attention(
-            q[:, i * c : (i + 1) * c].transpose(1, 2), k_all[:, keys].transpose(1, 2), v_all[:, keys].transpose(1, 2),
-            attn_mask=mask, scale=scale, enable_gqa=True)
+        out = _ChunkAttention.apply(q_chunk, k_all[:, :, keys], v_all[:, :, keys], scale)
         outs.append(out.transpose(1, 2))
     return torch.cat(outs, dim=1)

@@ -237,24 +237,3 @@ def _check_dense(rank, world):
 @pytest.mark.timeout(120)
 def test_dense_baseline_under_cp_matches_full_attention():
     run_distributed(_check_dense, 4)
-
-
-def _check_module(rank, world):
-    from nsa_dist.attention import NSAAttention, apply_context_parallel
-    from nsa_dist.config import load_config
-
-    config = load_config(None, ["model.hidden_size=32", "model.num_query_heads=4", "model.num_kv_heads=2",
-                                "model.head_dim_k=8", "model.head_dim_v=4", "nsa.compress_block=8", "nsa.stride=4",
-                                "nsa.selection_block=16", "nsa.num_selected=3", "nsa.window=12"])
-    torch.manual_seed(0)
-    layer = NSAAttention(config.model, config.nsa)
-    x = torch.randn(1, 128, 32)
-    full = layer(x)
-    apply_context_parallel(layer, dist.group.WORLD)
-    local = layer(split_zigzag(x, rank, world))
-    torch.testing.assert_close(local, split_zigzag(full, rank, world), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.timeout(120)
-def test_nsa_module_under_cp_matches_single_rank():
-    run_distributed(_check_module, 2)

@@ -25,6 +25,9 @@ LAYOUTS = {
     "CP2+PP2": ["parallel.context=2", "parallel.pipeline=2"],
     "CP2+PP2 recompute": ["parallel.context=2", "parallel.pipeline=2", "training.recompute=true"],
     "TP2+PP2 kv shared phi mean": ["parallel.tensor=2", "parallel.pipeline=2", "nsa.kv=shared", "nsa.phi=mean"],
+    "TP2 SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    "TP2+CP2 SP": ["parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true"],
+    "TP2 qk-layernorm": ["parallel.tensor=2", "model.qk_layernorm=true"],
     "dense DP4": ["model.attention=dense"],
     "dense TP2+CP2": ["model.attention=dense", "parallel.tensor=2", "parallel.context=2"],
 }
@@ -32,6 +35,7 @@ LAYOUTS = {
 REFERENCES = {
     "nsa": ([], FIRST_STEPS),
     "nsa kv shared phi mean": (["nsa.kv=shared", "nsa.phi=mean"], FIRST_STEPS),
+    "nsa qk-layernorm": (["model.qk_layernorm=true"], FIRST_STEPS),
     "dense": (["model.attention=dense"], FIRST_STEPS),
     "nsa learns": ([], LEARN_STEPS),
     "dense learns": (["model.attention=dense"], LEARN_STEPS),
@@ -73,6 +77,8 @@ def layouts(tmp_path_factory):
 def _reference_for(layout: str) -> str:
     if layout.startswith("dense"):
         return "dense"
+    if "qk-layernorm" in layout:
+        return "nsa qk-layernorm"
     return "nsa kv shared phi mean" if "kv shared" in layout else "nsa"
 
 

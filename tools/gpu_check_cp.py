@@ -1,0 +1,141 @@
+"""GPU check: sequence-sharded NSA and the dense baseline in bf16 against one rank, over NCCL.
+
+    torchrun --standalone --nproc_per_node 2 tools/gpu_check_cp.py --seq-len 131072
+
+Every rank builds the same full-sequence inputs. The reference is one rank's Triton NSA in fp32; the
+single-rank bf16 run sets the error budget (the kernels' own bf16-vs-fp32 error), and the CP run in bf16
+must stay within 2x that budget (plus a small epsilon) for the output and every gradient (q, gates, each
+branch's K/V, phi's weights). The dense baseline (cuDNN, all-gathered K/V, no mask) is checked the same
+way against one rank's cuDNN SDPA. Prints a table; exits non-zero if a tensor is out of budget.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.nsa import native_sparse_attention  # noqa: E402
+from nsa_dist.attention import Compression  # noqa: E402
+from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, split_zigzag  # noqa: E402
+from nsa_dist.parallel.groups import twin_groups  # noqa: E402
+
+PAPER = dict(block_size=32, stride=16, selection_block=64, num_selected=16, window=512)
+EPS = 1e-3  # relative error a tensor may always have (bf16 has 8 bits of mantissa: 4e-3 per rounding)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """RMS of the difference over RMS of the reference."""
+    return ((got.float() - want.float()).pow(2).mean().sqrt() / want.float().pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def make_inputs(seq_len, hq, hk, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = {"q": torch.randn(1, seq_len, hq, d, device="cuda", generator=g),
+         "gates": torch.rand(1, seq_len, hq, 3, device="cuda", generator=g)}
+    for b in ("cmp", "slc", "win"):
+        x[f"k_{b}"] = torch.randn(1, seq_len, hk, d, device="cuda", generator=g)
+        x[f"v_{b}"] = torch.randn(1, seq_len, hk, d, device="cuda", generator=g)
+    x["upstream"] = torch.randn(1, seq_len, hq, d, device="cuda", generator=g)
+    return x
+
+
+def phis(d, dtype):
+    torch.manual_seed(0)
+    return [Compression("mlp", PAPER["block_size"], PAPER["stride"], d).cuda().to(dtype) for _ in range(2)]
+
+
+def run_nsa(x, dtype, rank=0, world=1, group=None, gather_group=None):
+    """Output and gradients (local shard when world > 1; phi's gradients summed over ranks)."""
+    d = x["q"].shape[-1]
+    phi_k, phi_v = phis(d, dtype)
+    leaves = {k: (split_zigzag(v, rank, world) if world > 1 else v).to(dtype).requires_grad_()
+              for k, v in x.items() if k != "upstream"}
+    kv = [(leaves[f"k_{b}"], leaves[f"v_{b}"]) for b in ("cmp", "slc", "win")]
+    if world > 1:
+        out = nsa_context_parallel(leaves["q"], *kv, leaves["gates"], phi_k, phi_v, group=group,
+                                   gather_group=gather_group, impl="triton", **PAPER).output
+        upstream = split_zigzag(x["upstream"], rank, world)
+    else:
+        out = native_sparse_attention(leaves["q"], *kv, leaves["gates"], phi_k, phi_v, impl="triton", **PAPER).output
+        upstream = x["upstream"]
+    out.backward(upstream.to(dtype))
+    grads = {f"d{k}": v.grad for k, v in leaves.items()}
+    for name, module in (("phi_k", phi_k), ("phi_v", phi_v)):
+        flat = torch.cat([p.grad.float().flatten() for p in module.parameters()])
+        if world > 1:
+            dist.all_reduce(flat)
+        grads[f"d{name}"] = flat
+    return {"out": out.detach(), **grads}
+
+
+def run_dense(x, dtype, rank=0, world=1, group=None):
+    leaves = {k: (split_zigzag(x[k], rank, world) if world > 1 else x[k]).to(dtype).requires_grad_()
+              for k in ("q", "k_slc", "v_slc")}
+    if world > 1:
+        out = dense_context_parallel(leaves["q"], leaves["k_slc"], leaves["v_slc"], group=group)
+        upstream = split_zigzag(x["upstream"], rank, world)
+    else:
+        q, k, v = (leaves[k].transpose(1, 2) for k in ("q", "k_slc", "v_slc"))
+        if dtype == torch.float32:  # no fused fp32 kernel takes GQA: K/V repeated per query head
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+        upstream = x["upstream"]
+    out.backward(upstream.to(dtype))
+    return {"out": out.detach(), **{f"d{k}": v.grad for k, v in leaves.items()}}
+
+
+def compare(name, rank, world, ref, single, sharded):
+    """Rows of (tensor, single-rank bf16 error, CP bf16 error, ok) against the fp32 reference."""
+    rows = []
+    for key in ref:
+        want = ref[key]
+        local = lambda t: t if key.startswith("dphi") or world == 1 else split_zigzag(t, rank, world)  # noqa: E731
+        budget = rel_err(local(single[key]), local(want))
+        got = rel_err(sharded[key], local(want))
+        rows.append((f"{name} {key}", budget, got, got <= 2 * budget + EPS))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-len", type=int, default=131072)
+    p.add_argument("--q-heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=128)
+    a = p.parse_args()
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    twin = twin_groups(dist.group.WORLD)
+    x = make_inputs(a.seq_len, a.q_heads, a.kv_heads, a.head_dim)
+    ref, single = run_nsa(x, torch.float32), run_nsa(x, torch.bfloat16)
+    rows = compare("nsa", rank, world, ref, single,
+                   run_nsa(x, torch.bfloat16, rank, world, dist.group.WORLD, twin))
+    rows += compare("nsa (gather on the CP group)", rank, world, ref, single,
+                    run_nsa(x, torch.bfloat16, rank, world, dist.group.WORLD, None))
+    del ref, single
+    torch.cuda.empty_cache()
+    ref, single = run_dense(x, torch.float32), run_dense(x, torch.bfloat16)
+    rows += compare("dense", rank, world, ref, single, run_dense(x, torch.bfloat16, rank, world, dist.group.WORLD))
+    failed = torch.tensor([sum(not ok for *_, ok in rows)], device="cuda")
+    dist.all_reduce(failed)
+    if rank == world - 1:
+        print(f"\nT={a.seq_len} CP={world} rank {rank}: relative RMS error against one rank's fp32")
+        print(f"{'tensor':<40} {'1 rank bf16':>12} {'CP bf16':>10} {'ok':>4}")
+        for name, budget, got, ok in rows:
+            print(f"{name:<40} {budget:>12.2e} {got:>10.2e} {'yes' if ok else 'NO':>4}")
+    if twin is not None:
+        dist.destroy_process_group(twin)
+    dist.destroy_process_group()
+    sys.exit(1 if failed.item() else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tools/gpu_check_cp.py --seq-len 131072
 
-Every rank builds the same full-sequence inputs. The reference is one rank's Triton NSA in fp32; the
+Every rank builds the same full-sequence inputs. The reference is one rank's NSA in fp32 (the PyTorch
+reference implementation); the
 single-rank bf16 run sets the error budget (the kernels' own bf16-vs-fp32 error), and the CP run in bf16
 must stay within 2x that budget (plus a small epsilon) for the output and every gradient (q, gates, each
 branch's K/V, phi's weights). The dense baseline (cuDNN, all-gathered K/V, no mask) is checked the same
@@ -12,6 +13,7 @@ way against one rank's cuDNN SDPA. Prints a table; exits non-zero if a tensor is
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,19 +52,19 @@ def phis(d, dtype):
     return [Compression("mlp", PAPER["block_size"], PAPER["stride"], d).cuda().to(dtype) for _ in range(2)]
 
 
-def run_nsa(x, dtype, rank=0, world=1, group=None, gather_group=None):
+def run_nsa(x, dtype, rank=0, world=1, group=None, gather_group=None, impl="triton"):
     """Output and gradients (local shard when world > 1; phi's gradients summed over ranks)."""
     d = x["q"].shape[-1]
     phi_k, phi_v = phis(d, dtype)
-    leaves = {k: (split_zigzag(v, rank, world) if world > 1 else v).to(dtype).requires_grad_()
+    leaves = {k: (split_zigzag(v, rank, world) if world > 1 else v).detach().to(dtype).clone().requires_grad_()
               for k, v in x.items() if k != "upstream"}
     kv = [(leaves[f"k_{b}"], leaves[f"v_{b}"]) for b in ("cmp", "slc", "win")]
     if world > 1:
         out = nsa_context_parallel(leaves["q"], *kv, leaves["gates"], phi_k, phi_v, group=group,
-                                   gather_group=gather_group, impl="triton", **PAPER).output
+                                   gather_group=gather_group, impl=impl, **PAPER).output
         upstream = split_zigzag(x["upstream"], rank, world)
     else:
-        out = native_sparse_attention(leaves["q"], *kv, leaves["gates"], phi_k, phi_v, impl="triton", **PAPER).output
+        out = native_sparse_attention(leaves["q"], *kv, leaves["gates"], phi_k, phi_v, impl=impl, **PAPER).output
         upstream = x["upstream"]
     out.backward(upstream.to(dtype))
     grads = {f"d{k}": v.grad for k, v in leaves.items()}
@@ -75,7 +77,7 @@ def run_nsa(x, dtype, rank=0, world=1, group=None, gather_group=None):
 
 
 def run_dense(x, dtype, rank=0, world=1, group=None):
-    leaves = {k: (split_zigzag(x[k], rank, world) if world > 1 else x[k]).to(dtype).requires_grad_()
+    leaves = {k: (split_zigzag(x[k], rank, world) if world > 1 else x[k]).detach().to(dtype).clone().requires_grad_()
               for k in ("q", "k_slc", "v_slc")}
     if world > 1:
         out = dense_context_parallel(leaves["q"], leaves["k_slc"], leaves["v_slc"], group=group)
@@ -115,15 +117,27 @@ def main():
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     twin = twin_groups(dist.group.WORLD)
     x = make_inputs(a.seq_len, a.q_heads, a.kv_heads, a.head_dim)
-    ref, single = run_nsa(x, torch.float32), run_nsa(x, torch.bfloat16)
+    began = time.perf_counter()
+
+    def progress(what):
+        if rank == 0:
+            print(f"{time.perf_counter() - began:6.1f} s: {what}", flush=True)
+
+    ref = run_nsa(x, torch.float32, impl="reference")  # the PyTorch reference: exact fp32 math
+    progress("NSA, one rank, fp32")
+    single = run_nsa(x, torch.bfloat16)
+    progress("NSA, one rank, bf16")
     rows = compare("nsa", rank, world, ref, single,
                    run_nsa(x, torch.bfloat16, rank, world, dist.group.WORLD, twin))
+    progress("NSA, CP, bf16")
     rows += compare("nsa (gather on the CP group)", rank, world, ref, single,
                     run_nsa(x, torch.bfloat16, rank, world, dist.group.WORLD, None))
+    progress("NSA, CP, bf16, gather on the CP group")
     del ref, single
     torch.cuda.empty_cache()
     ref, single = run_dense(x, torch.float32), run_dense(x, torch.bfloat16)
     rows += compare("dense", rank, world, ref, single, run_dense(x, torch.bfloat16, rank, world, dist.group.WORLD))
+    progress("dense")
     failed = torch.tensor([sum(not ok for *_, ok in rows)], device="cuda")
     dist.all_reduce(failed)
     if rank == world - 1:

@@ -44,12 +44,14 @@ def main():
     a = p.parse_args()
     results = {}
     world = int(os.environ["WORLD_SIZE"])
-    for name, parallel in layouts(world).items():
+    # one run directory per layout, the same on every rank (torchrun gives all ranks one MASTER_PORT)
+    runs = Path(tempfile.gettempdir()) / f"nsa-gpu-check-layouts-{os.environ['MASTER_PORT']}"
+    for index, (name, parallel) in enumerate(layouts(world).items()):
         config = load_config(str(ROOT / "configs/paper.yaml"), [
             "model.num_kv_heads=2", "training.dtype=bf16", "training.recompute=true", "tracking.enabled=false",
-            "training.micro_batch_size=1", "training.global_batch_size=4", "checkpoint.interval=0",
+            "training.micro_batch_size=1", "training.warmup_steps=1", "training.global_batch_size=4", "checkpoint.interval=0",
             f"stages=[{{name: check, seq_len: {a.seq_len}, steps: {a.steps}}}]",
-            f"run.dir={tempfile.mkdtemp(prefix='layouts_')}", *parallel, *a.overrides])
+            f"run.dir={runs / str(index)}", *parallel, *a.overrides])
         history = train(config).history
         results[name] = [log.loss for log in history]
         if dist.get_rank() == 0:

@@ -48,11 +48,10 @@ def _attend(q, k, v, causal: bool, scale: float):
 
 
 def _attend_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
-    if q.is_cuda:
-        empty = q.new_empty(0)
-        rng = torch.zeros(1, dtype=torch.int64, device=q.device)
+    if q.is_cuda:  # no dropout: the RNG state is unused; no bias and no packed sequences: None
+        rng = torch.zeros((), dtype=torch.int64, device=q.device)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out, q, k, v, out, lse.unsqueeze(-1), rng, rng, empty, empty, empty, q.shape[2], k.shape[2],
+            grad_out, q, k, v, out, lse.unsqueeze(-1), rng, rng, None, None, None, q.shape[2], k.shape[2],
             0.0, causal, scale=scale)
     q_in, k_in, v_in, group = _cpu_inputs(q, k, v)
     width = q_in.shape[-1]

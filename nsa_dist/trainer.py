@@ -77,6 +77,10 @@ class TrainingHooks:
     def stage_finished(self, stage: Stage, logs: list[StepLog]) -> None:
         """A stage's last step is done and its final checkpoint complete; `logs` are this job's steps of it."""
 
+    def evaluated(self, stage: Stage, report: dict) -> None:
+        """A stage's final checkpoint is evaluated (eval.at_stage_end): nsa_dist/evaluation.py's report,
+        whose "files" (eval.json, niah.png) are written."""
+
 
 @dataclass
 class Evaluation:
@@ -333,6 +337,12 @@ def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str |
                 resume = _train_stage(config, stage, resume, initial, writer, hooks, device, history)
             finally:
                 parallel_state.destroy_model_parallel()  # the next stage builds its own groups
+            if config.eval.at_stage_end:
+                from nsa_dist.evaluation import evaluate_checkpoint
+
+                report = evaluate_checkpoint(config, resume, stage)
+                for hook in hooks:
+                    hook.evaluated(stage, report)
             if stage.name == last_stage:
                 break
     finally:

@@ -101,6 +101,7 @@ def train(args: argparse.Namespace, console: Console) -> int:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from launch.console import ConsoleReporter
     from launch.ray_job import LaunchError, cluster_slots, connect, run, worker_groups
+    from nsa_dist.data import check_data
     from nsa_dist.trainer import check_layouts, stages_to_run
 
     # 1. everything that can be checked without a cluster, before one starts
@@ -109,6 +110,9 @@ def train(args: argparse.Namespace, console: Console) -> int:
     config.run.dir = str(Path(config.run.dir).resolve())
     if config.checkpoint.init_from:
         config.checkpoint.init_from = str(Path(config.checkpoint.init_from).resolve())
+    for name in ("path", "tokenizer"):  # the dataset prefix and tokenizer.json, likewise
+        if getattr(config.data, name):
+            setattr(config.data, name, str(Path(getattr(config.data, name)).resolve()))
     if args.print_config:
         console.print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="", markup=False, highlight=False)
         return 0
@@ -116,6 +120,7 @@ def train(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"--workers {args.workers} must be at least 1")
     resume = newest_checkpoint(config.run.dir)
     stages = stages_to_run(config, resume)
+    check_data(config, [stage.seq_len for stage in stages])  # dataset files, tokenizer, task lengths
     if not stages:
         console.print(f"nothing to train: all {len(config.stages)} stages of {config.run.dir} are done "
                       f"(newest checkpoint {resume.path}); choose another run.dir to train again")

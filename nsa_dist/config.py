@@ -72,7 +72,7 @@ class TrainingConfig:
 TASKS = ("passkey", "multikey_niah", "variable_tracking")  # the synthetic long-context tasks (nsa_dist/tasks.py)
 
 
-@dataclass
+@dataclass(frozen=True)  # held by the frozen Stage, which stays hashable
 class MixConfig:
     """Shares of a stage's training sequences by kind, summing to 1: data.source's sequences and the
     synthetic long-context tasks of nsa_dist/tasks.py (each drawn from (data.seed, the sequence's index))."""

@@ -4,6 +4,7 @@
   nsa-dist train CONFIG [--set KEY=VALUE]... [--address ADDR] [--workers N] [--print-config]
   nsa-dist status [RUN_DIR ...]
   nsa-dist ui [RUN_DIR] [--port PORT]
+  nsa-dist eval CONFIG [--checkpoint PATH] [--stage NAME] [--set KEY=VALUE]... [--nproc N] [--out DIR]
 
 `python -m launch` is the same command. On machines without Ray (e.g. a GPU box reached through
 torchrun), `torchrun --nproc_per_node N -m launch.train --config CONFIG` runs one rank per process.
@@ -37,7 +38,7 @@ def presets() -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nsa-dist", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,status,ui}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,status,ui,eval}")
 
     train = commands.add_parser(
         "train", help="train a config's curriculum on Ray (resumes from the run directory's checkpoints)",
@@ -60,6 +61,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ui = commands.add_parser("ui", help="open a run's MLflow store in the MLflow UI on 127.0.0.1")
     ui.add_argument("run_dir", nargs="?", default="runs/quickstart", metavar="RUN_DIR")
     ui.add_argument("--port", type=int, default=5000)
+
+    from launch.eval import add_arguments
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint: NIAH grid and heatmap, validation loss by position (local processes)",
+        description="Evaluates a checkpoint of CONFIG's run (default: run.dir's newest) with the config's eval: "
+                    "section; writes <checkpoint>/eval/eval.json and niah.png and logs them to the run's MLflow runs.")
+    evaluate.add_argument("config", metavar="CONFIG", help="the YAML config the checkpoint was trained with")
+    add_arguments(evaluate)
     return parser.parse_args(argv)
 
 
@@ -71,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return train(args, console)
         if args.command == "status":
             return status(args, console)
+        if args.command == "eval":
+            from launch.eval import evaluate
+
+            return evaluate(args.config, args)
         return ui(args, console)
     except (ConfigError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -87,6 +101,7 @@ def train(args: argparse.Namespace, console: Console) -> int:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from launch.console import ConsoleReporter
     from launch.ray_job import LaunchError, cluster_slots, connect, run, worker_groups
+    from nsa_dist.data import check_data
     from nsa_dist.trainer import check_layouts, stages_to_run
 
     # 1. everything that can be checked without a cluster, before one starts
@@ -95,6 +110,9 @@ def train(args: argparse.Namespace, console: Console) -> int:
     config.run.dir = str(Path(config.run.dir).resolve())
     if config.checkpoint.init_from:
         config.checkpoint.init_from = str(Path(config.checkpoint.init_from).resolve())
+    for name in ("path", "tokenizer"):  # the dataset prefix and tokenizer.json, likewise
+        if getattr(config.data, name):
+            setattr(config.data, name, str(Path(getattr(config.data, name)).resolve()))
     if args.print_config:
         console.print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="", markup=False, highlight=False)
         return 0
@@ -102,6 +120,7 @@ def train(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"--workers {args.workers} must be at least 1")
     resume = newest_checkpoint(config.run.dir)
     stages = stages_to_run(config, resume)
+    check_data(config, [stage.seq_len for stage in stages])  # dataset files, tokenizer, task lengths
     if not stages:
         console.print(f"nothing to train: all {len(config.stages)} stages of {config.run.dir} are done "
                       f"(newest checkpoint {resume.path}); choose another run.dir to train again")

@@ -65,6 +65,12 @@ class ConsoleReporter(TrainingHooks):
                       f"{max(log.memory_gb for log in logs):.2f}")
         self.console.print(table)
 
+    def evaluated(self, stage: Stage, report: dict) -> None:
+        niah, validation = report["niah"], report["validation"]
+        self.console.print(f"evaluated {report['checkpoint']} ({stage.name}): validation loss "
+                           f"{validation['loss']:.4f}, {niah['task']} exact match {niah['mean_accuracy']:.0%} over "
+                           f"lengths {niah['lengths']} x depths {niah['depths']}; {', '.join(report['files'])}")
+
 
 class ForwardHooks(TrainingHooks):
     """Sends every hook call, with its arguments, to `send` (under Ray: a queue the driver reads)."""
@@ -83,6 +89,9 @@ class ForwardHooks(TrainingHooks):
 
     def stage_finished(self, stage, logs):
         self.send(("stage_finished", (stage, logs)))
+
+    def evaluated(self, stage, report):
+        self.send(("evaluated", (stage, report)))
 
 
 def deliver(event: tuple, hooks: TrainingHooks) -> None:

@@ -71,14 +71,40 @@ class TrainingConfig:
     log_interval: int = 1  # steps between log lines
 
 
+TASKS = ("passkey", "multikey_niah", "variable_tracking")  # the synthetic long-context tasks (nsa_dist/tasks.py)
+
+
+@dataclass(frozen=True)  # held by the frozen Stage, which stays hashable
+class MixConfig:
+    """Shares of a stage's training sequences by kind, summing to 1: data.source's sequences and the
+    synthetic long-context tasks of nsa_dist/tasks.py (each drawn from (data.seed, the sequence's index))."""
+
+    source: float = 1.0  # sequences from data.source (the synthetic stream or the indexed dataset)
+    passkey: float = 0.0  # passkey retrieval: one number hidden in filler text
+    multikey_niah: float = 0.0  # several key-value needles, the value of one asked for
+    variable_tracking: float = 0.0  # a chain of variable assignments, the names holding one value asked for
+
+
 @dataclass
 class DataConfig:
-    """The synthetic task: each sequence repeats one random segment drawn from a fixed sparse Markov chain,
-    so a model can lower its loss by learning the chain (bigrams) and by copying (induction)."""
+    """Where training sequences come from. synthetic: each sequence repeats one random segment drawn from a
+    fixed sparse Markov chain, so a model can lower its loss by learning the chain (bigrams) and by copying
+    (induction). indexed: a Megatron-core indexed dataset (tools/preprocess_data.py, tools/build_code_corpus.py)
+    read through its GPTDataset."""
 
-    period: int = 64  # tokens in the segment that each sequence repeats
-    successors: int = 4  # possible next tokens of every token in the Markov chain
-    seed: int = 0  # picks the chain and the segments
+    source: Literal["synthetic", "indexed"] = "synthetic"
+    period: int = 64  # synthetic: tokens in the segment that each sequence repeats
+    successors: int = 4  # synthetic: possible next tokens of every token in the Markov chain
+    seed: int = 0  # picks the chain, the segments, the tasks' sequences and the dataset's shuffle
+    path: str = ""  # indexed: the prefix of <path>.bin and <path>.idx, e.g. data/code/code
+    tokenizer: str = ""  # a local HF tokenizer.json; empty: byte-level (vocabulary 256, EOD byte 0)
+    eod_token: str = ""  # the tokenizer.json's end-of-document token; empty: <|endoftext|>, </s>, ... if present
+    split: str = "98,2,0"  # indexed: train, validation, test shares of the documents (Megatron's split)
+    # indexed: pack: documents packed end to end with EOD, attention across them (GPT pretraining);
+    # mask: packed, and the attention sees each document alone (cu_seqlens, Megatron's PackedSeqParams);
+    # within: every sequence lies inside one document (documents shorter than a stage's seq_len + 1 unused)
+    documents: Literal["pack", "mask", "within"] = "pack"
+    mix: MixConfig = field(default_factory=MixConfig)  # stages' shares of sequences by kind (stages may override)
 
 
 @dataclass
@@ -104,6 +130,7 @@ class StageConfig:
     warmup_steps: int | None = None  # restart only: linear warmup steps; None: training.warmup_steps
     # keep: Adam's moments carry over from the previous stage (resharded); reset: start them at zero
     optimizer_state: Literal["keep", "reset"] = "keep"
+    mix: MixConfig | None = None  # shares of sequences by kind in this stage; None: data.mix
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,7 @@ class Stage:
     min_lr: float
     warmup_steps: int
     optimizer_state: str
+    mix: MixConfig
 
     @property
     def model_parallel(self) -> int:
@@ -159,6 +187,19 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation (nsa_dist/evaluation.py): `nsa-dist eval`, and after each stage when at_stage_end."""
+
+    at_stage_end: bool = False  # evaluate each stage's final checkpoint when the stage ends
+    niah_task: Literal["passkey", "multikey_niah"] = "passkey"  # the needle of the NIAH grid
+    niah_lengths: list[int] = field(default_factory=list)  # the grid's context lengths; empty: the stage's seq_len
+    niah_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths, 0..1
+    niah_samples: int = 4  # prompts per grid cell (context length x depth)
+    validation_sequences: int = 8  # held-out sequences of the stage's seq_len for the validation loss
+    position_buckets: int = 8  # equal-width position buckets of the loss-by-position curve
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     nsa: NSAConfig = field(default_factory=NSAConfig)
@@ -167,6 +208,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -188,7 +230,8 @@ class Config:
                 global_batch_size=pick(s.global_batch_size, tr.global_batch_size),
                 micro_batch_size=pick(s.micro_batch_size, tr.micro_batch_size),
                 lr_schedule=s.lr_schedule, lr=pick(s.lr, tr.lr), min_lr=pick(s.min_lr, tr.min_lr),
-                warmup_steps=pick(s.warmup_steps, tr.warmup_steps), optimizer_state=s.optimizer_state))
+                warmup_steps=pick(s.warmup_steps, tr.warmup_steps), optimizer_state=s.optimizer_state,
+                mix=pick(s.mix, self.data.mix)))
             first_step += s.steps
         return stages
 
@@ -387,6 +430,23 @@ def validate(config: Config) -> None:
     _positive(data, "data", "period", "successors")
     _require(data.successors <= m.vocab_size,
              f"data.successors={data.successors} must not exceed model.vocab_size={m.vocab_size}")
+    _require(data.source != "indexed" or data.path.strip() != "",
+             "data.source='indexed' needs data.path, the prefix of <path>.bin and <path>.idx: prepare one with "
+             "tools/preprocess_data.py or tools/build_code_corpus.py (data/code/code)")
+    _validate_split(data.split)
+    _validate_mix(data.mix, "data.mix")
+    for index, stage in enumerate(config.stages):
+        if stage.mix is not None:
+            _validate_mix(stage.mix, f"stages[{index}].mix")
+
+    ev = config.eval
+    _positive(ev, "eval", "niah_samples", "validation_sequences", "position_buckets")
+    _require(ev.niah_depths != [], "eval.niah_depths is empty: give needle depths between 0 and 1, e.g. [0, 0.5, 1]")
+    for i, depth in enumerate(ev.niah_depths):
+        _require(0 <= depth <= 1, f"eval.niah_depths[{i}]={depth} must be between 0 (start) and 1 (end)")
+    for i, length in enumerate(ev.niah_lengths):
+        _require(length >= 64, f"eval.niah_lengths[{i}]={length} is too short to hold a needle and a question: "
+                 "use at least 64 tokens")
 
     ck = config.checkpoint
     _require(ck.interval >= 0, f"checkpoint.interval={ck.interval} must be >= 0 (0: save at stage ends only)")
@@ -400,6 +460,10 @@ def validate(config: Config) -> None:
     for raw, stage in zip(config.stages, config.resolved_stages()):
         _validate_stage(config, raw, stage, names)
     for stage in config.resolved_stages():
+        _require(config.data.documents != "mask" or stage.context == 1,
+                 f"data.documents=mask keeps each packed document to itself, which the attention does not "
+                 f"support under context parallelism yet, and stage {stage.name!r} has CP={stage.context}: "
+                 "use data.documents=pack or within for context-parallel stages, or context_parallel 1")
         # with n above a stage's block count every query takes all its blocks (dense attention), while the
         # kernels still walk n slots per query
         blocks = -(-stage.seq_len // nsa.selection_block)
@@ -413,6 +477,26 @@ def validate(config: Config) -> None:
         _require(tr.warmup_steps < config.total_steps,
                  f"training.warmup_steps={tr.warmup_steps} must be less than the {config.total_steps} steps "
                  "of all stages: lower the warmup or add steps")
+
+
+def _validate_split(split: str) -> None:
+    try:
+        shares = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        shares = []
+    _require(len(shares) in (1, 2, 3) and all(x >= 0 for x in shares) and sum(shares) > 0,
+             f"data.split={split!r} must be up to three non-negative shares of the documents for train, "
+             "validation and test, e.g. '98,2,0'")
+
+
+def _validate_mix(mix: MixConfig, where: str) -> None:
+    shares = dataclasses.asdict(mix)
+    for name, share in shares.items():
+        _require(share >= 0, f"{where}.{name}={share} must be >= 0")
+    total = sum(shares.values())
+    terms = " + ".join(f"{name} {share:g}" for name, share in shares.items() if share)
+    _require(abs(total - 1) < 1e-6, f"{where} shares must sum to 1 and sum to {total:g} ({terms or 'all 0'}): "
+             f"adjust them, e.g. {where}.source={max(0.0, 1 - (total - mix.source)):g}")
 
 
 def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[str]) -> None:

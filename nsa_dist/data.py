@@ -1,18 +1,39 @@
-"""A learnable synthetic token stream, cut into micro-batches per data-parallel rank and CP shard.
+"""Training and validation sequences, cut into micro-batches per data-parallel rank and CP shard.
 
-Each sequence repeats one random segment (config.data.period tokens) drawn from a fixed sparse Markov
-chain in which every token has config.data.successors possible next tokens. A model lowers its loss
-first by learning the chain (about ln(successors) nats per token inside a segment), then by copying
-from one period back (zero loss after the first segment): a small induction / long-context task.
-Every sequence is a function of (seed, its index) alone, so every layout sees the same data.
+A stage's sequences (`stage_sequences`) are a function of their index alone, so every layout sees the
+same data and a checkpoint's data position (the sequences consumed) resumes the stream exactly. Each
+index is drawn, by the stage's mix (data.mix or stages[i].mix), from data.source or from one of the
+synthetic long-context tasks (nsa_dist/tasks.py). data.source is
+- synthetic: each sequence repeats one random segment (data.period tokens) drawn from a fixed sparse
+  Markov chain in which every token has data.successors possible next tokens. A model lowers its loss
+  first by learning the chain (about ln(successors) nats per token inside a segment), then by copying
+  from one period back: a small induction / long-context task;
+- indexed: a Megatron-core indexed dataset (nsa_dist/indexed.py) read through Megatron-core's GPTDataset
+  (documents packed end to end, each ended by EOD, shuffled, train/validation split by documents), or,
+  with data.documents=within, windows that each lie inside one document.
 """
 
-from typing import Iterator
+import random
+from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                     parse_and_normalize_split)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from nsa_dist.config import DataConfig
+from nsa_dist.config import TASKS, Config, DataConfig, MixConfig
+from nsa_dist.indexed import DatasetError, check_indexed
+from nsa_dist.tasks import generate, minimum_length
+from nsa_dist.tokenizer import MegatronTokenizerAdapter, load_tokenizer
+
+Sequences = Callable[[int], torch.Tensor]  # index -> int64 tokens [seq_len + 1]
+SPLITS = ("train", "valid")
 
 
 class SyntheticCopyTask:
@@ -33,13 +54,172 @@ class SyntheticCopyTask:
         return torch.tensor(segment * repeats)[:length]
 
 
-# Evaluation reads the stream from here on, far beyond any training run's position: held-out sequences.
+# The synthetic stream's validation sequences start here, far beyond any training run's position.
 VALIDATION_START = 1 << 40
 
 
-def micro_batches(task: SyntheticCopyTask, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int,
-                  dp_size: int, cp_group, device: torch.device, first_sequence: int = 0) -> Iterator[dict]:
-    """Yields {"tokens", "labels"} micro-batches, each [micro_batch, seq_len / CP] on `device`, forever.
+# ------------------------------------------------------------------------------------ indexed datasets
+
+
+def split_documents(data: DataConfig, count: int, split: str) -> range:
+    """The documents of `split` among `count`, cut as Megatron-core's builder cuts them."""
+    begin, end = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))[SPLITS.index(split)]
+    return range(int(round(begin * count)), int(round(end * count)))
+
+
+def packed_dataset(config: Config, seq_len: int, split: str) -> GPTDataset:
+    """Megatron-core's GPTDataset over data.path for `split`: one epoch of documents packed end to end
+    (each ended by EOD) into sequences of seq_len + 1 tokens, shuffled from data.seed. Its index files
+    are cached under <run.dir>/data-cache. Every rank calls it (rank 0 builds the cache first)."""
+    data = config.data
+    tokenizer = load_tokenizer(data.tokenizer, data.eod_token)
+    gpt_config = GPTDatasetConfig(
+        random_seed=data.seed, sequence_length=seq_len, blend=([data.path], None), split=data.split,
+        path_to_cache=str(Path(config.run.dir) / "data-cache"), tokenizer=MegatronTokenizerAdapter(tokenizer),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, gpt_config).build()
+    dataset = datasets[SPLITS.index(split)]
+    if dataset is None or len(dataset) == 0:
+        raise DatasetError(f"{data.path} has no {split} sequence of {seq_len + 1} tokens under data.split="
+                           f"{data.split!r}: give the {split} split a larger share of the documents, or add data")
+    return dataset
+
+
+class DocumentWindows:
+    """Sequences of seq_len + 1 tokens that each lie inside one document of `split` (consecutive windows
+    of a document share one token), in an order shuffled from data.seed; documents shorter than a window
+    are not used."""
+
+    def __init__(self, config: Config, seq_len: int, split: str):
+        data = config.data
+        self.dataset = IndexedDataset(data.path)
+        self.seq_len = seq_len
+        documents = np.asarray(split_documents(data, len(self.dataset), split))
+        lengths = self.dataset.sequence_lengths[documents].astype(np.int64)
+        windows = np.maximum(lengths - 1, 0) // seq_len
+        if windows.sum() == 0:
+            longest = int(lengths.max()) if len(lengths) else 0
+            raise DatasetError(f"data.documents='within' keeps every sequence inside one document, and no "
+                               f"{split} document of {data.path} has the {seq_len + 1} tokens a sequence of "
+                               f"seq_len={seq_len} needs (the longest has {longest}): shorten the stage's "
+                               "seq_len, use longer documents, or set data.documents=pack or mask")
+        self.documents = documents[windows > 0]
+        self.ends = np.cumsum(windows[windows > 0])
+        self.order = np.random.default_rng(data.seed).permutation(int(self.ends[-1]))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __call__(self, index: int) -> torch.Tensor:
+        window = int(self.order[index % len(self.order)])
+        slot = int(np.searchsorted(self.ends, window, side="right"))
+        first = window - (int(self.ends[slot - 1]) if slot else 0)
+        tokens = self.dataset.get(int(self.documents[slot]), offset=first * self.seq_len, length=self.seq_len + 1)
+        return torch.from_numpy(tokens.astype(np.int64))
+
+
+def _gpt_sequences(dataset: GPTDataset) -> Sequences:
+    def sequence(index: int) -> torch.Tensor:
+        sample = dataset[index % len(dataset)]
+        return torch.cat([sample["tokens"][:1], sample["labels"]])
+
+    return sequence
+
+
+# ------------------------------------------------------------------------------------ a stage's stream
+
+
+def check_data(config: Config, seq_lens: list[int]) -> None:
+    """Everything about the data that can fail, checked before training starts (rank 0): the dataset
+    files, the tokenizer, the tasks' lengths and documents long enough for each seq_len."""
+    data = config.data
+    tokenizer = load_tokenizer(data.tokenizer, data.eod_token)
+    uses_tokenizer = data.source == "indexed" or any(
+        getattr(stage.mix, task) > 0 for stage in config.resolved_stages() for task in TASKS)
+    if uses_tokenizer and tokenizer.vocab_size > config.model.vocab_size:
+        raise DatasetError(f"the tokenizer ({data.tokenizer or 'byte-level'}) has {tokenizer.vocab_size} tokens "
+                           f"and model.vocab_size={config.model.vocab_size}: set model.vocab_size to at least "
+                           f"{tokenizer.vocab_size}")
+    for stage in config.resolved_stages():
+        if stage.seq_len not in seq_lens:
+            continue
+        for task in TASKS:
+            need = minimum_length(task, tokenizer) if getattr(stage.mix, task) > 0 else 0
+            if need > stage.seq_len + 1:
+                raise DatasetError(f"stages[{stage.index}].mix.{task}={getattr(stage.mix, task)} needs sequences "
+                                   f"of at least {need} tokens and stage {stage.name!r} has seq_len="
+                                   f"{stage.seq_len}: lengthen the stage or set the {task} share to 0")
+    if data.source == "indexed":
+        info = check_indexed(data.path, tokenizer, config.model.vocab_size)
+        if data.documents == "within":
+            for stage in config.resolved_stages():
+                if stage.seq_len in seq_lens and info.longest_document < stage.seq_len + 1:
+                    raise DatasetError(
+                        f"data.documents='within' keeps every sequence inside one document, and the longest "
+                        f"document of {data.path} has {info.longest_document} tokens, fewer than the "
+                        f"{stage.seq_len + 1} of stages[{stage.index}].seq_len={stage.seq_len} (+1 for the last "
+                        "label): shorten the stage, use longer documents, or set data.documents=pack or mask")
+
+
+def source_sequences(config: Config, seq_len: int, split: str = "train") -> Sequences:
+    """data.source's sequences of seq_len + 1 tokens for `split` (train or valid)."""
+    data = config.data
+    if data.source == "synthetic":
+        task = SyntheticCopyTask(data, config.model.vocab_size)
+        offset = 0 if split == "train" else VALIDATION_START
+        return lambda index: task.sequence(offset + index, seq_len + 1)
+    if data.documents == "within":
+        return DocumentWindows(config, seq_len, split)
+    return _gpt_sequences(packed_dataset(config, seq_len, split))
+
+
+def mixed_sequences(source: Sequences, mix: MixConfig, tokenizer, seq_len: int, seed: int) -> Sequences:
+    """Sequence `index` comes from `source`, or is a task's sample, as a draw from (seed, index) falls in
+    the mix's shares."""
+    kinds = [("source", mix.source)] + [(task, getattr(mix, task)) for task in TASKS]
+    kinds = [(kind, share) for kind, share in kinds if share > 0]
+    bounds = np.cumsum([share for _, share in kinds])
+
+    def sequence(index: int) -> torch.Tensor:
+        draw = random.Random(f"mix/{seed}/{index}").random() * bounds[-1]
+        kind = kinds[min(int(np.searchsorted(bounds, draw, side="right")), len(kinds) - 1)][0]
+        if kind == "source":
+            return source(index)
+        return torch.tensor(generate(kind, tokenizer, seq_len + 1, seed, index).tokens, dtype=torch.int64)
+
+    return sequence
+
+
+def stage_sequences(config: Config, seq_len: int, mix: MixConfig, split: str = "train") -> Sequences:
+    """The stream of a stage: its mix for training; data.source's validation split alone for `valid`."""
+    source = source_sequences(config, seq_len, split)
+    if split == "valid" or mix.source == 1:
+        return source
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.eod_token)
+    return mixed_sequences(source, mix, tokenizer, seq_len, config.data.seed)
+
+
+# ------------------------------------------------------------------------------------ micro-batches
+
+
+def packed_seq_params(tokens: torch.Tensor, eod: int) -> PackedSeqParams:
+    """Document boundaries of a [B, S] micro-batch as Megatron's PackedSeqParams (THD: the B rows one
+    after the other): a document ends after each EOD token and at each row's end."""
+    batch, seq = tokens.shape
+    bounds = [0]
+    for row in range(batch):
+        ends = (torch.nonzero(tokens[row, :-1] == eod).flatten() + 1).tolist()
+        bounds += [row * seq + end for end in ends] + [(row + 1) * seq]
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=tokens.device)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def micro_batches(sequences: Sequences, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                  cp_group, device: torch.device, first_sequence: int = 0, eod: int | None = None) -> Iterator[dict]:
+    """Yields {"tokens", "labels"} micro-batches, each [micro_batch, seq_len / CP] on `device`, forever,
+    with "packed_seq_params" (the documents' cu_seqlens over the whole sequence) when `eod` is given.
 
     The k-th step from here uses sequences first_sequence + [k * global_batch, (k + 1) * global_batch)
     (first_sequence is the data position a checkpoint saved); DP rank d takes its contiguous share of
@@ -52,7 +232,19 @@ def micro_batches(task: SyntheticCopyTask, seq_len: int, global_batch: int, micr
     while True:
         first = first_sequence + step * global_batch + dp_rank * per_rank
         for start in range(first, first + per_rank, micro_batch):
-            rows = torch.stack([task.sequence(i, seq_len + 1) for i in range(start, start + micro_batch)])
+            rows = torch.stack([sequences(i) for i in range(start, start + micro_batch)])
             batch = {"tokens": rows[:, :-1].to(device), "labels": rows[:, 1:].to(device)}
-            yield get_batch_on_this_cp_rank(batch, cp_group=cp_group)
+            documents = packed_seq_params(batch["tokens"], eod) if eod is not None else None
+            batch = get_batch_on_this_cp_rank(batch, cp_group=cp_group)
+            if documents is not None:
+                batch["packed_seq_params"] = documents
+            yield batch
         step += 1
+
+
+def document_eod(config: Config) -> int | None:
+    """The EOD token whose positions bound the documents the attention sees alone (data.documents=mask);
+    None when attention crosses documents."""
+    if config.data.source == "indexed" and config.data.documents == "mask":
+        return load_tokenizer(config.data.tokenizer, config.data.eod_token).eod
+    return None

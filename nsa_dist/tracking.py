@@ -11,7 +11,9 @@ What a run directory's runs hold:
 - a child per stage (tag mlflow.parentRunId): the resolved stage as params; per step the loss, lr,
   grad_norm, tokens_per_s, step_time_s, memory_gb and `comm/<collective>/bytes|exposed_s`; MLflow's
   system metrics (`system/...`) while the stage trains; checkpoint paths as tags (`checkpoint.latest`,
-  `checkpoint.step_<8 digits>`); at the stage's end `loss.png`.
+  `checkpoint.step_<8 digits>`); at the stage's end `loss.png`; after an evaluation of one of its
+  checkpoints (nsa_dist/evaluation.py), `eval/...` metrics at the checkpoint's step and the report's
+  eval.json and niah.png under `eval/step_<8 digits>/`.
 
 The run ids live in `<run.dir>/tracking.json`: a later job on the same run directory (a resumed or
 restarted one) continues the same runs. A store that fails (a server down at start or mid-run, a broken
@@ -122,6 +124,9 @@ class MLflowTracker(TrainingHooks):
 
     def stage_finished(self, stage: Stage, logs: list[StepLog]) -> None:
         self._submit(f"finishing stage {stage.name!r}", self._finish_stage, stage, list(logs))
+
+    def evaluated(self, stage: Stage, report: dict) -> None:
+        self._submit(f"logging the evaluation of stage {stage.name!r}", self._log_evaluation, stage.name, report)
 
     def finish(self, result: TrainResult | None, error: str | None = None) -> None:
         """Ends this job's part of the runs, waiting at most FINISH_WAIT_S for the store; call it once,
@@ -244,6 +249,9 @@ class MLflowTracker(TrainingHooks):
         self._client.log_batch(self._ids["stages"][state.stage], tags=[
             RunTag("checkpoint.latest", str(path)), RunTag(f"checkpoint.{path.name}", str(path))])
         self._client.set_tag(self._ids["parent"], "checkpoint.latest", str(path))
+
+    def _log_evaluation(self, stage_name: str, report: dict) -> None:
+        log_evaluation(self._client, self._ids["stages"][stage_name], report)
 
     def _finish_stage(self, stage: Stage, logs: list[StepLog]) -> None:
         self._stop_monitor()
@@ -396,6 +404,45 @@ def train_tracked(config: Config, hooks: list, *, command: str, hardware: str,
         raise
     tracker.finish(result)
     return result, tracker.ui_hint()
+
+
+def log_evaluation(client: MlflowClient, run_id: str, report: dict) -> None:
+    """An evaluation report (nsa_dist/evaluation.py) into run_id: eval/val_loss, eval/val_perplexity,
+    eval/niah_accuracy and eval/niah/len<L>_depth<d> at the checkpoint's step; eval/loss_by_position with
+    each bucket's first position as its step (a curve over positions); its files as artifacts."""
+    step, now = report["step"], int(time.time() * 1000)
+    niah = report["niah"]
+    values = {"eval/val_loss": report["validation"]["loss"], "eval/val_perplexity": report["validation"]["perplexity"],
+              "eval/niah_accuracy": niah["mean_accuracy"]}
+    for row, depth in enumerate(niah["depths"]):
+        for column, length in enumerate(niah["lengths"]):
+            values[f"eval/niah/len{length}_depth{depth:g}"] = niah["accuracy"][row][column]
+    metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
+    buckets = report["loss_by_position"]
+    metrics += [Metric("eval/loss_by_position", float(loss), now, start)
+                for start, loss in zip(buckets["starts"], buckets["loss"])]
+    client.log_batch(run_id, metrics=metrics)
+    for file in report["files"]:
+        client.log_artifact(run_id, file, f"eval/step_{step:08d}")
+
+
+def log_evaluation_to_run(run_dir: str | Path, stage_name: str, report: dict) -> str:
+    """For an evaluation outside training (`nsa-dist eval`): logs the report into the stage's MLflow run
+    of the run directory; returns that run's id, or "" when the run directory was not tracked. A store
+    that fails gives a warning, never an error."""
+    ids = read_run_ids(run_dir)
+    if ids is None:
+        return ""
+    run_id = ids.get("stages", {}).get(stage_name, ids["parent"])
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    try:
+        log_evaluation(MlflowClient(ids["tracking_uri"]), run_id, report)
+    except Exception as exc:  # the evaluation's files are written whatever the store does
+        log.warning("the evaluation was not logged to MLflow run %s (store %s): %s: %s", run_id,
+                    ids["tracking_uri"], type(exc).__name__, " ".join(str(exc).split())[:300])
+        return ""
+    return run_id
 
 
 def _sqlite_file(uri: str) -> Path:

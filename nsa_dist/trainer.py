@@ -39,7 +39,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from nsa_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, TrainState, check_same_model,
                                  load_checkpoint, newest_checkpoint, read_checkpoint, step_dir)
 from nsa_dist.config import Config, ConfigError, Stage
-from nsa_dist.data import VALIDATION_START, SyntheticCopyTask, micro_batches
+from nsa_dist.data import check_data, document_eod, micro_batches, stage_sequences
 from nsa_dist.megatron_cpu import enable_cpu
 from nsa_dist.attention import set_comm_stats, set_gather_group, set_rotary_base
 from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
@@ -79,6 +79,10 @@ class TrainingHooks:
 
     def stage_finished(self, stage: Stage, logs: list[StepLog]) -> None:
         """A stage's last step is done and its final checkpoint complete; `logs` are this job's steps of it."""
+
+    def evaluated(self, stage: Stage, report: dict) -> None:
+        """A stage's final checkpoint is evaluated (eval.at_stage_end): nsa_dist/evaluation.py's report,
+        whose "files" (eval.json, niah.png) are written."""
 
 
 @dataclass
@@ -170,6 +174,7 @@ def plan(config: Config, world_size: int) -> tuple[Checkpoint | None, list[Stage
         check_same_model(read_checkpoint(config.checkpoint.init_from), config)
     stages = stages_to_run(config, resume)
     check_layouts(config, world_size, stages, resolve_device(config))
+    check_data(config, [stage.seq_len for stage in stages])
     return resume, stages
 
 
@@ -179,8 +184,13 @@ def plan(config: Config, world_size: int) -> tuple[Checkpoint | None, list[Stage
 def forward_step(batches, model):
     """One micro-batch through this pipeline stage; on the last stage, the per-token loss and its reduction."""
     batch = next(batches)
-    # position ids and mask are None: RoPE and the causal mask live inside the attention module
-    per_token_loss = model(batch["tokens"], None, None, labels=batch["labels"])
+    # position ids and mask are None: RoPE and the causal mask live inside the attention module. With
+    # data.documents=mask the batch carries the documents' cu_seqlens (Megatron's PackedSeqParams) for the
+    # attention, which then keeps each document to itself.
+    tokens, labels, documents = batch["tokens"], batch["labels"], batch.get("packed_seq_params")
+    if documents is not None:  # Megatron's THD layout: the micro-batch's rows packed into one row
+        tokens, labels = tokens.reshape(1, -1), labels.reshape(1, -1)
+    per_token_loss = model(tokens, None, None, labels=labels, packed_seq_params=documents)
 
     def loss_func(per_token: torch.Tensor):
         total = per_token.sum()
@@ -345,6 +355,12 @@ def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str |
                 return TrainResult(history, resume.path if resume else None, waiting=stage)
             with parallel_layout(stage) as gather_group:  # the next stage builds its own groups
                 resume = _train_stage(config, stage, resume, initial, writer, hooks, device, history, gather_group)
+            if config.eval.at_stage_end:
+                from nsa_dist.evaluation import evaluate_checkpoint
+
+                report = evaluate_checkpoint(config, resume, stage)
+                for hook in hooks:
+                    hook.evaluated(stage, report)
             if stage.name == last_stage:
                 break
     finally:
@@ -382,11 +398,10 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
     # 2. data: this DP rank's micro-batches from the saved data position, split into this CP rank's shard
     tr = config.training
     dp_size = parallel_state.get_data_parallel_world_size()
-    batches = micro_batches(SyntheticCopyTask(config.data, config.model.vocab_size), stage.seq_len,
-                            stage.global_batch_size, stage.micro_batch_size,
-                            parallel_state.get_data_parallel_rank(), dp_size,
+    batches = micro_batches(stage_sequences(config, stage.seq_len, stage.mix), stage.global_batch_size,
+                            stage.micro_batch_size, parallel_state.get_data_parallel_rank(), dp_size,
                             parallel_state.get_context_parallel_group(), device,
-                            first_sequence=state.consumed_sequences)
+                            first_sequence=state.consumed_sequences, eod=document_eod(config))
     num_micro_batches = stage.global_batch_size // (stage.micro_batch_size * dp_size)
     forward_backward = get_forward_backward_func()
 
@@ -437,9 +452,10 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
 
 
 def evaluate(config: Config, checkpoints: Sequence[str | Path], stage_name: str, num_batches: int = 1,
-             first_sequence: int = VALIDATION_START) -> list[Evaluation]:
-    """Mean loss of each checkpoint's weights on the same `num_batches` global batches of a stage's data
-    from `first_sequence` on (default: held-out sequences), computed in that stage's layout (any layout
+             first_sequence: int | None = None) -> list[Evaluation]:
+    """Mean loss of each checkpoint's weights on the same `num_batches` global batches of a stage's
+    training stream from `first_sequence` on (None: data.source's validation sequences), computed in that
+    stage's layout (any layout
     loads any checkpoint); every rank calls it. The model is built once and loads each checkpoint in turn."""
     device = _start_processes(config)
     stages = {stage.name: stage for stage in config.resolved_stages()}
@@ -457,10 +473,11 @@ def evaluate(config: Config, checkpoints: Sequence[str | Path], stage_name: str,
         results = []
         for source in sources:
             load_seconds = load_checkpoint(source, model, optimizer, with_optimizer=False)
-            batches = micro_batches(SyntheticCopyTask(config.data, config.model.vocab_size), stage.seq_len,
-                                    stage.global_batch_size, stage.micro_batch_size,
-                                    parallel_state.get_data_parallel_rank(), dp_size,
-                                    parallel_state.get_context_parallel_group(), device, first_sequence=first_sequence)
+            split = "valid" if first_sequence is None else "train"
+            batches = micro_batches(stage_sequences(config, stage.seq_len, stage.mix, split), stage.global_batch_size,
+                                    stage.micro_batch_size, parallel_state.get_data_parallel_rank(), dp_size,
+                                    parallel_state.get_context_parallel_group(), device,
+                                    first_sequence=first_sequence or 0, eod=document_eod(config))
             losses = []
             with torch.no_grad():
                 for _ in range(num_batches):

@@ -24,7 +24,7 @@ def test_the_console_script_and_python_m_launch_are_the_same_command():
     console_script = Path(sys.executable).parent / "nsa-dist"  # installed by `pip install -e .` into the venv
     for command in ([str(console_script)], [sys.executable, "-m", "launch"]):
         done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0 and "{train,status,ui}" in done.stdout
+        assert done.returncode == 0 and "{train,status,ui,eval}" in done.stdout
 
 
 def test_print_config_prints_the_resolved_config(capsys):

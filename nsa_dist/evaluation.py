@@ -1,0 +1,182 @@
+"""Evaluation of a checkpoint: does the model use its long context?
+
+- a NIAH grid: for each context length x needle depth, `eval.niah_samples` prompts of the needle task
+  (nsa_dist/tasks.py, from seeds no training sequence uses), scored by exact match of the greedy answer;
+  drawn as a heatmap PNG;
+- the validation loss (and perplexity) on data.source's held-out sequences at the stage's seq_len, and
+  the loss by position bucket: a model that uses its context predicts tokens far into it better.
+
+`evaluate_checkpoint` runs in every process of a torch.distributed job (`nsa-dist eval`, or the trainer
+after a stage when eval.at_stage_end): the checkpoint is loaded, resharded, into one model per process
+(TP = PP = CP = 1), and the processes share the grid's cells and the validation sequences. Rank 0 writes
+`eval.json` and `niah.png` into `<checkpoint>/eval/` (atomically) and returns the report; the launchers
+log it to the run's MLflow runs (nsa_dist/tracking.py).
+"""
+
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+
+from nsa_dist.checkpoint import Checkpoint, check_same_model, load_checkpoint, write_json_atomically
+from nsa_dist.config import Config, Stage
+from nsa_dist.data import document_eod, packed_seq_params, stage_sequences
+from nsa_dist.tasks import TaskSample, generate
+from nsa_dist.tokenizer import load_tokenizer
+
+# NIAH prompts are the needle task's samples from this index on: training draws tasks at indices below it
+NIAH_FIRST_INDEX = 1 << 41
+
+Cell = tuple[int, float]  # (context length, needle depth)
+
+
+# ------------------------------------------------------------------------------------ NIAH
+
+
+def niah_cells(task: str, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
+               seed: int) -> dict[Cell, list[TaskSample]]:
+    """The grid's prompts: `samples` of them per (length, depth), each exactly `length` tokens long."""
+    cells = {}
+    for length in lengths:
+        for depth in depths:
+            cells[(length, depth)] = [generate(task, tokenizer, length, seed, NIAH_FIRST_INDEX + k, depth)
+                                      for k in range(samples)]
+    return cells
+
+
+def score_niah(cells: dict[Cell, list[TaskSample]], predict: Callable[[list[TaskSample]], list[str]]) -> dict[Cell, int]:
+    """Exact matches per cell: `predict` answers a cell's samples with texts, each compared (whitespace
+    stripped) with the sample's answer."""
+    return {cell: sum(answer.strip() == sample.answer_text for sample, answer in zip(samples, predict(samples)))
+            for cell, samples in cells.items()}
+
+
+def niah_grid(lengths: Sequence[int], depths: Sequence[float], correct: dict[Cell, int], samples: int) -> dict:
+    """The grid as JSON: accuracy[depth row][length column] in 0..1."""
+    accuracy = [[correct[(length, depth)] / samples for length in lengths] for depth in depths]
+    return {"lengths": list(lengths), "depths": list(depths), "samples_per_cell": samples, "accuracy": accuracy,
+            "mean_accuracy": sum(map(sum, accuracy)) / (len(lengths) * len(depths))}
+
+
+def greedy_predictor(gpt, tokenizer, device: torch.device, pad_to: int) -> Callable[[list[TaskSample]], list[str]]:
+    """Answers samples by greedy decoding as many tokens as their answers have (no KV cache: every new
+    token reruns the whole prefix, which is fine for answers of a few tokens). The prefix is padded on
+    the right to a multiple of `pad_to` tokens (the attention takes whole blocks): attention is causal,
+    so the padding changes no logit before it."""
+
+    @torch.no_grad()
+    def predict(samples: list[TaskSample]) -> list[str]:
+        answers = [""] * len(samples)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, sample in enumerate(samples):
+            by_shape.setdefault((len(sample.prompt), len(sample.answer)), []).append(i)
+        for (_, new), indices in by_shape.items():
+            tokens = torch.tensor([samples[i].prompt for i in indices], dtype=torch.int64, device=device)
+            for _ in range(new):
+                length = tokens.shape[1]
+                padded = torch.nn.functional.pad(tokens, (0, -length % pad_to))
+                logits = gpt(padded, None, None)  # [B, T, vocab]
+                tokens = torch.cat([tokens, logits[:, length - 1].argmax(-1, keepdim=True)], dim=1)
+            for row, i in enumerate(indices):
+                answers[i] = tokenizer.decode(tokens[row, -new:].tolist())
+        return answers
+
+    return predict
+
+
+def save_heatmap(grid: dict, title: str, path: Path) -> None:
+    """The grid as a PNG: depth down, context length across, each cell's accuracy written in it."""
+    figure = Figure(figsize=(1.6 + 1.1 * len(grid["lengths"]), 1.4 + 0.5 * len(grid["depths"])), layout="tight")
+    axes = figure.add_subplot()
+    image = axes.imshow(grid["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    axes.set_xticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
+    axes.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
+    axes.set(xlabel="context length (tokens)", ylabel="needle depth", title=title)
+    for row, values in enumerate(grid["accuracy"]):
+        for column, value in enumerate(values):
+            axes.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    figure.colorbar(image, ax=axes, label="exact match")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ validation loss
+
+
+def bucket_losses(loss_sum: torch.Tensor, count: torch.Tensor, buckets: int) -> dict:
+    """Mean loss per equal-width bucket of positions, from per-position sums and counts [S]."""
+    seq = loss_sum.numel()
+    edges = [round(i * seq / buckets) for i in range(buckets + 1)]
+    return {"starts": edges[:-1], "ends": edges[1:],
+            "loss": [float(loss_sum[a:b].sum() / count[a:b].sum()) for a, b in zip(edges[:-1], edges[1:])]}
+
+
+# ------------------------------------------------------------------------------------ a checkpoint
+
+
+def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, out_dir: Path | None = None) -> dict:
+    """Evaluates `checkpoint`'s weights with `stage`'s RoPE base and seq_len (see the module docstring);
+    every rank calls it, outside any stage's parallel state. Rank 0 writes eval.json and niah.png into
+    `out_dir` (default <checkpoint>/eval) and every rank returns the report."""
+    from nsa_dist.trainer import _build, _start_processes, parallel_layout
+
+    device = _start_processes(config)
+    check_same_model(checkpoint, config)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ev, data = config.eval, config.data
+    tokenizer = load_tokenizer(data.tokenizer, data.eod_token)
+    lengths = ev.niah_lengths or [stage.seq_len]
+    single = replace(stage, tensor=1, pipeline=1, context=1)
+    with parallel_layout(single) as gather_group:
+        model, optimizer = _build(config, single, device, gather_group)
+        load_checkpoint(checkpoint, model, optimizer, with_optimizer=False)
+        gpt = model.module
+        gpt.eval()
+
+        # NIAH: the cells are shared out over the ranks
+        cells = niah_cells(ev.niah_task, tokenizer, lengths, ev.niah_depths, ev.niah_samples, data.seed)
+        mine = {cell: samples for i, (cell, samples) in enumerate(cells.items()) if i % world == rank}
+        correct = score_niah(mine, greedy_predictor(gpt, tokenizer, device, config.nsa.selection_block))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, correct)
+        correct = {cell: count for part in gathered for cell, count in part.items()}
+        grid = niah_grid(lengths, ev.niah_depths, correct, ev.niah_samples)
+
+        # validation loss by position, over this rank's share of the held-out sequences
+        sequences = stage_sequences(config, stage.seq_len, stage.mix, "valid")
+        eod = document_eod(config)
+        loss_sum = torch.zeros(stage.seq_len, dtype=torch.float64, device=device)
+        count = torch.zeros(stage.seq_len, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for index in range(rank, ev.validation_sequences, world):
+                row = sequences(index).to(device)[None]
+                tokens, labels = row[:, :-1], row[:, 1:]
+                documents = packed_seq_params(tokens, eod) if eod is not None else None
+                per_token = gpt(tokens, None, None, labels=labels, packed_seq_params=documents)  # [1, S]
+                loss_sum += per_token[0].double()
+                count += 1
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+
+    loss = float(loss_sum.sum() / count.sum())
+    report = {
+        "checkpoint": str(checkpoint.path), "step": checkpoint.state.step, "stage": stage.name,
+        "seq_len": stage.seq_len, "rotary_base": stage.rotary_base, "data": data.path or data.source,
+        "validation": {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sequences": ev.validation_sequences,
+                       "tokens": ev.validation_sequences * stage.seq_len},
+        "loss_by_position": bucket_losses(loss_sum, count, ev.position_buckets),
+        "niah": {"task": ev.niah_task, **grid},
+    }
+    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint.path) / "eval"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_heatmap(grid, f"{ev.niah_task} retrieval, {checkpoint.path.name} ({stage.name})", out_dir / "niah.png")
+        write_json_atomically(out_dir / "eval.json", report)
+    report["files"] = [str(out_dir / "eval.json"), str(out_dir / "niah.png")]
+    return report

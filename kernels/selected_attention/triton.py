@@ -192,9 +192,12 @@ def selection_layout(
     end exclusive, never past the document's end). All int32.
     """
     if cu_seqlens is None:
-        cu = torch.tensor([0, num_keys], device=device)
-    else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        # one document: sizes known on the host, so nothing waits for the GPU
+        block_start = torch.arange(0, num_keys, selection_block, dtype=torch.int32, device=device)
+        block_end = (block_start + selection_block).clamp_max(num_keys)
+        zeros = torch.zeros(seq, dtype=torch.int32, device=device)
+        return zeros, zeros, block_start, block_end
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
     blocks_per_doc = -(-cu.diff() // selection_block)
     block_cu = torch.cat([blocks_per_doc.new_zeros(1), blocks_per_doc.cumsum(0)])
     doc = document_of(torch.arange(q_start, q_start + seq, device=device), cu)
@@ -210,7 +213,9 @@ def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks
 
     Returns entries (int32 query tokens, grouped by key block, ascending within one) and segments: each
     a slice [seg_lo, seg_hi) of entries belonging to key block seg_block ((b * HK + hk) * KB + block);
-    a block's segments are consecutive, from seg_first[block], seg_count[block] of them.
+    a block's segments are consecutive, from seg_first[block], seg_count[block] of them. No host sync:
+    the number of segments is data-dependent, so there are as many as it can be at most
+    (segments_bound); the ones past the last real segment are empty and belong to no block's range.
     """
     batch, seq, num_kv_heads, num_selected = block_idx.shape
     device = block_idx.device
@@ -221,19 +226,33 @@ def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks
     )[None, None, :, None]
     key = group * num_blocks + block_base.long()[None, :, None, None] + ids
     key = torch.where(ids >= 0, key, total_blocks).flatten()  # unused slots sort to the end
-    order = torch.sort(key, stable=True).indices
+    sorted_key, order = torch.sort(key, stable=True)
     entries = ((order // (num_kv_heads * num_selected)) % seq).to(torch.int32)
-    counts = torch.bincount(key, minlength=total_blocks + 1)[:total_blocks]
-    starts = counts.cumsum(0) - counts
-    # cap a segment at twice the mean list length, so no program gets much more than its share
-    cap = max(ROWS_PER_TILE, 2 * -(-seq * num_selected // max(num_blocks, 1)))
+    bounds = torch.searchsorted(sorted_key, torch.arange(total_blocks + 1, device=device))
+    starts, counts = bounds[:-1], bounds.diff()
+    cap = segment_cap(seq, num_selected, num_blocks)
     seg_count = -(-counts // cap)
-    seg_first = seg_count.cumsum(0) - seg_count
-    num_segments = int(seg_count.sum())
-    seg_block = torch.repeat_interleave(torch.arange(total_blocks, device=device), seg_count, output_size=num_segments)
-    seg_lo = starts[seg_block] + (torch.arange(num_segments, device=device) - seg_first[seg_block]) * cap
-    seg_hi = torch.minimum(seg_lo + cap, starts[seg_block] + counts[seg_block])
+    seg_end = seg_count.cumsum(0)
+    seg_first = seg_end - seg_count
+    segs = torch.arange(segments_bound(key.numel(), total_blocks, cap) if total_blocks else 0, device=device)
+    # real segments map to their block; the rest to block 0 with an empty slice
+    seg_block = torch.searchsorted(seg_end, segs, right=True)
+    real = seg_block < total_blocks
+    seg_block = torch.where(real, seg_block, 0)
+    seg_lo = starts[seg_block] + (segs - seg_first[seg_block]) * cap
+    seg_hi = torch.where(real, torch.minimum(seg_lo + cap, starts[seg_block] + counts[seg_block]), seg_lo)
     return entries, seg_block, seg_lo, seg_hi, seg_first, seg_count
+
+
+def segment_cap(seq: int, num_selected: int, num_blocks: int) -> int:
+    """Entries per segment: twice the mean list length, so that no program gets much more than its share
+    (block 0, picked by every query, is cut into many)."""
+    return max(ROWS_PER_TILE, 2 * -(-seq * num_selected // max(num_blocks, 1)))
+
+
+def segments_bound(num_entries: int, total_blocks: int, cap: int) -> int:
+    """At most sum over blocks of ceil(count / cap) <= entries / cap + blocks segments."""
+    return total_blocks + -(-num_entries // cap)
 
 
 def _consts(q, k, v, selection_block):
@@ -297,7 +316,8 @@ class SelectedAttention(torch.autograd.Function):
             _selected_bwd_dkv[(seg_block.numel(),)](
                 q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
                 *sizes, num_blocks, q_start, scale * LOG2E, scale,
-                BLOCK_M=ROWS_PER_TILE, **consts, num_warps=8,  # dK and dV accumulate side by side
+                # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
+                BLOCK_M=ROWS_PER_TILE, **consts, num_warps=4, num_stages=2,
             )
         dk = poisoned(k.shape, k.dtype, k.device)
         dv = poisoned(v.shape, v.dtype, v.device)

@@ -4,7 +4,8 @@ import pytest
 
 from nsa_dist.config import Config, ConfigError, load_config
 
-PRESETS = ["configs/quickstart.yaml", "configs/paper.yaml"]
+PRESETS = ["configs/quickstart.yaml", "configs/paper.yaml", "configs/code.yaml", "configs/proof_100m.yaml",
+           "configs/proof_100m_dense.yaml"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -19,7 +20,9 @@ def test_presets_fit_the_trainers_layout_checks(preset, tmp_path):
     """A preset must start: every stage's layout and batch fit the default process count (the widest stage's)."""
     from nsa_dist.trainer import plan
 
-    config = load_config(preset, ["training.device=cpu", "training.dtype=fp32", f"run.dir={tmp_path}"])
+    # the layouts, not the data: presets on an indexed corpus are planned on the synthetic stream here
+    config = load_config(preset, ["training.device=cpu", "training.dtype=fp32", f"run.dir={tmp_path}",
+                                  "data.source=synthetic"])
     widest = max(stage.model_parallel for stage in config.resolved_stages())
     resume, stages = plan(config, widest)
     assert resume is None and [s.name for s in stages] == [s.name for s in config.stages]

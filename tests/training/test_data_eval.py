@@ -98,3 +98,27 @@ def test_nsa_dist_eval_end_to_end(trained, tmp_path):
     assert report["stage"] == "more" and report["niah"]["lengths"] == [256]
     assert (out / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp*"))
+
+
+@pytest.mark.timeout(300)
+def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
+    """tools/compare_runs.py (the proof's report) reads the run's MLflow store and stage-end evaluations:
+    its table holds the tracked losses and evaluation, its plot and heatmaps are real images."""
+    from matplotlib.image import imread
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import compare_runs
+
+    root, _ = trained
+    runs = compare_runs.main([str(root / "run"), "--names", "tiny", "--out", str(tmp_path)])
+    stages = runs["tiny"]
+    assert list(stages) == ["first", "more"]
+    assert [step for step, _ in stages["more"]["loss"]] == list(range(2, 26))
+    report = _reports(root / "run")["more"]
+    assert stages["more"]["val_loss"] == pytest.approx(report["validation"]["loss"])
+    assert stages["more"]["niah_accuracy"] == pytest.approx(report["niah"]["mean_accuracy"])
+    assert stages["more"]["train_seconds"] > 0 and stages["more"]["tokens_per_s"] > 0
+    table = (tmp_path / "report.md").read_text()
+    assert f"| tiny | more | 24 | " in table and f"{report['validation']['loss']:.4f}" in table
+    assert imread(tmp_path / "loss.png").ndim == 3 and imread(tmp_path / "niah_tiny_more.png").ndim == 3
+    assert json.loads((tmp_path / "report.json").read_text())["tiny"]["more"]["steps"] == 24

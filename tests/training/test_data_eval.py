@@ -119,6 +119,6 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     assert stages["more"]["niah_accuracy"] == pytest.approx(report["niah"]["mean_accuracy"])
     assert stages["more"]["train_seconds"] > 0 and stages["more"]["tokens_per_s"] > 0
     table = (tmp_path / "report.md").read_text()
-    assert f"| tiny | more | 24 | " in table and f"{report['validation']['loss']:.4f}" in table
+    assert "| tiny | more | 24 | " in table and f"{report['validation']['loss']:.4f}" in table
     assert imread(tmp_path / "loss.png").ndim == 3 and imread(tmp_path / "niah_tiny_more.png").ndim == 3
     assert json.loads((tmp_path / "report.json").read_text())["tiny"]["more"]["steps"] == 24

@@ -87,6 +87,10 @@ def _to_batch_major(x: torch.Tensor, packed: bool) -> torch.Tensor:
 def _cu_seqlens(packed_seq_params, cp_group) -> torch.Tensor | None:
     if packed_seq_params is None:
         return None
+    if packed_seq_params.qkv_format != "thd":
+        raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}: packed documents "
+                         "reach the attention in Megatron's 'thd' layout (the micro-batch's rows packed into one "
+                         "row, B = 1); build PackedSeqParams with qkv_format='thd'")
     if cp_group.size() > 1:
         raise NotImplementedError(
             "packed documents (packed_seq_params) under context parallelism are not supported yet: train "

@@ -51,7 +51,9 @@ class ParallelConfig:
     tensor: int = 1  # TP size: splits query heads and KV groups
     pipeline: int = 1  # PP size: splits layers
     context: int = 1  # CP size: splits the sequence (stages may override)
-    sequence_parallel: bool = False  # shard activations outside attention over TP (stages with TP > 1)
+    # shard activations outside attention over TP; stages with TP = 1 have nothing to shard them over and
+    # run without it (their layout, as logged, then lacks "SP")
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -162,7 +164,7 @@ class Stage:
         return self.tensor * self.pipeline * self.context
 
     def layout(self) -> str:
-        return f"TP={self.tensor} PP={self.pipeline} CP={self.context}"
+        return f"TP={self.tensor}{' SP' if self.sequence_parallel else ''} PP={self.pipeline} CP={self.context}"
 
 
 @dataclass

@@ -113,6 +113,9 @@ def _single_rank_checks(rank, world):
                 together = _attend(layer, x, packed_seq_params=packed)
                 alone = torch.cat([_attend(layer, x[lo:hi]) for lo, hi in zip(cu[:-1], cu[1:])])
             torch.testing.assert_close(together, alone, rtol=1e-9, atol=1e-10, msg=lambda m: f"{attention}: {m}")
+        sbhd = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=40, max_seqlen_kv=40)
+        with pytest.raises(ValueError, match="qkv_format='sbhd'.*qkv_format='thd'"):
+            _attend(layer, x, packed_seq_params=sbhd)
     finally:
         parallel_state.destroy_model_parallel()
 

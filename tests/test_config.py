@@ -212,3 +212,13 @@ def test_an_empty_file_is_an_error_not_the_defaults(tmp_path, content):
         load_config(empty)
     assert f"config file '{empty}' is empty" in str(excinfo.value)
     assert "configs/quickstart.yaml" in str(excinfo.value)
+
+
+def test_sequence_parallel_shows_in_the_layout_of_stages_that_use_it():
+    """parallel.sequence_parallel applies where a stage has TP > 1; the layout says which stages run it."""
+    config = load_config(None, ["parallel.sequence_parallel=true", "nsa.num_selected=4", "training.warmup_steps=1",
+                                "stages=[{name: a, seq_len: 256, steps: 1}, "
+                                "{name: b, seq_len: 256, steps: 1, tensor_parallel: 2}]"])
+    a, b = config.resolved_stages()
+    assert (a.sequence_parallel, a.layout()) == (False, "TP=1 PP=1 CP=1")
+    assert (b.sequence_parallel, b.layout()) == (True, "TP=2 SP PP=1 CP=1")

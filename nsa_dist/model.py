@@ -55,7 +55,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_lay
     for s in range(0, local, chunk):
         rows = torch.arange(s, min(s + chunk, local), device=labels.device)
         gathered = (shard_starts + rows[None, :]).flatten()  # the sequence positions the chunk's logits hold
-        losses.append(checkpoint(chunk_loss, hidden[s : s + chunk], labels[:, gathered].t(), use_reentrant=False))
+        losses.append(checkpoint(chunk_loss, hidden[s : s + chunk], labels[:, gathered].t().contiguous(),
+                                 use_reentrant=False))
         positions.append(gathered)
     losses = torch.cat(losses)
     if sequence_parallel > 1:

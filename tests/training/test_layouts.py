@@ -28,8 +28,10 @@ LAYOUTS = {
     "TP2 SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
     "TP2+CP2 SP": ["parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true"],
     "TP2 qk-layernorm": ["parallel.tensor=2", "model.qk_layernorm=true"],
+    "TP2 SP micro-batch 2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "training.micro_batch_size=2"],
     "dense DP4": ["model.attention=dense"],
     "dense TP2+CP2": ["model.attention=dense", "parallel.tensor=2", "parallel.context=2"],
+    "dense TP2 micro-batch 2": ["model.attention=dense", "parallel.tensor=2", "training.micro_batch_size=2"],
 }
 # name -> (overrides, steps), trained on one process
 REFERENCES = {

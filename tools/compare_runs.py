@@ -7,6 +7,9 @@ curve, steps, mean tokens/s (the stage's first step, which compiles and warms up
 seconds (the sum of step times), and the stage-end evaluation (validation loss, NIAH accuracy and its
 heatmap). Writes to --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png`
 (each stage's heatmap), `report.md` (the tables, ready for the README) and `report.json`.
+
+A run directory may have been copied from the machine that trained it (its MLflow store, tracking.json,
+mlartifacts and each checkpoint's eval/ folder suffice): paths recorded there are found again under it.
 """
 
 import argparse
@@ -20,7 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_dist.tracking import read_run_ids  # noqa: E402
 
 
-def stage_summary(client, run_id: str) -> dict:
+def relocated(recorded: str, run_dir: Path) -> Path:
+    """A path recorded in the MLflow store, found under run_dir when it is there: the run directory may
+    have been moved or copied, so its part after the run directory's name (e.g.
+    checkpoints/step_00000100) is looked up under run_dir first."""
+    path = Path(recorded)
+    if run_dir.name in path.parts:
+        parts = path.parts
+        inside = run_dir.joinpath(*parts[len(parts) - parts[::-1].index(run_dir.name):])
+        if inside.exists():
+            return inside
+    return path
+
+
+def stage_summary(client, run_id: str, run_dir: Path) -> dict:
     """One stage's figures from its MLflow run and its final checkpoint's eval.json."""
     run = client.get_run(run_id)
 
@@ -31,13 +47,16 @@ def stage_summary(client, run_id: str) -> dict:
     timed = [value for _, value in speed[1:]] or [value for _, value in speed]
     summary = {"loss": loss, "steps": len(loss), "tokens_per_s": sum(timed) / len(timed) if timed else None,
                "train_seconds": sum(value for _, value in times), "val_loss": run.data.metrics.get("eval/val_loss"),
-               "niah_accuracy": run.data.metrics.get("eval/niah_accuracy"), "heatmap": None, "eval": None}
+               "niah_accuracy": run.data.metrics.get("eval/niah_accuracy"), "niah_worst_depth": None, "heatmap": None,
+               "eval": None}
     checkpoint = run.data.tags.get("checkpoint.latest")
-    if checkpoint and (Path(checkpoint) / "eval" / "eval.json").exists():
-        report = json.loads((Path(checkpoint) / "eval" / "eval.json").read_text())
+    checkpoint = relocated(checkpoint, run_dir) if checkpoint else None
+    if checkpoint and (checkpoint / "eval" / "eval.json").exists():
+        report = json.loads((checkpoint / "eval" / "eval.json").read_text())
         summary["eval"] = {"seq_len": report["seq_len"], "niah": report["niah"], "validation": report["validation"],
                            "loss_by_position": report["loss_by_position"]}
-        summary["heatmap"] = str(Path(checkpoint) / "eval" / "niah.png")
+        summary["heatmap"] = str(checkpoint / "eval" / "niah.png")
+        summary["niah_worst_depth"] = min(min(row) for row in report["niah"]["accuracy"])
     return summary
 
 
@@ -47,8 +66,15 @@ def read_run(run_dir: Path) -> dict:
         sys.exit(f"error: {run_dir} has no tracking.json: train it with tracking.enabled=true (the default)")
     from mlflow import MlflowClient
 
-    client = MlflowClient(ids["tracking_uri"])
-    return {stage: stage_summary(client, run_id) for stage, run_id in ids["stages"].items()}
+    uri = ids["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        uri = f"sqlite:///{relocated(uri.removeprefix('sqlite:///'), run_dir).resolve()}"
+    client = MlflowClient(uri)
+    parent = client.get_run(ids["parent"]).info
+    stages = {stage: stage_summary(client, run_id, run_dir) for stage, run_id in ids["stages"].items()}
+    # the parent run spans the job: start-up, compilation, every stage, checkpoints and evaluations
+    wall = (parent.end_time - parent.start_time) / 1000 if parent.end_time else None
+    return {"wall_seconds": wall, "stages": stages}
 
 
 def plot_losses(runs: dict, path: Path) -> None:
@@ -57,10 +83,11 @@ def plot_losses(runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = list(dict.fromkeys(stage for stages in runs.values() for stage in stages))
+    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        for name, stages_of_run in runs.items():
+        for name, run in runs.items():
+            stages_of_run = run["stages"]
             if stage in stages_of_run and stages_of_run[stage]["loss"]:
                 steps, values = zip(*stages_of_run[stage]["loss"])
                 ax.plot(steps, values, label=name)
@@ -77,16 +104,22 @@ def markdown(runs: dict) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = ["| run | stage | steps | tokens/s | train s | final loss | val loss | NIAH exact match |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, stages in runs.items():
-        for stage, s in stages.items():
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.0f}%"
+
+    lines = ["| run | stage | steps | tokens/s | train s | final loss | val loss | NIAH mean | NIAH worst depth |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, run in runs.items():
+        for stage, s in run["stages"].items():
             final = s["loss"][-1][1] if s["loss"] else None
             lines.append(f"| {name} | {stage} | {s['steps']} | {cell(s['tokens_per_s'], ',.0f')} | "
                          f"{cell(s['train_seconds'], '.1f')} | {cell(final, '.4f')} | {cell(s['val_loss'], '.4f')} | "
-                         f"{cell(None if s['niah_accuracy'] is None else 100 * s['niah_accuracy'], '.0f')}% |")
-    totals = {name: sum(s["train_seconds"] for s in stages.values()) for name, stages in runs.items()}
-    lines += ["", "Training seconds in all: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in totals.items())]
+                         f"{percent(s['niah_accuracy'])} | {percent(s['niah_worst_depth'])} |")
+    lines += ["", "| run | training s (sum of steps) | wall s (the job: start-up, compilation, checkpoints, "
+              "evaluations) |", "| --- | --- | --- |"]
+    for name, run in runs.items():
+        train_seconds = sum(s["train_seconds"] for s in run["stages"].values())
+        lines.append(f"| {name} | {train_seconds:.1f} | {cell(run['wall_seconds'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {name: read_run(run) for name, run in zip(names, a.runs)}
     a.out.mkdir(parents=True, exist_ok=True)
     plot_losses(runs, a.out / "loss.png")
-    for name, stages in runs.items():
-        for stage, s in stages.items():
+    for name, run in runs.items():
+        for stage, s in run["stages"].items():
             if s["heatmap"]:
                 shutil.copyfile(s["heatmap"], a.out / f"niah_{name}_{stage}.png")
     table = markdown(runs)

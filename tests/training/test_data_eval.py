@@ -4,6 +4,7 @@ grid JSON and the heatmap PNG beside the checkpoint and logs them to the stage's
 eval` does the same for a checkpoint of the run. Real processes on gloo."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,22 +104,35 @@ def test_nsa_dist_eval_end_to_end(trained, tmp_path):
 @pytest.mark.timeout(300)
 def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     """tools/compare_runs.py (the proof's report) reads the run's MLflow store and stage-end evaluations:
-    its table holds the tracked losses and evaluation, its plot and heatmaps are real images."""
+    its table holds the tracked losses and evaluation, its plot and heatmaps are real images. A copy of
+    the run directory without its weights, moved elsewhere (as the proof's runs come back from the GPU
+    machine), gives the same report."""
     from matplotlib.image import imread
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     import compare_runs
 
     root, _ = trained
-    runs = compare_runs.main([str(root / "run"), "--names", "tiny", "--out", str(tmp_path)])
-    stages = runs["tiny"]
+    runs = compare_runs.main([str(root / "run"), "--names", "tiny", "--out", str(tmp_path / "report")])
+    stages = runs["tiny"]["stages"]
     assert list(stages) == ["first", "more"]
     assert [step for step, _ in stages["more"]["loss"]] == list(range(2, 26))
     report = _reports(root / "run")["more"]
     assert stages["more"]["val_loss"] == pytest.approx(report["validation"]["loss"])
     assert stages["more"]["niah_accuracy"] == pytest.approx(report["niah"]["mean_accuracy"])
+    assert stages["more"]["niah_worst_depth"] == min(map(min, report["niah"]["accuracy"]))
     assert stages["more"]["train_seconds"] > 0 and stages["more"]["tokens_per_s"] > 0
-    table = (tmp_path / "report.md").read_text()
+    # the job's wall time: both stages' steps, and start-up, checkpoints and evaluations besides
+    assert runs["tiny"]["wall_seconds"] > sum(s["train_seconds"] for s in stages.values())
+    table = (tmp_path / "report" / "report.md").read_text()
     assert "| tiny | more | 24 | " in table and f"{report['validation']['loss']:.4f}" in table
-    assert imread(tmp_path / "loss.png").ndim == 3 and imread(tmp_path / "niah_tiny_more.png").ndim == 3
-    assert json.loads((tmp_path / "report.json").read_text())["tiny"]["more"]["steps"] == 24
+    assert imread(tmp_path / "report" / "loss.png").ndim == 3
+    assert imread(tmp_path / "report" / "niah_tiny_more.png").ndim == 3
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["tiny"]["stages"]["more"]["steps"] == 24
+
+    copy = tmp_path / "copied" / "run"
+    shutil.copytree(root / "run", copy, ignore=lambda folder, names: [n for n in names if n.startswith("__")
+                                                                      or n.endswith((".distcp", ".pt"))])
+    moved = compare_runs.main([str(copy), "--names", "tiny", "--out", str(tmp_path / "moved")])
+    a, b = json.loads(json.dumps(moved)), json.loads(json.dumps(runs).replace(str(root / "run"), str(copy)))
+    assert a == b

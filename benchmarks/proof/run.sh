@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One proof run on the GPU machine (device tool, carry .whl): wheels, corpus, the training job, and its
+# run directory without weights copied to $OUT. Usage: bash benchmarks/proof/run.sh proof_100m
+set -u
+cfg=$1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+python3 tools/build_code_corpus.py 2>&1 | tail -1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+t0=$(date +%s)
+timeout ${LIMIT:-520} python3 -m launch.train --config configs/$cfg.yaml > $OUT/$cfg.log 2>&1
+echo "$cfg rc=$? wall $(( $(date +%s)-t0 )) s"
+grep -v "━\|^\s*File\|^\s*\^\|warn\|return func" $OUT/$cfg.log | grep -v " step [0-9]*:" | tail -45
+run=runs/$cfg; mkdir -p $OUT/$cfg
+cp -r $run/mlflow.db $run/tracking.json $run/mlartifacts $OUT/$cfg/ 2>/dev/null
+for d in $run/checkpoints/*/eval; do mkdir -p $OUT/$cfg/${d#$run/}; cp -r $d/. $OUT/$cfg/${d#$run/}/; done
+du -sh $OUT/$cfg

@@ -467,9 +467,9 @@ def validate(config: Config) -> None:
                  f"support under context parallelism yet, and stage {stage.name!r} has CP={stage.context}: "
                  "use data.documents=pack or within for context-parallel stages, or context_parallel 1")
         # with n above a stage's block count every query takes all its blocks (dense attention), while the
-        # kernels still walk n slots per query
+        # kernels still walk n slots per query; dense attention has no blocks to select
         blocks = -(-stage.seq_len // nsa.selection_block)
-        _require(nsa.num_selected <= blocks,
+        _require(config.model.attention != "nsa" or nsa.num_selected <= blocks,
                  f"nsa.num_selected={nsa.num_selected} is more than the {blocks} selection blocks of stage "
                  f"{stage.name!r} (stages[{stage.index}].seq_len={stage.seq_len} / nsa.selection_block="
                  f"{nsa.selection_block}, rounded up): lower nsa.num_selected to at most {blocks}, or raise "

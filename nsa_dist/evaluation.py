@@ -49,18 +49,26 @@ def niah_cells(task: str, tokenizer, lengths: Sequence[int], depths: Sequence[fl
     return cells
 
 
-def score_niah(cells: dict[Cell, list[TaskSample]], predict: Callable[[list[TaskSample]], list[str]]) -> dict[Cell, int]:
-    """Exact matches per cell: `predict` answers a cell's samples with texts, each compared (whitespace
-    stripped) with the sample's answer."""
-    return {cell: sum(answer.strip() == sample.answer_text for sample, answer in zip(samples, predict(samples)))
-            for cell, samples in cells.items()}
+def answer_niah(cells: dict[Cell, list[TaskSample]],
+                predict: Callable[[list[TaskSample]], list[str]]) -> dict[Cell, list[str]]:
+    """The predicted answer texts of every cell's samples."""
+    return {cell: list(predict(samples)) for cell, samples in cells.items()}
 
 
-def niah_grid(lengths: Sequence[int], depths: Sequence[float], correct: dict[Cell, int], samples: int) -> dict:
-    """The grid as JSON: accuracy[depth row][length column] in 0..1."""
-    accuracy = [[correct[(length, depth)] / samples for length in lengths] for depth in depths]
-    return {"lengths": list(lengths), "depths": list(depths), "samples_per_cell": samples, "accuracy": accuracy,
-            "mean_accuracy": sum(map(sum, accuracy)) / (len(lengths) * len(depths))}
+def niah_grid(lengths: Sequence[int], depths: Sequence[float], cells: dict[Cell, list[TaskSample]],
+              answers: dict[Cell, list[str]], examples: int = 2) -> dict:
+    """The grid as JSON: accuracy[depth row][length column] in 0..1, each answer compared (whitespace
+    stripped) with its sample's; and, per cell, the first `examples` expected and predicted answers, which
+    tell a model that retrieves the wrong digits from one that answers with filler."""
+    correct = {cell: sum(answer.strip() == sample.answer_text for sample, answer in zip(cells[cell], answers[cell]))
+               for cell in cells}
+    accuracy = [[correct[(length, depth)] / len(cells[(length, depth)]) for length in lengths] for depth in depths]
+    shown = [[[{"expected": sample.answer_text, "predicted": answer}
+               for sample, answer in list(zip(cells[(length, depth)], answers[(length, depth)]))[:examples]]
+              for length in lengths] for depth in depths]
+    return {"lengths": list(lengths), "depths": list(depths), "samples_per_cell": len(next(iter(cells.values()))),
+            "accuracy": accuracy, "mean_accuracy": sum(map(sum, accuracy)) / (len(lengths) * len(depths)),
+            "examples": shown}
 
 
 def greedy_predictor(gpt, tokenizer, device: torch.device, pad_to: int) -> Callable[[list[TaskSample]], list[str]]:
@@ -91,12 +99,14 @@ def greedy_predictor(gpt, tokenizer, device: torch.device, pad_to: int) -> Calla
 
 def save_heatmap(grid: dict, title: str, path: Path) -> None:
     """The grid as a PNG: depth down, context length across, each cell's accuracy written in it."""
-    figure = Figure(figsize=(1.6 + 1.1 * len(grid["lengths"]), 1.4 + 0.5 * len(grid["depths"])), layout="tight")
+    width = max(4.0, 1.6 + 1.1 * len(grid["lengths"]))  # room for the title with a single length
+    figure = Figure(figsize=(width, 1.6 + 0.5 * len(grid["depths"])), layout="tight")
     axes = figure.add_subplot()
     image = axes.imshow(grid["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     axes.set_xticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
     axes.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
-    axes.set(xlabel="context length (tokens)", ylabel="needle depth", title=title)
+    axes.set(xlabel="context length (tokens)", ylabel="needle depth")
+    axes.set_title(title, fontsize=9)
     for row, values in enumerate(grid["accuracy"]):
         for column, value in enumerate(values):
             axes.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
@@ -142,11 +152,11 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         # NIAH: the cells are shared out over the ranks
         cells = niah_cells(ev.niah_task, tokenizer, lengths, ev.niah_depths, ev.niah_samples, data.seed)
         mine = {cell: samples for i, (cell, samples) in enumerate(cells.items()) if i % world == rank}
-        correct = score_niah(mine, greedy_predictor(gpt, tokenizer, device, config.nsa.selection_block))
+        answers = answer_niah(mine, greedy_predictor(gpt, tokenizer, device, config.nsa.selection_block))
         gathered = [None] * world
-        dist.all_gather_object(gathered, correct)
-        correct = {cell: count for part in gathered for cell, count in part.items()}
-        grid = niah_grid(lengths, ev.niah_depths, correct, ev.niah_samples)
+        dist.all_gather_object(gathered, answers)
+        answers = {cell: texts for part in gathered for cell, texts in part.items()}
+        grid = niah_grid(lengths, ev.niah_depths, cells, answers)
 
         # validation loss by position, over this rank's share of the held-out sequences
         sequences = stage_sequences(config, stage.seq_len, stage.mix, "valid")
@@ -176,7 +186,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
     out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint.path) / "eval"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_heatmap(grid, f"{ev.niah_task} retrieval, {checkpoint.path.name} ({stage.name})", out_dir / "niah.png")
+        save_heatmap(grid, f"{ev.niah_task} retrieval\n{checkpoint.path.name} ({stage.name})", out_dir / "niah.png")
         write_json_atomically(out_dir / "eval.json", report)
     report["files"] = [str(out_dir / "eval.json"), str(out_dir / "niah.png")]
     return report

@@ -161,6 +161,12 @@ def test_invalid_config_names_the_field(overrides, field, fix):
     assert fix in message, message
 
 
+def test_dense_attention_has_no_blocks_to_select():
+    """The sequence that is too short for NSA's n selected blocks is fine for the dense model."""
+    config = load_config(None, ["model.attention=dense", "stages.0.seq_len=512"])
+    assert config.resolved_stages()[0].seq_len == 512
+
+
 def test_invalid_stage_order_and_duplicate_names(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("stages:\n  - {name: a, seq_len: 512, steps: 1}\n  - {name: b, seq_len: 256, steps: 1}\n")

@@ -6,20 +6,21 @@ For each run directory (trained with tracking on and `eval.at_stage_end`), per s
 curve, steps, mean tokens/s (the stage's first step, which compiles and warms up, left out), training
 seconds (the sum of step times), and the stage-end evaluation (validation loss, NIAH accuracy and its
 heatmap). Writes to --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png`
-(each stage's heatmap), `report.md` (the tables, ready for the README) and `report.json`.
+(each stage's heatmap, drawn from its eval.json), `report.md` (the tables, ready for the README) and
+`report.json`.
 
-A run directory may have been copied from the machine that trained it (its MLflow store, tracking.json,
-mlartifacts and each checkpoint's eval/ folder suffice): paths recorded there are found again under it.
+A run directory may have been copied from the machine that trained it (its MLflow store, tracking.json and
+each checkpoint's eval/ folder suffice): paths recorded there are found again under it.
 """
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nsa_dist.evaluation import save_heatmap  # noqa: E402
 from nsa_dist.tracking import read_run_ids  # noqa: E402
 
 
@@ -90,7 +91,12 @@ def plot_losses(runs: dict, path: Path) -> None:
             stages_of_run = run["stages"]
             if stage in stages_of_run and stages_of_run[stage]["loss"]:
                 steps, values = zip(*stages_of_run[stage]["loss"])
-                ax.plot(steps, values, label=name)
+                # each step's loss faint, and its running mean over a twentieth of the stage: at long
+                # lengths a step holds few sequences, so one synthetic task sequence swings the loss
+                window = max(1, len(values) // 20)
+                smooth = [sum(values[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(values))]
+                line, = ax.plot(steps, smooth, label=f"{name} (mean of {window})" if window > 1 else name)
+                ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.6)
         ax.set_title(f"stage {stage}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
@@ -137,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     plot_losses(runs, a.out / "loss.png")
     for name, run in runs.items():
         for stage, s in run["stages"].items():
-            if s["heatmap"]:
-                shutil.copyfile(s["heatmap"], a.out / f"niah_{name}_{stage}.png")
+            if s["eval"]:
+                grid = s["eval"]["niah"]
+                save_heatmap(grid, f"{name}, stage {stage}\n{grid['task']} retrieval", a.out / f"niah_{name}_{stage}.png")
     table = markdown(runs)
     (a.out / "report.md").write_text(table)
     (a.out / "report.json").write_text(json.dumps(runs, indent=1))

@@ -11,7 +11,13 @@ t0=$(date +%s)
 timeout ${LIMIT:-520} python3 -m launch.train --config configs/$cfg.yaml > $OUT/$cfg.log 2>&1
 echo "$cfg rc=$? wall $(( $(date +%s)-t0 )) s"
 grep -v "━\|^\s*File\|^\s*\^\|warn\|return func" $OUT/$cfg.log | grep -v " step [0-9]*:" | tail -45
-run=runs/$cfg; mkdir -p $OUT/$cfg
-cp -r $run/mlflow.db $run/tracking.json $run/mlartifacts $OUT/$cfg/ 2>/dev/null
-for d in $run/checkpoints/*/eval; do mkdir -p $OUT/$cfg/${d#$run/}; cp -r $d/. $OUT/$cfg/${d#$run/}/; done
-du -sh $OUT/$cfg
+# every proof run directory still on this machine, without weights; the device tool returns files at most
+# two folders deep, so each stage's evaluation is flattened
+for run in runs/proof_*; do
+  name=$(basename $run); mkdir -p $OUT/$name
+  cp $run/mlflow.db $run/tracking.json $OUT/$name/
+  for d in $run/checkpoints/*/eval; do
+    step=$(basename $(dirname $d)); for f in $d/*; do cp $f $OUT/$name/${step}_$(basename $f); done
+  done
+done
+du -sh $OUT/*

@@ -6,7 +6,7 @@ import torch
 from nsa_dist.config import TASKS
 from nsa_dist.data import mixed_sequences
 from nsa_dist.config import MixConfig
-from nsa_dist.evaluation import niah_cells, niah_grid, score_niah
+from nsa_dist.evaluation import answer_niah, niah_cells, niah_grid
 from nsa_dist.tasks import TaskTooLong, check_answer, generate
 from nsa_dist.tokenizer import ByteTokenizer
 
@@ -53,11 +53,17 @@ def test_mix_follows_the_shares():
 def test_niah_scorer():
     cells = niah_cells("passkey", TOKENIZER, [200, 400], [0.0, 0.5, 1.0], samples=3, seed=0)
     assert len(cells) == 6 and all(len(samples) == 3 for samples in cells.values())
-    right = score_niah(cells, lambda samples: [s.answer_text for s in samples])
-    wrong = score_niah(cells, lambda samples: [s.answer_text + "0" for s in samples])
-    assert niah_grid([200, 400], [0.0, 0.5, 1.0], right, 3)["mean_accuracy"] == 1.0
-    grid = niah_grid([200, 400], [0.0, 0.5, 1.0], wrong, 3)
+    right = answer_niah(cells, lambda samples: [s.answer_text for s in samples])
+    wrong = answer_niah(cells, lambda samples: [s.answer_text + "0" for s in samples])
+    assert niah_grid([200, 400], [0.0, 0.5, 1.0], cells, right)["mean_accuracy"] == 1.0
+    grid = niah_grid([200, 400], [0.0, 0.5, 1.0], cells, wrong)
     assert grid["mean_accuracy"] == 0.0 and grid["accuracy"] == [[0.0, 0.0]] * 3
+    first = cells[(200, 0.5)][0].answer_text
+    assert grid["examples"][1][0][0] == {"expected": first, "predicted": first + "0"}
+    assert all(len(cell) == 2 for row in grid["examples"] for cell in row)
+    # one right answer of three in one cell
+    one = {cell: texts if cell != (400, 1.0) else [cells[cell][0].answer_text, "", ""] for cell, texts in wrong.items()}
+    assert niah_grid([200, 400], [0.0, 0.5, 1.0], cells, one)["accuracy"][2] == [0.0, pytest.approx(1 / 3)]
     # the prompt alone never holds the answer's position: a predictor that echoes the prompt's end fails
-    echo = score_niah(cells, lambda samples: [TOKENIZER.decode(s.prompt[-5:]) for s in samples])
-    assert sum(echo.values()) == 0
+    echo = answer_niah(cells, lambda samples: [TOKENIZER.decode(s.prompt[-5:]) for s in samples])
+    assert niah_grid([200, 400], [0.0, 0.5, 1.0], cells, echo)["mean_accuracy"] == 0

@@ -1,16 +1,18 @@
 """The typed config: presets load, overrides apply, and every invalid value is named in its error."""
 
+from pathlib import Path
+
 import pytest
 
 from nsa_dist.config import Config, ConfigError, load_config
 
-PRESETS = ["configs/quickstart.yaml", "configs/paper.yaml", "configs/code.yaml", "configs/proof_100m.yaml",
-           "configs/proof_100m_dense.yaml"]
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load(preset):
-    config = load_config(preset)
+    config = load_config(str(ROOT / preset))
     assert isinstance(config, Config)
     assert config.stages and config.stages[0].seq_len > 0
 
@@ -21,7 +23,7 @@ def test_presets_fit_the_trainers_layout_checks(preset, tmp_path):
     from nsa_dist.trainer import plan
 
     # the layouts, not the data: presets on an indexed corpus are planned on the synthetic stream here
-    config = load_config(preset, ["training.device=cpu", "training.dtype=fp32", f"run.dir={tmp_path}",
+    config = load_config(str(ROOT / preset), ["training.device=cpu", "training.dtype=fp32", f"run.dir={tmp_path}",
                                   "data.source=synthetic"])
     widest = max(stage.model_parallel for stage in config.resolved_stages())
     resume, stages = plan(config, widest)

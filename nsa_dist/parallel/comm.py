@@ -5,6 +5,8 @@
 - `ZigzagGather`: all-gathers a zigzag-sharded tensor into global sequence order; the backward
   reduce-scatters the gradient (every rank used the whole gathered tensor) back to the owners, in fp32.
   It starts when constructed and is finished later (`finish`), so the gather overlaps compute.
+- `DeferredReduceScatter`: gathers whose backward reduce-scatter runs in the background, waited for only
+  when autograd reaches the gathered tensor's producer, so it overlaps the backward of later work.
 Every wait on communication is timed into CommStats: what the overlap leaves exposed.
 """
 
@@ -177,8 +179,8 @@ def _to_rank_order(full: torch.Tensor, cp_size: int) -> torch.Tensor:
 
 class _ZigzagGathered(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gathered, group, cp_size, stats, name):
-        ctx.group, ctx.cp_size, ctx.stats, ctx.name = group, cp_size, stats, name
+    def forward(ctx, x, gathered, token, group, cp_size, stats, name, deferred):
+        ctx.group, ctx.cp_size, ctx.stats, ctx.name, ctx.deferred = group, cp_size, stats, name, deferred
         return _to_global_order(gathered, cp_size)
 
     @staticmethod
@@ -187,20 +189,27 @@ class _ZigzagGathered(torch.autograd.Function):
         wide = torch.promote_types(grad_full.dtype, torch.float32)
         ranked = _to_rank_order(grad_full.to(wide), ctx.cp_size).contiguous()
         grad = ranked.new_empty(ranked.shape[0] // ctx.cp_size, *ranked.shape[1:])
-        with ctx.stats.waiting(f"{ctx.name}_grad", grad.device) if ctx.stats is not None else nullcontext():
-            _reduce_scatter(grad, ranked, group=ctx.group)  # blocking in backward: all of it is exposed
         if ctx.stats is not None:
             moved = (ctx.cp_size - 1) * _nbytes(grad)
             ctx.stats.add(f"{ctx.name}_grad", moved, moved)
-        return grad.to(grad_full.dtype), None, None, None, None, None
+        if ctx.deferred is not None:  # started here, waited for by the DeferredReduceScatter's source
+            holder, index = ctx.deferred
+            work = _reduce_scatter(grad, ranked, group=ctx.group, async_op=True) if ctx.cp_size > 1 else None
+            holder.pending.append((index, work, grad, ranked))
+            return None, None, grad.new_zeros(()), None, None, None, None, None
+        with ctx.stats.waiting(f"{ctx.name}_grad", grad.device) if ctx.stats is not None else nullcontext():
+            _reduce_scatter(grad, ranked, group=ctx.group)  # blocking in backward: all of it is exposed
+        return grad.to(grad_full.dtype), None, None, None, None, None, None, None
 
 
 class ZigzagGather:
     """All-gather of a zigzag shard [B, 2C, ...] into the global sequence [B, 2PC, ...], started now and
-    finished by `finish()`; the backward reduce-scatters the gradient to the owners."""
+    finished by `finish()`; the backward reduce-scatters the gradient to the owners (in the background
+    when made by DeferredReduceScatter.gather)."""
 
-    def __init__(self, x: torch.Tensor, group, stats: CommStats | None = None, name: str = "gather"):
-        self.x, self.group, self.stats, self.name = x, group, stats, name
+    def __init__(self, x: torch.Tensor, group, stats: CommStats | None = None, name: str = "gather",
+                 deferred: tuple["DeferredReduceScatter", tuple] | None = None):
+        self.x, self.group, self.stats, self.name, self.deferred = x, group, stats, name, deferred
         self.cp_size, _ = group_size_rank(group)
         local = x.detach().contiguous()
         self.buffer = local.new_empty(self.cp_size * local.shape[0], *local.shape[1:])
@@ -216,7 +225,53 @@ class ZigzagGather:
             with self.stats.waiting(self.name, self.buffer.device) if self.stats is not None else nullcontext():
                 self.work.wait()
             self.work = None  # gloo's work holds the buffers; let it go now, not at interpreter exit
-        return _ZigzagGathered.apply(self.x, self.buffer, self.group, self.cp_size, self.stats, self.name)
+        token = self.deferred[0].token if self.deferred is not None else None
+        return _ZigzagGathered.apply(self.x, self.buffer, token, self.group, self.cp_size, self.stats, self.name,
+                                     self.deferred)
+
+
+class _DeferredSource(torch.autograd.Function):
+    """x unchanged, and a scalar token that every deferred gather of x takes as an input: autograd runs
+    this node's backward only after all of those gathers' backwards, which started the reduce-scatters."""
+
+    @staticmethod
+    def forward(ctx, x, holder):
+        ctx.holder, ctx.shape, ctx.dtype, ctx.device = holder, x.shape, x.dtype, x.device
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_token):
+        holder = ctx.holder
+        wide = torch.promote_types(ctx.dtype, torch.float32)
+        grad = torch.zeros(ctx.shape, dtype=wide, device=ctx.device) if grad_x is None else grad_x.to(wide)
+        stats = holder.stats
+        for index, work, part, _ in holder.pending:
+            if work is not None:
+                with stats.waiting(f"{holder.name}_grad", part.device) if stats is not None else nullcontext():
+                    work.wait()
+            grad[index] += part
+        holder.pending.clear()  # the reduce-scatters' buffers with them
+        return grad.to(ctx.dtype), None
+
+
+class DeferredReduceScatter:
+    """Zigzag gathers of (slices of) x whose backward reduce-scatters run in the background.
+
+    Gathers made by `gather` start their gradient's reduce-scatter and return at once; the gradient of x
+    is assembled, after waiting for them, by the autograd node that made `source`. That node was created
+    before the work that follows the gathers, and autograd runs later-created nodes first, so the
+    backward of that later work (for NSA: the compressed branch, the halos) runs while the reduce-scatters
+    are in flight. The exposed remainder is timed as `<name>_grad`."""
+
+    def __init__(self, x: torch.Tensor, group, stats: CommStats | None = None, name: str = "gather"):
+        self.group, self.stats, self.name = group, stats, name
+        self.pending: list = []  # (index into x, async work or None, fp32 gradient part, its input)
+        self.source, self.token = _DeferredSource.apply(x, self)
+
+    def gather(self, index: tuple) -> ZigzagGather:
+        """Starts the all-gather of source[index] (see ZigzagGather)."""
+        return ZigzagGather(self.source[index], self.group, self.stats, self.name, deferred=(self, index))
 
 
 def gather_zigzag(x: torch.Tensor, group, stats: CommStats | None = None, name: str = "gather") -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch
 
 from kernels.nsa import Compress, NSAResult, QuerySpan, compose_nsa, native_sparse_attention
 from nsa_dist.parallel.accounting import needed_selection_bytes
-from nsa_dist.parallel.comm import CommStats, ZigzagGather, exchange_halo, gather_zigzag, group_size_rank
+from nsa_dist.parallel.comm import (CommStats, DeferredReduceScatter, ZigzagGather, exchange_halo, gather_zigzag,
+                                    group_size_rank)
 from nsa_dist.parallel.layout import ZigzagLayout, halo_len, validate_layout
 
 
@@ -66,13 +67,13 @@ class GatheredSelectionKV:
         if not 1 <= kv_heads_per_gather <= num_kv_heads or num_kv_heads % kv_heads_per_gather:
             raise ValueError(f"kv_heads_per_gather={kv_heads_per_gather} must divide the {num_kv_heads} KV heads")
         self.dk = kv[0].shape[-1]
-        self.packed = torch.cat(kv, dim=-1)
-        self.group, self.stats = group, stats
+        # the gradient's reduce-scatters overlap the backward of what follows (DeferredReduceScatter)
+        self.gathers = DeferredReduceScatter(torch.cat(kv, dim=-1), group, stats, "selection_kv")
         self.head_slices = [slice(h, h + kv_heads_per_gather) for h in range(0, num_kv_heads, kv_heads_per_gather)]
         self.pending = self._start(0)
 
     def _start(self, n: int) -> ZigzagGather:
-        return ZigzagGather(self.packed[:, :, self.head_slices[n]], self.group, self.stats, "selection_kv")
+        return self.gathers.gather((slice(None), slice(None), self.head_slices[n]))
 
     def __iter__(self):
         for n, heads in enumerate(self.head_slices):

@@ -94,9 +94,10 @@ def assert_rms_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
     assert diff <= rel * ref + atol * want.numel() ** 0.5, f"{what}: RMS-relative error {diff / ref:.2e} > {rel:.0e}"
 
 
-def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl: str = "reference") -> int:
+def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl: str = "reference",
+               gather_group=None) -> int:
     """Compares this rank's CP result to the single-rank one; returns how many selected blocks it
-    took from other ranks."""
+    took from other ranks. gather_group: the selection gather's own group (a twin of the CP group)."""
     leaves, params, upstream = make_inputs(case)
     compress_k, compress_v = phis(case, params)
     full = native_sparse_attention(leaves["q"], *branch_kv(case, leaves), leaves["gates"], compress_k, compress_v,
@@ -110,7 +111,7 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     group = dist.group.WORLD
     result = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], compress_k, compress_v,
                                   group=group, kv_heads_per_gather=kv_heads_per_gather, stats=stats, impl=impl,
-                                  **sizes(case))
+                                  gather_group=gather_group, **sizes(case))
     grads = torch.autograd.grad(result.output, list(local.values()) + list(local_params.values()),
                                 split_zigzag(upstream, rank, world))
 
@@ -136,6 +137,11 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     assert set(exposed) == set(expected), exposed  # every collective's wait is timed
     assert all(0 <= seconds < 60 for seconds in exposed.values()), exposed
     assert "comm/selection_kv/exposed_s" in stats.as_metrics()
+    if gather_group is not None:
+        # the selection gradient's reduce-scatter starts after the selected branch's backward and is waited
+        # for only after the compressed branch's backward, whose own reduce-scatter comes first
+        waits = list(exposed)
+        assert waits.index("selection_kv_grad") > waits.index("compressed_kv_grad"), waits
     owners = owner_rank(result.block_idx.long().clamp_min(0), case, world)
     return int(((owners != rank) & (result.block_idx >= 0)).sum())
 
@@ -153,6 +159,7 @@ def _check_cases(rank, world, cases):
     for case in cases:
         for per_gather in sorted({1, case.num_kv_heads}):
             remote += check_case(rank, world, case, per_gather)
+    remote += check_case(rank, world, cases[0], 1, gather_group=dist.new_group(list(range(world))))
     total = torch.tensor([remote])
     dist.all_reduce(total)
     assert total.item() > 0, "no query selected a block held by another rank: the test proves nothing"

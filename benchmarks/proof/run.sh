@@ -2,7 +2,7 @@
 # One proof run on the GPU machine (device tool, carry .whl): wheels, corpus, the training job, and its
 # run directory without weights copied to $OUT. Usage: bash benchmarks/proof/run.sh proof_100m
 set -u
-cfg=$1
+cfg=${1:?"give the config name, e.g. proof_100m for configs/proof_100m.yaml"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 python3 tools/build_code_corpus.py 2>&1 | tail -1

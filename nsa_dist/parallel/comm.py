@@ -194,7 +194,10 @@ class _ZigzagGathered(torch.autograd.Function):
             ctx.stats.add(f"{ctx.name}_grad", moved, moved)
         if ctx.deferred is not None:  # started here, waited for by the DeferredReduceScatter's source
             holder, index = ctx.deferred
-            work = _reduce_scatter(grad, ranked, group=ctx.group, async_op=True) if ctx.cp_size > 1 else None
+            if ctx.cp_size > 1:
+                work = _reduce_scatter(grad, ranked, group=ctx.group, async_op=True)
+            else:  # one rank owns the whole gradient
+                work, grad = None, ranked
             holder.pending.append((index, work, grad, ranked))
             return None, None, grad.new_zeros(()), None, None, None, None, None
         with ctx.stats.waiting(f"{ctx.name}_grad", grad.device) if ctx.stats is not None else nullcontext():

@@ -12,6 +12,7 @@ from kernels.compression import mean_compress, mlp_compress
 from kernels.nsa import native_sparse_attention
 from nsa_dist.parallel import (CommStats, LayoutError, ZigzagLayout, dense_context_parallel, nsa_context_parallel,
                                nsa_cp_bytes, split_zigzag)
+from nsa_dist.parallel.comm import DeferredReduceScatter
 from nsa_dist.parallel.layout import merge_zigzag, validate_layout
 
 
@@ -244,3 +245,14 @@ def _check_dense(rank, world):
 @pytest.mark.timeout(120)
 def test_dense_baseline_under_cp_matches_full_attention():
     run_distributed(_check_dense, 4)
+
+
+def test_deferred_gather_on_one_rank_passes_the_gradient_through():
+    """Without a CP group a deferred gather is the identity, and so is its gradient (no reduce-scatter)."""
+    x = torch.randn(2, 8, 3, 5, requires_grad=True)
+    weight = torch.randn(2, 8, 2, 5)
+    deferred = DeferredReduceScatter(x, None)
+    gathered = deferred.gather((slice(None), slice(None), slice(1, 3))).finish()
+    assert torch.equal(gathered, x[:, :, 1:3])
+    (gathered * weight).sum().backward()
+    assert torch.equal(x.grad[:, :, 1:3], weight) and not x.grad[:, :, 0].any()

@@ -12,13 +12,25 @@ are not visible, compute and apply the visibility mask; the tiles between, visib
 the program (most of them: a compressed-attention row sees all earlier blocks, a window row w keys),
 skip the mask and its integer work.
 
-Backward (FlashAttention-2): dQ by query tiles, dK/dV by key tiles, each output element written by
-exactly one program (no atomics, deterministic). The dK/dV program computes the transposed scores
-(keys as the rows of its dots, as in Triton's fused-attention tutorial), so that P^T and dS^T come out
-of one dot already in the layout of the next, and visits only the query rows whose ranges can contain
-its keys (per-key query ranges that the branches pass in). The compressed branch has few keys (T/d)
-that each see up to T*G rows, so too few key tiles to fill the GPU: the rows of a key tile are then
-split among several programs, each writing an fp32 partial, summed in split order.
+Backward, two paths (BWD_ONE_PASS chooses). The split path (FlashAttention-2's Triton tutorial): dQ
+by query tiles, dK/dV by key tiles, each output element written by exactly one program (no atomics,
+deterministic), but both kernels recompute S and dP: 7 matmuls per (row, key) pair, 3.5x the
+forward's 2. The dK/dV program computes the transposed scores (keys as the rows of its dots), so that
+P^T and dS^T come out of one dot already in the layout of the next, and visits only the query rows
+whose ranges can contain its keys (per-key query ranges that the branches pass in). The compressed
+branch has few keys (T/d) that each see up to T*G rows, so too few key tiles to fill the GPU: the
+rows of a key tile are then split among several programs, each writing an fp32 partial, summed in
+split order.
+
+The one-pass path (FlashAttention-2's paper) is the dK/dV kernel that also adds each row tile's dQ
+share, dS K, into an fp32 dQ with atomics: 5 matmuls per pair, 2.5x the forward. Atomics on the dQ
+side, not the dK/dV side (row tiles outer, dK/dV added atomically): a (row tile, key tile) pair adds
+BLOCK_M x Dk values to dQ but BLOCK_N x (Dk + Dv) to dK and dV, so with tiles of equal sides the key
+side adds 2x as many. Per pair there is one dQ atomic per 10 BLOCK_N FLOPs (the ratio of
+FlashAttention-2's backward at equal tiles): ~1.4 TB/s of fp32 additions at ~440 TFLOP/s with
+128-key tiles. dQ in fp32 is 4.3 GB at 128K (G=16, HQ=64) and does not fit in L2, so the rows of
+each key tile are cut into chunks counted back from its last row and the programs of one chunk run
+together (see the kernel); dK and dV (fp32, 17 MB each at 128K) get one addition per program.
 
 On the GPU the tile sizes, warps and pipeline stages are autotuned per shape (triton.autotune, cached
 per (T, TK, G, Dk, Dv, dtype)); rows are visited longest-first (the last query tiles of the compressed
@@ -48,18 +60,25 @@ _CONFIGS = {
     "dq": ([_config(128, 64, 8, 3), _config(64, 64, 4, 2)], [_config(64, 32, 8, 2), _config(64, 32, 4, 2)]),
     "dkv": ([_config(64, 128, 8, 3), _config(64, 64, 4, 2), _config(64, 64, 8, 2)],
             [_config(64, 32, 8, 2), _config(32, 64, 8, 2)]),
+    # not yet measured on a GPU: dK/dV's winner (it holds the same accumulators) and the configs that
+    # an offline sm_90a compile shows spill at most 40 bytes (64 keys at 4 warps spills ~400, 128 rows
+    # x 64 keys ~700); 128 keys halve the dQ atomics of 64 (one row tile's dQ per key tile)
+    "onepass": ([_config(64, 128, 8, 3), _config(64, 128, 8, 2), _config(64, 64, 8, 2)],
+                [_config(64, 32, 8, 2), _config(32, 32, 4, 2)]),
 }
 # The interpreter runs one numpy op per tile op: big tiles make it fast.
 _CPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 
 
-def _autotuned(kernel, name):
+def _autotuned(kernel, name, accumulators):
+    """kernel autotuned over _CONFIGS[name]; `accumulators` (argument names) are zeroed before every
+    trial run and after the search, for kernels that add into their outputs."""
     small, large = _CONFIGS[name]
 
     def by_head_dim(configs, named_args, **kwargs):
         return large if max(kwargs["BLOCK_DK"], kwargs["BLOCK_DV"]) > 128 else small
 
-    return triton.autotune(small + large, key=["T", "TK", "G", "DK", "DV"],
+    return triton.autotune(small + large, key=["T", "TK", "G", "DK", "DV"], reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim})(kernel)
 
 
@@ -236,12 +255,13 @@ def _range_attn_bwd_dq(
 
 
 @triton.jit
-def _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, row_end, keys, kt, vt, acc_k, acc_v, dk, dv,
-              T, HQ, scale_log2, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-              PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, vt, acc_k, acc_v, dk, dv,
+              T, HQ, scale_log2, scale, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """Rows r0 .. r0 + BLOCK_M - 1 into dK, dV of one key tile, transposed (keys are the dots' rows):
     acc_v += P^T dO, acc_k += dS^T Q with dS^T = P^T * (V dO^T - delta). An unmasked tile's rows all
-    exist and see every key of the tile, by construction."""
+    exist and see every key of the tile, by construction. With an fp32 dq_acc (the one-pass backward),
+    the rows' dQ share, scale * dS K, is added into it atomically; None leaves dQ to its own kernel."""
     rows = r0 + tl.arange(0, BLOCK_M)
     tok = rows // G
     flat = (b.to(tl.int64) * T + tok) * HQ + hk * G + rows % G
@@ -268,9 +288,36 @@ def _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, row_end, keys, kt, vt, acc_k
         p_t = tl.where(visible, p_t, 0.0)
     acc_v += tl.dot(p_t.to(dot.dtype), dot, input_precision=PRECISION)
     dp_t = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - row_delta[None, :])
-    acc_k += tl.dot(ds_t.to(qt.dtype), qt, input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - row_delta[None, :])).to(qt.dtype)
+    acc_k += tl.dot(ds_t, qt, input_precision=PRECISION)
+    if dq_acc is not None:
+        dq_part = tl.dot(tl.trans(ds_t), kt, input_precision=PRECISION) * scale
+        dq_ptr = dq_acc + flat[:, None] * DK + dk[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptr, dq_part, mask=row_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptr, dq_part, mask=dk[None, :] < DK, sem="relaxed")
     return acc_k, acc_v
+
+
+@triton.jit
+def _dkv_tile(k, v, qlo, qhi, pid_n, b, hk, T, TK, HK, dk, dv, G: tl.constexpr, DK: tl.constexpr,
+              DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A dK/dV program's key tile: keys, key_ok, their (b, key, head) rows, K and V tiles, and the rows
+    (token, head) [row_start, row_end) of the queries that may see any of its keys, [full_lo, full_hi)
+    of those that see all of them (empty if the tile has a missing key or one nobody sees)."""
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < TK
+    kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
+    kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    key_qlo = tl.load(qlo + keys, mask=key_ok, other=0)
+    key_qhi = tl.load(qhi + keys, mask=key_ok, other=0)
+    row_start = tl.min(tl.where(key_ok & (key_qlo < key_qhi), key_qlo, T)) * G
+    row_end = tl.max(tl.where(key_ok, key_qhi, 0)) * G
+    full_lo = tl.max(tl.where(key_ok, key_qlo, T)) * G
+    full_hi = tl.min(tl.where(key_ok, key_qhi, 0)) * G
+    return keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi
 
 
 @triton.jit
@@ -281,46 +328,79 @@ def _range_attn_bwd_dkv(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < TK
-    kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-    vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    key_qlo = tl.load(qlo + keys, mask=key_ok, other=0)
-    key_qhi = tl.load(qhi + keys, mask=key_ok, other=0)
-    # rows (token, head) of the queries that may see any key of this tile; this program's share of them
-    row_start = tl.min(tl.where(key_ok & (key_qlo < key_qhi), key_qlo, T)) * G
-    row_end = tl.max(tl.where(key_ok, key_qhi, 0)) * G
+    keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
+        k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
+    # this program's share of the rows
     share = tl.cdiv(tl.cdiv(tl.maximum(row_end - row_start, 0), NUM_SPLITS), BLOCK_M) * BLOCK_M
     split = tl.program_id(2)
     split_lo = row_start + split * share
     split_hi = tl.minimum(split_lo + share, row_end)
-    # rows that see every key of the tile (none if the tile has a missing key or one nobody sees)
-    full_lo = tl.max(tl.where(key_ok, key_qlo, T)) * G
-    full_hi = tl.min(tl.where(key_ok, key_qhi, 0)) * G
     mid_lo, mid_hi = _split_loop(split_lo, split_hi, full_lo, full_hi, BLOCK_M)
 
     acc_k = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for r0 in range(split_lo, mid_lo, BLOCK_M):
-        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v, dk, dv,
-                                 T, HQ, scale_log2, G, DK, DV, BLOCK_M, PRECISION, True)
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
     for r0 in range(mid_lo, mid_hi, BLOCK_M):
-        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v, dk, dv,
-                                 T, HQ, scale_log2, G, DK, DV, BLOCK_M, PRECISION, False)
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False)
     for r0 in range(mid_hi, split_hi, BLOCK_M):
-        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v, dk, dv,
-                                 T, HQ, scale_log2, G, DK, DV, BLOCK_M, PRECISION, True)
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
     out_row = split.to(tl.int64) * B * TK * HK + kv_row  # split s writes slice s of [NUM_SPLITS, B, TK, HK, D]
     tl.store(dk_out + out_row[:, None] * DK + dk[None, :], (acc_k * scale).to(dk_out.dtype.element_ty),
              mask=key_ok[:, None] & (dk[None, :] < DK))
     tl.store(dv_out + out_row[:, None] * DV + dv[None, :], acc_v.to(dv_out.dtype.element_ty),
              mask=key_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _range_attn_bwd_onepass(
+    q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi,
+    T, TK, HQ, HK, scale_log2, scale,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ, dK and dV in one pass (S and dP computed once per (row tile, key tile)): program (key tile,
+    chunk c, batch x KV head) takes the rows of chunk c of its key tile and adds its dQ, dK and dV
+    shares atomically into fp32 buffers (dq_acc [B, T, HQ, DK], dk_acc/dv_acc [B, TK, HK, D], zeroed).
+    Chunks hold the same number of rows for every key tile (a multiple of BLOCK_M), counted back from
+    the tile's last row: in the compressed branch every key is seen up to the last query, so the
+    programs that run together (the key tiles of one chunk, axis 0 running fastest) walk the same rows
+    and their dQ additions meet in L2. Chunks past a key tile's first row have no rows (and add nothing)."""
+    b = tl.program_id(2) // HK
+    hk = tl.program_id(2) % HK
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
+        k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
+    chunk_rows = tl.cdiv(tl.cdiv(T * G, tl.num_programs(1)), BLOCK_M) * BLOCK_M
+    chunk_hi = row_end - tl.program_id(1) * chunk_rows
+    chunk_lo = tl.maximum(chunk_hi - chunk_rows, row_start)
+    mid_lo, mid_hi = _split_loop(chunk_lo, chunk_hi, full_lo, full_hi, BLOCK_M)
+
+    acc_k = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for r0 in range(chunk_lo, mid_lo, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
+    for r0 in range(mid_lo, mid_hi, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False)
+    for r0 in range(mid_hi, chunk_hi, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
+    has_rows = chunk_lo < chunk_hi
+    tl.atomic_add(dk_acc + kv_row[:, None] * DK + dk[None, :], acc_k * scale,
+                  mask=has_rows & key_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
+    tl.atomic_add(dv_acc + kv_row[:, None] * DV + dv[None, :], acc_v,
+                  mask=has_rows & key_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
 
 
 @triton.jit
@@ -353,10 +433,25 @@ def attention_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None
     return delta
 
 
-_KERNELS = {"fwd": _range_attn_fwd, "dq": _range_attn_bwd_dq, "dkv": _range_attn_bwd_dkv}
-_TUNED = {name: _autotuned(kernel, name) for name, kernel in _KERNELS.items()}
+_KERNELS = {"fwd": _range_attn_fwd, "dq": _range_attn_bwd_dq, "dkv": _range_attn_bwd_dkv,
+            "onepass": _range_attn_bwd_onepass}
+_TUNED = {name: _autotuned(kernel, name, ["dq_acc", "dk_acc", "dv_acc"] if name == "onepass" else None)
+          for name, kernel in _KERNELS.items()}
 _MAX_SPLITS = 32
 _SPLIT_KEYS = 64  # keys per tile assumed when choosing the dK/dV split (the autotuned tile may differ)
+
+# The backward path: one pass with atomic dQ (True) or the dQ and dK/dV kernels (False). Measured on
+# one H200 at 128K, compressed branch (benchmarks/kernels-2026-11-30-range-bwd.json): split 141.7 ms,
+# one pass 125.2 ms (119.3 with ONEPASS_CHUNKING = 16), both within the bf16 error bound. The one pass
+# adds in fp32 atomics, in any order, so its gradients vary in the last bits from run to run: under
+# torch.use_deterministic_algorithms(True) the split path runs instead. A module setting, read at each
+# backward, so that one process can time both.
+BWD_ONE_PASS = True
+# One-pass grid: about this many times _programs_wanted programs (key tiles x chunks of rows; in the
+# compressed branch about half of them have rows), so that the longest, a chunk of key tile 0, is
+# short and leaves a short tail. Measured at 128K: 1 -> 137.3 ms, 4 -> 125.2, 16 -> 119.3.
+ONEPASS_CHUNKING = 16
+_MAX_CHUNKS = 64
 
 
 def _launch(name, device, grid, *args, **consts):
@@ -398,6 +493,36 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
 
 
 def range_attention_bwd(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
+    """(dq, dk, dv) in the dtypes of q, k, v, by the path BWD_ONE_PASS names (the split one when PyTorch is
+    asked for deterministic algorithms)."""
+    if BWD_ONE_PASS and not torch.are_deterministic_algorithms_enabled():
+        return _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale)
+    return _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale)
+
+
+def _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
+    """One kernel over key tiles and chunks of their rows, fp32 atomics into dQ, dK, dV (then cast)."""
+    batch = q.shape[0]
+    consts, sizes = _launch_args(q, k, v, scale)
+    delta = attention_delta(o, do, dlse)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+
+    def grid(tiles):
+        key_tiles = triton.cdiv(k.shape[1], tiles["BLOCK_N"])
+        key_programs = max(1, key_tiles * batch * k.shape[2])
+        chunks = triton.cdiv(ONEPASS_CHUNKING * _programs_wanted(q.device), key_programs)
+        return (key_tiles, max(1, min(_MAX_CHUNKS, chunks)), batch * k.shape[2])
+
+    _launch("onepass", q.device, grid, q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi, *sizes,
+            scale, **consts)
+    return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+def _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
+    """dQ by row tiles, then dK/dV by key tiles (split over rows into fp32 partials where key tiles are
+    too few); each recomputes S and dP, no atomics, deterministic."""
     batch, seq, _, _ = q.shape
     consts, sizes = _launch_args(q, k, v, scale)
     delta = attention_delta(o, do, dlse)

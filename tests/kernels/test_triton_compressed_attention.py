@@ -9,7 +9,8 @@ from kernels.compression.naive import compressed_cu_seqlens, num_compressed_bloc
 from kernels.range_attention import _CPU_TILES
 from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
 
-pytestmark = INTERPRETER_WARNINGS
+# every test runs once per backward path (tests/kernels/conftest.py)
+pytestmark = [INTERPRETER_WARNINGS, pytest.mark.usefixtures("range_backward")]
 
 L, STRIDE = 16, 8  # compression block, stride
 T = 131  # a multiple of no block size
@@ -53,17 +54,51 @@ def test_packed_documents(q_start):
                       block_size=L, stride=STRIDE, q_start=q_start, cu_seqlens=cu_seqlens)
 
 
-def test_several_key_tiles():
-    """Enough compressed tokens (199) for three full key tiles and a partial one under the interpreter's
+@pytest.mark.parametrize("group, kv_heads, packed", [(2, 1, False), (4, 2, False), (2, 1, True)],
+                         ids=["G2", "G4-HK2", "G2-packed"])
+def test_several_key_tiles(group, kv_heads, packed):
+    """Enough compressed tokens (~200) for three full key tiles and a partial one under the interpreter's
     tiles, so that the online softmax must rescale its running sums when a later tile raises a row's
-    max (q is scaled up to make that common), and the dK/dV programs of different key tiles meet."""
+    max (q is scaled up to make that common), the dK/dV programs of different key tiles meet, and the
+    one-pass backward adds the dQ of a row from several key tiles and chunks. The first l - 1 queries
+    see nothing (empty ranges). Packed: a document ends after 700 tokens (key tiles whose rows end
+    early, one tile of keys from two documents), and one of 10 tokens has no block (its queries see
+    nothing in the middle of the sequence)."""
     key_tile = _CPU_TILES["BLOCK_N"]
     seq = 3 * key_tile * STRIDE + 100
-    num_blocks = num_compressed_blocks(seq, L, STRIDE)
+    cu_seqlens = torch.tensor([0, 700, 710, seq], dtype=torch.int32, device=DEVICE) if packed else None
+    if packed:
+        num_blocks = int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
+    else:
+        num_blocks = num_compressed_blocks(seq, L, STRIDE)
     assert num_blocks > 3 * key_tile
-    torch.manual_seed(0)
-    inputs = leaves(1, seq, num_blocks, 2, 1, torch.float32)
+    torch.manual_seed(group)
+    inputs = leaves(1, seq, num_blocks, group, kv_heads, torch.float32)
     with torch.no_grad():
         inputs["q"].mul_(4.0)
     compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
-                      block_size=L, stride=STRIDE)
+                      block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
+
+
+def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
+    """The one-pass backward adds with atomics in any order; torch.use_deterministic_algorithms(True) must
+    get the split path, whose result does not depend on the order in which programs run."""
+    import kernels.range_attention as range_attention
+
+    def one_pass(*args):
+        raise AssertionError("the one-pass backward ran")
+
+    monkeypatch.setattr(range_attention, "BWD_ONE_PASS", True)
+    monkeypatch.setattr(range_attention, "_bwd_one_pass", one_pass)
+    torch.manual_seed(0)
+    inputs = leaves(1, 40, num_compressed_blocks(40, L, STRIDE), 2, 1, torch.float32)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                          block_size=L, stride=STRIDE)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    with pytest.raises(AssertionError, match="one-pass backward ran"):
+        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                          block_size=L, stride=STRIDE)

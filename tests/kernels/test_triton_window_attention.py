@@ -8,7 +8,8 @@ from kernels.window_attention.naive import window_attention_ref
 from kernels.window_attention.triton import window_attention_triton
 from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
 
-pytestmark = INTERPRETER_WARNINGS
+# every test runs once per backward path (tests/kernels/conftest.py)
+pytestmark = [INTERPRETER_WARNINGS, pytest.mark.usefixtures("range_backward")]
 
 WINDOW = 24
 T = 131

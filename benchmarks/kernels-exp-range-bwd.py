@@ -1,0 +1,205 @@
+"""Issue 11: the range attention's one-pass backward (atomic dQ) against its split backward (dQ and
+dK/dV kernels), compressed branch, in one process on one GPU.
+
+At each T of --seqs (paper config l=32, d=16: TK = (T - 32) // 16 + 1 compressed keys; B=1, HQ=64,
+HK=4, D=128, bf16 (--dtype), ranges from kernels.compressed_attention.triton.compressed_ranges):
+- forward ms (one kernel, shared by both paths), backward ms of each path (range_attention_bwd:
+  delta, kernels, buffers, casts), medians of triton.testing.do_bench over >= --reps timed runs;
+- each path's dq, dk, dv against an fp32 run of the split path: max abs and RMS-relative error; a
+  path passes if both are within 2x the split bf16 path's own error (+ 1e-3 on the RMS-relative one);
+- each path's run-to-run max abs difference (0 for the split path; the one-pass path's fp32 atomics
+  add in any order) and the peak memory of each backward above what was allocated before it;
+- at the last T, the one-pass backward at other chunk counts (range_attention.ONEPASS_CHUNKING).
+Prints a table last and writes JSON to --out (after each T too). From the repository root, on one
+H200 (not run yet; expected 2-3 minutes, most of it compiling 13 kernel variants and autotuning):
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-range-bwd.py --out $OUT/range-bwd.json
+
+Without CUDA it runs under Triton's interpreter (TRITON_INTERPRET=1) on small sizes, without timings,
+to check the script: --seqs 1200 --q-heads 4 --kv-heads 2 --head-dim 32 --dtype float16 --chunking 1.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are imported
+
+import triton  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import kernels.range_attention as ra  # noqa: E402
+from kernels.common import default_scale  # noqa: E402
+from kernels.compressed_attention.triton import compressed_ranges  # noqa: E402
+from kernels.compression.naive import num_compressed_blocks  # noqa: E402
+from tools.bench_kernels import median_ms  # noqa: E402
+
+BLOCK, STRIDE = 32, 16  # paper config compression block l and stride d
+# fp32 reference run: one fixed launch config per kernel, no autotuning (fp32 dots run on the FMA
+# units, seconds per backward at 128K, and every trial would cost that); 32 x 32 tiles at 8 warps
+# spill 144-604 bytes in an offline sm_90a compile, larger tiles or 4 warps 1.1-6 KB
+FP32_CONFIG = ra._config(32, 32, 8, 1)
+PATHS = {"split": False, "onepass": True}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
+    p.add_argument("--q-heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="of the timed runs (the interpreter computes bf16 wrongly: float16 there)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per figure (at least)")
+    p.add_argument("--chunking", type=int, nargs="*", default=[1, 16],
+                   help="ONEPASS_CHUNKING values timed at the last T besides the default")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    return p.parse_args()
+
+
+@contextmanager
+def backward_path(one_pass: bool, chunking: int = ra.ONEPASS_CHUNKING):
+    saved = ra.BWD_ONE_PASS, ra.ONEPASS_CHUNKING
+    ra.BWD_ONE_PASS, ra.ONEPASS_CHUNKING = one_pass, chunking
+    try:
+        yield
+    finally:
+        ra.BWD_ONE_PASS, ra.ONEPASS_CHUNKING = saved
+
+
+@contextmanager
+def fixed_fp32_configs():
+    saved = ra._TUNED
+    ra._TUNED = {name: triton.autotune([FP32_CONFIG], key=["T", "TK", "G", "DK", "DV"])(ra._KERNELS[name])
+                 for name in ("fwd", "dq", "dkv")}
+    try:
+        yield
+    finally:
+        ra._TUNED = saved
+
+
+def errors(grads, ref) -> dict:
+    out = {}
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
+        diff = (g.float() - r).double()
+        out[name] = {"max_abs": diff.abs().max().item(),
+                     "rms_rel": (diff.pow(2).mean().sqrt() / r.double().pow(2).mean().sqrt()).item()}
+    return out
+
+
+def within_bound(err: dict, bound: dict) -> bool:
+    return all(err[t]["max_abs"] <= 2 * bound[t]["max_abs"] and err[t]["rms_rel"] <= 2 * bound[t]["rms_rel"] + 1e-3
+               for t in err)
+
+
+def timed(fn, reps: int) -> float:
+    return median_ms(fn, reps)["ms"] if torch.cuda.is_available() else float("nan")
+
+
+def peak_gib(fn) -> float:
+    """Peak memory of one call above what was allocated before it (GiB); NaN without CUDA."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def one_length(seq: int, args, device):
+    """This length's figures, and its bf16 inputs with a backward(q, k, v, o, lse, do) for more timings."""
+    t0 = time.time()
+    num_keys = num_compressed_blocks(seq, BLOCK, STRIDE)
+    gen = torch.Generator(device=device).manual_seed(seq)
+    q, k, v = (torch.randn(1, n, h, args.head_dim, device=device, generator=gen)
+               for n, h in ((seq, args.q_heads), (num_keys, args.kv_heads), (num_keys, args.kv_heads)))
+    do = torch.randn(1, seq, args.q_heads, args.head_dim, device=device, generator=gen)
+    ranges = compressed_ranges(seq, num_keys, BLOCK, STRIDE, 0, None, device)
+    scale = default_scale(args.head_dim, None)
+    res = {"T": seq, "TK": num_keys, "HQ": args.q_heads, "HK": args.kv_heads, "D": args.head_dim}
+
+    def backward(q, k, v, o, lse, do):
+        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale)
+
+    with fixed_fp32_configs(), backward_path(False):
+        o32, lse32 = ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
+        ref = backward(q, k, v, o32, lse32, do)
+    del o32, lse32
+    res["fp32_reference_s"] = time.time() - t0
+    print(f"T={seq} TK={num_keys}: fp32 reference {res['fp32_reference_s']:.1f} s", flush=True)
+
+    q, k, v, do = (x.to(getattr(torch, args.dtype)) for x in (q, k, v, do))
+    o, lse = ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
+    res["fwd_ms"] = timed(lambda: ra.range_attention_fwd(q, k, v, *ranges[:2], scale), args.reps)
+    for name, one_pass in PATHS.items():
+        t1 = time.time()
+        with backward_path(one_pass):
+            grads = backward(q, k, v, o, lse, do)  # compiles and autotunes
+            line = {"first_call_s": time.time() - t1, "errors": errors(grads, ref)}
+            line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)
+            line["peak_gib"] = peak_gib(lambda: backward(q, k, v, o, lse, do))
+            again = backward(q, k, v, o, lse, do)
+            line["rerun_max_abs_diff"] = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads, again))
+            line["config"] = str(ra._TUNED["onepass" if one_pass else "dkv"].best_config) \
+                if torch.cuda.is_available() else "interpreter"
+        del grads, again
+        res[name] = line
+        print(f"  {name}: bwd {line['bwd_ms']:.2f} ms, first call {line['first_call_s']:.1f} s, "
+              f"errors {json.dumps(line['errors'])}", flush=True)
+    res["onepass"]["within_bound"] = within_bound(res["onepass"]["errors"], res["split"]["errors"])
+    return res, (q, k, v, o, lse, do, backward)
+
+
+def write(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    report = {"commit": commit, "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.node(),
+              "triton": triton.__version__, "torch": torch.__version__, "lengths": []}
+    for seq in args.seqs:
+        res, last = one_length(seq, args, device)
+        report["lengths"].append(res)
+        write(report, args.out)
+    q, k, v, o, lse, do, backward = last
+    sweep = {}
+    for chunking in args.chunking:
+        with backward_path(True, chunking):
+            sweep[chunking] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)
+        print(f"  onepass, ONEPASS_CHUNKING={chunking}: {sweep[chunking]:.2f} ms", flush=True)
+    report["chunking_sweep_ms"] = {"T": args.seqs[-1], "default": ra.ONEPASS_CHUNKING, **sweep}
+    write(report, args.out)
+
+    print(f"\nrange attention backward, compressed branch (HQ={args.q_heads}, HK={args.kv_heads}, "
+          f"D={args.head_dim}, {args.dtype}), commit {commit[:10]}")
+    print("max abs error against fp32, one-pass / split (the bound is 2x split); ok: within the bound")
+    print(f"{'T':>7} {'TK':>5} {'fwd ms':>7} {'split ms':>9} {'onepass ms':>10} {'speedup':>7}  "
+          + "  ".join(f"{t + ' err':>17}" for t in ("dq", "dk", "dv")) + "  ok")
+    for r in report["lengths"]:
+        split, one = r["split"], r["onepass"]
+        errs = "  ".join(f"{one['errors'][t]['max_abs']:>8.1e}/{split['errors'][t]['max_abs']:<8.1e}"
+                         for t in ("dq", "dk", "dv"))
+        print(f"{r['T']:>7} {r['TK']:>5} {r['fwd_ms']:>7.2f} {split['bwd_ms']:>9.2f} {one['bwd_ms']:>10.2f} "
+              f"{split['bwd_ms'] / one['bwd_ms']:>6.2f}x  {errs}  {one['within_bound']}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

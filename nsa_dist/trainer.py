@@ -243,10 +243,14 @@ def _start_processes(config: Config) -> torch.device:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if device.type == "cpu":
         enable_cpu()  # Megatron-core's CUDA-only calls, redirected: see nsa_dist/megatron_cpu.py
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return device
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # device_id binds NCCL to this GPU at once (barriers then know their device, no warning).
+        dist.init_process_group("nccl", device_id=device)
     return device
 
 

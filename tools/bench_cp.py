@@ -191,9 +191,10 @@ def local_inputs(a, seq_len: int, rank: int, world: int) -> dict:
 
 
 def distributed_main(a) -> None:
-    dist.init_process_group("nccl")
+    local_gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(local_gpu)
+    dist.init_process_group("nccl", device_id=local_gpu)
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     group = dist.group.WORLD
     twin = twin_groups(group)
     torch.manual_seed(0)

@@ -9,6 +9,13 @@ def pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(x))
 
 
+def launch_params(overrides: dict[str, dict], kernel: str, **defaults) -> dict:
+    """A kernel's launch parameters (tile sizes, num_warps, num_stages): `defaults`, with the entries of
+    overrides[kernel] set over them. Each Triton module with fixed launch configs keeps such overrides in
+    its LAUNCH dict, empty in use; benchmarks/kernels-exp-sweep.py fills it to time other configs."""
+    return {**defaults, **overrides.get(kernel, {})}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots (the GPU default, tf32, would cost them ~3e-4 relative error);
     fp16/bf16 inputs use the tensor cores with fp32 accumulation and ignore this setting."""

@@ -21,9 +21,14 @@ import triton.language as tl
 from kernels.common import default_scale, document_of
 from kernels.compression.naive import compressed_cu_seqlens
 from kernels.range_attention import LOG2E
-from kernels.triton_utils import check_attention_inputs, check_packed, dot_precision, poisoned, pow2
+from kernels.triton_utils import (
+    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
+)
 
 BLOCK_T = 64  # query tokens per program
+# Launch parameters set over the defaults (BLOCK_T, num_warps, num_stages) under the key "topn";
+# empty in use, filled by benchmarks/kernels-exp-sweep.py
+LAUNCH: dict[str, dict] = {}
 
 
 @triton.jit
@@ -155,7 +160,9 @@ def select_blocks_triton(
     num_kv_heads = k_cmp.shape[2]
     group = num_q_heads // num_kv_heads
     scale = default_scale(head_dim, scale)
-    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, BLOCK_T, q.device)
+    # no register spills on sm_90 at head dims up to 256 with 8 warps (ptxas resource usage)
+    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=8)
+    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
     top = pow2(num_selected)
     out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
     if tiles.shape[0] == 0:
@@ -164,7 +171,6 @@ def select_blocks_triton(
         q.contiguous(), k_cmp.contiguous(), lse_cmp.float().contiguous(), tiles, out,
         seq, k_cmp.shape[1], num_q_heads, num_kv_heads, num_selected, q_start, scale * LOG2E,
         G=group, L=block_size, STRIDE=stride, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
-        BLOCK_T=BLOCK_T, BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
-        num_warps=8,  # no register spills on sm_90 at head dims up to 256 (ptxas resource usage)
+        BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype), **launch,
     )
     return out

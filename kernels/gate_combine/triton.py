@@ -12,9 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import pow2
+from kernels.triton_utils import launch_params, pow2
 
 BLOCK_R = 32  # (token, head) rows per program
+# Launch parameters set over the defaults (BLOCK_R, num_warps), per kernel: "fwd", "bwd"; empty in
+# use, filled by benchmarks/kernels-exp-sweep.py
+LAUNCH: dict[str, dict] = {}
 
 
 @triton.jit
@@ -69,9 +72,10 @@ class CombineBranches(torch.autograd.Function):
         out = torch.empty_like(o_cmp)
         rows, dv = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
         has_win = o_win is not None
-        _combine_fwd[(triton.cdiv(rows, BLOCK_R),)](
+        launch = launch_params(LAUNCH, "fwd", BLOCK_R=BLOCK_R)
+        _combine_fwd[(triton.cdiv(rows, launch["BLOCK_R"]),)](
             o_cmp, o_slc, o_win if has_win else o_cmp, gates, out, rows,
-            DV=dv, BLOCK_R=BLOCK_R, BLOCK_D=pow2(dv), HAS_WIN=has_win,
+            DV=dv, BLOCK_D=pow2(dv), HAS_WIN=has_win, **launch,
         )
         ctx.save_for_backward(o_cmp, o_slc, o_win, gates)
         return out
@@ -85,9 +89,10 @@ class CombineBranches(torch.autograd.Function):
         d_cmp, d_slc = torch.empty_like(o_cmp), torch.empty_like(o_slc)
         d_win = torch.empty_like(o_win) if has_win else None
         d_gates = torch.empty_like(gates)
-        _combine_bwd[(triton.cdiv(rows, BLOCK_R),)](
+        launch = launch_params(LAUNCH, "bwd", BLOCK_R=BLOCK_R)
+        _combine_bwd[(triton.cdiv(rows, launch["BLOCK_R"]),)](
             grad, o_cmp, o_slc, o_win if has_win else o_cmp, gates, d_cmp, d_slc, d_win if has_win else d_cmp,
-            d_gates, rows, DV=dv, BLOCK_R=BLOCK_R, BLOCK_D=pow2(dv), HAS_WIN=has_win,
+            d_gates, rows, DV=dv, BLOCK_D=pow2(dv), HAS_WIN=has_win, **launch,
         )
         return d_cmp, d_slc, d_win, d_gates
 

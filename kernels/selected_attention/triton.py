@@ -21,9 +21,15 @@ import triton.language as tl
 
 from kernels.common import default_scale, document_of
 from kernels.range_attention import LOG2E, attention_delta, online_softmax_step, store_rows
-from kernels.triton_utils import check_attention_inputs, check_packed, dot_precision, poisoned, pow2
+from kernels.triton_utils import (
+    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
+)
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
+# Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages), "dkv"
+# (BLOCK_M, num_warps, num_stages), "reduce" (num_warps, num_stages); empty in use, filled by
+# benchmarks/kernels-exp-sweep.py
+LAUNCH: dict[str, dict] = {}
 
 
 @triton.jit
@@ -283,7 +289,8 @@ class SelectedAttention(torch.autograd.Function):
         _selected_fwd[grid](
             q, k, v, block_idx, doc_start, o, lse,
             seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E,
-            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts, num_warps=_warps(q, v),
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts,
+            **launch_params(LAUNCH, "fwd", num_warps=_warps(q, v)),
         )
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
         ctx.args = (selection_block, scale, q_start)
@@ -304,7 +311,8 @@ class SelectedAttention(torch.autograd.Function):
         _selected_bwd_dq[(seq, batch * num_kv_heads)](
             q, k, v, do, lse, delta, block_idx, doc_start, dq,
             *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
-            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts, num_warps=_warps(q, v),
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts,
+            **launch_params(LAUNCH, "dq", num_warps=_warps(q, v)),
         )
 
         num_blocks = block_start.numel()
@@ -317,7 +325,7 @@ class SelectedAttention(torch.autograd.Function):
                 q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
                 *sizes, num_blocks, q_start, scale * LOG2E, scale,
                 # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
-                BLOCK_M=ROWS_PER_TILE, **consts, num_warps=4, num_stages=2,
+                **consts, **launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2),
             )
         dk = poisoned(k.shape, k.dtype, k.device)
         dv = poisoned(v.shape, v.dtype, v.device)
@@ -325,6 +333,7 @@ class SelectedAttention(torch.autograd.Function):
             part_k, part_v, seg_first, seg_count, block_start, block_end, dk, dv,
             num_keys, num_kv_heads, num_blocks,
             DK=consts["DK"], DV=consts["DV"], BLOCK_S=tile[0], BLOCK_DK=tile[1], BLOCK_DV=tile[2],
+            **launch_params(LAUNCH, "reduce"),
         )
         return dq, dk, dv, None, None, None, None, None
 

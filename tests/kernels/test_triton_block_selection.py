@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import kernels.block_selection.triton as block_selection
 from kernels.block_selection.naive import select_blocks_ref
 from kernels.block_selection.triton import select_blocks_triton
 from kernels.compressed_attention.naive import compressed_attention_ref
@@ -68,3 +69,10 @@ def test_packed_documents(q_start):
 def test_chunk_at_offset():
     torch.manual_seed(0)
     check(2, 1, torch.float32, (8, 4, 8, 5), q_start=45)
+
+
+def test_launch_override(monkeypatch):
+    """Another tile of query tokens (as benchmarks/kernels-exp-sweep.py sets it) picks the same blocks."""
+    torch.manual_seed(0)
+    monkeypatch.setitem(block_selection.LAUNCH, "topn", {"BLOCK_T": 16, "num_warps": 4})
+    check(2, 1, torch.float32, (8, 4, 8, 5))

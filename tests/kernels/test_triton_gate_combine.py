@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import kernels.gate_combine.triton as gate_combine
 from kernels.gate_combine.naive import combine_branches_ref
 from kernels.gate_combine.triton import combine_branches_triton
 from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, assert_close, randn, require_backend
@@ -14,6 +15,17 @@ pytestmark = INTERPRETER_WARNINGS
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(dtype, with_window):
     """Dv = 24 (not a power of two) and 3 * 5 * 7 rows (not a multiple of the row tile)."""
+    check(dtype, with_window)
+
+
+def test_launch_override(monkeypatch):
+    """Other row tiles (as benchmarks/kernels-exp-sweep.py sets them) give the same results."""
+    monkeypatch.setitem(gate_combine.LAUNCH, "fwd", {"BLOCK_R": 16, "num_warps": 2})
+    monkeypatch.setitem(gate_combine.LAUNCH, "bwd", {"BLOCK_R": 64})
+    check(torch.float32, True)
+
+
+def check(dtype, with_window):
     require_backend()
     torch.manual_seed(0)
     shape = (3, 5, 7, 24)

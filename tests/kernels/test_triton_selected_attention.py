@@ -4,6 +4,7 @@ index behind its dK/dV backward."""
 import pytest
 import torch
 
+import kernels.selected_attention.triton as selected
 from kernels.block_selection.naive import topn_from_scores
 from kernels.selected_attention.naive import selected_attention_ref
 from kernels.selected_attention.triton import inverted_index, selected_attention_triton, selection_layout
@@ -52,6 +53,15 @@ def test_matches_reference(dtype, group, kv_heads):
     blocks = random_blocks(1, T, kv_heads, shuffle=group == 4)
     compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, T, T, group, kv_heads, dtype),
                       dtype, block_idx=blocks, selection_block=SEL)
+
+
+def test_launch_override(monkeypatch):
+    """Other launch parameters (as benchmarks/kernels-exp-sweep.py sets them): 16-row dK/dV tiles."""
+    torch.manual_seed(0)
+    monkeypatch.setitem(selected.LAUNCH, "dkv", {"BLOCK_M": 16, "num_warps": 8})
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"num_warps": 2, "num_stages": 2})
+    compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 2, 1, torch.float32),
+                      torch.float32, block_idx=random_blocks(1, T, 1), selection_block=SEL)
 
 
 def test_chunk_at_offset_in_packed_documents():

@@ -1,0 +1,439 @@
+"""Issue 11: launch-config sweep (tile sizes, num_warps, num_stages) of the NSA kernels whose launch
+parameters are fixed in code, not autotuned, in one process on one GPU.
+
+Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
+- top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages;
+- selected attention, kernels/selected_attention/triton.py: forward "fwd", backward "dq", "dkv"
+  (BLOCK_M too) and "reduce";
+- gate combine, kernels/gate_combine/triton.py "fwd", "bwd": BLOCK_R x num_warps.
+Not swept: compressed and window attention (kernels/range_attention.py, autotuned), phi (PyTorch, no
+Triton kernel), and the backwards' delta kernel (range_attention.attention_delta: fixed, ~1 ms).
+
+Each kernel is timed through the public function that launches it, so a figure is what training pays:
+top-n is select_blocks_triton; selected forward, selected_attention_triton; the three selected backward
+kernels, the whole backward (autograd.grad with retain_graph: delta, dQ, inverted index, dK/dV,
+reduce; only the swept kernel's launch changes); gate combine, its forward and its backward. The
+baseline is the code path as used (LAUNCH empty), timed in the same run before the candidates; the
+list of candidates includes today's config (marked *), so its ms against the baseline's shows the
+noise. Medians of triton.testing.do_bench over >= --reps timed runs (tools/bench_kernels.median_ms).
+
+A candidate passes if its outputs equal the baseline's bitwise, or else (attention, combine) if each
+output is within 2x the baseline's own error against an fp32 run of the same function (max abs, and
+RMS-relative + 1e-3); top-n passes if >= 0.999 of its rows pick the same blocks as the baseline (ties
+may break differently). A candidate that fails to compile or launch is reported and skipped.
+
+Shapes: paper config l=32 d=16 l'=64 n=16, B=1, HK=4, D=128, bf16, inputs as tools/bench_kernels.py's
+(q, k, v random; k_cmp, v_cmp = mean_compress; lse from compressed_attention_triton; selected blocks
+from top-n as used). The first shape (first of --groups, first of --seqs: G=16, T=128K) runs every
+candidate; later shapes (64K; G=4 = 16 query heads over 4 KV heads) only today's config and the
+--confirm-top fastest passing candidates of the first shape. New work stops once --budget-s have
+passed; what is left is reported as skipped. Prints a table last (with the best passing config per
+kernel and shape); writes JSON to --out after every kernel, so a stopped run keeps its rows.
+
+From the repository root, on one H200:
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-sweep.py --out $OUT/sweep.json
+
+Expected run time 3.5-4.5 minutes, bounded by --budget-s 270 plus one candidate and the table: ~80
+configs compile at the first shape (~1-2 s each, offline sm_90a compiles took 0.7-1.9 s), each
+timed in ~0.1-1 s; the later shapes recompile ~30 (G=4) and time ~100 candidates.
+
+Without CUDA it runs under Triton's interpreter (TRITON_INTERPRET=1) with wall-clock times of one
+call, to check the script (float16: the interpreter computes bf16 dots wrongly):
+
+    timeout 600 python3 benchmarks/kernels-exp-sweep.py --out /tmp/sweep.json --seqs 128 --groups 2 \\
+        --kv-heads 1 --head-dim 32 --dtype float16 --max-candidates 2
+
+(~100 s on two CPU cores, most of it in selected attention's programs; --kernels picks families.)
+"""
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+START = time.time()
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are imported
+
+import triton  # noqa: E402
+from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import kernels.block_selection.triton as block_selection  # noqa: E402
+import kernels.gate_combine.triton as gate_combine  # noqa: E402
+import kernels.selected_attention.triton as selected  # noqa: E402
+from kernels.compressed_attention.triton import compressed_attention_triton  # noqa: E402
+from kernels.compression.naive import mean_compress  # noqa: E402
+from tools.bench_kernels import PAPER, median_ms  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+FAMILIES = ("top-n", "selected", "combine")
+TOPN_AGREEMENT = 0.999  # share of (token, KV head) rows whose picks must equal the baseline's
+DEFAULT_STAGES = CUDAOptions.num_stages  # Triton's, when a launch does not set it
+# The fp32 reference runs the selected kernels as CUDA-core dots; the launch configs of the bf16
+# path could exceed the shared memory there, so it runs with small, unpipelined ones.
+FP32_SELECTED = {"fwd": dict(num_warps=8, num_stages=1), "dq": dict(num_warps=8, num_stages=1),
+                 "dkv": dict(BLOCK_M=32, num_warps=8, num_stages=1)}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", type=int, nargs="+", default=[131072, 65536], help="the first gets every candidate")
+    p.add_argument("--groups", type=int, nargs="+", default=[16, 4], help="query heads per KV head")
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="of the timed runs (the interpreter computes bf16 wrongly: float16 there)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per figure (at least)")
+    p.add_argument("--budget-s", type=float, default=270, help="no new candidate starts after this")
+    p.add_argument("--confirm-top", type=int, default=3,
+                   help="fastest passing candidates of the first shape timed again at the later shapes")
+    p.add_argument("--max-candidates", type=int, default=None if CUDA else 2,
+                   help="per kernel, today's config first (default: all; 2 without CUDA)")
+    p.add_argument("--kernels", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="which to sweep")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    return p.parse_args()
+
+
+def configs(current: dict, **axes) -> list[dict]:
+    """today's config, then every combination of the axes' values (in order, today's left out)."""
+    grid = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    return [current] + [c for c in grid if c != current]
+
+
+def label(config: dict) -> str:
+    short = {"num_warps": "w", "num_stages": "s"}
+    return " ".join(f"{short[k]}{v}" if k in short else f"{k}={v}" for k, v in config.items())
+
+
+@dataclass
+class Sweep:
+    """One kernel's launch configs, timed through `run` (returns the outputs to check)."""
+
+    name: str
+    module: ModuleType  # holds LAUNCH
+    key: str  # the kernel's entry in module.LAUNCH
+    current: dict  # today's launch parameters, as the module launches them
+    candidates: list[dict]
+    run: Callable[[], tuple]
+    reference: tuple | None  # the outputs of an fp32 run (None: none ran, or top-n)
+    by_picks: bool = False  # top-n: compared by the blocks picked per row
+
+
+@dataclass
+class Shape:
+    T: int
+    G: int
+    first: bool  # every candidate; otherwise today's and the first shape's fastest
+
+
+def selected_sweeps(q, k, v, do, blocks) -> list[Sweep]:
+    sel = PAPER["selection_block"]
+    warps = selected._warps(q, v)
+    fwd_now = dict(num_warps=warps, num_stages=DEFAULT_STAGES)
+    dkv_now = dict(BLOCK_M=selected.ROWS_PER_TILE, num_warps=4, num_stages=2)
+    reduce_now = dict(num_warps=4, num_stages=DEFAULT_STAGES)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o, _ = selected.selected_attention_triton(*leaves, blocks, sel)  # the forward as used, for every backward
+
+    def forward():
+        with torch.no_grad():
+            return selected.selected_attention_triton(q, k, v, blocks, sel)
+
+    def backward():
+        return torch.autograd.grad(o, leaves, do, retain_graph=True)
+
+    reference = fp32_selected(q, k, v, do, blocks) or (None, None)
+    grid_fs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4))
+    return [
+        Sweep("selected fwd", selected, "fwd", fwd_now, configs(fwd_now, **grid_fs), forward, reference[0]),
+        Sweep("selected bwd: dq", selected, "dq", fwd_now, configs(fwd_now, **grid_fs), backward, reference[1]),
+        Sweep("selected bwd: dkv", selected, "dkv", dkv_now,
+              [c for c in configs(dkv_now, BLOCK_M=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
+               if (c["BLOCK_M"], c["num_warps"]) != (32, 8)], backward, reference[1]),
+        Sweep("selected bwd: reduce", selected, "reduce", reduce_now,
+              [reduce_now, dict(num_warps=2, num_stages=3), dict(num_warps=8, num_stages=3),
+               dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1)], backward, reference[1]),
+    ]
+
+
+def fp32_selected(q, k, v, do, blocks) -> tuple | None:
+    """((o, lse), (dq, dk, dv)) of selected attention on fp32 copies of the inputs; None if it cannot run."""
+    selected.LAUNCH.update(FP32_SELECTED)
+    try:
+        leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        o, lse = selected.selected_attention_triton(*leaves, blocks, PAPER["selection_block"])
+        grads = torch.autograd.grad(o, leaves, do.float())
+        return (o.detach(), lse.detach()), grads
+    except Exception as e:  # noqa: BLE001 - the sweep then accepts only bitwise equal outputs
+        log(f"  fp32 reference of selected attention failed ({short_error(e)}): "
+            "candidates must equal the baseline")
+        return None
+    finally:
+        selected.LAUNCH.clear()
+
+
+def combine_sweeps(T, hq, d, dtype, device) -> list[Sweep]:
+    gen = torch.Generator(device=device).manual_seed(T)
+    outs = [torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+    gates = torch.rand(1, T, hq, 3, device=device, generator=gen).to(dtype)
+    grad = torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen)
+    leaves = [x.clone().requires_grad_() for x in (*outs, gates)]
+    out = gate_combine.combine_branches_triton(*leaves)
+
+    def forward():
+        with torch.no_grad():
+            return (gate_combine.combine_branches_triton(*outs, gates),)
+
+    def backward():
+        return torch.autograd.grad(out, leaves, grad, retain_graph=True)
+
+    leaves32 = [x.detach().float().requires_grad_() for x in leaves]
+    out32 = gate_combine.combine_branches_triton(*leaves32)
+    reference = (out32.detach(), *torch.autograd.grad(out32, leaves32, grad.float()))
+    del leaves32, out32
+    now = dict(BLOCK_R=gate_combine.BLOCK_R, num_warps=4)
+    grid = [c for c in configs(now, BLOCK_R=(16, 32, 64, 128), num_warps=(2, 4, 8))
+            if (c["BLOCK_R"], c["num_warps"]) not in ((16, 8), (128, 2))]
+    return [Sweep("gate combine fwd", gate_combine, "fwd", now, grid, forward, reference[:1]),
+            Sweep("gate combine bwd", gate_combine, "bwd", now, grid, backward, reference[1:])]
+
+
+def topn_sweep(q, k_cmp, lse) -> Sweep:
+    args = (PAPER["block_size"], PAPER["stride"], PAPER["selection_block"], PAPER["num_selected"])
+
+    def run():
+        with torch.no_grad():
+            return (block_selection.select_blocks_triton(q, k_cmp, lse, *args),)
+
+    now = dict(BLOCK_T=block_selection.BLOCK_T, num_warps=8, num_stages=DEFAULT_STAGES)
+    grid = configs(now, BLOCK_T=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3))
+    grid += [dict(BLOCK_T=64, num_warps=8, num_stages=1), dict(BLOCK_T=64, num_warps=8, num_stages=4),
+             dict(BLOCK_T=16, num_warps=4, num_stages=2)]
+    return Sweep("top-n", block_selection, "topn", now, grid, run, None, by_picks=True)
+
+
+def over_budget(args) -> bool:
+    return time.time() - START > args.budget_s
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - START:6.1f} s] {msg}", flush=True)
+
+
+def short_error(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def call_and_time(fn, reps: int) -> tuple[tuple, dict]:
+    """fn's outputs, and the seconds of that first call (compile included) with its median ms; under the
+    interpreter the first call's wall clock is the figure."""
+    t0 = time.perf_counter()
+    outs = fn()
+    if CUDA:
+        torch.cuda.synchronize()  # a kernel's fault surfaces here, in this candidate's row
+    first = time.perf_counter() - t0
+    timing = median_ms(fn, reps) if CUDA else {"ms": first * 1e3, "runs": 1, "note": "interpreter, one call"}
+    return outs, {"first_call_s": first, **timing}
+
+
+def errors(outs, ref) -> list[dict]:
+    """Per output: max abs and RMS-relative error against the reference where it is finite (lse is -inf
+    where nothing is visible; the output must be too), NaN anywhere else it is not."""
+    found = []
+    for x, r in zip(outs, ref):
+        finite = torch.isfinite(r)
+        if not torch.equal(torch.isfinite(x), finite):
+            found.append({"max_abs": float("nan"), "rms_rel": float("nan")})
+            continue
+        if not finite.all():  # a copy of the finite part only where needed: these are GBs at 128K
+            x, r = x[finite], r[finite]
+        diff = x.float() - r.float()
+        found.append({"max_abs": diff.abs().max().item() if diff.numel() else 0.0,
+                      "rms_rel": (diff.norm() / r.float().norm().clamp_min(1e-30)).item()})
+    return found
+
+
+def check(sweep: Sweep, outs, base, base_errors) -> dict:
+    """Whether a candidate's outputs may replace the baseline's (see the module docstring)."""
+    if sweep.by_picks:
+        agree = (outs[0] == base[0]).all(-1).float().mean().item()
+        return {"ok": agree >= TOPN_AGREEMENT, "rows_agree": agree}
+    if all(torch.equal(x, b) for x, b in zip(outs, base)):
+        return {"ok": True, "equal": True}
+    if base_errors is None:
+        return {"ok": False, "equal": False, "note": "differs from the baseline and no fp32 reference ran"}
+    errs = errors(outs, sweep.reference)
+    ok = all(e["max_abs"] <= 2 * b["max_abs"] and e["rms_rel"] <= 2 * b["rms_rel"] + 1e-3
+             for e, b in zip(errs, base_errors))
+    return {"ok": ok, "equal": False, "errors": errs, "baseline_errors": base_errors}
+
+
+def run_sweep(sweep: Sweep, shape: Shape, candidates: list[dict], args, report) -> None:
+    """Times the baseline, then each candidate; appends a row each to report["rows"]."""
+    where = {"kernel": sweep.name, "T": shape.T, "G": shape.G}
+    sweep.module.LAUNCH.clear()
+    base, base_time = call_and_time(sweep.run, args.reps)
+    base_errors = errors(base, sweep.reference) if sweep.reference is not None else None
+    report["rows"].append({**where, "config": "baseline (as used)", "launch": None, "current": True,
+                           **base_time, "speedup": 1.0, "ok": True, "baseline_errors": base_errors})
+    log(f"{sweep.name} T={shape.T} G={shape.G}: baseline {base_time['ms']:.3f} ms")
+    for config in candidates:
+        row = {**where, "config": label(config), "launch": config, "current": config == sweep.current}
+        if over_budget(args):
+            row.update(ok=False, error="skipped: time budget spent")
+            report["rows"].append(row)
+            continue
+        sweep.module.LAUNCH[sweep.key] = config
+        try:
+            outs, timing = call_and_time(sweep.run, args.reps)
+            row.update(check(sweep, outs, base, base_errors), **timing, speedup=base_time["ms"] / timing["ms"])
+            del outs
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or launch is a row, not a crash
+            row.update(ok=False, error=short_error(e))
+            if any(lost in row["error"] for lost in ("CUDA error", "Triton Error [CUDA]", "illegal")):
+                report["rows"].append(row)
+                write(report, args.out)
+                sys.exit(f"{sweep.name} {row['config']}: {row['error']}; the CUDA context is lost, stopping here "
+                         f"(rows so far in {args.out})")
+        finally:
+            sweep.module.LAUNCH.clear()
+        report["rows"].append(row)
+        if "error" in row:
+            log(f"  {row['config']:28s} {row['error']}")
+        else:
+            log(f"  {row['config']:28s} {row['ms']:9.3f} ms  {row['speedup']:5.2f}x  ok={row['ok']}  "
+                f"(first call {row['first_call_s']:.1f} s)")
+
+
+def confirm_list(sweep: Sweep, report, first: Shape, top: int) -> list[dict]:
+    """Today's config and the fastest passing candidates of the first shape."""
+    rows = [r for r in report["rows"] if r["kernel"] == sweep.name and r["T"] == first.T and r["G"] == first.G
+            and r["launch"] and r["ok"] and "ms" in r and not r["current"]]
+    best = [r["launch"] for r in sorted(rows, key=lambda r: r["ms"])[:top]]
+    return [sweep.current] + best
+
+
+def one_shape(shape: Shape, first: Shape, args, report, device, dtype) -> None:
+    hk, d = args.kv_heads, args.head_dim
+    hq = shape.G * hk
+    log(f"== T={shape.T} G={shape.G} (HQ={hq}, HK={hk}, D={d})")
+
+    def sweep_all(sweeps: list[Sweep]) -> None:
+        for sweep in sweeps:
+            if over_budget(args):
+                log(f"{sweep.name} T={shape.T} G={shape.G}: not run, time budget spent")
+                continue
+            candidates = sweep.candidates if shape.first else confirm_list(sweep, report, first, args.confirm_top)
+            run_sweep(sweep, shape, candidates[: args.max_candidates], args, report)
+            write(report, args.out)
+
+    # selected attention reads the blocks top-n picks
+    if {"top-n", "selected"} & set(args.kernels) and not over_budget(args):
+        gen = torch.Generator(device=device).manual_seed(shape.T + shape.G)
+        q, k, v, do = (torch.randn(1, shape.T, h, d, device=device, dtype=dtype, generator=gen)
+                       for h in (hq, hk, hk, hq))
+        l, s = PAPER["block_size"], PAPER["stride"]
+        k_cmp, v_cmp = mean_compress(k, l, s), mean_compress(v, l, s)
+        with torch.no_grad():
+            _, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, s)
+        topn = topn_sweep(q, k_cmp, lse)
+        if "top-n" in args.kernels:
+            sweep_all([topn])
+        if "selected" in args.kernels and not over_budget(args):
+            sweep_all(selected_sweeps(q, k, v, do, topn.run()[0]))
+        del q, k, v, do, k_cmp, v_cmp, lse, topn
+        empty_cache()
+    if "combine" in args.kernels and not over_budget(args):
+        sweep_all(combine_sweeps(shape.T, hq, d, dtype, device))
+        empty_cache()
+
+
+def empty_cache() -> None:
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def best_rows(rows) -> list[dict]:
+    """Per (kernel, T, G): the fastest passing candidate, with today's config beside it."""
+    best = []
+    for key in dict.fromkeys((r["kernel"], r["T"], r["G"]) for r in rows):
+        mine = [r for r in rows if (r["kernel"], r["T"], r["G"]) == key and r["launch"] and r["ok"] and "ms" in r]
+        if mine:
+            top = min(mine, key=lambda r: r["ms"])
+            now = next((r for r in mine if r["current"]), None)
+            best.append({"kernel": key[0], "T": key[1], "G": key[2], "config": top["config"],
+                         "launch": top["launch"], "ms": top["ms"], "speedup": top["speedup"],
+                         "current_ms": now["ms"] if now else None})
+    return best
+
+
+def git(*cmd) -> str | None:
+    try:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write(report: dict, path: str) -> None:
+    report["best"] = best_rows(report["rows"])
+    report["elapsed_s"] = time.time() - START
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+
+
+def print_table(report: dict) -> None:
+    a = report["args"]
+    print(f"\n{report['gpu']}, torch {report['torch']}, triton {report['triton']}, commit {report['commit']}; "
+          f"HK={a['kv_heads']}, D={a['head_dim']}, {a['dtype']}, paper config; median ms of >= {a['reps']} runs; "
+          f"speedup = baseline ms / ms; * = today's config")
+    head = f"{'kernel':22s} {'T':>7} {'G':>3}  {'config':28s} {'ms':>9} {'speedup':>7}  ok"
+    print(head + "\n" + "-" * len(head))
+    for r in report["rows"]:
+        name = ("* " if r["current"] and r["launch"] else "  ") + r["config"]
+        where = f"{r['kernel']:22s} {r['T']:>7} {r['G']:>3}  {name:28s}"
+        print(f"{where} {r['ms']:9.3f} {r['speedup']:6.2f}x  {r['ok']}" if "ms" in r else f"{where} {r['error']}")
+    print(f"\nbest passing config per kernel and shape (elapsed {report['elapsed_s']:.0f} s):")
+    for b in report["best"]:
+        now = f"{b['current_ms']:.3f}" if b["current_ms"] is not None else "-"
+        print(f"{b['kernel']:22s} {b['T']:>7} {b['G']:>3}  {b['config']:28s} {b['ms']:9.3f} ms "
+              f"{b['speedup']:5.2f}x (today's config {now} ms)")
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if CUDA else "cpu")
+    dtype = getattr(torch, args.dtype)
+    commit = git("rev-parse", "HEAD")
+    report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name() if CUDA else "interpreter",
+              "host": platform.node(), "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+              "dirty": bool(git("status", "--porcelain", "--", "kernels", "benchmarks")) if commit else None,
+              "args": vars(args), "paper_config": PAPER, "rows": []}
+    shapes = [Shape(T, G, first=(G, T) == (args.groups[0], args.seqs[0]))
+              for G in args.groups for T in args.seqs]
+    for shape in shapes:
+        if over_budget(args):
+            log(f"T={shape.T} G={shape.G}: not run, time budget spent")
+            continue
+        one_shape(shape, shapes[0], args, report, device, dtype)
+    write(report, args.out)
+    print_table(report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

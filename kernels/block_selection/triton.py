@@ -160,8 +160,11 @@ def select_blocks_triton(
     num_kv_heads = k_cmp.shape[2]
     group = num_q_heads // num_kv_heads
     scale = default_scale(head_dim, scale)
-    # no register spills on sm_90 at head dims up to 256 with 8 warps (ptxas resource usage)
-    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=8)
+    # head dim <= 128: 4 warps, 3 stages (measured on one H200 at 128K, G=16, D=128: 49.2 ms against 55.7
+    # with 8 warps; benchmarks/kernels-2026-11-30-sweep.json); above 128, 8 warps (no register spills on
+    # sm_90 up to 256, ptxas resource usage)
+    warps = 4 if head_dim <= 128 else 8
+    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3)
     tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
     top = pow2(num_selected)
     out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)

@@ -274,6 +274,14 @@ def _warps(q, v) -> int:
     return 8 if max(q.shape[-1], v.shape[-1]) > 128 else 4
 
 
+def _forward_launch(q, v) -> dict:
+    # head dims <= 128: 2 warps, 2 stages (measured on one H200 at 128K, G=16, D=128: 35.4 ms against
+    # 39.2 with 4 warps and 3 stages, within the bf16 error bound; benchmarks/kernels-2026-11-30-sweep.json)
+    if max(q.shape[-1], v.shape[-1]) > 128:
+        return {"num_warps": 8}
+    return {"num_warps": 2, "num_stages": 2}
+
+
 class SelectedAttention(torch.autograd.Function):
     """(o, lse) of selected attention; differentiable in q, k, v. Arguments as selected_attention_triton,
     plus the layout from selection_layout."""
@@ -290,7 +298,7 @@ class SelectedAttention(torch.autograd.Function):
             q, k, v, block_idx, doc_start, o, lse,
             seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E,
             SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts,
-            **launch_params(LAUNCH, "fwd", num_warps=_warps(q, v)),
+            **launch_params(LAUNCH, "fwd", **_forward_launch(q, v)),
         )
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
         ctx.args = (selection_block, scale, q_start)

@@ -85,6 +85,14 @@ class MixConfig:
     passkey: float = 0.0  # passkey retrieval: one number hidden in filler text
     multikey_niah: float = 0.0  # several key-value needles, the value of one asked for
     variable_tracking: float = 0.0  # a chain of variable assignments, the names holding one value asked for
+    # Tokens per task sample. 0: one sample fills each task sequence. L > 0: each task sequence holds
+    # several samples, each ended by the EOD token, of lengths drawn log-uniformly from L up to what is
+    # left of the sequence: many more questions per token, at every distance up to the sequence's length
+    # (with data.documents=mask the attention sees each sample alone).
+    task_min_length: int = 0
+
+    def shares(self) -> dict[str, float]:
+        return {"source": self.source} | {task: getattr(self, task) for task in TASKS}
 
 
 @dataclass
@@ -492,7 +500,9 @@ def _validate_split(split: str) -> None:
 
 
 def _validate_mix(mix: MixConfig, where: str) -> None:
-    shares = dataclasses.asdict(mix)
+    _require(mix.task_min_length >= 0, f"{where}.task_min_length={mix.task_min_length} must be >= 0 (0: one "
+             "task sample per sequence)")
+    shares = mix.shares()
     for name, share in shares.items():
         _require(share >= 0, f"{where}.{name}={share} must be >= 0")
     total = sum(shares.values())

@@ -13,6 +13,7 @@ synthetic long-context tasks (nsa_dist/tasks.py). data.source is
   with data.documents=within, windows that each lie inside one document.
 """
 
+import math
 import random
 from pathlib import Path
 from typing import Callable, Iterator
@@ -149,6 +150,11 @@ def check_data(config: Config, seq_lens: list[int]) -> None:
                 raise DatasetError(f"stages[{stage.index}].mix.{task}={getattr(stage.mix, task)} needs sequences "
                                    f"of at least {need} tokens and stage {stage.name!r} has seq_len="
                                    f"{stage.seq_len}: lengthen the stage or set the {task} share to 0")
+            min_length = stage.mix.task_min_length
+            if 0 < min_length < need + 1:  # + 1: the EOD that ends each sample
+                raise DatasetError(f"stages[{stage.index}].mix.task_min_length={min_length} (or data.mix's) is "
+                                   f"too short for a {task} sample, which needs {need} tokens and an EOD: "
+                                   f"set it to at least {need + 1}, or 0 for one sample per sequence")
     if data.source == "indexed":
         info = check_indexed(data.path, tokenizer, config.model.vocab_size)
         if data.documents == "within":
@@ -173,11 +179,28 @@ def source_sequences(config: Config, seq_len: int, split: str = "train") -> Sequ
     return _gpt_sequences(packed_dataset(config, seq_len, split))
 
 
+def task_sequence(task: str, tokenizer, length: int, seed: int, index: int, min_length: int = 0) -> list[int]:
+    """Task sequence `index` of `length` tokens: one sample (min_length 0, or not below length), or samples
+    each ended by EOD, of lengths drawn log-uniformly from min_length to what is left (a remainder
+    shorter than min_length joins the last sample)."""
+    if min_length <= 0 or length < 2 * min_length:
+        return generate(task, tokenizer, length, seed, index).tokens
+    rng = random.Random(f"pack/{task}/{seed}/{index}")
+    tokens: list[int] = []
+    while len(tokens) < length:
+        left = length - len(tokens)
+        size = left if left < 2 * min_length else round(math.exp(rng.uniform(math.log(min_length), math.log(left))))
+        if left - size < min_length:
+            size = left
+        part = len(tokens) // min_length  # < length / min_length: distinct per sample of this sequence
+        tokens += generate(task, tokenizer, size - 1, seed, (index << 24) + part).tokens + [tokenizer.eod]
+    return tokens
+
+
 def mixed_sequences(source: Sequences, mix: MixConfig, tokenizer, seq_len: int, seed: int) -> Sequences:
-    """Sequence `index` comes from `source`, or is a task's sample, as a draw from (seed, index) falls in
-    the mix's shares."""
-    kinds = [("source", mix.source)] + [(task, getattr(mix, task)) for task in TASKS]
-    kinds = [(kind, share) for kind, share in kinds if share > 0]
+    """Sequence `index` comes from `source`, or is task samples (mix.task_min_length: one or several), as
+    a draw from (seed, index) falls in the mix's shares."""
+    kinds = [(kind, share) for kind, share in mix.shares().items() if share > 0]
     bounds = np.cumsum([share for _, share in kinds])
 
     def sequence(index: int) -> torch.Tensor:
@@ -185,7 +208,8 @@ def mixed_sequences(source: Sequences, mix: MixConfig, tokenizer, seq_len: int, 
         kind = kinds[min(int(np.searchsorted(bounds, draw, side="right")), len(kinds) - 1)][0]
         if kind == "source":
             return source(index)
-        return torch.tensor(generate(kind, tokenizer, seq_len + 1, seed, index).tokens, dtype=torch.int64)
+        tokens = task_sequence(kind, tokenizer, seq_len + 1, seed, index, mix.task_min_length)
+        return torch.tensor(tokens, dtype=torch.int64)
 
     return sequence
 

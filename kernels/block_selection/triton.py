@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import default_scale, document_of
+from kernels.common import default_scale
 from kernels.compression.naive import compressed_cu_seqlens
 from kernels.range_attention import LOG2E
 from kernels.triton_utils import (

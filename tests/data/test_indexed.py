@@ -183,3 +183,15 @@ def test_task_shares_must_sum_to_one():
         tiny_config("data.mix={source: 1.5, passkey: -0.5}")
     with pytest.raises(ConfigError, match=r"needs data\.path"):
         tiny_config("data.source=indexed")
+
+
+def test_packed_task_samples_must_fit_their_minimum(corpus):
+    prefix, _, root = corpus
+    with pytest.raises(ConfigError, match=r"data\.mix\.task_min_length=-1 must be >= 0"):
+        tiny_config("data.mix={source: 0.5, passkey: 0.5, task_min_length: -1}")
+    config = _config(prefix, root, "stages.0.seq_len=256", "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 100}")
+    with pytest.raises(DatasetError, match=r"stages\[0\]\.mix\.task_min_length=100 .*too short for a passkey "
+                                           r"sample, which needs \d+ tokens and an EOD: set it to at least \d+"):
+        check_data(config, [256])
+    check_data(_config(prefix, root, "stages.0.seq_len=256", "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 120}"),
+               [256])

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from nsa_dist.config import TASKS
-from nsa_dist.data import mixed_sequences
+from nsa_dist.data import mixed_sequences, task_sequence
 from nsa_dist.config import MixConfig
 from nsa_dist.evaluation import answer_niah, niah_cells, niah_grid
-from nsa_dist.tasks import TaskTooLong, check_answer, generate
+from nsa_dist.tasks import TaskTooLong, check_answer, generate, minimum_length
 from nsa_dist.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -48,6 +48,37 @@ def test_mix_follows_the_shares():
     from_source = sum(int(row.sum() == 0) for row in rows)
     assert 160 < from_source < 240 and all(row.shape == (257,) for row in rows)
     assert all(torch.equal(rows[i], sequences(i)) for i in range(0, 400, 37))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_packed_task_sequence_holds_whole_samples(task):
+    """task_min_length > 0: samples end to end, each ended by EOD, each answerable from its own text, at
+    lengths from the minimum up to most of the sequence; exactly the length asked for."""
+    import re
+
+    length, min_length = 2049, max(200, minimum_length(task, TOKENIZER) + 1)
+    lengths = []
+    for index in range(6):
+        tokens = task_sequence(task, TOKENIZER, length, seed=1, index=index, min_length=min_length)
+        assert len(tokens) == length and tokens[-1] == TOKENIZER.eod
+        ends = [i for i, token in enumerate(tokens) if token == TOKENIZER.eod]
+        starts = [0] + [end + 1 for end in ends[:-1]]
+        for start, end in zip(starts, ends):
+            lengths.append(end + 1 - start)
+            text = TOKENIZER.decode(tokens[start:end])
+            assert len(re.findall(r"What is the pass key|special magic number for \w+\?|Question:", text)) == 1
+        assert task_sequence(task, TOKENIZER, length, 1, index, min_length) == tokens  # a function of the index
+    assert min(lengths) >= min_length and max(lengths) > length // 3 and len(lengths) > 2 * 6
+    # each sample is the generator's own, with its answer: the packed passkey samples answer right
+    if task == "passkey":
+        tokens = task_sequence(task, TOKENIZER, length, seed=1, index=0, min_length=min_length)
+        text = TOKENIZER.decode(tokens[:tokens.index(TOKENIZER.eod)])
+        key = re.findall(r"The pass key is (\d+)\. Remember it", text)
+        assert len(key) == 1 and text.endswith(f"The pass key is {key[0]}")
+    # 0 (the default), or a sequence shorter than two samples: one sample fills it
+    assert task_sequence(task, TOKENIZER, length, 1, 0) == generate(task, TOKENIZER, length, 1, 0).tokens
+    short = 2 * min_length - 1
+    assert task_sequence(task, TOKENIZER, short, 1, 0, min_length) == generate(task, TOKENIZER, short, 1, 0).tokens
 
 
 def test_niah_scorer():

@@ -174,8 +174,8 @@ def native_sparse_attention(
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     """
-    k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens)
-    v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens)
+    k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens, block_size, stride)
+    v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens, block_size, stride)
     whole = QuerySpan(offset=0, start=0, length=q.shape[1], k_win=kv_win[0], v_win=kv_win[1], win_start=0)
     all_heads = slice(0, kv_slc[0].shape[2])
     return compose_nsa(q, gates, k_cmp, v_cmp, [whole], [(all_heads, *kv_slc)], block_size=block_size,

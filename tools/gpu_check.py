@@ -137,8 +137,8 @@ def check_case(case: dict) -> list[dict]:
     q = randn(1, T - q_start, hq, dk)
     k, v = randn(1, T, hk, dk), randn(1, T, hk, dv)
     phi = functools.partial(mean_compress, block_size=l, stride=d)
-    k_cmp = compress_documents(phi, k.detach(), cu).requires_grad_()
-    v_cmp = compress_documents(phi, v.detach(), cu).requires_grad_()
+    k_cmp = compress_documents(phi, k.detach(), cu, l, d).requires_grad_()
+    v_cmp = compress_documents(phi, v.detach(), cu, l, d).requires_grad_()
     rows = []
 
     rows.append(compare_branch("compressed", TRI.compressed, REF.compressed, dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp),

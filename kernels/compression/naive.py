@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kernels.common import acc_dtype
+from kernels.common import acc_dtype, document_of
 
 
 def num_compressed_blocks(seq_len: int, block_size: int, stride: int) -> int:
@@ -61,13 +61,25 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_size: int, stride: int
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
 
-def compress_documents(compress, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Applies phi (any [B, T, H, D] -> [B, N, H, D] compression) to each packed document on its own.
+def compress_documents(compress, x: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int,
+                       stride: int) -> torch.Tensor:
+    """Applies phi (any [B, T, H, D] -> [B, N, H, D] compression with blocks of block_size tokens every
+    stride) to each packed document on its own.
 
     x: [1, T, H, D] with document boundaries cu_seqlens (int32 [D+1]); the compressed tokens of all
     documents are concatenated in document order (boundaries: compressed_cu_seqlens). None: compress(x).
+    Every block of every document is gathered as a sequence of its own (a batch of N sequences of l
+    tokens, each compressing to one token), so phi runs once whatever the number of documents: a loop
+    over documents costs a dozen kernel launches per document and layer, forward and backward.
     """
     if cu_seqlens is None:
         return compress(x)
-    bounds = cu_seqlens.tolist()
-    return torch.cat([compress(x[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+    if x.shape[0] != 1:
+        raise ValueError(f"compress_documents: packed documents (cu_seqlens) need batch size 1; got {x.shape[0]}")
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    cmp_cu = compressed_cu_seqlens(cu, block_size, stride).to(torch.int64)
+    rows = torch.arange(int(cmp_cu[-1]), device=x.device)  # the one host sync: the number of blocks
+    doc = document_of(rows, cmp_cu)
+    first = cu[doc] + (rows - cmp_cu[doc]) * stride  # block i of document D starts at cu[D] + i * stride
+    tokens = first[:, None] + torch.arange(block_size, device=x.device)
+    return compress(x[0, tokens]).transpose(0, 1)  # [N, l, H, D] -> [N, 1, H, D] -> [1, N, H, D]

@@ -7,7 +7,7 @@ import torch
 
 from kernels.block_selection.naive import overlap_weights, select_blocks_ref, topn_from_scores
 from kernels.compressed_attention.naive import compressed_attention_ref
-from kernels.compression.naive import mean_compress, mlp_compress
+from kernels.compression.naive import compress_documents, mean_compress, mlp_compress
 from kernels.selected_attention.naive import selected_attention_ref
 from kernels.window_attention.naive import window_attention_ref
 from nsa_inputs import Case, Inputs, make_inputs, ref_phis, run_reference
@@ -247,3 +247,38 @@ def test_gradcheck_window_attention():
         return window_attention_ref(q, k, v, w, chunk_size=8)
 
     assert torch.autograd.gradcheck(f, (q, k, v), **GRADCHECK)
+
+
+@pytest.mark.parametrize("phi", ["mean", "mlp"])
+def test_compress_documents_equals_each_document_alone(phi):
+    """Packed documents compressed in one gather equal phi run on each document's slice, in value and in
+    the gradients of x and of phi's weights; documents shorter than a block give no compressed token."""
+    l, d, heads, dim = 8, 4, 2, 6
+    torch.manual_seed(0)
+    cu_seqlens = torch.tensor([0, 5, 40, 41, 100, 131], dtype=torch.int32)  # 5 and 1 tokens: no block
+    x = torch.randn(1, 131, heads, dim, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(l, dim), torch.randn(16, l * dim) / 8, torch.randn(16), torch.randn(dim, 16) / 4,
+               torch.randn(dim)]
+    weights = [w.double().requires_grad_() for w in weights]
+    if phi == "mean":
+        def compress(t):
+            return mean_compress(t, l, d)
+    else:
+        def compress(t):
+            return mlp_compress(t, l, d, *weights)
+    upstream = None
+    grads = []
+    for gathered in (True, False):
+        if gathered:
+            out = compress_documents(compress, x, cu_seqlens, l, d)
+        else:
+            bounds = cu_seqlens.tolist()
+            out = torch.cat([compress(x[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+        upstream = torch.randn_like(out) if upstream is None else upstream
+        leaves = [x] + (weights if phi == "mlp" else [])
+        grads.append((out.detach(), torch.autograd.grad(out, leaves, upstream)))
+    (out_a, grads_a), (out_b, grads_b) = grads
+    assert out_a.shape == (1, 7 + 13 + 6, heads, dim)  # documents of 35, 59 and 31 tokens: (n - 8) // 4 + 1
+    torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)  # the MLP batches its matmuls otherwise
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -78,7 +78,10 @@ def _autotuned(kernel, name, accumulators):
     def by_head_dim(configs, named_args, **kwargs):
         return large if max(kwargs["BLOCK_DK"], kwargs["BLOCK_DV"]) > 128 else small
 
-    return triton.autotune(small + large, key=["T", "TK", "G", "DK", "DV"], reset_to_zero=accumulators,
+    # keyed on the powers of two above T and TK, not on T and TK: with packed documents TK (the compressed
+    # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
+    # config again (~0.65 s a step)
+    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"], reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim})(kernel)
 
 
@@ -165,6 +168,7 @@ def _range_attn_fwd(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     pid_m = _longest_first(T, G, BLOCK_M)
     b = tl.program_id(1) // HK
@@ -218,6 +222,7 @@ def _range_attn_bwd_dq(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     pid_m = _longest_first(T, G, BLOCK_M)
     b = tl.program_id(1) // HK
@@ -327,6 +332,7 @@ def _range_attn_bwd_dkv(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
@@ -366,6 +372,7 @@ def _range_attn_bwd_onepass(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     """dQ, dK and dV in one pass (S and dP computed once per (row tile, key tile)): program (key tile,
     chunk c, batch x KV head) takes the rows of chunk c of its key tile and adds its dQ, dK and dV
@@ -475,7 +482,7 @@ def _launch_args(q, k, v, scale):
     group = q.shape[2] // k.shape[2]
     return dict(
         G=group, DK=q.shape[-1], DV=v.shape[-1], BLOCK_DK=pow2(q.shape[-1]), BLOCK_DV=pow2(v.shape[-1]),
-        PRECISION=dot_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype), T_BUCKET=pow2(q.shape[1]), TK_BUCKET=pow2(k.shape[1]),
     ), (q.shape[1], k.shape[1], q.shape[2], k.shape[2], scale * LOG2E)
 
 

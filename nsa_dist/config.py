@@ -88,7 +88,7 @@ class MixConfig:
     # Tokens per task sample. 0: one sample fills each task sequence. L > 0: each task sequence holds
     # several samples, each ended by the EOD token, of lengths drawn log-uniformly from L up to what is
     # left of the sequence: many more questions per token, at every distance up to the sequence's length
-    # (with data.documents=mask the attention sees each sample alone).
+    # (with data.documents=mask the attention sees each sample alone). A stage shorter than 2L holds one.
     task_min_length: int = 0
 
     def shares(self) -> dict[str, float]:

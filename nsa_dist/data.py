@@ -180,9 +180,9 @@ def source_sequences(config: Config, seq_len: int, split: str = "train") -> Sequ
 
 
 def task_sequence(task: str, tokenizer, length: int, seed: int, index: int, min_length: int = 0) -> list[int]:
-    """Task sequence `index` of `length` tokens: one sample (min_length 0, or not below length), or samples
-    each ended by EOD, of lengths drawn log-uniformly from min_length to what is left (a remainder
-    shorter than min_length joins the last sample)."""
+    """Task sequence `index` of `length` tokens: one sample when min_length is 0 or two samples of
+    min_length do not fit; otherwise samples each ended by EOD, of lengths drawn log-uniformly from
+    min_length to what is left (a remainder shorter than min_length joins the last sample)."""
     if min_length <= 0 or length < 2 * min_length:
         return generate(task, tokenizer, length, seed, index).tokens
     rng = random.Random(f"pack/{task}/{seed}/{index}")

@@ -90,6 +90,9 @@ class MixConfig:
     # left of the sequence: many more questions per token, at every distance up to the sequence's length
     # (with data.documents=mask the attention sees each sample alone). A stage shorter than 2L holds one.
     task_min_length: int = 0
+    # With task_min_length: the longest sample, in tokens. 0: up to what is left of the sequence. A cap
+    # gives many short samples per sequence, where retrieval is learned first (README, Proof).
+    task_max_length: int = 0
 
     def shares(self) -> dict[str, float]:
         return {"source": self.source} | {task: getattr(self, task) for task in TASKS}
@@ -502,6 +505,9 @@ def _validate_split(split: str) -> None:
 def _validate_mix(mix: MixConfig, where: str) -> None:
     _require(mix.task_min_length >= 0, f"{where}.task_min_length={mix.task_min_length} must be >= 0 (0: one "
              "task sample per sequence)")
+    _require(mix.task_max_length == 0 or mix.task_max_length >= mix.task_min_length > 0,
+             f"{where}.task_max_length={mix.task_max_length} needs task_min_length > 0 and must be 0 (no cap) "
+             f"or at least task_min_length={mix.task_min_length}: set it to 0, or to at least task_min_length")
     shares = mix.shares()
     for name, share in shares.items():
         _require(share >= 0, f"{where}.{name}={share} must be >= 0")

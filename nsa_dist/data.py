@@ -179,17 +179,20 @@ def source_sequences(config: Config, seq_len: int, split: str = "train") -> Sequ
     return _gpt_sequences(packed_dataset(config, seq_len, split))
 
 
-def task_sequence(task: str, tokenizer, length: int, seed: int, index: int, min_length: int = 0) -> list[int]:
+def task_sequence(task: str, tokenizer, length: int, seed: int, index: int, min_length: int = 0,
+                  max_length: int = 0) -> list[int]:
     """Task sequence `index` of `length` tokens: one sample when min_length is 0 or two samples of
     min_length do not fit; otherwise samples each ended by EOD, of lengths drawn log-uniformly from
-    min_length to what is left (a remainder shorter than min_length joins the last sample)."""
+    min_length to what is left, or to max_length when that is less (a remainder shorter than min_length
+    joins the last sample, which may then pass max_length by less than min_length)."""
     if min_length <= 0 or length < 2 * min_length:
         return generate(task, tokenizer, length, seed, index).tokens
     rng = random.Random(f"pack/{task}/{seed}/{index}")
     tokens: list[int] = []
     while len(tokens) < length:
         left = length - len(tokens)
-        size = left if left < 2 * min_length else round(math.exp(rng.uniform(math.log(min_length), math.log(left))))
+        longest = min(left, max_length) if max_length else left
+        size = left if left < 2 * min_length else round(math.exp(rng.uniform(math.log(min_length), math.log(longest))))
         if left - size < min_length:
             size = left
         part = len(tokens) // min_length  # < length / min_length: distinct per sample of this sequence
@@ -208,7 +211,7 @@ def mixed_sequences(source: Sequences, mix: MixConfig, tokenizer, seq_len: int, 
         kind = kinds[min(int(np.searchsorted(bounds, draw, side="right")), len(kinds) - 1)][0]
         if kind == "source":
             return source(index)
-        tokens = task_sequence(kind, tokenizer, seq_len + 1, seed, index, mix.task_min_length)
+        tokens = task_sequence(kind, tokenizer, seq_len + 1, seed, index, mix.task_min_length, mix.task_max_length)
         return torch.tensor(tokens, dtype=torch.int64)
 
     return sequence

@@ -79,6 +79,16 @@ def test_packed_task_sequence_holds_whole_samples(task):
     assert task_sequence(task, TOKENIZER, length, 1, 0) == generate(task, TOKENIZER, length, 1, 0).tokens
     short = 2 * min_length - 1
     assert task_sequence(task, TOKENIZER, short, 1, 0, min_length) == generate(task, TOKENIZER, short, 1, 0).tokens
+    # max_length caps the samples (a remainder shorter than min_length may join the last one)
+    capped = 0
+    for index in range(6):
+        tokens = task_sequence(task, TOKENIZER, length, 1, index, min_length, 2 * min_length)
+        ends = [i for i, token in enumerate(tokens) if token == TOKENIZER.eod]
+        sizes = [end - start for start, end in zip([-1] + ends[:-1], ends)]
+        assert len(tokens) == length and tokens[-1] == TOKENIZER.eod and min(sizes) >= min_length
+        assert max(sizes[:-1]) <= 2 * min_length and sizes[-1] < 3 * min_length
+        capped += len(sizes)
+    assert capped > len(lengths)
 
 
 def test_niah_scorer():

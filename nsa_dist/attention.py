@@ -24,7 +24,6 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import Attention, SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -38,6 +37,7 @@ from kernels.compression import mean_compress, mlp_compress
 from kernels.nsa import native_sparse_attention, resolve_impl
 from nsa_dist.config import ModelConfig, NSAConfig
 from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigzag_positions
+from nsa_dist.parallel.dense_cp import causal_sdpa, dense_documents
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -156,13 +156,10 @@ class DenseCoreAttention(MegatronModule):
         q, k, v = (_to_batch_major(x, packed) for x in (query, key, value))
         if self.cp_group.size() > 1:
             out = dense_context_parallel(q, k, v, group=self.cp_group, scale=self.softmax_scale, stats=self.comm_stats)
+        elif cu_seqlens is None:
+            out = causal_sdpa(q, k, v, self.softmax_scale)
         else:
-            bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
-            out = torch.cat([
-                F.scaled_dot_product_attention(q[:, lo:hi].transpose(1, 2), k[:, lo:hi].transpose(1, 2),
-                                               v[:, lo:hi].transpose(1, 2), is_causal=True,
-                                               scale=self.softmax_scale, enable_gqa=True).transpose(1, 2)
-                for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+            out = dense_documents(q, k, v, cu_seqlens, packed_seq_params.max_seqlen_q, self.softmax_scale)
         return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
 

@@ -6,9 +6,13 @@ and forward/backward milliseconds at 64K against torch SDPA (cuDNN backend), tim
    RMS-relative error of o, lse and every gradient, each at most 2x the reference's own error on the
    bf16 inputs (bf16 leaves: its outputs rounded, its gradients accumulated in bf16) plus EPSILON;
    the gate combine likewise; top-n selections compared as the
-   fraction of identical rows (bf16 near-ties may rank differently); dQ/dK/dV computed twice must be
-   bitwise equal (the backward is deterministic). The paper's sizes at T = 4K..64K, plus at 4K other
+   fraction of identical rows (bf16 near-ties may rank differently); under
+   torch.use_deterministic_algorithms, dQ/dK/dV computed twice must be bitwise equal and within the same
+   bounds (by default the compressed and window backward add dQ atomically: fast, not bitwise
+   repeatable). The paper's sizes at T = 4K..64K, plus at 4K other
    group sizes / head dims (Dk != Dv, non-powers of two), packed documents and a chunk at an offset.
+   The dense baseline over packed documents (torch's varlen flash attention) likewise, against one SDPA
+   call per document.
 2. One NSA layer (native_sparse_attention, impl="triton", phi = MLP) forward + backward at 1M tokens.
 3. Timing at 64K: each branch and the whole layer, forward and forward + backward, beside cuDNN SDPA
    (causal, GQA) on the same q/k/v shapes.
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.compression.naive import compress_documents, mean_compress, mlp_compress  # noqa: E402
 from kernels.nsa import branch_ops, native_sparse_attention  # noqa: E402
+from nsa_dist.parallel.dense_cp import causal_sdpa, dense_documents  # noqa: E402
 
 REF, TRI = branch_ops("reference"), branch_ops("triton")
 # A kernel's RMS-relative error (bf16 in and out, fp32 accumulation, p rounded to bf16 before P @ V as
@@ -87,15 +92,22 @@ def compare_branch(name, kernel, reference, leaves, **kwargs) -> dict:
     upstream = (torch.randn_like(o, dtype=torch.float32).bfloat16().float(), torch.randn_like(lse))
     del o, lse
     got = run_branch(kernel, leaves, upstream, **kwargs)
-    again = run_branch(kernel, leaves, upstream, **kwargs)
+    # determinism is promised under torch.use_deterministic_algorithms (the range kernels' one-pass backward
+    # adds dQ atomically and runs only outside it): two runs there must be bitwise equal
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first, again = (run_branch(kernel, leaves, upstream, **kwargs) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
     ref = run_branch(reference, {k: x.detach().float().requires_grad_() for k, x in leaves.items()}, upstream, **kwargs)
     ref_bf16 = run_branch(reference, {k: x.detach().requires_grad_() for k, x in leaves.items()}, upstream, **kwargs)
     errors = branch_errors(got, ref, leaves)
     bounds = {k: 2 * e + EPSILON for k, e in branch_errors(ref_bf16, ref, leaves).items()}
     finite = all(torch.isfinite(t).all() for t in (got[0], *got[2].values()))
     finite = finite and torch.equal(got[1] == float("-inf"), ref[1] == float("-inf"))
-    deterministic = all(torch.equal(got[2][k], again[2][k]) for k in leaves) and torch.equal(got[0], again[0])
-    ok = finite and deterministic and all(errors[k] <= bounds[k] for k in errors)
+    deterministic = all(torch.equal(first[2][k], again[2][k]) for k in leaves) and torch.equal(first[0], again[0])
+    ok = (finite and deterministic and all(errors[k] <= bounds[k] for k in errors)
+          and all(e <= bounds[k] for k, e in branch_errors(first, ref, leaves).items()))
     return {"branch": name, "errors": errors, "bounds": bounds, "finite": bool(finite),
             "deterministic": bool(deterministic), "ok": bool(ok)}
 
@@ -164,6 +176,42 @@ def check_case(case: dict) -> list[dict]:
     for r in rows:
         r["case"] = case
     return rows
+
+
+def check_dense_documents(T=16384, hq=16, hk=1, d=64) -> dict:
+    """The dense baseline over packed documents (one varlen flash launch) in bf16 against one fp32 SDPA
+    call per document, within the same bound as the kernels; also timed against that loop."""
+    torch.manual_seed(0)
+    lengths = [1, 37, 500, 2048, 129, 4000]
+    lengths.append(T - sum(lengths))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    leaves = dict(q=randn(1, T, hq, d), k=randn(1, T, hk, d), v=randn(1, T, hk, d))
+    upstream = torch.randn(1, T, hq, d, device="cuda").bfloat16().float()
+
+    def loop(q, k, v):
+        bounds = cu.tolist()
+        return torch.cat([causal_sdpa(q[:, a:b], k[:, a:b], v[:, a:b], None) for a, b in zip(bounds, bounds[1:])], 1)
+
+    def run(fn, inputs):
+        out = fn(**inputs)
+        return out.detach(), torch.autograd.grad((out.float() * upstream).sum(), list(inputs.values()))
+
+    got = run(lambda **x: dense_documents(**x, cu_seqlens=cu, longest=max(lengths), scale=None), leaves)
+    ref = run(loop, {k: x.detach().float().requires_grad_() for k, x in leaves.items()})
+    ref_bf16 = run(loop, {k: x.detach().requires_grad_() for k, x in leaves.items()})
+    names = ["o", "dq", "dk", "dv"]
+    errors = dict(zip(names, (rms_rel(a, b) for a, b in zip((got[0], *got[1]), (ref[0], *ref[1])))))
+    bounds = dict(zip(names, (2 * rms_rel(a, b) + EPSILON for a, b in zip((ref_bf16[0], *ref_bf16[1]),
+                                                                           (ref[0], *ref[1])))))
+    times = {name: triton.testing.do_bench(lambda: run(fn, leaves), rep=200)
+             for name, fn in (("varlen_ms", lambda **x: dense_documents(**x, cu_seqlens=cu, longest=max(lengths),
+                                                                        scale=None)), ("loop_ms", loop))}
+    row = {"T": T, "documents": lengths, "errors": errors, "bounds": bounds,
+           "ok": all(errors[k] <= bounds[k] for k in names), **times}
+    print(f"  dense documents T={T}: {'ok ' if row['ok'] else 'BAD'} worst err/bound "
+          f"{max(errors[k] / bounds[k] for k in names):.2f}; fwd+bwd {times['varlen_ms']:.2f} ms varlen, "
+          f"{times['loop_ms']:.2f} ms per-document loop", flush=True)
+    return row
 
 
 def layer_inputs(T, hq, hk, d, l):
@@ -301,6 +349,7 @@ def main():
         return rows
 
     section("correctness", correctness, report)
+    section("dense documents", check_dense_documents, report)
     if a.bench_seq:
         section("timing", lambda: run_bench(a.bench_seq, hq, hk, d), report)
     if a.layer_seq:

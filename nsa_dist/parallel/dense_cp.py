@@ -1,6 +1,7 @@
-"""Dense causal attention under the same context parallelism: the baseline NSA is measured against.
+"""Dense causal attention, the baseline NSA is measured against: on one rank (also over packed
+documents, one varlen flash launch on the GPU) and under the same context parallelism.
 
-K/V are all-gathered into sequence order (reduce-scattered in fp32 in the backward). Each local chunk
+Under CP, K/V are all-gathered into sequence order (reduce-scattered in fp32 in the backward). Each local chunk
 of queries starting at global position s attends to keys [0, s + C) as two fused attention calls with no
 mask tensor: causal over its own chunk (the diagonal block) and unmasked over the keys before it. The two
 partial results are merged by their log-sum-exps; the backward runs each call's own backward with the
@@ -8,11 +9,18 @@ merged output and log-sum-exp, which gives exactly that part's share of the grad
 does). On CUDA the calls are cuDNN's fused attention; on CPU, torch's CPU flash attention.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
 from nsa_dist.parallel.comm import CommStats, gather_zigzag, group_size_rank
 from nsa_dist.parallel.layout import ZigzagLayout
+
+try:
+    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10: flash attention over packed documents
+except ImportError:
+    varlen_attn = None
 
 
 def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -118,3 +126,31 @@ def dense_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out = _ChunkAttention.apply(q_chunk, k_all[:, :, keys], v_all[:, :, keys], scale)
         outs.append(out.transpose(1, 2))
     return torch.cat(outs, dim=1)
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of [B, T, H, D] tensors (GQA: fewer K/V heads) through torch's fused kernels."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def dense_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int,
+                    scale: float | None) -> torch.Tensor:
+    """Causal attention inside each packed document of [1, T, H, D] tensors (documents end at cu_seqlens,
+    the longest has `longest` tokens). In bf16/fp16 on the GPU, one launch of torch's varlen flash kernel
+    for all documents; otherwise one SDPA call per document, which costs a launch (and a host sync for the
+    bounds) per document."""
+    if varlen_attn is None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        bounds = cu_seqlens.tolist()
+        return torch.cat([causal_sdpa(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], scale)
+                          for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+    params = inspect.signature(varlen_attn).parameters
+    # the causal flag became a window in torch 2.11; GQA support came later still
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    q, k, v = q[0], k[0], v[0]
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale, **options)[None]

@@ -30,6 +30,16 @@ def test_presets_fit_the_trainers_layout_checks(preset, tmp_path):
     assert resume is None and [s.name for s in stages] == [s.name for s in config.stages]
 
 
+def test_the_proof_runs_dense_twin_differs_only_in_its_attention():
+    """The proof compares two runs: everything but the attention (and the run directory) must match."""
+    from dataclasses import asdict
+
+    nsa, dense = (asdict(load_config(str(ROOT / f"configs/{name}.yaml"))) for name in ("proof_100m", "proof_100m_dense"))
+    assert (nsa["model"].pop("attention"), dense["model"].pop("attention")) == ("nsa", "dense")
+    assert nsa.pop("run")["dir"] != dense.pop("run")["dir"]
+    assert nsa == dense
+
+
 def test_defaults_are_valid():
     assert load_config(None).nsa.selection_block == 64
 

@@ -125,6 +125,32 @@ def time_call(fn, reps: int) -> tuple[torch.Tensor, dict]:
     return out, {"first_call_s": first, **timing}
 
 
+def one_shape(seq: int, group: int, args, kernels: dict, device, dtype) -> list[dict]:
+    """Rows of every variant at one (T, G), timed on the same inputs."""
+    torch.manual_seed(0)
+    l, d = PAPER["block_size"], PAPER["stride"]
+    q = torch.randn(1, seq, group * args.kv_heads, args.head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, seq, args.kv_heads, args.head_dim, device=device, dtype=dtype)
+    k_cmp = mean_compress(k, l, d).contiguous()
+    with torch.no_grad():
+        lse = compressed_attention_triton(q, k_cmp, k_cmp, l, d)[1].float().contiguous()
+        picks, timing = time_call(lambda: block_selection.select_blocks_triton(
+            q, k_cmp, lse, l, d, PAPER["selection_block"], PAPER["num_selected"]), args.reps)
+    rows = [{"variant": "select_blocks_triton", "T": seq, "G": group, **timing}]
+    for name, (_, st) in VARIANTS.items():
+        with torch.no_grad():
+            out, timing = time_call(lambda: launch(kernels[name], q, k_cmp, lse, st), args.reps)
+        row = {"variant": name, "T": seq, "G": group, **timing}
+        if name in ("as used", "ST=32"):
+            row["identical_rows"] = (out == picks).all(-1).float().mean().item()
+        rows.append(row)
+        print(f"T={seq} G={group} {name:20s} {timing['ms']:9.2f} ms"
+              + (f"  rows identical {row['identical_rows']:.4f}" if "identical_rows" in row else ""), flush=True)
+    for row in rows:
+        row["vs_as_used"] = row["ms"] / rows[1]["ms"]
+    return rows
+
+
 def git(*cmd) -> str | None:
     try:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -136,7 +162,6 @@ def main():
     args = parse_args()
     device = torch.device("cuda" if CUDA else "cpu")
     dtype = getattr(torch, args.dtype)
-    l, d = PAPER["block_size"], PAPER["stride"]
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name() if CUDA else "none (interpreter)",
               "host": platform.node(), "torch": torch.__version__, "triton": triton.__version__,
               "commit": git("rev-parse", "--short", "HEAD"), "args": vars(args), "rows": []}
@@ -144,33 +169,7 @@ def main():
     kernels = {name: variant_kernel(replacements, scratch) for name, (replacements, _) in VARIANTS.items()}
     for seq in args.seqs:
         for group in args.groups:
-            torch.manual_seed(0)
-            hq = group * args.kv_heads
-            q = torch.randn(1, seq, hq, args.head_dim, device=device, dtype=dtype)
-            k = torch.randn(1, seq, args.kv_heads, args.head_dim, device=device, dtype=dtype)
-            k_cmp = mean_compress(k, l, d).contiguous()
-            with torch.no_grad():
-                _, lse = compressed_attention_triton(q, k_cmp, k_cmp, l, d)
-            lse = lse.float().contiguous()
-            with torch.no_grad():
-                picks, timing = time_call(lambda: block_selection.select_blocks_triton(
-                    q, k_cmp, lse, l, d, PAPER["selection_block"], PAPER["num_selected"]), args.reps)
-            rows = [{"variant": "select_blocks_triton", "T": seq, "G": group, **timing}]
-            for name, (_, st) in VARIANTS.items():
-                with torch.no_grad():
-                    out, timing = time_call(lambda: launch(kernels[name], q, k_cmp, lse, st), args.reps)
-                row = {"variant": name, "T": seq, "G": group, **timing}
-                if name in ("as used", "ST=32"):
-                    row["identical_rows"] = (out == picks).all(-1).float().mean().item()
-                rows.append(row)
-                print(f"T={seq} G={group} {name:20s} {timing['ms']:9.2f} ms"
-                      + (f"  rows identical {row['identical_rows']:.4f}" if "identical_rows" in row else ""),
-                      flush=True)
-            base = rows[1]["ms"]
-            for row in rows:
-                row["vs_as_used"] = row["ms"] / base
-            report["rows"] += rows
-            del q, k, k_cmp, lse
+            report["rows"] += one_shape(seq, group, args, kernels, device, dtype)
             if CUDA:
                 torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ def test_the_proof_runs_dense_twin_differs_only_in_its_attention():
     """The proof compares two runs: everything but the attention (and the run directory) must match."""
     from dataclasses import asdict
 
-    nsa, dense = (asdict(load_config(str(ROOT / f"configs/{name}.yaml"))) for name in ("proof_100m", "proof_100m_dense"))
+    nsa, dense = (asdict(load_config(str(ROOT / "configs" / f"{name}.yaml")))
+                  for name in ("proof_100m", "proof_100m_dense"))
     assert (nsa["model"].pop("attention"), dense["model"].pop("attention")) == ("nsa", "dense")
     assert nsa.pop("run")["dir"] != dense.pop("run")["dir"]
     assert nsa == dense

@@ -360,7 +360,7 @@ def main():
     print(f"\n{report['machine']}, torch {report['torch']}, triton {report['triton']}; bf16, HQ={hq} HK={hk} D={d}, "
           f"l={PAPER['block_size']} d={PAPER['stride']} l'={PAPER['selection_block']} n={PAPER['num_selected']} "
           f"w={PAPER['window']}")
-    if isinstance(report["correctness"], list):
+    if isinstance(report["correctness"], list) and report["correctness"]:
         bad = [r for r in report["correctness"] if not r["ok"]]
         worst = max(max(r["errors"].values()) for r in report["correctness"] if "errors" in r)
         sel = min(r["identical_rows"] for r in report["correctness"] if r["branch"] == "select")

@@ -201,7 +201,7 @@ def breakdown(nsa_mod, T, hq, hk, d, reps) -> list[dict]:
     ops = nsa_mod.branch_ops("triton")
     l, s, ls, n, w = (PAPER[k] for k in ("block_size", "stride", "selection_block", "num_selected", "window"))
     inp = Inputs(T, hq, hk, d)
-    q, (k, v) = inp.q, inp.kv[1]
+    q, (k, v), gates = inp.q, inp.kv[1], inp.gates
     with torch.no_grad():
         k_cmp = mean_compress(k, l, s).requires_grad_()
         v_cmp = mean_compress(v, l, s).requires_grad_()
@@ -219,7 +219,7 @@ def breakdown(nsa_mod, T, hq, hk, d, reps) -> list[dict]:
         "compressed attention": (lambda: ops.compressed(q, k_cmp, v_cmp, l, s)[0], [q, k_cmp, v_cmp]),
         "selected attention": (lambda: ops.selected(q, k, v, blocks, ls)[0], [q, k, v]),
         "window attention": (lambda: ops.window(q, k, v, w)[0], [q, k, v]),
-        "gate combine": (lambda: combine(*branch_outs, inp.gates), [*branch_outs, inp.gates]),
+        "gate combine": (lambda: combine(*branch_outs, gates), [*branch_outs, gates]),
     }
     for name, (forward, leaves) in parts.items():
         time_line(name, lambda: (forward, leaves), reps, rows, T=T)

@@ -21,6 +21,9 @@ try:
     from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10: flash attention over packed documents
 except ImportError:
     varlen_attn = None
+# the causal flag became a window in torch 2.11; GQA support came later still (read once, not per call)
+VARLEN_PARAMS = set() if varlen_attn is None else set(inspect.signature(varlen_attn).parameters)
+VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in VARLEN_PARAMS else {"is_causal": True}
 
 
 def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -145,11 +148,9 @@ def dense_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         bounds = cu_seqlens.tolist()
         return torch.cat([causal_sdpa(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], scale)
                           for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
-    params = inspect.signature(varlen_attn).parameters
-    # the causal flag became a window in torch 2.11; GQA support came later still
-    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    options = dict(VARLEN_CAUSAL)
     q, k, v = q[0], k[0], v[0]
-    if "enable_gqa" in params:
+    if "enable_gqa" in VARLEN_PARAMS:
         options["enable_gqa"] = True
     elif k.shape[1] != q.shape[1]:
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))

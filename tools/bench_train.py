@@ -67,7 +67,7 @@ class ProfileSteps(TrainingHooks):
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profiler = torch.profiler.profile(activities=activities,
-                                               schedule=torch.profiler.schedule(wait=1, warmup=0, active=2))
+                                               schedule=torch.profiler.schedule(wait=1, warmup=0, active=2, repeat=1))
 
     def stage_started(self, stage, state, source):
         self.profiler.start()
@@ -75,19 +75,28 @@ class ProfileSteps(TrainingHooks):
     def step(self, log):
         self.profiler.step()
 
-    def table(self, rows: int = 25) -> str:
+    def report(self, rows: int = 25) -> tuple[str, int]:
+        """The top operators by self time on the device (CPU without one), and how many steps they cover."""
         self.profiler.stop()
+        averages = self.profiler.key_averages()
+        steps = sum(event.count for event in averages if event.key.startswith("ProfilerStep"))
         key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        return self.profiler.key_averages().table(sort_by=key, row_limit=rows)
+        return averages.table(sort_by=key, row_limit=rows), steps
+
+
+def bench_config(args, attention: str, run_dir: str = "runs/bench_train"):
+    """The benchmark's config: the YAML with one stage of --seq-len x --steps in bf16 with recomputation,
+    then the user's --set overrides, then the attention."""
+    return load_config(args.config, [
+        "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
+        f"stages=[{{name: bench, seq_len: {args.seq_len}, steps: {args.steps}}}]", f"run.dir={run_dir}",
+        *args.overrides, f"model.attention={attention}",
+    ])
 
 
 def bench(args, attention: str) -> dict:
-    config = load_config(args.config, [
-        "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
-        f"stages=[{{name: bench, seq_len: {args.seq_len}, steps: {args.steps}}}]",
-        f"run.dir={tempfile.mkdtemp(prefix=f'bench_train_{attention}_')}",  # a fresh run: nothing to resume
-        *args.overrides, f"model.attention={attention}",
-    ])
+    # a fresh run directory: nothing to resume
+    config = bench_config(args, attention, tempfile.mkdtemp(prefix=f"bench_train_{attention}_"))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     profile = ProfileSteps() if args.profile else None
@@ -103,7 +112,7 @@ def bench(args, attention: str) -> dict:
         "config": config.to_dict(),
     }
     if profile:
-        result["profile"] = profile.table()
+        result["profile"], result["profiled_steps"] = profile.report()
         print(f"\n{attention}: steps 2-3 by self time\n{result['profile']}", flush=True)
     gc.collect()
     if torch.cuda.is_available():
@@ -133,7 +142,7 @@ def main() -> None:
     except ConfigError as exc:  # e.g. bf16 (the default here) on a machine without a GPU
         sys.exit(f"error: {exc}")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    nsa_config = load_config(args.config, args.overrides).nsa
+    nsa_config = bench_config(args, "nsa").nsa
     nsa_impl = resolve_impl(nsa_config.impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"command": "python3 " + " ".join(sys.argv), "device": device, "torch": torch.__version__,
               "commit": git_commit(),

@@ -12,16 +12,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_train_times_and_profiles_steps(tmp_path):
     out = tmp_path / "train.json"
     command = [sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml", "--attention", "dense",
-               "--seq-len", "128", "--steps", "3", "--profile", "--out", str(out), "--set", "training.dtype=fp32",
-               "--set", "training.device=cpu", "--set", "model.num_layers=1"]
+               "--seq-len", "128", "--steps", "4", "--profile", "--out", str(out), "--set", "training.dtype=fp32",
+               "--set", "training.device=cpu", "--set", "model.num_layers=1",
+               # a stage of the user's own, shorter than quickstart.yaml's 5 warmup steps (the benchmark sets 1)
+               "--set", "stages=[{name: mine, seq_len: 128, steps: 4, global_batch_size: 2, micro_batch_size: 2}]"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     (result,) = report["results"]
-    assert result["attention"] == "dense" and len(result["losses"]) == 3 and result["tokens_per_s"] > 0
+    assert result["attention"] == "dense" and len(result["losses"]) == 4 and result["tokens_per_s"] > 0
     assert "commit" in report and report["seq_len"] == 128
     # the profile covers the model's own operators, by self CPU time (no GPU here)
     assert "aten::" in result["profile"] and "Self CPU time total" in result["profile"]
+    # exactly steps 2 and 3, not a later (partial) cycle of the profiler's schedule
+    assert result["profiled_steps"] == 2
     assert "steps 2-3 by self time" in done.stdout
 
     too_few = subprocess.run(command[:command.index("--steps")] + ["--steps", "2", "--profile", "--out", str(out)],

@@ -84,19 +84,13 @@ class ProfileSteps(TrainingHooks):
         return averages.table(sort_by=key, row_limit=rows), steps
 
 
-def bench_config(args, attention: str, run_dir: str = "runs/bench_train"):
-    """The benchmark's config: the YAML with one stage of --seq-len x --steps in bf16 with recomputation,
-    then the user's --set overrides, then the attention."""
-    return load_config(args.config, [
+def bench(args, attention: str) -> dict:
+    config = load_config(args.config, [
         "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
-        f"stages=[{{name: bench, seq_len: {args.seq_len}, steps: {args.steps}}}]", f"run.dir={run_dir}",
+        f"stages=[{{name: bench, seq_len: {args.seq_len}, steps: {args.steps}}}]",
+        f"run.dir={tempfile.mkdtemp(prefix=f'bench_train_{attention}_')}",  # a fresh run: nothing to resume
         *args.overrides, f"model.attention={attention}",
     ])
-
-
-def bench(args, attention: str) -> dict:
-    # a fresh run directory: nothing to resume
-    config = bench_config(args, attention, tempfile.mkdtemp(prefix=f"bench_train_{attention}_"))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     profile = ProfileSteps() if args.profile else None
@@ -142,8 +136,9 @@ def main() -> None:
     except ConfigError as exc:  # e.g. bf16 (the default here) on a machine without a GPU
         sys.exit(f"error: {exc}")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    nsa_config = bench_config(args, "nsa").nsa
-    nsa_impl = resolve_impl(nsa_config.impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # the nsa: section of the configs the benchmark ran (the same for every attention)
+    nsa_impl = resolve_impl(results[0]["config"]["nsa"]["impl"],
+                            torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"command": "python3 " + " ".join(sys.argv), "device": device, "torch": torch.__version__,
               "commit": git_commit(),
               "nsa_impl": nsa_impl, "seq_len": args.seq_len, "results": results}

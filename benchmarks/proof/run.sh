@@ -11,13 +11,11 @@ t0=$(date +%s)
 timeout ${LIMIT:-520} python3 -m launch.train --config configs/$cfg.yaml > $OUT/$cfg.log 2>&1
 echo "$cfg rc=$? wall $(( $(date +%s)-t0 )) s"
 grep -v "━\|^\s*File\|^\s*\^\|warn\|return func" $OUT/$cfg.log | grep -v " step [0-9]*:" | tail -45
-# every proof run directory still on this machine, without weights; the device tool returns files at most
-# two folders deep, so each stage's evaluation is flattened
+# every proof run directory still on this machine, without weights (MLflow store, tracking.json, each
+# checkpoint's eval/), one tar each: the device tool returns 8 files at most. Unpack beside the others:
+# tar -C benchmarks/proof -xf proof_100m.tar
 for run in runs/proof_*; do
-  name=$(basename $run); mkdir -p $OUT/$name
-  cp $run/mlflow.db $run/tracking.json $OUT/$name/
-  for d in $run/checkpoints/*/eval; do
-    step=$(basename $(dirname $d)); for f in $d/*; do cp $f $OUT/$name/${step}_$(basename $f); done
-  done
+  name=$(basename $run)
+  (cd runs && find $name -path '*/eval/*' -o -name mlflow.db -o -name tracking.json) | tar -C runs -cf $OUT/$name.tar -T -
 done
-du -sh $OUT/*
+ls -l $OUT

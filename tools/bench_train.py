@@ -2,7 +2,7 @@
 
 Trains the same model (default: configs/paper.yaml's 12 layers, hidden 1024, 16 query heads per KV head)
 with model.attention=nsa and =dense on one process, at one sequence length in bf16 with per-layer
-recomputation, and reports tokens/s (steps after the first, which warms up) and peak memory.
+recomputation, and reports tokens/s (median of the steps after the first, which warms up) and peak memory.
 
     python tools/bench_train.py --seq-len 65536 --steps 3
     python tools/bench_train.py --set model.num_layers=2 --seq-len 512 --steps 2 --set training.dtype=fp32
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from statistics import mean
+from statistics import median
 
 import torch
 
@@ -98,8 +98,10 @@ def bench(args, attention: str) -> dict:
     timed = history[1:] or history
     result = {
         "attention": attention,
-        "tokens_per_s": mean(log.tokens_per_s for log in timed),
-        "step_time_s": mean(log.step_time_s for log in timed),
+        # medians: a short step's mean is skewed by the second step, which may still compile or autotune
+        "tokens_per_s": median(log.tokens_per_s for log in timed),
+        "step_time_s": median(log.step_time_s for log in timed),
+        "step_times_s": [log.step_time_s for log in history],
         "first_step_time_s": history[0].step_time_s,
         "peak_memory_gb": max(log.memory_gb for log in history),
         "losses": [log.loss for log in history],

@@ -21,6 +21,7 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
     report = json.loads(out.read_text())
     (result,) = report["results"]
     assert result["attention"] == "dense" and len(result["losses"]) == 4 and result["tokens_per_s"] > 0
+    assert len(result["step_times_s"]) == 4 and result["step_time_s"] == sorted(result["step_times_s"][1:])[1]
     assert "commit" in report and report["seq_len"] == 128
     # the profile covers the model's own operators, by self CPU time (no GPU here)
     assert "aten::" in result["profile"] and "Self CPU time total" in result["profile"]

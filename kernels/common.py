@@ -1,4 +1,8 @@
-"""Helpers shared by the pure-PyTorch reference branches."""
+"""Helpers shared by the pure-PyTorch reference branches, and the per-documents layout cache of the
+Triton branches."""
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -68,6 +72,44 @@ def document_pieces(cu_seqlens: torch.Tensor, q_start: int, seq: int):
         lo, hi = max(start, q_start) - q_start, min(end, q_start + seq) - q_start
         if lo < hi:
             yield doc, lo, hi
+
+
+Layout = TypeVar("Layout")
+
+
+def remember_bounds(cu_seqlens: torch.Tensor, bounds: list[int]) -> None:
+    """Records cu_seqlens's values as known on the host (whoever built it from a list passes the list), so
+    host_bounds never has to read them back from the GPU."""
+    cu_seqlens.__dict__.setdefault("_document_layouts", {})["bounds"] = list(bounds)
+
+
+def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """cu_seqlens as a Python list: given to remember_bounds, or read from the device once per tensor."""
+    return document_layout(cu_seqlens, "bounds", cu_seqlens.tolist)
+
+
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, without waiting for the GPU: a copy from pageable memory
+    synchronizes with the stream, one from pinned memory runs behind the queued work."""
+    host, device = torch.tensor(values, dtype=dtype), torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def document_layout(cu_seqlens: torch.Tensor, key: tuple | str, build: Callable[[], Layout]) -> Layout:
+    """build() once per cu_seqlens tensor and key, then the same result.
+
+    The Triton branches turn document boundaries into index tables (query tiles, key-block ranges,
+    compression rows): a dozen small launches each, and some need a count on the host, which waits for
+    the GPU. The tables depend only on the boundaries and the sizes in `key`, which every layer of a step
+    shares, so the first layer builds them and the others reuse them: the result is kept on the
+    cu_seqlens tensor itself and lives as long as it does. cu_seqlens must not be changed in place.
+    """
+    layouts = cu_seqlens.__dict__.setdefault("_document_layouts", {})
+    if key not in layouts:
+        layouts[key] = build()
+    return layouts[key]
 
 
 def document_of(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

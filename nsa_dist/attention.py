@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import Attention, SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -33,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from kernels.common import document_layout, document_of
 from kernels.compression import mean_compress, mlp_compress
 from kernels.nsa import native_sparse_attention, resolve_impl
 from nsa_dist.config import ModelConfig, NSAConfig
@@ -58,6 +60,18 @@ def rotary_freqs(seq_len: int, cp_size: int, cp_rank: int, head_dim: int, base: 
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
     angles = torch.remainder(positions.double()[:, None] * (base**-exponents)[None, :], 2 * math.pi)
     return torch.cat([angles, angles], dim=-1).float()[:, None, None, :]
+
+
+def document_rotary_freqs(cu_seqlens: torch.Tensor, seq_len: int, head_dim: int, base: float,
+                          device: torch.device) -> torch.Tensor:
+    """RoPE angles of packed documents, each from position 0: [T, 1, 1, head_dim] fp32, one row per token.
+    Built once per cu_seqlens (the layers of a step share it)."""
+    def build():
+        positions = torch.arange(seq_len, device=device)
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        return rotary_freqs(seq_len, 1, 0, head_dim, base, device)[positions - cu[document_of(positions, cu)]]
+
+    return document_layout(cu_seqlens, ("rotary", seq_len, head_dim, base, device), build)
 
 
 class Compression(nn.Module):
@@ -181,6 +195,7 @@ class ParallelSelfAttention(SelfAttention):
                              "TP splits whole GQA groups; lower parallel.tensor or raise num_kv_heads")
         self.model = model
         self.rotary_base = model.rotary_base  # a curriculum stage may change it: set_rotary_base
+        self.token_freqs = None  # per-token RoPE angles of packed documents, set during forward
         self.gate_width = len(BRANCHES) if model.attention == "nsa" else 0
         self.branches = len(BRANCHES) if model.attention == "nsa" and nsa.kv == "separate" else 1
         dk, dv = model.head_dim_k, model.head_dim_v
@@ -218,6 +233,9 @@ class ParallelSelfAttention(SelfAttention):
         if self.q_layernorm is not None:
             query = torch.cat([self.q_layernorm(query[..., :dk]), query[..., dk:]], dim=-1)
             key = self.k_layernorm(key)
+        if self.token_freqs is not None:  # packed documents (forward)
+            query = apply_rotary_pos_emb(query, self.token_freqs, self.config)
+            key = apply_rotary_pos_emb(key, self.token_freqs, self.config)
         return query, key, value
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
@@ -225,17 +243,21 @@ class ParallelSelfAttention(SelfAttention):
         position embedding, so the rotary argument arrives empty)."""
         cp = self.pg_collection.cp
         seq = hidden_states.shape[0] * (self.pg_collection.tp.size() if self.config.sequence_parallel else 1)
-        if kwargs.get("packed_seq_params") is not None:
-            cu_seqlens = _cu_seqlens(kwargs["packed_seq_params"], cp)  # refuses CP with a clear error
-            # packed documents: given angles for the longest document (not for every packed token),
-            # Megatron's RoPE restarts at each document's start
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            freqs = rotary_freqs(longest, 1, 0, self.model.head_dim_k, self.rotary_base, hidden_states.device)
-        else:
-            freqs = rotary_freqs(seq * cp.size(), cp.size(), cp.rank(), self.model.head_dim_k, self.rotary_base,
-                                 hidden_states.device)
-        kwargs["rotary_pos_emb"] = freqs
-        return super().forward(hidden_states, attention_mask, **kwargs)
+        if kwargs.get("packed_seq_params") is None:
+            kwargs["rotary_pos_emb"] = rotary_freqs(seq * cp.size(), cp.size(), cp.rank(), self.model.head_dim_k,
+                                                    self.rotary_base, hidden_states.device)
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        # Packed documents: RoPE restarts at each document's start. get_query_key_value_tensors applies it
+        # with one angle row per token; Megatron's own packed-sequence RoPE would read the boundaries back
+        # from the GPU and loop over the documents, in every layer.
+        cu_seqlens = _cu_seqlens(kwargs["packed_seq_params"], cp)  # refuses CP with a clear error
+        self.token_freqs = document_rotary_freqs(cu_seqlens, seq, self.model.head_dim_k, self.rotary_base,
+                                                 hidden_states.device)
+        kwargs["rotary_pos_emb"] = None
+        try:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        finally:
+            self.token_freqs = None
 
 
 def attention_spec(model: ModelConfig, nsa: NSAConfig, norm=None) -> ModuleSpec:

@@ -28,6 +28,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from kernels.common import device_tensor, remember_bounds
 from nsa_dist.config import TASKS, Config, DataConfig, MixConfig
 from nsa_dist.indexed import DatasetError, check_indexed
 from nsa_dist.tasks import generate, minimum_length
@@ -229,16 +230,19 @@ def stage_sequences(config: Config, seq_len: int, mix: MixConfig, split: str = "
 # ------------------------------------------------------------------------------------ micro-batches
 
 
-def packed_seq_params(tokens: torch.Tensor, eod: int) -> PackedSeqParams:
+def packed_seq_params(tokens: torch.Tensor, eod: int, device: torch.device | None = None) -> PackedSeqParams:
     """Document boundaries of a [B, S] micro-batch as Megatron's PackedSeqParams (THD: the B rows one
-    after the other): a document ends after each EOD token and at each row's end."""
+    after the other): a document ends after each EOD token and at each row's end. cu_seqlens is put on
+    `device` (default: the tokens'). With the tokens on the host, as the training loop passes them,
+    nothing waits for the GPU."""
     batch, seq = tokens.shape
     bounds = [0]
     for row in range(batch):
         ends = (torch.nonzero(tokens[row, :-1] == eod).flatten() + 1).tolist()
         bounds += [row * seq + end for end in ends] + [(row + 1) * seq]
-    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=tokens.device)
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu_seqlens = device_tensor(bounds, torch.int32, device or tokens.device)
+    remember_bounds(cu_seqlens, bounds)  # the attention's layouts read them from the host, not the GPU
+    longest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
@@ -260,8 +264,8 @@ def micro_batches(sequences: Sequences, global_batch: int, micro_batch: int, dp_
         first = first_sequence + step * global_batch + dp_rank * per_rank
         for start in range(first, first + per_rank, micro_batch):
             rows = torch.stack([sequences(i) for i in range(start, start + micro_batch)])
+            documents = packed_seq_params(rows[:, :-1], eod, device) if eod is not None else None
             batch = {"tokens": rows[:, :-1].to(device), "labels": rows[:, 1:].to(device)}
-            documents = packed_seq_params(batch["tokens"], eod) if eod is not None else None
             batch = get_batch_on_this_cp_rank(batch, cp_group=cp_group)
             if documents is not None:
                 batch["packed_seq_params"] = documents

@@ -14,12 +14,14 @@ descending sort of keys ranks by score and breaks ties toward the lower block id
 reference's stable sort. Blocks a query may not pick get key -1.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import default_scale
-from kernels.compression.naive import compressed_cu_seqlens
+from kernels.common import default_scale, device_tensor, document_layout, host_bounds
+from kernels.compression.naive import compressed_bounds
 from kernels.range_attention import LOG2E
 from kernels.triton_utils import (
     check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
@@ -112,17 +114,26 @@ def query_tiles(
     global position, its first compressed row, its number of compressed rows.
     """
     if cu_seqlens is None:
-        docs = [(0, q_start + seq, 0, num_blocks)]
-    else:
-        bounds = cu_seqlens.tolist()
-        cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
-        docs = [(bounds[i], bounds[i + 1], cmp_bounds[i], cmp_bounds[i + 1] - cmp_bounds[i])
-                for i in range(len(bounds) - 1)]
+        return _one_document_tiles(seq, num_blocks, q_start, block_t, device)
+    bounds = host_bounds(cu_seqlens)
+    return document_layout(cu_seqlens, ("query_tiles", seq, block_size, stride, q_start, block_t, device),
+                           lambda: _tiles(seq, q_start, bounds, compressed_bounds(bounds, block_size, stride),
+                                          block_t, device))
+
+
+@functools.lru_cache(maxsize=64)
+def _one_document_tiles(seq: int, num_blocks: int, q_start: int, block_t: int, device: torch.device) -> torch.Tensor:
+    """query_tiles of one document, cached per shape (every layer of a step asks the same)."""
+    return _tiles(seq, q_start, [0, q_start + seq], [0, num_blocks], block_t, device)
+
+
+def _tiles(seq: int, q_start: int, bounds: list[int], cmp_bounds: list[int], block_t: int,
+           device: torch.device) -> torch.Tensor:
     rows = []
-    for doc_lo, doc_hi, cmp_lo, cmp_count in docs:
+    for doc_lo, doc_hi, cmp_lo, cmp_hi in zip(bounds[:-1], bounds[1:], cmp_bounds[:-1], cmp_bounds[1:]):
         lo, hi = max(doc_lo, q_start) - q_start, min(doc_hi, q_start + seq) - q_start
-        rows += [(t, min(t + block_t, hi), doc_lo, cmp_lo, cmp_count) for t in range(lo, hi, block_t)]
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 5)
+        rows += [(t, min(t + block_t, hi), doc_lo, cmp_lo, cmp_hi - cmp_lo) for t in range(lo, hi, block_t)]
+    return device_tensor(rows, torch.int64, device).reshape(-1, 5)
 
 
 @torch.no_grad()

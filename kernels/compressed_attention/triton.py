@@ -4,9 +4,11 @@ The visible compressed tokens of query t are one contiguous range of k_cmp rows,
 computes those ranges; the forward/backward kernels are the range attention in kernels/range_attention.py.
 """
 
+import functools
+
 import torch
 
-from kernels.common import default_scale, document_of
+from kernels.common import default_scale, document_layout, document_of
 from kernels.compression.naive import compressed_cu_seqlens
 from kernels.range_attention import RangeAttention
 from kernels.triton_utils import check_attention_inputs, check_packed
@@ -24,11 +26,28 @@ def compressed_ranges(
     up to the end of D.
     """
     if cu_seqlens is None:
-        cu = torch.tensor([0, q_start + seq], device=device)
-        cmp_cu = torch.tensor([0, num_blocks], device=device)
-    else:
+        return _one_document_ranges(seq, num_blocks, block_size, stride, q_start, device)
+    def build():
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        cmp_cu = compressed_cu_seqlens(cu_seqlens, block_size, stride).to(device=device, dtype=torch.int64)
+        cmp_cu = compressed_cu_seqlens(cu, block_size, stride).to(torch.int64)
+        return _ranges(seq, num_blocks, block_size, stride, q_start, cu, cmp_cu)
+
+    return document_layout(cu_seqlens, ("compressed_ranges", seq, num_blocks, block_size, stride, q_start, device),
+                           build)
+
+
+@functools.lru_cache(maxsize=64)
+def _one_document_ranges(seq: int, num_blocks: int, block_size: int, stride: int, q_start: int,
+                         device: torch.device) -> tuple[torch.Tensor, ...]:
+    """compressed_ranges of one document, cached per shape (every layer of a step asks the same)."""
+    # [0, end] boundaries built on the device: a tensor copied from a host list waits for the GPU
+    pair = torch.arange(2, device=device)
+    return _ranges(seq, num_blocks, block_size, stride, q_start, pair * (q_start + seq), pair * num_blocks)
+
+
+def _ranges(seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu: torch.Tensor,
+            cmp_cu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    device = cu.device
     pos = torch.arange(q_start, q_start + seq, device=device)
     doc = document_of(pos, cu)
     local = pos - cu[doc]

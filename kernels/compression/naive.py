@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kernels.common import acc_dtype, document_of
+from kernels.common import acc_dtype, document_layout, document_of, host_bounds
 
 
 def num_compressed_blocks(seq_len: int, block_size: int, stride: int) -> int:
@@ -61,6 +61,24 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_size: int, stride: int
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
 
+def compressed_bounds(bounds: list[int], block_size: int, stride: int) -> list[int]:
+    """compressed_cu_seqlens of boundaries held on the host, as a list."""
+    out = [0]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out.append(out[-1] + num_compressed_blocks(hi - lo, block_size, stride))
+    return out
+
+
+def _compression_tokens(cu_seqlens: torch.Tensor, block_size: int, stride: int, device: torch.device) -> torch.Tensor:
+    """[N, l] positions of the tokens of every compression block of every document, in document order."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    cmp_cu = compressed_cu_seqlens(cu, block_size, stride).to(torch.int64)
+    rows = torch.arange(compressed_bounds(host_bounds(cu_seqlens), block_size, stride)[-1], device=device)
+    doc = document_of(rows, cmp_cu)
+    first = cu[doc] + (rows - cmp_cu[doc]) * stride  # block i of document D starts at cu[D] + i * stride
+    return first[:, None] + torch.arange(block_size, device=device)
+
+
 def compress_documents(compress, x: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int,
                        stride: int) -> torch.Tensor:
     """Applies phi (any [B, T, H, D] -> [B, N, H, D] compression with blocks of block_size tokens every
@@ -76,10 +94,6 @@ def compress_documents(compress, x: torch.Tensor, cu_seqlens: torch.Tensor | Non
         return compress(x)
     if x.shape[0] != 1:
         raise ValueError(f"compress_documents: packed documents (cu_seqlens) need batch size 1; got {x.shape[0]}")
-    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
-    cmp_cu = compressed_cu_seqlens(cu, block_size, stride).to(torch.int64)
-    rows = torch.arange(int(cmp_cu[-1]), device=x.device)  # the one host sync: the number of blocks
-    doc = document_of(rows, cmp_cu)
-    first = cu[doc] + (rows - cmp_cu[doc]) * stride  # block i of document D starts at cu[D] + i * stride
-    tokens = first[:, None] + torch.arange(block_size, device=x.device)
+    tokens = document_layout(cu_seqlens, ("compress_documents", block_size, stride, x.device),
+                             lambda: _compression_tokens(cu_seqlens, block_size, stride, x.device))
     return compress(x[0, tokens]).transpose(0, 1)  # [N, l, H, D] -> [N, 1, H, D] -> [1, N, H, D]

@@ -15,11 +15,13 @@ serialize the backward; each segment writes an fp32 partial, and a second kernel
 partials in segment order. Every output element has exactly one writer and a fixed summation order.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import default_scale, document_of
+from kernels.common import default_scale, document_layout, document_of, host_bounds
 from kernels.range_attention import LOG2E, attention_delta, online_softmax_step, store_rows
 from kernels.triton_utils import (
     check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
@@ -198,16 +200,29 @@ def selection_layout(
     end exclusive, never past the document's end). All int32.
     """
     if cu_seqlens is None:
-        # one document: sizes known on the host, so nothing waits for the GPU
-        block_start = torch.arange(0, num_keys, selection_block, dtype=torch.int32, device=device)
-        block_end = (block_start + selection_block).clamp_max(num_keys)
-        zeros = torch.zeros(seq, dtype=torch.int32, device=device)
-        return zeros, zeros, block_start, block_end
+        return _one_document_layout(seq, num_keys, selection_block, device)
+    return document_layout(cu_seqlens, ("selection_layout", seq, selection_block, q_start, device),
+                           lambda: _document_blocks(seq, selection_block, q_start, cu_seqlens, device))
+
+
+@functools.lru_cache(maxsize=64)
+def _one_document_layout(seq: int, num_keys: int, selection_block: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """selection_layout of one document, cached per shape (every layer of a step asks the same)."""
+    block_start = torch.arange(0, num_keys, selection_block, dtype=torch.int32, device=device)
+    block_end = (block_start + selection_block).clamp_max(num_keys)
+    zeros = torch.zeros(seq, dtype=torch.int32, device=device)
+    return zeros, zeros, block_start, block_end
+
+
+def _document_blocks(seq: int, selection_block: int, q_start: int, cu_seqlens: torch.Tensor,
+                     device: torch.device) -> tuple[torch.Tensor, ...]:
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     blocks_per_doc = -(-cu.diff() // selection_block)
     block_cu = torch.cat([blocks_per_doc.new_zeros(1), blocks_per_doc.cumsum(0)])
     doc = document_of(torch.arange(q_start, q_start + seq, device=device), cu)
-    blocks = torch.arange(int(block_cu[-1]), device=device)
+    bounds = host_bounds(cu_seqlens)  # the number of key blocks, without reading it from the GPU
+    blocks = torch.arange(sum(-(-(hi - lo) // selection_block) for lo, hi in zip(bounds[:-1], bounds[1:])),
+                          device=device)
     block_doc = document_of(blocks, block_cu)
     block_start = cu[block_doc] + (blocks - block_cu[block_doc]) * selection_block
     block_end = torch.minimum(block_start + selection_block, cu[block_doc + 1])

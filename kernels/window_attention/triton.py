@@ -4,9 +4,11 @@ The visible keys of a query are one contiguous range, so this branch only comput
 forward/backward kernels are the range attention in kernels/range_attention.py.
 """
 
+import functools
+
 import torch
 
-from kernels.common import default_scale, document_of
+from kernels.common import default_scale, document_layout, document_of
 from kernels.range_attention import RangeAttention
 from kernels.triton_utils import check_attention_inputs, check_packed
 
@@ -22,9 +24,24 @@ def window_ranges(
     + w, end of its document) - 1.
     """
     if cu_seqlens is None:
-        cu = torch.tensor([0, max(q_start + seq, k_start + num_keys)], device=device)
-    else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        return _one_document_ranges(seq, num_keys, window, q_start, k_start, device)
+    return document_layout(
+        cu_seqlens, ("window_ranges", seq, num_keys, window, q_start, k_start, device),
+        lambda: _ranges(seq, num_keys, window, q_start, k_start, cu_seqlens.to(device=device, dtype=torch.int64)))
+
+
+@functools.lru_cache(maxsize=64)
+def _one_document_ranges(seq: int, num_keys: int, window: int, q_start: int, k_start: int,
+                         device: torch.device) -> tuple[torch.Tensor, ...]:
+    """window_ranges of one document, cached per shape (every layer of a step asks the same)."""
+    # [0, end] built on the device: a tensor copied from a host list waits for the GPU
+    end = max(q_start + seq, k_start + num_keys)
+    return _ranges(seq, num_keys, window, q_start, k_start, torch.arange(2, device=device) * end)
+
+
+def _ranges(seq: int, num_keys: int, window: int, q_start: int, k_start: int,
+            cu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    device = cu.device
     pos = torch.arange(q_start, q_start + seq, device=device)
     first = torch.maximum(pos - window + 1, cu[document_of(pos, cu)])
     lo = (first - k_start).clamp(0, num_keys)

@@ -9,6 +9,13 @@ heatmap). Writes to --out: `loss.png` (one panel per stage, one line per run), `
 (each stage's heatmap, drawn from its eval.json), `report.md` (the tables, ready for the README) and
 `report.json`.
 
+--evals adds evaluations made after training (`nsa-dist eval ... --out DIR`, e.g. a checkpoint evaluated
+at other lengths): report.md then has a table of NIAH accuracy by length, one row per run and checkpoint,
+from the stage-end evaluations and these (each eval.json names its checkpoint, so its run).
+
+    python tools/compare_runs.py runs/proof_100m runs/proof_100m_dense --out docs/proof \
+        --evals short/nsa_800/eval.json short/dense_800/eval.json
+
 A run directory may have been copied from the machine that trained it (its MLflow store, tracking.json and
 each checkpoint's eval/ folder suffice): paths recorded there are found again under it.
 """
@@ -49,13 +56,14 @@ def stage_summary(client, run_id: str, run_dir: Path) -> dict:
     summary = {"loss": loss, "steps": len(loss), "tokens_per_s": sum(timed) / len(timed) if timed else None,
                "train_seconds": sum(value for _, value in times), "val_loss": run.data.metrics.get("eval/val_loss"),
                "niah_accuracy": run.data.metrics.get("eval/niah_accuracy"), "niah_worst_depth": None, "heatmap": None,
-               "eval": None}
+               "eval": None, "eval_step": None}
     checkpoint = run.data.tags.get("checkpoint.latest")
     checkpoint = relocated(checkpoint, run_dir) if checkpoint else None
     if checkpoint and (checkpoint / "eval" / "eval.json").exists():
         report = json.loads((checkpoint / "eval" / "eval.json").read_text())
         summary["eval"] = {"seq_len": report["seq_len"], "niah": report["niah"], "validation": report["validation"],
                            "loss_by_position": report["loss_by_position"]}
+        summary["eval_step"] = report["step"]
         summary["heatmap"] = str(checkpoint / "eval" / "niah.png")
         summary["niah_worst_depth"] = min(min(row) for row in report["niah"]["accuracy"])
     return summary
@@ -129,11 +137,55 @@ def markdown(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def attach_evals(runs: dict, run_dirs: dict[str, Path], paths: list[Path]) -> None:
+    """Adds each eval.json (or a folder holding one) to its run's "evals" list: the run whose directory
+    name is part of the checkpoint path the evaluation recorded."""
+    for name, run in runs.items():
+        run["evals"] = [{"step": s["eval_step"], "stage": stage, "niah": s["eval"]["niah"], "file": None}
+                        for stage, s in run["stages"].items() if s["eval"]]
+    for path in paths:
+        path = path / "eval.json" if path.is_dir() else path
+        if not path.exists():
+            sys.exit(f"error: --evals {path}: no such file; give eval.json files (or folders holding one) that "
+                     "`nsa-dist eval --out DIR` wrote")
+        report = json.loads(path.read_text())
+        owners = [name for name, run_dir in run_dirs.items() if run_dir.name in Path(report["checkpoint"]).parts]
+        if len(owners) != 1:
+            sys.exit(f"error: --evals {path}: its checkpoint {report['checkpoint']} is under "
+                     f"{'none' if not owners else 'more than one'} of the run directories "
+                     f"({', '.join(str(d) for d in run_dirs.values())}): evaluate a checkpoint of one of them")
+        runs[owners[0]]["evals"].append({"step": report["step"], "stage": report["stage"], "niah": report["niah"],
+                                          "file": str(path)})
+
+
+def niah_by_length(runs: dict) -> str:
+    """One row per run and checkpoint: NIAH accuracy at every length it was evaluated at, as the mean over
+    depths and, in brackets, the worst and best depth."""
+    lengths = sorted({n for run in runs.values() for e in run["evals"] for n in e["niah"]["lengths"]})
+    lines = ["| run | after stage | step | " + " | ".join(f"NIAH at {n:,}" for n in lengths) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in lengths) + " |"]
+    for name, run in runs.items():
+        by_step: dict[int, dict] = {}
+        for e in sorted(run["evals"], key=lambda e: e["step"]):
+            row = by_step.setdefault(e["step"], {"stage": e["stage"], "cells": {}})
+            grid = e["niah"]
+            for i, n in enumerate(grid["lengths"]):
+                column = [depth_row[i] for depth_row in grid["accuracy"]]
+                row["cells"][n] = (f"{100 * sum(column) / len(column):.0f}% "
+                                   f"({100 * min(column):.0f}-{100 * max(column):.0f}%)")
+        for step, row in by_step.items():
+            cells = " | ".join(row["cells"].get(n, "") for n in lengths)
+            lines.append(f"| {name} | {row['stage']} | {step} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories (run.dir of each training run)")
     p.add_argument("--names", nargs="*", help="a label per run (default: the directory names)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--evals", nargs="*", type=Path, default=[],
+                   help="eval.json files (or folders) of later evaluations of these runs' checkpoints")
     a = p.parse_args(argv)
     names = a.names or [run.name for run in a.runs]
     if len(names) != len(a.runs):
@@ -147,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
                 grid = s["eval"]["niah"]
                 save_heatmap(grid, f"{name}, stage {stage}\n{grid['task']} retrieval", a.out / f"niah_{name}_{stage}.png")
     table = markdown(runs)
+    if a.evals:
+        attach_evals(runs, dict(zip(names, a.runs)), a.evals)
+        table += "\n" + niah_by_length(runs)
     (a.out / "report.md").write_text(table)
     (a.out / "report.json").write_text(json.dumps(runs, indent=1))
     print(table)

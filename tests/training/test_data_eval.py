@@ -130,6 +130,23 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     assert imread(tmp_path / "report" / "niah_tiny_more.png").ndim == 3
     assert json.loads((tmp_path / "report" / "report.json").read_text())["tiny"]["stages"]["more"]["steps"] == 24
 
+    # --evals: a later evaluation of the same checkpoint (here at another length) joins the stage-end one
+    # in a table of NIAH by length: mean over depths (worst-best)
+    later = dict(report, niah=dict(report["niah"], lengths=[256], accuracy=[[1.0], [0.5], [0.0]]))
+    (tmp_path / "later").mkdir()
+    (tmp_path / "later" / "eval.json").write_text(json.dumps(later))
+    compare_runs.main([str(root / "run"), "--names", "tiny", "--out", str(tmp_path / "with_evals"),
+                       "--evals", str(tmp_path / "later")])
+    by_length = (tmp_path / "with_evals" / "report.md").read_text().split("| run | after stage |")[1]
+    grid = report["niah"]["accuracy"]
+    at_128 = [row[0] for row in grid]
+    assert f"| tiny | more | {report['step']} | {100 * sum(at_128) / 3:.0f}% " in by_length
+    assert by_length.rstrip().endswith("| 50% (0-100%) |")
+    stray = dict(report, checkpoint="/elsewhere/other_run/checkpoints/step_00000025")
+    (tmp_path / "stray.json").write_text(json.dumps(stray))
+    with pytest.raises(SystemExit, match="is under none of the run directories"):
+        compare_runs.main([str(root / "run"), "--out", str(tmp_path / "stray"), "--evals", str(tmp_path / "stray.json")])
+
     copy = tmp_path / "copied" / "run"
     shutil.copytree(root / "run", copy, ignore=lambda folder, names: [n for n in names if n.startswith("__")
                                                                       or n.endswith((".distcp", ".pt"))])

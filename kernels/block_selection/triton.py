@@ -108,7 +108,7 @@ def query_tiles(
     seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
     block_t: int, device: torch.device,
 ) -> torch.Tensor:
-    """Tiles of at most block_t query tokens that never straddle a document.
+    """Tiles of at most block_t query tokens that never straddle a document, the longest first.
 
     Returns int64 [num_tiles, 5]: (first token, end token) as local query indices, the document's first
     global position, its first compressed row, its number of compressed rows.
@@ -133,6 +133,9 @@ def _tiles(seq: int, q_start: int, bounds: list[int], cmp_bounds: list[int], blo
     for doc_lo, doc_hi, cmp_lo, cmp_hi in zip(bounds[:-1], bounds[1:], cmp_bounds[:-1], cmp_bounds[1:]):
         lo, hi = max(doc_lo, q_start) - q_start, min(doc_hi, q_start + seq) - q_start
         rows += [(t, min(t + block_t, hi), doc_lo, cmp_lo, cmp_hi - cmp_lo) for t in range(lo, hi, block_t)]
+    # longest first: a tile's work grows with its last token's position in its document (the compressed
+    # rows it scans), and programs start in launch order, so the longest ones must not be left for last
+    rows.sort(key=lambda row: q_start + row[1] - row[2], reverse=True)
     return device_tensor(rows, torch.int64, device).reshape(-1, 5)
 
 

@@ -76,3 +76,23 @@ def test_launch_override(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setitem(block_selection.LAUNCH, "topn", {"BLOCK_T": 16, "num_warps": 4})
     check(2, 1, torch.float32, (8, 4, 8, 5))
+
+
+@pytest.mark.parametrize("q_start", [0, 37])
+def test_query_tiles_cover_each_query_once_longest_first(q_start):
+    """The tiles partition the chunk's queries without straddling a document, each with its document's
+    compressed rows, and come longest first (the last token's position in its document descending)."""
+    bounds = [0, 50, 51, 120, T]
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+    seq = T - q_start
+    tiles = block_selection.query_tiles(seq, 999, 16, 8, q_start, cu_seqlens, 8, torch.device("cpu")).tolist()
+    cmp_bounds = compressed_cu_seqlens(cu_seqlens, 16, 8).tolist()
+    covered = []
+    for lo, hi, doc_lo, cmp_lo, cmp_count in tiles:
+        doc = bounds.index(doc_lo)
+        assert 0 < hi - lo <= 8 and doc_lo <= q_start + lo and q_start + hi <= bounds[doc + 1]
+        assert (cmp_lo, cmp_count) == (cmp_bounds[doc], cmp_bounds[doc + 1] - cmp_bounds[doc])
+        covered += range(lo, hi)
+    assert sorted(covered) == list(range(seq))
+    work = [q_start + hi - doc_lo for _, hi, doc_lo, _, _ in tiles]
+    assert work == sorted(work, reverse=True)

@@ -5,8 +5,12 @@ one whole line per logged step instead of redrawing a bar.
 `ConsoleReporter` is a TrainingHooks: rank 0 of a torchrun job calls it directly; under Ray, rank 0
 forwards its calls through a queue (`ForwardHooks`) and the driver calls it, so the bar is drawn on the
 user's terminal rather than in a worker's log.
+
+Lines that mark a job's phases (a stage starting, a checkpoint saved, an evaluation done) begin with the
+wall-clock time, so a log shows where a job's time goes besides its steps.
 """
 
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +22,10 @@ from nsa_dist.config import Stage
 from nsa_dist.trainer import StepLog, TrainingHooks
 
 
+def clock() -> str:
+    return time.strftime("%H:%M:%S")
+
+
 class ConsoleReporter(TrainingHooks):
     def __init__(self, console: Console | None = None):
         self.console = console or Console(soft_wrap=True)  # soft_wrap: long lines stay whole in logs
@@ -26,9 +34,10 @@ class ConsoleReporter(TrainingHooks):
         self.stage_start = 0  # global step before the current stage's first
 
     def stage_started(self, stage: Stage, state: TrainState, source: str) -> None:
-        self.console.print(f"[bold]stage {stage.name}[/bold]: {stage.seq_len} tokens x {stage.global_batch_size} "
-                           f"sequences per step, {stage.layout()}, RoPE base {stage.rotary_base:g}, steps "
-                           f"{state.step + 1}-{state.step + stage.steps - state.stage_step}, from {source}")
+        self.console.print(f"{clock()} [bold]stage {stage.name}[/bold]: {stage.seq_len} tokens x "
+                           f"{stage.global_batch_size} sequences per step, {stage.layout()}, RoPE base "
+                           f"{stage.rotary_base:g}, steps {state.step + 1}-{state.step + stage.steps - state.stage_step}, "
+                           f"from {source}")
         self.stage_start = state.step - state.stage_step
         if self.console.is_terminal:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -47,7 +56,7 @@ class ConsoleReporter(TrainingHooks):
                                f"{log.grad_norm:.3f}  {log.step_time_s:.2f} s")
 
     def checkpoint_saved(self, path: Path, state: TrainState) -> None:
-        self.console.print(f"saved checkpoint {path} (step {state.step}"
+        self.console.print(f"{clock()} saved checkpoint {path} (step {state.step}"
                            f"{', end of stage ' + state.stage if state.stage_done else ''})")
 
     def stage_finished(self, stage: Stage, logs: list[StepLog]) -> None:
@@ -56,7 +65,7 @@ class ConsoleReporter(TrainingHooks):
             self.progress = None
         if not logs:
             return
-        table = Table(title=f"stage {stage.name} ({len(logs)} steps in this job)", title_justify="left")
+        table = Table(title=f"{clock()} stage {stage.name} ({len(logs)} steps in this job)", title_justify="left")
         for column in ("first loss", "last loss", "mean tokens/s", "mean step s", "peak memory GB"):
             table.add_column(column, justify="right")
         table.add_row(f"{logs[0].loss:.4f}", f"{logs[-1].loss:.4f}",
@@ -67,7 +76,7 @@ class ConsoleReporter(TrainingHooks):
 
     def evaluated(self, stage: Stage, report: dict) -> None:
         niah, validation = report["niah"], report["validation"]
-        self.console.print(f"evaluated {report['checkpoint']} ({stage.name}): validation loss "
+        self.console.print(f"{clock()} evaluated {report['checkpoint']} ({stage.name}): validation loss "
                            f"{validation['loss']:.4f}, {niah['task']} exact match {niah['mean_accuracy']:.0%} over "
                            f"lengths {niah['lengths']} x depths {niah['depths']}; {', '.join(report['files'])}")
 

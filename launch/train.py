@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state
 
 from nsa_dist.checkpoint import CheckpointError, newest_checkpoint  # noqa: E402
 from nsa_dist.config import Config, ConfigError, load_config  # noqa: E402
-from launch.console import ConsoleReporter  # noqa: E402
+from launch.console import ConsoleReporter, clock  # noqa: E402
 from nsa_dist.tracking import train_tracked  # noqa: E402
 from nsa_dist.trainer import plan, stages_to_run, train  # noqa: E402
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"nothing to train: {summary(config, world_size)}", soft_wrap=True)
         return 0
     m, n = config.model, config.nsa
-    console.print(f"GPT {m.num_layers} layers, hidden {m.hidden_size}, {m.attention} attention "
+    console.print(f"{clock()} GPT {m.num_layers} layers, hidden {m.hidden_size}, {m.attention} attention "
                   f"(HQ={m.num_query_heads} HK={m.num_kv_heads}; l={n.compress_block} d={n.stride} "
                   f"l'={n.selection_block} n={n.num_selected} w={n.window}) | {world_size} processes | run "
                   f"directory {config.run.dir}", soft_wrap=True)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]training stopped:[/red] rank {exc.error_index} failed ({detail}). "
                       f"{summary(config, world_size)}", soft_wrap=True)
         return 1
-    console.print(summary(config, world_size), soft_wrap=True)
+    console.print(f"{clock()} {summary(config, world_size)}", soft_wrap=True)
     return 0
 
 

@@ -206,7 +206,8 @@ def selection_layout(
 
 
 @functools.lru_cache(maxsize=64)
-def _one_document_layout(seq: int, num_keys: int, selection_block: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _one_document_layout(seq: int, num_keys: int, selection_block: int,
+                         device: torch.device) -> tuple[torch.Tensor, ...]:
     """selection_layout of one document, cached per shape (every layer of a step asks the same)."""
     block_start = torch.arange(0, num_keys, selection_block, dtype=torch.int32, device=device)
     block_end = (block_start + selection_block).clamp_max(num_keys)

@@ -145,7 +145,8 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     stray = dict(report, checkpoint="/elsewhere/other_run/checkpoints/step_00000025")
     (tmp_path / "stray.json").write_text(json.dumps(stray))
     with pytest.raises(SystemExit, match="is under none of the run directories"):
-        compare_runs.main([str(root / "run"), "--out", str(tmp_path / "stray"), "--evals", str(tmp_path / "stray.json")])
+        compare_runs.main([str(root / "run"), "--out", str(tmp_path / "stray"),
+                           "--evals", str(tmp_path / "stray.json")])
 
     copy = tmp_path / "copied" / "run"
     shutil.copytree(root / "run", copy, ignore=lambda folder, names: [n for n in names if n.startswith("__")

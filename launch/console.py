@@ -36,8 +36,8 @@ class ConsoleReporter(TrainingHooks):
     def stage_started(self, stage: Stage, state: TrainState, source: str) -> None:
         self.console.print(f"{clock()} [bold]stage {stage.name}[/bold]: {stage.seq_len} tokens x "
                            f"{stage.global_batch_size} sequences per step, {stage.layout()}, RoPE base "
-                           f"{stage.rotary_base:g}, steps {state.step + 1}-{state.step + stage.steps - state.stage_step}, "
-                           f"from {source}")
+                           f"{stage.rotary_base:g}, steps {state.step + 1}-"
+                           f"{state.step + stage.steps - state.stage_step}, from {source}")
         self.stage_start = state.step - state.stage_step
         if self.console.is_terminal:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

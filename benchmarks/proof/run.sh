@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 python3 tools/build_code_corpus.py 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-t0=$(date +%s)
+t0=$(date +%s); echo "$(date +%T) starting $cfg"  # the job's own lines carry the time too
 timeout ${LIMIT:-520} python3 -m launch.train --config configs/$cfg.yaml > $OUT/$cfg.log 2>&1
 echo "$cfg rc=$? wall $(( $(date +%s)-t0 )) s"
 grep -v "━\|^\s*File\|^\s*\^\|warn\|return func" $OUT/$cfg.log | grep -v " step [0-9]*:" | tail -45

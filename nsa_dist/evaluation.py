@@ -72,10 +72,13 @@ def niah_grid(lengths: Sequence[int], depths: Sequence[float], cells: dict[Cell,
 
 
 def greedy_predictor(gpt, tokenizer, device: torch.device, pad_to: int) -> Callable[[list[TaskSample]], list[str]]:
-    """Answers samples by greedy decoding as many tokens as their answers have (no KV cache: every new
-    token reruns the whole prefix, which is fine for answers of a few tokens). The prefix is padded on
-    the right to a multiple of `pad_to` tokens (the attention takes whole blocks): attention is causal,
-    so the padding changes no logit before it."""
+    """Answers samples as greedy decoding would, in one forward pass per batch instead of one per answer
+    token: the prompt and the true answer run together, and at each answer position the model's argmax
+    given the true tokens before it is read off. Greedy decoding agrees with these argmaxes up to its first
+    wrong token, so the answer is exact (token for token) when every argmax is the true token, and a wrong
+    answer is returned up to and including its first wrong token, which is what greedy decoding emits up to
+    there. The input is padded on the right to a multiple of `pad_to` tokens (the attention takes whole
+    blocks): attention is causal, so the padding changes no logit before it."""
 
     @torch.no_grad()
     def predict(samples: list[TaskSample]) -> list[str]:
@@ -83,15 +86,16 @@ def greedy_predictor(gpt, tokenizer, device: torch.device, pad_to: int) -> Calla
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, sample in enumerate(samples):
             by_shape.setdefault((len(sample.prompt), len(sample.answer)), []).append(i)
-        for (_, new), indices in by_shape.items():
-            tokens = torch.tensor([samples[i].prompt for i in indices], dtype=torch.int64, device=device)
-            for _ in range(new):
-                length = tokens.shape[1]
-                padded = torch.nn.functional.pad(tokens, (0, -length % pad_to))
-                logits = gpt(padded, None, None)  # [B, T, vocab]
-                tokens = torch.cat([tokens, logits[:, length - 1].argmax(-1, keepdim=True)], dim=1)
+        for (prompt, new), indices in by_shape.items():
+            rows = [samples[i].prompt + samples[i].answer[:-1] for i in indices]
+            tokens = torch.tensor(rows, dtype=torch.int64, device=device)
+            padded = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
+            logits = gpt(padded, None, None)  # [B, T, vocab]
+            argmax = logits[:, prompt - 1 : prompt - 1 + new].argmax(-1).tolist()
             for row, i in enumerate(indices):
-                answers[i] = tokenizer.decode(tokens[row, -new:].tolist())
+                truth = samples[i].answer
+                wrong = next((k for k in range(new) if argmax[row][k] != truth[k]), None)
+                answers[i] = tokenizer.decode(truth if wrong is None else truth[:wrong] + [argmax[row][wrong]])
         return answers
 
     return predict

@@ -108,3 +108,40 @@ def test_niah_scorer():
     # the prompt alone never holds the answer's position: a predictor that echoes the prompt's end fails
     echo = answer_niah(cells, lambda samples: [TOKENIZER.decode(s.prompt[-5:]) for s in samples])
     assert niah_grid([200, 400], [0.0, 0.5, 1.0], cells, echo)["mean_accuracy"] == 0
+
+
+def test_one_pass_predictor_answers_as_greedy_decoding():
+    """greedy_predictor reads the greedy answer off one forward pass over prompt + true answer. Against
+    token-by-token greedy decoding with a causal stand-in model: a right answer comes back whole, a wrong
+    one up to and including the first token greedy decoding gets wrong."""
+    from nsa_dist.evaluation import greedy_predictor
+    from nsa_dist.tasks import TaskSample
+
+    vocab = 256
+
+    def model(tokens, *_):  # causal: position t predicts from tokens t-2..t only
+        prev = torch.nn.functional.pad(tokens, (2, 0))
+        following = (prev[:, 2:] * 7 + prev[:, 1:-1] * 3 + prev[:, :-2] + 1) % vocab
+        return torch.nn.functional.one_hot(following, vocab).float()
+
+    def greedy(prompt, new):
+        tokens = list(prompt)
+        for _ in range(new):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+        return tokens[len(prompt):]
+
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for k in range(6):
+        prompt = torch.randint(vocab, (37,), generator=generator).tolist()
+        answer = greedy(prompt, 5)
+        if k % 2:  # wrong from answer token k // 2 on
+            answer = answer[: k // 2] + [(t + 1) % vocab for t in answer[k // 2:]]
+        samples.append(TaskSample("passkey", prompt, answer, TOKENIZER.decode(answer).strip(), 0.5))
+    predicted = greedy_predictor(model, TOKENIZER, torch.device("cpu"), pad_to=16)(samples)
+    for k, (sample, text) in enumerate(zip(samples, predicted)):
+        decoded = greedy(sample.prompt, len(sample.answer))
+        first_wrong = next((i for i, (a, b) in enumerate(zip(decoded, sample.answer)) if a != b), None)
+        assert (first_wrong is None) == (k % 2 == 0)
+        expected = decoded if first_wrong is None else decoded[: first_wrong + 1]
+        assert text == TOKENIZER.decode(expected), k

@@ -75,6 +75,9 @@ def document_pieces(cu_seqlens: torch.Tensor, q_start: int, seq: int):
 
 
 Layout = TypeVar("Layout")
+# One-document layouts kept per branch (functools.lru_cache): a step asks for a few shapes (its forward
+# chunks), and each entry holds O(T) int32 on the device.
+LAYOUT_CACHE_SIZE = 16
 
 
 def remember_bounds(cu_seqlens: torch.Tensor, bounds: list[int]) -> None:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import default_scale, device_tensor, document_layout, host_bounds
+from kernels.common import LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds
 from kernels.compression.naive import compressed_bounds
 from kernels.range_attention import LOG2E
 from kernels.triton_utils import (
@@ -121,7 +121,7 @@ def query_tiles(
                                           block_t, device))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _one_document_tiles(seq: int, num_blocks: int, q_start: int, block_t: int, device: torch.device) -> torch.Tensor:
     """query_tiles of one document, cached per shape (every layer of a step asks the same)."""
     return _tiles(seq, q_start, [0, q_start + seq], [0, num_blocks], block_t, device)

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from kernels.common import default_scale, document_layout, document_of
+from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of
 from kernels.compression.naive import compressed_cu_seqlens
 from kernels.range_attention import RangeAttention
 from kernels.triton_utils import check_attention_inputs, check_packed
@@ -36,7 +36,7 @@ def compressed_ranges(
                            build)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _one_document_ranges(seq: int, num_blocks: int, block_size: int, stride: int, q_start: int,
                          device: torch.device) -> tuple[torch.Tensor, ...]:
     """compressed_ranges of one document, cached per shape (every layer of a step asks the same)."""

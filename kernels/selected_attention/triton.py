@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import default_scale, document_layout, document_of, host_bounds
+from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, host_bounds
 from kernels.range_attention import LOG2E, attention_delta, online_softmax_step, store_rows
 from kernels.triton_utils import (
     check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
@@ -205,7 +205,7 @@ def selection_layout(
                            lambda: _document_blocks(seq, selection_block, q_start, cu_seqlens, device))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _one_document_layout(seq: int, num_keys: int, selection_block: int,
                          device: torch.device) -> tuple[torch.Tensor, ...]:
     """selection_layout of one document, cached per shape (every layer of a step asks the same)."""

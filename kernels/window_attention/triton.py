@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from kernels.common import default_scale, document_layout, document_of
+from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of
 from kernels.range_attention import RangeAttention
 from kernels.triton_utils import check_attention_inputs, check_packed
 
@@ -30,7 +30,7 @@ def window_ranges(
         lambda: _ranges(seq, num_keys, window, q_start, k_start, cu_seqlens.to(device=device, dtype=torch.int64)))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _one_document_ranges(seq: int, num_keys: int, window: int, q_start: int, k_start: int,
                          device: torch.device) -> tuple[torch.Tensor, ...]:
     """window_ranges of one document, cached per shape (every layer of a step asks the same)."""

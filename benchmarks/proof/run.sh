@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One proof run on the GPU machine (device tool, carry .whl): wheels, corpus, the training job, and its
 # run directory without weights copied to $OUT. Usage: bash benchmarks/proof/run.sh proof_100m
+# (OVERLAP=1 also measures the selection overlap of the final checkpoint)
 set -u
 cfg=${1:?"give the config name, e.g. proof_100m for configs/proof_100m.yaml"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1
@@ -11,6 +12,14 @@ t0=$(date +%s); echo "$(date +%T) starting $cfg"  # the job's own lines carry th
 timeout ${LIMIT:-520} python3 -m launch.train --config configs/$cfg.yaml > $OUT/$cfg.log 2>&1
 echo "$cfg rc=$? wall $(( $(date +%s)-t0 )) s"
 grep -v "━\|^\s*File\|^\s*\^\|warn\|return func" $OUT/$cfg.log | grep -v " step [0-9]*:" | tail -45
+# OVERLAP=1: how much consecutive tokens' top-n picks overlap in the final checkpoint (NSA runs only),
+# while the checkpoint is on this machine (benchmarks/kernels-notes.md: it decides the selected-attention
+# kernel's tiling)
+if [ "${OVERLAP:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
+  newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
+  timeout 150 python3 tools/selection_overlap.py --config configs/$cfg.yaml --checkpoint $newest --seq-len 8192 \
+    --sequences 2 --out $OUT/${cfg}_overlap.json 2>&1 | grep -v -i warn | tail -16
+fi
 # every proof run directory still on this machine, without weights (MLflow store, tracking.json, each
 # checkpoint's eval/), one tar each: the device tool returns 8 files at most. Unpack beside the others:
 # tar -C benchmarks/proof -xf proof_100m.tar

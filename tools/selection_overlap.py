@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nsa_dist.attention as nsa_attention  # noqa: E402
 from kernels.compression.naive import mean_compress  # noqa: E402
 from kernels.nsa import branch_ops, resolve_impl  # noqa: E402
-from nsa_dist.checkpoint import check_same_model, load_checkpoint, read_checkpoint  # noqa: E402
+from nsa_dist.checkpoint import CheckpointError, check_same_model, load_checkpoint, read_checkpoint  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.data import document_eod, packed_seq_params, stage_sequences  # noqa: E402
 from nsa_dist.trainer import _build, _start_processes, parallel_layout  # noqa: E402
@@ -68,8 +68,9 @@ def random_picks(config, seq_len: int, device: torch.device) -> torch.Tensor:
 
 def model_picks(config, stage, checkpoint, sequences: int, device: torch.device) -> list[list[torch.Tensor]]:
     """Per held-out sequence, each NSA layer's block_idx, in layer order."""
+    # the attention module's two NSA entry points, wrapped for this run only to keep each layer's picks
     captured: list[torch.Tensor] = []
-    nsa = nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention
+    originals = nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention
 
     def keep(function):
         def wrapped(*args, **kwargs):
@@ -78,7 +79,7 @@ def model_picks(config, stage, checkpoint, sequences: int, device: torch.device)
             return result
         return wrapped
 
-    nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention = (keep(f) for f in nsa)
+    nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention = (keep(f) for f in originals)
     try:
         with parallel_layout(stage) as gather_group:
             model, optimizer = _build(config, stage, device, gather_group)
@@ -98,7 +99,7 @@ def model_picks(config, stage, checkpoint, sequences: int, device: torch.device)
                     per_sequence.append(list(captured))
             return per_sequence
     finally:
-        nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention = nsa
+        nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention = originals
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,9 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="benchmarks/selection_overlap.json")
     a = p.parse_args(argv)
+    if a.sequences < 1:
+        raise ConfigError(f"--sequences {a.sequences} must be at least 1")
+    if min(a.tiles) < 1:
+        raise ConfigError(f"--tiles {' '.join(map(str, a.tiles))}: every tile size must be at least 1 token")
+    if a.seq_len is not None and a.seq_len < 1:
+        raise ConfigError(f"--seq-len {a.seq_len} must be at least 1 (or left out for the stage's)")
     config = load_config(a.config, a.overrides)
     if config.model.attention != "nsa":
-        raise ConfigError(f"model.attention={config.model.attention!r}: selection overlap needs an NSA model")
+        raise ConfigError(f"model.attention={config.model.attention!r} in {a.config}: selection overlap needs an "
+                          "NSA model; give an NSA config (or --set model.attention=nsa)")
     checkpoint = read_checkpoint(a.checkpoint) if a.checkpoint else None
     if checkpoint is not None:
         check_same_model(checkpoint, config)
@@ -151,5 +159,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         sys.exit(f"error: {exc}")

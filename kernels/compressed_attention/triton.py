@@ -27,6 +27,7 @@ def compressed_ranges(
     """
     if cu_seqlens is None:
         return _one_document_ranges(seq, num_blocks, block_size, stride, q_start, device)
+
     def build():
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         cmp_cu = compressed_cu_seqlens(cu, block_size, stride).to(torch.int64)

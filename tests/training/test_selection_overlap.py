@@ -42,3 +42,18 @@ def test_tool_reports_each_layer_and_random_inputs(tmp_path):
     # 512 tokens hold 16 blocks of 32 and each token picks 4: later tokens pick among many, so tiles differ
     assert report["random_inputs"]["4"] > 1.0
     assert "layer 2" in done.stdout and "random q, k" in done.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("args, message", [
+    (["--tiles", "1", "0"], "--tiles 1 0: every tile size must be at least 1 token"),
+    (["--checkpoint", "/nonexistent/step_1"], "checkpoint /nonexistent/step_1 does not exist"),
+    (["--set", "model.attention=dense"], "model.attention='dense' in configs/quickstart.yaml: selection overlap "
+                                         "needs an NSA model"),
+])
+def test_tool_refuses_bad_input_by_name(args, message, tmp_path):
+    done = subprocess.run([sys.executable, "tools/selection_overlap.py", "--config", "configs/quickstart.yaml",
+                           *args, "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=100)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.json").exists()

@@ -13,6 +13,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 import warnings
 
 import torch
@@ -31,6 +32,9 @@ from nsa_dist.config import Config, ConfigError, load_config  # noqa: E402
 from launch.console import ConsoleReporter, clock  # noqa: E402
 from nsa_dist.tracking import train_tracked  # noqa: E402
 from nsa_dist.trainer import plan, stages_to_run, train  # noqa: E402
+
+
+SLOW_TEARDOWN_S = 5.0  # a job's teardown slower than this is reported with its time
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,8 +76,12 @@ def run_rank(config: Config, command: str) -> None:
         sys.exit(2)
     # tear down together while the interpreter is alive: a rank that exits while a peer still sends to it,
     # or gloo threads freeing tensors during interpreter shutdown, abort the process
+    started = time.monotonic()
     dist.barrier()
     dist.destroy_process_group()
+    closing = time.monotonic() - started
+    if rank0 and closing > SLOW_TEARDOWN_S:  # seen on one H200: ~46 s between the last evaluation and the end
+        print(f"{clock()} closing the process groups took {closing:.0f} s", flush=True)
 
 
 def free_port() -> int:

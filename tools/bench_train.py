@@ -13,12 +13,19 @@ device (CPU without one), e.g. the proof model's 2K stage on its own data, maske
 
     python tools/bench_train.py --config configs/proof_100m.yaml --seq-len 2048 --steps 4 --profile \
         --set "stages=[{name: bench, seq_len: 2048, steps: 4, global_batch_size: 32, micro_batch_size: 32}]"
+
+With --host-profile, Python's cProfile records the host side of steps 2 to the last on the training thread
+(the device synchronized at both ends): the functions by cumulative and by own time, for a step that is
+host-bound (short sequences: the GPU waits for the Python that launches its kernels).
 """
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import os
+import pstats
 import socket
 import subprocess
 import sys
@@ -46,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention", default="dense,nsa", help="comma-separated, timed in this order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--profile", action="store_true", help="profile steps 2-3 (--steps must be >= 3)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="cProfile the host over steps 2 to the last (--steps must be >= 2)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/train_<seq_len>.json)")
     return parser.parse_args()
 
@@ -84,6 +93,33 @@ class ProfileSteps(TrainingHooks):
         return averages.table(sort_by=key, row_limit=rows), steps
 
 
+class ProfileHost(TrainingHooks):
+    """Python's cProfile over optimizer steps 2 to the last, on the training thread: the host's share of a
+    step (kernel launches, the model's Python, data), which bounds short steps."""
+
+    def __init__(self, steps: int):
+        self.profiler = cProfile.Profile()
+        self.steps = steps
+        self.seen = 0
+
+    def step(self, log):
+        self.seen += 1
+        if self.seen in (1, self.steps) and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the profiled window starts and ends with the device idle
+        if self.seen == 1:
+            self.profiler.enable()
+        elif self.seen == self.steps:
+            self.profiler.disable()
+
+    def report(self, rows: int = 30) -> str:
+        """The top functions by cumulative time, then by own time."""
+        out = io.StringIO()
+        stats = pstats.Stats(self.profiler, stream=out)
+        for key in ("cumulative", "tottime"):
+            stats.sort_stats(key).print_stats(rows)
+        return out.getvalue()
+
+
 def bench(args, attention: str) -> dict:
     config = load_config(args.config, [
         "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
@@ -94,7 +130,8 @@ def bench(args, attention: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     profile = ProfileSteps() if args.profile else None
-    history = train(config, [PrintStep(attention)] + ([profile] if profile else [])).history
+    host = ProfileHost(args.steps) if args.host_profile else None
+    history = train(config, [PrintStep(attention)] + [hook for hook in (profile, host) if hook]).history
     timed = history[1:] or history
     result = {
         "attention": attention,
@@ -110,6 +147,10 @@ def bench(args, attention: str) -> dict:
     if profile:
         result["profile"], result["profiled_steps"] = profile.report()
         print(f"\n{attention}: steps 2-3 by self time\n{result['profile']}", flush=True)
+    if host:
+        result["host_profile"] = host.report()
+        result["host_profiled_steps"] = args.steps - 1
+        print(f"\n{attention}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -129,6 +170,8 @@ def main() -> None:
     args = parse_args()
     if args.profile and args.steps < 3:
         sys.exit(f"error: --profile records steps 2 and 3, and --steps={args.steps}: pass --steps 3 or more")
+    if args.host_profile and args.steps < 2:
+        sys.exit(f"error: --host-profile records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

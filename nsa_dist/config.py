@@ -206,6 +206,7 @@ class EvalConfig:
     at_stage_end: bool = False  # evaluate each stage's final checkpoint when the stage ends
     niah_task: Literal["passkey", "multikey_niah"] = "passkey"  # the needle of the NIAH grid
     niah_lengths: list[int] = field(default_factory=list)  # the grid's context lengths; empty: the stage's seq_len
+    niah_stage_length: bool = False  # with niah_lengths: the stage's seq_len too (e.g. [256, 1024] and each stage's)
     niah_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths, 0..1
     niah_samples: int = 4  # prompts per grid cell (context length x depth)
     validation_sequences: int = 8  # held-out sequences of the stage's seq_len for the validation loss

@@ -134,6 +134,15 @@ def bucket_losses(loss_sum: torch.Tensor, count: torch.Tensor, buckets: int) -> 
 # ------------------------------------------------------------------------------------ a checkpoint
 
 
+def niah_lengths(config: Config, stage: Stage) -> list[int]:
+    """The NIAH grid's context lengths for `stage`, ascending: eval.niah_lengths, with the stage's seq_len
+    when that list is empty or eval.niah_stage_length is set."""
+    lengths = set(config.eval.niah_lengths)
+    if not lengths or config.eval.niah_stage_length:
+        lengths.add(stage.seq_len)
+    return sorted(lengths)
+
+
 def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, out_dir: Path | None = None) -> dict:
     """Evaluates `checkpoint`'s weights with `stage`'s RoPE base and seq_len (see the module docstring);
     every rank calls it, outside any stage's parallel state. Rank 0 writes eval.json and niah.png into
@@ -145,7 +154,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
     rank, world = dist.get_rank(), dist.get_world_size()
     ev, data = config.eval, config.data
     tokenizer = load_tokenizer(data.tokenizer, data.eod_token)
-    lengths = ev.niah_lengths or [stage.seq_len]
+    lengths = niah_lengths(config, stage)
     single = replace(stage, tensor=1, pipeline=1, context=1)
     with parallel_layout(single) as gather_group:
         model, optimizer = _build(config, single, device, gather_group)

@@ -5,7 +5,7 @@
 For each run directory (trained with tracking on and `eval.at_stage_end`), per stage: the training loss
 curve, steps, mean tokens/s (the stage's first step, which compiles and warms up, left out), training
 seconds (the sum of step times), and the stage-end evaluation (validation loss, NIAH accuracy and its
-heatmap). Writes to --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png`
+heatmap; accuracy and worst depth at the stage's own length when the grid also holds others). Writes to --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png`
 (each stage's heatmap, drawn from its eval.json), `report.md` (the tables, ready for the README) and
 `report.json`.
 
@@ -65,7 +65,15 @@ def stage_summary(client, run_id: str, run_dir: Path) -> dict:
                            "loss_by_position": report["loss_by_position"]}
         summary["eval_step"] = report["step"]
         summary["heatmap"] = str(checkpoint / "eval" / "niah.png")
-        summary["niah_worst_depth"] = min(min(row) for row in report["niah"]["accuracy"])
+        # at the stage's own length when the grid has it (eval.niah_stage_length), else over the whole grid
+        niah = report["niah"]
+        if report["seq_len"] in niah["lengths"]:
+            column = niah["lengths"].index(report["seq_len"])
+            cells = [row[column] for row in niah["accuracy"]]
+        else:
+            cells = [cell for row in niah["accuracy"] for cell in row]
+        summary["niah_accuracy"] = sum(cells) / len(cells)
+        summary["niah_worst_depth"] = min(cells)
     return summary
 
 

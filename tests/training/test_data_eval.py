@@ -17,7 +17,7 @@ from dist_harness import run_distributed  # noqa: E402
 from tiny import TINY, tiny_config  # noqa: E402
 
 DATA = ["data.source=indexed", "model.vocab_size=256", "data.split=90,10,0", "data.documents=mask",
-        "eval.niah_lengths=[128,192]", "eval.niah_depths=[0,0.5,1]", "eval.niah_samples=2",
+        "eval.niah_lengths=[192]", "eval.niah_stage_length=true", "eval.niah_depths=[0,0.5,1]", "eval.niah_samples=2",
         "eval.validation_sequences=6", "eval.position_buckets=4"]
 STAGES = ["stages=[{name: first, seq_len: 128, steps: 1}, {name: more, seq_len: 128, steps: 24, "
           "mix: {source: 0.75, passkey: 0.25}}]"]
@@ -67,6 +67,7 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
     root, _ = trained
     report = _reports(root / "run")["more"]
     niah = report["niah"]
+    # eval.niah_lengths=[192] with the stage's own 128 (eval.niah_stage_length), ascending
     assert niah["lengths"] == [128, 192] and niah["depths"] == [0, 0.5, 1]
     assert len(niah["accuracy"]) == 3 and all(len(row) == 2 and all(0 <= v <= 1 for v in row)
                                                for row in niah["accuracy"])
@@ -96,7 +97,7 @@ def test_nsa_dist_eval_end_to_end(trained, tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", str(config), *sets, "--set", "eval.niah_lengths=[256]", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert report["stage"] == "more" and report["niah"]["lengths"] == [256]
+    assert report["stage"] == "more" and report["niah"]["lengths"] == [128, 256]  # and the stage's own
     assert (out / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp*"))
 
@@ -119,8 +120,10 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     assert [step for step, _ in stages["more"]["loss"]] == list(range(2, 26))
     report = _reports(root / "run")["more"]
     assert stages["more"]["val_loss"] == pytest.approx(report["validation"]["loss"])
-    assert stages["more"]["niah_accuracy"] == pytest.approx(report["niah"]["mean_accuracy"])
-    assert stages["more"]["niah_worst_depth"] == min(map(min, report["niah"]["accuracy"]))
+    # NIAH at the stage's own length (128, the grid's first column), not over the whole grid
+    at_128 = [row[0] for row in report["niah"]["accuracy"]]
+    assert stages["more"]["niah_accuracy"] == pytest.approx(sum(at_128) / 3)
+    assert stages["more"]["niah_worst_depth"] == min(at_128)
     assert stages["more"]["train_seconds"] > 0 and stages["more"]["tokens_per_s"] > 0
     # the job's wall time: both stages' steps, and start-up, checkpoints and evaluations besides
     assert runs["tiny"]["wall_seconds"] > sum(s["train_seconds"] for s in stages.values())

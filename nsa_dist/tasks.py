@@ -8,6 +8,7 @@ lengths and depths. Samples are assembled from token pieces, so a sample has exa
 for with any tokenizer; the answer is compared as text.
 """
 
+import functools
 import random
 import string
 from dataclasses import dataclass
@@ -48,13 +49,20 @@ def _rng(task: str, seed: int, index: int, length: int) -> random.Random:
     return random.Random(f"{task}/{seed}/{index}/{length}")  # str seeds hash with sha512: stable across runs
 
 
+@functools.lru_cache(maxsize=None)
+def _filler_sentences(tokenizer) -> tuple[list[int], ...]:
+    """FILLER's sentences, each encoded once per tokenizer (samples are generated on the training thread)."""
+    return tuple(tokenizer.encode(" " + sentence).tolist() for sentence in FILLER)
+
+
 def _filler(tokenizer, rng: random.Random, count: int) -> tuple[list[int], list[int]]:
     """`count` tokens of filler sentences, and where each sentence starts."""
+    sentences = _filler_sentences(tokenizer)
     out: list[int] = []
     starts = []
     while len(out) < count:
         starts.append(len(out))
-        out += tokenizer.encode(" " + rng.choice(FILLER)).tolist()
+        out += rng.choice(sentences)
     return out[:count], starts + [count]
 
 

@@ -205,7 +205,7 @@ class EvalConfig:
 
     at_stage_end: bool = False  # evaluate each stage's final checkpoint when the stage ends
     niah_task: Literal["passkey", "multikey_niah"] = "passkey"  # the needle of the NIAH grid
-    niah_lengths: list[int] = field(default_factory=list)  # the grid's context lengths; empty: the stage's seq_len
+    niah_lengths: list[int] = field(default_factory=list)  # the grid's lengths, ascending; empty: the stage's seq_len
     niah_stage_length: bool = False  # with niah_lengths: the stage's seq_len too (e.g. [256, 1024] and each stage's)
     niah_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths, 0..1
     niah_samples: int = 4  # prompts per grid cell (context length x depth)
@@ -461,6 +461,8 @@ def validate(config: Config) -> None:
     for i, length in enumerate(ev.niah_lengths):
         _require(length >= 64, f"eval.niah_lengths[{i}]={length} is too short to hold a needle and a question: "
                  "use at least 64 tokens")
+        _require(length not in ev.niah_lengths[:i], f"eval.niah_lengths[{i}]={length} repeats an earlier length "
+                 f"(eval.niah_lengths={ev.niah_lengths}): give each length once (they are evaluated in ascending order)")
 
     ck = config.checkpoint
     _require(ck.interval >= 0, f"checkpoint.interval={ck.interval} must be >= 0 (0: save at stage ends only)")

@@ -82,6 +82,8 @@ INVALID = [
     (["model.head_dim_v=0"], "model.head_dim_v", "positive"),
     (["model.vocab_size=1"], "model.vocab_size", "at least 2"),
     (["model.rotary_base=0"], "model.rotary_base", "positive"),
+    (["eval.niah_lengths=[64,32]"], "eval.niah_lengths[1]=32", "at least 64"),
+    (["eval.niah_lengths=[1024,256,1024]"], "eval.niah_lengths[2]=1024", "give each length once"),
     (["model.attention=flash"], "model.attention", "'nsa', 'dense'"),
     (["model.hidden_size=abc"], "model.hidden_size", "integer"),
     (["model.hidden_size=1.5"], "model.hidden_size", "integer"),

@@ -5,9 +5,9 @@
 For each run directory (trained with tracking on and `eval.at_stage_end`), per stage: the training loss
 curve, steps, mean tokens/s (the stage's first step, which compiles and warms up, left out), training
 seconds (the sum of step times), and the stage-end evaluation (validation loss, NIAH accuracy and its
-heatmap; accuracy and worst depth at the stage's own length when the grid also holds others). Writes to --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png`
-(each stage's heatmap, drawn from its eval.json), `report.md` (the tables, ready for the README) and
-`report.json`.
+heatmap; accuracy and worst depth at the stage's own length when the grid also holds others). Writes to
+--out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
+drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`.
 
 --evals adds evaluations made after training (`nsa-dist eval ... --out DIR`, e.g. a checkpoint evaluated
 at other lengths): report.md then has a table of NIAH accuracy by length, one row per run and checkpoint,

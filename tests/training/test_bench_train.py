@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_train_times_and_profiles_steps(tmp_path):
     out = tmp_path / "train.json"
     command = [sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml", "--attention", "dense",
-               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--out", str(out), "--set", "training.dtype=fp32",
-               "--set", "training.device=cpu", "--set", "model.num_layers=1",
+               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--out", str(out),
+               "--set", "training.dtype=fp32", "--set", "training.device=cpu", "--set", "model.num_layers=1",
                # a stage of the user's own, shorter than quickstart.yaml's 5 warmup steps (the benchmark sets 1)
                "--set", "stages=[{name: mine, seq_len: 128, steps: 4, global_batch_size: 2, micro_batch_size: 2}]"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -39,6 +39,7 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert too_few.returncode != 0 and "--profile records steps 2 and 3, and --steps=2" in too_few.stderr
 
-    one_step = subprocess.run(command[:command.index("--steps")] + ["--steps", "1", "--host-profile", "--out", str(out)],
+    one_step = subprocess.run(command[:command.index("--steps")] + ["--steps", "1", "--host-profile", "--out",
+                                                                     str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert one_step.returncode != 0 and "--host-profile records steps 2 to the last, and --steps=1" in one_step.stderr

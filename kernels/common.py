@@ -64,8 +64,9 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 def document_pieces(cu_seqlens: torch.Tensor, q_start: int, seq: int):
     """Yields (doc, lo, hi): document doc holds the queries lo..hi-1 of a chunk of seq queries that starts
-    at global position q_start. Used by the references to run each packed document on its own."""
-    bounds = cu_seqlens.tolist()
+    at global position q_start. Used to run each packed document on its own (the references, the dense
+    baseline under context parallelism)."""
+    bounds = host_bounds(cu_seqlens)
     if bounds[0] > q_start or bounds[-1] < q_start + seq:
         raise ValueError(f"cu_seqlens {bounds} must cover the queries' positions [{q_start}, {q_start + seq})")
     for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):

@@ -36,7 +36,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from kernels.common import document_layout, document_of
 from kernels.compression import mean_compress, mlp_compress
-from kernels.nsa import native_sparse_attention, resolve_impl
+from kernels.nsa import resolve_impl
 from nsa_dist.config import ModelConfig, NSAConfig
 from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigzag_positions
 from nsa_dist.parallel.dense_cp import causal_sdpa, dense_documents
@@ -53,25 +53,30 @@ def rotary_freqs(seq_len: int, cp_size: int, cp_rank: int, head_dim: int, base: 
     Formed in float64 and reduced modulo 2*pi before the cast: at position 1M an fp32 angle is off by up
     to ~0.06 rad. Cached per (length, layout, base), so the layers of a step share one tensor.
     """
-    if cp_size == 1:
-        positions = torch.arange(seq_len, device=device)
-    else:
-        positions = zigzag_positions(seq_len, cp_rank, cp_size).to(device)
+    positions = rotary_positions(seq_len, cp_size, cp_rank, device)
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
     angles = torch.remainder(positions.double()[:, None] * (base**-exponents)[None, :], 2 * math.pi)
     return torch.cat([angles, angles], dim=-1).float()[:, None, None, :]
 
 
-def document_rotary_freqs(cu_seqlens: torch.Tensor, seq_len: int, head_dim: int, base: float,
-                          device: torch.device) -> torch.Tensor:
-    """RoPE angles of packed documents, each from position 0: [T, 1, 1, head_dim] fp32, one row per token.
-    Built once per cu_seqlens (the layers of a step share it)."""
+def document_rotary_freqs(cu_seqlens: torch.Tensor, seq_len: int, cp_size: int, cp_rank: int, head_dim: int,
+                          base: float, device: torch.device) -> torch.Tensor:
+    """RoPE angles of packed documents, each from position 0: [T_local, 1, 1, head_dim] fp32, one row per
+    token of this CP rank's zigzag shard (cu_seqlens: boundaries over the whole seq_len sequence). Built
+    once per cu_seqlens (the layers of a step share it)."""
     def build():
-        positions = torch.arange(seq_len, device=device)
+        positions = rotary_positions(seq_len, cp_size, cp_rank, device)
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         return rotary_freqs(seq_len, 1, 0, head_dim, base, device)[positions - cu[document_of(positions, cu)]]
 
-    return document_layout(cu_seqlens, ("rotary", seq_len, head_dim, base, device), build)
+    return document_layout(cu_seqlens, ("rotary", seq_len, cp_size, cp_rank, head_dim, base, device), build)
+
+
+def rotary_positions(seq_len: int, cp_size: int, cp_rank: int, device: torch.device) -> torch.Tensor:
+    """Global positions of this CP rank's tokens (its two zigzag chunks; all of them on one rank)."""
+    if cp_size == 1:
+        return torch.arange(seq_len, device=device)
+    return zigzag_positions(seq_len, cp_rank, cp_size).to(device)
 
 
 class Compression(nn.Module):
@@ -98,17 +103,15 @@ def _to_batch_major(x: torch.Tensor, packed: bool) -> torch.Tensor:
     return x.unsqueeze(0) if packed else x.transpose(0, 1)
 
 
-def _cu_seqlens(packed_seq_params, cp_group) -> torch.Tensor | None:
+def _cu_seqlens(packed_seq_params) -> torch.Tensor | None:
+    """The packed documents' boundaries over the whole sequence (under CP too: every rank holds them all,
+    and each rank's tokens are its zigzag shard of that sequence)."""
     if packed_seq_params is None:
         return None
     if packed_seq_params.qkv_format != "thd":
         raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}: packed documents "
                          "reach the attention in Megatron's 'thd' layout (the micro-batch's rows packed into one "
                          "row, B = 1); build PackedSeqParams with qkv_format='thd'")
-    if cp_group.size() > 1:
-        raise NotImplementedError(
-            "packed documents (packed_seq_params) under context parallelism are not supported yet: train "
-            "packed documents with parallel.context=1, or let attention cross documents (no cu_seqlens)")
     return packed_seq_params.cu_seqlens_q.to(torch.int32)
 
 
@@ -133,7 +136,7 @@ class NSACoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         packed = packed_seq_params is not None
-        cu_seqlens = _cu_seqlens(packed_seq_params, self.cp_group)
+        cu_seqlens = _cu_seqlens(packed_seq_params)
         dk, n = self.model.head_dim_k, self.nsa
         query, key, value = (_to_batch_major(x, packed) for x in (query, key, value))
         q, gates = query[..., :dk], torch.sigmoid(query[..., dk:])
@@ -143,12 +146,9 @@ class NSACoreAttention(MegatronModule):
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
                      num_selected=n.num_selected, window=n.window, scale=self.softmax_scale,
                      impl=resolve_impl(n.impl, q.device))
-        if cu_seqlens is not None:
-            out = native_sparse_attention(q, *per_branch, gates, self.compress_k, self.compress_v, **sizes,
-                                          cu_seqlens=cu_seqlens).output
-        else:
-            out = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
-                                       gather_group=self.gather_group, stats=self.comm_stats, **sizes).output
+        out = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
+                                   gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
+                                   **sizes).output
         return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
 
@@ -166,10 +166,11 @@ class DenseCoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         packed = packed_seq_params is not None
-        cu_seqlens = _cu_seqlens(packed_seq_params, self.cp_group)
+        cu_seqlens = _cu_seqlens(packed_seq_params)
         q, k, v = (_to_batch_major(x, packed) for x in (query, key, value))
         if self.cp_group.size() > 1:
-            out = dense_context_parallel(q, k, v, group=self.cp_group, scale=self.softmax_scale, stats=self.comm_stats)
+            out = dense_context_parallel(q, k, v, group=self.cp_group, scale=self.softmax_scale, stats=self.comm_stats,
+                                         cu_seqlens=cu_seqlens)
         elif cu_seqlens is None:
             out = causal_sdpa(q, k, v, self.softmax_scale)
         else:
@@ -250,9 +251,9 @@ class ParallelSelfAttention(SelfAttention):
         # Packed documents: RoPE restarts at each document's start. get_query_key_value_tensors applies it
         # with one angle row per token; Megatron's own packed-sequence RoPE would read the boundaries back
         # from the GPU and loop over the documents, in every layer.
-        cu_seqlens = _cu_seqlens(kwargs["packed_seq_params"], cp)  # refuses CP with a clear error
-        self.token_freqs = document_rotary_freqs(cu_seqlens, seq, self.model.head_dim_k, self.rotary_base,
-                                                 hidden_states.device)
+        cu_seqlens = _cu_seqlens(kwargs["packed_seq_params"])
+        self.token_freqs = document_rotary_freqs(cu_seqlens, seq * cp.size(), cp.size(), cp.rank(),
+                                                 self.model.head_dim_k, self.rotary_base, hidden_states.device)
         kwargs["rotary_pos_emb"] = None
         try:
             return super().forward(hidden_states, attention_mask, **kwargs)

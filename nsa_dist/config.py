@@ -476,10 +476,11 @@ def validate(config: Config) -> None:
     for raw, stage in zip(config.stages, config.resolved_stages()):
         _validate_stage(config, raw, stage, names)
     for stage in config.resolved_stages():
-        _require(config.data.documents != "mask" or stage.context == 1,
-                 f"data.documents=mask keeps each packed document to itself, which the attention does not "
-                 f"support under context parallelism yet, and stage {stage.name!r} has CP={stage.context}: "
-                 "use data.documents=pack or within for context-parallel stages, or context_parallel 1")
+        # the attention takes a micro-batch's documents as one packed sequence, and CP shards each row
+        _require(config.data.documents != "mask" or stage.context == 1 or stage.micro_batch_size == 1,
+                 f"data.documents=mask under context parallelism packs one sequence per micro-batch, and stage "
+                 f"{stage.name!r} has CP={stage.context} with stages[{stage.index}].micro_batch_size="
+                 f"{stage.micro_batch_size}: set it to 1 (gradient accumulation keeps the global batch)")
         # with n above a stage's block count every query takes all its blocks (dense attention), while the
         # kernels still walk n slots per query; dense attention has no blocks to select
         blocks = -(-stage.seq_len // nsa.selection_block)

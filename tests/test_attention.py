@@ -135,38 +135,47 @@ def _context_parallel_checks(rank, world):
     torch.manual_seed(0)
     x = torch.randn(128, 1, 32, dtype=torch.float64)
     upstream = torch.randn(128, 1, 32, dtype=torch.float64)
+    # packed documents over the whole sequence: starting mid-chunk, on a chunk boundary (64), across ranks
+    cu = torch.tensor([0, 40, 64, 100, 128], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=40, max_seqlen_kv=40)
+
+    def shard(t):
+        return split_zigzag(t.transpose(0, 1), rank, world).transpose(0, 1)
+
     for attention in ("nsa", "dense"):
         parallel_state.initialize_model_parallel()
-        layer, _ = build_layer(f"model.attention={attention}", "nsa.kv=separate")
-        full = _attend(layer, x)
-        full.backward(upstream)
-        full_grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+        full, full_grads = {}, {}
+        for documents in (None, packed):
+            layer, _ = build_layer(f"model.attention={attention}", "nsa.kv=separate")
+            full[documents is None] = out = _attend(layer, x, packed_seq_params=documents)
+            out.backward(upstream)
+            full_grads[documents is None] = {name: p.grad.clone() for name, p in layer.named_parameters()}
         parallel_state.destroy_model_parallel()
 
         parallel_state.initialize_model_parallel(context_parallel_size=world)
         gather_group = twin_groups(parallel_state.get_context_parallel_group())
-        for twin in (None, gather_group):  # the selection gather on the CP group itself, or on its own
+        # the selection gather on the CP group itself, or on its own; packed documents under CP
+        for twin, documents in ((None, None), (gather_group, None), (None, packed)):
             layer, _ = build_layer(f"model.attention={attention}", "nsa.kv=separate")
             set_gather_group(layer, twin)
-            local = _attend(layer, split_zigzag(x.transpose(0, 1), rank, world).transpose(0, 1))
-            torch.testing.assert_close(local, split_zigzag(full.detach().transpose(0, 1), rank, world).transpose(0, 1),
-                                       rtol=1e-9, atol=1e-10)
-            local.backward(split_zigzag(upstream.transpose(0, 1), rank, world).transpose(0, 1))
+            local = _attend(layer, shard(x), packed_seq_params=documents)
+            what = f"{attention}, documents={documents is not None}"
+            torch.testing.assert_close(local, shard(full[documents is None].detach()), rtol=1e-9, atol=1e-10,
+                                       msg=lambda m: f"{what}: {m}")
+            local.backward(shard(upstream))
             for name, param in layer.named_parameters():  # each rank's share of the weights' gradient
                 summed = param.grad.clone()
                 dist.all_reduce(summed)
-                torch.testing.assert_close(summed, full_grads[name], rtol=1e-8, atol=1e-10, msg=name)
-        cu = torch.tensor([0, 64], dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=64, max_seqlen_kv=64)
-        with pytest.raises(NotImplementedError, match="packed documents .* context parallelism"):
-            _attend(layer, x[:64], packed_seq_params=packed)
+                torch.testing.assert_close(summed, full_grads[documents is None][name], rtol=1e-8, atol=1e-10,
+                                           msg=lambda m: f"{what}, {name}: {m}")
         dist.destroy_process_group(gather_group)
         parallel_state.destroy_model_parallel()
 
 
 @pytest.mark.timeout(180)
 def test_layer_under_context_parallelism_equals_one_rank():
-    """Outputs and weight gradients of the CP=2 layer equal one rank's, for NSA and the dense baseline."""
+    """Outputs and weight gradients of the CP=2 layer equal one rank's, for NSA and the dense baseline, on
+    one sequence and on packed documents."""
     run_distributed(_context_parallel_checks, 2)
 
 

@@ -68,9 +68,9 @@ def random_picks(config, seq_len: int, device: torch.device) -> torch.Tensor:
 
 def model_picks(config, stage, checkpoint, sequences: int, device: torch.device) -> list[list[torch.Tensor]]:
     """Per held-out sequence, each NSA layer's block_idx, in layer order."""
-    # the attention module's two NSA entry points, wrapped for this run only to keep each layer's picks
+    # the attention module's NSA entry point, wrapped for this run only to keep each layer's picks
     captured: list[torch.Tensor] = []
-    originals = nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention
+    original = nsa_attention.nsa_context_parallel
 
     def keep(function):
         def wrapped(*args, **kwargs):
@@ -79,7 +79,7 @@ def model_picks(config, stage, checkpoint, sequences: int, device: torch.device)
             return result
         return wrapped
 
-    nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention = (keep(f) for f in originals)
+    nsa_attention.nsa_context_parallel = keep(original)
     try:
         with parallel_layout(stage) as gather_group:
             model, optimizer = _build(config, stage, device, gather_group)
@@ -99,7 +99,7 @@ def model_picks(config, stage, checkpoint, sequences: int, device: torch.device)
                     per_sequence.append(list(captured))
             return per_sequence
     finally:
-        nsa_attention.nsa_context_parallel, nsa_attention.native_sparse_attention = originals
+        nsa_attention.nsa_context_parallel = original
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -69,14 +69,22 @@ def compressed_bounds(bounds: list[int], block_size: int, stride: int) -> list[i
     return out
 
 
-def _compression_tokens(cu_seqlens: torch.Tensor, block_size: int, stride: int, device: torch.device) -> torch.Tensor:
-    """[N, l] positions of the tokens of every compression block of every document, in document order."""
+def document_block_starts(cu_seqlens: torch.Tensor, block_size: int, stride: int,
+                          device: torch.device) -> torch.Tensor:
+    """[N] int64 global position of the first token of every compression block of every document, in
+    document order (block i of document D starts at cu[D] + i * stride)."""
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     cmp_cu = compressed_cu_seqlens(cu, block_size, stride).to(torch.int64)
     rows = torch.arange(compressed_bounds(host_bounds(cu_seqlens), block_size, stride)[-1], device=device)
     doc = document_of(rows, cmp_cu)
-    first = cu[doc] + (rows - cmp_cu[doc]) * stride  # block i of document D starts at cu[D] + i * stride
-    return first[:, None] + torch.arange(block_size, device=device)
+    return cu[doc] + (rows - cmp_cu[doc]) * stride
+
+
+def compress_blocks(compress, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """phi over chosen blocks: x [1, T, H, D], tokens [N, l] rows of x forming each block -> [1, N, H, D].
+    The blocks are gathered as a batch of N sequences of l tokens (each compresses to one token), so phi
+    runs once however many documents they come from."""
+    return compress(x[0, tokens]).transpose(0, 1)  # [N, l, H, D] -> [N, 1, H, D] -> [1, N, H, D]
 
 
 def compress_documents(compress, x: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int,
@@ -86,14 +94,17 @@ def compress_documents(compress, x: torch.Tensor, cu_seqlens: torch.Tensor | Non
 
     x: [1, T, H, D] with document boundaries cu_seqlens (int32 [D+1]); the compressed tokens of all
     documents are concatenated in document order (boundaries: compressed_cu_seqlens). None: compress(x).
-    Every block of every document is gathered as a sequence of its own (a batch of N sequences of l
-    tokens, each compressing to one token), so phi runs once whatever the number of documents: a loop
-    over documents costs a dozen kernel launches per document and layer, forward and backward.
+    phi runs once for all documents (compress_blocks): a loop over documents costs a dozen kernel launches
+    per document and layer, forward and backward.
     """
     if cu_seqlens is None:
         return compress(x)
     if x.shape[0] != 1:
         raise ValueError(f"compress_documents: packed documents (cu_seqlens) need batch size 1; got {x.shape[0]}")
-    tokens = document_layout(cu_seqlens, ("compress_documents", block_size, stride, x.device),
-                             lambda: _compression_tokens(cu_seqlens, block_size, stride, x.device))
-    return compress(x[0, tokens]).transpose(0, 1)  # [N, l, H, D] -> [N, 1, H, D] -> [1, N, H, D]
+
+    def build():
+        starts = document_block_starts(cu_seqlens, block_size, stride, x.device)
+        return starts[:, None] + torch.arange(block_size, device=x.device)
+
+    tokens = document_layout(cu_seqlens, ("compress_documents", block_size, stride, x.device), build)
+    return compress_blocks(compress, x, tokens)

@@ -7,18 +7,24 @@ from nsa_dist.parallel.layout import ZigzagLayout, halo_len
 
 
 def nsa_cp_bytes(*, seq_len: int, cp_size: int, cp_rank: int, batch: int, num_kv_heads: int, dk: int, dv: int,
-                 block_size: int, stride: int, window: int, kv: str, element_size: int) -> dict[str, int]:
+                 block_size: int, stride: int, window: int, kv: str, element_size: int,
+                 document_rows: int | None = None) -> dict[str, int]:
     """Bytes sent by this rank per collective (received is the same for every entry).
 
     halo: the last max(w-1, l-d) tokens of K/V of the window and compression branches (one packed
     exchange; once when kv is shared), to the neighbours; compressed_kv: the all-gather of the T/d
     compressed tokens; selection_kv: the all-gather of the selection branch's raw K/V. Each `_grad`
-    entry is the backward's matching transfer (p2p or reduce-scatter)."""
+    entry is the backward's matching transfer (p2p or reduce-scatter). document_rows: for packed
+    documents, the compressed tokens gathered per chunk (nsa_cp.DocumentCompression.rows); their halo is
+    max(w-1, l-1) tokens."""
     chunk = seq_len // (2 * cp_size)
     kv_width = num_kv_heads * (dk + dv) * element_size  # bytes of one token's K and V
     neighbours = (cp_rank > 0) + (cp_rank < cp_size - 1)
-    halo = neighbours * batch * halo_len(block_size, stride, window) * kv_width * (1 if kv == "shared" else 2)
-    compressed = (cp_size - 1) * batch * (2 * chunk // stride) * kv_width
+    documents = document_rows is not None
+    halo_tokens = halo_len(block_size, stride, window, documents)
+    halo = neighbours * batch * halo_tokens * kv_width * (1 if kv == "shared" else 2)
+    per_chunk = document_rows if documents else chunk // stride
+    compressed = (cp_size - 1) * batch * 2 * per_chunk * kv_width
     selection = (cp_size - 1) * batch * 2 * chunk * kv_width
     out = {"halo": halo, "compressed_kv": compressed, "selection_kv": selection}
     return out | {f"{k}_grad": v for k, v in out.items()}

@@ -6,7 +6,9 @@ of queries starting at global position s attends to keys [0, s + C) as two fused
 mask tensor: causal over its own chunk (the diagonal block) and unmasked over the keys before it. The two
 partial results are merged by their log-sum-exps; the backward runs each call's own backward with the
 merged output and log-sum-exp, which gives exactly that part's share of the gradient (as ring attention
-does). On CUDA the calls are cuDNN's fused attention; on CPU, torch's CPU flash attention.
+does). On CUDA the calls are cuDNN's fused attention; on CPU, torch's CPU flash attention. Over packed
+documents the same two calls run per document piece of a chunk: its queries over the document's keys up to
+the piece's last token (a launch pair per piece, where the single-rank path has one varlen launch).
 """
 
 import inspect
@@ -14,6 +16,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from kernels.common import document_pieces, host_bounds
 from nsa_dist.parallel.comm import CommStats, gather_zigzag, group_size_rank
 from nsa_dist.parallel.layout import ZigzagLayout
 
@@ -110,10 +113,11 @@ class _ChunkAttention(torch.autograd.Function):
 
 
 def dense_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, scale: float | None = None,
-                           stats: CommStats | None = None) -> torch.Tensor:
+                           stats: CommStats | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, T_local, HQ, Dk], k: [B, T_local, HK, Dk], v: [B, T_local, HK, Dv] (this rank's zigzag shard,
     RoPE applied at global positions). Returns [B, T_local, HQ, Dv], equal to the matching rows of full
-    causal attention over the whole sequence."""
+    causal attention over the whole sequence. cu_seqlens: optional int32 boundaries of packed documents
+    over the whole sequence (B = 1); each token then attends within its document only."""
     cp_size, cp_rank = group_size_rank(group)
     layout = ZigzagLayout(q.shape[1] * cp_size, cp_size, cp_rank)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -124,10 +128,16 @@ def dense_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     c = layout.chunk_len
     outs = []
     for i, start in enumerate(layout.chunk_starts):
-        q_chunk = q[:, i * c : (i + 1) * c].transpose(1, 2).contiguous()
-        keys = slice(0, start + c)  # causal: nothing after the chunk's last token
-        out = _ChunkAttention.apply(q_chunk, k_all[:, :, keys], v_all[:, :, keys], scale)
-        outs.append(out.transpose(1, 2))
+        q_chunk = q[:, i * c : (i + 1) * c].transpose(1, 2)
+        if cu_seqlens is None:
+            pieces = [(0, 0, c)]  # causal: keys from 0 to the chunk's last token
+        else:
+            bounds = host_bounds(cu_seqlens)
+            pieces = [(bounds[doc], lo, hi) for doc, lo, hi in document_pieces(cu_seqlens, start, c)]
+        for first_key, lo, hi in pieces:  # queries lo..hi-1 of the chunk see keys first_key .. start + hi - 1
+            keys = slice(first_key, start + hi)
+            out = _ChunkAttention.apply(q_chunk[:, :, lo:hi].contiguous(), k_all[:, :, keys], v_all[:, :, keys], scale)
+            outs.append(out.transpose(1, 2))
     return torch.cat(outs, dim=1)
 
 

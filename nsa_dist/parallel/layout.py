@@ -63,8 +63,9 @@ def merge_zigzag(shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 
 
 def validate_layout(seq_len: int, cp_size: int, *, block_size: int, stride: int, selection_block: int,
-                    window: int) -> None:
-    """Raises LayoutError unless NSA with these sizes can run sharded over cp_size ranks."""
+                    window: int, documents: bool = False) -> None:
+    """Raises LayoutError unless NSA with these sizes can run sharded over cp_size ranks (documents: over
+    packed documents, whose compression blocks reach further back; see halo_len)."""
     if cp_size < 1:
         raise LayoutError(f"context-parallel size {cp_size} must be at least 1")
     unit = 2 * cp_size * selection_block
@@ -74,16 +75,19 @@ def validate_layout(seq_len: int, cp_size: int, *, block_size: int, stride: int,
             f"each of the {2 * cp_size} chunks must hold whole selection blocks; pad or crop the sequence"
         )
     chunk = seq_len // (2 * cp_size)
-    halo = halo_len(block_size, stride, window)
+    halo = halo_len(block_size, stride, window, documents)
     if halo > chunk:
+        reach = "compress_block - 1" if documents else "compress_block - stride"
         raise LayoutError(
-            f"the left halo ({halo} tokens = max(window - 1, compress_block - stride) with window={window}, "
+            f"the left halo ({halo} tokens = max(window - 1, {reach}) with window={window}, "
             f"compress_block={block_size}, stride={stride}) is longer than one chunk ({chunk} tokens at "
             f"seq_len={seq_len}, CP={cp_size}): use a shorter window, a longer sequence or a smaller CP"
         )
 
 
-def halo_len(block_size: int, stride: int, window: int) -> int:
+def halo_len(block_size: int, stride: int, window: int, documents: bool = False) -> int:
     """Tokens each chunk needs from the one before: the window reaches w-1 back, and compression blocks
-    ending in the chunk start up to l-d tokens before it (chunk starts are multiples of d)."""
-    return max(window - 1, block_size - stride)
+    ending in the chunk start up to l-d tokens before it (chunk starts are multiples of d). In packed
+    documents a document's blocks start every d tokens from the document's own start, so a block ending in
+    the chunk may start up to l-1 tokens before it."""
+    return max(window - 1, block_size - 1 if documents else block_size - stride)

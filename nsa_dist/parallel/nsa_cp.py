@@ -13,10 +13,19 @@ function the single-rank path uses. Per layer and rank (DESIGN §3):
    issued after the small collectives that the compute waits on, and overlaps only the compute.
 The backward of every exchange returns gradients to their owners (p2p for halos, fp32 reduce-scatter
 for the gathers), so outputs and gradients equal the single-rank result.
+
+Packed documents (cu_seqlens over the whole sequence, the same on every rank) change step 2 only: a
+document's compression blocks start every d tokens from its own start, so each chunk compresses the
+blocks whose last token it holds (reaching up to l-1 tokens into its halo), pads them to the most any
+chunk holds, and the gathered tokens are cut back to the document order the branches read.
 """
+
+from typing import NamedTuple
 
 import torch
 
+from kernels.common import document_layout, host_bounds
+from kernels.compression.naive import compress_blocks, document_block_starts
 from kernels.nsa import Compress, NSAResult, QuerySpan, compose_nsa, native_sparse_attention
 from nsa_dist.parallel.accounting import needed_selection_bytes
 from nsa_dist.parallel.comm import (CommStats, DeferredReduceScatter, ZigzagGather, exchange_halo, gather_zigzag,
@@ -52,6 +61,50 @@ def _compress_chunk(k, v, compress_k, compress_v, start, halo_tokens, block_size
     if pad:
         k_cmp = torch.cat([k_cmp.new_zeros(k_cmp.shape[0], pad, *k_cmp.shape[2:]), k_cmp], dim=1)
         v_cmp = torch.cat([v_cmp.new_zeros(v_cmp.shape[0], pad, *v_cmp.shape[2:]), v_cmp], dim=1)
+    return k_cmp, v_cmp
+
+
+class DocumentCompression(NamedTuple):
+    """Where one rank's compression blocks of packed documents come from, and where they go."""
+
+    tokens: list[torch.Tensor]  # per local chunk: [n, l] rows of its haloed K/V forming the blocks ending in it
+    rows: int  # M: compressed tokens per chunk in the gather (the most that any chunk of the sequence holds)
+    keep: torch.Tensor  # [N] rows of the gathered [2P * M] tokens that are real blocks, in document order
+
+
+def document_compression(cu_seqlens: torch.Tensor, layout: ZigzagLayout, halo: int, block_size: int, stride: int,
+                         device: torch.device) -> DocumentCompression:
+    """The DocumentCompression of this rank's chunks (each with `halo` tokens of K/V before it, none before
+    the sequence's first chunk); built once per cu_seqlens, layout and sizes, then shared by the layers."""
+    def build():
+        c = layout.chunk_len
+        first = document_block_starts(cu_seqlens, block_size, stride, device)
+        holder = (first + block_size - 1) // c  # the chunk holding each block's last token (ascending)
+        counts = torch.bincount(holder, minlength=layout.num_chunks).tolist()
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        rows = max(counts)
+        tokens = []
+        for chunk, start in zip(layout.chunk_ids, layout.chunk_starts):
+            origin = start - min(halo, start)  # global position of the haloed K/V's first row
+            blocks = first[offsets[chunk] : offsets[chunk + 1]]
+            tokens.append(blocks[:, None] - origin + torch.arange(block_size, device=device))
+        keep = torch.cat([torch.arange(count, device=device) + chunk * rows for chunk, count in enumerate(counts)])
+        return DocumentCompression(tokens, rows, keep)
+
+    key = ("cp_compression", layout, halo, block_size, stride, device)
+    return document_layout(cu_seqlens, key, build)
+
+
+def _compress_documents_chunk(k, v, compress_k, compress_v, tokens: torch.Tensor, rows: int):
+    """Compressed tokens of the document blocks ending in this chunk (`tokens` index its haloed k, v
+    [1, h + C, HK, D]), padded at the back with zero tokens to `rows`, which are dropped after the gather."""
+    k_cmp, v_cmp = compress_blocks(compress_k, k, tokens), compress_blocks(compress_v, v, tokens)
+    pad = rows - tokens.shape[0]
+    if pad:
+        k_cmp = torch.cat([k_cmp, k_cmp.new_zeros(1, pad, *k_cmp.shape[2:])], dim=1)
+        v_cmp = torch.cat([v_cmp, v_cmp.new_zeros(1, pad, *v_cmp.shape[2:])], dim=1)
     return k_cmp, v_cmp
 
 
@@ -105,6 +158,7 @@ def nsa_context_parallel(
     gather_group=None,
     stats: CommStats | None = None,
     impl: str = "reference",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> NSAResult:
     """NSA on this rank's zigzag shard of a sequence sharded over the CP group `group`.
 
@@ -117,18 +171,25 @@ def nsa_context_parallel(
     it runs beside the halo and compressed collectives (None: it shares `group`, issued after them).
     stats: if given, bytes sent/received and exposed waits per collective are added to it.
     impl: "reference" or "triton" (kernels.nsa.branch_ops).
-    Returns NSAResult for the local tokens (block ids are global).
+    cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents over the whole sequence (global
+    positions, B = 1), as in native_sparse_attention: no branch attends across documents.
+    Returns NSAResult for the local tokens (block ids are global, or per document as on one rank).
     """
     cp_size, cp_rank = group_size_rank(group)
     sizes = dict(block_size=block_size, stride=stride, selection_block=selection_block, num_selected=num_selected,
-                 window=window, scale=scale, impl=impl)
+                 window=window, scale=scale, impl=impl, cu_seqlens=cu_seqlens)
     if cp_size == 1:
         return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes)
+    documents = cu_seqlens is not None
     layout = ZigzagLayout(q.shape[1] * cp_size, cp_size, cp_rank)
     validate_layout(layout.seq_len, cp_size, block_size=block_size, stride=stride,
-                    selection_block=selection_block, window=window)
+                    selection_block=selection_block, window=window, documents=documents)
+    if documents and (q.shape[0] != 1 or host_bounds(cu_seqlens)[-1] != layout.seq_len):
+        raise ValueError(f"packed documents under context parallelism need batch size 1 and cu_seqlens ending at "
+                         f"the whole sequence's {layout.seq_len} tokens; got batch {q.shape[0]} and cu_seqlens "
+                         f"ending at {host_bounds(cu_seqlens)[-1]}")
     c = layout.chunk_len
-    halo = halo_len(block_size, stride, window)
+    halo = halo_len(block_size, stride, window, documents)
 
     # On its own group the selection gather starts first and overlaps everything up to the selected branch
     if gather_group is not None:
@@ -136,14 +197,22 @@ def nsa_context_parallel(
 
     # 1. halos, 2. compressed tokens of the local chunks, gathered
     haloed = _exchange_kv_halos(kv_cmp, kv_win, halo, layout, group, stats)
-    local_cmp = [
-        _compress_chunk(k, v, compress_k, compress_v, start, k.shape[1] - c, block_size, stride, c)
-        for (k, v, _, _), start in zip(haloed, layout.chunk_starts)
-    ]
+    if documents:
+        blocks = document_compression(cu_seqlens, layout, halo, block_size, stride, q.device)
+        local_cmp = [_compress_documents_chunk(k, v, compress_k, compress_v, tokens, blocks.rows)
+                     for (k, v, _, _), tokens in zip(haloed, blocks.tokens)]
+    else:
+        local_cmp = [
+            _compress_chunk(k, v, compress_k, compress_v, start, k.shape[1] - c, block_size, stride, c)
+            for (k, v, _, _), start in zip(haloed, layout.chunk_starts)
+        ]
     dk = local_cmp[0][0].shape[-1]
     packed_cmp = torch.cat([torch.cat(kv, dim=-1) for kv in local_cmp], dim=1)
-    drop = block_size // stride - 1  # the padding in front of block 0
-    all_cmp = gather_zigzag(packed_cmp, group, stats, "compressed_kv")[:, drop:]
+    all_cmp = gather_zigzag(packed_cmp, group, stats, "compressed_kv")
+    if documents:
+        all_cmp = all_cmp[:, blocks.keep]
+    else:
+        all_cmp = all_cmp[:, block_size // stride - 1 :]  # the padding in front of block 0
     # contiguous once here, not once per chunk and branch inside the kernels' wrappers
     k_cmp, v_cmp = (x.contiguous() for x in all_cmp.split([dk, packed_cmp.shape[-1] - dk], dim=-1))
 
@@ -157,7 +226,7 @@ def nsa_context_parallel(
         spans.append(QuerySpan(offset=i * c, start=start, length=c, k_win=k_win, v_win=v_win,
                                win_start=start - (k_win.shape[1] - c)))
     result = compose_nsa(q, gates, k_cmp, v_cmp, spans, selection_kv, **sizes)
-    if stats is not None:
+    if stats is not None and not documents:  # block ids count from each document's start there
         stats.needed["selection_kv"] += needed_selection_bytes(
             result.block_idx, layout, selection_block, kv_slc[0].shape[-1], kv_slc[1].shape[-1],
             kv_slc[0].element_size())

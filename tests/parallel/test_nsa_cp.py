@@ -14,6 +14,7 @@ from nsa_dist.parallel import (CommStats, LayoutError, ZigzagLayout, dense_conte
                                nsa_cp_bytes, split_zigzag)
 from nsa_dist.parallel.comm import DeferredReduceScatter
 from nsa_dist.parallel.layout import merge_zigzag, validate_layout
+from nsa_dist.parallel.nsa_cp import document_compression
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Case:
     dv: int = 8
     batch: int = 1
     seed: int = 0
+    documents: tuple[int, ...] = ()  # cu_seqlens of packed documents (batch 1); empty: one sequence
+
+    def cu_seqlens(self) -> torch.Tensor | None:
+        return torch.tensor(self.documents, dtype=torch.int32) if self.documents else None
 
 
 def make_inputs(case: Case):
@@ -102,7 +107,7 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     leaves, params, upstream = make_inputs(case)
     compress_k, compress_v = phis(case, params)
     full = native_sparse_attention(leaves["q"], *branch_kv(case, leaves), leaves["gates"], compress_k, compress_v,
-                                   **sizes(case))
+                                   **sizes(case), cu_seqlens=case.cu_seqlens())
     ref_grads = torch.autograd.grad(full.output, list(leaves.values()) + list(params.values()), upstream)
 
     local = {k: split_zigzag(v.detach(), rank, world).requires_grad_() for k, v in leaves.items()}
@@ -112,7 +117,7 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     group = dist.group.WORLD
     result = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], compress_k, compress_v,
                                   group=group, kv_heads_per_gather=kv_heads_per_gather, stats=stats, impl=impl,
-                                  gather_group=gather_group, **sizes(case))
+                                  gather_group=gather_group, **sizes(case), cu_seqlens=case.cu_seqlens())
     grads = torch.autograd.grad(result.output, list(local.values()) + list(local_params.values()),
                                 split_zigzag(upstream, rank, world))
 
@@ -129,10 +134,17 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
         else:
             want = split_zigzag(want, rank, world)
         assert_rms_close(got, want, rel, f"grad of {name}")
+    rows = None
+    if case.documents:
+        layout = ZigzagLayout(case.seq_len, world, rank)
+        halo = max(case.window - 1, case.block_size - 1)
+        rows = document_compression(case.cu_seqlens(), layout, halo, case.block_size, case.stride, "cpu").rows
     expected = nsa_cp_bytes(seq_len=case.seq_len, cp_size=world, cp_rank=rank, batch=case.batch,
                             num_kv_heads=case.num_kv_heads, dk=case.dk, dv=case.dv, block_size=case.block_size,
-                            stride=case.stride, window=case.window, kv=case.kv, element_size=4)
+                            stride=case.stride, window=case.window, kv=case.kv, element_size=4, document_rows=rows)
     assert dict(stats.sent) == expected and dict(stats.received) == expected, (dict(stats.sent), expected)
+    if case.documents:  # selected block ids count from each document's start: no remote-block accounting
+        return 0
     assert 0 < stats.needed["selection_kv"] <= expected["selection_kv"]
     exposed = stats.exposed_seconds()
     assert set(exposed) == set(expected), exposed  # every collective's wait is timed
@@ -175,14 +187,43 @@ def test_context_parallel_matches_single_rank(world):
     run_distributed(_check_cases, world, cases)
 
 
+# Documents that cross chunk and rank boundaries, one shorter than a compression block, one starting on a
+# chunk boundary (256 tokens: chunks of 64 at P=2, 32 at P=4)
+DOCUMENT_CASES = [
+    Case(256, 4, 2, 16, 8, 16, 4, 20, "separate", "mlp", seed=11, documents=(0, 37, 100, 109, 128, 190, 256)),
+    Case(256, 2, 1, 16, 16, 16, 3, 0, "shared", "mean", seed=12, documents=(0, 5, 160, 256)),
+]
+
+
+def _check_documents(rank, world):
+    for case in DOCUMENT_CASES:
+        check_case(rank, world, case, 1)
+    check_case(rank, world, DOCUMENT_CASES[0], 1, gather_group=dist.new_group(list(range(world))))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 4])
+def test_packed_documents_under_context_parallelism_match_single_rank(world):
+    """cu_seqlens honoured under CP: each rank's outputs and gradients equal the single-rank NSA over the
+    same packed documents, and the collectives move the bytes nsa_cp_bytes says."""
+    run_distributed(_check_documents, world)
+
+
 def _check_triton(rank, world, case):
-    assert check_case(rank, world, case, 1, impl="triton") > 0
+    remote = check_case(rank, world, case, 1, impl="triton")
+    assert case.documents or remote > 0
 
 
 @pytest.mark.timeout(240)
 def test_context_parallel_on_triton_kernels_matches_single_rank_reference():
     """The Triton kernels (interpreted on CPU) under CP equal the single-rank reference."""
     run_distributed(_check_triton, 2, Case(128, 4, 2, 16, 8, 16, 4, 20, "separate", "mlp", seed=6))
+
+
+@pytest.mark.timeout(240)
+def test_packed_documents_under_cp_on_triton_kernels_match_single_rank_reference():
+    run_distributed(_check_triton, 2, Case(128, 4, 2, 16, 8, 16, 4, 20, "separate", "mlp", seed=13,
+                                           documents=(0, 20, 64, 70, 128)))
 
 
 def _check_gather_chunking(rank, world, case):
@@ -225,17 +266,22 @@ def test_invalid_layouts_are_explained(seq_len, cp, window, match):
         validate_layout(seq_len, cp, block_size=32, stride=16, selection_block=64, window=window)
 
 
-def _check_dense(rank, world):
+def _check_dense(rank, world, documents):
+    batch = 1 if documents else 2
     g = torch.Generator().manual_seed(7)
-    q = torch.randn(2, 64, 4, 8, generator=g, requires_grad=True)
-    k = torch.randn(2, 64, 2, 8, generator=g, requires_grad=True)
-    v = torch.randn(2, 64, 2, 6, generator=g, requires_grad=True)
-    upstream = torch.randn(2, 64, 4, 6, generator=g)
-    full = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    q = torch.randn(batch, 64, 4, 8, generator=g, requires_grad=True)
+    k = torch.randn(batch, 64, 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(batch, 64, 2, 6, generator=g, requires_grad=True)
+    upstream = torch.randn(batch, 64, 4, 6, generator=g)
+    cu_seqlens = torch.tensor(documents, dtype=torch.int32) if documents else None
+    bounds = list(documents) or [0, 64]
+    full = torch.cat([  # causal attention inside each document, on its own
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x[:, lo:hi].transpose(1, 2) for x in (q, k, v)), is_causal=True, enable_gqa=True).transpose(1, 2)
+        for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
     ref_grads = torch.autograd.grad(full, (q, k, v), upstream)
     local = [split_zigzag(x.detach(), rank, world).requires_grad_() for x in (q, k, v)]
-    out = dense_context_parallel(*local, group=dist.group.WORLD)
+    out = dense_context_parallel(*local, group=dist.group.WORLD, cu_seqlens=cu_seqlens)
     grads = torch.autograd.grad(out, local, split_zigzag(upstream, rank, world))
     torch.testing.assert_close(out, split_zigzag(full.detach(), rank, world), rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, ref_grads):
@@ -243,8 +289,10 @@ def _check_dense(rank, world):
 
 
 @pytest.mark.timeout(120)
-def test_dense_baseline_under_cp_matches_full_attention():
-    run_distributed(_check_dense, 4)
+@pytest.mark.parametrize("documents", [(), (0, 3, 21, 24, 50, 64)], ids=["one-sequence", "packed-documents"])
+def test_dense_baseline_under_cp_matches_full_attention(documents):
+    """Chunks of 8 tokens at P=4: the documents start mid-chunk, on a chunk boundary (24), and span ranks."""
+    run_distributed(_check_dense, 4, documents)
 
 
 def test_deferred_gather_on_one_rank_passes_the_gradient_through():

@@ -157,3 +157,46 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     moved = compare_runs.main([str(copy), "--names", "tiny", "--out", str(tmp_path / "moved")])
     a, b = json.loads(json.dumps(moved)), json.loads(json.dumps(runs).replace(str(root / "run"), str(copy)))
     assert a == b
+
+
+def _train_layouts(rank: int, world_size: int, runs: dict, out_path: str) -> None:
+    from nsa_dist.data import document_eod, packed_seq_params, stage_sequences
+    from nsa_dist.trainer import train
+
+    results = {name: [(log.loss, log.grad_norm) for log in train(tiny_config(*overrides)).history]
+               for name, overrides in runs.items()}
+    # what the test trained on: the documents of its 12 sequences (on every rank: the dataset builder syncs)
+    config = tiny_config(*next(iter(runs.values())))
+    stage = config.resolved_stages()[0]
+    sequences = stage_sequences(config, stage.seq_len, stage.mix)
+    results["bounds"] = [packed_seq_params(sequences(i)[None, :-1], document_eod(config)).cu_seqlens_q.tolist()
+                         for i in range(12)]
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.mark.timeout(300)
+def test_packed_documents_train_the_same_under_context_parallelism(trained, tmp_path):
+    """data.documents=mask with CP=2 (each rank a zigzag shard of the packed documents) gives DP=2's
+    losses and gradient norms, for NSA and dense attention: cu_seqlens honoured under CP."""
+    root, overrides = trained
+    data = [o for o in overrides if o.startswith("data.")] + ["model.vocab_size=256"]
+    # passkey samples of 112-128 tokens (the shortest there are): several documents in each 256-token
+    # sequence, across CP chunks (64 tokens each)
+    stage = ["stages=[{name: docs, seq_len: 256, steps: 3, mix: {source: 0.4, passkey: 0.6, task_min_length: 112, "
+             "task_max_length: 128}}]"]
+    runs = {f"{attention} {layout}": [*data, *stage, f"model.attention={attention}", f"parallel.context={cp}",
+                                      f"run.dir={tmp_path}/{attention}-{layout}"]
+            for attention in ("nsa", "dense") for layout, cp in (("DP2", 1), ("CP2", 2))}
+    out = tmp_path / "results.json"
+    run_distributed(_train_layouts, 2, runs, str(out))
+    results = json.loads(out.read_text())
+    bounds = results.pop("bounds")
+    # documents start inside CP chunks, several to a sequence
+    assert sum(len(b) - 2 for b in bounds) >= 6 and any(b % 64 for row in bounds for b in row), bounds
+    for attention in ("nsa", "dense"):
+        dp, cp = results[f"{attention} DP2"], results[f"{attention} CP2"]
+        assert len(dp) == len(cp) == 3
+        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(cp, dp), start=1):
+            assert loss == pytest.approx(ref_loss, rel=1e-6), f"{attention} step {step} loss"
+            assert norm == pytest.approx(ref_norm, rel=1e-6), f"{attention} step {step} grad norm"

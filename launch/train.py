@@ -8,6 +8,7 @@ newest complete one, and never reruns a finished stage.
 """
 
 import argparse
+import faulthandler
 import logging
 import os
 import shlex
@@ -77,11 +78,14 @@ def run_rank(config: Config, command: str) -> None:
     # tear down together while the interpreter is alive: a rank that exits while a peer still sends to it,
     # or gloo threads freeing tensors during interpreter shutdown, abort the process
     started = time.monotonic()
+    faulthandler.dump_traceback_later(SLOW_TEARDOWN_S * 4)  # where a slow teardown waits, once, on stderr
     dist.barrier()
+    barrier = time.monotonic() - started
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
     closing = time.monotonic() - started
-    if rank0 and closing > SLOW_TEARDOWN_S:  # seen on one H200: ~46 s between the last evaluation and the end
-        print(f"{clock()} closing the process groups took {closing:.0f} s", flush=True)
+    if rank0 and closing > SLOW_TEARDOWN_S:  # seen on one H200: ~57 s between the last evaluation and the end
+        print(f"{clock()} closing the process groups took {closing:.0f} s (the barrier {barrier:.0f} s)", flush=True)
 
 
 def free_port() -> int:

@@ -9,9 +9,10 @@ heatmap; accuracy and worst depth at the stage's own length when the grid also h
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`.
 
---evals adds evaluations made after training (`nsa-dist eval ... --out DIR`, e.g. a checkpoint evaluated
-at other lengths): report.md then has a table of NIAH accuracy by length, one row per run and checkpoint,
-from the stage-end evaluations and these (each eval.json names its checkpoint, so its run).
+When an evaluation covers more than one length (`eval.niah_lengths`), report.md also has a table of NIAH
+accuracy by length, one row per run and checkpoint. --evals adds evaluations made after training
+(`nsa-dist eval ... --out DIR`, e.g. a checkpoint evaluated at other lengths) to that table (each eval.json
+names its checkpoint, so its run).
 
     python tools/compare_runs.py runs/proof_100m runs/proof_100m_dense --out docs/proof \
         --evals short/nsa_800/eval.json short/dense_800/eval.json
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                 grid = s["eval"]["niah"]
                 save_heatmap(grid, f"{name}, stage {stage}\n{grid['task']} retrieval", a.out / f"niah_{name}_{stage}.png")
     table = markdown(runs)
-    if a.evals:
-        attach_evals(runs, dict(zip(names, a.runs)), a.evals)
+    attach_evals(runs, dict(zip(names, a.runs)), a.evals)
+    if any(len(e["niah"]["lengths"]) > 1 for run in runs.values() for e in run["evals"]):
         table += "\n" + niah_by_length(runs)
     (a.out / "report.md").write_text(table)
     (a.out / "report.json").write_text(json.dumps(runs, indent=1))

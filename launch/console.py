@@ -48,7 +48,8 @@ class ConsoleReporter(TrainingHooks):
             self.progress.start()
 
     def step(self, log: StepLog) -> None:
-        status = f"loss {log.loss:.4f}  {log.tokens_per_s:,.0f} tok/s  {log.memory_gb:.2f} GB"
+        answers = f" (answers {log.answer_loss:.3f})" if log.answer_loss is not None else ""
+        status = f"loss {log.loss:.4f}{answers}  {log.tokens_per_s:,.0f} tok/s  {log.memory_gb:.2f} GB"
         if self.progress is not None:
             self.progress.update(self.task, completed=log.step - self.stage_start, status=status)
         else:

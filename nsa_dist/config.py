@@ -117,6 +117,9 @@ class DataConfig:
     # mask: packed, and the attention sees each document alone (cu_seqlens, Megatron's PackedSeqParams);
     # within: every sequence lies inside one document (documents shorter than a stage's seq_len + 1 unused)
     documents: Literal["pack", "mask", "within"] = "pack"
+    # processes that generate training sequences ahead of the training thread (torch's DataLoader workers);
+    # 0: on the training thread. On a GPU a short step is host-bound, and task samples cost host time.
+    workers: int = 0
     mix: MixConfig = field(default_factory=MixConfig)  # stages' shares of sequences by kind (stages may override)
 
 
@@ -442,6 +445,8 @@ def validate(config: Config) -> None:
     _require(tr.grad_clip >= 0, f"training.grad_clip={tr.grad_clip} must be >= 0 (0 disables clipping)")
 
     _positive(data, "data", "period", "successors")
+    _require(data.workers >= 0, f"data.workers={data.workers} must be >= 0 (0 generates sequences on the training "
+             "thread; 1 or 2 generate them in background processes)")
     _require(data.successors <= m.vocab_size,
              f"data.successors={data.successors} must not exceed model.vocab_size={m.vocab_size}")
     _require(data.source != "indexed" or data.path.strip() != "",

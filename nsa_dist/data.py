@@ -13,6 +13,7 @@ synthetic long-context tasks (nsa_dist/tasks.py). data.source is
   with data.documents=within, windows that each lie inside one document.
 """
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -186,10 +187,18 @@ def task_sequence(task: str, tokenizer, length: int, seed: int, index: int, min_
     min_length do not fit; otherwise samples each ended by EOD, of lengths drawn log-uniformly from
     min_length to what is left, or to max_length when that is less (a remainder shorter than min_length
     joins the last sample, which may then pass max_length by less than min_length)."""
+    return task_samples(task, tokenizer, length, seed, index, min_length, max_length)[0]
+
+
+def task_samples(task: str, tokenizer, length: int, seed: int, index: int, min_length: int = 0,
+                 max_length: int = 0) -> tuple[list[int], list[range]]:
+    """task_sequence's tokens, and where each of its samples' answers lies in them."""
     if min_length <= 0 or length < 2 * min_length:
-        return generate(task, tokenizer, length, seed, index).tokens
+        sample = generate(task, tokenizer, length, seed, index)
+        return sample.tokens, [range(len(sample.prompt), length)]
     rng = random.Random(f"pack/{task}/{seed}/{index}")
     tokens: list[int] = []
+    answers: list[range] = []
     while len(tokens) < length:
         left = length - len(tokens)
         longest = min(left, max_length) if max_length else left
@@ -197,25 +206,48 @@ def task_sequence(task: str, tokenizer, length: int, seed: int, index: int, min_
         if left - size < min_length:
             size = left
         part = len(tokens) // min_length  # < length / min_length: distinct per sample of this sequence
-        tokens += generate(task, tokenizer, size - 1, seed, (index << 24) + part).tokens + [tokenizer.eod]
-    return tokens
+        sample = generate(task, tokenizer, size - 1, seed, (index << 24) + part)
+        answers.append(range(len(tokens) + len(sample.prompt), len(tokens) + size - 1))
+        tokens += sample.tokens + [tokenizer.eod]
+    return tokens, answers
 
 
-def mixed_sequences(source: Sequences, mix: MixConfig, tokenizer, seq_len: int, seed: int) -> Sequences:
+class MixedSequences:
     """Sequence `index` comes from `source`, or is task samples (mix.task_min_length: one or several), as
-    a draw from (seed, index) falls in the mix's shares."""
-    kinds = [(kind, share) for kind, share in mix.shares().items() if share > 0]
-    bounds = np.cumsum([share for _, share in kinds])
+    a draw from (seed, index) falls in the mix's shares. Called, it gives the tokens (a Sequences);
+    `with_answers` also marks the tokens of the task samples' answers, on which training measures
+    retrieval as it goes (StepLog.answer_loss)."""
 
-    def sequence(index: int) -> torch.Tensor:
-        draw = random.Random(f"mix/{seed}/{index}").random() * bounds[-1]
-        kind = kinds[min(int(np.searchsorted(bounds, draw, side="right")), len(kinds) - 1)][0]
+    def __init__(self, source: Sequences, mix: MixConfig, tokenizer, seq_len: int, seed: int):
+        self.source, self.mix, self.tokenizer, self.seq_len, self.seed = source, mix, tokenizer, seq_len, seed
+        self.kinds = [(kind, share) for kind, share in mix.shares().items() if share > 0]
+        self.bounds = np.cumsum([share for _, share in self.kinds])
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return self.with_answers(index)[0]
+
+    def with_answers(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [seq_len + 1] int64 and a bool mask of the same shape, True on answer tokens."""
+        draw = random.Random(f"mix/{self.seed}/{index}").random() * self.bounds[-1]
+        kind = self.kinds[min(int(np.searchsorted(self.bounds, draw, side="right")), len(self.kinds) - 1)][0]
         if kind == "source":
-            return source(index)
-        tokens = task_sequence(kind, tokenizer, seq_len + 1, seed, index, mix.task_min_length, mix.task_max_length)
-        return torch.tensor(tokens, dtype=torch.int64)
+            tokens = self.source(index)
+            return tokens, torch.zeros(tokens.shape, dtype=torch.bool)
+        mix = self.mix
+        tokens, answers = task_samples(kind, self.tokenizer, self.seq_len + 1, self.seed, index, mix.task_min_length,
+                                       mix.task_max_length)
+        mask = torch.zeros(len(tokens), dtype=torch.bool)
+        for answer in answers:
+            mask[answer.start : answer.stop] = True
+        return torch.tensor(tokens, dtype=torch.int64), mask
 
-    return sequence
+
+def with_answers(sequences: Sequences, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's tokens and its answer-token mask (all False for sequences that hold no task samples)."""
+    if isinstance(sequences, MixedSequences):
+        return sequences.with_answers(index)
+    tokens = sequences(index)
+    return tokens, torch.zeros(tokens.shape, dtype=torch.bool)
 
 
 def stage_sequences(config: Config, seq_len: int, mix: MixConfig, split: str = "train") -> Sequences:
@@ -224,7 +256,7 @@ def stage_sequences(config: Config, seq_len: int, mix: MixConfig, split: str = "
     if split == "valid" or mix.source == 1:
         return source
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.eod_token)
-    return mixed_sequences(source, mix, tokenizer, seq_len, config.data.seed)
+    return MixedSequences(source, mix, tokenizer, seq_len, config.data.seed)
 
 
 # ------------------------------------------------------------------------------------ micro-batches
@@ -247,30 +279,60 @@ def packed_seq_params(tokens: torch.Tensor, eod: int, device: torch.device | Non
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
-def micro_batches(sequences: Sequences, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                  cp_group, device: torch.device, first_sequence: int = 0, eod: int | None = None) -> Iterator[dict]:
-    """Yields {"tokens", "labels"} micro-batches, each [micro_batch, seq_len / CP] on `device`, forever,
-    with "packed_seq_params" (the documents' cu_seqlens over the whole sequence) when `eod` is given.
+class RankRows(torch.utils.data.IterableDataset):
+    """The rows [micro_batch, seq_len + 1] of one DP rank's micro-batches, in order, forever: the k-th step
+    from here uses sequences first_sequence + [k * global_batch, (k + 1) * global_batch), of which DP rank
+    d takes its contiguous share. Under a DataLoader with several workers, worker w makes micro-batches
+    w, w + workers, ..., which the DataLoader hands out in order."""
 
-    The k-th step from here uses sequences first_sequence + [k * global_batch, (k + 1) * global_batch)
-    (first_sequence is the data position a checkpoint saved); DP rank d takes its contiguous share of
-    them, in micro-batches. Labels are the next tokens. Both are split into this
-    rank's zigzag shard with Megatron-core's own splitter, given the CP group explicitly (left out, it
-    would split over the whole world).
+    def __init__(self, sequences: Sequences, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 first_sequence: int = 0):
+        self.sequences, self.global_batch, self.micro_batch = sequences, global_batch, micro_batch
+        self.dp_rank, self.dp_size, self.first_sequence = dp_rank, dp_size, first_sequence
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, answers): tokens and the answer-token mask (with_answers), each [micro_batch, seq_len + 1]."""
+        worker = torch.utils.data.get_worker_info()
+        workers, mine = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        per_rank = self.global_batch // self.dp_size
+        starts = (self.first_sequence + step * self.global_batch + self.dp_rank * per_rank + offset
+                  for step in itertools.count() for offset in range(0, per_rank, self.micro_batch))
+        for index, start in enumerate(starts):
+            if index % workers == mine:
+                pairs = [with_answers(self.sequences, i) for i in range(start, start + self.micro_batch)]
+                yield torch.stack([tokens for tokens, _ in pairs]), torch.stack([answers for _, answers in pairs])
+
+
+def micro_batches(sequences: Sequences, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                  cp_group, device: torch.device, first_sequence: int = 0, eod: int | None = None,
+                  workers: int = 0) -> Iterator[dict]:
+    """Yields {"tokens", "labels", "answers"} micro-batches, each [micro_batch, seq_len / CP] on `device`,
+    forever, with "packed_seq_params" (the documents' cu_seqlens over the whole sequence) when `eod` is
+    given. "answers" marks the labels that are task answers' tokens.
+
+    The rows are RankRows's (first_sequence is the data position a checkpoint saved), made on this thread
+    or, with `workers` > 0, ahead of it by that many DataLoader worker processes (the same rows either
+    way). Labels are the next tokens. Both are split into this rank's zigzag shard with Megatron-core's
+    own splitter, given the CP group explicitly (left out, it would split over the whole world).
     """
-    per_rank = global_batch // dp_size
-    step = 0
-    while True:
-        first = first_sequence + step * global_batch + dp_rank * per_rank
-        for start in range(first, first + per_rank, micro_batch):
-            rows = torch.stack([sequences(i) for i in range(start, start + micro_batch)])
+    rows_stream = RankRows(sequences, global_batch, micro_batch, dp_rank, dp_size, first_sequence)
+    if workers:
+        # forked, as DataLoader workers are by default on Linux: the sequence functions are closures, which a
+        # spawned worker could not receive (processes started by torch.multiprocessing default to spawn)
+        rows_stream = torch.utils.data.DataLoader(rows_stream, batch_size=None, num_workers=workers,
+                                                  prefetch_factor=4, multiprocessing_context="fork")
+    stream = iter(rows_stream)
+    try:
+        for rows, answers in stream:
             documents = packed_seq_params(rows[:, :-1], eod, device) if eod is not None else None
-            batch = {"tokens": rows[:, :-1].to(device), "labels": rows[:, 1:].to(device)}
+            batch = {"tokens": rows[:, :-1].to(device), "labels": rows[:, 1:].to(device),
+                     "answers": answers[:, 1:].to(device)}
             batch = get_batch_on_this_cp_rank(batch, cp_group=cp_group)
             if documents is not None:
                 batch["packed_seq_params"] = documents
             yield batch
-        step += 1
+    finally:
+        del stream  # a DataLoader's worker processes end with their iterator, here when the stage ends
 
 
 def document_eod(config: Config) -> int | None:

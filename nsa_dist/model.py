@@ -37,16 +37,20 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_lay
                           sequence_parallel: int = 1) -> torch.Tensor:
     """Per-token loss [B, S] (fp32) of hidden [S, B, H] against labels [B, S].
 
-    Logits exist for at most `chunk` positions at a time: each chunk's output layer and vocab-parallel
-    cross-entropy are recomputed in backward. At 1M tokens and a 32K vocabulary, the whole sequence's
+    Logits exist for at most `chunk` positions at a time: each chunk's output layer and cross-entropy
+    (vocab-parallel under TP, torch's fused one otherwise) are recomputed in backward. At 1M tokens and a 32K vocabulary, the whole sequence's
     fp32 logits alone would be 128 GB.
     With sequence parallelism over `sequence_parallel` TP ranks, hidden holds this rank's S / TP rows and
     the output layer all-gathers each chunk's rows from every TP rank, so each chunk's labels are picked
     at those positions and the losses are put back in sequence order.
     """
 
+    whole_vocabulary = output_layer.tp_group.size() == 1
+
     def chunk_loss(h, target):
         logits, _ = output_layer(h)
+        if whole_vocabulary:  # torch's fused kernel; the vocab-parallel one costs 3 collectives per chunk
+            return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         return vocab_parallel_cross_entropy(logits.float(), target)
 
     local = hidden.shape[0]

@@ -239,6 +239,8 @@ class MLflowTracker(TrainingHooks):
         values = {"loss": step_log.loss, "lr": step_log.lr, "grad_norm": step_log.grad_norm,
                   "tokens_per_s": step_log.tokens_per_s, "step_time_s": step_log.step_time_s,
                   "memory_gb": step_log.memory_gb}
+        if step_log.answer_loss is not None:
+            values["answer_loss"] = step_log.answer_loss
         for name, comm in step_log.comm.items():
             values[f"comm/{name}/bytes"] = comm["bytes"]
             values[f"comm/{name}/exposed_s"] = comm["exposed_s"]

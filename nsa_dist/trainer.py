@@ -59,6 +59,9 @@ class StepLog:
     tokens_per_s: float  # tokens of the global batch per second of step time
     step_time_s: float
     memory_gb: float  # this process's peak CUDA memory allocated, or its resident set size on CPU
+    # mean loss over the task answers' tokens in the global batch (None without task samples): falls
+    # sharply when the model learns to retrieve, while the mean loss barely moves
+    answer_loss: float | None = None
     # per context-parallel collective of this rank's step: {"bytes": sent + received, "exposed_s": seconds
     # the compute waited on it}; empty without context parallelism
     comm: dict = field(default_factory=dict)
@@ -188,29 +191,35 @@ def forward_step(batches, model):
     # data.documents=mask the batch carries the documents' cu_seqlens (Megatron's PackedSeqParams) for the
     # attention, which then keeps each document to itself.
     tokens, labels, documents = batch["tokens"], batch["labels"], batch.get("packed_seq_params")
+    answers = batch["answers"]
     if documents is not None:  # Megatron's THD layout: the micro-batch's rows packed into one row
-        tokens, labels = tokens.reshape(1, -1), labels.reshape(1, -1)
+        tokens, labels, answers = tokens.reshape(1, -1), labels.reshape(1, -1), answers.reshape(1, -1)
     per_token_loss = model(tokens, None, None, labels=labels, packed_seq_params=documents)
 
     def loss_func(per_token: torch.Tensor):
         total = per_token.sum()
         tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
-        # (loss sum, token count): Megatron divides the gradients by the global token count
-        return total, tokens, {"loss": torch.stack([total.detach(), tokens.float()])}
+        on_answers = per_token.detach()[answers].sum()
+        # (loss sum, token count): Megatron divides the gradients by the global token count; the same over
+        # the task answers' tokens alone is reported (retrieval as it is learned)
+        return total, tokens, {"loss": torch.stack([total.detach(), tokens.float()]),
+                               "answers": torch.stack([on_answers, answers.sum().float()])}
 
     return per_token_loss, loss_func
 
 
-def global_mean_loss(losses: list[dict], device: torch.device) -> float:
-    """Mean loss over the global batch from each rank's per-micro-batch (sum, count) pairs.
+def global_mean_loss(losses: list[dict], device: torch.device, key: str = "loss") -> float | None:
+    """Mean loss over the global batch from each rank's per-micro-batch (sum, count) pairs under `key`
+    ("answers": over the task answers' tokens only); None when the batch holds no such token.
 
     Only last-stage ranks hold pairs; summing over the whole world adds zeros from the other stages, and
     the TP ranks' identical copies scale sum and count alike, so the ratio is the global mean."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for reduced in losses:
-        total += reduced["loss"].double()
+        total += reduced[key].double()
     dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    total_sum, count = total.tolist()
+    return total_sum / count if count else None
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -450,7 +459,8 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
     batches = micro_batches(stage_sequences(config, stage.seq_len, stage.mix), stage.global_batch_size,
                             stage.micro_batch_size, parallel_state.get_data_parallel_rank(), dp_size,
                             parallel_state.get_context_parallel_group(), device,
-                            first_sequence=state.consumed_sequences, eod=document_eod(config))
+                            first_sequence=state.consumed_sequences, eod=document_eod(config),
+                            workers=config.data.workers)
     num_micro_batches = stage.global_batch_size // (stage.micro_batch_size * dp_size)
     forward_backward = get_forward_backward_func()
 
@@ -469,6 +479,7 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         lr = optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = optimizer.step()
         loss = global_mean_loss(losses, device)
+        answer_loss = global_mean_loss(losses, device, "answers")
         state.step += 1
         state.stage_step += 1
         state.consumed_sequences += stage.global_batch_size
@@ -476,7 +487,7 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         exposed = comm.exposed_seconds()
         step_log = StepLog(stage=stage.name, step=state.step, loss=loss, grad_norm=float(grad_norm), lr=lr,
                            tokens_per_s=stage.global_batch_size * stage.seq_len / elapsed, step_time_s=elapsed,
-                           memory_gb=peak_memory_gb(device),
+                           memory_gb=peak_memory_gb(device), answer_loss=answer_loss,
                            comm={name: {"bytes": comm.sent[name] + comm.received[name],
                                         "exposed_s": exposed.get(name, 0.0)} for name in comm.sent})
         history.append(step_log)

@@ -92,6 +92,7 @@ INVALID = [
     (["parallel.sequence_parallel=1"], "parallel.sequence_parallel", "true or false"),
     (["data.documents=mask", "parallel.context=2", "stages.0.seq_len=4096", "training.micro_batch_size=2",
       "training.global_batch_size=4"], "micro_batch_size=2", "set it to 1"),
+    (["data.workers=-1"], "data.workers=-1", "background processes"),
     (["nsa.stride=24"], "nsa.compress_block=32 must be a multiple of nsa.stride=24", "multiple"),
     (["nsa.stride=32", "nsa.compress_block=32", "nsa.selection_block=48"], "nsa.selection_block", "multiple"),
     (["nsa.compress_block=128"], "nsa.compress_block", "must not exceed nsa.selection_block"),

@@ -198,3 +198,34 @@ def test_packed_task_samples_must_fit_their_minimum(corpus):
         check_data(config, [256])
     check_data(_config(prefix, root, "stages.0.seq_len=256", "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 120}"),
                [256])
+
+
+def test_loader_workers_make_the_same_micro_batches(corpus):
+    """data.workers generate the rows in DataLoader worker processes, ahead of the training thread: the same
+    micro-batches (tokens, labels, cu_seqlens) in the same order as on the thread, from any data position."""
+    import itertools
+    import multiprocessing
+
+    from nsa_dist.data import micro_batches, stage_sequences
+
+    prefix, _, root = corpus
+    config = _config(prefix, root, "data.documents=mask",
+                     "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 112}")
+    stage = config.resolved_stages()[0]
+    sequences = stage_sequences(config, stage.seq_len, stage.mix)
+    made = {}
+    for workers in (0, 2):
+        batches = micro_batches(sequences, 8, 2, dp_rank=1, dp_size=2, cp_group=None, device=torch.device("cpu"),
+                                first_sequence=5, eod=0, workers=workers)
+        made[workers] = list(itertools.islice(batches, 7))
+        if workers:
+            assert len(multiprocessing.active_children()) >= workers  # the rows came from worker processes
+        batches.close()  # the stage ends: its workers with it
+    assert not multiprocessing.active_children()
+    # DP rank 1 of 2 takes 4 of a step's 8 sequences, in micro-batches of 2 rows: 5 + 8k + 4 + {0, 2}
+    for k, first in ((0, 9), (1, 11), (2, 17), (6, 33)):
+        rows = torch.stack([sequences(i) for i in (first, first + 1)])
+        assert torch.equal(made[0][k]["tokens"], rows[:, :-1]) and torch.equal(made[0][k]["labels"], rows[:, 1:])
+    for a, b in zip(made[0], made[2]):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+        assert a["packed_seq_params"].cu_seqlens_q.tolist() == b["packed_seq_params"].cu_seqlens_q.tolist()

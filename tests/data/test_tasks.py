@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nsa_dist.config import TASKS
-from nsa_dist.data import mixed_sequences, task_sequence
+from nsa_dist.data import MixedSequences, task_sequence
 from nsa_dist.config import MixConfig
 from nsa_dist.evaluation import answer_niah, niah_cells, niah_grid
 from nsa_dist.tasks import TaskTooLong, check_answer, generate, minimum_length
@@ -43,7 +43,7 @@ def test_too_short():
 def test_mix_follows_the_shares():
     source = lambda index: torch.zeros(257, dtype=torch.int64)  # noqa: E731
     mix = MixConfig(source=0.5, passkey=0.25, multikey_niah=0.0, variable_tracking=0.25)
-    sequences = mixed_sequences(source, mix, TOKENIZER, 256, seed=3)
+    sequences = MixedSequences(source, mix, TOKENIZER, 256, seed=3)
     rows = [sequences(i) for i in range(400)]
     from_source = sum(int(row.sum() == 0) for row in rows)
     assert 160 < from_source < 240 and all(row.shape == (257,) for row in rows)
@@ -145,3 +145,24 @@ def test_one_pass_predictor_answers_as_greedy_decoding():
         assert (first_wrong is None) == (k % 2 == 0)
         expected = decoded if first_wrong is None else decoded[: first_wrong + 1]
         assert text == TOKENIZER.decode(expected), k
+
+
+@pytest.mark.parametrize("min_length", [0, 128])
+def test_answer_spans_hold_the_answers(min_length):
+    """task_samples marks where each sample's answer lies: there, the sequence holds exactly the answer that
+    the sample's own text gives (found by check_answer's rules), and nowhere else is marked."""
+    import re
+
+    from nsa_dist.data import task_samples
+
+    tokens, answers = task_samples("passkey", TOKENIZER, 1024, 1, 7, min_length)
+    assert len(tokens) == 1024
+    assert len(answers) == 1 if min_length == 0 else len(answers) >= 3  # one sample, or several packed
+    text_before = 0
+    for answer in answers:
+        said = TOKENIZER.decode(tokens[text_before : answer.start])
+        key = re.findall(r"The pass key is (\d+)\. Remember it", said)[-1]
+        assert TOKENIZER.decode(tokens[answer.start : answer.stop]) == " " + key
+        text_before = answer.stop
+    assert task_samples("passkey", TOKENIZER, 1024, 1, 7, min_length)[0] == task_sequence(
+        "passkey", TOKENIZER, 1024, 1, 7, min_length)

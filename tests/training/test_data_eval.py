@@ -79,6 +79,9 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
     client = MlflowClient(ids["tracking_uri"])
     run = client.get_run(ids["stages"]["more"])
     assert run.data.metrics["eval/val_loss"] == pytest.approx(report["validation"]["loss"])
+    # the loss on the task answers' tokens: logged where the stage mixes in tasks, not where it has none
+    assert run.data.metrics["answer_loss"] > 0
+    assert "answer_loss" not in client.get_run(ids["stages"]["first"]).data.metrics
     assert "eval/niah/len192_depth0.5" in run.data.metrics
     history = client.get_metric_history(run.info.run_id, "eval/loss_by_position")
     assert sorted(m.step for m in history) == [0, 32, 64, 96]
@@ -163,7 +166,7 @@ def _train_layouts(rank: int, world_size: int, runs: dict, out_path: str) -> Non
     from nsa_dist.data import document_eod, packed_seq_params, stage_sequences
     from nsa_dist.trainer import train
 
-    results = {name: [(log.loss, log.grad_norm) for log in train(tiny_config(*overrides)).history]
+    results = {name: [(log.loss, log.grad_norm, log.answer_loss) for log in train(tiny_config(*overrides)).history]
                for name, overrides in runs.items()}
     # what the test trained on: the documents of its 12 sequences (on every rank: the dataset builder syncs)
     config = tiny_config(*next(iter(runs.values())))
@@ -178,15 +181,17 @@ def _train_layouts(rank: int, world_size: int, runs: dict, out_path: str) -> Non
 @pytest.mark.timeout(300)
 def test_packed_documents_train_the_same_under_context_parallelism(trained, tmp_path):
     """data.documents=mask with CP=2 (each rank a zigzag shard of the packed documents) gives DP=2's
-    losses and gradient norms, for NSA and dense attention: cu_seqlens honoured under CP."""
+    losses and gradient norms, for NSA and dense attention: cu_seqlens honoured under CP (and the rows
+    made by a DataLoader worker are the training thread's)."""
     root, overrides = trained
     data = [o for o in overrides if o.startswith("data.")] + ["model.vocab_size=256"]
     # passkey samples of 112-128 tokens (the shortest there are): several documents in each 256-token
     # sequence, across CP chunks (64 tokens each)
     stage = ["stages=[{name: docs, seq_len: 256, steps: 3, mix: {source: 0.4, passkey: 0.6, task_min_length: 112, "
              "task_max_length: 128}}]"]
+    # the CP runs take their rows from a DataLoader worker process (data.workers), the DP runs make them
     runs = {f"{attention} {layout}": [*data, *stage, f"model.attention={attention}", f"parallel.context={cp}",
-                                      f"run.dir={tmp_path}/{attention}-{layout}"]
+                                      f"data.workers={cp - 1}", f"run.dir={tmp_path}/{attention}-{layout}"]
             for attention in ("nsa", "dense") for layout, cp in (("DP2", 1), ("CP2", 2))}
     out = tmp_path / "results.json"
     run_distributed(_train_layouts, 2, runs, str(out))
@@ -197,6 +202,9 @@ def test_packed_documents_train_the_same_under_context_parallelism(trained, tmp_
     for attention in ("nsa", "dense"):
         dp, cp = results[f"{attention} DP2"], results[f"{attention} CP2"]
         assert len(dp) == len(cp) == 3
-        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(cp, dp), start=1):
+        for step, ((loss, norm, answers), (ref_loss, ref_norm, ref_answers)) in enumerate(zip(cp, dp), start=1):
             assert loss == pytest.approx(ref_loss, rel=1e-6), f"{attention} step {step} loss"
             assert norm == pytest.approx(ref_norm, rel=1e-6), f"{attention} step {step} grad norm"
+            # the loss on the passkey answers' tokens alone, over sharded and packed rows alike
+            assert answers == pytest.approx(ref_answers, rel=1e-6), f"{attention} step {step} answer loss"
+            assert ref_answers > 0 and ref_answers != pytest.approx(ref_loss, rel=1e-3)

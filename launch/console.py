@@ -67,12 +67,17 @@ class ConsoleReporter(TrainingHooks):
         if not logs:
             return
         table = Table(title=f"{clock()} stage {stage.name} ({len(logs)} steps in this job)", title_justify="left")
-        for column in ("first loss", "last loss", "mean tokens/s", "mean step s", "peak memory GB"):
+        columns = ["first loss", "last loss", "mean tokens/s", "mean step s", "peak memory GB"]
+        row = [f"{logs[0].loss:.4f}", f"{logs[-1].loss:.4f}",
+               f"{sum(log.tokens_per_s for log in logs) / len(logs):,.0f}",
+               f"{sum(log.step_time_s for log in logs) / len(logs):.2f}", f"{max(log.memory_gb for log in logs):.2f}"]
+        answers = [log.answer_loss for log in logs[-10:] if log.answer_loss is not None]
+        if answers:  # the stage mixes in tasks: how well the last steps answered them
+            columns.append("answer loss, last 10 steps")
+            row.append(f"{sum(answers) / len(answers):.3f}")
+        for column in columns:
             table.add_column(column, justify="right")
-        table.add_row(f"{logs[0].loss:.4f}", f"{logs[-1].loss:.4f}",
-                      f"{sum(log.tokens_per_s for log in logs) / len(logs):,.0f}",
-                      f"{sum(log.step_time_s for log in logs) / len(logs):.2f}",
-                      f"{max(log.memory_gb for log in logs):.2f}")
+        table.add_row(*row)
         self.console.print(table)
 
     def evaluated(self, stage: Stage, report: dict) -> None:

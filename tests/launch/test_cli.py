@@ -75,3 +75,28 @@ def test_status_without_runs_and_with_a_missing_run_dir(capsys, tmp_path, monkey
 def test_ui_without_a_tracked_run_is_a_clear_message(capsys, tmp_path):
     assert main(["ui", str(tmp_path)]) == 2
     assert "holds no tracked run" in capsys.readouterr().out
+
+
+def test_the_stage_table_shows_the_answer_loss_where_the_stage_has_tasks():
+    """The console's end-of-stage table: the mean answer loss of the last 10 steps when the stage mixed in
+    task samples (StepLog.answer_loss), and no such column when it did not."""
+    import io
+
+    from rich.console import Console
+
+    from launch.console import ConsoleReporter
+    from nsa_dist.config import load_config
+    from nsa_dist.trainer import StepLog
+
+    stage = load_config(str(Path(__file__).resolve().parents[2] / "configs/quickstart.yaml")).resolved_stages()[0]
+    for answers, expected in (([None] * 12, None), ([9.0, 9.0] + [float(i) for i in range(10)], "4.500")):
+        out = io.StringIO()
+        logs = [StepLog(stage=stage.name, step=i + 1, loss=2.0, grad_norm=1.0, lr=1e-3, tokens_per_s=100.0,
+                        step_time_s=0.5, memory_gb=1.0, answer_loss=a) for i, a in enumerate(answers)]
+        ConsoleReporter(Console(file=out, width=200)).stage_finished(stage, logs)
+        table = out.getvalue()
+        assert "2.0000" in table  # first and last loss
+        if expected is None:
+            assert "answer loss" not in table
+        else:
+            assert "answer loss, last 10 steps" in table and expected in table

@@ -7,7 +7,9 @@ curve, steps, mean tokens/s (the stage's first step, which compiles and warms up
 seconds (the sum of step times), and the stage-end evaluation (validation loss, NIAH accuracy and its
 heatmap; accuracy and worst depth at the stage's own length when the grid also holds others). Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
-drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`.
+drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
+stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
+model learns to retrieve (logged since commit 7a21946).
 
 When an evaluation covers more than one length (`eval.niah_lengths`), report.md also has a table of NIAH
 accuracy by length, one row per run and checkpoint. --evals adds evaluations made after training
@@ -54,7 +56,7 @@ def stage_summary(client, run_id: str, run_dir: Path) -> dict:
 
     loss, speed, times = history("loss"), history("tokens_per_s"), history("step_time_s")
     timed = [value for _, value in speed[1:]] or [value for _, value in speed]
-    summary = {"loss": loss, "steps": len(loss), "tokens_per_s": sum(timed) / len(timed) if timed else None,
+    summary = {"loss": loss, "answer_loss": history("answer_loss"), "steps": len(loss), "tokens_per_s": sum(timed) / len(timed) if timed else None,
                "train_seconds": sum(value for _, value in times), "val_loss": run.data.metrics.get("eval/val_loss"),
                "niah_accuracy": run.data.metrics.get("eval/niah_accuracy"), "niah_worst_depth": None, "heatmap": None,
                "eval": None, "eval_step": None}
@@ -95,19 +97,21 @@ def read_run(run_dir: Path) -> dict:
     return {"wall_seconds": wall, "stages": stages}
 
 
-def plot_losses(runs: dict, path: Path) -> None:
+def plot_losses(runs: dict, path: Path, key: str = "loss", label: str = "training loss") -> None:
+    """One panel per stage (that has `key`'s history), one line per run: "loss", or "answer_loss" (the
+    loss on task answers' tokens, where the stage mixes in tasks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
+    stages = list(dict.fromkeys(stage for run in runs.values() for stage, s in run["stages"].items() if s[key]))
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for name, run in runs.items():
             stages_of_run = run["stages"]
-            if stage in stages_of_run and stages_of_run[stage]["loss"]:
-                steps, values = zip(*stages_of_run[stage]["loss"])
+            if stage in stages_of_run and stages_of_run[stage][key]:
+                steps, values = zip(*stages_of_run[stage][key])
                 # each step's loss faint, and its running mean over a twentieth of the stage: at long
                 # lengths a step holds few sequences, so one synthetic task sequence swings the loss
                 window = max(1, len(values) // 20)
@@ -116,7 +120,7 @@ def plot_losses(runs: dict, path: Path) -> None:
                 ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.6)
         ax.set_title(f"stage {stage}")
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel(label)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -202,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {name: read_run(run) for name, run in zip(names, a.runs)}
     a.out.mkdir(parents=True, exist_ok=True)
     plot_losses(runs, a.out / "loss.png")
+    if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):
+        plot_losses(runs, a.out / "answers.png", "answer_loss", "loss on task answers")
     for name, run in runs.items():
         for stage, s in run["stages"].items():
             if s["eval"]:

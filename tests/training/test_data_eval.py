@@ -133,6 +133,8 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| tiny | more | 24 | " in table and f"{report['validation']['loss']:.4f}" in table
     assert imread(tmp_path / "report" / "loss.png").ndim == 3
+    assert imread(tmp_path / "report" / "answers.png").ndim == 3  # stage "more" mixed in passkey samples
+    assert stages["more"]["answer_loss"] and not stages["first"]["answer_loss"]
     assert imread(tmp_path / "report" / "niah_tiny_more.png").ndim == 3
     assert json.loads((tmp_path / "report" / "report.json").read_text())["tiny"]["stages"]["more"]["steps"] == 24
 

@@ -199,7 +199,7 @@ def forward_step(batches, model):
     def loss_func(per_token: torch.Tensor):
         total = per_token.sum()
         tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
-        on_answers = per_token.detach()[answers].sum()
+        on_answers = (per_token.detach() * answers).sum()  # a product, not a boolean index: no device sync
         # (loss sum, token count): Megatron divides the gradients by the global token count; the same over
         # the task answers' tokens alone is reported (retrieval as it is learned)
         return total, tokens, {"loss": torch.stack([total.detach(), tokens.float()]),
@@ -208,18 +208,18 @@ def forward_step(batches, model):
     return per_token_loss, loss_func
 
 
-def global_mean_loss(losses: list[dict], device: torch.device, key: str = "loss") -> float | None:
-    """Mean loss over the global batch from each rank's per-micro-batch (sum, count) pairs under `key`
-    ("answers": over the task answers' tokens only); None when the batch holds no such token.
+def global_mean_losses(losses: list[dict], device: torch.device, keys=("loss",)) -> list[float | None]:
+    """Mean losses over the global batch from each rank's per-micro-batch (sum, count) pairs, one per key
+    ("loss"; "answers": over the task answers' tokens only), in one all-reduce; None where the batch holds
+    no such token.
 
     Only last-stage ranks hold pairs; summing over the whole world adds zeros from the other stages, and
     the TP ranks' identical copies scale sum and count alike, so the ratio is the global mean."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
     for reduced in losses:
-        total += reduced[key].double()
+        total += torch.stack([reduced[key].double() for key in keys])
     dist.all_reduce(total)
-    total_sum, count = total.tolist()
-    return total_sum / count if count else None
+    return [total_sum / count if count else None for total_sum, count in total.tolist()]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -478,8 +478,7 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         scheduler.step(increment=1)  # step k (1-based) runs at the schedule's lr(k)
         lr = optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = optimizer.step()
-        loss = global_mean_loss(losses, device)
-        answer_loss = global_mean_loss(losses, device, "answers")
+        loss, answer_loss = global_mean_losses(losses, device, ("loss", "answers"))
         state.step += 1
         state.stage_step += 1
         state.consumed_sequences += stage.global_batch_size
@@ -545,5 +544,5 @@ def evaluate(config: Config, checkpoints: Sequence[str | Path], stage_name: str,
                         forward_step_func=forward_step, data_iterator=batches, model=[model],
                         num_microbatches=stage.global_batch_size // (stage.micro_batch_size * dp_size),
                         seq_length=stage.seq_len, micro_batch_size=stage.micro_batch_size, forward_only=True)
-            results.append(Evaluation(global_mean_loss(losses, device), load_seconds))
+            results.append(Evaluation(global_mean_losses(losses, device)[0], load_seconds))
         return results

@@ -13,9 +13,9 @@ projection, checkpointing. The gate logits ride as un-rotated trailing channels 
 with the query they belong to and need no extra path through Megatron's forward.
 
 The core attention is `NSACoreAttention` (NSA over the context-parallel group; one rank is the same code
-with a group of one) or `DenseCoreAttention` (the baseline). phi, the compression MLP, is shared by all
-heads and so replicated over TP; its gradient is summed over the TP group once per step
-(`sum_replicated_grads`, called where Megatron finalizes gradients).
+with a group of one) or `DenseCoreAttention` (the baseline). phi, the compression MLP, and the optional gate
+bias (`nsa.gate_bias`) are shared by all heads and so replicated over TP; their gradients are summed over
+the TP group once per step (`sum_replicated_grads`, called where Megatron finalizes gradients).
 """
 
 import functools
@@ -132,6 +132,8 @@ class NSACoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.compress_k = Compression(nsa.phi, nsa.compress_block, nsa.stride, model.head_dim_k)
         self.compress_v = Compression(nsa.phi, nsa.compress_block, nsa.stride, model.head_dim_v)
+        # a learned bias on the (cmp, slc, win) gate logits, shared by the heads (nsa.gate_bias)
+        self.gate_bias = nn.Parameter(torch.tensor(nsa.gate_bias)) if any(nsa.gate_bias) else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -139,7 +141,8 @@ class NSACoreAttention(MegatronModule):
         cu_seqlens = _cu_seqlens(packed_seq_params)
         dk, n = self.model.head_dim_k, self.nsa
         query, key, value = (_to_batch_major(x, packed) for x in (query, key, value))
-        q, gates = query[..., :dk], torch.sigmoid(query[..., dk:])
+        q, gate_logits = query[..., :dk], query[..., dk:]
+        gates = torch.sigmoid(gate_logits if self.gate_bias is None else gate_logits + self.gate_bias)
         branches = len(BRANCHES) if n.kv == "separate" else 1
         keys, values = key.chunk(branches, dim=2), value.chunk(branches, dim=2)
         per_branch = list(zip(keys, values)) if branches > 1 else [(keys[0], values[0])] * len(BRANCHES)
@@ -206,6 +209,8 @@ class ParallelSelfAttention(SelfAttention):
             config.hidden_size, model.num_kv_heads * sum(self.split_sizes), config=config,
             init_method=config.init_method, gather_output=False, bias=config.add_bias_linear or config.add_qkv_bias,
             skip_bias_add=False, is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.pg_collection.tp)
+        self.gate_bias = nsa.gate_bias if self.gate_width and any(nsa.gate_bias) else None
+        self.start_gates()
         self.q_layernorm = self.k_layernorm = None
         if model.qk_layernorm:
             self.q_layernorm = build_module(submodules.q_layernorm, hidden_size=dk, config=config,
@@ -217,6 +222,18 @@ class ParallelSelfAttention(SelfAttention):
                 submodules.linear_proj, model.num_query_heads * dv, config.hidden_size, config=config,
                 init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
                 skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj", tp_group=self.pg_collection.tp)
+
+    @torch.no_grad()
+    def start_gates(self) -> None:
+        """With nsa.gate_bias set, makes every token's gates sigmoid(gate_bias): zeroes the projection's gate
+        rows and sets the core attention's bias. Call again after re-initializing the weights."""
+        if self.gate_bias is None:
+            return
+        dk, hidden = self.model.head_dim_k, self.config.hidden_size
+        group = self.model.num_query_heads // self.model.num_kv_heads
+        weight = self.linear_qkv.weight.view(self.num_query_groups_per_partition, -1, hidden)
+        weight[:, : self.split_sizes[0]].view(-1, group, dk + self.gate_width, hidden)[:, :, dk:] = 0
+        self.core_attention.gate_bias.copy_(torch.tensor(self.gate_bias))
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
         """[s, b, hidden] -> query [s, b, HQ_tp, Dk + gates], key [s, b, nb * HK_tp, Dk], value
@@ -286,6 +303,12 @@ def set_rotary_base(model: nn.Module, base: float) -> None:
         module.rotary_base = base
 
 
+def start_gates(model: nn.Module) -> None:
+    """Re-applies nsa.gate_bias's start (ParallelSelfAttention.start_gates) in every attention layer."""
+    for module in _modules(model, ParallelSelfAttention):
+        module.start_gates()
+
+
 def set_comm_stats(model: nn.Module, stats) -> None:
     """Makes every core attention report its context-parallel collectives to `stats` (a CommStats)."""
     for module in _modules(model, (NSACoreAttention, DenseCoreAttention)):
@@ -299,14 +322,15 @@ def set_gather_group(model: nn.Module, group) -> None:
 
 
 def sum_replicated_grads(model: nn.Module, tp_group) -> None:
-    """Sums phi's gradients over the TP group, in one coalesced fp32 all-reduce.
+    """Sums the gradients of NSA's replicated parameters (phi and the gate bias) over the TP group, in one
+    coalesced fp32 all-reduce.
 
-    phi is replicated on every TP rank and each rank compresses only its own KV heads, so each holds a
+    They are replicated on every TP rank, and each rank uses them for its own heads only, so each holds a
     partial gradient. Call once per step after Megatron's finalize_model_grads (gradients in the
     model's fp32 main_grad buffers)."""
     if tp_group.size() == 1:
         return
-    grads = [p.main_grad for m in _modules(model, Compression) for p in m.parameters() if p.requires_grad]
+    grads = [p.main_grad for m in _modules(model, NSACoreAttention) for p in m.parameters() if p.requires_grad]
     if not grads:
         return
     coalesced = _flatten_dense_tensors(grads)

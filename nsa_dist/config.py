@@ -44,6 +44,11 @@ class NSAConfig:
     kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
     phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean
     impl: Literal["auto", "triton", "reference"] = "auto"  # auto: Triton kernels on CUDA, reference on CPU
+    # initial gate logits (cmp, slc, win). All zero (default): the gates come from the fused projection alone,
+    # randomly initialized, about 0.5 each. Otherwise every token's gates start at sigmoid(gate_bias): the
+    # projection's gate rows start at zero and a learned per-branch bias is added. [-2, -2, 2] starts NSA as
+    # sliding-window attention (gates 0.12, 0.12, 0.88), which learns local patterns first.
+    gate_bias: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
 
 
 @dataclass
@@ -422,6 +427,9 @@ def validate(config: Config) -> None:
              f"nsa.selection_block={nsa.selection_block} must be a multiple of nsa.stride={nsa.stride}")
     _require(nsa.compress_block <= nsa.selection_block,
              f"nsa.compress_block={nsa.compress_block} must not exceed nsa.selection_block={nsa.selection_block}")
+    _require(len(nsa.gate_bias) == 3,
+             f"nsa.gate_bias={nsa.gate_bias} must hold 3 initial gate logits, one per branch in the order "
+             "(cmp, slc, win), e.g. [-2.0, -2.0, 2.0]")
     _require(nsa.num_selected >= 3,
              f"nsa.num_selected={nsa.num_selected} must be at least 3: block 0 and the two local blocks are "
              "always selected and count toward it")

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
-from nsa_dist.attention import attention_spec, sum_replicated_grads
+from nsa_dist.attention import attention_spec, start_gates, sum_replicated_grads
 from nsa_dist.config import Config, Stage
 
 
@@ -174,7 +174,8 @@ def init_weights(gpt: GPTModel, seed: int, std: float, num_layers: int, tp_rank:
     """Initialises every parameter from (seed, its global name) alone, then keeps this rank's TP shard.
 
     So every TP/PP/CP/DP layout starts from the same full model. Norm weights are 1, biases 0, other
-    weights N(0, std), with output projections scaled by 1/sqrt(2 * num_layers) (GPT-2).
+    weights N(0, std), with output projections scaled by 1/sqrt(2 * num_layers) (GPT-2). Then NSA's
+    nsa.gate_bias start: the gate rows of the fused projection 0, the gate bias its configured value.
     """
     for local_name, param in gpt.named_parameters():
         name = _global_name(gpt, local_name)
@@ -197,11 +198,12 @@ def init_weights(gpt: GPTModel, seed: int, std: float, num_layers: int, tp_rank:
         elif sharded:
             full = full.chunk(tp_size, dim=dim)[tp_rank]
         param.copy_(full)
+    start_gates(gpt)  # nsa.gate_bias: gate rows zero, the gate bias set
 
 
 def finalize_grads(model: list, *args, **kwargs) -> None:
-    """Megatron's finalize_model_grads (DP/CP reduction, embedding sync, division by tokens), then phi's
-    partial gradients summed over TP, once per step (nsa_dist.attention.sum_replicated_grads)."""
+    """Megatron's finalize_model_grads (DP/CP reduction, embedding sync, division by tokens), then the
+    partial gradients of NSA's TP-replicated parameters (phi, gate bias) summed over TP, once per step (nsa_dist.attention.sum_replicated_grads)."""
     finalize_model_grads(model, *args, **kwargs)
     for chunk in model:
         sum_replicated_grads(chunk, parallel_state.get_tensor_model_parallel_group())

@@ -67,6 +67,30 @@ def _single_rank_checks(rank, world):
                 for name, param in layer.named_parameters():
                     assert param.grad is not None and param.grad.abs().sum() > 0, f"{kv} {phi}: {name} has no gradient"
 
+        # nsa.gate_bias: every token's gates start at sigmoid(bias), and the bias and gate rows then learn
+        import nsa_dist.attention as attention_module
+
+        layer, _ = build_layer("nsa.gate_bias=[-2.0, -1.0, 2.5]", seed=4)
+        layer.start_gates()  # build_layer re-drew every parameter, as the trainer's init_weights does
+        seen = []
+        compose = attention_module.nsa_context_parallel
+
+        def recording(*args, **kwargs):
+            seen.append(args[4].detach().clone())  # q, (k, v) per branch, gates
+            return compose(*args, **kwargs)
+
+        attention_module.nsa_context_parallel = recording
+        try:
+            out = _attend(layer, torch.randn(45, 2, 32, dtype=torch.float64))
+        finally:
+            attention_module.nsa_context_parallel = compose
+        assert seen[0].shape == (2, 45, 4, 3)
+        torch.testing.assert_close(seen[0], torch.sigmoid(torch.tensor([-2.0, -1.0, 2.5], dtype=torch.float64))
+                                   .expand(2, 45, 4, 3), rtol=0, atol=1e-15)
+        out.square().sum().backward()
+        gate_rows = layer.linear_qkv.weight.grad.view(2, -1, 32)[:, : 2 * (8 + 3)].view(2, 2, 11, 32)[:, :, 8:]
+        assert layer.core_attention.gate_bias.grad.abs().min() > 0 and gate_rows.abs().amin(dim=-1).min() > 0
+
         # separate K/V: one K and V projection per branch, in the one fused projection
         separate, _ = build_layer("nsa.kv=separate")
         shared, _ = build_layer("nsa.kv=shared")

@@ -12,7 +12,8 @@ and forward/backward milliseconds at 64K against torch SDPA (cuDNN backend), tim
    repeatable). The paper's sizes at T = 4K..64K, plus at 4K other
    group sizes / head dims (Dk != Dv, non-powers of two), packed documents and a chunk at an offset.
    The dense baseline over packed documents (torch's varlen flash attention) likewise, against one SDPA
-   call per document.
+   call per document; and whole NSA on documents shorter than its window with only the window (or only
+   the selection) gate open, which must equal that dense attention.
 2. One NSA layer (native_sparse_attention, impl="triton", phi = MLP) forward + backward at 1M tokens.
 3. Timing at 64K: each branch and the whole layer, forward and forward + backward, beside cuDNN SDPA
    (causal, GQA) on the same q/k/v shapes.
@@ -175,6 +176,56 @@ def check_case(case: dict) -> list[dict]:
                                **packed))
     for r in rows:
         r["case"] = case
+    return rows
+
+
+def check_short_documents_equal_dense(T=32768, hq=16, hk=1, d=64) -> list:
+    """Whole NSA (Triton, bf16, one K/V for all branches) on packed documents no longer than the window,
+    with one branch's gate 1 and the others 0, against the dense baseline's causal attention per document:
+    the window branch (every document fits in it), and the selection branch (every block of a document fits
+    in its n picks) must each equal dense attention, output and dQ/dK/dV, within 2x the dense bf16 error
+    plus EPSILON. This is the proof's 2K stage (passkey samples of 256 tokens, code documents) on the path
+    training takes: top-n, selected and window kernels, the gate combine, packed-document masking."""
+    torch.manual_seed(0)
+    lengths = []  # passkey samples' 256 tokens, alternating with other lengths up to the window's 512
+    while sum(lengths) < T - 512:
+        lengths.append(256 if len(lengths) % 2 else int(torch.randint(1, 513, ())))
+    lengths.append(T - sum(lengths))  # 1..512 tokens
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    leaves = dict(q=randn(1, T, hq, d), k=randn(1, T, hk, d), v=randn(1, T, hk, d))
+    upstream = torch.randn(1, T, hq, d, device="cuda").bfloat16().float()
+    phi = functools.partial(mean_compress, block_size=PAPER["block_size"], stride=PAPER["stride"])
+
+    def run(fn, inputs):
+        out = fn(**inputs)
+        return out.detach(), torch.autograd.grad((out.float() * upstream).sum(), list(inputs.values()))
+
+    def loop(q, k, v):
+        bounds = cu.tolist()
+        return torch.cat([causal_sdpa(q[:, a:b], k[:, a:b], v[:, a:b], None) for a, b in zip(bounds, bounds[1:])], 1)
+
+    ref = run(loop, {k: x.detach().float().requires_grad_() for k, x in leaves.items()})
+    ref_bf16 = run(lambda **x: dense_documents(**x, cu_seqlens=cu, longest=max(lengths), scale=None), leaves)
+    names = ["o", "dq", "dk", "dv"]
+    bounds = dict(zip(names, (2 * rms_rel(a, b) + EPSILON for a, b in zip((ref_bf16[0], *ref_bf16[1]),
+                                                                           (ref[0], *ref[1])))))
+    rows = []
+    for branch in ("slc", "win"):
+        gates = torch.zeros(1, T, hq, 3, device="cuda", dtype=torch.bfloat16)
+        gates[..., ("cmp", "slc", "win").index(branch)] = 1
+
+        def nsa(q, k, v):
+            return native_sparse_attention(q, (k, v), (k, v), (k, v), gates, phi, phi, impl="triton",
+                                           cu_seqlens=cu, **PAPER).output
+
+        got = run(nsa, leaves)
+        errors = dict(zip(names, (rms_rel(a, b) for a, b in zip((got[0], *got[1]), (ref[0], *ref[1])))))
+        row = {"branch": branch, "T": T, "documents": len(lengths), "longest": max(lengths), "errors": errors,
+               "bounds": bounds, "ok": all(errors[k] <= bounds[k] for k in names)}
+        print(f"  NSA {branch} gate only, {len(lengths)} documents of <= {max(lengths)} tokens in T={T}: "
+              f"{'ok ' if row['ok'] else 'BAD'} worst err/bound {max(errors[k] / bounds[k] for k in names):.2f} "
+              f"({', '.join(f'{k} {errors[k]:.1e}' for k in names)})", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -350,6 +401,7 @@ def main():
 
     section("correctness", correctness, report)
     section("dense documents", check_dense_documents, report)
+    section("short documents: one NSA branch equals dense", check_short_documents_equal_dense, report)
     if a.bench_seq:
         section("timing", lambda: run_bench(a.bench_seq, hq, hk, d), report)
     if a.layer_seq:

@@ -282,3 +282,31 @@ def test_compress_documents_equals_each_document_alone(phi):
     torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)  # the MLP batches its matmuls otherwise
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("branch", ["slc", "win"])
+def test_short_documents_with_one_gate_open_are_dense_attention(branch):
+    """On packed documents that fit in the window (and whose blocks fit in the n picks), NSA with only the
+    window gate (or only the selection gate) open is causal softmax attention inside each document: the
+    selection picks every block a query can see. tools/gpu_check.py checks the same on the Triton kernels
+    at the proof's 2K-stage shape."""
+    from kernels.nsa import native_sparse_attention
+
+    l, d, l_sel, n, w = 8, 4, 16, 4, 24
+    lengths = [24, 1, 17, 9, 24, 3, 20, 24, 16]  # each within the window and at most 3 selection blocks
+    T, hq, hk, dim = sum(lengths), 4, 2, 6
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, T, h, dim, dtype=torch.float64) for h in (hq, hk, hk))
+    bounds = cu.tolist()
+    dense = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x[:, lo:hi].transpose(1, 2).repeat_interleave(hq // x.shape[2], dim=1) for x in (q, k, v)),
+            is_causal=True).transpose(1, 2)
+        for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+    gates = torch.zeros(1, T, hq, 3, dtype=torch.float64)
+    gates[..., ("cmp", "slc", "win").index(branch)] = 1
+    phi = lambda x: mean_compress(x, l, d)  # noqa: E731
+    out = native_sparse_attention(q, (k, v), (k, v), (k, v), gates, phi, phi, block_size=l, stride=d,
+                                  selection_block=l_sel, num_selected=n, window=w, cu_seqlens=cu).output
+    torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)

@@ -2,6 +2,13 @@
 # One proof run on the GPU machine (device tool, carry .whl): wheels, corpus, the training job, and its
 # run directory without weights copied to $OUT. Usage: bash benchmarks/proof/run.sh proof_100m
 # (OVERLAP=1 also measures the selection overlap of the final checkpoint)
+# The GPU machine has no internet: .whl/ must hold the megatron-core wheel and .whl/mlflow/ MLflow's
+# (mlflow-skinny with its SQL store's dependencies), both for its Python 3.12, downloaded beforehand:
+#   pip download -q --only-binary=:all: --python-version 3.12 --implementation cp -d .whl megatron-core==0.16.1 \
+#     --no-deps --platform manylinux_2_28_x86_64
+#   pip download -q --only-binary=:all: --python-version 3.12 --implementation cp -d .whl/mlflow \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+#     mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 sqlalchemy alembic psutil
 set -u
 cfg=${1:?"give the config name, e.g. proof_100m for configs/proof_100m.yaml"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1

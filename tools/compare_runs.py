@@ -20,12 +20,16 @@ names its checkpoint, so its run).
         --evals short/nsa_800/eval.json short/dense_800/eval.json
 
 A run directory may have been copied from the machine that trained it (its MLflow store, tracking.json and
-each checkpoint's eval/ folder suffice): paths recorded there are found again under it.
+each checkpoint's eval/ folder suffice): paths recorded there are found again under it. An archived store,
+`mlflow.db.gz` in place of `mlflow.db`, is read from a decompressed temporary copy.
 """
 
 import argparse
+import gzip
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,6 +84,32 @@ def stage_summary(client, run_id: str, run_dir: Path) -> dict:
     return summary
 
 
+_TEMPORARY = []  # decompressed stores, deleted when the process exits
+
+
+def gunzipped(archive: Path) -> Path:
+    """A decompressed copy of a gzipped MLflow store, in a temporary folder that lives as long as the process."""
+    folder = tempfile.TemporaryDirectory(prefix="compare_runs-")
+    _TEMPORARY.append(folder)
+    database = Path(folder.name) / archive.stem
+    with gzip.open(archive, "rb") as source, open(database, "wb") as target:
+        shutil.copyfileobj(source, target)
+    return database
+
+
+def store_file(recorded: str, run_dir: Path) -> Path:
+    """The sqlite file of a run's MLflow store: under run_dir (as it is, or gzipped as archived runs are),
+    else where the run recorded it. Never a path that does not exist: sqlite would create an empty store."""
+    for candidate in (recorded, recorded + ".gz"):
+        path = relocated(candidate, run_dir).resolve()
+        if path.exists() and run_dir.resolve() in path.parents:
+            return gunzipped(path) if path.suffix == ".gz" else path
+    if Path(recorded).exists():
+        return Path(recorded)
+    sys.exit(f"error: {run_dir} has no MLflow store: neither {run_dir / Path(recorded).name} (or .gz) nor {recorded}, "
+             "where the run recorded it, exists; copy the run's mlflow.db into its run directory")
+
+
 def read_run(run_dir: Path) -> dict:
     ids = read_run_ids(run_dir)
     if ids is None:
@@ -88,7 +118,7 @@ def read_run(run_dir: Path) -> dict:
 
     uri = ids["tracking_uri"]
     if uri.startswith("sqlite:///"):
-        uri = f"sqlite:///{relocated(uri.removeprefix('sqlite:///'), run_dir).resolve()}"
+        uri = f"sqlite:///{store_file(uri.removeprefix('sqlite:///'), run_dir)}"
     client = MlflowClient(uri)
     parent = client.get_run(ids["parent"]).info
     stages = {stage: stage_summary(client, run_id, run_dir) for stage, run_id in ids["stages"].items()}

@@ -3,8 +3,10 @@ GPTDataset) lowers the tiny model's validation loss; the evaluation runs at each
 grid JSON and the heatmap PNG beside the checkpoint and logs them to the stage's MLflow run; `nsa-dist
 eval` does the same for a checkpoint of the run. Real processes on gloo."""
 
+import gzip
 import json
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -162,6 +164,18 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     moved = compare_runs.main([str(copy), "--names", "tiny", "--out", str(tmp_path / "moved")])
     a, b = json.loads(json.dumps(moved)), json.loads(json.dumps(runs).replace(str(root / "run"), str(copy)))
     assert a == b
+    # archived as the proof's earlier runs are: the MLflow store gzipped (one loss marked, to tell that the
+    # archive is what was read, not the original store the run recorded)
+    with sqlite3.connect(copy / "mlflow.db") as db:
+        db.execute("UPDATE metrics SET value = 123.5 WHERE key = 'loss' AND step = 2")
+    with open(copy / "mlflow.db", "rb") as source, gzip.open(copy / "mlflow.db.gz", "wb") as target:
+        shutil.copyfileobj(source, target)
+    (copy / "mlflow.db").unlink()
+    archived = compare_runs.main([str(copy), "--names", "tiny", "--out", str(tmp_path / "archived")])
+    marked = json.loads(json.dumps(archived))
+    assert marked["tiny"]["stages"]["more"]["loss"][0] == [2, 123.5]
+    marked["tiny"]["stages"]["more"]["loss"][0] = b["tiny"]["stages"]["more"]["loss"][0]
+    assert marked == b
 
 
 def _train_layouts(rank: int, world_size: int, runs: dict, out_path: str) -> None:

@@ -5,7 +5,8 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
 - top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages;
 - selected attention, kernels/selected_attention/triton.py: forward "fwd", backward "dq", "dkv"
   (BLOCK_M too) and "reduce";
-- gate combine, kernels/gate_combine/triton.py "fwd", "bwd": BLOCK_R x num_warps.
+- gate (one branch's output times its gate), kernels/gate_combine/triton.py "gate_fwd", "gate_bwd":
+  BLOCK_R x num_warps (until 2026-12-01 one combine kernel of the three outputs, "fwd" and "bwd").
 Not swept: compressed and window attention (kernels/range_attention.py, autotuned), phi (PyTorch, no
 Triton kernel), and the backwards' delta kernel (range_attention.attention_delta: fixed, ~1 ms).
 
@@ -188,28 +189,28 @@ def fp32_selected(q, k, v, do, blocks) -> tuple | None:
 
 def combine_sweeps(T, hq, d, dtype, device) -> list[Sweep]:
     gen = torch.Generator(device=device).manual_seed(T)
-    outs = [torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen) for _ in range(3)]
-    gates = torch.rand(1, T, hq, 3, device=device, generator=gen).to(dtype)
+    o = torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen)
+    gate = torch.rand(1, T, hq, device=device, generator=gen).to(dtype)
     grad = torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen)
-    leaves = [x.clone().requires_grad_() for x in (*outs, gates)]
-    out = gate_combine.combine_branches_triton(*leaves)
+    leaves = [x.clone().requires_grad_() for x in (o, gate)]
+    out = gate_combine.gate_branch_triton(*leaves)
 
     def forward():
         with torch.no_grad():
-            return (gate_combine.combine_branches_triton(*outs, gates),)
+            return (gate_combine.gate_branch_triton(o, gate),)
 
     def backward():
         return torch.autograd.grad(out, leaves, grad, retain_graph=True)
 
     leaves32 = [x.detach().float().requires_grad_() for x in leaves]
-    out32 = gate_combine.combine_branches_triton(*leaves32)
+    out32 = gate_combine.gate_branch_triton(*leaves32)
     reference = (out32.detach(), *torch.autograd.grad(out32, leaves32, grad.float()))
     del leaves32, out32
     now = dict(BLOCK_R=gate_combine.BLOCK_R, num_warps=4)
     grid = [c for c in configs(now, BLOCK_R=(16, 32, 64, 128), num_warps=(2, 4, 8))
             if (c["BLOCK_R"], c["num_warps"]) not in ((16, 8), (128, 2))]
-    return [Sweep("gate combine fwd", gate_combine, "fwd", now, grid, forward, reference[:1]),
-            Sweep("gate combine bwd", gate_combine, "bwd", now, grid, backward, reference[1:])]
+    return [Sweep("gate fwd", gate_combine, "gate_fwd", now, grid, forward, reference[:1]),
+            Sweep("gate bwd", gate_combine, "gate_bwd", now, grid, backward, reference[1:])]
 
 
 def topn_sweep(q, k_cmp, lse) -> Sweep:

@@ -7,7 +7,7 @@ import torch
 from kernels.block_selection.naive import select_blocks_ref
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
-from kernels.gate_combine.naive import combine_branches_ref
+from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
 from kernels.selected_attention.naive import selected_attention_ref
 from kernels.window_attention.naive import window_attention_ref
 
@@ -21,7 +21,8 @@ class BranchOps(NamedTuple):
     select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens) -> block ids
     selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens) -> (o, lse)
     window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens) -> (o, lse)
-    combine: Callable  # (o_cmp, o_slc, o_win or None, gates) -> gated sum of the outputs
+    gate: Callable  # (o, gate) -> gate * o: one branch's output times its gate ([B, T, HQ])
+    sum: Callable  # (o_cmp, o_slc, o_win or None) -> the sum of the gated outputs
 
 
 def branch_ops(impl: str) -> BranchOps:
@@ -29,19 +30,19 @@ def branch_ops(impl: str) -> BranchOps:
     CUDA, or CPU under TRITON_INTERPRET=1). Choosing for "auto" is the caller's business."""
     if impl == "reference":
         return BranchOps(compressed_attention_ref, select_blocks_ref, selected_attention_ref, window_attention_ref,
-                         combine_branches_ref)
+                         gate_branch_ref, sum_branches_ref)
     if impl == "triton":
         # Imported on first use: Triton decides between compiling and interpreting (TRITON_INTERPRET) when
         # a kernel is defined, so importing this module must not define them.
         from kernels.block_selection.triton import select_blocks_triton
         from kernels.compressed_attention.triton import compressed_attention_triton
-        from kernels.gate_combine.triton import combine_branches_triton
+        from kernels.gate_combine.triton import gate_branch_triton, sum_branches_triton
         from kernels.selected_attention.triton import selected_attention_triton
         from kernels.window_attention.triton import window_attention_triton
 
         return BranchOps(
             compressed_attention_triton, select_blocks_triton, selected_attention_triton, window_attention_triton,
-            combine_branches_triton,
+            gate_branch_triton, sum_branches_triton,
         )
     raise ValueError(f"impl={impl!r}: expected 'reference' or 'triton' ('auto' is resolved by the caller)")
 
@@ -104,44 +105,49 @@ def compose_nsa(
     raw tokens from global position 0 through every query's last selectable block. Items are consumed one
     at a time after the other branches ran, so a caller can hand out K/V that are still arriving.
     cu_seqlens: packed documents (one span from position 0, B = 1), as in native_sparse_attention.
+
+    Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
+    the most recently created ready node first, so the backward then makes one branch's output gradient
+    just before that branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
     o_cmp, lse_cmp, blocks, o_win, lse_win = [], [], [], [], []
     for span in spans:
         rows = q[:, span.offset : span.offset + span.length]
+        span_gates = gates[:, span.offset : span.offset + span.length]
         o, lse = ops.compressed(rows, k_cmp, v_cmp, *sizes_cmp, scale, q_start=span.start, cu_seqlens=cu_seqlens)
-        o_cmp.append(o)
+        o_cmp.append(ops.gate(o, span_gates[..., 0]))
         lse_cmp.append(lse)
         blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
                                  num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens))
         if window > 0:
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
                                 k_start=span.win_start, cu_seqlens=cu_seqlens)
-            o_win.append(o)
+            o_win.append(ops.gate(o, span_gates[..., 2]))
             lse_win.append(lse)
     block_idx = _cat(blocks, 1)
 
     group = q.shape[2] // block_idx.shape[2]  # query heads per KV head
-    o_slc, lse_slc = [], []
+    o_slc, lse_slc = [], []  # per item (KV-head slice), its spans' rows
     for heads, k, v in selection_kv:
-        q_heads = q[:, :, heads.start * group : heads.stop * group]
-        per_span = [
-            ops.selected(q_heads[:, s.offset : s.offset + s.length], k, v,
-                         block_idx[:, s.offset : s.offset + s.length, heads], selection_block, scale,
-                         q_start=s.start, cu_seqlens=cu_seqlens)
-            for s in spans
-        ]
-        o_slc.append(_cat([o for o, _ in per_span], 1))
-        lse_slc.append(_cat([lse for _, lse in per_span], 1))
+        q_heads = slice(heads.start * group, heads.stop * group)
+        o_item, lse_item = [], []
+        for s in spans:
+            rows = slice(s.offset, s.offset + s.length)
+            o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block, scale,
+                                  q_start=s.start, cu_seqlens=cu_seqlens)
+            o_item.append(ops.gate(o, gates[:, rows, q_heads, 1]))
+            lse_item.append(lse)
+        o_slc.append(_cat(o_item, 1))
+        lse_slc.append(_cat(lse_item, 1))
     o_slc, lse_slc = _cat(o_slc, 2), _cat(lse_slc, 2)
-
     lse_cmp = _cat(lse_cmp, 1)
     if window > 0:
         o_win, lse_win = _cat(o_win, 1), _cat(lse_win, 1)
     else:  # fla's configuration: no window branch
         o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
-    output = ops.combine(_cat(o_cmp, 1), o_slc, o_win, gates)
+    output = ops.sum(_cat(o_cmp, 1), o_slc, o_win)
     return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win)
 
 

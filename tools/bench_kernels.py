@@ -188,10 +188,20 @@ def time_line(name, make, reps, rows, **where):
     rows.append(row)
 
 
-def inline_combine(o_cmp, o_slc, o_win, gates):
-    """The gate combine of kernels that predate BranchOps.combine (an earlier --kernels-root)."""
-    g = gates.float().unsqueeze(-1)
-    return (g[..., 0, :] * o_cmp.float() + g[..., 1, :] * o_slc.float() + g[..., 2, :] * o_win.float()).to(o_cmp.dtype)
+def gate_combine(ops):
+    """The gate combine of `ops`: each output times its gate, then the sum (BranchOps.gate and .sum); one
+    combine kernel (BranchOps.combine, before 2026-12-01); or, for kernels older still (an earlier
+    --kernels-root), torch's arithmetic."""
+    if hasattr(ops, "gate"):
+        return lambda o_cmp, o_slc, o_win, gates: ops.sum(*(ops.gate(o, gates[..., i])
+                                                            for i, o in enumerate((o_cmp, o_slc, o_win))))
+    if hasattr(ops, "combine"):
+        return ops.combine
+
+    def inline(o_cmp, o_slc, o_win, gates):
+        g = gates.float().unsqueeze(-1)
+        return (g[..., 0, :] * o_cmp.float() + g[..., 1, :] * o_slc.float() + g[..., 2, :] * o_win.float()).to(o_cmp.dtype)
+    return inline
 
 
 def breakdown(nsa_mod, T, hq, hk, d, reps) -> list[dict]:
@@ -211,7 +221,7 @@ def breakdown(nsa_mod, T, hq, hk, d, reps) -> list[dict]:
         o_win, _ = ops.window(q, k, v, w)
     phi = [mlp_phi_params(l, d) for _ in range(2)]
     branch_outs = [x.detach().requires_grad_() for x in (o_cmp, o_slc, o_win)]
-    combine = getattr(ops, "combine", None) or inline_combine
+    combine = gate_combine(ops)
     rows = []
     parts = {
         "phi mlp (k and v)": (lambda: torch.cat([mlp_compress(k, l, s, **phi[0]), mlp_compress(v, l, s, **phi[1])]),

@@ -113,8 +113,14 @@ def compare_branch(name, kernel, reference, leaves, **kwargs) -> dict:
             "deterministic": bool(deterministic), "ok": bool(ok)}
 
 
+def gated_sum(ops):
+    """The gate combine as compose_nsa makes it: each output times its gate, then the sum."""
+    return lambda *outs_and_gates: ops.sum(*(ops.gate(o, outs_and_gates[-1][..., i])
+                                             for i, o in enumerate(outs_and_gates[:-1])))
+
+
 def compare_combine(o_cmp, o_slc, o_win, gates) -> dict:
-    """The gate combine (Triton) against its reference, in the same terms as compare_branch."""
+    """The gate combine (Triton gate and sum) against its reference, in the same terms as compare_branch."""
     leaves = dict(o_cmp=o_cmp, o_slc=o_slc, o_win=o_win, gates=gates)
     upstream = torch.randn_like(o_cmp, dtype=torch.float32).bfloat16().float()
 
@@ -122,9 +128,9 @@ def compare_combine(o_cmp, o_slc, o_win, gates) -> dict:
         out = fn(*inputs.values())
         return out.detach(), dict(zip(inputs, torch.autograd.grad((out.float() * upstream).sum(), list(inputs.values()))))
 
-    got, again = run(TRI.combine, leaves), run(TRI.combine, leaves)
-    ref = run(REF.combine, {k: x.detach().float().requires_grad_() for k, x in leaves.items()})
-    ref_bf16 = run(REF.combine, {k: x.detach().requires_grad_() for k, x in leaves.items()})
+    got, again = run(gated_sum(TRI), leaves), run(gated_sum(TRI), leaves)
+    ref = run(gated_sum(REF), {k: x.detach().float().requires_grad_() for k, x in leaves.items()})
+    ref_bf16 = run(gated_sum(REF), {k: x.detach().requires_grad_() for k, x in leaves.items()})
 
     def errors(result):
         return {"out": rms_rel(result[0], ref[0]), **{f"d{k}": rms_rel(result[1][k], ref[1][k]) for k in leaves}}

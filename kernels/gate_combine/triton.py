@@ -1,11 +1,15 @@
-"""The gated sum of NSA's branch outputs, Triton: one pass over the three outputs forward, one backward.
+"""The gated sum of NSA's branch outputs, Triton: each branch output times its gate, then the sum.
 
-Autograd through the reference's fp32 expression keeps fp32 copies of every branch output and of the
-broadcast gates for the backward (three [T, HQ, Dv] fp32 tensors: 12 GB at 128K tokens with 64 heads of
-128) and passes over them several times. Here the forward reads each output once and writes the sum;
-the backward reads the upstream gradient and the outputs once and writes their gradients and the
-gates' (a row sum). Only the branch outputs, which the branches' own backward keeps anyway, and the
-gates are saved.
+The two steps are separate autograd nodes on purpose. `kernels.nsa.compose_nsa` gates each branch's
+output right after the branch runs, and autograd runs the most recently created ready node first, so
+in the backward each branch's output gradient (g * dO, a [T, HQ, Dv] tensor) is made just before that
+branch's own backward consumes and frees it: one such tensor exists at a time, where a single combine
+node would make all three at once (6 GiB more at the peak at 128K tokens with 64 heads of 128). The sum
+passes its upstream gradient to the three gated outputs as it is, without copies.
+
+The forward reads each output once and writes it gated (products in fp32); the backward reads the
+upstream gradient and the output once and writes the output's gradient and the gate's (a row sum in
+fp32). Only the branch output, which its branch's backward keeps anyway, and the gate are saved.
 """
 
 import torch
@@ -15,100 +19,108 @@ import triton.language as tl
 from kernels.triton_utils import launch_params, pow2
 
 BLOCK_R = 32  # (token, head) rows per program
-# Launch parameters set over the defaults (BLOCK_R, num_warps), per kernel: "fwd", "bwd"; empty in
-# use, filled by benchmarks/kernels-exp-sweep.py
+# Launch parameters set over the defaults (BLOCK_R, num_warps), per kernel: "gate_fwd", "gate_bwd",
+# "sum"; empty in use, for experiments
 LAUNCH: dict[str, dict] = {}
 
 
 @triton.jit
-def _combine_fwd(o_cmp, o_slc, o_win, gates, out, R, DV: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr):
+def _rows(R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     d = tl.arange(0, BLOCK_D)
-    offs = rows[:, None] * DV + d[None, :]
-    mask = row_ok[:, None] & (d[None, :] < DV)
-    g_cmp = tl.load(gates + rows * 3, mask=row_ok, other=0.0).to(tl.float32)
-    g_slc = tl.load(gates + rows * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
-    acc = g_cmp[:, None] * tl.load(o_cmp + offs, mask=mask, other=0.0).to(tl.float32)
-    acc += g_slc[:, None] * tl.load(o_slc + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_WIN:
-        g_win = tl.load(gates + rows * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
-        acc += g_win[:, None] * tl.load(o_win + offs, mask=mask, other=0.0).to(tl.float32)
+    return rows, row_ok, rows[:, None] * DV + d[None, :], row_ok[:, None] & (d[None, :] < DV)
+
+
+@triton.jit
+def _gate_fwd(o, gate, out, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, row_ok, offs, mask = _rows(R, DV, BLOCK_R, BLOCK_D)
+    g = tl.load(gate + rows, mask=row_ok, other=0.0).to(tl.float32)
+    o_rows = tl.load(o + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + offs, (g[:, None] * o_rows).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd(grad, o, gate, d_o, d_gate, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d_o = g * grad and d_gate = the sum over Dv of grad * o."""
+    rows, row_ok, offs, mask = _rows(R, DV, BLOCK_R, BLOCK_D)
+    g_out = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(d_o + offs, (g[:, None] * g_out).to(d_o.dtype.element_ty), mask=mask)
+    o_rows = tl.load(o + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(d_gate + rows, tl.sum(g_out * o_rows, 1).to(d_gate.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _sum_fwd(a, b, c, out, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_C: tl.constexpr):
+    _, _, offs, mask = _rows(R, DV, BLOCK_R, BLOCK_D)
+    acc = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_C:
+        acc += tl.load(c + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _branch_grads(grad, o, gates, d_o, d_gates, rows, row_ok, offs, mask, BRANCH: tl.constexpr):
-    """d_o = g * grad and d_gate = sum over Dv of grad * o, for one branch."""
-    g = tl.load(gates + rows * 3 + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(d_o + offs, (g[:, None] * grad).to(d_o.dtype.element_ty), mask=mask)
-    o_rows = tl.load(o + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(d_gates + rows * 3 + BRANCH, tl.sum(grad * o_rows, 1).to(d_gates.dtype.element_ty), mask=row_ok)
+def _grid(o: torch.Tensor, launch: dict) -> tuple[int]:
+    return (triton.cdiv(o.numel() // o.shape[-1], launch["BLOCK_R"]),)
 
 
-@triton.jit
-def _combine_bwd(grad, o_cmp, o_slc, o_win, gates, d_cmp, d_slc, d_win, d_gates, R, DV: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    d = tl.arange(0, BLOCK_D)
-    offs = rows[:, None] * DV + d[None, :]
-    mask = row_ok[:, None] & (d[None, :] < DV)
-    g_out = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-    _branch_grads(g_out, o_cmp, gates, d_cmp, d_gates, rows, row_ok, offs, mask, 0)
-    _branch_grads(g_out, o_slc, gates, d_slc, d_gates, rows, row_ok, offs, mask, 1)
-    if HAS_WIN:
-        _branch_grads(g_out, o_win, gates, d_win, d_gates, rows, row_ok, offs, mask, 2)
-    else:
-        tl.store(d_gates + rows * 3 + 2, tl.zeros([BLOCK_R], tl.float32).to(d_gates.dtype.element_ty), mask=row_ok)
-
-
-class CombineBranches(torch.autograd.Function):
-    """combine_branches_triton as an autograd function; saves only its inputs."""
+class GateBranch(torch.autograd.Function):
+    """gate_branch_triton as an autograd function; saves only its inputs."""
 
     @staticmethod
-    def forward(ctx, o_cmp, o_slc, o_win, gates):
-        out = torch.empty_like(o_cmp)
-        rows, dv = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
-        has_win = o_win is not None
-        launch = launch_params(LAUNCH, "fwd", BLOCK_R=BLOCK_R)
-        _combine_fwd[(triton.cdiv(rows, launch["BLOCK_R"]),)](
-            o_cmp, o_slc, o_win if has_win else o_cmp, gates, out, rows,
-            DV=dv, BLOCK_D=pow2(dv), HAS_WIN=has_win, **launch,
-        )
-        ctx.save_for_backward(o_cmp, o_slc, o_win, gates)
+    def forward(ctx, o, gate):
+        out = torch.empty_like(o)
+        launch = launch_params(LAUNCH, "gate_fwd", BLOCK_R=BLOCK_R)
+        _gate_fwd[_grid(o, launch)](o, gate, out, o.numel() // o.shape[-1], DV=o.shape[-1], BLOCK_D=pow2(o.shape[-1]),
+                                    **launch)
+        ctx.save_for_backward(o, gate)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        o_cmp, o_slc, o_win, gates = ctx.saved_tensors
+        o, gate = ctx.saved_tensors
         grad = grad.contiguous()
-        rows, dv = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
-        has_win = o_win is not None
-        d_cmp, d_slc = torch.empty_like(o_cmp), torch.empty_like(o_slc)
-        d_win = torch.empty_like(o_win) if has_win else None
-        d_gates = torch.empty_like(gates)
-        launch = launch_params(LAUNCH, "bwd", BLOCK_R=BLOCK_R)
-        _combine_bwd[(triton.cdiv(rows, launch["BLOCK_R"]),)](
-            grad, o_cmp, o_slc, o_win if has_win else o_cmp, gates, d_cmp, d_slc, d_win if has_win else d_cmp,
-            d_gates, rows, DV=dv, BLOCK_D=pow2(dv), HAS_WIN=has_win, **launch,
-        )
-        return d_cmp, d_slc, d_win, d_gates
+        d_o, d_gate = torch.empty_like(o), torch.empty_like(gate)
+        launch = launch_params(LAUNCH, "gate_bwd", BLOCK_R=BLOCK_R)
+        _gate_bwd[_grid(o, launch)](grad, o, gate, d_o, d_gate, o.numel() // o.shape[-1], DV=o.shape[-1],
+                                    BLOCK_D=pow2(o.shape[-1]), **launch)
+        return d_o, d_gate
 
 
-def combine_branches_triton(
-    o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None, gates: torch.Tensor
-) -> torch.Tensor:
-    """Gated sum of the branch outputs (Triton; same meaning as combine_branches_ref).
+class SumBranches(torch.autograd.Function):
+    """sum_branches_triton as an autograd function: the upstream gradient is every input's, uncopied."""
 
-    o_cmp, o_slc, o_win: [B, T, HQ, Dv], one dtype among fp32/fp16/bf16 (o_win None: the window branch
-    is off); gates: [B, T, HQ, 3] in (0, 1), order (cmp, slc, win), any of those dtypes. Returns
-    [B, T, HQ, Dv] in o_cmp.dtype, summed in fp32. Differentiable in the outputs and the gates.
-    """
+    @staticmethod
+    def forward(ctx, a, b, c):
+        out = torch.empty_like(a)
+        launch = launch_params(LAUNCH, "sum", BLOCK_R=BLOCK_R)
+        _sum_fwd[_grid(a, launch)](a, b, a if c is None else c, out, a.numel() // a.shape[-1], DV=a.shape[-1],
+                                   BLOCK_D=pow2(a.shape[-1]), HAS_C=c is not None, **launch)
+        ctx.has_c = c is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, grad if ctx.has_c else None
+
+
+def gate_branch_triton(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """One branch's output times its gate (Triton; same meaning as gate_branch_ref).
+
+    o: [B, T, HQ, Dv] in fp32/fp16/bf16; gate: [B, T, HQ] in (0, 1), any of those dtypes, any strides
+    (e.g. one column of the [B, T, HQ, 3] gates). Returns [B, T, HQ, Dv] in o.dtype, the product taken in
+    fp32. Differentiable in o and the gate."""
+    if gate.shape != o.shape[:-1]:
+        raise ValueError(f"gate_branch_triton: gate {tuple(gate.shape)} must be the output's shape "
+                         f"{tuple(o.shape)} without its last dimension")
+    return GateBranch.apply(o.contiguous(), gate.contiguous())
+
+
+def sum_branches_triton(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None) -> torch.Tensor:
+    """The sum of the gated branch outputs (Triton; same meaning as sum_branches_ref): [B, T, HQ, Dv], one
+    shape and dtype (o_win None: the window branch is off), summed in fp32."""
     outs = [o for o in (o_cmp, o_slc, o_win) if o is not None]
-    if any(o.shape != o_cmp.shape or o.dtype != o_cmp.dtype for o in outs) or gates.shape != (*o_cmp.shape[:-1], 3):
-        raise ValueError(f"combine_branches_triton: outputs {[tuple(o.shape) for o in outs]} must share one shape "
-                         f"and dtype, and gates {tuple(gates.shape)} must be their shape with 3 in place of Dv")
-    o_win = o_win.contiguous() if o_win is not None else None
-    return CombineBranches.apply(o_cmp.contiguous(), o_slc.contiguous(), o_win, gates.contiguous())
+    if any(o.shape != o_cmp.shape or o.dtype != o_cmp.dtype for o in outs):
+        raise ValueError(f"sum_branches_triton: outputs {[tuple(o.shape) for o in outs]} "
+                         f"({[str(o.dtype) for o in outs]}) must share one shape and dtype")
+    return SumBranches.apply(*(o.contiguous() if o is not None else None for o in (o_cmp, o_slc, o_win)))

@@ -1,11 +1,12 @@
-"""Gate combine: Triton kernel against the reference (output and gradients of outputs and gates)."""
+"""Gate and sum of the branch outputs: Triton kernels against the reference (outputs and gradients),
+and the backward order that keeps one branch's output gradient alive at a time."""
 
 import pytest
 import torch
 
 import kernels.gate_combine.triton as gate_combine
-from kernels.gate_combine.naive import combine_branches_ref
-from kernels.gate_combine.triton import combine_branches_triton
+from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
+from kernels.gate_combine.triton import gate_branch_triton, sum_branches_triton
 from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, assert_close, randn, require_backend
 
 pytestmark = INTERPRETER_WARNINGS
@@ -14,14 +15,16 @@ pytestmark = INTERPRETER_WARNINGS
 @pytest.mark.parametrize("with_window", [True, False], ids=["three-branches", "window-off"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(dtype, with_window):
-    """Dv = 24 (not a power of two) and 3 * 5 * 7 rows (not a multiple of the row tile)."""
+    """Dv = 24 (not a power of two) and 3 * 5 * 7 rows (not a multiple of the row tile); the gates are
+    columns of one [..., 3] tensor, as compose_nsa passes them."""
     check(dtype, with_window)
 
 
 def test_launch_override(monkeypatch):
-    """Other row tiles (as benchmarks/kernels-exp-sweep.py sets them) give the same results."""
-    monkeypatch.setitem(gate_combine.LAUNCH, "fwd", {"BLOCK_R": 16, "num_warps": 2})
-    monkeypatch.setitem(gate_combine.LAUNCH, "bwd", {"BLOCK_R": 64})
+    """Other row tiles give the same results."""
+    monkeypatch.setitem(gate_combine.LAUNCH, "gate_fwd", {"BLOCK_R": 16, "num_warps": 2})
+    monkeypatch.setitem(gate_combine.LAUNCH, "gate_bwd", {"BLOCK_R": 64})
+    monkeypatch.setitem(gate_combine.LAUNCH, "sum", {"BLOCK_R": 8})
     check(torch.float32, True)
 
 
@@ -34,8 +37,9 @@ def check(dtype, with_window):
     leaves = [*outs, gates]
     upstream = randn(*shape, grad=False)
     results = []
-    for fn in (combine_branches_triton, combine_branches_ref):
-        out = fn(outs[0], outs[1], outs[2] if with_window else None, gates)
+    for gate, total in ((gate_branch_triton, sum_branches_triton), (gate_branch_ref, sum_branches_ref)):
+        gated = [gate(o, gates[..., i]) for i, o in enumerate(outs)]
+        out = total(gated[0], gated[1], gated[2] if with_window else None)
         results.append((out, torch.autograd.grad((out.float() * upstream).sum(), leaves)))
     (out, grads), (ref, ref_grads) = results
     assert out.dtype == ref.dtype == dtype
@@ -47,6 +51,15 @@ def check(dtype, with_window):
         assert torch.equal(grads[-1][..., 2], torch.zeros_like(grads[-1][..., 2]))
 
 
+def test_the_sum_passes_its_gradient_on_uncopied():
+    require_backend()
+    a, b, c = (randn(2, 3, 4, 8) for _ in range(3))
+    grads = torch.autograd.grad(sum_branches_triton(a, b, c), [a, b, c], torch.ones(2, 3, 4, 8, device=DEVICE))
+    assert grads[0].data_ptr() == grads[1].data_ptr() == grads[2].data_ptr()
+
+
 def test_mismatched_shapes_are_a_clear_error():
-    with pytest.raises(ValueError, match="gates"):
-        combine_branches_triton(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), None, torch.zeros(1, 2, 3, 2))
+    with pytest.raises(ValueError, match="gate"):
+        gate_branch_triton(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        sum_branches_triton(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5), None)

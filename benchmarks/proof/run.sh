@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One proof run on the GPU machine (device tool, carry .whl): wheels, corpus, the training job, and its
 # run directory without weights copied to $OUT. Usage: bash benchmarks/proof/run.sh proof_100m
-# (OVERLAP=1 also measures the selection overlap of the final checkpoint)
+# (OVERLAP=1 also measures the selection overlap of the final checkpoint; PRECHECK=1 runs the kernel tests first)
 # The GPU machine has no internet: .whl/ must hold the megatron-core wheel and .whl/mlflow/ MLflow's
 # (mlflow-skinny with its SQL store's dependencies), both for its Python 3.12, downloaded beforehand:
 #   pip download -q --only-binary=:all: --python-version 3.12 --implementation cp -d .whl megatron-core==0.16.1 \
@@ -14,6 +14,12 @@ cfg=${1:?"give the config name, e.g. proof_100m for configs/proof_100m.yaml"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 python3 tools/build_code_corpus.py 2>&1 | tail -1
+# PRECHECK=1: first the kernel tests on this GPU (a minute); a failure stops here, before the job's minutes
+if [ "${PRECHECK:-0}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_gate_combine.py tests/kernels/test_triton_nsa.py \
+    2>&1 | tail -3
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "kernel tests failed on this GPU: not starting $cfg"; exit 1; }
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$(date +%s); echo "$(date +%T) starting $cfg"  # the job's own lines carry the time too
 timeout ${LIMIT:-520} python3 -m launch.train --config configs/$cfg.yaml > $OUT/$cfg.log 2>&1

@@ -203,7 +203,8 @@ def init_weights(gpt: GPTModel, seed: int, std: float, num_layers: int, tp_rank:
 
 def finalize_grads(model: list, *args, **kwargs) -> None:
     """Megatron's finalize_model_grads (DP/CP reduction, embedding sync, division by tokens), then the
-    partial gradients of NSA's TP-replicated parameters (phi, gate bias) summed over TP, once per step (nsa_dist.attention.sum_replicated_grads)."""
+    partial gradients of NSA's TP-replicated parameters (phi, gate bias) summed over TP, once per step
+    (nsa_dist.attention.sum_replicated_grads)."""
     finalize_model_grads(model, *args, **kwargs)
     for chunk in model:
         sum_replicated_grads(chunk, parallel_state.get_tensor_model_parallel_group())

@@ -200,7 +200,8 @@ def gate_combine(ops):
 
     def inline(o_cmp, o_slc, o_win, gates):
         g = gates.float().unsqueeze(-1)
-        return (g[..., 0, :] * o_cmp.float() + g[..., 1, :] * o_slc.float() + g[..., 2, :] * o_win.float()).to(o_cmp.dtype)
+        total = g[..., 0, :] * o_cmp.float() + g[..., 1, :] * o_slc.float() + g[..., 2, :] * o_win.float()
+        return total.to(o_cmp.dtype)
     return inline
 
 

@@ -54,7 +54,8 @@ def _gate_bwd(grad, o, gate, d_o, d_gate, R, DV: tl.constexpr, BLOCK_R: tl.const
 @triton.jit
 def _sum_fwd(a, b, c, out, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_C: tl.constexpr):
     _, _, offs, mask = _rows(R, DV, BLOCK_R, BLOCK_D)
-    acc = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_C:
         acc += tl.load(c + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)

@@ -5,6 +5,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 from kernels.block_selection.naive import select_blocks_ref
+from kernels.common import acc_dtype
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
@@ -79,6 +80,19 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half convention (Megatron's default): x [B, N, H, D] rotated by angles [N, R]
+    (R even, R <= D; each half's angle repeated, as Megatron's rotary tables hold them) on its first R
+    channels, the rest passed through. Computed in fp32 (float64 for float64 x), returned in x.dtype."""
+    r = angles.shape[-1]
+    acc = acc_dtype(x)
+    rotated = x[..., :r].to(acc)
+    first, second = rotated.chunk(2, dim=-1)
+    cos, sin = angles.to(acc).cos()[:, None], angles.to(acc).sin()[:, None]  # [N, 1, R]
+    rotated = rotated * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated.to(x.dtype), x[..., r:]], dim=-1)
+
+
 def compose_nsa(
     q: torch.Tensor,
     gates: torch.Tensor,
@@ -95,6 +109,7 @@ def compose_nsa(
     scale: float | None = None,
     impl: str = "reference",
     cu_seqlens: torch.Tensor | None = None,
+    cmp_rope: torch.Tensor | None = None,
 ) -> NSAResult:
     """NSA's branches and their gated sum for some query rows of a sequence: the one composition that the
     single-rank path (native_sparse_attention) and the sequence-sharded path (nsa_context_parallel) share.
@@ -105,6 +120,8 @@ def compose_nsa(
     raw tokens from global position 0 through every query's last selectable block. Items are consumed one
     at a time after the other branches ran, so a caller can hand out K/V that are still arriving.
     cu_seqlens: packed documents (one span from position 0, B = 1), as in native_sparse_attention.
+    cmp_rope: RoPE angles [N, R] of the compressed tokens, one row per k_cmp token (nsa.compression_rope
+    "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
 
     Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
     the most recently created ready node first, so the backward then makes one branch's output gradient
@@ -112,6 +129,8 @@ def compose_nsa(
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
+    if cmp_rope is not None:
+        k_cmp = rope_rows(k_cmp, cmp_rope)
     o_cmp, lse_cmp, blocks, o_win, lse_win = [], [], [], [], []
     for span in spans:
         rows = q[:, span.offset : span.offset + span.length]
@@ -168,6 +187,7 @@ def native_sparse_attention(
     scale: float | None = None,
     impl: str = "reference",
     cu_seqlens: torch.Tensor | None = None,
+    cmp_rope: torch.Tensor | None = None,
 ) -> NSAResult:
     """Native Sparse Attention over one full causal sequence.
 
@@ -179,6 +199,8 @@ def native_sparse_attention(
     (w = 0 turns the window branch off: o_win = 0, lse_win = -inf; fla's configuration, for comparisons).
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
+    cmp_rope: optional RoPE angles [N, R] of the compressed tokens (compose_nsa); then kv_cmp's keys are
+    the keys before RoPE.
     """
     k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens, block_size, stride)
     v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens, block_size, stride)
@@ -186,4 +208,4 @@ def native_sparse_attention(
     all_heads = slice(0, kv_slc[0].shape[2])
     return compose_nsa(q, gates, k_cmp, v_cmp, [whole], [(all_heads, *kv_slc)], block_size=block_size,
                        stride=stride, selection_block=selection_block, num_selected=num_selected, window=window,
-                       scale=scale, impl=impl, cu_seqlens=cu_seqlens)
+                       scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope)

@@ -34,8 +34,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from kernels.common import document_layout, document_of
+from kernels.common import document_layout, document_of, host_bounds
 from kernels.compression import mean_compress, mlp_compress
+from kernels.compression.naive import document_block_starts, num_compressed_blocks
 from kernels.nsa import resolve_impl
 from nsa_dist.config import ModelConfig, NSAConfig
 from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigzag_positions
@@ -70,6 +71,28 @@ def document_rotary_freqs(cu_seqlens: torch.Tensor, seq_len: int, cp_size: int, 
         return rotary_freqs(seq_len, 1, 0, head_dim, base, device)[positions - cu[document_of(positions, cu)]]
 
     return document_layout(cu_seqlens, ("rotary", seq_len, cp_size, cp_rank, head_dim, base, device), build)
+
+
+@functools.lru_cache(maxsize=16)
+def block_rotary_freqs(seq_len: int, block_size: int, stride: int, head_dim: int, base: float,
+                       device: torch.device) -> torch.Tensor:
+    """RoPE angles of a seq_len sequence's compressed tokens, each at its block's first position (i * stride):
+    [N, head_dim] fp32, for nsa.compression_rope "blocks"."""
+    starts = torch.arange(num_compressed_blocks(seq_len, block_size, stride), device=device) * stride
+    return rotary_freqs(seq_len, 1, 0, head_dim, base, device)[starts, 0, 0]
+
+
+def document_block_rotary_freqs(cu_seqlens: torch.Tensor, block_size: int, stride: int, head_dim: int, base: float,
+                                device: torch.device) -> torch.Tensor:
+    """block_rotary_freqs of packed documents, each from position 0: [N, head_dim], one row per compressed
+    token in document order. Built once per cu_seqlens."""
+    def build():
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        starts = document_block_starts(cu_seqlens, block_size, stride, device)
+        table = rotary_freqs(host_bounds(cu_seqlens)[-1], 1, 0, head_dim, base, device)
+        return table[starts - cu[document_of(starts, cu)], 0, 0]
+
+    return document_layout(cu_seqlens, ("block_rotary", block_size, stride, head_dim, base, device), build)
 
 
 def rotary_positions(seq_len: int, cp_size: int, cp_rank: int, device: torch.device) -> torch.Tensor:
@@ -120,7 +143,9 @@ class NSACoreAttention(MegatronModule):
 
     Takes Megatron's query [s, b, HQ, Dk + 3] (the gate logits trailing), key [s, b, nb * HK, Dk] and
     value [s, b, nb * HK, Dv] (branches major), all for this rank's TP heads and CP shard with RoPE at
-    global positions; returns [s, b, HQ * Dv]."""
+    global positions; returns [s, b, HQ * Dv]. With nsa.compression_rope "blocks" the key is
+    [s, b, nb * HK, 2 * Dk]: its first Dk channels RoPE'd, the last Dk the same keys before RoPE, which
+    phi compresses; each compressed key is then rotated at its block's first position."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type=None, attention_type=None,
                  cp_comm_type=None, softmax_scale=None, pg_collection=None, *, model: ModelConfig, nsa: NSAConfig):
@@ -134,6 +159,7 @@ class NSACoreAttention(MegatronModule):
         self.compress_v = Compression(nsa.phi, nsa.compress_block, nsa.stride, model.head_dim_v)
         # a learned bias on the (cmp, slc, win) gate logits, shared by the heads (nsa.gate_bias)
         self.gate_bias = nn.Parameter(torch.tensor(nsa.gate_bias)) if any(nsa.gate_bias) else None
+        self.rotary_base = model.rotary_base  # for nsa.compression_rope "blocks"; set_rotary_base changes it
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -144,15 +170,26 @@ class NSACoreAttention(MegatronModule):
         q, gate_logits = query[..., :dk], query[..., dk:]
         gates = torch.sigmoid(gate_logits if self.gate_bias is None else gate_logits + self.gate_bias)
         branches = len(BRANCHES) if n.kv == "separate" else 1
-        keys, values = key.chunk(branches, dim=2), value.chunk(branches, dim=2)
+        raw_keys, cmp_rope = key[..., dk:], None  # the keys before RoPE ("blocks"; empty otherwise)
+        keys, values = key[..., :dk].chunk(branches, dim=2), value.chunk(branches, dim=2)
         per_branch = list(zip(keys, values)) if branches > 1 else [(keys[0], values[0])] * len(BRANCHES)
+        if n.compression_rope == "blocks":
+            per_branch[0] = (raw_keys.chunk(branches, dim=2)[0], per_branch[0][1])
+            cmp_rope = self._block_rotary_freqs(q.shape[1] * self.cp_group.size(), cu_seqlens, q.device)
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
                      num_selected=n.num_selected, window=n.window, scale=self.softmax_scale,
                      impl=resolve_impl(n.impl, q.device))
         out = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                                    gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
-                                   **sizes).output
+                                   cmp_rope=cmp_rope, **sizes).output
         return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
+
+    def _block_rotary_freqs(self, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device):
+        """RoPE angles of the whole sequence's compressed tokens, at their blocks' first positions."""
+        sizes = (self.nsa.compress_block, self.nsa.stride, self.model.head_dim_k, self.rotary_base, device)
+        if cu_seqlens is None:
+            return block_rotary_freqs(seq_len, *sizes)
+        return document_block_rotary_freqs(cu_seqlens, *sizes)
 
 
 class DenseCoreAttention(MegatronModule):
@@ -201,6 +238,8 @@ class ParallelSelfAttention(SelfAttention):
         self.rotary_base = model.rotary_base  # a curriculum stage may change it: set_rotary_base
         self.token_freqs = None  # per-token RoPE angles of packed documents, set during forward
         self.gate_width = len(BRANCHES) if model.attention == "nsa" else 0
+        # nsa.compression_rope "blocks": the core attention also gets the keys before RoPE (NSACoreAttention)
+        self.raw_keys = model.attention == "nsa" and nsa.compression_rope == "blocks"
         self.branches = len(BRANCHES) if model.attention == "nsa" and nsa.kv == "separate" else 1
         dk, dv = model.head_dim_k, model.head_dim_v
         group = model.num_query_heads // model.num_kv_heads
@@ -251,6 +290,8 @@ class ParallelSelfAttention(SelfAttention):
         if self.q_layernorm is not None:
             query = torch.cat([self.q_layernorm(query[..., :dk]), query[..., dk:]], dim=-1)
             key = self.k_layernorm(key)
+        if self.raw_keys:  # RoPE rotates the first Dk channels only, so the copy reaches the core as it is
+            key = torch.cat([key, key], dim=-1)
         if self.token_freqs is not None:  # packed documents (forward)
             query = apply_rotary_pos_emb(query, self.token_freqs, self.config)
             key = apply_rotary_pos_emb(key, self.token_freqs, self.config)
@@ -299,7 +340,7 @@ def _modules(model: nn.Module, kind: type):
 
 def set_rotary_base(model: nn.Module, base: float) -> None:
     """Sets the RoPE base of every attention layer (curriculum stages may raise it as context grows)."""
-    for module in _modules(model, ParallelSelfAttention):
+    for module in _modules(model, (ParallelSelfAttention, NSACoreAttention)):
         module.rotary_base = base
 
 

@@ -43,6 +43,11 @@ class NSAConfig:
     window: int = 512  # w: sliding-window length (paper 512)
     kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
     phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean
+    # where the compressed keys get RoPE. "keys": phi compresses keys RoPE'd at their own positions (the
+    # design's default), so an MLP phi's compressed key depends on the block's absolute position. "blocks":
+    # phi compresses the keys before RoPE and each compressed key is rotated at its block's first position,
+    # so compressed attention, like the other branches, depends on distances only.
+    compression_rope: Literal["keys", "blocks"] = "keys"
     impl: Literal["auto", "triton", "reference"] = "auto"  # auto: Triton kernels on CUDA, reference on CPU
     # initial gate logits (cmp, slc, win). All zero (default): the gates come from the fused projection alone,
     # randomly initialized, about 0.5 each. Otherwise every token's gates start at sigmoid(gate_bias): the

@@ -56,20 +56,49 @@ def _single_rank_checks(rank, world):
 
     parallel_state.initialize_model_parallel()
     try:
-        # every parameter gets a gradient, for each kind of K/V and phi
+        # every parameter gets a gradient, for each kind of K/V, phi and compressed-key RoPE
         for kv in ("separate", "shared"):
-            for phi in ("mlp", "mean"):
-                layer, _ = build_layer(f"nsa.kv={kv}", f"nsa.phi={phi}")
+            for phi, rope in (("mlp", "keys"), ("mean", "keys"), ("mlp", "blocks")):
+                layer, _ = build_layer(f"nsa.kv={kv}", f"nsa.phi={phi}", f"nsa.compression_rope={rope}")
                 x = torch.randn(45, 2, 32, dtype=torch.float64)
                 out = _attend(layer, x)
                 assert out.shape == (45, 2, 32)
                 out.square().sum().backward()
                 for name, param in layer.named_parameters():
-                    assert param.grad is not None and param.grad.abs().sum() > 0, f"{kv} {phi}: {name} has no gradient"
+                    assert param.grad is not None and param.grad.abs().sum() > 0, \
+                        f"{kv} {phi} {rope}: {name} has no gradient"
 
-        # nsa.gate_bias: every token's gates start at sigmoid(bias), and the bias and gate rows then learn
+        # compression_rope "blocks": phi compresses the keys before RoPE, and each compressed key is rotated
+        # at its block's first position (kernels.nsa.rope_rows; 0, 4, 8, ... with stride 4 here)
         import nsa_dist.attention as attention_module
 
+        layer, config = build_layer("nsa.kv=shared", "nsa.compression_rope=blocks", seed=5)
+        seen = []
+        compose = attention_module.nsa_context_parallel
+
+        def recording(*args, **kwargs):
+            seen.append((args[1][0].detach().clone(), args[2][0].detach().clone(), kwargs["cmp_rope"]))
+            return compose(*args, **kwargs)
+
+        attention_module.nsa_context_parallel = recording
+        try:
+            x = torch.randn(45, 1, 32, dtype=torch.float64)
+            _attend(layer, x)
+        finally:
+            attention_module.nsa_context_parallel = compose
+        raw, roped, cmp_rope = seen[0]
+        with torch.no_grad():
+            mixed, _ = layer.linear_qkv(x)
+            k = mixed.view(45, 1, 2, -1)[..., 2 * (8 + 3) : 2 * (8 + 3) + 8].transpose(0, 1)  # [b, s, HK, Dk]
+        torch.testing.assert_close(raw, k, rtol=0, atol=0)
+        assert (roped - raw).abs().max() > 1e-3  # the other branches get the RoPE'd keys
+        blocks = torch.arange((45 - 8) // 4 + 1, dtype=torch.float64) * 4
+        want = blocks[:, None] * config.model.rotary_base ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+        want = torch.cat([want, want], dim=-1)  # the layer's table holds the angles mod 2 pi
+        for f in (torch.cos, torch.sin):
+            torch.testing.assert_close(f(cmp_rope.double()), f(want), rtol=0, atol=1e-6)
+
+        # nsa.gate_bias: every token's gates start at sigmoid(bias), and the bias and gate rows then learn
         layer, _ = build_layer("nsa.gate_bias=[-2.0, -1.0, 2.5]", seed=4)
         layer.start_gates()  # build_layer re-drew every parameter, as the trainer's init_weights does
         seen = []
@@ -125,9 +154,10 @@ def _single_rank_checks(rank, world):
             expected, _ = layer.linear_proj(torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(10, 1, 16))
             torch.testing.assert_close(_attend(layer, x), expected, rtol=1e-5, atol=1e-6)  # fp32 angles
 
-        # packed documents: each document is attended (and RoPE'd) as if it were alone
-        for attention in ("nsa", "dense"):
-            layer, _ = build_layer(f"model.attention={attention}", seed=3)
+        # packed documents: each document is attended (and RoPE'd, compressed keys too) as if it were alone
+        for attention in ("nsa", "nsa blocks", "dense"):
+            rope = "blocks" if attention == "nsa blocks" else "keys"
+            layer, _ = build_layer(f"model.attention={attention.split()[0]}", f"nsa.compression_rope={rope}", seed=3)
             lengths = [40, 24, 36]
             x = torch.randn(sum(lengths), 1, 32, dtype=torch.float64)
             cu = torch.tensor([0, 40, 64, 100], dtype=torch.int32)
@@ -166,11 +196,15 @@ def _context_parallel_checks(rank, world):
     def shard(t):
         return split_zigzag(t.transpose(0, 1), rank, world).transpose(0, 1)
 
-    for attention in ("nsa", "dense"):
+    # separate K/V; shared K/V with compressed keys RoPE'd at their blocks (the halo exchange sends the
+    # keys before and after RoPE and the shared values once); the dense baseline
+    variants = {"nsa": ["nsa.kv=separate"], "nsa kv shared, compression_rope blocks": [
+        "nsa.kv=shared", "nsa.compression_rope=blocks"], "dense": ["model.attention=dense"]}
+    for attention, overrides in variants.items():
         parallel_state.initialize_model_parallel()
         full, full_grads = {}, {}
         for documents in (None, packed):
-            layer, _ = build_layer(f"model.attention={attention}", "nsa.kv=separate")
+            layer, _ = build_layer(*overrides)
             full[documents is None] = out = _attend(layer, x, packed_seq_params=documents)
             out.backward(upstream)
             full_grads[documents is None] = {name: p.grad.clone() for name, p in layer.named_parameters()}
@@ -180,7 +214,7 @@ def _context_parallel_checks(rank, world):
         gather_group = twin_groups(parallel_state.get_context_parallel_group())
         # the selection gather on the CP group itself, or on its own; packed documents under CP
         for twin, documents in ((None, None), (gather_group, None), (None, packed)):
-            layer, _ = build_layer(f"model.attention={attention}", "nsa.kv=separate")
+            layer, _ = build_layer(*overrides)
             set_gather_group(layer, twin)
             local = _attend(layer, shard(x), packed_seq_params=documents)
             what = f"{attention}, documents={documents is not None}"

@@ -102,6 +102,7 @@ INVALID = [
     (["nsa.stride=0"], "nsa.stride", "positive"),
     (["nsa.kv=both"], "nsa.kv", "'separate', 'shared'"),
     (["nsa.phi=conv"], "nsa.phi", "'mlp', 'mean'"),
+    (["nsa.compression_rope=tokens"], "nsa.compression_rope", "'keys', 'blocks'"),
     (["nsa.impl=cuda"], "nsa.impl", "one of"),
     (["nsa.selection_block=512", "nsa.impl=triton"], "nsa.selection_block=512", "nsa.impl=reference"),
     (["model.num_query_heads=64", "model.num_kv_heads=1"], "model.num_query_heads=64", "exceeds the Triton"),

@@ -34,9 +34,16 @@ from nsa_dist.parallel.layout import ZigzagLayout, halo_len, validate_layout
 
 
 def _exchange_kv_halos(kv_cmp, kv_win, halo, layout, group, stats):
-    """One halo exchange for the window's and the compression's K/V (once when they are shared).
-    Returns, per local chunk, the haloed (k_cmp, v_cmp, k_win, v_win), each [B, h + C, HK, D]."""
-    tensors = [kv_cmp[0], kv_cmp[1]] if kv_cmp is kv_win else [kv_cmp[0], kv_cmp[1], kv_win[0], kv_win[1]]
+    """One halo exchange for the window's and the compression's K/V, each tensor sent once however many
+    of the four roles it plays (shared K/V: k and v; with nsa.compression_rope "blocks" the compression
+    reads the keys before RoPE, so three). Returns, per local chunk, the haloed (k_cmp, v_cmp, k_win,
+    v_win), each [B, h + C, HK, D]."""
+    roles = [kv_cmp[0], kv_cmp[1], kv_win[0], kv_win[1]]
+    tensors = []
+    for t in roles:
+        if not any(t is seen for seen in tensors):
+            tensors.append(t)
+    which = [next(i for i, seen in enumerate(tensors) if t is seen) for t in roles]
     dims = [t.shape[-1] for t in tensors]
     packed = torch.cat(tensors, dim=-1)
     halos = exchange_halo(packed, halo, layout, group, stats)
@@ -44,7 +51,7 @@ def _exchange_kv_halos(kv_cmp, kv_win, halo, layout, group, stats):
     per_chunk = []
     for i, chunk_halo in enumerate(halos):
         haloed = torch.cat([chunk_halo, packed[:, i * c : (i + 1) * c]], dim=1).split(dims, dim=-1)
-        per_chunk.append(haloed * 2 if kv_cmp is kv_win else haloed)
+        per_chunk.append(tuple(haloed[j] for j in which))
     return per_chunk
 
 
@@ -159,12 +166,13 @@ def nsa_context_parallel(
     stats: CommStats | None = None,
     impl: str = "reference",
     cu_seqlens: torch.Tensor | None = None,
+    cmp_rope: torch.Tensor | None = None,
 ) -> NSAResult:
     """NSA on this rank's zigzag shard of a sequence sharded over the CP group `group`.
 
     Tensors as in kernels.nsa.native_sparse_attention, but holding only this rank's two zigzag chunks
     (T_local = T / P tokens; RoPE already applied at global positions): q [B, T_local, HQ, Dk],
-    kv_* per branch ([B, T_local, HK, Dk], [B, T_local, HK, Dv]) (the same pair object for shared K/V),
+    kv_* per branch ([B, T_local, HK, Dk], [B, T_local, HK, Dv]) (shared K/V: the same tensors, exchanged once),
     gates [B, T_local, HQ, 3]. `group`: the CP process group (None or size 1: one rank).
     kv_heads_per_gather: KV heads per selection all-gather (see GatheredSelectionKV).
     gather_group: a process group of the same ranks as `group` for the selection gather, so that on NCCL
@@ -173,11 +181,13 @@ def nsa_context_parallel(
     impl: "reference" or "triton" (kernels.nsa.branch_ops).
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents over the whole sequence (global
     positions, B = 1), as in native_sparse_attention: no branch attends across documents.
+    cmp_rope: optional RoPE angles [N, R] of the whole sequence's compressed tokens (kernels.nsa.compose_nsa;
+    kv_cmp's keys are then the keys before RoPE): each rank rotates the gathered tokens.
     Returns NSAResult for the local tokens (block ids are global, or per document as on one rank).
     """
     cp_size, cp_rank = group_size_rank(group)
     sizes = dict(block_size=block_size, stride=stride, selection_block=selection_block, num_selected=num_selected,
-                 window=window, scale=scale, impl=impl, cu_seqlens=cu_seqlens)
+                 window=window, scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope)
     if cp_size == 1:
         return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes)
     documents = cu_seqlens is not None

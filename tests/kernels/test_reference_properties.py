@@ -310,3 +310,63 @@ def test_short_documents_with_one_gate_open_are_dense_attention(branch):
     out = native_sparse_attention(q, (k, v), (k, v), (k, v), gates, phi, phi, block_size=l, stride=d,
                                   selection_block=l_sel, num_selected=n, window=w, cu_seqlens=cu).output
     torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
+
+
+def _angles(positions: torch.Tensor, dim: int, base: float = 1e4) -> torch.Tensor:
+    """RoPE angles [N, dim] of positions, each half's angle repeated (Megatron's rotate-half tables)."""
+    angles = positions.double()[:, None] * base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.cat([angles, angles], dim=-1)
+
+
+def test_rope_rows_rotates_channel_pairs():
+    """rope_rows turns each pair (x_i, x_{i+R/2}) by its angle: the complex product (x_i + i x_{i+R/2}) e^{ia},
+    and leaves the channels past R alone."""
+    from kernels.nsa import rope_rows
+
+    x = _randn(2, 7, 3, 10, seed=5)
+    angles = _angles(torch.arange(7) * 13, 8)
+    got = rope_rows(x, angles)
+    z = torch.complex(x[..., :4], x[..., 4:8]) * torch.exp(1j * angles[:, None, :4])
+    torch.testing.assert_close(got[..., :4], z.real, rtol=0, atol=1e-14)
+    torch.testing.assert_close(got[..., 4:8], z.imag, rtol=0, atol=1e-14)
+    assert torch.equal(got[..., 8:], x[..., 8:])
+
+
+@pytest.mark.parametrize("kv", ["shared", "separate"])
+def test_compressed_keys_roped_at_their_blocks_depend_on_distances_only(kv):
+    """Moving a whole sequence to later RoPE positions changes nothing that depends on distances only.
+    With nsa.compression_rope "blocks" (phi over the keys before RoPE, each compressed key rotated at its
+    block's first position) NSA's output stays the same; so it does with "keys" and phi mean (a mean of
+    rotated keys is the block's rotation of a mean of block-relative ones); with "keys" and phi mlp, the
+    compressed keys depend on absolute positions, and the output changes."""
+    from kernels.nsa import native_sparse_attention, rope_rows
+
+    def nsa(case, inputs, offset, mode):
+        token_angles = _angles(torch.arange(case.T) + offset, case.Dk)
+        rope = lambda x: rope_rows(x, token_angles)  # noqa: E731
+        (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = inputs.kv_cmp, inputs.kv_slc, inputs.kv_win
+        cmp_rope = None
+        if mode == "blocks":
+            blocks = (case.T - case.l) // case.d + 1
+            cmp_rope = _angles(torch.arange(blocks) * case.d + offset, case.Dk)
+        else:
+            k_cmp = rope(k_cmp)
+        compress_k, compress_v = ref_phis(case, inputs)
+        return native_sparse_attention(
+            rope(inputs.q), (k_cmp, v_cmp), (rope(k_slc), v_slc), (rope(k_win), v_win), inputs.gates, compress_k,
+            compress_v, block_size=case.l, stride=case.d, selection_block=case.l_sel, num_selected=case.n,
+            window=case.w, cmp_rope=cmp_rope)
+
+    for phi, mode, invariant in (("mlp", "blocks", True), ("mean", "blocks", True), ("mean", "keys", True),
+                                 ("mlp", "keys", False)):
+        case = Case(8, 4, 16, 4, 12, T=96, G=2, HK=2, kv=kv, phi=phi)
+        inputs = make_inputs(case, torch.float64)
+        at_zero, later = nsa(case, inputs, 0, mode), nsa(case, inputs, 1003, mode)
+        what = f"phi {phi}, compression_rope {mode}"
+        if invariant:
+            torch.testing.assert_close(later.output, at_zero.output, rtol=0, atol=1e-10, msg=lambda m: f"{what}: {m}")
+            assert torch.equal(later.block_idx, at_zero.block_idx), what
+        else:
+            seen = slice(case.l - 1, None)  # queries that see a compressed block (before: lse -inf)
+            assert (later.lse_cmp[:, seen] - at_zero.lse_cmp[:, seen]).abs().max() > 1e-2, what
+            assert (later.output - at_zero.output).abs().max() > 1e-3, what

@@ -29,6 +29,8 @@ LAYOUTS = {
     "TP2+CP2 SP": ["parallel.tensor=2", "parallel.context=2", "parallel.sequence_parallel=true"],
     "TP2 qk-layernorm": ["parallel.tensor=2", "model.qk_layernorm=true"],
     "TP2 gate bias": ["parallel.tensor=2", "nsa.gate_bias=[-2.0, -2.0, 2.0]"],
+    "TP2+CP2 rope blocks kv shared": ["parallel.tensor=2", "parallel.context=2", "nsa.compression_rope=blocks",
+                                      "nsa.kv=shared"],
     "TP2 SP micro-batch 2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "training.micro_batch_size=2"],
     "dense DP4": ["model.attention=dense"],
     "dense TP2+CP2": ["model.attention=dense", "parallel.tensor=2", "parallel.context=2"],
@@ -40,6 +42,7 @@ REFERENCES = {
     "nsa kv shared phi mean": (["nsa.kv=shared", "nsa.phi=mean"], FIRST_STEPS),
     "nsa qk-layernorm": (["model.qk_layernorm=true"], FIRST_STEPS),
     "nsa gate bias": (["nsa.gate_bias=[-2.0, -2.0, 2.0]"], FIRST_STEPS),
+    "nsa rope blocks kv shared": (["nsa.compression_rope=blocks", "nsa.kv=shared"], FIRST_STEPS),
     "dense": (["model.attention=dense"], FIRST_STEPS),
     "nsa learns": ([], LEARN_STEPS),
     "dense learns": (["model.attention=dense"], LEARN_STEPS),
@@ -85,6 +88,8 @@ def _reference_for(layout: str) -> str:
         return "nsa qk-layernorm"
     if "gate bias" in layout:
         return "nsa gate bias"
+    if "rope blocks" in layout:
+        return "nsa rope blocks kv shared"
     return "nsa kv shared phi mean" if "kv shared" in layout else "nsa"
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One proof run on the GPU machine (device tool, carry .whl): wheels, corpus, the training job, and its
 # run directory without weights copied to $OUT. Usage: bash benchmarks/proof/run.sh proof_100m
-# (OVERLAP=1 also measures the selection overlap of the final checkpoint; PRECHECK=1 runs the kernel tests first)
+# (OVERLAP=1 also measures the selection overlap of the final checkpoint, NEEDLE=1 whether its block
+# selection picks the NIAH needle; PRECHECK=1 runs the kernel tests first)
 # The GPU machine has no internet: .whl/ must hold the megatron-core wheel and .whl/mlflow/ MLflow's
 # (mlflow-skinny with its SQL store's dependencies), both for its Python 3.12, downloaded beforehand:
 #   pip download -q --only-binary=:all: --python-version 3.12 --implementation cp -d .whl megatron-core==0.16.1 \
@@ -32,6 +33,15 @@ if [ "${OVERLAP:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
   newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
   timeout 150 python3 tools/selection_overlap.py --config configs/$cfg.yaml --checkpoint $newest --seq-len 8192 \
     --sequences 2 --out $OUT/${cfg}_overlap.json 2>&1 | grep -v -i warn | tail -16
+fi
+# NEEDLE=1: does block selection pick the needle at the answer positions, layer by layer, in the final
+# checkpoint, at each of NEEDLE_LENGTHS (default 32768; NSA runs only; tools/needle_selection.py)
+if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
+  newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
+  for length in ${NEEDLE_LENGTHS:-32768}; do
+    timeout 150 python3 tools/needle_selection.py --config configs/$cfg.yaml --checkpoint $newest \
+      --length $length --out $OUT/${cfg}_needle_$length.json 2>&1 | grep -v -i warn | tail -9
+  done
 fi
 # every proof run directory still on this machine, without weights (MLflow store, tracking.json, each
 # checkpoint's eval/), one tar each: the device tool returns 8 files at most. Unpack beside the others:

@@ -1,0 +1,72 @@
+"""tools/needle_selection.py: the needle's positions and the hit measure on hand-made picks, and the tool end
+to end on CPU (the quickstart NSA model at its initial weights, a separate process, as a user runs it)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from needle_selection import answer_rows, needle_hit, needle_positions  # noqa: E402
+from nsa_dist.tasks import TaskSample  # noqa: E402
+
+
+def test_needle_is_every_copy_of_the_answer_in_the_prompt():
+    sample = TaskSample("passkey", prompt=[5, 1, 2, 7, 1, 2, 9, 1], answer=[1, 2], answer_text="12", depth=0.5)
+    assert needle_positions(sample) == [1, 2, 4, 5]
+    assert answer_rows(sample) == [7, 8]  # the logits at 7 predict answer[0], at 8 answer[1]
+
+
+def test_needle_hit_counts_rows_and_heads_whose_picks_hold_a_needle_block():
+    # [1, T=4, HK=2, n=2], blocks of 16 tokens; the needle at positions 20-21 (block 1) and 40 (block 2)
+    picks = torch.tensor([[[0, 3], [0, 1]], [[2, -1], [0, 3]], [[0, -1], [0, -1]], [[1, 2], [0, 1]]])[None]
+    assert needle_hit(picks, [0, 1], [20, 21, 40], 16) == pytest.approx(2 / 4)  # rows 0-1: heads (0,1), (1,0)
+    assert needle_hit(picks, [2], [20, 21, 40], 16) == 0.0
+    assert needle_hit(picks, [3], [20, 21, 40], 16) == 1.0
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "needle.json"
+    done = subprocess.run([sys.executable, "tools/needle_selection.py", "--config", "configs/quickstart.yaml",
+                           "--samples", "2", *args, "--out", str(out), "--set", "training.dtype=fp32",
+                           "--set", "training.device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_tool_reports_each_depth_and_layer(tmp_path):
+    report, stdout = _run(tmp_path, "--length", "512", "--depths", "0", "0.5")
+    assert report["length"] == 512 and list(report["depths"]) == ["0.0", "0.5"]
+    for depth, row in report["depths"].items():
+        assert len(row["layers"]) == 2 and 0 <= row["accuracy"] <= 1
+        for layer in row["layers"]:
+            assert 0 <= layer["hit"] <= 1 and set(layer["gates"]) == {"cmp", "slc", "win"}
+            assert all(0 < g < 1 for g in layer["gates"].values())
+    # at depth 0 the needle sits in block 0, which every query takes; far outside the 64-token window
+    assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.0"]["layers"])
+    assert report["depths"]["0.0"]["needle_in_window"] == 0.0
+    assert "L2" in stdout and "0.50" in stdout
+    # 128 tokens are n = 4 blocks of 32: every query takes every block, so the needle is always picked
+    report, _ = _run(tmp_path, "--length", "128", "--depths", "0.5")
+    assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.5"]["layers"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("args, message", [
+    (["--depths", "0.5", "1.5"], "--depths 0.5 1.5: every depth must lie in [0, 1]"),
+    (["--length", "40"], "--length 40: a passkey sample needs at least"),
+    (["--set", "model.attention=dense"], "model.attention='dense' in configs/quickstart.yaml: needle selection "
+                                         "needs an NSA model"),
+])
+def test_tool_refuses_bad_input_by_name(args, message, tmp_path):
+    done = subprocess.run([sys.executable, "tools/needle_selection.py", "--config", "configs/quickstart.yaml",
+                           *args, "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=100)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.json").exists()

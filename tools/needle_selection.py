@@ -18,10 +18,8 @@ does not use what it picked. One process; writes --out (JSON) and prints a table
 
 import argparse
 import json
-import os
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,13 +28,13 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not inst
 warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state_dict. is deprecated|DTensor instead)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nsa_dist.attention as nsa_attention  # noqa: E402
-from nsa_dist.checkpoint import CheckpointError, check_same_model, load_checkpoint, read_checkpoint  # noqa: E402
+from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
+from nsa_dist.probe import (checkpoint_and_stage, loaded_model, recorded_nsa_layers, require_nsa,  # noqa: E402
+                            start_one_process)
 from nsa_dist.tasks import TaskSample, TaskTooLong  # noqa: E402
 from nsa_dist.tokenizer import load_tokenizer  # noqa: E402
-from nsa_dist.trainer import _build, _start_processes, parallel_layout  # noqa: E402
 
 
 def needle_positions(sample: TaskSample) -> list[int]:
@@ -61,37 +59,21 @@ def needle_hit(block_idx: torch.Tensor, rows: list[int], needle: list[int], sele
 
 def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device) -> list[dict]:
     """Per sample: each NSA layer's block_idx and gates at the answer rows, and the answer's exact match."""
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = nsa_attention.nsa_context_parallel
-
-    def keep(*args, **kwargs):
-        result = original(*args, **kwargs)
-        captured.append((result.block_idx.detach(), args[4].detach()))  # q, (k, v) per branch, gates
-        return result
-
-    nsa_attention.nsa_context_parallel = keep
-    try:
-        with parallel_layout(stage) as gather_group:
-            model, optimizer = _build(config, stage, device, gather_group)
-            if checkpoint is not None:
-                load_checkpoint(checkpoint, model, optimizer, with_optimizer=False)
-            gpt = model.module
-            gpt.eval()
-            pad_to = config.nsa.selection_block
-            results = []
-            with torch.no_grad():
-                for sample in samples:
-                    tokens = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.int64, device=device)
-                    tokens = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
-                    captured.clear()
-                    logits = gpt(tokens, None, None)
-                    rows = answer_rows(sample)
-                    predicted = logits[0, rows].argmax(-1).tolist()
-                    results.append({"correct": predicted == sample.answer,
-                                    "layers": [(picks, gates[0, rows].float()) for picks, gates in captured]})
-            return results
-    finally:
-        nsa_attention.nsa_context_parallel = original
+    keep = lambda args, result: (result.block_idx.detach(), args[4].detach())  # noqa: E731 (picks, gates)
+    with recorded_nsa_layers(keep) as layers, loaded_model(config, stage, checkpoint, device) as gpt:
+        pad_to = config.nsa.selection_block
+        results = []
+        with torch.no_grad():
+            for sample in samples:
+                tokens = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.int64, device=device)
+                tokens = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
+                layers.clear()
+                logits = gpt(tokens, None, None)
+                rows = answer_rows(sample)
+                predicted = logits[0, rows].argmax(-1).tolist()
+                results.append({"correct": predicted == sample.answer,
+                                "layers": [(picks, gates[0, rows].float()) for picks, gates in layers]})
+        return results
 
 
 def report_for(config, depths: list[float], cells: dict, results: dict) -> dict:
@@ -126,33 +108,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/needle_selection.json")
     a = p.parse_args(argv)
     config = load_config(a.config, a.overrides)
-    if config.model.attention != "nsa":
-        raise ConfigError(f"model.attention={config.model.attention!r} in {a.config}: needle selection needs an "
-                          "NSA model; give an NSA config (or --set model.attention=nsa)")
+    require_nsa(config, a.config, "needle selection")
     depths = a.depths if a.depths is not None else list(config.eval.niah_depths)
     if not all(0.0 <= d <= 1.0 for d in depths):
         raise ConfigError(f"--depths {' '.join(map(str, depths))}: every depth must lie in [0, 1]")
     samples = a.samples if a.samples is not None else config.eval.niah_samples
     if samples < 1:
         raise ConfigError(f"--samples {samples} must be at least 1")
-    checkpoint = read_checkpoint(a.checkpoint) if a.checkpoint else None
-    if checkpoint is not None:
-        check_same_model(checkpoint, config)
-    stages = {stage.name: stage for stage in config.resolved_stages()}
-    name = a.stage or (checkpoint.state.stage if checkpoint else config.stages[-1].name)
-    if name not in stages:
-        raise ConfigError(f"--stage {name!r} is not in the config (stages: {', '.join(stages)})")
-    length = a.length or stages[name].seq_len
-    stage = replace(stages[name], tensor=1, pipeline=1, context=1)
+    checkpoint, stage = checkpoint_and_stage(config, a.checkpoint, a.stage)
+    length = a.length or stage.seq_len
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.eod_token)
     try:
         cells = niah_cells(config.eval.niah_task, tokenizer, [length], depths, samples, config.data.seed)
     except TaskTooLong as exc:
         raise ConfigError(f"--length {length}: {exc}; give a longer --length") from None
     cells = {depth: cells[(length, depth)] for depth in depths}
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29513", "RANK": "0", "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    device = _start_processes(config)
+    device = start_one_process(config, port=29513)
 
     ordered = [s for depth in depths for s in cells[depth]]
     outcomes = run_samples(config, stage, checkpoint, ordered, device)

@@ -16,7 +16,6 @@ prints a table.
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from dataclasses import replace
@@ -28,13 +27,13 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not inst
 warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state_dict. is deprecated|DTensor instead)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nsa_dist.attention as nsa_attention  # noqa: E402
 from kernels.compression.naive import mean_compress  # noqa: E402
 from kernels.nsa import branch_ops, resolve_impl  # noqa: E402
-from nsa_dist.checkpoint import CheckpointError, check_same_model, load_checkpoint, read_checkpoint  # noqa: E402
+from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.data import document_eod, packed_seq_params, stage_sequences  # noqa: E402
-from nsa_dist.trainer import _build, _start_processes, parallel_layout  # noqa: E402
+from nsa_dist.probe import (checkpoint_and_stage, loaded_model, recorded_nsa_layers, require_nsa,  # noqa: E402
+                            start_one_process)
 
 
 def union_ratio(block_idx: torch.Tensor, tile: int) -> float:
@@ -68,38 +67,19 @@ def random_picks(config, seq_len: int, device: torch.device) -> torch.Tensor:
 
 def model_picks(config, stage, checkpoint, sequences: int, device: torch.device) -> list[list[torch.Tensor]]:
     """Per held-out sequence, each NSA layer's block_idx, in layer order."""
-    # the attention module's NSA entry point, wrapped for this run only to keep each layer's picks
-    captured: list[torch.Tensor] = []
-    original = nsa_attention.nsa_context_parallel
-
-    def keep(function):
-        def wrapped(*args, **kwargs):
-            result = function(*args, **kwargs)
-            captured.append(result.block_idx.detach())
-            return result
-        return wrapped
-
-    nsa_attention.nsa_context_parallel = keep(original)
-    try:
-        with parallel_layout(stage) as gather_group:
-            model, optimizer = _build(config, stage, device, gather_group)
-            if checkpoint is not None:
-                load_checkpoint(checkpoint, model, optimizer, with_optimizer=False)
-            gpt = model.module
-            gpt.eval()
-            held_out = stage_sequences(config, stage.seq_len, stage.mix, "valid")
-            eod = document_eod(config)
-            per_sequence = []
-            with torch.no_grad():
-                for index in range(sequences):
-                    tokens = held_out(index)[None, :-1]
-                    documents = packed_seq_params(tokens, eod, device) if eod is not None else None
-                    captured.clear()
-                    gpt(tokens.to(device), None, None, packed_seq_params=documents)
-                    per_sequence.append(list(captured))
-            return per_sequence
-    finally:
-        nsa_attention.nsa_context_parallel = original
+    keep = lambda args, result: result.block_idx.detach()  # noqa: E731
+    with recorded_nsa_layers(keep) as picks, loaded_model(config, stage, checkpoint, device) as gpt:
+        held_out = stage_sequences(config, stage.seq_len, stage.mix, "valid")
+        eod = document_eod(config)
+        per_sequence = []
+        with torch.no_grad():
+            for index in range(sequences):
+                tokens = held_out(index)[None, :-1]
+                documents = packed_seq_params(tokens, eod, device) if eod is not None else None
+                picks.clear()
+                gpt(tokens.to(device), None, None, packed_seq_params=documents)
+                per_sequence.append(list(picks))
+        return per_sequence
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,20 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     if a.seq_len is not None and a.seq_len < 1:
         raise ConfigError(f"--seq-len {a.seq_len} must be at least 1 (or left out for the stage's)")
     config = load_config(a.config, a.overrides)
-    if config.model.attention != "nsa":
-        raise ConfigError(f"model.attention={config.model.attention!r} in {a.config}: selection overlap needs an "
-                          "NSA model; give an NSA config (or --set model.attention=nsa)")
-    checkpoint = read_checkpoint(a.checkpoint) if a.checkpoint else None
-    if checkpoint is not None:
-        check_same_model(checkpoint, config)
-    stages = {stage.name: stage for stage in config.resolved_stages()}
-    name = a.stage or (checkpoint.state.stage if checkpoint else config.stages[-1].name)
-    if name not in stages:
-        raise ConfigError(f"--stage {name!r} is not in the config (stages: {', '.join(stages)})")
-    stage = replace(stages[name], tensor=1, pipeline=1, context=1, seq_len=a.seq_len or stages[name].seq_len)
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512", "RANK": "0", "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    device = _start_processes(config)
+    require_nsa(config, a.config, "selection overlap")
+    checkpoint, stage = checkpoint_and_stage(config, a.checkpoint, a.stage)
+    stage = replace(stage, seq_len=a.seq_len or stage.seq_len)
+    device = start_one_process(config, port=29512)
 
     per_sequence = model_picks(config, stage, checkpoint, a.sequences, device)
     layers = len(per_sequence[0])

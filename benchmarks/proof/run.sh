@@ -18,6 +18,7 @@ python3 tools/build_code_corpus.py 2>&1 | tail -1
 # PRECHECK=1: first the kernel tests on this GPU (a minute); a failure stops here, before the job's minutes
 if [ "${PRECHECK:-0}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_gate_combine.py tests/kernels/test_triton_nsa.py \
+    tests/kernels/test_triton_selected_attention.py \
     2>&1 | tail -3
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "kernel tests failed on this GPU: not starting $cfg"; exit 1; }
 fi
@@ -35,12 +36,14 @@ if [ "${OVERLAP:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
     --sequences 2 --out $OUT/${cfg}_overlap.json 2>&1 | grep -v -i warn | tail -16
 fi
 # NEEDLE=1: does block selection pick the needle at the answer positions, layer by layer, in the final
-# checkpoint, at each of NEEDLE_LENGTHS (default 32768; NSA runs only; tools/needle_selection.py)
+# checkpoint, at each of NEEDLE_LENGTHS (default 32768), NEEDLE_SAMPLES samples a depth (default 4; NSA
+# runs only; tools/needle_selection.py)
 if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
   newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
   for length in ${NEEDLE_LENGTHS:-32768}; do
     timeout 150 python3 tools/needle_selection.py --config configs/$cfg.yaml --checkpoint $newest \
-      --length $length --out $OUT/${cfg}_needle_$length.json 2>&1 | grep -v -i warn | tail -9
+      --length $length --samples ${NEEDLE_SAMPLES:-4} --out $OUT/${cfg}_needle_$length.json 2>&1 \
+      | grep -v -i warn | tail -9
   done
 fi
 # every proof run directory still on this machine, without weights (MLflow store, tracking.json, each

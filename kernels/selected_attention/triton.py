@@ -2,7 +2,8 @@
 
 Forward and dQ (paper §3.4, group-centric): one program per (query token, batch, KV head) holds all G
 query heads of the group as the rows of its tile (padded to >= 16 rows, the smallest tl.dot) and loops
-over the group's n selected blocks, so each selected KV block is read once per group, not per head.
+over the group's n selected blocks, so each selected KV block is read once per group, not per head. The
+loop stops after the row's last valid slot: a query near its document's start has fewer than n blocks.
 
 dK/dV: deterministic through an inverted index, no atomics. Scattering from the query side would make
 many programs add into the same popular KV block (block 0 and the local blocks are picked by every
@@ -35,12 +36,22 @@ LAUNCH: dict[str, dict] = {}
 
 
 @triton.jit
+def _used_slots(block_idx, row, NSEL, BLOCK_N: tl.constexpr):
+    """1 + the last slot of a block_idx row that holds a block (0 if none): the slots a query walks. Top-n
+    writes its picks first and -1 after them, so this is the number of picks; slots after the last valid
+    one (a short document's queries have few blocks to pick) cost no loop iteration."""
+    slots = tl.arange(0, BLOCK_N)
+    ids = tl.load(block_idx + row * NSEL + slots, mask=slots < NSEL, other=-1)
+    return tl.max(tl.where(ids >= 0, slots + 1, 0), axis=0)
+
+
+@triton.jit
 def _selected_fwd(
     q, k, v, block_idx, doc_start, o, lse,
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // HK).to(tl.int64)
@@ -58,8 +69,9 @@ def _selected_fwd(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    for slot in range(NSEL):
-        j = tl.load(block_idx + ((b * T + t) * HK + hk) * NSEL + slot)
+    row = (b * T + t) * HK + hk
+    for slot in range(_used_slots(block_idx, row, NSEL, BLOCK_N)):
+        j = tl.load(block_idx + row * NSEL + slot)
         keys = first_key + j.to(tl.int64) * SEL + offs
         key_ok = (j >= 0) & (offs < SEL) & (keys <= pos)
         kv_row = (b * TK + keys) * HK + hk
@@ -75,7 +87,7 @@ def _selected_bwd_dq(
     T, TK, HQ, HK, NSEL, q_start, scale_log2, scale,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // HK).to(tl.int64)
@@ -95,8 +107,9 @@ def _selected_bwd_dq(
     row_delta = tl.load(delta + flat, mask=head_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
-    for slot in range(NSEL):
-        j = tl.load(block_idx + ((b * T + t) * HK + hk) * NSEL + slot)
+    row = (b * T + t) * HK + hk
+    for slot in range(_used_slots(block_idx, row, NSEL, BLOCK_N)):
+        j = tl.load(block_idx + row * NSEL + slot)
         keys = first_key + j.to(tl.int64) * SEL + offs
         key_ok = (j >= 0) & (offs < SEL) & (keys <= pos)
         kv_row = (b * TK + keys) * HK + hk
@@ -313,7 +326,7 @@ class SelectedAttention(torch.autograd.Function):
         _selected_fwd[grid](
             q, k, v, block_idx, doc_start, o, lse,
             seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E,
-            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts,
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts,
             **launch_params(LAUNCH, "fwd", **_forward_launch(q, v)),
         )
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
@@ -335,7 +348,7 @@ class SelectedAttention(torch.autograd.Function):
         _selected_bwd_dq[(seq, batch * num_kv_heads)](
             q, k, v, do, lse, delta, block_idx, doc_start, dq,
             *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
-            SEL=selection_block, BLOCK_G=pow2(consts["G"]), **consts,
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts,
             **launch_params(LAUNCH, "dq", num_warps=_warps(q, v)),
         )
 

@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from kernels.common import document_layout, document_of, host_bounds
+from kernels.common import document_layout, document_of
 from kernels.compression import mean_compress, mlp_compress
 from kernels.compression.naive import document_block_starts, num_compressed_blocks
 from kernels.nsa import resolve_impl
@@ -45,19 +45,23 @@ from nsa_dist.parallel.dense_cp import causal_sdpa, dense_documents
 BRANCHES = ("cmp", "slc", "win")
 
 
+def rotary_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """RoPE angles of `positions` [N]: [N, head_dim] fp32, each half's angle repeated (the rotate-half
+    convention of Megatron's apply_rotary_pos_emb). Formed in float64 and reduced modulo 2*pi before the
+    cast: at position 1M an fp32 angle is off by up to ~0.06 rad."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+    angles = torch.remainder(positions.double()[:, None] * (base**-exponents)[None, :], 2 * math.pi)
+    return torch.cat([angles, angles], dim=-1).float()
+
+
 @functools.lru_cache(maxsize=16)
 def rotary_freqs(seq_len: int, cp_size: int, cp_rank: int, head_dim: int, base: float,
                  device: torch.device) -> torch.Tensor:
     """RoPE angles of this CP rank's zigzag shard of a seq_len sequence: [T_local, 1, 1, head_dim] fp32,
-    the layout Megatron's apply_rotary_pos_emb takes (rotate-half convention).
-
-    Formed in float64 and reduced modulo 2*pi before the cast: at position 1M an fp32 angle is off by up
-    to ~0.06 rad. Cached per (length, layout, base), so the layers of a step share one tensor.
-    """
+    the layout Megatron's apply_rotary_pos_emb takes. Cached per (length, layout, base), so the layers of
+    a step share one tensor."""
     positions = rotary_positions(seq_len, cp_size, cp_rank, device)
-    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
-    angles = torch.remainder(positions.double()[:, None] * (base**-exponents)[None, :], 2 * math.pi)
-    return torch.cat([angles, angles], dim=-1).float()[:, None, None, :]
+    return rotary_angles(positions, head_dim, base)[:, None, None, :]
 
 
 def document_rotary_freqs(cu_seqlens: torch.Tensor, seq_len: int, cp_size: int, cp_rank: int, head_dim: int,
@@ -68,7 +72,7 @@ def document_rotary_freqs(cu_seqlens: torch.Tensor, seq_len: int, cp_size: int, 
     def build():
         positions = rotary_positions(seq_len, cp_size, cp_rank, device)
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        return rotary_freqs(seq_len, 1, 0, head_dim, base, device)[positions - cu[document_of(positions, cu)]]
+        return rotary_angles(positions - cu[document_of(positions, cu)], head_dim, base)[:, None, None, :]
 
     return document_layout(cu_seqlens, ("rotary", seq_len, cp_size, cp_rank, head_dim, base, device), build)
 
@@ -79,7 +83,7 @@ def block_rotary_freqs(seq_len: int, block_size: int, stride: int, head_dim: int
     """RoPE angles of a seq_len sequence's compressed tokens, each at its block's first position (i * stride):
     [N, head_dim] fp32, for nsa.compression_rope "blocks"."""
     starts = torch.arange(num_compressed_blocks(seq_len, block_size, stride), device=device) * stride
-    return rotary_freqs(seq_len, 1, 0, head_dim, base, device)[starts, 0, 0]
+    return rotary_angles(starts, head_dim, base)
 
 
 def document_block_rotary_freqs(cu_seqlens: torch.Tensor, block_size: int, stride: int, head_dim: int, base: float,
@@ -89,8 +93,7 @@ def document_block_rotary_freqs(cu_seqlens: torch.Tensor, block_size: int, strid
     def build():
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         starts = document_block_starts(cu_seqlens, block_size, stride, device)
-        table = rotary_freqs(host_bounds(cu_seqlens)[-1], 1, 0, head_dim, base, device)
-        return table[starts - cu[document_of(starts, cu)], 0, 0]
+        return rotary_angles(starts - cu[document_of(starts, cu)], head_dim, base)
 
     return document_layout(cu_seqlens, ("block_rotary", block_size, stride, head_dim, base, device), build)
 

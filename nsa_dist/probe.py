@@ -2,6 +2,7 @@
 tools/needle_selection.py): which stage and weights to use, the model in eval mode, and a record of
 what every NSA layer was given and returned."""
 
+import argparse
 import contextlib
 import os
 from dataclasses import replace
@@ -13,6 +14,17 @@ import nsa_dist.attention as nsa_attention
 from nsa_dist.checkpoint import Checkpoint, check_same_model, load_checkpoint, read_checkpoint
 from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.trainer import _build, _start_processes, parallel_layout
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every probe tool takes: --config, --checkpoint, --stage and --set (see
+    checkpoint_and_stage)."""
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the initial weights)")
+    parser.add_argument("--stage", default=None, help="stage whose RoPE base and data mix apply (default: the "
+                                                       "checkpoint's, else the last)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for training")
 
 
 def require_nsa(config: Config, config_path: str, what: str) -> None:

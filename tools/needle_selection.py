@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
-from nsa_dist.probe import (checkpoint_and_stage, loaded_model, recorded_nsa_layers, require_nsa,  # noqa: E402
-                            start_one_process)
+from nsa_dist.probe import (add_model_arguments, checkpoint_and_stage, loaded_model,  # noqa: E402
+                            recorded_nsa_layers, require_nsa, start_one_process)
 from nsa_dist.tasks import TaskSample, TaskTooLong  # noqa: E402
 from nsa_dist.tokenizer import load_tokenizer  # noqa: E402
 
@@ -97,14 +97,10 @@ def report_for(config, depths: list[float], cells: dict, results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the initial weights)")
+    add_model_arguments(p)
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the stage's seq_len)")
-    p.add_argument("--stage", default=None, help="stage whose RoPE base applies (default: the checkpoint's, "
-                                                  "else the last)")
     p.add_argument("--depths", type=float, nargs="+", default=None, help="default: eval.niah_depths")
     p.add_argument("--samples", type=int, default=None, help="samples per depth (default: eval.niah_samples)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="benchmarks/needle_selection.json")
     a = p.parse_args(argv)
     config = load_config(a.config, a.overrides)

@@ -32,8 +32,8 @@ from kernels.nsa import branch_ops, resolve_impl  # noqa: E402
 from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.data import document_eod, packed_seq_params, stage_sequences  # noqa: E402
-from nsa_dist.probe import (checkpoint_and_stage, loaded_model, recorded_nsa_layers, require_nsa,  # noqa: E402
-                            start_one_process)
+from nsa_dist.probe import (add_model_arguments, checkpoint_and_stage, loaded_model,  # noqa: E402
+                            recorded_nsa_layers, require_nsa, start_one_process)
 
 
 def union_ratio(block_idx: torch.Tensor, tile: int) -> float:
@@ -84,14 +84,10 @@ def model_picks(config, stage, checkpoint, sequences: int, device: torch.device)
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the initial weights)")
+    add_model_arguments(p)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the stage's)")
-    p.add_argument("--stage", default=None, help="stage whose RoPE base and mix apply (default: the checkpoint's, "
-                                                  "else the last)")
     p.add_argument("--sequences", type=int, default=2, help="held-out sequences to run")
     p.add_argument("--tiles", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="benchmarks/selection_overlap.json")
     a = p.parse_args(argv)
     if a.sequences < 1:

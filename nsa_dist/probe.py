@@ -1,15 +1,16 @@
 """A checkpoint's model on one process, for the tools that look inside it (tools/selection_overlap.py,
 tools/needle_selection.py): which stage and weights to use, the model in eval mode, and a record of
-what every NSA layer was given and returned."""
+what every NSA layer was given and returned, and of what its top-n selection scored."""
 
 import argparse
 import contextlib
 import os
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
+import kernels.nsa as nsa_kernels
 import nsa_dist.attention as nsa_attention
 from nsa_dist.checkpoint import Checkpoint, check_same_model, load_checkpoint, read_checkpoint
 from nsa_dist.config import Config, ConfigError, Stage
@@ -86,3 +87,43 @@ def recorded_nsa_layers(keep: Callable[[tuple, object], object]):
         yield records
     finally:
         nsa_attention.nsa_context_parallel = original
+
+
+class SelectionInputs(NamedTuple):
+    """What one NSA layer's top-n selection was given (kernels.nsa.compose_nsa): the query rows, the
+    compressed keys as scored (phi'd, and RoPE'd when nsa.compression_rope is "blocks"), compressed
+    attention's log-sum-exp for those rows, and the rows' first global position."""
+
+    q: torch.Tensor  # [B, C, HQ, Dk]
+    k_cmp: torch.Tensor  # [B, N, HK, Dk]
+    lse_cmp: torch.Tensor  # [B, C, HQ] float32
+    block_size: int
+    stride: int
+    selection_block: int
+    scale: float | None
+    q_start: int
+
+
+@contextlib.contextmanager
+def recorded_selection_inputs():
+    """While active, every top-n selection of every NSA layer appends its SelectionInputs to the yielded
+    list, in call order (one call per layer on one process: one query span). Clear it between passes."""
+    records: list[SelectionInputs] = []
+    original = nsa_kernels.branch_ops
+
+    def recording_ops(impl: str) -> nsa_kernels.BranchOps:
+        ops = original(impl)
+
+        def select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *, q_start=0,
+                   cu_seqlens=None):
+            records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start))
+            return ops.select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
+                              q_start=q_start, cu_seqlens=cu_seqlens)
+
+        return ops._replace(select=select)
+
+    nsa_kernels.branch_ops = recording_ops
+    try:
+        yield records
+    finally:
+        nsa_kernels.branch_ops = original

@@ -10,10 +10,16 @@ depth and layer:
 - hit: the share of (answer position, KV head) rows whose top-n picks include a selection block that holds
   the needle (a copy of the answer's tokens in the prompt); forced blocks count, as they do in attention;
 - the mean gates (cmp, slc, win) there;
+- where the needle ranks in top-n's order (1 = first; forced blocks first), by the score selection uses
+  (the compressed-attention probabilities summed over the KV head's group of query heads) and by the
+  best single query head's own probabilities, as medians, and head_hit: the share of rows where some
+  query head alone would have picked it;
 and per depth the exact-match accuracy and whether the needle is inside the sliding window (then the
 window branch can read it without selection). A model that misses the needle beyond its window with a
-low hit has a selection (compressed attention) problem; with a high hit, the selected branch or its gate
-does not use what it picked. One process; writes --out (JSON) and prints a table.
+low hit has a selection (compressed attention) problem: with a high head_hit, one head finds the needle
+and the group's sum loses it; with a low one, no head's compressed attention finds it. With a high hit,
+the selected branch or its gate does not use what it picked. One process; writes --out (JSON) and
+prints two tables.
 """
 
 import argparse
@@ -31,8 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
-from nsa_dist.probe import (add_model_arguments, checkpoint_and_stage, loaded_model,  # noqa: E402
-                            recorded_nsa_layers, require_nsa, start_one_process)
+from kernels.block_selection.naive import (head_block_scores, num_selection_blocks,  # noqa: E402
+                                           overlap_weights)
+from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
+                            loaded_model, recorded_nsa_layers, recorded_selection_inputs, require_nsa,
+                            start_one_process)
 from nsa_dist.tasks import TaskSample, TaskTooLong  # noqa: E402
 from nsa_dist.tokenizer import load_tokenizer  # noqa: E402
 
@@ -57,10 +66,45 @@ def needle_hit(block_idx: torch.Tensor, rows: list[int], needle: list[int], sele
     return float(torch.isin(picks, blocks).any(-1).double().mean())
 
 
+def rank_in_topn_order(scores: torch.Tensor, positions: torch.Tensor, blocks: list[int],
+                       selection_block: int) -> torch.Tensor:
+    """scores [R, S], the rows' positions [R] -> [R]: where the best of `blocks` stands in top-n's order
+    (kernels/block_selection/naive.py: block 0 and the two local blocks first, then by score among the
+    blocks a row may pick), 1 = first. Ties count in the blocks' favour."""
+    block = torch.arange(scores.shape[-1], device=scores.device)
+    current = (positions // selection_block)[:, None]
+    forced = (block == 0) | (block == current) | (block == current - 1)
+    ranked = scores.masked_fill(forced, float("inf")).masked_fill(block > current, float("-inf"))
+    best = ranked[:, blocks].max(-1, keepdim=True).values
+    return 1 + (ranked > best).sum(-1)
+
+
+def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The needle's rank in top-n's order at each (answer row, KV head): by the group's summed score, and
+    by the best single query head's score. Two [rows * HK] tensors."""
+    first, last = rows[0], rows[-1] + 1  # answer rows are consecutive
+    start = inputs.q_start + first
+    num_blocks = num_selection_blocks(inputs.q_start + last, inputs.selection_block)
+    weights = overlap_weights(inputs.k_cmp.shape[1], num_blocks, inputs.block_size, inputs.stride,
+                              inputs.selection_block).to(inputs.q.device)
+    per_head = head_block_scores(inputs.q[:, first:last], inputs.k_cmp, inputs.lse_cmp[:, first:last],
+                                 inputs.block_size, inputs.stride, weights, inputs.scale, start)[0]  # [C, HK, G, S]
+    c, hk, g, s = per_head.shape
+    positions = torch.arange(start, start + c, device=per_head.device)
+    blocks = sorted({p // inputs.selection_block for p in needle})
+    group = rank_in_topn_order(per_head.sum(2).reshape(c * hk, s), positions.repeat_interleave(hk), blocks,
+                               inputs.selection_block)
+    heads = rank_in_topn_order(per_head.reshape(c * hk * g, s), positions.repeat_interleave(hk * g), blocks,
+                               inputs.selection_block)
+    return group, heads.reshape(c * hk, g).min(-1).values
+
+
 def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device) -> list[dict]:
-    """Per sample: each NSA layer's block_idx and gates at the answer rows, and the answer's exact match."""
+    """Per sample: each NSA layer's block_idx, gates and the needle's ranks at the answer rows, and the
+    answer's exact match."""
     keep = lambda args, result: (result.block_idx.detach(), args[4].detach())  # noqa: E731 (picks, gates)
-    with recorded_nsa_layers(keep) as layers, loaded_model(config, stage, checkpoint, device) as gpt:
+    with (recorded_nsa_layers(keep) as layers, recorded_selection_inputs() as selections,
+          loaded_model(config, stage, checkpoint, device) as gpt):
         pad_to = config.nsa.selection_block
         results = []
         with torch.no_grad():
@@ -68,11 +112,14 @@ def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: to
                 tokens = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.int64, device=device)
                 tokens = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
                 layers.clear()
+                selections.clear()
                 logits = gpt(tokens, None, None)
                 rows = answer_rows(sample)
                 predicted = logits[0, rows].argmax(-1).tolist()
+                ranks = [needle_ranks(inputs, rows, needle_positions(sample)) for inputs in selections]
                 results.append({"correct": predicted == sample.answer,
-                                "layers": [(picks, gates[0, rows].float()) for picks, gates in layers]})
+                                "layers": [(picks, gates[0, rows].float(), rank)
+                                           for (picks, gates), rank in zip(layers, ranks, strict=True)]})
         return results
 
 
@@ -88,7 +135,14 @@ def report_for(config, depths: list[float], cells: dict, results: dict) -> dict:
             hits = [needle_hit(o["layers"][layer][0], answer_rows(s), needle_positions(s), n.selection_block)
                     for s, o in zip(samples, outcomes)]
             gates = torch.stack([o["layers"][layer][1].mean(dim=(0, 1)) for o in outcomes]).mean(0).tolist()
-            per_layer.append({"hit": sum(hits) / len(hits), "gates": dict(zip(("cmp", "slc", "win"), gates))})
+            group = torch.cat([o["layers"][layer][2][0] for o in outcomes]).float()
+            best_head = torch.cat([o["layers"][layer][2][1] for o in outcomes]).float()
+            per_layer.append({"hit": sum(hits) / len(hits), "gates": dict(zip(("cmp", "slc", "win"), gates)),
+                              "rank_group": group.median().item(), "rank_best_head": best_head.median().item(),
+                              "head_hit": (best_head <= n.num_selected).double().mean().item(),
+                              # the share of rows that the group's rank says top-n picks: hit again, computed
+                              # from the scores (a check that the ranks reproduce the selection)
+                              "group_hit": (group <= n.num_selected).double().mean().item()})
         in_window = [min(answer_rows(s)) - max(needle_positions(s)) < n.window for s in samples]
         by_depth[str(depth)] = {"accuracy": sum(o["correct"] for o in outcomes) / len(outcomes),
                                 "needle_in_window": sum(in_window) / len(in_window), "layers": per_layer}
@@ -144,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{float(depth):>6.2f} {row['accuracy']:>6.0%} {row['needle_in_window']:>7.0%} "
               + " ".join(f"{layer['hit']:>5.0%}" for layer in row["layers"])
               + "   " + "/".join(f"{g:.2f}" for g in gates))
+    print(f"the needle's rank in top-n's order (median; picked when <= {config.nsa.num_selected}): the best single "
+          "query head's / the group's summed score")
+    print(f"{'depth':>6} " + " ".join(f"{'L' + str(i + 1):>9}" for i in range(layers)))
+    for depth, row in by_depth.items():
+        print(f"{float(depth):>6.2f} " + " ".join(f"{layer['rank_best_head']:>4.0f}/{layer['rank_group']:<4.0f}"
+                                                  for layer in row["layers"]))
     return report
 
 

@@ -43,7 +43,7 @@ if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
   for length in ${NEEDLE_LENGTHS:-32768}; do
     timeout 150 python3 tools/needle_selection.py --config configs/$cfg.yaml --checkpoint $newest \
       --length $length --samples ${NEEDLE_SAMPLES:-4} --out $OUT/${cfg}_needle_$length.json 2>&1 \
-      | grep -v -i warn | tail -9
+      | grep -v -i warn | tail -17
   done
 fi
 # every proof run directory still on this machine, without weights (MLflow store, tracking.json, each

@@ -87,19 +87,34 @@ def select_blocks_ref(
             )
             for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1])
         ], dim=1)
-    seq, num_kv_heads, num_blocks = q.shape[1], k_cmp.shape[2], k_cmp.shape[1]
-    scale = default_scale(q.shape[-1], scale)
-    num_sel_blocks = num_selection_blocks(q_start + seq, selection_block)
-    weights = overlap_weights(num_blocks, num_sel_blocks, block_size, stride, selection_block).to(q.device)
-    qg = group_queries(q, num_kv_heads).float()
-    lse_g = lse_cmp.reshape(*qg.shape[:4]).float()
+    weights = overlap_weights(k_cmp.shape[1], num_selection_blocks(q_start + q.shape[1], selection_block),
+                              block_size, stride, selection_block).to(q.device)
     out = []
-    for start, end in query_chunks(seq, chunk_size):
+    for start, end in query_chunks(q.shape[1], chunk_size):
+        per_head = head_block_scores(q[:, start:end], k_cmp, lse_cmp[:, start:end], block_size, stride, weights,
+                                     scale, q_start + start)
         positions = torch.arange(q_start + start, q_start + end, device=q.device)
-        logits = torch.einsum("bchgd,bnhd->bchgn", qg[:, start:end], k_cmp.float()) * scale
-        visible = compressed_visibility(positions, num_blocks, block_size, stride)[None, :, None, None, :]
-        lse = lse_g[:, start:end, ..., None]
-        probs = torch.where(visible & torch.isfinite(lse), torch.exp(logits - lse), torch.zeros_like(logits))
-        scores = probs.sum(dim=3) @ weights
-        out.append(topn_from_scores(scores, positions, selection_block, num_selected))
+        out.append(topn_from_scores(per_head.sum(dim=3), positions, selection_block, num_selected))
     return torch.cat(out, dim=1)
+
+
+def head_block_scores(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse_cmp: torch.Tensor,
+    block_size: int,
+    stride: int,
+    weights: torch.Tensor,
+    scale: float | None = None,
+    q_start: int = 0,
+) -> torch.Tensor:
+    """Each query head's compressed-attention probabilities spread onto selection blocks, before the GQA
+    group sums them: [B, C, HK, G, S] float32 for q [B, C, HQ, Dk] at positions q_start .. q_start + C - 1
+    of one document; k_cmp [B, N, HK, Dk], lse_cmp [B, C, HQ], weights = overlap_weights(N, S, ...)."""
+    qg = group_queries(q, k_cmp.shape[2]).float()
+    positions = torch.arange(q_start, q_start + q.shape[1], device=q.device)
+    logits = torch.einsum("bchgd,bnhd->bchgn", qg, k_cmp.float()) * default_scale(q.shape[-1], scale)
+    visible = compressed_visibility(positions, k_cmp.shape[1], block_size, stride)[None, :, None, None, :]
+    lse = lse_cmp.reshape(*qg.shape[:4]).float()[..., None]
+    probs = torch.where(visible & torch.isfinite(lse), torch.exp(logits - lse), torch.zeros_like(logits))
+    return probs @ weights

@@ -1,5 +1,5 @@
-"""tools/needle_selection.py: the needle's positions and the hit measure on hand-made picks, and the tool end
-to end on CPU (the quickstart NSA model at its initial weights, a separate process, as a user runs it)."""
+"""tools/needle_selection.py: the needle's positions, the hit measure and the needle's rank on hand-made picks
+and scores, and the tool end to end on CPU (the quickstart NSA model at its initial weights, a separate process, as a user runs it)."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from needle_selection import answer_rows, needle_hit, needle_positions  # noqa: E402
+from needle_selection import answer_rows, needle_hit, needle_positions, rank_in_topn_order  # noqa: E402
 from nsa_dist.tasks import TaskSample  # noqa: E402
 
 
@@ -28,6 +28,18 @@ def test_needle_hit_counts_rows_and_heads_whose_picks_hold_a_needle_block():
     assert needle_hit(picks, [0, 1], [20, 21, 40], 16) == pytest.approx(2 / 4)  # rows 0-1: heads (0,1), (1,0)
     assert needle_hit(picks, [2], [20, 21, 40], 16) == 0.0
     assert needle_hit(picks, [3], [20, 21, 40], 16) == 1.0
+
+
+def test_rank_follows_topn_order_forced_blocks_first():
+    # rows at positions 100 and 56, blocks of 16: row 0 may pick blocks 0-6 (0, 5, 6 forced), row 1 blocks
+    # 0-3 (0, 2, 3 forced); a future block's score (0.8, 0.9) does not count
+    scores = torch.tensor([[0.0, 0.3, 0.9, 0.1, 0.5, 0.0, 0.0, 0.8],
+                           [0.0, 0.2, 0.0, 0.0, 0.9, 0.9, 0.9, 0.9]])
+    positions = torch.tensor([100, 56])
+    # row 0: the forced three rank 1-3, then 2 (0.9), 4 (0.5), 1 (0.3), 3 (0.1); row 1: 1 after the forced
+    assert rank_in_topn_order(scores, positions, [1], 16).tolist() == [6, 4]
+    assert rank_in_topn_order(scores, positions, [3, 4], 16)[0].item() == 5  # the best of the needle's blocks
+    assert rank_in_topn_order(scores, positions, [5], 16)[0].item() == 1  # forced: always first
 
 
 def _run(tmp_path, *args):
@@ -48,10 +60,16 @@ def test_tool_reports_each_depth_and_layer(tmp_path):
         for layer in row["layers"]:
             assert 0 <= layer["hit"] <= 1 and set(layer["gates"]) == {"cmp", "slc", "win"}
             assert all(0 < g < 1 for g in layer["gates"].values())
+            # the ranks recomputed from compressed attention's scores reproduce what top-n picked
+            assert layer["group_hit"] == pytest.approx(layer["hit"])
+            assert 1 <= layer["rank_best_head"] and 1 <= layer["rank_group"] and 0 <= layer["head_hit"] <= 1
     # at depth 0 the needle sits in block 0, which every query takes; far outside the 64-token window
     assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.0"]["layers"])
+    assert all(layer["rank_group"] == layer["rank_best_head"] == 1 for layer in report["depths"]["0.0"]["layers"])
     assert report["depths"]["0.0"]["needle_in_window"] == 0.0
-    assert "L2" in stdout and "0.50" in stdout
+    # at depth 0.5 (block 8 of 16) the picks are not forced: some rows rank it below n = 4
+    assert any(layer["rank_group"] > 1 for layer in report["depths"]["0.5"]["layers"])
+    assert "L2" in stdout and "0.50" in stdout and "the best single query head's" in stdout
     # 128 tokens are n = 4 blocks of 32: every query takes every block, so the needle is always picked
     report, _ = _run(tmp_path, "--length", "128", "--depths", "0.5")
     assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.5"]["layers"])

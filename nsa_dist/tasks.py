@@ -1,6 +1,8 @@
 """Synthetic long-context tasks, generated offline from a seed: passkey retrieval, multi-key needle in a
-haystack and variable tracking (after RULER). Each sample is filler text with facts hidden in it and a
-question at the end; its answer is the text the model should continue with.
+haystack and variable tracking (after RULER). Each sample is a one-sentence instruction, then filler text
+with facts hidden in it, then a question; its answer is the text the model should continue with. The
+instruction comes first, as in the usual passkey and NIAH formats, so that a fact at depth 0 follows it
+instead of opening the sample.
 
 Every sample is a function of (task, seed, index, length, depth) alone: training mixes them into its
 sequences by index (nsa_dist/data.py), and the NIAH grid of nsa_dist/evaluation.py asks for given
@@ -43,6 +45,13 @@ class TaskSample:
 
 class TaskTooLong(ValueError):
     """The sample's facts and question need more tokens than the length asked for."""
+
+
+INSTRUCTIONS = {
+    "passkey": " Find and remember the pass key.",
+    "multikey_niah": " Find and remember the magic numbers.",
+    "variable_tracking": " Find and track the variables.",
+}
 
 
 def _rng(task: str, seed: int, index: int, length: int) -> random.Random:
@@ -116,13 +125,14 @@ def generate(task: str, tokenizer, length: int, seed: int, index: int, depth: fl
     if depth is None:
         depth = rng.random()
     facts, question, answer_text = _facts(task, rng, depth)
+    instruction = tokenizer.encode(INSTRUCTIONS[task]).tolist()
     pieces = [(d, tokenizer.encode(text).tolist()) for d, text in facts]
     question_ids = tokenizer.encode(question).tolist()
     answer = tokenizer.encode(answer_text).tolist()
-    fixed = sum(len(p) for _, p in pieces) + len(question_ids) + len(answer)
+    fixed = len(instruction) + sum(len(p) for _, p in pieces) + len(question_ids) + len(answer)
     if fixed > length:
         raise TaskTooLong(f"a {task} sample needs at least {fixed} tokens and {length} were asked for")
-    prompt = _place(pieces, _filler(tokenizer, rng, length - fixed)) + question_ids
+    prompt = instruction + _place(pieces, _filler(tokenizer, rng, length - fixed)) + question_ids
     return TaskSample(task, prompt, answer, answer_text.strip(), depth)
 
 

@@ -196,7 +196,7 @@ def test_packed_task_samples_must_fit_their_minimum(corpus):
     with pytest.raises(DatasetError, match=r"stages\[0\]\.mix\.task_min_length=100 .*too short for a passkey "
                                            r"sample, which needs \d+ tokens and an EOD: set it to at least \d+"):
         check_data(config, [256])
-    check_data(_config(prefix, root, "stages.0.seq_len=256", "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 120}"),
+    check_data(_config(prefix, root, "stages.0.seq_len=256", "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 150}"),
                [256])
 
 
@@ -209,8 +209,8 @@ def test_loader_workers_make_the_same_micro_batches(corpus):
     from nsa_dist.data import micro_batches, stage_sequences
 
     prefix, _, root = corpus
-    config = _config(prefix, root, "data.documents=mask",
-                     "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 112}")
+    config = _config(prefix, root, "data.documents=mask", "stages.0.seq_len=320",
+                     "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 144}")
     stage = config.resolved_stages()[0]
     sequences = stage_sequences(config, stage.seq_len, stage.mix)
     made = {}

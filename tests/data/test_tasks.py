@@ -7,7 +7,7 @@ from nsa_dist.config import TASKS
 from nsa_dist.data import MixedSequences, task_sequence
 from nsa_dist.config import MixConfig
 from nsa_dist.evaluation import answer_niah, niah_cells, niah_grid
-from nsa_dist.tasks import TaskTooLong, check_answer, generate, minimum_length
+from nsa_dist.tasks import INSTRUCTIONS, TaskTooLong, check_answer, generate, minimum_length
 from nsa_dist.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -16,14 +16,14 @@ TOKENIZER = ByteTokenizer()
 @pytest.mark.parametrize("task", TASKS)
 def test_deterministic_per_seed_and_answers_check(task):
     for index in range(20):
-        for length in (300, 1000):
+        for length in (400, 1000):
             sample = generate(task, TOKENIZER, length, seed=7, index=index)
             again = generate(task, TOKENIZER, length, seed=7, index=index)
             assert sample == again
             assert len(sample.tokens) == length
             assert TOKENIZER.decode(sample.answer).strip() == sample.answer_text
             assert check_answer(sample, TOKENIZER), TOKENIZER.decode(sample.tokens)
-    seeds = {tuple(generate(task, TOKENIZER, 300, seed=s, index=0).tokens) for s in range(5)}
+    seeds = {tuple(generate(task, TOKENIZER, 400, seed=s, index=0).tokens) for s in range(5)}
     assert len(seeds) == 5  # another seed, another sample
 
 
@@ -31,8 +31,12 @@ def test_deterministic_per_seed_and_answers_check(task):
 def test_depth_places_the_fact(task):
     early = TOKENIZER.decode(generate(task, TOKENIZER, 2000, 1, 0, depth=0.0).prompt)
     late = TOKENIZER.decode(generate(task, TOKENIZER, 2000, 1, 0, depth=1.0).prompt)
-    marker = {"passkey": "pass key is", "multikey_niah": "magic number for", "variable_tracking": "VAR "}[task]
+    marker = {"passkey": "The pass key is", "multikey_niah": "The special magic", "variable_tracking": "VAR "}[task]
     assert early.index(marker) < 200 and late.index(marker) > 1000
+    # the instruction opens every sample; at depth 0 the fact comes right after it, not at position 0
+    instruction = INSTRUCTIONS[task]
+    assert early.startswith(instruction) and late.startswith(instruction)
+    assert early.index(marker) == len(instruction) + 1  # after the fact's leading space
 
 
 def test_too_short():

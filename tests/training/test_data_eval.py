@@ -19,9 +19,9 @@ from dist_harness import run_distributed  # noqa: E402
 from tiny import TINY, tiny_config  # noqa: E402
 
 DATA = ["data.source=indexed", "model.vocab_size=256", "data.split=90,10,0", "data.documents=mask",
-        "eval.niah_lengths=[192]", "eval.niah_stage_length=true", "eval.niah_depths=[0,0.5,1]", "eval.niah_samples=2",
+        "eval.niah_lengths=[256]", "eval.niah_stage_length=true", "eval.niah_depths=[0,0.5,1]", "eval.niah_samples=2",
         "eval.validation_sequences=6", "eval.position_buckets=4"]
-STAGES = ["stages=[{name: first, seq_len: 128, steps: 1}, {name: more, seq_len: 128, steps: 24, "
+STAGES = ["stages=[{name: first, seq_len: 192, steps: 1}, {name: more, seq_len: 192, steps: 24, "
           "mix: {source: 0.75, passkey: 0.25}}]"]
 
 
@@ -58,7 +58,7 @@ def test_training_on_the_corpus_lowers_the_validation_loss(trained):
     assert set(reports) == {"first", "more"}
     first, more = reports["first"]["validation"]["loss"], reports["more"]["validation"]["loss"]
     assert more < first - 0.5, (first, more)
-    assert reports["more"]["step"] == 25 and reports["more"]["validation"]["tokens"] == 6 * 128
+    assert reports["more"]["step"] == 25 and reports["more"]["validation"]["tokens"] == 6 * 192
 
 
 @pytest.mark.timeout(300)
@@ -69,12 +69,12 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
     root, _ = trained
     report = _reports(root / "run")["more"]
     niah = report["niah"]
-    # eval.niah_lengths=[192] with the stage's own 128 (eval.niah_stage_length), ascending
-    assert niah["lengths"] == [128, 192] and niah["depths"] == [0, 0.5, 1]
+    # eval.niah_lengths=[256] with the stage's own 192 (eval.niah_stage_length), ascending
+    assert niah["lengths"] == [192, 256] and niah["depths"] == [0, 0.5, 1]
     assert len(niah["accuracy"]) == 3 and all(len(row) == 2 and all(0 <= v <= 1 for v in row)
                                                for row in niah["accuracy"])
     buckets = report["loss_by_position"]
-    assert buckets["starts"] == [0, 32, 64, 96] and len(buckets["loss"]) == 4
+    assert buckets["starts"] == [0, 48, 96, 144] and len(buckets["loss"]) == 4
     png = Path(report["checkpoint"]) / "eval" / "niah.png"
     assert imread(png).ndim == 3
     ids = json.loads((root / "run" / "tracking.json").read_text())
@@ -86,7 +86,7 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
     assert "answer_loss" not in client.get_run(ids["stages"]["first"]).data.metrics
     assert "eval/niah/len192_depth0.5" in run.data.metrics
     history = client.get_metric_history(run.info.run_id, "eval/loss_by_position")
-    assert sorted(m.step for m in history) == [0, 32, 64, 96]
+    assert sorted(m.step for m in history) == [0, 48, 96, 144]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "eval/step_00000025")]
     assert artifacts == ["eval/step_00000025/eval.json", "eval/step_00000025/niah.png"]
 
@@ -97,12 +97,12 @@ def test_nsa_dist_eval_end_to_end(trained, tmp_path):
 
     root, overrides = trained
     config = tmp_path / "tiny.yaml"
-    config.write_text("stages:\n  - {name: first, seq_len: 128, steps: 1}\n  - {name: more, seq_len: 128, steps: 24}\n")
+    config.write_text("stages:\n  - {name: first, seq_len: 192, steps: 1}\n  - {name: more, seq_len: 192, steps: 24}\n")
     sets = [arg for override in [*TINY, *overrides[:-1]] for arg in ("--set", override)]
     out = tmp_path / "eval"
     assert main(["eval", str(config), *sets, "--set", "eval.niah_lengths=[256]", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert report["stage"] == "more" and report["niah"]["lengths"] == [128, 256]  # and the stage's own
+    assert report["stage"] == "more" and report["niah"]["lengths"] == [192, 256]  # and the stage's own
     assert (out / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp*"))
 
@@ -125,10 +125,10 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     assert [step for step, _ in stages["more"]["loss"]] == list(range(2, 26))
     report = _reports(root / "run")["more"]
     assert stages["more"]["val_loss"] == pytest.approx(report["validation"]["loss"])
-    # NIAH at the stage's own length (128, the grid's first column), not over the whole grid
-    at_128 = [row[0] for row in report["niah"]["accuracy"]]
-    assert stages["more"]["niah_accuracy"] == pytest.approx(sum(at_128) / 3)
-    assert stages["more"]["niah_worst_depth"] == min(at_128)
+    # NIAH at the stage's own length (192, the grid's first column), not over the whole grid
+    at_192 = [row[0] for row in report["niah"]["accuracy"]]
+    assert stages["more"]["niah_accuracy"] == pytest.approx(sum(at_192) / 3)
+    assert stages["more"]["niah_worst_depth"] == min(at_192)
     assert stages["more"]["train_seconds"] > 0 and stages["more"]["tokens_per_s"] > 0
     # the job's wall time: both stages' steps, and start-up, checkpoints and evaluations besides
     assert runs["tiny"]["wall_seconds"] > sum(s["train_seconds"] for s in stages.values())
@@ -142,15 +142,15 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
 
     # --evals: a later evaluation of the same checkpoint (here at another length) joins the stage-end one
     # in a table of NIAH by length: mean over depths (worst-best)
-    later = dict(report, niah=dict(report["niah"], lengths=[256], accuracy=[[1.0], [0.5], [0.0]]))
+    later = dict(report, niah=dict(report["niah"], lengths=[320], accuracy=[[1.0], [0.5], [0.0]]))
     (tmp_path / "later").mkdir()
     (tmp_path / "later" / "eval.json").write_text(json.dumps(later))
     compare_runs.main([str(root / "run"), "--names", "tiny", "--out", str(tmp_path / "with_evals"),
                        "--evals", str(tmp_path / "later")])
     by_length = (tmp_path / "with_evals" / "report.md").read_text().split("| run | after stage |")[1]
     grid = report["niah"]["accuracy"]
-    at_128 = [row[0] for row in grid]
-    assert f"| tiny | more | {report['step']} | {100 * sum(at_128) / 3:.0f}% " in by_length
+    at_192 = [row[0] for row in grid]
+    assert f"| tiny | more | {report['step']} | {100 * sum(at_192) / 3:.0f}% " in by_length
     assert by_length.rstrip().endswith("| 50% (0-100%) |")
     stray = dict(report, checkpoint="/elsewhere/other_run/checkpoints/step_00000025")
     (tmp_path / "stray.json").write_text(json.dumps(stray))
@@ -201,10 +201,10 @@ def test_packed_documents_train_the_same_under_context_parallelism(trained, tmp_
     made by a DataLoader worker are the training thread's)."""
     root, overrides = trained
     data = [o for o in overrides if o.startswith("data.")] + ["model.vocab_size=256"]
-    # passkey samples of 112-128 tokens (the shortest there are): several documents in each 256-token
-    # sequence, across CP chunks (64 tokens each)
-    stage = ["stages=[{name: docs, seq_len: 256, steps: 3, mix: {source: 0.4, passkey: 0.6, task_min_length: 112, "
-             "task_max_length: 128}}]"]
+    # passkey samples of 144-160 tokens (the shortest there are): several documents in each 384-token
+    # sequence, across CP chunks (96 tokens each)
+    stage = ["stages=[{name: docs, seq_len: 384, steps: 3, mix: {source: 0.4, passkey: 0.6, task_min_length: 144, "
+             "task_max_length: 160}}]"]
     # the CP runs take their rows from a DataLoader worker process (data.workers), the DP runs make them
     runs = {f"{attention} {layout}": [*data, *stage, f"model.attention={attention}", f"parallel.context={cp}",
                                       f"data.workers={cp - 1}", f"run.dir={tmp_path}/{attention}-{layout}"]
@@ -214,7 +214,7 @@ def test_packed_documents_train_the_same_under_context_parallelism(trained, tmp_
     results = json.loads(out.read_text())
     bounds = results.pop("bounds")
     # documents start inside CP chunks, several to a sequence
-    assert sum(len(b) - 2 for b in bounds) >= 6 and any(b % 64 for row in bounds for b in row), bounds
+    assert sum(len(b) - 2 for b in bounds) >= 6 and any(b % 96 for row in bounds for b in row), bounds
     for attention in ("nsa", "dense"):
         dp, cp = results[f"{attention} DP2"], results[f"{attention} CP2"]
         assert len(dp) == len(cp) == 3

@@ -53,7 +53,8 @@ def _run(tmp_path, *args):
 
 @pytest.mark.timeout(300)
 def test_tool_reports_each_depth_and_layer(tmp_path):
-    report, stdout = _run(tmp_path, "--length", "512", "--depths", "0", "0.5")
+    # selection blocks of 64: at depth 0 the pass key (after the task's 32-token instruction) is in block 0
+    report, stdout = _run(tmp_path, "--length", "512", "--depths", "0", "0.5", "--set", "nsa.selection_block=64")
     assert report["length"] == 512 and list(report["depths"]) == ["0.0", "0.5"]
     for depth, row in report["depths"].items():
         assert len(row["layers"]) == 2 and 0 <= row["accuracy"] <= 1
@@ -67,11 +68,11 @@ def test_tool_reports_each_depth_and_layer(tmp_path):
     assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.0"]["layers"])
     assert all(layer["rank_group"] == layer["rank_best_head"] == 1 for layer in report["depths"]["0.0"]["layers"])
     assert report["depths"]["0.0"]["needle_in_window"] == 0.0
-    # at depth 0.5 (block 8 of 16) the picks are not forced: some rows rank it below n = 4
+    # at depth 0.5 (block 4 of 8) the picks are not forced: some rows rank it below n = 4
     assert any(layer["rank_group"] > 1 for layer in report["depths"]["0.5"]["layers"])
     assert "L2" in stdout and "0.50" in stdout and "the best single query head's" in stdout
-    # 128 tokens are n = 4 blocks of 32: every query takes every block, so the needle is always picked
-    report, _ = _run(tmp_path, "--length", "128", "--depths", "0.5")
+    # 256 tokens are n = 4 blocks of 64: every query takes every block, so the needle is always picked
+    report, _ = _run(tmp_path, "--length", "256", "--depths", "0.5", "--set", "nsa.selection_block=64")
     assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.5"]["layers"])
 
 

@@ -5,7 +5,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 from kernels.block_selection.naive import select_blocks_ref
-from kernels.common import acc_dtype
+from kernels.common import acc_dtype, host_bounds
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
@@ -93,6 +93,15 @@ def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.cat([rotated.to(x.dtype), x[..., r:]], dim=-1)
 
 
+def longest_document(spans: list[QuerySpan], cu_seqlens: torch.Tensor | None) -> int:
+    """The most tokens any query row's document holds up to that row: the longest packed document, or
+    without documents the last row's position + 1. Read on the host without waiting for the GPU."""
+    if cu_seqlens is None:
+        return max(s.start + s.length for s in spans)
+    bounds = host_bounds(cu_seqlens)
+    return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+
+
 def compose_nsa(
     q: torch.Tensor,
     gates: torch.Tensor,
@@ -126,6 +135,11 @@ def compose_nsa(
     Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
     the most recently created ready node first, so the backward then makes one branch's output gradient
     just before that branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
+
+    Where no query has more than n selection blocks to choose from (every document, or the sequence, at
+    most n * l' tokens), top-n picks every block and the selected branch is causal attention over the
+    whole document: it runs as the window branch's kernel with a window of n * l' tokens, which gives the
+    same output and gradients at a fraction of the sparse kernel's cost (the curriculum's short stages).
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
@@ -148,14 +162,20 @@ def compose_nsa(
     block_idx = _cat(blocks, 1)
 
     group = q.shape[2] // block_idx.shape[2]  # query heads per KV head
+    reach = num_selected * selection_block  # tokens that n blocks cover
+    every_block = longest_document(spans, cu_seqlens) <= reach
     o_slc, lse_slc = [], []  # per item (KV-head slice), its spans' rows
     for heads, k, v in selection_kv:
         q_heads = slice(heads.start * group, heads.stop * group)
         o_item, lse_item = [], []
         for s in spans:
             rows = slice(s.offset, s.offset + s.length)
-            o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block, scale,
-                                  q_start=s.start, cu_seqlens=cu_seqlens)
+            if every_block:  # k, v hold the tokens from global position 0
+                o, lse = ops.window(q[:, rows, q_heads], k, v, reach, scale, q_start=s.start, k_start=0,
+                                    cu_seqlens=cu_seqlens)
+            else:
+                o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block,
+                                      scale, q_start=s.start, cu_seqlens=cu_seqlens)
             o_item.append(ops.gate(o, gates[:, rows, q_heads, 1]))
             lse_item.append(lse)
         o_slc.append(_cat(o_item, 1))

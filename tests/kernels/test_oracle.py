@@ -129,6 +129,33 @@ def test_nsa_gradients_match_oracle(case):
         close(g, w)
 
 
+# Sequences of at most n * l' tokens: every query can choose from at most n blocks, so top-n picks them all
+# and compose_nsa runs the selected branch as causal attention (the window kernel, a window of n * l').
+# The oracle still selects and attends per token: outputs, each branch's lse and every gradient must agree.
+SHORT_CASES = [
+    Case(16, 8, 32, 4, 24, T=128, G=4, HK=2, kv="separate", phi="mlp"),  # exactly n * l'
+    Case(8, 4, 16, 5, 7, T=75, G=2, HK=1, kv="shared", phi="mean", B=2),
+]
+
+
+@pytest.mark.parametrize("case", SHORT_CASES, ids=["T=n*l'", "T<n*l'"])
+def test_sequence_within_n_blocks_takes_every_block(case):
+    inputs = make_inputs(case)
+    leaves = inputs.leaves()
+    for x in leaves:
+        x.requires_grad_(True)
+    got, want = run_reference(case, inputs), run_oracle(case, inputs)
+    every = [[[frozenset(range(t // case.l_sel + 1))] * case.HK for t in range(case.T)] for _ in range(case.B)]
+    assert block_sets(got.block_idx) == want.selected == every
+    close(got.output, want.output)
+    close(got.lse_slc, want.lse_slc)
+    cotangent = torch.randn(got.output.shape, generator=torch.Generator().manual_seed(1))
+    got_grads = torch.autograd.grad(got.output, leaves, cotangent)
+    want_grads = torch.autograd.grad(want.output, leaves, cotangent.double())
+    for g, w in zip(got_grads, want_grads):
+        close(g, w)
+
+
 # q_start: a query chunk [s, e) at its global offset, as context parallelism calls the branches.
 @pytest.mark.parametrize("case,s,e", [(CASES[1], 37, 131), (CASES[6], 15, 61), (CASES[9], 9, 90)],
                          ids=[IDS[1], IDS[6], IDS[9]])

@@ -57,7 +57,7 @@ def resolve(config: Config, checkpoint: str | None, stage_name: str | None):
         raise ConfigError(f"stage {name!r} is not in the config (stages: {', '.join(stages)}): pass --stage "
                           "with one of them")
     stage = stages[name]
-    check_data(config, [stage.seq_len])
+    check_data(config, [stage.seq_len], evaluate=True)
     return found, stage
 
 

@@ -132,9 +132,12 @@ def _gpt_sequences(dataset: GPTDataset) -> Sequences:
 # ------------------------------------------------------------------------------------ a stage's stream
 
 
-def check_data(config: Config, seq_lens: list[int]) -> None:
+def check_data(config: Config, seq_lens: list[int], evaluate: bool | None = None) -> None:
     """Everything about the data that can fail, checked before training starts (rank 0): the dataset
-    files, the tokenizer, the tasks' lengths and documents long enough for each seq_len."""
+    files, the tokenizer, the tasks' lengths and documents long enough for each seq_len, and NIAH lengths
+    that hold a sample where stages are evaluated (evaluate; default eval.at_stage_end)."""
+    from nsa_dist.evaluation import niah_lengths  # evaluation builds on this module
+
     data = config.data
     tokenizer = load_tokenizer(data.tokenizer, data.eod_token)
     uses_tokenizer = data.source == "indexed" or any(
@@ -157,6 +160,17 @@ def check_data(config: Config, seq_lens: list[int]) -> None:
                 raise DatasetError(f"stages[{stage.index}].mix.task_min_length={min_length} (or data.mix's) is "
                                    f"too short for a {task} sample, which needs {need} tokens and an EOD: "
                                    f"set it to at least {need + 1}, or 0 for one sample per sequence")
+        needle = minimum_length(config.eval.niah_task, tokenizer)
+        short = [length for length in niah_lengths(config, stage) if length < needle]
+        if short and (config.eval.at_stage_end if evaluate is None else evaluate):
+            sample = f"a {config.eval.niah_task} sample needs {needle} tokens"
+            if short[0] in config.eval.niah_lengths:
+                raise DatasetError(f"eval.niah_lengths={config.eval.niah_lengths} holds {short[0]}, and {sample}: "
+                                   f"give lengths of at least {needle}")
+            raise DatasetError(f"stage {stage.name!r} is evaluated at its seq_len={stage.seq_len} (eval."
+                               f"niah_stage_length, or eval.niah_lengths empty), and {sample}: list lengths of at "
+                               f"least {needle} in eval.niah_lengths without eval.niah_stage_length, or set "
+                               "eval.at_stage_end=false")
     if data.source == "indexed":
         info = check_indexed(data.path, tokenizer, config.model.vocab_size)
         if data.documents == "within":

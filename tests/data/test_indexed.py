@@ -200,6 +200,24 @@ def test_packed_task_samples_must_fit_their_minimum(corpus):
                [256])
 
 
+def test_niah_lengths_must_hold_a_sample_where_stages_are_evaluated(corpus):
+    """A NIAH length too short for the task's samples is named before training (not after the first stage),
+    whether it is listed or is the stage's own seq_len; without stage-end evaluation it does not matter,
+    unless the eval command asks (evaluate=True)."""
+    prefix, _, root = corpus
+    listed = _config(prefix, root, "eval.at_stage_end=true", "eval.niah_lengths=[100, 256]")
+    with pytest.raises(DatasetError, match=r"eval\.niah_lengths=\[100, 256\] holds 100, and a passkey sample needs "
+                                           r"143 tokens: give lengths of at least 143"):
+        check_data(listed, [SEQ])
+    own = _config(prefix, root, "eval.at_stage_end=true", "eval.niah_lengths=[256]", "eval.niah_stage_length=true")
+    with pytest.raises(DatasetError, match=r"stage 'stage0' is evaluated at its seq_len=128 .* needs 143 tokens"):
+        check_data(own, [SEQ])
+    check_data(_config(prefix, root, "eval.at_stage_end=false", "eval.niah_lengths=[100]"), [SEQ])
+    with pytest.raises(DatasetError, match="holds 100"):
+        check_data(_config(prefix, root, "eval.at_stage_end=false", "eval.niah_lengths=[100]"), [SEQ], evaluate=True)
+    check_data(_config(prefix, root, "eval.at_stage_end=true", "eval.niah_lengths=[256]"), [SEQ])
+
+
 def test_loader_workers_make_the_same_micro_batches(corpus):
     """data.workers generate the rows in DataLoader worker processes, ahead of the training thread: the same
     micro-batches (tokens, labels, cu_seqlens) in the same order as on the thread, from any data position."""

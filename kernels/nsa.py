@@ -163,6 +163,8 @@ def compose_nsa(
 
     group = q.shape[2] // block_idx.shape[2]  # query heads per KV head
     reach = num_selected * selection_block  # tokens that n blocks cover
+    # exact per row: no row sits past `reach` in its document. Top-n above still runs: its picks (every
+    # block) are part of the result, and at these lengths it is a small share of the layer
     every_block = longest_document(spans, cu_seqlens) <= reach
     o_slc, lse_slc = [], []  # per item (KV-head slice), its spans' rows
     for heads, k, v in selection_kv:

@@ -5,7 +5,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 from kernels.block_selection.naive import select_blocks_ref
-from kernels.common import acc_dtype, host_bounds
+from kernels.common import acc_dtype
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
@@ -93,15 +93,6 @@ def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.cat([rotated.to(x.dtype), x[..., r:]], dim=-1)
 
 
-def longest_document(spans: list[QuerySpan], cu_seqlens: torch.Tensor | None) -> int:
-    """The most tokens any query row's document holds up to that row: the longest packed document, or
-    without documents the last row's position + 1. Read on the host without waiting for the GPU."""
-    if cu_seqlens is None:
-        return max(s.start + s.length for s in spans)
-    bounds = host_bounds(cu_seqlens)
-    return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-
-
 def compose_nsa(
     q: torch.Tensor,
     gates: torch.Tensor,
@@ -119,6 +110,7 @@ def compose_nsa(
     impl: str = "reference",
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
+    selection_score: str = "sum",
 ) -> NSAResult:
     """NSA's branches and their gated sum for some query rows of a sequence: the one composition that the
     single-rank path (native_sparse_attention) and the sequence-sharded path (nsa_context_parallel) share.
@@ -131,15 +123,12 @@ def compose_nsa(
     cu_seqlens: packed documents (one span from position 0, B = 1), as in native_sparse_attention.
     cmp_rope: RoPE angles [N, R] of the compressed tokens, one row per k_cmp token (nsa.compression_rope
     "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
+    selection_score: how top-n combines the GQA group's heads' block scores, "sum" (the paper) or "max"
+    (kernels.block_selection.naive.SELECTION_SCORES).
 
     Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
     the most recently created ready node first, so the backward then makes one branch's output gradient
     just before that branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
-
-    Where no query has more than n selection blocks to choose from (every document, or the sequence, at
-    most n * l' tokens), top-n picks every block and the selected branch is causal attention over the
-    whole document: it runs as the window branch's kernel with a window of n * l' tokens, which gives the
-    same output and gradients at a fraction of the sparse kernel's cost (the curriculum's short stages).
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
@@ -153,7 +142,8 @@ def compose_nsa(
         o_cmp.append(ops.gate(o, span_gates[..., 0]))
         lse_cmp.append(lse)
         blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
-                                 num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens))
+                                 num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens,
+                                 score=selection_score))
         if window > 0:
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
                                 k_start=span.win_start, cu_seqlens=cu_seqlens)
@@ -162,22 +152,14 @@ def compose_nsa(
     block_idx = _cat(blocks, 1)
 
     group = q.shape[2] // block_idx.shape[2]  # query heads per KV head
-    reach = num_selected * selection_block  # tokens that n blocks cover
-    # exact per row: no row sits past `reach` in its document. Top-n above still runs: its picks (every
-    # block) are part of the result, and at these lengths it is a small share of the layer
-    every_block = longest_document(spans, cu_seqlens) <= reach
     o_slc, lse_slc = [], []  # per item (KV-head slice), its spans' rows
     for heads, k, v in selection_kv:
         q_heads = slice(heads.start * group, heads.stop * group)
         o_item, lse_item = [], []
         for s in spans:
             rows = slice(s.offset, s.offset + s.length)
-            if every_block:  # k, v hold the tokens from global position 0
-                o, lse = ops.window(q[:, rows, q_heads], k, v, reach, scale, q_start=s.start, k_start=0,
-                                    cu_seqlens=cu_seqlens)
-            else:
-                o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block,
-                                      scale, q_start=s.start, cu_seqlens=cu_seqlens)
+            o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block, scale,
+                                  q_start=s.start, cu_seqlens=cu_seqlens)
             o_item.append(ops.gate(o, gates[:, rows, q_heads, 1]))
             lse_item.append(lse)
         o_slc.append(_cat(o_item, 1))
@@ -210,6 +192,7 @@ def native_sparse_attention(
     impl: str = "reference",
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
+    selection_score: str = "sum",
 ) -> NSAResult:
     """Native Sparse Attention over one full causal sequence.
 
@@ -222,7 +205,7 @@ def native_sparse_attention(
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     cmp_rope: optional RoPE angles [N, R] of the compressed tokens (compose_nsa); then kv_cmp's keys are
-    the keys before RoPE.
+    the keys before RoPE. selection_score: "sum" or "max" (compose_nsa).
     """
     k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens, block_size, stride)
     v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens, block_size, stride)
@@ -230,4 +213,5 @@ def native_sparse_attention(
     all_heads = slice(0, kv_slc[0].shape[2])
     return compose_nsa(q, gates, k_cmp, v_cmp, [whole], [(all_heads, *kv_slc)], block_size=block_size,
                        stride=stride, selection_block=selection_block, num_selected=num_selected, window=window,
-                       scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope)
+                       scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope,
+                       selection_score=selection_score)

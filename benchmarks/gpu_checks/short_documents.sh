@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Measured once, 2026-12-01 at 9fb9d67 (short_documents_*-9fb9d67.json): 0.162 / 0.161 s a step with the
+# change, 0.162 / 0.18 s without, dense 0.094 s. Most batches of the proof's stage hold a 2K code sequence, so
+# the path was rarely taken; the change was removed again (benchmarks/kernels-notes.md, Session 17).
 # The selected branch as causal attention on short documents (kernels/nsa.py, compose_nsa), on one GPU:
 # the Triton NSA tests (their "short documents" case takes that path), then the proof's first-stage step
 # (16 x 2K, 256-token passkey samples attended alone, bf16) with the kernels before it and as they are,

@@ -129,9 +129,9 @@ def test_nsa_gradients_match_oracle(case):
         close(g, w)
 
 
-# Sequences of at most n * l' tokens: every query can choose from at most n blocks, so top-n picks them all
-# and compose_nsa runs the selected branch as causal attention (the window kernel, a window of n * l').
-# The oracle still selects and attends per token: outputs, each branch's lse and every gradient must agree.
+# Sequences of at most n * l' tokens: every query can choose from at most n blocks, so top-n must pick them
+# all (the curriculum's short samples). The oracle selects and attends per token: the picks, outputs, each
+# branch's lse and every gradient must agree.
 SHORT_CASES = [
     Case(16, 8, 32, 4, 24, T=128, G=4, HK=2, kv="separate", phi="mlp"),  # exactly n * l'
     Case(8, 4, 16, 5, 7, T=75, G=2, HK=1, kv="shared", phi="mean", B=2),

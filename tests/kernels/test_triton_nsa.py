@@ -14,8 +14,7 @@ pytestmark = INTERPRETER_WARNINGS
 T = 131
 
 
-# "short documents": none longer than n * l' = 64 tokens, so the selected branch takes every block and
-# runs as the window kernel (kernels/nsa.py, compose_nsa)
+# "short documents": none longer than n * l' = 64 tokens, so top-n must pick every block
 DOCUMENTS = {"one-sequence": None, "packed": [0, 50, 51, T], "short documents": [0, 50, 51, 115, T]}
 
 

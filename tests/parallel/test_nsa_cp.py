@@ -192,8 +192,7 @@ def test_context_parallel_matches_single_rank(world):
 DOCUMENT_CASES = [
     Case(256, 4, 2, 16, 8, 16, 4, 20, "separate", "mlp", seed=11, documents=(0, 37, 100, 109, 128, 190, 256)),
     Case(256, 2, 1, 16, 16, 16, 3, 0, "shared", "mean", seed=12, documents=(0, 5, 160, 256)),
-    # no document longer than n * l' = 64: the selected branch takes every block, as causal attention over
-    # the gathered selection K/V (kernels/nsa.py, compose_nsa)
+    # no document longer than n * l' = 64: top-n must pick every block of the gathered selection K/V
     Case(256, 4, 2, 16, 8, 16, 4, 20, "shared", "mlp", seed=14, documents=(0, 37, 100, 109, 128, 190, 250, 256)),
 ]
 

@@ -11,7 +11,10 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
 #     mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 sqlalchemy alembic psutil
 set -u
-cfg=${1:?"give the config name, e.g. proof_100m for configs/proof_100m.yaml"}
+arg=${1:?"give the config name, e.g. proof_100m for configs/proof_100m.yaml, or a .yaml path"}
+# a name means configs/<name>.yaml; a path (a probe beside this script) is used as given. Either way the
+# config's run.dir must be runs/<its name>
+if [[ $arg == *.yaml ]]; then config=$arg; cfg=$(basename $arg .yaml); else config=configs/$arg.yaml; cfg=$arg; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 python3 tools/build_code_corpus.py 2>&1 | tail -1
@@ -24,24 +27,24 @@ if [ "${PRECHECK:-0}" = 1 ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$(date +%s); echo "$(date +%T) starting $cfg"  # the job's own lines carry the time too
-timeout ${LIMIT:-520} python3 -m launch.train --config configs/$cfg.yaml > $OUT/$cfg.log 2>&1
+timeout ${LIMIT:-520} python3 -m launch.train --config $config > $OUT/$cfg.log 2>&1
 echo "$cfg rc=$? wall $(( $(date +%s)-t0 )) s"
 grep -v "━\|^\s*File\|^\s*\^\|warn\|return func" $OUT/$cfg.log | grep -v " step [0-9]*:" | tail -45
 # OVERLAP=1: how much consecutive tokens' top-n picks overlap in the final checkpoint (NSA runs only),
 # while the checkpoint is on this machine (benchmarks/kernels-notes.md: it decides the selected-attention
 # kernel's tiling)
-if [ "${OVERLAP:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
+if [ "${OVERLAP:-0}" = 1 ] && grep -q "attention: nsa" $config; then
   newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
-  timeout 150 python3 tools/selection_overlap.py --config configs/$cfg.yaml --checkpoint $newest --seq-len 8192 \
+  timeout 150 python3 tools/selection_overlap.py --config $config --checkpoint $newest --seq-len 8192 \
     --sequences 2 --out $OUT/${cfg}_overlap.json 2>&1 | grep -v -i warn | tail -16
 fi
 # NEEDLE=1: does block selection pick the needle at the answer positions, layer by layer, in the final
 # checkpoint, at each of NEEDLE_LENGTHS (default 32768), NEEDLE_SAMPLES samples a depth (default 4; NSA
 # runs only; tools/needle_selection.py)
-if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" configs/$cfg.yaml; then
+if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" $config; then
   newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
   for length in ${NEEDLE_LENGTHS:-32768}; do
-    timeout 150 python3 tools/needle_selection.py --config configs/$cfg.yaml --checkpoint $newest \
+    timeout 150 python3 tools/needle_selection.py --config $config --checkpoint $newest \
       --length $length --samples ${NEEDLE_SAMPLES:-4} --out $OUT/${cfg}_needle_$length.json 2>&1 \
       | grep -v -i warn | tail -17
   done

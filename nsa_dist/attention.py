@@ -180,8 +180,8 @@ class NSACoreAttention(MegatronModule):
             per_branch[0] = (raw_keys.chunk(branches, dim=2)[0], per_branch[0][1])
             cmp_rope = self._block_rotary_freqs(q.shape[1] * self.cp_group.size(), cu_seqlens, q.device)
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-                     num_selected=n.num_selected, window=n.window, scale=self.softmax_scale,
-                     impl=resolve_impl(n.impl, q.device))
+                     num_selected=n.num_selected, window=n.window, selection_score=n.selection_score,
+                     scale=self.softmax_scale, impl=resolve_impl(n.impl, q.device))
         out = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                                    gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
                                    cmp_rope=cmp_rope, **sizes).output

@@ -40,6 +40,10 @@ class NSAConfig:
     stride: int = 16  # d: stride between compressed blocks; must divide l and l' (paper 16)
     selection_block: int = 64  # l': tokens per selection block (paper 64)
     num_selected: int = 16  # n: selection blocks per query, forced blocks included (paper 16)
+    # how top-n scores a block for a GQA group: "sum" of its query heads' compressed-attention probabilities
+    # (paper), or "max", the largest single head's, so that a block one head finds is not outvoted by the
+    # other heads' spread-out probability
+    selection_score: Literal["sum", "max"] = "sum"
     window: int = 512  # w: sliding-window length (paper 512)
     kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
     phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean

@@ -92,7 +92,8 @@ def recorded_nsa_layers(keep: Callable[[tuple, object], object]):
 class SelectionInputs(NamedTuple):
     """What one NSA layer's top-n selection was given (kernels.nsa.compose_nsa): the query rows, the
     compressed keys as scored (phi'd, and RoPE'd when nsa.compression_rope is "blocks"), compressed
-    attention's log-sum-exp for those rows, and the rows' first global position."""
+    attention's log-sum-exp for those rows, the rows' first global position, and how the GQA group's heads'
+    scores were combined (nsa.selection_score)."""
 
     q: torch.Tensor  # [B, C, HQ, Dk]
     k_cmp: torch.Tensor  # [B, N, HK, Dk]
@@ -102,6 +103,7 @@ class SelectionInputs(NamedTuple):
     selection_block: int
     scale: float | None
     q_start: int
+    score: str
 
 
 @contextlib.contextmanager
@@ -115,10 +117,11 @@ def recorded_selection_inputs():
         ops = original(impl)
 
         def select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *, q_start=0,
-                   cu_seqlens=None):
-            records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start))
+                   cu_seqlens=None, score="sum"):
+            records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start,
+                                           score))
             return ops.select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
-                              q_start=q_start, cu_seqlens=cu_seqlens)
+                              q_start=q_start, cu_seqlens=cu_seqlens, score=score)
 
         return ops._replace(select=select)
 

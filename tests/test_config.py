@@ -102,6 +102,7 @@ INVALID = [
     (["nsa.stride=0"], "nsa.stride", "positive"),
     (["nsa.kv=both"], "nsa.kv", "'separate', 'shared'"),
     (["nsa.phi=conv"], "nsa.phi", "'mlp', 'mean'"),
+    (["nsa.selection_score=mean"], "nsa.selection_score", "'sum', 'max'"),
     (["nsa.compression_rope=tokens"], "nsa.compression_rope", "'keys', 'blocks'"),
     (["nsa.impl=cuda"], "nsa.impl", "one of"),
     (["nsa.selection_block=512", "nsa.impl=triton"], "nsa.selection_block=512", "nsa.impl=reference"),

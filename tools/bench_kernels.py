@@ -19,6 +19,7 @@ unpacked in DIR) with --lines ours, to time an earlier version of the kernels in
 import argparse
 import datetime
 import functools
+import inspect
 import json
 import platform
 import statistics
@@ -234,10 +235,14 @@ def breakdown(nsa_mod, T, hq, hk, d, reps) -> list[dict]:
     }
     for name, (forward, leaves) in parts.items():
         time_line(name, lambda: (forward, leaves), reps, rows, T=T)
-    with torch.no_grad():
-        top = median_ms(lambda: ops.select(q, k_cmp, lse, l, s, ls, n), reps)
-    rows.append({"line": "top-n selection", "T": T, "fwd_ms": top["ms"], "runs": top["runs"]})
-    print(f"  {'top-n selection':18s} T={T}  fwd {top['ms']:9.2f} ms", flush=True)
+    # nsa.selection_score "max" where the kernels have it (not those before it, under --kernels-root)
+    scores = ("sum", "max") if "score" in inspect.signature(ops.select).parameters else ("sum",)
+    for score in scores:
+        line = "top-n selection" + (", max score" if score == "max" else "")
+        with torch.no_grad():
+            top = median_ms(lambda: ops.select(q, k_cmp, lse, l, s, ls, n, score=score), reps)
+        rows.append({"line": line, "T": T, "fwd_ms": top["ms"], "runs": top["runs"]})
+        print(f"  {line:18s} T={T}  fwd {top['ms']:9.2f} ms", flush=True)
     del inp
     return rows
 

@@ -11,13 +11,15 @@ depth and layer:
   the needle (a copy of the answer's tokens in the prompt); forced blocks count, as they do in attention;
 - the mean gates (cmp, slc, win) there;
 - where the needle ranks in top-n's order (1 = first; forced blocks first), by the score selection uses
-  (the compressed-attention probabilities summed over the KV head's group of query heads) and by the
-  best single query head's own probabilities, as medians, and head_hit: the share of rows where some
-  query head alone would have picked it;
+  (nsa.selection_score: the compressed-attention probabilities summed over the KV head's group of query
+  heads, or their largest), by the best single query head's own probabilities, and by the "max" score
+  (the group's largest head probability per block), as medians; head_hit: the share of rows where some
+  query head alone would have picked it, and max_score_hit: where top-n by the "max" score would have;
 and per depth the exact-match accuracy and whether the needle is inside the sliding window (then the
 window branch can read it without selection). A model that misses the needle beyond its window with a
 low hit has a selection (compressed attention) problem: with a high head_hit, one head finds the needle
-and the group's sum loses it; with a low one, no head's compressed attention finds it. With a high hit,
+and the group's sum loses it (max_score_hit says whether nsa.selection_score "max" would keep it); with a
+low one, no head's compressed attention finds it. With a high hit,
 the selected branch or its gate does not use what it picked. One process; writes --out (JSON) and
 prints two tables.
 """
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
-from kernels.block_selection.naive import (head_block_scores, num_selection_blocks,  # noqa: E402
+from kernels.block_selection.naive import (group_score, head_block_scores, num_selection_blocks,  # noqa: E402
                                            overlap_weights)
 from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
                             loaded_model, recorded_nsa_layers, recorded_selection_inputs, require_nsa,
@@ -79,9 +81,10 @@ def rank_in_topn_order(scores: torch.Tensor, positions: torch.Tensor, blocks: li
     return 1 + (ranked > best).sum(-1)
 
 
-def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The needle's rank in top-n's order at each (answer row, KV head): by the group's summed score, and
-    by the best single query head's score. Two [rows * HK] tensors."""
+def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> tuple[torch.Tensor, ...]:
+    """The needle's rank in top-n's order at each (answer row, KV head): by the group's score as selection
+    combined it (inputs.score), by the best single query head's score, and by the "max" score (the largest
+    head's per block). Three [rows * HK] tensors."""
     first, last = rows[0], rows[-1] + 1  # answer rows are consecutive
     start = inputs.q_start + first
     num_blocks = num_selection_blocks(inputs.q_start + last, inputs.selection_block)
@@ -92,11 +95,12 @@ def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) ->
     c, hk, g, s = per_head.shape
     positions = torch.arange(start, start + c, device=per_head.device)
     blocks = sorted({p // inputs.selection_block for p in needle})
-    group = rank_in_topn_order(per_head.sum(2).reshape(c * hk, s), positions.repeat_interleave(hk), blocks,
-                               inputs.selection_block)
+    group, by_max = (rank_in_topn_order(group_score(score)(per_head[None])[0].reshape(c * hk, s),
+                                        positions.repeat_interleave(hk), blocks, inputs.selection_block)
+                     for score in (inputs.score, "max"))
     heads = rank_in_topn_order(per_head.reshape(c * hk * g, s), positions.repeat_interleave(hk * g), blocks,
                                inputs.selection_block)
-    return group, heads.reshape(c * hk, g).min(-1).values
+    return group, heads.reshape(c * hk, g).min(-1).values, by_max
 
 
 def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device) -> list[dict]:
@@ -137,9 +141,12 @@ def report_for(config, depths: list[float], cells: dict, results: dict) -> dict:
             gates = torch.stack([o["layers"][layer][1].mean(dim=(0, 1)) for o in outcomes]).mean(0).tolist()
             group = torch.cat([o["layers"][layer][2][0] for o in outcomes]).float()
             best_head = torch.cat([o["layers"][layer][2][1] for o in outcomes]).float()
+            by_max = torch.cat([o["layers"][layer][2][2] for o in outcomes]).float()
             per_layer.append({"hit": sum(hits) / len(hits), "gates": dict(zip(("cmp", "slc", "win"), gates)),
                               "rank_group": group.median().item(), "rank_best_head": best_head.median().item(),
+                              "rank_max_score": by_max.median().item(),
                               "head_hit": (best_head <= n.num_selected).double().mean().item(),
+                              "max_score_hit": (by_max <= n.num_selected).double().mean().item(),
                               # the share of rows that the group's rank says top-n picks: hit again, computed
                               # from the scores (a check that the ranks reproduce the selection)
                               "group_hit": (group <= n.num_selected).double().mean().item()})
@@ -183,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
               "rotary_base": stage.rotary_base, "task": config.eval.niah_task, "samples_per_depth": samples,
               "device": str(device), "nsa": {"selection_block": config.nsa.selection_block,
                                              "num_selected": config.nsa.num_selected, "window": config.nsa.window,
-                                             "compression_rope": config.nsa.compression_rope},
+                                             "compression_rope": config.nsa.compression_rope,
+                                             "selection_score": config.nsa.selection_score},
               "depths": by_depth}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
@@ -199,11 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
               + " ".join(f"{layer['hit']:>5.0%}" for layer in row["layers"])
               + "   " + "/".join(f"{g:.2f}" for g in gates))
     print(f"the needle's rank in top-n's order (median; picked when <= {config.nsa.num_selected}): the best single "
-          "query head's / the group's summed score")
-    print(f"{'depth':>6} " + " ".join(f"{'L' + str(i + 1):>9}" for i in range(layers)))
+          f"query head's / the group's score ({config.nsa.selection_score}) / the \"max\" score's")
+    print(f"{'depth':>6} " + " ".join(f"{'L' + str(i + 1):>13}" for i in range(layers)))
     for depth, row in by_depth.items():
-        print(f"{float(depth):>6.2f} " + " ".join(f"{layer['rank_best_head']:>4.0f}/{layer['rank_group']:<4.0f}"
-                                                  for layer in row["layers"]))
+        print(f"{float(depth):>6.2f} " + " ".join(
+            f"{layer['rank_best_head']:.0f}/{layer['rank_group']:.0f}/{layer['rank_max_score']:.0f}".rjust(13)
+            for layer in row["layers"]))
     return report
 
 

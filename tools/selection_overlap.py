@@ -62,7 +62,7 @@ def random_picks(config, seq_len: int, device: torch.device) -> torch.Tensor:
     with torch.no_grad():
         _, lse = ops.compressed(q, k_cmp, k_cmp, n.compress_block, n.stride, None, q_start=0, cu_seqlens=None)
         return ops.select(q, k_cmp, lse, n.compress_block, n.stride, n.selection_block, n.num_selected, None,
-                          q_start=0, cu_seqlens=None)
+                          q_start=0, cu_seqlens=None, score=n.selection_score)
 
 
 def model_picks(config, stage, checkpoint, sequences: int, device: torch.device) -> list[list[torch.Tensor]]:

@@ -65,25 +65,28 @@ def select_blocks_ref(
     chunk_size: int = 256,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    score: str = "sum",
 ) -> torch.Tensor:
     """Selection blocks each GQA group's queries attend to.
 
     q: [B, T, HQ, Dk]; k_cmp: [B, N, HK, Dk]; lse_cmp: [B, T, HQ] float32 from compressed attention.
-    p_cmp = exp(scale * q.k_cmp - lse_cmp) over visible blocks, summed over the group's query heads,
-    spread onto selection blocks by overlap_weights, then topn_from_scores.
+    p_cmp = exp(scale * q.k_cmp - lse_cmp) over visible blocks, spread onto selection blocks by
+    overlap_weights, combined over the group's query heads by `score` (SELECTION_SCORES: "sum", the
+    paper's, or "max", the largest head's), then topn_from_scores.
     Query j sits at position q_start + j; block ids are global (block j covers [j*l', (j+1)*l')).
     Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
     Not differentiable (top-n is discrete); chunked over queries.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B = 1): each document is
     scored on its own compressed tokens, with positions and block ids counted from its start.
     """
+    combine = group_score(score)
     if cu_seqlens is not None:
         cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
         starts = cu_seqlens.tolist()
         return torch.cat([
             select_blocks_ref(
                 q[:, lo:hi], k_cmp[:, cmp_bounds[doc] : cmp_bounds[doc + 1]], lse_cmp[:, lo:hi], block_size, stride,
-                selection_block, num_selected, scale, chunk_size, q_start + lo - starts[doc],
+                selection_block, num_selected, scale, chunk_size, q_start + lo - starts[doc], score=score,
             )
             for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1])
         ], dim=1)
@@ -94,8 +97,23 @@ def select_blocks_ref(
         per_head = head_block_scores(q[:, start:end], k_cmp, lse_cmp[:, start:end], block_size, stride, weights,
                                      scale, q_start + start)
         positions = torch.arange(q_start + start, q_start + end, device=q.device)
-        out.append(topn_from_scores(per_head.sum(dim=3), positions, selection_block, num_selected))
+        out.append(topn_from_scores(combine(per_head), positions, selection_block, num_selected))
     return torch.cat(out, dim=1)
+
+
+# How a GQA group's query heads' block scores make the group's one score per block (nsa.selection_score):
+# "sum", the paper's (the group's total compressed-attention probability), or "max", the largest single
+# head's, so that a block one head finds is not outvoted by the others' spread-out probability
+SELECTION_SCORES = ("sum", "max")
+
+
+def group_score(score: str):
+    """The function that combines head_block_scores' [..., G, S] over the group's heads (dim 3)."""
+    if score == "sum":
+        return lambda per_head: per_head.sum(dim=3)
+    if score == "max":
+        return lambda per_head: per_head.amax(dim=3)
+    raise ValueError(f"selection score {score!r} is not one of {SELECTION_SCORES}")
 
 
 def head_block_scores(

@@ -7,6 +7,8 @@ group, spreads them onto selection blocks with the overlap weights (a [BLOCK_C, 
 indices), and merges the tile's scores into a running top-ST list kept in registers. A compressed block
 can reach one selection block past the tile (it ends l - d tokens after it starts); that part is carried
 into the next tile. So each compressed score is computed once, as in compressed attention's forward.
+With the "max" score (nsa.selection_score) each head's p_cmp is spread on its own and the group's score
+is the largest head's: one more [BLOCK_T, BLOCK_C] x [BLOCK_C, ST] product per head, and a carry per head.
 
 Ranking: each (score, block) pair is packed into one int64 key, score bits high (scores are >= 0, so
 their float bits order like the floats; forced blocks get +inf) and 0x7FFFFFFF - block low, so that a
@@ -20,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.block_selection.naive import SELECTION_SCORES
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds
 from kernels.compression.naive import compressed_bounds
 from kernels.range_attention import LOG2E
@@ -39,7 +42,7 @@ def _topn_kernel(
     T, NC, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
     DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, MAX_SCORE: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     R: tl.constexpr = SEL // STRIDE  # compressed blocks starting inside one selection block
     tile = tl.program_id(0)
@@ -63,30 +66,43 @@ def _topn_kernel(
 
     running = tl.full([BLOCK_T, ST], -1, tl.int64)
     carry = tl.zeros([BLOCK_T], tl.float32)
+    heads = tl.arange(0, BLOCK_G)
+    head_carry = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)  # "max": each head's carry, one column a head
     for j0 in range(0, last + 1, ST):
         c = j0 * R + local_c
         c_ok = (local_c < ST * R) & (c < cmp_count)
         kv_row = (b * NC + cmp_start + c) * HK + hk
         kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=c_ok[:, None] & (dk[None, :] < DK), other=0.0)
         visible = tok_ok[:, None] & c_ok[None, :] & (c[None, :] < num_seen[:, None])
+        # |tokens(compressed block c) & tokens(selection block j)| / d, and the part past the tile
+        c_first = c * STRIDE
+        blocks = j0 + cols
+        overlap = (tl.minimum(c_first[:, None] + L, (blocks[None, :] + 1) * SEL)
+                   - tl.maximum(c_first[:, None], blocks[None, :] * SEL))
+        weight = tl.where(c_ok[:, None], tl.maximum(overlap, 0).to(tl.float32) / STRIDE, 0.0)
+        spill = tl.minimum(c_first + L, (j0 + ST + 1) * SEL) - tl.maximum(c_first, (j0 + ST) * SEL)
+        spill_weight = tl.where(c_ok, tl.maximum(spill, 0).to(tl.float32) / STRIDE, 0.0)
+
         p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+        scores = tl.zeros([BLOCK_T, ST], tl.float32)
         for g in range(G):
             flat = (b * T + toks) * HQ + hk * G + g
             qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
             row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
             row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
             s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-            p_sum += tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
-
-        # |tokens(compressed block c) & tokens(selection block j)| / d
-        c_first = c * STRIDE
-        blocks = j0 + cols
-        overlap = (tl.minimum(c_first[:, None] + L, (blocks[None, :] + 1) * SEL)
-                   - tl.maximum(c_first[:, None], blocks[None, :] * SEL))
-        weight = tl.where(c_ok[:, None], tl.maximum(overlap, 0).to(tl.float32) / STRIDE, 0.0)
-        scores = tl.dot(p_sum, weight, input_precision="ieee") + tl.where(cols[None, :] == 0, carry[:, None], 0.0)
-        spill = tl.minimum(c_first + L, (j0 + ST + 1) * SEL) - tl.maximum(c_first, (j0 + ST) * SEL)
-        carry = tl.sum(p_sum * tl.where(c_ok, tl.maximum(spill, 0).to(tl.float32) / STRIDE, 0.0)[None, :], 1)
+            p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
+            if MAX_SCORE:
+                is_g = heads[None, :] == g
+                carried = tl.sum(tl.where(is_g, head_carry, 0.0), 1)
+                head_scores = tl.dot(p, weight, input_precision="ieee")
+                scores = tl.maximum(scores, head_scores + tl.where(cols[None, :] == 0, carried[:, None], 0.0))
+                head_carry = tl.where(is_g, tl.sum(p * spill_weight[None, :], 1)[:, None], head_carry)
+            else:
+                p_sum += p
+        if not MAX_SCORE:
+            scores = tl.dot(p_sum, weight, input_precision="ieee") + tl.where(cols[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(p_sum * spill_weight[None, :], 1)
 
         allowed = tok_ok[:, None] & (blocks[None, :] <= cur[:, None])
         forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
@@ -151,6 +167,7 @@ def select_blocks_triton(
     scale: float | None = None,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    score: str = "sum",
 ) -> torch.Tensor:
     """Selection blocks each GQA group's queries attend to (Triton; same result as select_blocks_ref).
 
@@ -158,7 +175,8 @@ def select_blocks_triton(
     from compressed attention. HQ = G * HK with G <= 32; Dk <= 256; stride must divide block_size and
     selection_block, and block_size <= selection_block.
     Query j sits at position q_start + j; block j covers [j*l', (j+1)*l'). Block 0 and the two local
-    blocks are always picked; the rest by summed, overlap-weighted p_cmp, ties to the lower id.
+    blocks are always picked; the rest by overlap-weighted p_cmp, summed over the group's heads (score
+    "sum") or the largest head's ("max"), ties to the lower id.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); positions
     and block ids are then per document, and k_cmp holds every document's compressed tokens in order.
     Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
@@ -168,6 +186,8 @@ def select_blocks_triton(
             f"select_blocks_triton: need stride | block_size, stride | selection_block and block_size <= "
             f"selection_block; got l={block_size}, d={stride}, l'={selection_block}"
         )
+    if score not in SELECTION_SCORES:
+        raise ValueError(f"select_blocks_triton: score {score!r} is not one of {SELECTION_SCORES}")
     check_attention_inputs("select_blocks_triton", q, k_cmp, k_cmp)
     check_packed("select_blocks_triton", q.shape[0], cu_seqlens)
     batch, seq, num_q_heads, head_dim = q.shape
@@ -188,6 +208,7 @@ def select_blocks_triton(
         q.contiguous(), k_cmp.contiguous(), lse_cmp.float().contiguous(), tiles, out,
         seq, k_cmp.shape[1], num_q_heads, num_kv_heads, num_selected, q_start, scale * LOG2E,
         G=group, L=block_size, STRIDE=stride, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
-        BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype), **launch,
+        BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
+        MAX_SCORE=score == "max", BLOCK_G=pow2(group), **launch,
     )
     return out

@@ -167,6 +167,7 @@ def nsa_context_parallel(
     impl: str = "reference",
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
+    selection_score: str = "sum",
 ) -> NSAResult:
     """NSA on this rank's zigzag shard of a sequence sharded over the CP group `group`.
 
@@ -183,11 +184,13 @@ def nsa_context_parallel(
     positions, B = 1), as in native_sparse_attention: no branch attends across documents.
     cmp_rope: optional RoPE angles [N, R] of the whole sequence's compressed tokens (kernels.nsa.compose_nsa;
     kv_cmp's keys are then the keys before RoPE): each rank rotates the gathered tokens.
+    selection_score: how top-n combines a GQA group's heads' block scores, "sum" or "max" (compose_nsa).
     Returns NSAResult for the local tokens (block ids are global, or per document as on one rank).
     """
     cp_size, cp_rank = group_size_rank(group)
     sizes = dict(block_size=block_size, stride=stride, selection_block=selection_block, num_selected=num_selected,
-                 window=window, scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope)
+                 window=window, scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope,
+                 selection_score=selection_score)
     if cp_size == 1:
         return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes)
     documents = cu_seqlens is not None

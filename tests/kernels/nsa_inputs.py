@@ -25,6 +25,7 @@ class Case:
     Dk: int = 8
     Dv: int = 5  # != Dk so that a swapped k/v dimension cannot go unnoticed
     seed: int = 0
+    score: str = "sum"  # how top-n combines the group's heads (nsa.selection_score)
 
     @property
     def HQ(self) -> int:
@@ -117,13 +118,14 @@ def run_reference(case: Case, inputs: Inputs):
     compress_k, compress_v = ref_phis(case, inputs)
     return native_sparse_attention(
         inputs.q, inputs.kv_cmp, inputs.kv_slc, inputs.kv_win, inputs.gates, compress_k, compress_v,
-        block_size=case.l, stride=case.d, selection_block=case.l_sel, num_selected=case.n, window=case.w)
+        block_size=case.l, stride=case.d, selection_block=case.l_sel, num_selected=case.n, window=case.w,
+        selection_score=case.score)
 
 
 def run_oracle(case: Case, inputs: Inputs) -> oracle.OracleResult:
     phi_k, phi_v = oracle_phis(case, inputs)
     return oracle.nsa(inputs.q, inputs.kv_cmp, inputs.kv_slc, inputs.kv_win, inputs.gates, phi_k, phi_v,
-                      case.l, case.d, case.l_sel, case.n, case.w)
+                      case.l, case.d, case.l_sel, case.n, case.w, score=case.score)
 
 
 def block_sets(block_idx: torch.Tensor) -> list:

@@ -114,8 +114,10 @@ def overlap(i: int, j: int, l: int, d: int, l_sel: int) -> float:
     return len(set(range(i * d, i * d + l)) & set(range(j * l_sel, (j + 1) * l_sel))) / d
 
 
-def block_scores(q, k_cmp, l, d, l_sel, seq_len, scale=None, q_start=0):
-    """scores[b][j][hk][sb]: sum over the group's heads of p_cmp, spread by overlap, for blocks sb*l' <= t."""
+def block_scores(q, k_cmp, l, d, l_sel, seq_len, scale=None, q_start=0, score="sum"):
+    """scores[b][j][hk][sb]: each head's p_cmp spread by overlap onto blocks sb*l' <= t, then the sum over
+    the group's heads (score "sum") or the largest head's (score "max")."""
+    combine = {"sum": sum, "max": max}[score]
     q, k_cmp, scale = _f64(q), _f64(k_cmp), _scale(q, scale)
     B, Tq, HQ, _ = q.shape
     N, HK = k_cmp.shape[1], k_cmp.shape[2]
@@ -129,15 +131,17 @@ def block_scores(q, k_cmp, l, d, l_sel, seq_len, scale=None, q_start=0):
             t = q_start + j
             visible = [i for i in range(N) if i * d + l - 1 <= t]
             per_group = []
+            candidates = [sb for sb in range(S) if sb * l_sel <= t]
             for hk in range(HK):
-                p = [0.0] * N
+                per_head = []
                 for h in range(hk * G, (hk + 1) * G):
+                    p = [0.0] * N
                     if visible:
                         probs = torch.softmax(scale * (k_cmp[b, visible, hk] @ q[b, j, h]), dim=0)
                         for i, pi in zip(visible, probs.tolist()):
-                            p[i] += pi
-                candidates = [sb for sb in range(S) if sb * l_sel <= t]
-                per_group.append({sb: sum(p[i] * weights[i][sb] for i in range(N)) for sb in candidates})
+                            p[i] = pi
+                    per_head.append({sb: sum(p[i] * weights[i][sb] for i in range(N)) for sb in candidates})
+                per_group.append({sb: combine(head[sb] for head in per_head) for sb in candidates})
             per_query.append(per_group)
         scores.append(per_query)
     return scores
@@ -150,9 +154,9 @@ def top_n(scores: dict, t: int, l_sel: int, n: int) -> frozenset:
     return frozenset(forced | set(rest[:max(n - len(forced), 0)]))
 
 
-def select_blocks(q, k_cmp, l, d, l_sel, n, seq_len, scale=None, q_start=0):
+def select_blocks(q, k_cmp, l, d, l_sel, n, seq_len, scale=None, q_start=0, score="sum"):
     """selected[b][j][hk]: the frozenset of selection blocks query j's GQA group attends to."""
-    scores = block_scores(q, k_cmp, l, d, l_sel, seq_len, scale, q_start)
+    scores = block_scores(q, k_cmp, l, d, l_sel, seq_len, scale, q_start, score)
     return [[[top_n(s, q_start + j, l_sel, n) for s in per_query] for j, per_query in enumerate(sb)]
             for sb in scores]
 
@@ -182,12 +186,12 @@ def window_attention(q, k, v, w, scale=None, q_start=0, k_start=0):
     return _per_query(q, k.shape[2], one)
 
 
-def nsa(q, kv_cmp, kv_slc, kv_win, gates, phi_k, phi_v, l, d, l_sel, n, w, scale=None) -> OracleResult:
+def nsa(q, kv_cmp, kv_slc, kv_win, gates, phi_k, phi_v, l, d, l_sel, n, w, scale=None, score="sum") -> OracleResult:
     """The composed NSA over one full sequence; phi_k / phi_v map [B, T, HK, D] -> [B, N, HK, D]."""
     T = q.shape[1]
     k_cmp, v_cmp = phi_k(kv_cmp[0]), phi_v(kv_cmp[1])
     o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, l, d, scale)
-    selected = select_blocks(q, k_cmp, l, d, l_sel, n, T, scale)
+    selected = select_blocks(q, k_cmp, l, d, l_sel, n, T, scale, score=score)
     o_slc, lse_slc = selected_attention(q, *kv_slc, selected, l_sel, scale)
     o_win, lse_win = window_attention(q, *kv_win, w, scale)
     g = _f64(gates)

@@ -72,6 +72,11 @@ def test_select_blocks_from_hand_built_p_cmp():
     lse = torch.logsumexp(p.log(), dim=1).reshape(1, 1, 2).float()
     got = select_blocks_ref(q, k_cmp, lse, 32, 16, 64, 5, scale=1.0, q_start=t)
     assert got.tolist() == [[[[0, 2, 3, 5, 6]]]]
+    # the largest head's score per block: 1: 0.26 (head 0), 2: 0.26 (head 0), 3: 0.30 (head 0), 4: 0.28 (head 1)
+    got = select_blocks_ref(q, k_cmp, lse, 32, 16, 64, 5, scale=1.0, q_start=t, score="max")
+    assert got.tolist() == [[[[0, 3, 4, 5, 6]]]]
+    with pytest.raises(ValueError, match="'mean' is not one of"):
+        select_blocks_ref(q, k_cmp, lse, 32, 16, 64, 5, scale=1.0, q_start=t, score="mean")
 
 
 def branch_results(case: Case, inputs) -> dict:

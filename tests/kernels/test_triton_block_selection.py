@@ -16,7 +16,7 @@ T = 131
 DK = 32
 
 
-def check(group, kv_heads, dtype, sizes, q_start=0, cu_seqlens=None):
+def check(group, kv_heads, dtype, sizes, q_start=0, cu_seqlens=None, score="sum"):
     require_backend()
     block_size, stride, selection_block, num_selected = sizes
     if cu_seqlens is None:
@@ -27,8 +27,8 @@ def check(group, kv_heads, dtype, sizes, q_start=0, cu_seqlens=None):
     k_cmp = randn(1, num_blocks, kv_heads, DK, dtype=dtype, grad=False)
     _, lse = compressed_attention_ref(q, k_cmp, k_cmp, block_size, stride, q_start=q_start, cu_seqlens=cu_seqlens)
     args = (q, k_cmp, lse, block_size, stride, selection_block, num_selected)
-    picked = select_blocks_triton(*args, q_start=q_start, cu_seqlens=cu_seqlens)
-    expected = select_blocks_ref(*args, q_start=q_start, cu_seqlens=cu_seqlens)
+    picked = select_blocks_triton(*args, q_start=q_start, cu_seqlens=cu_seqlens, score=score)
+    expected = select_blocks_ref(*args, q_start=q_start, cu_seqlens=cu_seqlens, score=score)
     assert picked.dtype == torch.int32 and picked.shape == expected.shape
     mismatch = (picked != expected).any(-1).nonzero()
     assert len(mismatch) == 0, f"{len(mismatch)} rows differ, first (b, t, hk) = {mismatch[0].tolist()}"
@@ -64,6 +64,21 @@ def test_packed_documents(q_start):
     torch.manual_seed(q_start)
     cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE)
     check(2, 1, torch.float32, (16, 8, 16, 4), q_start=q_start, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize(
+    "dtype, group, sizes, q_start, packed",
+    [(torch.float32, 4, (16, 8, 16, 4), 0, False),
+     (torch.float16, 16, (16, 8, 16, 4), 0, False),
+     (torch.float32, 3, (8, 4, 8, 5), 0, False),  # two tiles: each head's score carried across the boundary
+     (torch.float32, 2, (16, 8, 16, 4), 40, True)],
+    ids=["G4", "G16-fp16", "G3-two-tiles", "packed-at-offset"],
+)
+def test_max_score_matches_reference(dtype, group, sizes, q_start, packed):
+    """nsa.selection_score "max": each head's scores spread on their own, the largest head's ranks."""
+    torch.manual_seed(group)
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE) if packed else None
+    check(group, 1, dtype, sizes, q_start=q_start, cu_seqlens=cu_seqlens, score="max")
 
 
 def test_chunk_at_offset():

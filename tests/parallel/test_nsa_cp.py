@@ -34,6 +34,7 @@ class Case:
     batch: int = 1
     seed: int = 0
     documents: tuple[int, ...] = ()  # cu_seqlens of packed documents (batch 1); empty: one sequence
+    selection_score: str = "sum"  # how top-n combines a group's heads (nsa.selection_score)
 
     def cu_seqlens(self) -> torch.Tensor | None:
         return torch.tensor(self.documents, dtype=torch.int32) if self.documents else None
@@ -83,7 +84,7 @@ def branch_kv(case: Case, t: dict):
 
 def sizes(case: Case) -> dict:
     return dict(block_size=case.block_size, stride=case.stride, selection_block=case.selection_block,
-                num_selected=case.num_selected, window=case.window)
+                num_selected=case.num_selected, window=case.window, selection_score=case.selection_score)
 
 
 def owner_rank(block: torch.Tensor, case: Case, cp_size: int) -> torch.Tensor:
@@ -164,6 +165,7 @@ CASES = [
     Case(256, 2, 2, 8, 4, 16, 5, 9, "shared", "mean", seed=2),
     Case(384, 16, 1, 16, 16, 16, 3, 7, "separate", "mean", dk=8, dv=12, seed=3),
     Case(256, 8, 2, 32, 16, 32, 4, 16, "shared", "mlp", batch=2, seed=4),
+    Case(256, 8, 2, 16, 8, 16, 4, 20, "separate", "mean", seed=7, selection_score="max"),
 ]
 
 

@@ -64,6 +64,7 @@ def test_tool_reports_each_depth_and_layer(tmp_path):
             # the ranks recomputed from compressed attention's scores reproduce what top-n picked
             assert layer["group_hit"] == pytest.approx(layer["hit"])
             assert 1 <= layer["rank_best_head"] and 1 <= layer["rank_group"] and 0 <= layer["head_hit"] <= 1
+            assert 1 <= layer["rank_max_score"] and 0 <= layer["max_score_hit"] <= 1
     # at depth 0 the needle sits in block 0, which every query takes; far outside the 64-token window
     assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.0"]["layers"])
     assert all(layer["rank_group"] == layer["rank_best_head"] == 1 for layer in report["depths"]["0.0"]["layers"])
@@ -74,6 +75,18 @@ def test_tool_reports_each_depth_and_layer(tmp_path):
     # 256 tokens are n = 4 blocks of 64: every query takes every block, so the needle is always picked
     report, _ = _run(tmp_path, "--length", "256", "--depths", "0.5", "--set", "nsa.selection_block=64")
     assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.5"]["layers"])
+
+
+@pytest.mark.timeout(300)
+def test_tool_follows_the_models_selection_score(tmp_path):
+    """With nsa.selection_score "max" the model selects by the largest head's score, and the group's rank
+    (computed with the configured score) still reproduces its picks, and equals the "max" rank."""
+    report, stdout = _run(tmp_path, "--length", "512", "--depths", "0.5", "--set", "nsa.selection_block=64",
+                          "--set", "nsa.selection_score=max")
+    assert report["nsa"]["selection_score"] == "max" and "group's score (max)" in stdout
+    for layer in report["depths"]["0.5"]["layers"]:
+        assert layer["group_hit"] == pytest.approx(layer["hit"])
+        assert layer["rank_group"] == layer["rank_max_score"] and layer["group_hit"] == layer["max_score_hit"]
 
 
 @pytest.mark.timeout(120)

@@ -15,6 +15,8 @@ arg=${1:?"give the config name, e.g. proof_100m for configs/proof_100m.yaml, or 
 # a name means configs/<name>.yaml; a path (a probe beside this script) is used as given. Either way the
 # config's run.dir must be runs/<its name>
 if [[ $arg == *.yaml ]]; then config=$arg; cfg=$(basename $arg .yaml); else config=configs/$arg.yaml; cfg=$arg; fi
+[ -f "$config" ] || { echo "$config does not exist: give a name under configs/ or a .yaml path"; exit 1; }
+grep -q "^  dir: runs/$cfg\s*$" "$config" || { echo "run.dir in $config is not runs/$cfg: set it so"; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 python3 tools/build_code_corpus.py 2>&1 | tail -1

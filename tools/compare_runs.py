@@ -5,7 +5,9 @@
 For each run directory (trained with tracking on and `eval.at_stage_end`), per stage: the training loss
 curve, steps, mean tokens/s (the stage's first step, which compiles and warms up, left out), training
 seconds (the sum of step times), and the stage-end evaluation (validation loss, NIAH accuracy and its
-heatmap; accuracy and worst depth at the stage's own length when the grid also holds others). Writes to
+heatmap; accuracy and worst depth at the stage's own length when the grid also holds others), and one
+row per run to set versions of a configuration side by side (answer loss at each stage's end, NIAH after
+each stage and at the short lengths after the last, validation loss, wall seconds). Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
 stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
@@ -180,6 +182,36 @@ def markdown(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def one_row_each(runs: dict, last: int = 10) -> str:
+    """One row per run, to set versions of a configuration side by side: per stage, the mean answer loss
+    over its last `last` steps (whether the lookup was learned) and NIAH at the stage's own length after
+    it; NIAH at the other lengths of the last stage's evaluation (whether the short lookups were kept);
+    the last stage's validation loss; the job's wall seconds."""
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.0f}%"
+
+    lines = [f"| run | answer loss, each stage's last {last} steps with task answers | NIAH at each stage's length after it | "
+             "NIAH at the other lengths after the last stage | val loss, last stage | wall s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, run in runs.items():
+        stages = list(run["stages"].values())
+        answers = " / ".join(f"{sum(v for _, v in s['answer_loss'][-last:]) / len(s['answer_loss'][-last:]):.2f}"
+                             if s["answer_loss"] else "-" for s in stages)
+        niah = " / ".join(percent(s["niah_accuracy"]) for s in stages)
+        final = stages[-1]["eval"]
+        others = "-"
+        if final:
+            grid = final["niah"]
+            others = " / ".join(
+                f"{n:,}: {percent(sum(row[i] for row in grid['accuracy']) / len(grid['accuracy']))}"
+                for i, n in enumerate(grid["lengths"]) if n != final["seq_len"]) or "-"
+        val = stages[-1]["val_loss"]
+        wall = run["wall_seconds"]
+        lines.append(f"| {name} | {answers} | {niah} | {others} | {'-' if val is None else f'{val:.4f}'} | "
+                     f"{'-' if wall is None else f'{wall:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def attach_evals(runs: dict, run_dirs: dict[str, Path], paths: list[Path]) -> None:
     """Adds each eval.json (or a folder holding one) to its run's "evals" list: the run whose directory
     name is part of the checkpoint path the evaluation recorded."""
@@ -243,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
             if s["eval"]:
                 grid = s["eval"]["niah"]
                 save_heatmap(grid, f"{name}, stage {stage}\n{grid['task']} retrieval", a.out / f"niah_{name}_{stage}.png")
-    table = markdown(runs)
+    table = markdown(runs) + "\n" + one_row_each(runs)
     attach_evals(runs, dict(zip(names, a.runs)), a.evals)
     if any(len(e["niah"]["lengths"]) > 1 for run in runs.values() for e in run["evals"]):
         table += "\n" + niah_by_length(runs)

@@ -56,8 +56,11 @@ with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-attention = sys.argv[1]
-layers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+arguments = sys.argv[1:] + ["2"] * (len(sys.argv) == 2)
+if len(arguments) != 2 or arguments[0] not in ("nsa", "dense") or not arguments[1].isdigit() or arguments[1] == "0":
+    sys.exit(f"usage: python benchmarks/host-ops-count.py nsa|dense [layers]; got {' '.join(sys.argv[1:]) or 'nothing'}: "
+             "give the attention, nsa or dense, and optionally a positive number of layers (default 2)")
+attention, layers = arguments[0], int(arguments[1])
 config = load_config(None, [
     f"model.num_layers={layers}", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_query_heads=4",
     "model.num_kv_heads=1", "model.head_dim_k=16", "model.head_dim_v=16", "model.vocab_size=256",

@@ -159,12 +159,13 @@ def plot_losses(runs: dict, path: Path, key: str = "loss", label: str = "trainin
     plt.close(fig)
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def markdown(runs: dict) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
-
-    def percent(value):
-        return "-" if value is None else f"{100 * value:.0f}%"
 
     lines = ["| run | stage | steps | tokens/s | train s | final loss | val loss | NIAH mean | NIAH worst depth |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -187,23 +188,23 @@ def one_row_each(runs: dict, last: int = 10) -> str:
     over its last `last` steps (whether the lookup was learned) and NIAH at the stage's own length after
     it; NIAH at the other lengths of the last stage's evaluation (whether the short lookups were kept);
     the last stage's validation loss; the job's wall seconds."""
-    def percent(value):
-        return "-" if value is None else f"{100 * value:.0f}%"
+    def mean(values):
+        return sum(values) / len(values)
 
     lines = [f"| run | answer loss, each stage's last {last} steps with task answers | NIAH at each stage's length after it | "
              "NIAH at the other lengths after the last stage | val loss, last stage | wall s |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, run in runs.items():
         stages = list(run["stages"].values())
-        answers = " / ".join(f"{sum(v for _, v in s['answer_loss'][-last:]) / len(s['answer_loss'][-last:]):.2f}"
-                             if s["answer_loss"] else "-" for s in stages)
+        answers = " / ".join(f"{mean([v for _, v in s['answer_loss'][-last:]]):.2f}" if s["answer_loss"] else "-"
+                             for s in stages)
         niah = " / ".join(percent(s["niah_accuracy"]) for s in stages)
         final = stages[-1]["eval"]
         others = "-"
         if final:
             grid = final["niah"]
             others = " / ".join(
-                f"{n:,}: {percent(sum(row[i] for row in grid['accuracy']) / len(grid['accuracy']))}"
+                f"{n:,}: {percent(mean([row[i] for row in grid['accuracy']]))}"
                 for i, n in enumerate(grid["lengths"]) if n != final["seq_len"]) or "-"
         val = stages[-1]["val_loss"]
         wall = run["wall_seconds"]

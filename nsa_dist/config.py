@@ -78,6 +78,10 @@ class TrainingConfig:
     lr: float = 3e-4  # peak learning rate
     min_lr: float = 3e-5  # cosine decays to this
     warmup_steps: int = 10  # linear warmup, then cosine
+    # the run-wide cosine reaches min_lr at this global step and stays there (Megatron's --lr-decay-iters);
+    # None: at the last step of all stages. Set it to change later stages' steps without moving the
+    # learning rate of the steps before them
+    lr_decay_steps: int | None = None
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     recompute: bool = False  # full activation recomputation per layer: keeps only layer inputs for backward
@@ -516,6 +520,11 @@ def validate(config: Config) -> None:
         _require(tr.warmup_steps < config.total_steps,
                  f"training.warmup_steps={tr.warmup_steps} must be less than the {config.total_steps} steps "
                  "of all stages: lower the warmup or add steps")
+    if tr.lr_decay_steps is not None:
+        _require(tr.lr_decay_steps > tr.warmup_steps,
+                 f"training.lr_decay_steps={tr.lr_decay_steps} must be more than training.warmup_steps="
+                 f"{tr.warmup_steps}: the cosine starts after the warmup (or leave lr_decay_steps unset: the "
+                 f"run's {config.total_steps} steps)")
 
 
 def _validate_split(split: str) -> None:

@@ -354,11 +354,13 @@ def _build(config: Config, stage: Stage, device: torch.device, gather_group):
 
 
 def lr_scheduler(optimizer, config: Config, stage: Stage, state: TrainState) -> OptimizerParamScheduler:
-    """Linear warmup, then cosine: the run-wide schedule at the global step, or (lr_schedule: restart) the
-    stage's own schedule at its own step, positioned at `state`'s step counters."""
+    """Linear warmup, then cosine: the run-wide schedule at the global step (to min_lr at
+    training.lr_decay_steps, or at the run's last step; min_lr after), or (lr_schedule: restart) the stage's
+    own schedule at its own step, positioned at `state`'s step counters."""
     tr = config.training
     if stage.lr_schedule == "continue":
-        peak, floor, warmup, decay, done = tr.lr, tr.min_lr, tr.warmup_steps, config.total_steps, state.step
+        decay = tr.lr_decay_steps if tr.lr_decay_steps is not None else config.total_steps
+        peak, floor, warmup, done = tr.lr, tr.min_lr, tr.warmup_steps, state.step
     else:
         peak, floor, warmup, decay, done = stage.lr, stage.min_lr, stage.warmup_steps, stage.steps, state.stage_step
     scheduler = OptimizerParamScheduler(

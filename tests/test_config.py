@@ -121,6 +121,7 @@ INVALID = [
     (["training.global_batch_size=3", "training.micro_batch_size=2"], "training.global_batch_size=3", "multiple"),
     (["training.loss_chunk=0"], "training.loss_chunk", "positive"),
     (["training.warmup_steps=20"], "training.warmup_steps=20", "less than the 20 steps"),
+    (["training.lr_decay_steps=10"], "training.lr_decay_steps=10", "more than training.warmup_steps=10"),
     (["training.recompute=3"], "training.recompute", "true or false"),
     (["model.init_std=0"], "model.init_std", "positive"),
     (["model.vocab_size=255", "parallel.tensor=2"], "model.vocab_size=255", "multiple of parallel.tensor"),

@@ -186,29 +186,35 @@ def markdown(runs: dict) -> str:
 def one_row_each(runs: dict, last: int = 10) -> str:
     """One row per run, to set versions of a configuration side by side: per stage, the mean answer loss
     over its last `last` steps (whether the lookup was learned) and NIAH at the stage's own length after
-    it; NIAH at the other lengths of the last stage's evaluation (whether the short lookups were kept);
-    the last stage's validation loss; the job's wall seconds."""
+    it; NIAH by depth at the last stage's length (which depths it reaches); NIAH at the other lengths of the
+    last stage's evaluation (whether the short lookups were kept); the last stage's validation loss; the
+    job's wall seconds."""
     def mean(values):
         return sum(values) / len(values)
 
     lines = [f"| run | answer loss, each stage's last {last} steps with task answers | NIAH at each stage's length after it | "
-             "NIAH at the other lengths after the last stage | val loss, last stage | wall s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "NIAH by depth at the last stage's length | NIAH at the other lengths after the last stage | "
+             "val loss, last stage | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, run in runs.items():
         stages = list(run["stages"].values())
         answers = " / ".join(f"{mean([v for _, v in s['answer_loss'][-last:]]):.2f}" if s["answer_loss"] else "-"
                              for s in stages)
         niah = " / ".join(percent(s["niah_accuracy"]) for s in stages)
         final = stages[-1]["eval"]
-        others = "-"
+        by_depth = others = "-"
         if final:
             grid = final["niah"]
+            if final["seq_len"] in grid["lengths"]:
+                column = grid["lengths"].index(final["seq_len"])
+                by_depth = " / ".join(f"{depth:g}: {percent(row[column])}"
+                                      for depth, row in zip(grid["depths"], grid["accuracy"]))
             others = " / ".join(
                 f"{n:,}: {percent(mean([row[i] for row in grid['accuracy']]))}"
                 for i, n in enumerate(grid["lengths"]) if n != final["seq_len"]) or "-"
         val = stages[-1]["val_loss"]
         wall = run["wall_seconds"]
-        lines.append(f"| {name} | {answers} | {niah} | {others} | {'-' if val is None else f'{val:.4f}'} | "
+        lines.append(f"| {name} | {answers} | {niah} | {by_depth} | {others} | {'-' if val is None else f'{val:.4f}'} | "
                      f"{'-' if wall is None else f'{wall:.0f}'} |")
     return "\n".join(lines) + "\n"
 

@@ -135,7 +135,8 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| tiny | more | 24 | " in table and f"{report['validation']['loss']:.4f}" in table
     # one row per run: each stage's answer loss over its last 10 steps with answers ("first" mixed in
-    # no tasks), NIAH at each stage's length, NIAH at the last evaluation's other lengths, val loss
+    # no tasks), NIAH at each stage's length, by depth at the last stage's, NIAH at the last evaluation's
+    # other lengths, val loss
     def percent(value):
         return "-" if value is None else f"{100 * value:.0f}%"
 
@@ -144,8 +145,10 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     others = " / ".join(f"{n:,}: {percent(sum(row[i] for row in grid['accuracy']) / len(grid['accuracy']))}"
                         for i, n in enumerate(grid["lengths"]) if n != report["seq_len"])
     assert others, "the fixture's grid holds lengths besides the stage's own"
+    by_depth = " / ".join(f"{depth:g}: {percent(row[0])}" for depth, row in zip(grid["depths"], grid["accuracy"]))
     assert (f"| tiny | - / {sum(last_answers) / len(last_answers):.2f} | {percent(stages['first']['niah_accuracy'])} / "
-            f"{percent(stages['more']['niah_accuracy'])} | {others} | {report['validation']['loss']:.4f} | ") in table
+            f"{percent(stages['more']['niah_accuracy'])} | {by_depth} | {others} | {report['validation']['loss']:.4f} | "
+            ) in table
     assert imread(tmp_path / "report" / "loss.png").ndim == 3
     assert imread(tmp_path / "report" / "answers.png").ndim == 3  # stage "more" mixed in passkey samples
     assert stages["more"]["answer_loss"] and not stages["first"]["answer_loss"]

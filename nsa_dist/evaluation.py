@@ -55,20 +55,38 @@ def answer_niah(cells: dict[Cell, list[TaskSample]],
     return {cell: list(predict(samples)) for cell, samples in cells.items()}
 
 
+def answer_prefix(expected: str, predicted: str) -> float:
+    """The fraction of the answer (whitespace stripped) that is right before its first wrong character:
+    1 for an exact answer, 0 when the first character is wrong. Exact match's graded counterpart: it tells
+    a model that finds the needle and miscopies a digit from one that does not find it."""
+    expected, predicted = expected.strip(), predicted.strip()
+    right = next((i for i, (want, got) in enumerate(zip(expected, predicted)) if want != got),
+                 min(len(expected), len(predicted)))
+    return right / len(expected)
+
+
 def niah_grid(lengths: Sequence[int], depths: Sequence[float], cells: dict[Cell, list[TaskSample]],
               answers: dict[Cell, list[str]], examples: int = 2) -> dict:
     """The grid as JSON: accuracy[depth row][length column] in 0..1, each answer compared (whitespace
-    stripped) with its sample's; and, per cell, the first `examples` expected and predicted answers, which
-    tell a model that retrieves the wrong digits from one that answers with filler."""
-    correct = {cell: sum(answer.strip() == sample.answer_text for sample, answer in zip(cells[cell], answers[cell]))
-               for cell in cells}
-    accuracy = [[correct[(length, depth)] / len(cells[(length, depth)]) for length in lengths] for depth in depths]
+    stripped) with its sample's; answer_prefix likewise, the mean of answer_prefix over a cell's samples;
+    and, per cell, the first `examples` expected and predicted answers, which tell a model that retrieves
+    the wrong digits from one that answers with filler."""
+    def grid(score: Callable[[str, str], float]) -> list[list[float]]:
+        return [[sum(score(sample.answer_text, answer) for sample, answer in zip(cells[(length, depth)],
+                                                                                 answers[(length, depth)]))
+                 / len(cells[(length, depth)]) for length in lengths] for depth in depths]
+
+    def mean(values: list[list[float]]) -> float:
+        return sum(map(sum, values)) / (len(lengths) * len(depths))
+
+    accuracy = grid(lambda expected, predicted: float(predicted.strip() == expected))
+    prefix = grid(answer_prefix)
     shown = [[[{"expected": sample.answer_text, "predicted": answer}
                for sample, answer in list(zip(cells[(length, depth)], answers[(length, depth)]))[:examples]]
               for length in lengths] for depth in depths]
     return {"lengths": list(lengths), "depths": list(depths), "samples_per_cell": len(next(iter(cells.values()))),
-            "accuracy": accuracy, "mean_accuracy": sum(map(sum, accuracy)) / (len(lengths) * len(depths)),
-            "examples": shown}
+            "accuracy": accuracy, "mean_accuracy": mean(accuracy),
+            "answer_prefix": prefix, "mean_answer_prefix": mean(prefix), "examples": shown}
 
 
 def greedy_predictor(gpt, tokenizer, device: torch.device, pad_to: int) -> Callable[[list[TaskSample]], list[str]]:

@@ -410,12 +410,15 @@ def train_tracked(config: Config, hooks: list, *, command: str, hardware: str,
 
 def log_evaluation(client: MlflowClient, run_id: str, report: dict) -> None:
     """An evaluation report (nsa_dist/evaluation.py) into run_id: eval/val_loss, eval/val_perplexity,
-    eval/niah_accuracy and eval/niah/len<L>_depth<d> at the checkpoint's step; eval/loss_by_position with
+    eval/niah_accuracy, eval/niah_answer_prefix (where the report has it) and eval/niah/len<L>_depth<d> at
+    the checkpoint's step; eval/loss_by_position with
     each bucket's first position as its step (a curve over positions); its files as artifacts."""
     step, now = report["step"], int(time.time() * 1000)
     niah = report["niah"]
     values = {"eval/val_loss": report["validation"]["loss"], "eval/val_perplexity": report["validation"]["perplexity"],
               "eval/niah_accuracy": niah["mean_accuracy"]}
+    if "mean_answer_prefix" in niah:  # reports written before it was added lack it
+        values["eval/niah_answer_prefix"] = niah["mean_answer_prefix"]
     for row, depth in enumerate(niah["depths"]):
         for column, length in enumerate(niah["lengths"]):
             values[f"eval/niah/len{length}_depth{depth:g}"] = niah["accuracy"][row][column]

@@ -186,7 +186,8 @@ def markdown(runs: dict) -> str:
 def one_row_each(runs: dict, last: int = 10) -> str:
     """One row per run, to set versions of a configuration side by side: per stage, the mean answer loss
     over its last `last` steps (whether the lookup was learned) and NIAH at the stage's own length after
-    it; NIAH by depth at the last stage's length (which depths it reaches); NIAH at the other lengths of the
+    it; NIAH by depth at the last stage's length (which depths it reaches; in brackets the mean answer
+    prefix, how much of the answers is right before the first wrong digit); NIAH at the other lengths of the
     last stage's evaluation (whether the short lookups were kept); the last stage's validation loss; the
     job's wall seconds."""
     def mean(values):
@@ -207,8 +208,11 @@ def one_row_each(runs: dict, last: int = 10) -> str:
             grid = final["niah"]
             if final["seq_len"] in grid["lengths"]:
                 column = grid["lengths"].index(final["seq_len"])
+                # with the answer prefix in brackets where the evaluation recorded it (since 2026-12-01)
+                prefix = grid.get("answer_prefix") or [None] * len(grid["depths"])
                 by_depth = " / ".join(f"{depth:g}: {percent(row[column])}"
-                                      for depth, row in zip(grid["depths"], grid["accuracy"]))
+                                      + ("" if part is None else f" ({percent(part[column])})")
+                                      for depth, row, part in zip(grid["depths"], grid["accuracy"], prefix))
             others = " / ".join(
                 f"{n:,}: {percent(mean([row[i] for row in grid['accuracy']]))}"
                 for i, n in enumerate(grid["lengths"]) if n != final["seq_len"]) or "-"

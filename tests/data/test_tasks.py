@@ -6,7 +6,7 @@ import torch
 from nsa_dist.config import TASKS
 from nsa_dist.data import MixedSequences, task_sequence
 from nsa_dist.config import MixConfig
-from nsa_dist.evaluation import answer_niah, niah_cells, niah_grid
+from nsa_dist.evaluation import answer_niah, answer_prefix, niah_cells, niah_grid
 from nsa_dist.tasks import INSTRUCTIONS, TaskTooLong, check_answer, generate, minimum_length
 from nsa_dist.tokenizer import ByteTokenizer
 
@@ -112,6 +112,23 @@ def test_niah_scorer():
     # the prompt alone never holds the answer's position: a predictor that echoes the prompt's end fails
     echo = answer_niah(cells, lambda samples: [TOKENIZER.decode(s.prompt[-5:]) for s in samples])
     assert niah_grid([200, 400], [0.0, 0.5, 1.0], cells, echo)["mean_accuracy"] == 0
+
+
+def test_answer_prefix_grades_a_miscopied_answer():
+    """answer_prefix: the part of the answer right before the first wrong character, as greedy decoding
+    (nsa_dist.evaluation.greedy_predictor) returns a wrong answer up to its first wrong token."""
+    assert answer_prefix("89275", " 89275") == 1.0
+    assert answer_prefix("89275", " 8925") == pytest.approx(3 / 5)  # 8, 9, 2 right; 5 where 7 belongs
+    assert answer_prefix("89275", " 1") == 0.0
+    assert answer_prefix("89275", "") == 0.0
+    cells = niah_cells("passkey", TOKENIZER, [200], [0.0, 1.0], samples=2, seed=0)
+    # depth 0: both answers right; depth 1: one with its first two digits right, one wrong from the start
+    answers = {(200, 0.0): [s.answer_text for s in cells[(200, 0.0)]],
+               (200, 1.0): [" " + cells[(200, 1.0)][0].answer_text[:2] + "x", " x"]}
+    grid = niah_grid([200], [0.0, 1.0], cells, answers)
+    assert grid["accuracy"] == [[1.0], [0.0]]
+    assert grid["answer_prefix"] == [[1.0], [pytest.approx(2 / 5 / 2)]]
+    assert grid["mean_answer_prefix"] == pytest.approx((1 + 0.2) / 2)
 
 
 def test_one_pass_predictor_answers_as_greedy_decoding():

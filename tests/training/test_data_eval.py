@@ -85,6 +85,8 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
     assert run.data.metrics["answer_loss"] > 0
     assert "answer_loss" not in client.get_run(ids["stages"]["first"]).data.metrics
     assert "eval/niah/len192_depth0.5" in run.data.metrics
+    assert run.data.metrics["eval/niah_answer_prefix"] == pytest.approx(niah["mean_answer_prefix"])
+    assert niah["mean_answer_prefix"] >= niah["mean_accuracy"]  # an exact answer is a whole prefix
     history = client.get_metric_history(run.info.run_id, "eval/loss_by_position")
     assert sorted(m.step for m in history) == [0, 48, 96, 144]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "eval/step_00000025")]
@@ -145,7 +147,8 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     others = " / ".join(f"{n:,}: {percent(sum(row[i] for row in grid['accuracy']) / len(grid['accuracy']))}"
                         for i, n in enumerate(grid["lengths"]) if n != report["seq_len"])
     assert others, "the fixture's grid holds lengths besides the stage's own"
-    by_depth = " / ".join(f"{depth:g}: {percent(row[0])}" for depth, row in zip(grid["depths"], grid["accuracy"]))
+    by_depth = " / ".join(f"{depth:g}: {percent(row[0])} ({percent(part[0])})"
+                          for depth, row, part in zip(grid["depths"], grid["accuracy"], grid["answer_prefix"]))
     assert (f"| tiny | - / {sum(last_answers) / len(last_answers):.2f} | {percent(stages['first']['niah_accuracy'])} / "
             f"{percent(stages['more']['niah_accuracy'])} | {by_depth} | {others} | {report['validation']['loss']:.4f} | "
             ) in table

@@ -83,8 +83,9 @@ class ConsoleReporter(TrainingHooks):
     def evaluated(self, stage: Stage, report: dict) -> None:
         niah, validation = report["niah"], report["validation"]
         self.console.print(f"{clock()} evaluated {report['checkpoint']} ({stage.name}): validation loss "
-                           f"{validation['loss']:.4f}, {niah['task']} exact match {niah['mean_accuracy']:.0%} over "
-                           f"lengths {niah['lengths']} x depths {niah['depths']}; {', '.join(report['files'])}")
+                           f"{validation['loss']:.4f}, {niah['task']} exact match {niah['mean_accuracy']:.0%} "
+                           f"(answer prefix {niah['mean_answer_prefix']:.0%}) over lengths {niah['lengths']} x depths "
+                           f"{niah['depths']}; {', '.join(report['files'])}")
 
 
 class ForwardHooks(TrainingHooks):

@@ -91,9 +91,11 @@ def print_report(console: Console, report: dict) -> None:
     table.add_column("depth \\ length")
     for length in niah["lengths"]:
         table.add_column(str(length), justify="right")
-    for depth, row in zip(niah["depths"], niah["accuracy"]):
-        table.add_row(f"{depth:.0%}", *(f"{value:.0%}" for value in row))
+    for depth, row, prefix in zip(niah["depths"], niah["accuracy"], niah["answer_prefix"]):
+        table.add_row(f"{depth:.0%}", *(f"{value:.0%} ({part:.0%})" for value, part in zip(row, prefix)))
     console.print(table)
+    console.print("in brackets: the answer prefix, the mean fraction of an answer right before its first wrong "
+                  "digit")
     buckets = report["loss_by_position"]
     console.print(f"validation loss {report['validation']['loss']:.4f} (perplexity "
                   f"{report['validation']['perplexity']:.2f}) over {report['validation']['tokens']} tokens; by "

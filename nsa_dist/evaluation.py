@@ -1,8 +1,8 @@
 """Evaluation of a checkpoint: does the model use its long context?
 
 - a NIAH grid: for each context length x needle depth, `eval.niah_samples` prompts of the needle task
-  (nsa_dist/tasks.py, from seeds no training sequence uses), scored by exact match of the greedy answer;
-  drawn as a heatmap PNG;
+  (nsa_dist/tasks.py, from seeds no training sequence uses), scored by exact match of the greedy answer
+  and, graded, by its answer prefix (answer_prefix); the exact match drawn as a heatmap PNG;
 - the validation loss (and perplexity) on data.source's held-out sequences at the stage's seq_len, and
   the loss by position bucket: a model that uses its context predicts tokens far into it better.
 

@@ -100,3 +100,25 @@ def test_the_stage_table_shows_the_answer_loss_where_the_stage_has_tasks():
             assert "answer loss" not in table
         else:
             assert "answer loss, last 10 steps" in table and expected in table
+
+
+def test_the_evaluation_line_gives_exact_match_and_answer_prefix():
+    """A stage-end evaluation's line in the job's output: the validation loss, the NIAH exact match and
+    its graded answer prefix, the grid's lengths and depths, the files written."""
+    import io
+
+    from rich.console import Console
+
+    from launch.console import ConsoleReporter
+    from nsa_dist.config import load_config
+
+    out = io.StringIO()
+    stage = load_config(None, []).resolved_stages()[0]
+    report = {"checkpoint": "runs/x/checkpoints/step_00000020", "files": ["eval.json", "niah.png"],
+              "validation": {"loss": 1.23456},
+              "niah": {"task": "passkey", "mean_accuracy": 0.5, "mean_answer_prefix": 0.7, "lengths": [256],
+                       "depths": [0.0, 1.0]}}
+    ConsoleReporter(Console(file=out, width=300)).evaluated(stage, report)
+    line = out.getvalue()
+    assert "validation loss 1.2346, passkey exact match 50% (answer prefix 70%) over lengths [256]" in line
+    assert line.rstrip().endswith("eval.json, niah.png")

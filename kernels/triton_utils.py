@@ -32,8 +32,13 @@ def poisoned(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An output buffer for a kernel that writes every position of it. Under the tests and the GPU check
     (NSA_DIST_POISON_OUTPUTS=1) it is filled with NaN (floats) or -2 (ints), so that a position a kernel
     forgot to write fails them instead of passing on stale memory; elsewhere the fill is skipped (about a
-    dozen per NSA layer and step: 3.6 ms of a 2K training step's 183 on the H200, session 19)."""
-    if os.environ.get(POISON_ENV) != "1":
+    dozen per NSA layer and step; on the H200 all fills of the proof's 2K step, these among them, took 3.6
+    of its 183 ms: benchmarks/kernels-notes.md, session 19)."""
+    setting = os.environ.get(POISON_ENV, "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{POISON_ENV}={setting!r}: set it to 1 (pre-fill kernel outputs with NaN, for tests) "
+                         "or 0 / unset (no fill)")
+    if setting == "0":
         return torch.empty(shape, dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else -2
     return torch.full(shape, fill, dtype=dtype, device=device)

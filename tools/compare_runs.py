@@ -183,24 +183,35 @@ def markdown(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def onset_step(answer_loss: list[tuple[int, float]], threshold: float = 0.1, window: int = 20) -> int | None:
+    """The step at which the mean answer loss of the last `window` steps with task answers first falls
+    below `threshold`: when a run learned the lookup (its answer loss falls from ~2 nats a digit to near
+    0 within a few hundred steps, at a step that varies from run to run). None if it never did."""
+    for end in range(window, len(answer_loss) + 1):
+        if sum(value for _, value in answer_loss[end - window:end]) / window < threshold:
+            return answer_loss[end - 1][0]
+    return None
+
+
 def one_row_each(runs: dict, last: int = 10) -> str:
     """One row per run, to set versions of a configuration side by side: per stage, the mean answer loss
     over its last `last` steps (whether the lookup was learned) and NIAH at the stage's own length after
-    it; NIAH by depth at the last stage's length (which depths it reaches; in brackets the mean answer
+    it; the step the lookup was learned at (`onset_step` over the whole run); NIAH by depth at the last stage's length (which depths it reaches; in brackets the mean answer
     prefix, how much of the answers is right before the first wrong digit); NIAH at the other lengths of the
     last stage's evaluation (whether the short lookups were kept); the last stage's validation loss; the
     job's wall seconds."""
     def mean(values):
         return sum(values) / len(values)
 
-    lines = [f"| run | answer loss, each stage's last {last} steps with task answers | NIAH at each stage's length after it | "
-             "NIAH by depth at the last stage's length | NIAH at the other lengths after the last stage | "
-             "val loss, last stage | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| run | answer loss, each stage's last {last} steps with task answers | answer loss < 0.1 from step "
+             "(mean of 20) | NIAH at each stage's length after it | NIAH by depth at the last stage's length | "
+             "NIAH at the other lengths after the last stage | val loss, last stage | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, run in runs.items():
         stages = list(run["stages"].values())
         answers = " / ".join(f"{mean([v for _, v in s['answer_loss'][-last:]]):.2f}" if s["answer_loss"] else "-"
                              for s in stages)
+        onset = onset_step([point for s in stages for point in s["answer_loss"]])
         niah = " / ".join(percent(s["niah_accuracy"]) for s in stages)
         final = stages[-1]["eval"]
         by_depth = others = "-"
@@ -218,7 +229,7 @@ def one_row_each(runs: dict, last: int = 10) -> str:
                 for i, n in enumerate(grid["lengths"]) if n != final["seq_len"]) or "-"
         val = stages[-1]["val_loss"]
         wall = run["wall_seconds"]
-        lines.append(f"| {name} | {answers} | {niah} | {by_depth} | {others} | {'-' if val is None else f'{val:.4f}'} | "
+        lines.append(f"| {name} | {answers} | {'-' if onset is None else onset} | {niah} | {by_depth} | {others} | {'-' if val is None else f'{val:.4f}'} | "
                      f"{'-' if wall is None else f'{wall:.0f}'} |")
     return "\n".join(lines) + "\n"
 

@@ -149,7 +149,9 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     assert others, "the fixture's grid holds lengths besides the stage's own"
     by_depth = " / ".join(f"{depth:g}: {percent(row[0])} ({percent(part[0])})"
                           for depth, row, part in zip(grid["depths"], grid["accuracy"], grid["answer_prefix"]))
-    assert (f"| tiny | - / {sum(last_answers) / len(last_answers):.2f} | {percent(stages['first']['niah_accuracy'])} / "
+    onset = compare_runs.onset_step(stages["more"]["answer_loss"])
+    assert (f"| tiny | - / {sum(last_answers) / len(last_answers):.2f} | {'-' if onset is None else onset} | "
+            f"{percent(stages['first']['niah_accuracy'])} / "
             f"{percent(stages['more']['niah_accuracy'])} | {by_depth} | {others} | {report['validation']['loss']:.4f} | "
             ) in table
     assert imread(tmp_path / "report" / "loss.png").ndim == 3
@@ -242,3 +244,20 @@ def test_packed_documents_train_the_same_under_context_parallelism(trained, tmp_
             # the loss on the passkey answers' tokens alone, over sharded and packed rows alike
             assert answers == pytest.approx(ref_answers, rel=1e-6), f"{attention} step {step} answer loss"
             assert ref_answers > 0 and ref_answers != pytest.approx(ref_loss, rel=1e-3)
+
+
+def test_onset_step_finds_where_the_answer_loss_falls():
+    """compare_runs' onset: the first step whose trailing 20-step mean answer loss is below 0.1 (the
+    steps with task answers only, so the history may skip steps), and None where it never gets there."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import compare_runs
+
+    # 2.0 before step 300, then 0.0: one 2.0 in the window makes its mean 0.1, not below, so the first
+    # window below is steps 300-319
+    history = [(step, 2.0 if step < 300 else 0.0) for step in range(1, 400)]
+    assert compare_runs.onset_step(history) == 319
+    # recorded at odd steps only: the window counts recorded steps (301, 303, ..., 339), not step numbers
+    assert compare_runs.onset_step(history[::2]) == 339
+    assert compare_runs.onset_step([(step, 0.2) for step in range(1, 100)]) is None
+    assert compare_runs.onset_step([(1, 0.0)] * 5) is None  # fewer points than the window
+    assert compare_runs.onset_step(history, threshold=1.5, window=4) == 301  # steps 298-301: (2 x 2.0 + 2 x 0.0) / 4 = 1.0; at 300, 1.5

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Several training runs at once on one GPU machine (device tool, carry .whl), to put a spread on a
+# figure in one device call: the same config with other seeds, or a few variants, side by side. One
+# proof run uses 19-37 GB of the H200's 139 and leaves its GPU idle for about a quarter of a 2K step, so
+# three or four share it. Their losses and evaluations are what a run alone would give (up to the
+# run-to-run spread this measures); their times are not: they share the GPU.
+#
+# Usage: bash benchmarks/proof/run_many.sh SPEC
+# SPEC has one run per line, `NAME CONFIG [KEY=VALUE ...]` (blank lines and `#` comments skipped; quote a
+# value that holds spaces, as in a shell). Each line trains
+#   python -m launch.train --config CONFIG --set run.dir=runs/NAME --set KEY=VALUE ...
+# with its output in $OUT/NAME.log. All start together; LIMIT (seconds, default 540) bounds each. Each
+# run directory comes back without weights (MLflow store, tracking.json, every checkpoint's eval/) as
+# $OUT/NAME.tar: `tar -C benchmarks/proof -xf NAME.tar`. The device tool returns 8 files at most, so
+# at most 4 runs a call. setup.sh (beside this script) installs the wheels; SETUP=0 PYTHON=.venv/bin/python
+# runs it on a machine that has them.
+set -u
+spec=${1:?"give a spec file: one run per line, NAME CONFIG [KEY=VALUE ...]"}
+[ -f "$spec" ] || { echo "spec $spec does not exist: give a file with one run per line,"\
+  "NAME CONFIG [KEY=VALUE ...]"; exit 1; }
+OUT=${OUT:?"set OUT to the folder the logs and tars go to (the device tool sets it)"}
+names=()
+while IFS= read -r line; do
+  [[ -z ${line// /} || $line == \#* ]] && continue
+  eval "fields=($line)"
+  [ ${#fields[@]} -ge 2 ] || { echo "spec line '$line': give NAME CONFIG [KEY=VALUE ...]"; exit 1; }
+  [ -f "${fields[1]}" ] || { echo "spec line '$line': config ${fields[1]} does not exist"; exit 1; }
+  [ -e "runs/${fields[0]}" ] && { echo "spec line '$line': runs/${fields[0]} exists (the run would resume"\
+    "from it): pick another NAME"; exit 1; }
+  names+=("${fields[0]}")
+done < "$spec"
+[ ${#names[@]} -ge 1 ] || { echo "spec $spec names no run"; exit 1; }
+[ ${#names[@]} -le 4 ] || { echo "spec $spec names ${#names[@]} runs: the device tool returns 8 files (a log"\
+  "and a tar a run), so give at most 4"; exit 1; }
+source benchmarks/proof/setup.sh
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+t0=$(date +%s)
+while IFS= read -r line; do
+  [[ -z ${line// /} || $line == \#* ]] && continue
+  eval "fields=($line)"
+  name=${fields[0]}
+  args=(--config "${fields[1]}" --set "run.dir=runs/$name")
+  for kv in "${fields[@]:2}"; do args+=(--set "$kv"); done
+  echo "$(date +%T) starting $name: ${args[*]}"
+  ( timeout ${LIMIT:-540} $PYTHON -m launch.train "${args[@]}" > "$OUT/$name.log" 2>&1
+    echo "$(date +%T) $name rc=$? after $(( $(date +%s)-t0 )) s" ) &
+done < "$spec"
+wait
+for name in "${names[@]}"; do
+  echo "== $name"
+  grep -E "evaluated|all [0-9]+ stages done|Error|error:" "$OUT/$name.log" | sed -E 's/; runs\/.*//' | tail -8
+  [ -d "runs/$name" ] && (cd runs && find "$name" -path '*/eval/*' -o -name mlflow.db -o -name tracking.json) \
+    | tar -C runs -cf "$OUT/$name.tar" -T -
+done
+ls -l "$OUT"

@@ -134,12 +134,17 @@ def compose_nsa(
     sizes_cmp = (block_size, stride)
     if cmp_rope is not None:
         k_cmp = rope_rows(k_cmp, cmp_rope)
+    # Four branch calls read q, and the kernels' wrappers copy whatever is not dense: q (in training a slice
+    # of the fused projection's output, the gate channels beside it) and the gates (slices of the last dim)
+    # are laid out densely once here instead
+    q = q.contiguous()
+    gate_cmp, gate_slc, gate_win = gates.movedim(-1, 0).contiguous().unbind(0)  # each [B, Tq, HQ], dense
     o_cmp, lse_cmp, blocks, o_win, lse_win = [], [], [], [], []
     for span in spans:
-        rows = q[:, span.offset : span.offset + span.length]
-        span_gates = gates[:, span.offset : span.offset + span.length]
+        span_rows = slice(span.offset, span.offset + span.length)
+        rows = q[:, span_rows]
         o, lse = ops.compressed(rows, k_cmp, v_cmp, *sizes_cmp, scale, q_start=span.start, cu_seqlens=cu_seqlens)
-        o_cmp.append(ops.gate(o, span_gates[..., 0]))
+        o_cmp.append(ops.gate(o, gate_cmp[:, span_rows]))
         lse_cmp.append(lse)
         blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
                                  num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens,
@@ -147,7 +152,7 @@ def compose_nsa(
         if window > 0:
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
                                 k_start=span.win_start, cu_seqlens=cu_seqlens)
-            o_win.append(ops.gate(o, span_gates[..., 2]))
+            o_win.append(ops.gate(o, gate_win[:, span_rows]))
             lse_win.append(lse)
     block_idx = _cat(blocks, 1)
 
@@ -160,7 +165,7 @@ def compose_nsa(
             rows = slice(s.offset, s.offset + s.length)
             o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block, scale,
                                   q_start=s.start, cu_seqlens=cu_seqlens)
-            o_item.append(ops.gate(o, gates[:, rows, q_heads, 1]))
+            o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
             lse_item.append(lse)
         o_slc.append(_cat(o_item, 1))
         lse_slc.append(_cat(lse_item, 1))

@@ -170,11 +170,18 @@ class NSACoreAttention(MegatronModule):
         cu_seqlens = _cu_seqlens(packed_seq_params)
         dk, n = self.model.head_dim_k, self.nsa
         query, key, value = (_to_batch_major(x, packed) for x in (query, key, value))
-        q, gate_logits = query[..., :dk], query[..., dk:]
+        # split, not two slices: its backward is one concatenation, where each slice's would be a zero-filled
+        # tensor of the whole width, a copy and an add
+        q, gate_logits = query.split([dk, query.shape[-1] - dk], dim=-1)
         gates = torch.sigmoid(gate_logits if self.gate_bias is None else gate_logits + self.gate_bias)
         branches = len(BRANCHES) if n.kv == "separate" else 1
-        raw_keys, cmp_rope = key[..., dk:], None  # the keys before RoPE ("blocks"; empty otherwise)
-        keys, values = key[..., :dk].chunk(branches, dim=2), value.chunk(branches, dim=2)
+        key, raw_keys = key.split([dk, key.shape[-1] - dk], dim=-1)  # raw: before RoPE ("blocks"; else empty)
+        cmp_rope = None
+        # each branch's K and V laid out densely once: with shared K/V the window and selected branches read
+        # the same pair, and the kernels' wrappers would each copy a strided one (kernels.nsa.compose_nsa
+        # does the same for q and the gates)
+        keys = [k.contiguous() for k in key.chunk(branches, dim=2)]
+        values = [v.contiguous() for v in value.chunk(branches, dim=2)]
         per_branch = list(zip(keys, values)) if branches > 1 else [(keys[0], values[0])] * len(BRANCHES)
         if n.compression_rope == "blocks":
             per_branch[0] = (raw_keys.chunk(branches, dim=2)[0], per_branch[0][1])

@@ -90,6 +90,37 @@ def test_packed_documents_read_nothing_back_from_the_device(monkeypatch):
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_strided_q_and_gates_are_made_dense_once():
+    """In training q and the gates are slices of the fused projection's output (q's channels, the gate
+    channels beside them), so neither is dense. Four branch calls read q and the kernels' wrappers need
+    dense inputs: compose_nsa lays q and the gates out once, and no branch copies them again (a copy of q
+    is a whole [T, HQ, Dk] tensor, three more of them each layer before this)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    require_backend()
+    torch.manual_seed(0)
+    projected = randn(1, T, 2, 32 + 3, grad=False)  # [B, T, HQ, Dk + 3 gate logits], as the projection gives
+    q, gate_logits = projected.split([32, 3], dim=-1)
+    gates = torch.sigmoid(gate_logits)
+    assert not q.is_contiguous() and not gates[..., 0].is_contiguous()
+    kv = (randn(1, T, 1, 32, grad=False), randn(1, T, 1, 16, grad=False))
+    phi = partial(mean_compress, block_size=16, stride=8)
+    sizes = dict(block_size=16, stride=8, selection_block=16, num_selected=4, window=24)
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.clone:
+                copies.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Copies():
+        out = native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="triton")
+    assert sorted(copies) == [(1, T, 2, 32), (3, 1, T, 2)], copies  # q once, the gates once (branch-major)
+    ref = native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="reference")
+    assert_close("output", out.output, ref.output, torch.float32)
+
+
 def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
     """compose_nsa gates each branch's output right after the branch runs, so in the backward each
     branch's output gradient (a [T, HQ, Dv] tensor, made by its gate's backward) is made just before that

@@ -15,7 +15,7 @@ source benchmarks/proof/setup.sh
 # PRECHECK=1: first the kernel tests on this GPU (a minute); a failure stops here, before the job's minutes
 if [ "${PRECHECK:-0}" = 1 ]; then
   $PYTHON -m pytest -q -p no:cacheprovider tests/kernels/test_triton_gate_combine.py tests/kernels/test_triton_nsa.py \
-    tests/kernels/test_triton_selected_attention.py \
+    tests/kernels/test_triton_selected_attention.py tests/kernels/test_triton_window_attention.py \
     2>&1 | tail -3
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "kernel tests failed on this GPU: not starting $cfg"; exit 1; }
 fi

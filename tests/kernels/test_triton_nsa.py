@@ -162,10 +162,14 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
             return o, lse
         return run
 
-    ops = branch_ops("triton")
-    ops = ops._replace(compressed=marked("cmp", ops.compressed), selected=marked("slc", ops.selected),
-                       window=marked("win", ops.window), gate=lambda o, gate: Gate.apply(o, gate, o.branch))
+    plain = branch_ops("triton")
+    ops = plain._replace(compressed=marked("cmp", plain.compressed), window=marked("win", plain.window),
+                         gate=lambda o, gate: Gate.apply(o, gate, o.branch))
     monkeypatch.setattr(nsa, "branch_ops", lambda impl: ops)
+    # the selected branch as a whole (its rows near a document's start run on the window kernel)
+    unmarked_selected = nsa.selected_branch
+    selected = marked("slc", lambda q, k, v, *args, **kw: unmarked_selected(plain, q, k, v, *args, **kw))
+    monkeypatch.setattr(nsa, "selected_branch", lambda _, q, k, v, *args, **kw: selected(q, k, v, *args, **kw))
     torch.manual_seed(0)
     q = randn(1, T, 2, 32)
     kv = [(randn(1, T, 1, 32), randn(1, T, 1, 16)) for _ in range(3)]

@@ -1,5 +1,6 @@
 """NSA composed from its branches: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (DESIGN §2)."""
 
+import os
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -189,7 +190,8 @@ def compose_nsa(
         for s in spans:
             rows = slice(s.offset, s.offset + s.length)
             o, lse = selected_branch(ops, q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block,
-                                     scale, s.start, cu_seqlens, dense_prefix=impl == "triton")
+                                     scale, s.start, cu_seqlens,
+                                     dense_prefix=impl == "triton" and dense_prefix_enabled())
             o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
             lse_item.append(lse)
         o_slc.append(_cat(o_item, 1))
@@ -202,6 +204,19 @@ def compose_nsa(
         o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
     output = ops.sum(_cat(o_cmp, 1), o_slc, o_win)
     return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win)
+
+
+# "0" turns selected_branch's dense prefix off (the selected kernel for every row), for benchmarks that
+# time it both ways in one call (benchmarks/gpu_checks/dense_prefix.sh)
+DENSE_PREFIX_ENV = "NSA_DIST_DENSE_PREFIX"
+
+
+def dense_prefix_enabled() -> bool:
+    setting = os.environ.get(DENSE_PREFIX_ENV, "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{DENSE_PREFIX_ENV}={setting!r}: set it to 0 (the selected kernel for every row, to "
+                         "time it) or 1 / unset (document-prefix rows on the window kernel)")
+    return setting == "1"
 
 
 def selected_branch(ops: BranchOps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,

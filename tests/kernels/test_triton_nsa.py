@@ -180,3 +180,39 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
     out.output.sum().backward()
     assert events == [f"{name} {what}" for name in ("slc", "win", "cmp")
                       for what in ("output gradient made", "backward done")]
+
+
+
+def test_dense_prefix_can_be_turned_off_for_timing(monkeypatch):
+    """NSA_DIST_DENSE_PREFIX=0 runs every row of the selected branch on the selected kernel (the way to
+    time the dense prefix against it): the window kernel then runs for the window branch alone, and the
+    output is the same; other values are refused."""
+    import kernels.nsa as nsa
+
+    require_backend()
+    torch.manual_seed(0)
+    cu_seqlens = torch.tensor(DOCUMENTS["packed"], dtype=torch.int32, device=DEVICE)
+    q = randn(1, T, 2, 32, grad=False)
+    kv = (randn(1, T, 1, 32, grad=False), randn(1, T, 1, 16, grad=False))
+    gates = torch.rand(1, T, 2, 3, device=DEVICE)
+    phi = partial(mean_compress, block_size=16, stride=8)
+    sizes = dict(block_size=16, stride=8, selection_block=16, num_selected=4, window=24)
+    ops = branch_ops("triton")
+    windows = []  # the window size of each window-kernel call
+
+    def window(q, k, v, size, *args, **kwargs):
+        windows.append(size)
+        return ops.window(q, k, v, size, *args, **kwargs)
+
+    monkeypatch.setattr(nsa, "branch_ops", lambda impl: ops._replace(window=window))
+    outputs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, setting)
+        windows.clear()
+        outputs[setting] = native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="triton",
+                                                   cu_seqlens=cu_seqlens).output
+        assert sorted(windows) == ([24, 64] if setting == "1" else [24])  # n * l' = 64
+    assert_close("output", outputs["0"], outputs["1"], torch.float32)
+    monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, "yes")
+    with pytest.raises(ValueError, match="NSA_DIST_DENSE_PREFIX='yes': set it to 0"):
+        native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="triton", cu_seqlens=cu_seqlens)

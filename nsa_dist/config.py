@@ -111,6 +111,11 @@ class MixConfig:
     # With task_min_length: the longest sample, in tokens. 0: up to what is left of the sequence. A cap
     # gives many short samples per sequence, where retrieval is learned first (README, Proof).
     task_max_length: int = 0
+    # With task_min_length: the share of task sequences that hold one sample as long as the sequence
+    # instead, so that some lookups reach as far back as the stage's length. Packed samples' lengths are
+    # drawn log-uniformly, so few reach far: in a 32K stage with task_min_length 1024, about 1 lookup in
+    # 130 is 19.5K or more tokens back (where NIAH puts depth 0.4 at 32K), 1 in 1,300 is 26K (README, Proof).
+    task_full_share: float = 0.0
 
     def shares(self) -> dict[str, float]:
         return {"source": self.source} | {task: getattr(self, task) for task in TASKS}
@@ -543,6 +548,11 @@ def _validate_mix(mix: MixConfig, where: str) -> None:
     _require(mix.task_max_length == 0 or mix.task_max_length >= mix.task_min_length > 0,
              f"{where}.task_max_length={mix.task_max_length} needs task_min_length > 0 and must be 0 (no cap) "
              f"or at least task_min_length={mix.task_min_length}: set it to 0, or to at least task_min_length")
+    _require(0 <= mix.task_full_share <= 1, f"{where}.task_full_share={mix.task_full_share} must be between 0 "
+             "and 1 (the share of task sequences that hold one sample as long as the sequence)")
+    _require(mix.task_full_share == 0 or mix.task_min_length > 0,
+             f"{where}.task_full_share={mix.task_full_share} needs task_min_length > 0 (without it every task "
+             "sequence already holds one sample as long as itself): set task_min_length, or task_full_share to 0")
     shares = mix.shares()
     for name, share in shares.items():
         _require(share >= 0, f"{where}.{name}={share} must be >= 0")

@@ -196,34 +196,51 @@ def source_sequences(config: Config, seq_len: int, split: str = "train") -> Sequ
 
 
 def task_sequence(task: str, tokenizer, length: int, seed: int, index: int, min_length: int = 0,
-                  max_length: int = 0) -> list[int]:
+                  max_length: int = 0, full_share: float = 0.0) -> list[int]:
     """Task sequence `index` of `length` tokens: one sample when min_length is 0 or two samples of
-    min_length do not fit; otherwise samples each ended by EOD, of lengths drawn log-uniformly from
-    min_length to what is left, or to max_length when that is less (a remainder shorter than min_length
-    joins the last sample, which may then pass max_length by less than min_length)."""
-    return task_samples(task, tokenizer, length, seed, index, min_length, max_length)[0]
+    min_length do not fit, and in a share full_share of the sequences (a draw from seed and index);
+    otherwise samples each ended by EOD, of lengths drawn log-uniformly from min_length to what is left,
+    or to max_length when that is less (a remainder shorter than min_length joins the last sample, which
+    may then pass max_length by less than min_length)."""
+    return task_samples(task, tokenizer, length, seed, index, min_length, max_length, full_share)[0]
 
 
 def task_samples(task: str, tokenizer, length: int, seed: int, index: int, min_length: int = 0,
-                 max_length: int = 0) -> tuple[list[int], list[range]]:
+                 max_length: int = 0, full_share: float = 0.0) -> tuple[list[int], list[range]]:
     """task_sequence's tokens, and where each of its samples' answers lies in them."""
-    if min_length <= 0 or length < 2 * min_length:
+    if one_sample(task, length, seed, index, min_length, full_share):
         sample = generate(task, tokenizer, length, seed, index)
         return sample.tokens, [range(len(sample.prompt), length)]
-    rng = random.Random(f"pack/{task}/{seed}/{index}")
     tokens: list[int] = []
     answers: list[range] = []
-    while len(tokens) < length:
-        left = length - len(tokens)
-        longest = min(left, max_length) if max_length else left
-        size = left if left < 2 * min_length else round(math.exp(rng.uniform(math.log(min_length), math.log(longest))))
-        if left - size < min_length:
-            size = left
+    for size in packed_sizes(task, length, seed, index, min_length, max_length):
         part = len(tokens) // min_length  # < length / min_length: distinct per sample of this sequence
         sample = generate(task, tokenizer, size - 1, seed, (index << 24) + part)
         answers.append(range(len(tokens) + len(sample.prompt), len(tokens) + size - 1))
         tokens += sample.tokens + [tokenizer.eod]
     return tokens, answers
+
+
+def one_sample(task: str, length: int, seed: int, index: int, min_length: int, full_share: float) -> bool:
+    """Whether task sequence `index` is one sample as long as itself (task_sequence)."""
+    if min_length <= 0 or length < 2 * min_length:
+        return True
+    # a draw of its own: with full_share 0 every sequence is as before
+    return full_share > 0 and random.Random(f"full/{task}/{seed}/{index}").random() < full_share
+
+
+def packed_sizes(task: str, length: int, seed: int, index: int, min_length: int, max_length: int) -> list[int]:
+    """The lengths of a packed task sequence's samples, each with its EOD (task_sequence)."""
+    rng = random.Random(f"pack/{task}/{seed}/{index}")
+    sizes: list[int] = []
+    while sum(sizes) < length:
+        left = length - sum(sizes)
+        longest = min(left, max_length) if max_length else left
+        size = left if left < 2 * min_length else round(math.exp(rng.uniform(math.log(min_length), math.log(longest))))
+        if left - size < min_length:
+            size = left
+        sizes.append(size)
+    return sizes
 
 
 class MixedSequences:
@@ -240,16 +257,20 @@ class MixedSequences:
     def __call__(self, index: int) -> torch.Tensor:
         return self.with_answers(index)[0]
 
+    def kind(self, index: int) -> str:
+        """What sequence `index` is: "source" or a task's name (a draw from the seed and the index)."""
+        draw = random.Random(f"mix/{self.seed}/{index}").random() * self.bounds[-1]
+        return self.kinds[min(int(np.searchsorted(self.bounds, draw, side="right")), len(self.kinds) - 1)][0]
+
     def with_answers(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [seq_len + 1] int64 and a bool mask of the same shape, True on answer tokens."""
-        draw = random.Random(f"mix/{self.seed}/{index}").random() * self.bounds[-1]
-        kind = self.kinds[min(int(np.searchsorted(self.bounds, draw, side="right")), len(self.kinds) - 1)][0]
+        kind = self.kind(index)
         if kind == "source":
             tokens = self.source(index)
             return tokens, torch.zeros(tokens.shape, dtype=torch.bool)
         mix = self.mix
         tokens, answers = task_samples(kind, self.tokenizer, self.seq_len + 1, self.seed, index, mix.task_min_length,
-                                       mix.task_max_length)
+                                       mix.task_max_length, mix.task_full_share)
         mask = torch.zeros(len(tokens), dtype=torch.bool)
         for answer in answers:
             mask[answer.start : answer.stop] = True

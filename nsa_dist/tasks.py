@@ -136,6 +136,11 @@ def generate(task: str, tokenizer, length: int, seed: int, index: int, depth: fl
     return TaskSample(task, prompt, answer, answer_text.strip(), depth)
 
 
+def drawn_depth(task: str, seed: int, index: int, length: int) -> float:
+    """The depth generate() draws for sample `index` of `length` tokens (depth None), without building it."""
+    return _rng(task, seed, index, length).random()
+
+
 def minimum_length(task: str, tokenizer) -> int:
     """A length every sample of `task` fits in (the longest of a few samples' fixed parts, plus a margin
     for tokenizers whose piece lengths vary)."""

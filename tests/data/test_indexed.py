@@ -192,6 +192,10 @@ def test_packed_task_samples_must_fit_their_minimum(corpus):
     for bad in ("task_max_length: 64", "task_min_length: 128, task_max_length: 100"):
         with pytest.raises(ConfigError, match=r"data\.mix\.task_max_length=\d+ needs task_min_length > 0"):
             tiny_config(f"data.mix={{source: 0.5, passkey: 0.5, {bad}}}")
+    with pytest.raises(ConfigError, match=r"data\.mix\.task_full_share=0.5 needs task_min_length > 0"):
+        tiny_config("data.mix={source: 0.5, passkey: 0.5, task_full_share: 0.5}")
+    with pytest.raises(ConfigError, match=r"data\.mix\.task_full_share=1.5 must be between 0 and 1"):
+        tiny_config("data.mix={source: 0.5, passkey: 0.5, task_min_length: 128, task_full_share: 1.5}")
     config = _config(prefix, root, "stages.0.seq_len=256", "stages.0.mix={source: 0.5, passkey: 0.5, task_min_length: 100}")
     with pytest.raises(DatasetError, match=r"stages\[0\]\.mix\.task_min_length=100 .*too short for a passkey "
                                            r"sample, which needs \d+ tokens and an EOD: set it to at least \d+"):

@@ -93,6 +93,17 @@ def test_packed_task_sequence_holds_whole_samples(task):
         assert max(sizes[:-1]) <= 2 * min_length and sizes[-1] < 3 * min_length
         capped += len(sizes)
     assert capped > len(lengths)
+    # full_share: that share of the sequences (drawn per index) hold one sample as long as the sequence;
+    # the others are the packed sequences above, unchanged
+    full = [index for index in range(40)
+            if task_sequence(task, TOKENIZER, length, 1, index, min_length, full_share=0.5)
+            == generate(task, TOKENIZER, length, 1, index).tokens]
+    assert 10 <= len(full) <= 30
+    for index in set(range(40)) - set(full):
+        assert task_sequence(task, TOKENIZER, length, 1, index, min_length, full_share=0.5) == \
+            task_sequence(task, TOKENIZER, length, 1, index, min_length)
+    assert all(task_sequence(task, TOKENIZER, length, 1, index, min_length, full_share=1.0)
+               == generate(task, TOKENIZER, length, 1, index).tokens for index in range(3))
 
 
 def test_niah_scorer():
@@ -187,3 +198,45 @@ def test_answer_spans_hold_the_answers(min_length):
         text_before = answer.stop
     assert task_samples("passkey", TOKENIZER, 1024, 1, 7, min_length)[0] == task_sequence(
         "passkey", TOKENIZER, 1024, 1, 7, min_length)
+
+
+def test_task_distances_replays_the_sampler():
+    """tools/task_distances.py counts, per stage, the task samples the training sequences hold and how far
+    before the question each puts its fact, from the sampler's draws alone. Against the sequences
+    themselves (the trainer's numbering: the second stage's follow the first's): as many samples, each
+    passkey fact found within a few percent of the sample's length of where the tool puts it, some packed
+    and some whole (task_full_share)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from nsa_dist.config import load_config
+    from nsa_dist.data import stage_sequences, with_answers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import task_distances
+
+    mix = "{source: 0.25, passkey: 0.75, task_min_length: 300, task_full_share: 0.3}"
+    config = load_config(None, [f"stages=[{{name: a, seq_len: 1024, steps: 2, global_batch_size: 4, mix: {mix}}}, "
+                                f"{{name: b, seq_len: 2048, steps: 3, global_batch_size: 4, mix: {mix}}}]",
+                                "training.warmup_steps=1"])
+    stage = config.resolved_stages()[1]
+    sequences = stage_sequences(config, stage.seq_len, stage.mix)
+    found, whole = [], 0
+    for index in range(2 * 4, 2 * 4 + 3 * 4):  # after stage a's 8 sequences
+        tokens, answers = with_answers(sequences, index)
+        text = TOKENIZER.decode(tokens.tolist())
+        ends = [0] + [m.end() for m in re.finditer(re.escape(TOKENIZER.decode([TOKENIZER.eod])), text)]
+        starts = [m.start() for m in re.finditer(r"The pass key is \d+\. Remember it", text)]
+        questions = [m.start() for m in re.finditer(r"What is the pass key", text)]
+        assert len(starts) == len(questions)
+        found += [(q - s, q - max(e for e in ends if e <= s)) for s, q in zip(starts, questions)]
+        whole += len(starts) == 1 and TOKENIZER.eod not in tokens[:-1].tolist()
+    distances = task_distances.lookup_distances(config, stage)
+    assert len(distances) == len(found) > 12 and 0 < whole < 12
+    for distance, (true, sample_length) in zip(distances, found):
+        assert abs(distance - true) <= 0.05 * 2048 + 40, (distance, true, sample_length)
+    rows = task_distances.report(config)
+    assert [row["task_samples"] for row in rows] == [len(task_distances.lookup_distances(config, s))
+                                                      for s in config.resolved_stages()]
+    assert rows[1]["at_least"]["0.2"] == sum(d >= 0.2 * 2048 for d in distances)

@@ -113,8 +113,8 @@ class MixConfig:
     task_max_length: int = 0
     # With task_min_length: the share of task sequences that hold one sample as long as the sequence
     # instead, so that some lookups reach as far back as the stage's length. Packed samples' lengths are
-    # drawn log-uniformly, so few reach far: in a 32K stage with task_min_length 1024, about 1 lookup in
-    # 130 is 19.5K or more tokens back (where NIAH puts depth 0.4 at 32K), 1 in 1,300 is 26K (README, Proof).
+    # drawn log-uniformly, so few reach far: in the proof's 32K stage (task_min_length 1024) 11 of 1,207
+    # lookups are 19.5K or more tokens back (NIAH depth 0.4 at 32K), 3 are 26K (tools/task_distances.py).
     task_full_share: float = 0.0
 
     def shares(self) -> dict[str, float]:

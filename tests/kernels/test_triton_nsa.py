@@ -182,7 +182,6 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
                       for what in ("output gradient made", "backward done")]
 
 
-
 def test_dense_prefix_can_be_turned_off_for_timing(monkeypatch):
     """NSA_DIST_DENSE_PREFIX=0 runs every row of the selected branch on the selected kernel (the way to
     time the dense prefix against it): the window kernel then runs for the window branch alone, and the

@@ -5,9 +5,10 @@
 # three or four share it. Their losses and evaluations are what a run alone would give (up to the
 # run-to-run spread this measures); their times are not: they share the GPU.
 #
-# Usage: bash benchmarks/proof/run_many.sh SPEC
+# Usage: bash benchmarks/proof/run_many.sh SPEC [NAME ...]
 # SPEC has one run per line, `NAME CONFIG [KEY=VALUE ...]` (blank lines and `#` comments skipped; quote a
-# value that holds spaces, as in a shell). Each line trains
+# value that holds spaces, as in a shell); NAMEs, when given, pick those lines only (a pair that would
+# not fit one call together runs as two calls). Each line trains
 #   python -m launch.train --config CONFIG --set run.dir=runs/NAME --set KEY=VALUE ...
 # with its output in $OUT/NAME.log. All start together; LIMIT (seconds, default 540) bounds each. Each
 # run directory comes back without weights (MLflow store, tracking.json, every checkpoint's eval/) as
@@ -16,6 +17,8 @@
 # runs it on a machine that has them.
 set -u
 spec=${1:?"give a spec file: one run per line, NAME CONFIG [KEY=VALUE ...]"}
+shift
+picked=" $* "  # the NAMEs asked for; none: every line
 [ -f "$spec" ] || { echo "spec $spec does not exist: give a file with one run per line,"\
   "NAME CONFIG [KEY=VALUE ...]"; exit 1; }
 OUT=${OUT:?"set OUT to the folder the logs and tars go to (the device tool sets it)"}
@@ -23,13 +26,17 @@ names=()
 while IFS= read -r line; do
   [[ -z ${line// /} || $line == \#* ]] && continue
   eval "fields=($line)"
+  [[ $picked == "  " || $picked == *" ${fields[0]} "* ]] || continue
   [ ${#fields[@]} -ge 2 ] || { echo "spec line '$line': give NAME CONFIG [KEY=VALUE ...]"; exit 1; }
   [ -f "${fields[1]}" ] || { echo "spec line '$line': config ${fields[1]} does not exist"; exit 1; }
   [ -e "runs/${fields[0]}" ] && { echo "spec line '$line': runs/${fields[0]} exists (the run would resume"\
     "from it): pick another NAME"; exit 1; }
   names+=("${fields[0]}")
 done < "$spec"
-[ ${#names[@]} -ge 1 ] || { echo "spec $spec names no run"; exit 1; }
+[ ${#names[@]} -ge 1 ] || { echo "spec $spec names no run${*:+ called $*}"; exit 1; }
+for name in "$@"; do
+  [[ " ${names[*]} " == *" $name "* ]] || { echo "spec $spec has no run called $name"; exit 1; }
+done
 [ ${#names[@]} -le 4 ] || { echo "spec $spec names ${#names[@]} runs: the device tool returns 8 files (a log"\
   "and a tar a run), so give at most 4"; exit 1; }
 source benchmarks/proof/setup.sh
@@ -39,6 +46,7 @@ while IFS= read -r line; do
   [[ -z ${line// /} || $line == \#* ]] && continue
   eval "fields=($line)"
   name=${fields[0]}
+  [[ " ${names[*]} " == *" $name "* ]] || continue
   args=(--config "${fields[1]}" --set "run.dir=runs/$name")
   for kv in "${fields[@]:2}"; do args+=(--set "$kv"); done
   echo "$(date +%T) starting $name: ${args[*]}"

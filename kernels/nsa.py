@@ -1,12 +1,13 @@
 """NSA composed from its branches: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (DESIGN §2)."""
 
+import functools
 import os
 from typing import Callable, Iterable, NamedTuple
 
 import torch
 
 from kernels.block_selection.naive import select_blocks_ref
-from kernels.common import acc_dtype, document_layout, document_of, host_bounds
+from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, document_of, host_bounds
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
@@ -86,20 +87,25 @@ def document_prefix_rows(start: int, length: int, prefix: int, cu_seqlens: torch
     """Which of the query rows at global positions start .. start + length - 1 sit among the first `prefix`
     tokens of their document (of the sequence, without cu_seqlens): how many (counted on the host, from
     the boundaries the data loader keeps there) and a bool [length] mask on the device. Built once per
-    cu_seqlens tensor and shape, as every layer asks the same."""
+    cu_seqlens tensor (or shape, without it), as every layer asks the same."""
+    if cu_seqlens is None:
+        return _sequence_prefix_rows(start, length, prefix, device)
+
     def build():
-        pos = torch.arange(start, start + length, device=device)
-        if cu_seqlens is None:
-            return min(max(prefix - start, 0), length), pos < prefix
         bounds = host_bounds(cu_seqlens)
         count = sum(max(0, min(doc_start + prefix, doc_end, start + length) - max(doc_start, start))
                     for doc_start, doc_end in zip(bounds[:-1], bounds[1:]))
+        pos = torch.arange(start, start + length, device=device)
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         return count, pos - cu[document_of(pos, cu)] < prefix
 
-    if cu_seqlens is None:
-        return build()
     return document_layout(cu_seqlens, ("prefix_rows", start, length, prefix, device), build)
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _sequence_prefix_rows(start: int, length: int, prefix: int, device: torch.device) -> tuple[int, torch.Tensor]:
+    """document_prefix_rows of one sequence without documents."""
+    return min(max(prefix - start, 0), length), torch.arange(start, start + length, device=device) < prefix
 
 
 def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

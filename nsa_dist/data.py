@@ -233,13 +233,14 @@ def packed_sizes(task: str, length: int, seed: int, index: int, min_length: int,
     """The lengths of a packed task sequence's samples, each with its EOD (task_sequence)."""
     rng = random.Random(f"pack/{task}/{seed}/{index}")
     sizes: list[int] = []
-    while sum(sizes) < length:
-        left = length - sum(sizes)
+    left = length
+    while left > 0:
         longest = min(left, max_length) if max_length else left
         size = left if left < 2 * min_length else round(math.exp(rng.uniform(math.log(min_length), math.log(longest))))
         if left - size < min_length:
             size = left
         sizes.append(size)
+        left -= size
     return sizes
 
 

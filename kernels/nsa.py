@@ -158,9 +158,10 @@ def compose_nsa(
     the most recently created ready node first, so the backward then makes one branch's output gradient
     just before that branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
 
-    With the Triton kernels, the selected branch of a query among the first n * l' tokens of its document
-    runs on the window branch's kernel (`selected_branch`): such a query has at most n blocks to choose
-    from, so top-n picks every one and its selected attention is causal attention over its document.
+    With the Triton kernels and NSA_DIST_DENSE_PREFIX=1, the selected branch of a query among the first
+    n * l' tokens of its document runs on the window branch's kernel (`selected_branch`): such a query has
+    at most n blocks to choose from, so top-n picks every one and its selected attention is causal
+    attention over its document.
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
@@ -212,16 +213,19 @@ def compose_nsa(
     return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win)
 
 
-# "0" turns selected_branch's dense prefix off (the selected kernel for every row), for benchmarks that
-# time it both ways in one call (benchmarks/gpu_checks/dense_prefix.sh)
+# "1" turns selected_branch's dense prefix on. Off by default: measured on one H200 at 18a7823
+# (benchmarks/gpu_checks/dense_prefix_2k_*-18a7823.json, the proof's 16 x 2K step, 12 steps, alternated
+# off/on twice) it gained no wall time, 0.1838 / 0.1768 s a step on against 0.1933 / 0.1760 off, as that
+# step waits on the host, and it took 1.5 GB more (19.4 against 17.9 GB): the two kernels' outputs are
+# both kept for the backward. It stays for a step that waits on the GPU.
 DENSE_PREFIX_ENV = "NSA_DIST_DENSE_PREFIX"
 
 
 def dense_prefix_enabled() -> bool:
-    setting = os.environ.get(DENSE_PREFIX_ENV, "1")
+    setting = os.environ.get(DENSE_PREFIX_ENV, "0")
     if setting not in ("0", "1"):
-        raise ValueError(f"{DENSE_PREFIX_ENV}={setting!r}: set it to 0 (the selected kernel for every row, to "
-                         "time it) or 1 / unset (document-prefix rows on the window kernel)")
+        raise ValueError(f"{DENSE_PREFIX_ENV}={setting!r}: set it to 1 (document-prefix rows on the window "
+                         "kernel) or 0 / unset (the selected kernel for every row, the default)")
     return setting == "1"
 
 

@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 
+import kernels.nsa as nsa
 from kernels.compression.naive import mean_compress
 from kernels.nsa import branch_ops, native_sparse_attention
 from triton_cases import DEVICE, INTERPRETER_WARNINGS, assert_close, assert_lse_close, randn, require_backend
@@ -18,9 +19,11 @@ T = 131
 DOCUMENTS = {"one-sequence": None, "packed": [0, 50, 51, T], "short documents": [0, 50, 51, 115, T]}
 
 
+@pytest.mark.parametrize("dense_prefix", ["0", "1"], ids=["selected-kernel", "dense-prefix"])
 @pytest.mark.parametrize("packed", list(DOCUMENTS))
-def test_triton_matches_reference(packed):
+def test_triton_matches_reference(packed, dense_prefix, monkeypatch):
     require_backend()
+    monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, dense_prefix)
     torch.manual_seed(0)
     group, kv_heads, dk, dv = 2, 1, 32, 16
     bounds = DOCUMENTS[packed]
@@ -126,8 +129,6 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
     branch's output gradient (a [T, HQ, Dv] tensor, made by its gate's backward) is made just before that
     branch's own backward consumes it, never two at once. The test records when each gate's backward runs
     and when each branch's backward has finished (its q's gradient made)."""
-    import kernels.nsa as nsa
-
     require_backend()
     events = []
 
@@ -182,12 +183,10 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
                       for what in ("output gradient made", "backward done")]
 
 
-def test_dense_prefix_can_be_turned_off_for_timing(monkeypatch):
-    """NSA_DIST_DENSE_PREFIX=0 runs every row of the selected branch on the selected kernel (the way to
-    time the dense prefix against it): the window kernel then runs for the window branch alone, and the
-    output is the same; other values are refused."""
-    import kernels.nsa as nsa
-
+def test_dense_prefix_is_off_unless_asked_for(monkeypatch):
+    """Unset or NSA_DIST_DENSE_PREFIX=0, every row of the selected branch runs on the selected kernel and
+    the window kernel runs for the window branch alone; with 1 it runs a second time, for the dense
+    prefix (window n * l'), and the output is the same; other values are refused."""
     require_backend()
     torch.manual_seed(0)
     cu_seqlens = torch.tensor(DOCUMENTS["packed"], dtype=torch.int32, device=DEVICE)
@@ -205,13 +204,17 @@ def test_dense_prefix_can_be_turned_off_for_timing(monkeypatch):
 
     monkeypatch.setattr(nsa, "branch_ops", lambda impl: ops._replace(window=window))
     outputs = {}
-    for setting in ("1", "0"):
-        monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, setting)
+    for setting in (None, "1", "0"):
+        if setting is None:
+            monkeypatch.delenv(nsa.DENSE_PREFIX_ENV, raising=False)
+        else:
+            monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, setting)
         windows.clear()
         outputs[setting] = native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="triton",
                                                    cu_seqlens=cu_seqlens).output
-        assert sorted(windows) == ([24, 64] if setting == "1" else [24])  # n * l' = 64
+        assert sorted(windows) == ([24, 64] if setting == "1" else [24]), setting  # n * l' = 64
+    assert torch.equal(outputs[None], outputs["0"])
     assert_close("output", outputs["0"], outputs["1"], torch.float32)
     monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, "yes")
-    with pytest.raises(ValueError, match="NSA_DIST_DENSE_PREFIX='yes': set it to 0"):
+    with pytest.raises(ValueError, match="NSA_DIST_DENSE_PREFIX='yes': set it to 1"):
         native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="triton", cu_seqlens=cu_seqlens)

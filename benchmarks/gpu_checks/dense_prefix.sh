@@ -9,16 +9,10 @@
 set -u
 source benchmarks/proof/setup.sh
 tag=${COMMIT:-unknown}
-# bounded: a test that stalls dumps every thread's stack after 60 s (faulthandler) and the whole step stops
-# at 240 s, leaving the call's minutes to the timings
-if [ "${KERNEL_TESTS:-1}" = 1 ]; then  # KERNEL_TESTS=0: timings only (a machine that ran them)
-echo "$(date +%T) kernel tests"
-timeout 240 python3 -m pytest -v -p no:cacheprovider -o faulthandler_timeout=60 --durations=10 \
-  tests/kernels/test_triton_window_attention.py tests/kernels/test_triton_selected_attention.py \
-  tests/kernels/test_triton_nsa.py > $OUT/pytest-kernels-$tag.log 2>&1
-status=$?
-tail -15 $OUT/pytest-kernels-$tag.log
-[ $status = 0 ] || { echo "kernel tests failed (rc=$status; 124: timed out) on this GPU: not timing"; exit 1; }
+source benchmarks/gpu_checks/kernel_tests.sh
+if [ "${KERNEL_TESTS:-1}" = 1 ]; then  # KERNEL_TESTS=0: timings only (a machine that has run them)
+  kernel_tests $tag tests/kernels/test_triton_window_attention.py tests/kernels/test_triton_selected_attention.py \
+    tests/kernels/test_triton_nsa.py || exit 1
 fi
 echo "$(date +%T) timings"
 mix2k="{source: 0.125, passkey: 0.875, task_min_length: 256, task_max_length: 256}"

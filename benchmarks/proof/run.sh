@@ -12,12 +12,12 @@ if [[ $arg == *.yaml ]]; then config=$arg; cfg=$(basename $arg .yaml); else conf
 [ -f "$config" ] || { echo "$config does not exist: give a name under configs/ or a .yaml path"; exit 1; }
 grep -q "^  dir: runs/$cfg\s*$" "$config" || { echo "run.dir in $config is not runs/$cfg: set it so"; exit 1; }
 source benchmarks/proof/setup.sh
-# PRECHECK=1: first the kernel tests on this GPU (a minute); a failure stops here, before the job's minutes
+# PRECHECK=1: first the kernel tests on this GPU (bounded: gpu_checks/kernel_tests.sh); a failure stops here
 if [ "${PRECHECK:-0}" = 1 ]; then
-  $PYTHON -m pytest -q -p no:cacheprovider tests/kernels/test_triton_gate_combine.py tests/kernels/test_triton_nsa.py \
+  source benchmarks/gpu_checks/kernel_tests.sh
+  kernel_tests $cfg tests/kernels/test_triton_gate_combine.py tests/kernels/test_triton_nsa.py \
     tests/kernels/test_triton_selected_attention.py tests/kernels/test_triton_window_attention.py \
-    2>&1 | tail -3
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "kernel tests failed on this GPU: not starting $cfg"; exit 1; }
+    || { echo "not starting $cfg"; exit 1; }
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$(date +%s); echo "$(date +%T) starting $cfg"  # the job's own lines carry the time too

@@ -7,7 +7,8 @@ curve, steps, mean tokens/s (the stage's first step, which compiles and warms up
 seconds (the sum of step times), and the stage-end evaluation (validation loss, NIAH accuracy and its
 heatmap; accuracy and worst depth at the stage's own length when the grid also holds others), and one
 row per run to set versions of a configuration side by side (answer loss at each stage's end, NIAH after
-each stage and at the short lengths after the last, validation loss, wall seconds). Writes to
+each stage and at the short lengths after the last, validation loss, wall seconds), and where stages mixed
+in task samples, one more: the answer loss at each stage's start and end. Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
 stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
@@ -234,6 +235,24 @@ def one_row_each(runs: dict, last: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def answer_loss_course(runs: dict, span: int = 10) -> str:
+    """One row per run: per stage that mixed in task samples, the mean answer loss over its first and its
+    last `span` steps with task answers. The first shows what the stages before carried over to this
+    stage's lengths (a lookup learned at 2K that also works in longer samples starts the 8K stage low);
+    the pair, whether the stage itself taught it."""
+    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
+    lines = ["| run | " + " | ".join(f"{stage}: first -> last {span}" for stage in stages) + " |",
+             "| --- | " + " | ".join("---" for _ in stages) + " |"]
+    for name, run in runs.items():
+        cells = []
+        for stage in stages:
+            values = [value for _, value in run["stages"].get(stage, {}).get("answer_loss", [])]
+            cells.append(f"{sum(values[:span]) / len(values[:span]):.2f} -> {sum(values[-span:]) / len(values[-span:]):.2f}"
+                         if values else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def attach_evals(runs: dict, run_dirs: dict[str, Path], paths: list[Path]) -> None:
     """Adds each eval.json (or a folder holding one) to its run's "evals" list: the run whose directory
     name is part of the checkpoint path the evaluation recorded."""
@@ -298,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
                 grid = s["eval"]["niah"]
                 save_heatmap(grid, f"{name}, stage {stage}\n{grid['task']} retrieval", a.out / f"niah_{name}_{stage}.png")
     table = markdown(runs) + "\n" + one_row_each(runs)
+    if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):
+        table += "\n" + answer_loss_course(runs)
     attach_evals(runs, dict(zip(names, a.runs)), a.evals)
     if any(len(e["niah"]["lengths"]) > 1 for run in runs.values() for e in run["evals"]):
         table += "\n" + niah_by_length(runs)

@@ -3,6 +3,7 @@ the asked-for fact at least 20%, 40%, 60%, 80% and 90% of the stage's length bef
 
     python tools/task_distances.py --config configs/proof_100m.yaml
     python tools/task_distances.py --config configs/proof_100m.yaml --set stages.3.mix.task_full_share=0.5
+    python tools/task_distances.py --config configs/proof_100m.yaml --set ... --store RUN_DIR
 
 It replays the sampler's own draws for every sequence each stage trains on (which sequences are task
 samples, their lengths, the fact's depth: nsa_dist.data and nsa_dist.tasks), without building any text,
@@ -11,7 +12,10 @@ question (the filler around it makes up nearly all of the sample); NIAH at depth
 (1 - d) * L, so the columns are NIAH's depths 0.8, 0.6, 0.4, 0.2 and about 0 (0.1). Lookups that the
 curriculum never trains at some distance are lookups a model has not learned there: the proof's 32K
 stage trains 11 at 19.5K tokens back or more (README, Proof).
-Prints one table; --out writes it as JSON too.
+Prints one table; --out writes it as JSON too. With --store (a run trained with that config, its MLflow store
+as tools/compare_runs.py reads it), also the run's answer loss in each stage that trains one sequence a
+step, by that step's lookup: how far back a whole-sequence sample puts its fact, or packed samples, in
+the stage's first and second half. It tells a lookup the run learned at some distance from one it did not.
 """
 
 import argparse
@@ -22,35 +26,80 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_runs, beside this file
 
 from nsa_dist.config import Config, ConfigError, load_config  # noqa: E402
 from nsa_dist.data import MixedSequences, one_sample, packed_sizes  # noqa: E402
 from nsa_dist.tasks import drawn_depth  # noqa: E402
 
 
+def first_of(config: Config, stage) -> tuple[int, int]:
+    """(sequences, steps) the stages before `stage` train: its sequences are numbered on from the first
+    (the trainer's consumed_sequences), its steps from the second plus one (MLflow's step of its first)."""
+    before = config.resolved_stages()[: stage.index]
+    return sum(s.steps * s.global_batch_size for s in before), sum(s.steps for s in before)
+
+
+def sequence_lookups(config: Config, stage, index: int) -> tuple[bool, list[int]] | None:
+    """Training sequence `index` of `stage`: whether it is one task sample as long as the sequence, and about
+    how many tokens before its question each of its task samples puts the asked-for fact; None for a
+    sequence of source text."""
+    mix, seed, length = stage.mix, config.data.seed, stage.seq_len + 1
+    task = MixedSequences(None, mix, None, stage.seq_len, seed).kind(index)  # reads only the seed and shares
+    if task == "source":
+        return None
+    whole = one_sample(task, length, seed, index, mix.task_min_length, mix.task_full_share)
+    if whole:
+        samples = [(index, length)]
+    else:  # as task_samples numbers them: (index << 24) + the sample's offset // min_length
+        sizes = packed_sizes(task, length, seed, index, mix.task_min_length, mix.task_max_length)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        samples = [((index << 24) + offset // mix.task_min_length, size - 1) for offset, size in zip(offsets, sizes)]
+    return whole, [round((1 - drawn_depth(task, seed, sample, n)) * n) for sample, n in samples]
+
+
 def lookup_distances(config: Config, stage) -> list[int]:
     """About how many tokens before its question each task sample of `stage`'s training sequences puts its
-    asked-for fact, in the order the stage draws them. The stage's sequences are numbered on from the
-    earlier stages' (the trainer's consumed_sequences)."""
-    first = sum(s.steps * s.global_batch_size for s in config.resolved_stages()[: stage.index])
-    mix, seed, length = stage.mix, config.data.seed, stage.seq_len + 1
-    if mix.source == 1:
+    asked-for fact, in the order the stage draws them."""
+    if stage.mix.source == 1:
         return []
-    kinds = MixedSequences(None, mix, None, stage.seq_len, seed)  # kind() reads only the seed and the shares
+    first, _ = first_of(config, stage)
     distances = []
     for index in range(first, first + stage.steps * stage.global_batch_size):
-        task = kinds.kind(index)
-        if task == "source":
-            continue
-        if one_sample(task, length, seed, index, mix.task_min_length, mix.task_full_share):
-            samples = [(index, length)]
-        else:  # as task_samples numbers them: (index << 24) + the sample's offset // min_length
-            sizes = packed_sizes(task, length, seed, index, mix.task_min_length, mix.task_max_length)
-            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-            samples = [((index << 24) + offset // mix.task_min_length, size - 1)
-                       for offset, size in zip(offsets, sizes)]
-        distances += [round((1 - drawn_depth(task, seed, sample, n)) * n) for sample, n in samples]
+        lookups = sequence_lookups(config, stage, index)
+        distances += lookups[1] if lookups else []
     return distances
+
+
+# (label, lower and upper bound as a fraction of the stage's length) of a whole-sequence sample's lookup
+DISTANCE_BINS = (("< 0.1 L", 0.0, 0.1), ("0.1-0.25 L", 0.1, 0.25), ("0.25-0.5 L", 0.25, 0.5), (">= 0.5 L", 0.5, 1.01))
+PACKED = "packed samples"
+
+
+def answer_loss_by_distance(config: Config, stage, answer_loss: dict[int, float]) -> dict[str, dict[str, list]]:
+    """The answer losses a run logged (step -> loss) in `stage`, one sequence a step, sorted by that step's
+    lookup: the fact's distance before the question, binned by DISTANCE_BINS, for a sequence that is one
+    task sample, or PACKED for one of several samples; each split into the stage's first and second
+    half. A stage of several sequences a step mixes their lookups in one figure, so it cannot be split."""
+    if stage.global_batch_size != 1:
+        raise ValueError(f"stage {stage.name!r} trains {stage.global_batch_size} sequences a step, and its steps' "
+                         "answer loss mixes their lookups: only stages with global_batch_size 1 can be split")
+    first_sequence, first_step = first_of(config, stage)
+    table = {label: {"first half": [], "second half": []} for label in [b[0] for b in DISTANCE_BINS] + [PACKED]}
+    for i in range(stage.steps):
+        step, lookups = first_step + i + 1, sequence_lookups(config, stage, first_sequence + i)
+        if lookups is None:
+            if step in answer_loss:
+                raise ValueError(f"step {step} trains source text, yet the run logged an answer loss there: the "
+                                 "store is not from this config (give the run's own --config and --set)")
+            continue
+        if step not in answer_loss:
+            continue
+        whole, (distance, *_) = lookups
+        label = PACKED if not whole else next(
+            name for name, lo, hi in DISTANCE_BINS if lo * stage.seq_len <= distance < hi * stage.seq_len)
+        table[label]["first half" if i < stage.steps // 2 else "second half"].append(answer_loss[step])
+    return table
 
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 0.9)  # of the stage's length
@@ -66,10 +115,37 @@ def report(config: Config) -> list[dict]:
     return rows
 
 
+def store_report(config: Config, run_dir: Path) -> dict[str, dict]:
+    """answer_loss_by_distance for each stage of the run in run_dir (its MLflow store, as compare_runs
+    reads it) that trains one sequence a step and mixes in task samples."""
+    from compare_runs import read_run
+
+    stages = read_run(run_dir)["stages"]
+    tables = {}
+    for stage in config.resolved_stages():
+        if stage.global_batch_size == 1 and stage.mix.source < 1 and stage.name in stages:
+            tables[stage.name] = answer_loss_by_distance(config, stage, dict(stages[stage.name]["answer_loss"]))
+    return tables
+
+
+def print_store_report(tables: dict[str, dict]) -> None:
+    for stage, table in tables.items():
+        print(f"\nstage {stage}: answer loss of each step (one sequence) by its lookup: a whole-sequence "
+              "sample's distance from fact to question (L: the stage's length), or several packed samples")
+        print(f"{'lookup':>16} {'steps':>6} {'first half':>11} {'steps':>6} {'second half':>12}")
+        for label, halves in table.items():
+            cells = [f"{len(v):>6} {(sum(v) / len(v) if v else float('nan')):>{w}.3f}"
+                     for v, w in ((halves["first half"], 11), (halves["second half"], 12))]
+            print(f"{label:>16} " + " ".join(cells))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--store", type=Path, metavar="RUN_DIR",
+                        help="a run trained with this config (and --set): its answer loss by lookup, per stage of "
+                             "one sequence a step")
     parser.add_argument("--out", help="JSON path for the table")
     args = parser.parse_args(argv)
     try:
@@ -83,9 +159,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         print(f"{row['stage']:>12} {row['seq_len']:>8} {row['task_samples']:>8} "
               + " ".join(f"{row['at_least'][f'{f:g}']:>8}" for f in FRACTIONS))
+    result = {"command": "python tools/task_distances.py " + " ".join(argv or sys.argv[1:]), "stages": rows}
+    if args.store:
+        try:
+            result["answer_loss_by_lookup"] = store_report(config, args.store)
+        except ValueError as exc:
+            sys.exit(f"error: --store {args.store}: {exc}")
+        print_store_report(result["answer_loss_by_lookup"])
     if args.out:
-        command = "python tools/task_distances.py " + " ".join(argv or sys.argv[1:])
-        Path(args.out).write_text(json.dumps({"command": command, "stages": rows}, indent=2))
+        Path(args.out).write_text(json.dumps(result, indent=2))
     return rows
 
 

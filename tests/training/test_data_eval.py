@@ -154,6 +154,12 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
             f"{percent(stages['first']['niah_accuracy'])} / "
             f"{percent(stages['more']['niah_accuracy'])} | {by_depth} | {others} | {report['validation']['loss']:.4f} | "
             ) in table
+    # the answer loss at each stage's start and end: "first" mixed in no tasks
+    answers = [value for _, value in stages["more"]["answer_loss"]]
+    first, last = answers[:10], answers[-10:]
+    assert len(answers) > 10
+    assert (f"| tiny | - | {sum(first) / len(first):.2f} -> {sum(last) / len(last):.2f} |\n"
+            in table.split("| run | first: first -> last 10 | more: first -> last 10 |\n| --- | --- | --- |\n")[1])
     assert imread(tmp_path / "report" / "loss.png").ndim == 3
     assert imread(tmp_path / "report" / "answers.png").ndim == 3  # stage "more" mixed in passkey samples
     assert stages["more"]["answer_loss"] and not stages["first"]["answer_loss"]
@@ -261,3 +267,40 @@ def test_onset_step_finds_where_the_answer_loss_falls():
     assert compare_runs.onset_step([(step, 0.2) for step in range(1, 100)]) is None
     assert compare_runs.onset_step([(1, 0.0)] * 5) is None  # fewer points than the window
     assert compare_runs.onset_step(history, threshold=1.5, window=4) == 301  # steps 298-301: (2 x 2.0 + 2 x 0.0) / 4 = 1.0; at 300, 1.5
+
+
+@pytest.mark.timeout(300)
+def test_task_distances_splits_a_runs_answer_loss_by_lookup(trained, tmp_path):
+    """tools/task_distances.py --store: a tracked run of one sequence a step, its answer loss by each step's
+    lookup (a whole-sequence sample's distance, or packed samples). Every step that trained task samples
+    is counted once, under the kind its sequence is; a step of source text that logged an answer loss
+    (steps and sequences misaligned) is an error, as is a stage of several sequences a step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import compare_runs
+    import task_distances
+
+    _, overrides = trained
+    data_path = next(o for o in overrides if o.startswith("data.path="))
+    stage = ("stages=[{name: one, seq_len: 320, steps: 20, global_batch_size: 1, micro_batch_size: 1, "
+             "mix: {source: 0.25, passkey: 0.75, task_min_length: 144, task_full_share: 0.5}}]")
+    run_overrides = [*DATA, data_path, f"run.dir={tmp_path}/run", "tracking.enabled=true", stage]
+    run_distributed(_train, 1, run_overrides)
+    config = tiny_config(*run_overrides)
+    one = config.resolved_stages()[0]
+    lookups = [task_distances.sequence_lookups(config, one, index) for index in range(20)]
+    whole = sum(1 for x in lookups if x and x[0])
+    packed = sum(1 for x in lookups if x and not x[0])
+    assert whole > 0 and packed > 0
+    assert any(lookups[i] is None and lookups[i - 1] for i in range(1, 20))  # source text after a task step
+    table = task_distances.store_report(config, tmp_path / "run")["one"]
+    counts = {label: len(halves["first half"]) + len(halves["second half"]) for label, halves in table.items()}
+    assert counts.pop(task_distances.PACKED) == packed and sum(counts.values()) == whole
+    logged = dict(compare_runs.read_run(tmp_path / "run")["stages"]["one"]["answer_loss"])
+    assert sorted(v for halves in table.values() for part in halves.values() for v in part) == sorted(logged.values())
+    shifted = {step + 1: loss for step, loss in logged.items()}  # as if step numbers were off by one
+    with pytest.raises(ValueError, match="trains source text, yet the run logged an answer loss"):
+        task_distances.answer_loss_by_distance(config, one, shifted)
+    two = tiny_config(*run_overrides[:-1], stage.replace("global_batch_size: 1, micro_batch_size: 1",
+                                                         "global_batch_size: 2"))
+    with pytest.raises(ValueError, match="trains 2 sequences a step"):
+        task_distances.answer_loss_by_distance(two, two.resolved_stages()[0], logged)

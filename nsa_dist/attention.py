@@ -163,6 +163,7 @@ class NSACoreAttention(MegatronModule):
         # a learned bias on the (cmp, slc, win) gate logits, shared by the heads (nsa.gate_bias)
         self.gate_bias = nn.Parameter(torch.tensor(nsa.gate_bias)) if any(nsa.gate_bias) else None
         self.rotary_base = model.rotary_base  # for nsa.compression_rope "blocks"; set_rotary_base changes it
+        self.num_selected = nsa.num_selected  # a curriculum stage may change it: set_num_selected
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -187,7 +188,7 @@ class NSACoreAttention(MegatronModule):
             per_branch[0] = (raw_keys.chunk(branches, dim=2)[0], per_branch[0][1])
             cmp_rope = self._block_rotary_freqs(q.shape[1] * self.cp_group.size(), cu_seqlens, q.device)
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-                     num_selected=n.num_selected, window=n.window, selection_score=n.selection_score,
+                     num_selected=self.num_selected, window=n.window, selection_score=n.selection_score,
                      scale=self.softmax_scale, impl=resolve_impl(n.impl, q.device))
         out = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                                    gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
@@ -352,6 +353,13 @@ def set_rotary_base(model: nn.Module, base: float) -> None:
     """Sets the RoPE base of every attention layer (curriculum stages may raise it as context grows)."""
     for module in _modules(model, (ParallelSelfAttention, NSACoreAttention)):
         module.rotary_base = base
+
+
+def set_num_selected(model: nn.Module, n: int) -> None:
+    """Sets NSA's n, the blocks each query selects, in every NSA layer (a stage's num_selected: n has no
+    weights); a model with dense attention has none."""
+    for module in _modules(model, NSACoreAttention):
+        module.num_selected = n
 
 
 def start_gates(model: nn.Module) -> None:

@@ -47,7 +47,7 @@ MARKER = "complete.json"
 FORMAT_VERSION = 1
 # model fields a checkpoint may not change: they set parameter shapes or what the model computes.
 # rotary_base is per stage (RoPE has no weights), init_std only matters before the first step.
-MODEL_FIELDS_FREE_TO_CHANGE = {"model.rotary_base", "model.init_std", "nsa.impl"}
+MODEL_FIELDS_FREE_TO_CHANGE = {"model.rotary_base", "model.init_std", "nsa.impl", "nsa.num_selected"}
 
 
 class CheckpointError(RuntimeError):

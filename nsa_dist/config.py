@@ -158,6 +158,9 @@ class StageConfig:
     pipeline_parallel: int | None = None  # PP size for this stage; None: parallel.pipeline
     context_parallel: int | None = None  # CP size for this stage; None: parallel.context
     rotary_base: float | None = None  # RoPE base for this stage; None: model.rotary_base
+    # NSA's n, the blocks each query attends in the selected branch (forced ones included), for this
+    # stage: n has no weights, so stages may differ; None: nsa.num_selected. Dense attention ignores it.
+    num_selected: int | None = None
     global_batch_size: int | None = None  # sequences per step; None: training.global_batch_size
     micro_batch_size: int | None = None  # sequences per micro-batch; None: training.micro_batch_size
     # continue: the run-wide schedule (training.warmup_steps, then cosine from training.lr to
@@ -186,6 +189,7 @@ class Stage:
     context: int
     sequence_parallel: bool  # parallel.sequence_parallel, where this stage has TP > 1
     rotary_base: float
+    num_selected: int
     global_batch_size: int
     micro_batch_size: int
     lr_schedule: str
@@ -267,6 +271,7 @@ class Config:
                 context=pick(s.context_parallel, par.context),
                 sequence_parallel=par.sequence_parallel and pick(s.tensor_parallel, par.tensor) > 1,
                 rotary_base=pick(s.rotary_base, self.model.rotary_base),
+                num_selected=pick(s.num_selected, self.nsa.num_selected),
                 global_batch_size=pick(s.global_batch_size, tr.global_batch_size),
                 micro_batch_size=pick(s.micro_batch_size, tr.micro_batch_size),
                 lr_schedule=s.lr_schedule, lr=pick(s.lr, tr.lr), min_lr=pick(s.min_lr, tr.min_lr),
@@ -515,11 +520,13 @@ def validate(config: Config) -> None:
         # with n above a stage's block count every query takes all its blocks (dense attention), while the
         # kernels still walk n slots per query; dense attention has no blocks to select
         blocks = -(-stage.seq_len // nsa.selection_block)
-        _require(config.model.attention != "nsa" or nsa.num_selected <= blocks,
-                 f"nsa.num_selected={nsa.num_selected} is more than the {blocks} selection blocks of stage "
+        n = (f"stages[{stage.index}].num_selected" if config.stages[stage.index].num_selected is not None
+             else "nsa.num_selected")
+        _require(config.model.attention != "nsa" or stage.num_selected <= blocks,
+                 f"{n}={stage.num_selected} is more than the {blocks} selection blocks of stage "
                  f"{stage.name!r} (stages[{stage.index}].seq_len={stage.seq_len} / nsa.selection_block="
-                 f"{nsa.selection_block}, rounded up): lower nsa.num_selected to at most {blocks}, or raise "
-                 f"stages[{stage.index}].seq_len to at least {nsa.num_selected * nsa.selection_block}")
+                 f"{nsa.selection_block}, rounded up): lower {n} to at most {blocks}, or raise "
+                 f"stages[{stage.index}].seq_len to at least {stage.num_selected * nsa.selection_block}")
     continuing = sum(s.steps for s in config.stages if s.lr_schedule == "continue")
     if continuing:
         _require(tr.warmup_steps < config.total_steps,
@@ -585,6 +592,9 @@ def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[
                         (gbs, stage.global_batch_size), (mbs, stage.micro_batch_size)):
         _require(value > 0, f"{name}={value} must be positive")
     _require(stage.rotary_base > 0, f"{where}.rotary_base={stage.rotary_base} must be positive")
+    _require(raw.num_selected is None or raw.num_selected >= 3,
+             f"{where}.num_selected={raw.num_selected} must be at least 3: block 0 and the two local blocks are "
+             "always selected and count toward it")
 
     _require(m.num_kv_heads % stage.tensor == 0,
              f"{tp}={stage.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor parallelism "

@@ -41,7 +41,7 @@ from nsa_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, 
 from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.data import check_data, document_eod, micro_batches, stage_sequences
 from nsa_dist.megatron_cpu import enable_cpu
-from nsa_dist.attention import set_comm_stats, set_gather_group, set_rotary_base
+from nsa_dist.attention import set_comm_stats, set_gather_group, set_num_selected, set_rotary_base
 from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
 from nsa_dist.parallel.groups import twin_groups
 from nsa_dist.parallel import CommStats
@@ -334,6 +334,7 @@ def _build(config: Config, stage: Stage, device: torch.device, gather_group):
     init_weights(model, tr.seed, config.model.init_std, config.model.num_layers,
                  parallel_state.get_tensor_model_parallel_rank(), stage.tensor)
     set_rotary_base(model, stage.rotary_base)
+    set_num_selected(model, stage.num_selected)
     set_gather_group(model, gather_group)
     # The distributed optimizer shards optimizer state over DP ranks; on CPU it rejects the parameters.
     distributed_optimizer = device.type == "cuda"

@@ -69,6 +69,10 @@ def test_stages_inherit_unset_fields():
     assert (a.rotary_base, a.lr, a.first_step) == (10000.0, 3e-4, 0)
     assert (b.tensor, b.context, b.micro_batch_size, b.rotary_base, b.first_step) == (1, 4, 2, 5e5, 3)
     assert (b.lr_schedule, b.lr, b.min_lr, b.warmup_steps, b.optimizer_state) == ("restart", 1e-4, 3e-5, 1, "keep")
+    assert (a.num_selected, b.num_selected) == (16, 16)  # nsa.num_selected; a stage may set its own
+    own = load_config(None, ["training.warmup_steps=1", "stages=[{name: a, seq_len: 2048, steps: 1}, "
+                             "{name: b, seq_len: 2048, steps: 1, num_selected: 4}]"])
+    assert [s.num_selected for s in own.resolved_stages()] == [16, 4]
     assert b.model_parallel == 4 and config.total_steps == 8
 
 
@@ -134,6 +138,7 @@ INVALID = [
     (["stages.0.steps=0"], "stages[0].steps", "positive"),
     (["stages.0.seq_len=0"], "stages[0].seq_len", "positive"),
     (["stages.0.rotary_base=-1"], "stages[0].rotary_base", "positive"),
+    (["stages.0.num_selected=2"], "stages[0].num_selected", "at least 3"),
     (["stages.0.context_parallel=2", "stages.0.seq_len=1000"], "stages[0].seq_len=1000", "multiple of 2 * context_parallel"),
     (["stages.0.context_parallel=4", "stages.0.seq_len=512", "nsa.window=512"], "nsa.window=512", "context-parallel chunk"),
     (["stages.0.context_parallel=0"], "stages[0].context_parallel", "positive"),
@@ -167,6 +172,9 @@ INVALID = [
      "lower nsa.num_selected to at most 8, or raise stages[0].seq_len to at least 1024"),
     (["stages.0.seq_len=900"], "stages[0].seq_len=900 / nsa.selection_block=64, rounded up",
      "at most 15"),
+    (["stages=[{name: a, seq_len: 512, steps: 1, num_selected: 9}]", "nsa.num_selected=4"],
+     "stages[0].num_selected=9 is more than the 8 selection blocks of stage 'a'",
+     "lower stages[0].num_selected to at most 8, or raise stages[0].seq_len to at least 576"),
     (["stages=[{name: a, seq_len: 1024, steps: 1}, {name: b, seq_len: 2048, steps: 1}]", "nsa.num_selected=20"],
      "nsa.num_selected=20 is more than the 16 selection blocks of stage 'a'", "stages[0].seq_len to at least 1280"),
 ]

@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     if samples < 1:
         raise ConfigError(f"--samples {samples} must be at least 1")
     checkpoint, stage = checkpoint_and_stage(config, a.checkpoint, a.stage)
+    # the stage's n (stages may set their own): the model runs with it, and the report counts picks by it
+    config = replace(config, nsa=replace(config.nsa, num_selected=stage.num_selected))
     length = a.length or stage.seq_len
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.eod_token)
     try:

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     require_nsa(config, a.config, "selection overlap")
     checkpoint, stage = checkpoint_and_stage(config, a.checkpoint, a.stage)
     stage = replace(stage, seq_len=a.seq_len or stage.seq_len)
+    # the stage's n (stages may set their own), for the random picks and the report as for the model
+    config = replace(config, nsa=replace(config.nsa, num_selected=stage.num_selected))
     device = start_one_process(config, port=29512)
 
     per_sequence = model_picks(config, stage, checkpoint, a.sequences, device)

@@ -215,9 +215,10 @@ def compose_nsa(
 
 # "1" turns selected_branch's dense prefix on. Off by default: measured on one H200 at 18a7823
 # (benchmarks/gpu_checks/dense_prefix_2k_*-18a7823.json, the proof's 16 x 2K step, 12 steps, alternated
-# off/on twice) it gained no wall time, 0.1838 / 0.1768 s a step on against 0.1933 / 0.1760 off, as that
-# step waits on the host, and it took 1.5 GB more (19.4 against 17.9 GB): the two kernels' outputs are
-# both kept for the backward. It stays for a step that waits on the GPU.
+# off/on twice) it gained nothing beyond the spread between two runs of one setting, 0.1838 / 0.1768 s a
+# step on against 0.1933 / 0.1760 off, and it took 1.5 GB more (19.4 against 17.9 GB): the two kernels'
+# outputs are both kept for the backward. Whether it saves GPU time is for the profiler to say
+# (benchmarks/kernels-notes.md, Session 21); without that it would be removed.
 DENSE_PREFIX_ENV = "NSA_DIST_DENSE_PREFIX"
 
 

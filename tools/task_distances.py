@@ -85,6 +85,11 @@ def answer_loss_by_distance(config: Config, stage, answer_loss: dict[int, float]
         raise ValueError(f"stage {stage.name!r} trains {stage.global_batch_size} sequences a step, and its steps' "
                          "answer loss mixes their lookups: only stages with global_batch_size 1 can be split")
     first_sequence, first_step = first_of(config, stage)
+    outside = sorted(step for step in answer_loss if not first_step < step <= first_step + stage.steps)
+    if outside:
+        raise ValueError(f"the run logged stage {stage.name!r}'s answer loss at step {outside[0]}, outside its steps "
+                         f"{first_step + 1}-{first_step + stage.steps} in this config: the store is not from this "
+                         "config (give the run's own --config and --set)")
     table = {label: {"first half": [], "second half": []} for label in [b[0] for b in DISTANCE_BINS] + [PACKED]}
     for i in range(stage.steps):
         step, lookups = first_step + i + 1, sequence_lookups(config, stage, first_sequence + i)
@@ -165,6 +170,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             result["answer_loss_by_lookup"] = store_report(config, args.store)
         except ValueError as exc:
             sys.exit(f"error: --store {args.store}: {exc}")
+        if not result["answer_loss_by_lookup"]:
+            sys.exit(f"error: --store {args.store}: no stage of this config both trains one sequence a step "
+                     "(global_batch_size 1) and mixes in task samples, so no answer loss can be split by lookup; "
+                     "give the config (and --set) the run was trained with")
         print_store_report(result["answer_loss_by_lookup"])
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

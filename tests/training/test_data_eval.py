@@ -299,7 +299,9 @@ def test_task_distances_splits_a_runs_answer_loss_by_lookup(trained, tmp_path):
     assert sorted(v for halves in table.values() for part in halves.values() for v in part) == sorted(logged.values())
     shifted = {step + 1: loss for step, loss in logged.items()}  # as if step numbers were off by one
     with pytest.raises(ValueError, match="trains source text, yet the run logged an answer loss"):
-        task_distances.answer_loss_by_distance(config, one, shifted)
+        task_distances.answer_loss_by_distance(config, one, {s: v for s, v in shifted.items() if s <= 20})
+    with pytest.raises(ValueError, match="answer loss at step 21, outside its steps 1-20"):
+        task_distances.answer_loss_by_distance(config, one, {**logged, 21: 1.0})
     two = tiny_config(*run_overrides[:-1], stage.replace("global_batch_size: 1, micro_batch_size: 1",
                                                          "global_batch_size: 2"))
     with pytest.raises(ValueError, match="trains 2 sequences a step"):

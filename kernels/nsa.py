@@ -1,13 +1,11 @@
 """NSA composed from its branches: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (DESIGN §2)."""
 
-import functools
-import os
 from typing import Callable, Iterable, NamedTuple
 
 import torch
 
 from kernels.block_selection.naive import select_blocks_ref
-from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, document_of, host_bounds
+from kernels.common import acc_dtype
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
@@ -82,32 +80,6 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def document_prefix_rows(start: int, length: int, prefix: int, cu_seqlens: torch.Tensor | None,
-                         device: torch.device) -> tuple[int, torch.Tensor]:
-    """Which of the query rows at global positions start .. start + length - 1 sit among the first `prefix`
-    tokens of their document (of the sequence, without cu_seqlens): how many (counted on the host, from
-    the boundaries the data loader keeps there) and a bool [length] mask on the device. Built once per
-    cu_seqlens tensor (or shape, without it), as every layer asks the same."""
-    if cu_seqlens is None:
-        return _sequence_prefix_rows(start, length, prefix, device)
-
-    def build():
-        bounds = host_bounds(cu_seqlens)
-        count = sum(max(0, min(doc_start + prefix, doc_end, start + length) - max(doc_start, start))
-                    for doc_start, doc_end in zip(bounds[:-1], bounds[1:]))
-        pos = torch.arange(start, start + length, device=device)
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        return count, pos - cu[document_of(pos, cu)] < prefix
-
-    return document_layout(cu_seqlens, ("prefix_rows", start, length, prefix, device), build)
-
-
-@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
-def _sequence_prefix_rows(start: int, length: int, prefix: int, device: torch.device) -> tuple[int, torch.Tensor]:
-    """document_prefix_rows of one sequence without documents."""
-    return min(max(prefix - start, 0), length), torch.arange(start, start + length, device=device) < prefix
-
-
 def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """RoPE in the rotate-half convention (Megatron's default): x [B, N, H, D] rotated by angles [N, R]
     (R even, R <= D; each half's angle repeated, as Megatron's rotary tables hold them) on its first R
@@ -157,11 +129,6 @@ def compose_nsa(
     Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
     the most recently created ready node first, so the backward then makes one branch's output gradient
     just before that branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
-
-    With the Triton kernels and NSA_DIST_DENSE_PREFIX=1, the selected branch of a query among the first
-    n * l' tokens of its document runs on the window branch's kernel (`selected_branch`): such a query has
-    at most n blocks to choose from, so top-n picks every one and its selected attention is causal
-    attention over its document.
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
@@ -196,9 +163,8 @@ def compose_nsa(
         o_item, lse_item = [], []
         for s in spans:
             rows = slice(s.offset, s.offset + s.length)
-            o, lse = selected_branch(ops, q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block,
-                                     scale, s.start, cu_seqlens,
-                                     dense_prefix=impl == "triton" and dense_prefix_enabled())
+            o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block, scale,
+                                  q_start=s.start, cu_seqlens=cu_seqlens)
             o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
             lse_item.append(lse)
         o_slc.append(_cat(o_item, 1))
@@ -211,52 +177,6 @@ def compose_nsa(
         o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
     output = ops.sum(_cat(o_cmp, 1), o_slc, o_win)
     return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win)
-
-
-# "1" turns selected_branch's dense prefix on. Off by default: measured on one H200 at 18a7823
-# (benchmarks/gpu_checks/dense_prefix_2k_*-18a7823.json, the proof's 16 x 2K step, 12 steps, alternated
-# off/on twice) it gained nothing beyond the spread between two runs of one setting, 0.1838 / 0.1768 s a
-# step on against 0.1933 / 0.1760 off, and it took 1.5 GB more (19.4 against 17.9 GB): the two kernels'
-# outputs are both kept for the backward. Whether it saves GPU time is for the profiler to say
-# (benchmarks/kernels-notes.md, Session 21); without that it would be removed.
-DENSE_PREFIX_ENV = "NSA_DIST_DENSE_PREFIX"
-
-
-def dense_prefix_enabled() -> bool:
-    setting = os.environ.get(DENSE_PREFIX_ENV, "0")
-    if setting not in ("0", "1"):
-        raise ValueError(f"{DENSE_PREFIX_ENV}={setting!r}: set it to 1 (document-prefix rows on the window "
-                         "kernel) or 0 / unset (the selected kernel for every row, the default)")
-    return setting == "1"
-
-
-def selected_branch(ops: BranchOps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                    selection_block: int, scale: float | None, q_start: int, cu_seqlens: torch.Tensor | None,
-                    dense_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selected branch of the query rows q (global positions q_start ..; k, v from position 0), given
-    top-n's picks. dense_prefix: the rows among the first n * l' tokens of their document go through the
-    window kernel with a window of n * l' instead of the selected kernel. Top-n picked every block they
-    can see (at most n), so this is the same attention, done as dense tiles: the sparse kernel runs a
-    program per token over up to n blocks, far below the GPU's matrix rate, and on short packed documents
-    (the curriculum's first stage) nearly every row is such a row. Where they are under a quarter of the
-    rows (a long sequence) all rows take the selected kernel: summing the two kernels' outputs would cost
-    more than the few rows gain. The reference takes the picks as they are, so the tests compare the two."""
-    def sparse(picks):
-        return ops.selected(q, k, v, picks, selection_block, scale, q_start=q_start, cu_seqlens=cu_seqlens)
-
-    if not dense_prefix:
-        return sparse(block_idx)
-    reach = block_idx.shape[-1] * selection_block
-    count, prefix = document_prefix_rows(q_start, q.shape[1], reach, cu_seqlens, q.device)
-    if 4 * count < q.shape[1]:
-        return sparse(block_idx)
-    if count == q.shape[1]:
-        return ops.window(q, k, v, reach, scale, q_start=q_start, k_start=0, cu_seqlens=cu_seqlens)
-    o_dense, lse_dense = ops.window(q, k, v, reach, scale, q_start=q_start, k_start=0, cu_seqlens=cu_seqlens,
-                                    doc_prefix=reach)
-    # -1 slots: the selected kernel does no work for those rows (o = 0, lse = -inf)
-    o_sparse, lse_sparse = sparse(block_idx.masked_fill(prefix[None, :, None, None], -1))
-    return o_dense + o_sparse, torch.where(prefix[None, :, None], lse_dense, lse_sparse)
 
 
 def native_sparse_attention(

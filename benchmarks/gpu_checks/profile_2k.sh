@@ -5,13 +5,11 @@
 # process, with torch.profiler over steps 2-3 (device time by operator), then NSA again with Python's
 # cProfile over steps 2-8 (the host's share). Device tool, carry [".whl"], about 3 minutes:
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/profile_2k.sh
-# NSA_DIST_DENSE_PREFIX=1 (kernels/nsa.py) profiles the selected branch's dense prefix; the files say so
-# (-prefix1 after the commit), so that both ways can run in one call.
 set -u
 source benchmarks/proof/setup.sh
 mix="{source: 0.125, passkey: 0.875, task_min_length: 256, task_max_length: 256}"
 stage="stages=[{name: bench, seq_len: 2048, steps: 8, global_batch_size: 16, micro_batch_size: 16, mix: $mix}]"
-tag=${COMMIT:-unknown}${NSA_DIST_DENSE_PREFIX:+-prefix$NSA_DIST_DENSE_PREFIX}
+tag=${COMMIT:-unknown}
 timeout 200 python3 tools/bench_train.py --config configs/proof_100m.yaml --seq-len 2048 --steps 8 --profile \
   --set "$stage" --set training.recompute=false --out $OUT/profile_2k_device-$tag.json > $OUT/profile_2k_device-$tag.log 2>&1
 echo "device profile rc=$?"

@@ -17,7 +17,6 @@ def window_attention_ref(
     q_start: int = 0,
     k_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
-    doc_prefix: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention.
 
@@ -28,8 +27,6 @@ def window_attention_ref(
     queries reads only its C + window - 1 keys, so memory is O(C * (C + w)).
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (global positions, B = 1):
     a query sees only the keys of its own document.
-    doc_prefix: only the queries among the first doc_prefix tokens of their document (of the sequence,
-    without cu_seqlens) attend; the others get o = 0 and lse = -inf.
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
@@ -40,7 +37,7 @@ def window_attention_ref(
             keys = slice(k_lo - k_start, k_hi - k_start)
             pieces.append(window_attention_ref(
                 q[:, lo:hi], k[:, keys], v[:, keys], window, scale, chunk_size,
-                q_start + lo - bounds[doc], k_lo - bounds[doc], doc_prefix=doc_prefix,
+                q_start + lo - bounds[doc], k_lo - bounds[doc],
             ))
         return torch.cat([o for o, _ in pieces], dim=1), torch.cat([lse for _, lse in pieces], dim=1)
     batch, seq, num_q_heads, _ = q.shape
@@ -66,9 +63,4 @@ def window_attention_ref(
         outs.append(o)
         lses.append(lse)
     o = torch.cat(outs, dim=1).reshape(batch, seq, num_q_heads, v.shape[-1]).to(q.dtype)
-    lse = torch.cat(lses, dim=1).reshape(batch, seq, num_q_heads)
-    if doc_prefix is not None:
-        attends = (torch.arange(q_start, q_start + seq, device=q.device) < doc_prefix)[None, :, None]
-        o = torch.where(attends[..., None], o, torch.zeros_like(o))
-        lse = torch.where(attends, lse, torch.full_like(lse, -torch.inf))
-    return o, lse
+    return o, torch.cat(lses, dim=1).reshape(batch, seq, num_q_heads)

@@ -15,50 +15,42 @@ from kernels.triton_utils import check_attention_inputs, check_packed
 
 def window_ranges(
     seq: int, num_keys: int, window: int, q_start: int, k_start: int, cu_seqlens: torch.Tensor | None,
-    device: torch.device, doc_prefix: int | None = None,
+    device: torch.device,
 ) -> tuple[torch.Tensor, ...]:
     """Key ranges per query token and query ranges per key (all int32, local indices).
 
     Query j (global position t = q_start + j) sees the keys at global positions max(t - w + 1, start of
     its document) .. t; key s (global position k_start + s) is seen by queries up to min(its position
-    + w, end of its document) - 1. doc_prefix: only the queries among the first doc_prefix tokens of
-    their document see any key (the others get an empty range).
+    + w, end of its document) - 1.
     """
     if cu_seqlens is None:
-        return _one_document_ranges(seq, num_keys, window, q_start, k_start, device, doc_prefix)
+        return _one_document_ranges(seq, num_keys, window, q_start, k_start, device)
     return document_layout(
-        cu_seqlens, ("window_ranges", seq, num_keys, window, q_start, k_start, device, doc_prefix),
-        lambda: _ranges(seq, num_keys, window, q_start, k_start, cu_seqlens.to(device=device, dtype=torch.int64),
-                        doc_prefix))
+        cu_seqlens, ("window_ranges", seq, num_keys, window, q_start, k_start, device),
+        lambda: _ranges(seq, num_keys, window, q_start, k_start, cu_seqlens.to(device=device, dtype=torch.int64)))
 
 
 @functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _one_document_ranges(seq: int, num_keys: int, window: int, q_start: int, k_start: int,
-                         device: torch.device, doc_prefix: int | None) -> tuple[torch.Tensor, ...]:
+                         device: torch.device) -> tuple[torch.Tensor, ...]:
     """window_ranges of one document, cached per shape (every layer of a step asks the same)."""
     # [0, end] built on the device: a tensor copied from a host list waits for the GPU
     end = max(q_start + seq, k_start + num_keys)
-    return _ranges(seq, num_keys, window, q_start, k_start, torch.arange(2, device=device) * end, doc_prefix)
+    return _ranges(seq, num_keys, window, q_start, k_start, torch.arange(2, device=device) * end)
 
 
 def _ranges(seq: int, num_keys: int, window: int, q_start: int, k_start: int,
-            cu: torch.Tensor, doc_prefix: int | None) -> tuple[torch.Tensor, ...]:
+            cu: torch.Tensor) -> tuple[torch.Tensor, ...]:
     device = cu.device
     pos = torch.arange(q_start, q_start + seq, device=device)
-    doc_start = cu[document_of(pos, cu)]
-    first = torch.maximum(pos - window + 1, doc_start)
+    first = torch.maximum(pos - window + 1, cu[document_of(pos, cu)])
     lo = (first - k_start).clamp(0, num_keys)
     hi = (pos + 1 - k_start).clamp(0, num_keys)
-    if doc_prefix is not None:
-        hi = torch.where(pos - doc_start < doc_prefix, hi, lo)
 
     key_pos = torch.arange(k_start, k_start + num_keys, device=device)
-    key_doc = document_of(key_pos, cu)
-    last = torch.minimum(key_pos + window, cu[key_doc + 1])
-    if doc_prefix is not None:
-        last = torch.minimum(last, cu[key_doc] + doc_prefix)
+    last = torch.minimum(key_pos + window, cu[document_of(key_pos, cu) + 1])
     qlo = (key_pos - q_start).clamp(0, seq)
-    qhi = torch.maximum((last - q_start).clamp(0, seq), qlo)
+    qhi = (last - q_start).clamp(0, seq)
     return tuple(x.to(torch.int32).contiguous() for x in (lo, hi, qlo, qhi))
 
 
@@ -71,7 +63,6 @@ def window_attention_triton(
     q_start: int = 0,
     k_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
-    doc_prefix: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention (Triton; same meaning as window_attention_ref).
 
@@ -81,13 +72,11 @@ def window_attention_triton(
     t - window < p <= t.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents in global positions
     (B must be 1); a query sees only keys of its own document.
-    doc_prefix: only the queries among the first doc_prefix tokens of their document (of the sequence,
-    without cu_seqlens) attend; the others get o = 0 and lse = -inf at no cost.
     Returns o: [B, Tq, HQ, Dv] q.dtype and lse: [B, Tq, HQ] float32 (-inf, with o = 0, where no key is
     visible). Differentiable in q, k, v (and through lse).
     """
     check_attention_inputs("window_attention_triton", q, k, v)
     check_packed("window_attention_triton", q.shape[0], cu_seqlens)
-    ranges = window_ranges(q.shape[1], k.shape[1], window, q_start, k_start, cu_seqlens, q.device, doc_prefix)
+    ranges = window_ranges(q.shape[1], k.shape[1], window, q_start, k_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
     return RangeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *ranges, scale)

@@ -5,7 +5,6 @@ from functools import partial
 import pytest
 import torch
 
-import kernels.nsa as nsa
 from kernels.compression.naive import mean_compress
 from kernels.nsa import branch_ops, native_sparse_attention
 from triton_cases import DEVICE, INTERPRETER_WARNINGS, assert_close, assert_lse_close, randn, require_backend
@@ -19,11 +18,9 @@ T = 131
 DOCUMENTS = {"one-sequence": None, "packed": [0, 50, 51, T], "short documents": [0, 50, 51, 115, T]}
 
 
-@pytest.mark.parametrize("dense_prefix", ["0", "1"], ids=["selected-kernel", "dense-prefix"])
 @pytest.mark.parametrize("packed", list(DOCUMENTS))
-def test_triton_matches_reference(packed, dense_prefix, monkeypatch):
+def test_triton_matches_reference(packed):
     require_backend()
-    monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, dense_prefix)
     torch.manual_seed(0)
     group, kv_heads, dk, dv = 2, 1, 32, 16
     bounds = DOCUMENTS[packed]
@@ -129,6 +126,8 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
     branch's output gradient (a [T, HQ, Dv] tensor, made by its gate's backward) is made just before that
     branch's own backward consumes it, never two at once. The test records when each gate's backward runs
     and when each branch's backward has finished (its q's gradient made)."""
+    import kernels.nsa as nsa
+
     require_backend()
     events = []
 
@@ -163,14 +162,10 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
             return o, lse
         return run
 
-    plain = branch_ops("triton")
-    ops = plain._replace(compressed=marked("cmp", plain.compressed), window=marked("win", plain.window),
-                         gate=lambda o, gate: Gate.apply(o, gate, o.branch))
+    ops = branch_ops("triton")
+    ops = ops._replace(compressed=marked("cmp", ops.compressed), selected=marked("slc", ops.selected),
+                       window=marked("win", ops.window), gate=lambda o, gate: Gate.apply(o, gate, o.branch))
     monkeypatch.setattr(nsa, "branch_ops", lambda impl: ops)
-    # the selected branch as a whole (its rows near a document's start run on the window kernel)
-    unmarked_selected = nsa.selected_branch
-    selected = marked("slc", lambda q, k, v, *args, **kw: unmarked_selected(plain, q, k, v, *args, **kw))
-    monkeypatch.setattr(nsa, "selected_branch", lambda _, q, k, v, *args, **kw: selected(q, k, v, *args, **kw))
     torch.manual_seed(0)
     q = randn(1, T, 2, 32)
     kv = [(randn(1, T, 1, 32), randn(1, T, 1, 16)) for _ in range(3)]
@@ -181,40 +176,3 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
     out.output.sum().backward()
     assert events == [f"{name} {what}" for name in ("slc", "win", "cmp")
                       for what in ("output gradient made", "backward done")]
-
-
-def test_dense_prefix_is_off_unless_asked_for(monkeypatch):
-    """Unset or NSA_DIST_DENSE_PREFIX=0, every row of the selected branch runs on the selected kernel and
-    the window kernel runs for the window branch alone; with 1 it runs a second time, for the dense
-    prefix (window n * l'), and the output is the same; other values are refused."""
-    require_backend()
-    torch.manual_seed(0)
-    cu_seqlens = torch.tensor(DOCUMENTS["packed"], dtype=torch.int32, device=DEVICE)
-    q = randn(1, T, 2, 32, grad=False)
-    kv = (randn(1, T, 1, 32, grad=False), randn(1, T, 1, 16, grad=False))
-    gates = torch.rand(1, T, 2, 3, device=DEVICE)
-    phi = partial(mean_compress, block_size=16, stride=8)
-    sizes = dict(block_size=16, stride=8, selection_block=16, num_selected=4, window=24)
-    ops = branch_ops("triton")
-    windows = []  # the window size of each window-kernel call
-
-    def window(q, k, v, size, *args, **kwargs):
-        windows.append(size)
-        return ops.window(q, k, v, size, *args, **kwargs)
-
-    monkeypatch.setattr(nsa, "branch_ops", lambda impl: ops._replace(window=window))
-    outputs = {}
-    for setting in (None, "1", "0"):
-        if setting is None:
-            monkeypatch.delenv(nsa.DENSE_PREFIX_ENV, raising=False)
-        else:
-            monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, setting)
-        windows.clear()
-        outputs[setting] = native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="triton",
-                                                   cu_seqlens=cu_seqlens).output
-        assert sorted(windows) == ([24, 64] if setting == "1" else [24]), setting  # n * l' = 64
-    assert torch.equal(outputs[None], outputs["0"])
-    assert_close("output", outputs["0"], outputs["1"], torch.float32)
-    monkeypatch.setenv(nsa.DENSE_PREFIX_ENV, "yes")
-    with pytest.raises(ValueError, match="NSA_DIST_DENSE_PREFIX='yes': set it to 1"):
-        native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl="triton", cu_seqlens=cu_seqlens)

@@ -68,26 +68,3 @@ def test_window_over_several_key_tiles():
     with torch.no_grad():
         inputs["q"].mul_(4.0)
     compare_attention(window_attention_triton, window_attention_ref, inputs, torch.float32, window=window)
-
-
-@pytest.mark.parametrize("q_start", [0, 10])  # 10: a chunk that starts inside the first document's prefix
-@pytest.mark.parametrize("packed", [False, True])
-def test_only_the_first_tokens_of_each_document(packed, q_start):
-    """doc_prefix (NSA's selected branch near a document's start): only queries among the first 20 tokens
-    of their document attend, the others get o = 0 and lse = -inf; Triton against the reference, whose
-    rows in the prefix equal plain window attention's."""
-    torch.manual_seed(q_start + packed)
-    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE) if packed else None
-    window = 32  # wider than the prefix: the prefix alone decides which rows attend
-    inputs = leaves(1, T - q_start, T, 4, 1, torch.float32)
-    compare_attention(window_attention_triton, window_attention_ref, inputs, torch.float32,
-                      window=window, q_start=q_start, k_start=0, cu_seqlens=cu_seqlens, doc_prefix=20)
-    o, lse = window_attention_ref(**inputs, window=window, q_start=q_start, cu_seqlens=cu_seqlens, doc_prefix=20)
-    o_all, lse_all = window_attention_ref(**inputs, window=window, q_start=q_start, cu_seqlens=cu_seqlens)
-    starts = cu_seqlens.tolist()[:-1] if packed else [0]
-    pos = torch.arange(q_start, T)
-    in_prefix = torch.tensor([p - max(s for s in starts if s <= p) < 20 for p in pos.tolist()])
-    assert 0 < in_prefix.sum() < len(pos)
-    assert torch.equal(o[:, in_prefix], o_all[:, in_prefix])
-    assert torch.equal(lse[:, in_prefix], lse_all[:, in_prefix])
-    assert (o[:, ~in_prefix] == 0).all() and (lse[:, ~in_prefix] == float("-inf")).all()

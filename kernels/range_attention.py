@@ -76,7 +76,13 @@ def _autotuned(kernel, name, accumulators):
     small, large = _CONFIGS[name]
 
     def by_head_dim(configs, named_args, **kwargs):
-        return large if max(kwargs["BLOCK_DK"], kwargs["BLOCK_DV"]) > 128 else small
+        tried = large if max(kwargs["BLOCK_DK"], kwargs["BLOCK_DV"]) > 128 else small
+        # fp32 inputs (full-precision dots: for checking, never for speed) get the last, smallest config
+        # alone. Their dots are FMA loops: on an H200 the one-pass backward's 64 x 128 fp32 configs took
+        # 14 s or more each to build and run once (one spills ~37 KB a thread), while the runs took
+        # milliseconds (benchmarks/gpu_checks/onepass_stall-fd26132.txt); trying them all most likely
+        # held the GPU kernel tests for minutes
+        return tried[-1:] if kwargs["PRECISION"] == "ieee" else tried
 
     # keyed on the powers of two above T and TK, not on T and TK: with packed documents TK (the compressed
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every

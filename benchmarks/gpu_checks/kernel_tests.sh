@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The Triton kernel tests on the GPU machine, bounded, for the device scripts that must not train or time
-# on kernels that fail there (run.sh's PRECHECK=1, dense_prefix.sh). Sourced after setup.sh:
+# on kernels that fail there (run.sh's PRECHECK=1). Sourced after setup.sh:
 #   kernel_tests TAG TEST_FILE...     -> the verbose log in $OUT/pytest-kernels-TAG.log, its tail printed
 # A test that runs past 90 s stops the run with every thread's stack in the log (pytest-timeout, thread
-# method: a stall inside a CUDA call does not return to Python, so the signal method could not end it);
-# the whole run stops at 300 s. On an H200 at 18a7823 the window tests stalled at the first one-pass
-# backward case (fp32, G=1) for over 3 minutes with no stack printed (pytest-kernels-18a7823.log).
+# method); the whole run stops at 300 s. At 18a7823 and fd26132 the window tests sat for minutes on the
+# first fp32 one-pass backward case with no stack printed, so the timeout's thread never ran: the process
+# held the GIL, as Triton's in-process compiler does. benchmarks/gpu_checks/onepass_stall.py (each config
+# in its own process, 25 s each) found no hung kernel: every config it finished ran in milliseconds once
+# compiled, and the 64 x 128 fp32 configs took 14 s or more to build and run once (two passed 25 s).
+# fp32 inputs now autotune over one small config only (kernels/range_attention.py); not yet rerun here.
 kernel_tests() {
   local tag=$1; shift
   echo "$(date +%T) kernel tests: $*"

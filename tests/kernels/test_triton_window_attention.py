@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import kernels.range_attention as range_attention
 from kernels.range_attention import _CPU_TILES
 from kernels.window_attention.naive import window_attention_ref
 from kernels.window_attention.triton import window_attention_triton
@@ -68,3 +69,16 @@ def test_window_over_several_key_tiles():
     with torch.no_grad():
         inputs["q"].mul_(4.0)
     compare_attention(window_attention_triton, window_attention_ref, inputs, torch.float32, window=window)
+
+
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkv", "onepass"])
+def test_fp32_tries_one_config_on_the_gpu(name):
+    """On the GPU fp32 inputs (full-precision dots, slow to compile) are autotuned over one config, the
+    smallest of their head dims' list; fp16/bf16 over the whole list (range_attention._autotuned)."""
+    tuned = range_attention._TUNED[name]
+    small, large = range_attention._CONFIGS[name]
+    for dims, listed in (((32, 16), small), ((256, 128), large)):
+        dims = dict(BLOCK_DK=dims[0], BLOCK_DV=dims[1])
+        assert tuned.early_config_prune(tuned.configs, {}, PRECISION="ieee", **dims) == listed[-1:]
+        assert tuned.early_config_prune(tuned.configs, {}, PRECISION="tf32", **dims) == listed
+        assert len(listed) > 1

@@ -8,7 +8,8 @@ seconds (the sum of step times), and the stage-end evaluation (validation loss, 
 heatmap; accuracy and worst depth at the stage's own length when the grid also holds others), and one
 row per run to set versions of a configuration side by side (answer loss at each stage's end, NIAH after
 each stage and at the short lengths after the last, validation loss, wall seconds), and where stages mixed
-in task samples, one more: the answer loss at each stage's start and end. Writes to
+in task samples, one more: the answer loss at each stage's start and end (--course STAGE adds that
+stage's answer loss per 25 steps). Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
 stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
@@ -253,6 +254,30 @@ def answer_loss_course(runs: dict, span: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def answer_loss_by_span(runs: dict, stage: str, width: int = 25) -> str:
+    """One row per run: the mean answer loss over each `width` steps of `stage`, counted from the stage's
+    first step (steps 1-width, width+1-2*width, ...; the steps with task answers among them), to follow how
+    fast a stage learns its lookup where runs start and end alike. A span without answers is "-"."""
+    spans = {}
+    for name, run in runs.items():
+        s = run["stages"].get(stage)
+        if not s or not s["loss"]:
+            continue
+        first = s["loss"][0][0]
+        for step, value in s["answer_loss"]:
+            spans.setdefault(name, {}).setdefault((step - first) // width, []).append(value)
+    if not spans:
+        return f"(no run has answer losses in a stage called {stage})\n"
+    count = 1 + max(i for by_span in spans.values() for i in by_span)
+    lines = [f"| run | {stage}: steps " + " | ".join(f"{i * width + 1}-{(i + 1) * width}" for i in range(count)) + " |",
+             "| --- | " + " | ".join("---" for _ in range(count)) + " |"]
+    for name in runs:
+        by_span = spans.get(name, {})
+        cells = [f"{sum(by_span[i]) / len(by_span[i]):.2f}" if i in by_span else "-" for i in range(count)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def attach_evals(runs: dict, run_dirs: dict[str, Path], paths: list[Path]) -> None:
     """Adds each eval.json (or a folder holding one) to its run's "evals" list: the run whose directory
     name is part of the checkpoint path the evaluation recorded."""
@@ -302,8 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--evals", nargs="*", type=Path, default=[],
                    help="eval.json files (or folders) of later evaluations of these runs' checkpoints")
+    p.add_argument("--course", metavar="STAGE", help="add a table of STAGE's answer loss, per --course-width steps")
+    p.add_argument("--course-width", type=int, default=25, help="steps a column of the --course table (25)")
     a = p.parse_args(argv)
     names = a.names or [run.name for run in a.runs]
+    if a.course_width < 1:
+        sys.exit(f"error: --course-width {a.course_width}: give a number of steps, 1 or more")
     if len(names) != len(a.runs):
         sys.exit(f"error: --names gives {len(names)} labels for {len(a.runs)} runs: give one per run")
     runs = {name: read_run(run) for name, run in zip(names, a.runs)}
@@ -319,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(runs) + "\n" + one_row_each(runs)
     if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):
         table += "\n" + answer_loss_course(runs)
+    if a.course:
+        table += "\n" + answer_loss_by_span(runs, a.course, a.course_width)
     attach_evals(runs, dict(zip(names, a.runs)), a.evals)
     if any(len(e["niah"]["lengths"]) > 1 for run in runs.values() for e in run["evals"]):
         table += "\n" + niah_by_length(runs)

@@ -269,6 +269,25 @@ def test_onset_step_finds_where_the_answer_loss_falls():
     assert compare_runs.onset_step(history, threshold=1.5, window=4) == 301  # steps 298-301: (2 x 2.0 + 2 x 0.0) / 4 = 1.0; at 300, 1.5
 
 
+def test_answer_loss_by_span_follows_a_stage_in_steps_from_its_start():
+    """compare_runs --course: per run, the mean answer loss over each `width` steps of the stage, counted
+    from its first step (the steps with answers among them); a run without the stage, or a span without
+    answers, is "-"."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import compare_runs
+
+    def run(first, answers):
+        return {"stages": {"8k": {"loss": [(step, 3.0) for step in range(first, first + 10)], "answer_loss": answers}}}
+
+    runs = {"a": run(101, [(101, 2.0), (102, 1.0), (104, 0.5), (110, 0.25)]),
+            "b": run(51, [(51, 1.0), (60, 3.0)]),  # nothing in steps 5-8 of the stage
+            "c": {"stages": {"2k": run(1, [(1, 1.0)])["stages"]["8k"]}}}
+    table = compare_runs.answer_loss_by_span(runs, "8k", width=4)
+    assert table.splitlines() == ["| run | 8k: steps 1-4 | 5-8 | 9-12 |", "| --- | --- | --- | --- |",
+                                  "| a | 1.17 | - | 0.25 |", "| b | 1.00 | - | 3.00 |", "| c | - | - | - |"]
+    assert "no run has answer losses" in compare_runs.answer_loss_by_span(runs, "32k")
+
+
 @pytest.mark.timeout(300)
 def test_task_distances_splits_a_runs_answer_loss_by_lookup(trained, tmp_path):
     """tools/task_distances.py --store: a tracked run of one sequence a step, its answer loss by each step's

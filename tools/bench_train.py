@@ -17,6 +17,10 @@ device (CPU without one), e.g. the proof model's 2K stage on its own data, maske
 With --host-profile, Python's cProfile records the host side of steps 2 to the last on the training thread
 (the device synchronized at both ends): the functions by cumulative and by own time, for a step that is
 host-bound (short sequences: the GPU waits for the Python that launches its kernels).
+
+With --sync-check (GPU only), steps 2 to the last run under torch.cuda's sync debug mode, and every operation
+that made the host wait for the device (a read-back, a copy from pageable memory, a stream synchronize) is
+counted by the line of this repository's code that led to it: what keeps the host from queueing work ahead.
 """
 
 import argparse
@@ -30,7 +34,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 from statistics import median
 
@@ -55,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile steps 2-3 (--steps must be >= 3)")
     parser.add_argument("--host-profile", action="store_true",
                         help="cProfile the host over steps 2 to the last (--steps must be >= 2)")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="count the host-device synchronizations of steps 2 to the last by source line (GPU)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/train_<seq_len>.json)")
     return parser.parse_args()
 
@@ -120,6 +128,76 @@ class ProfileHost(TrainingHooks):
         return out.getvalue()
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")'s message
+
+
+class SyncRecorder:
+    """Records the warnings of torch.cuda's sync debug mode while started, each under the innermost frame of
+    this repository's code outside tools/ that led to it (the line to change), with the stack's last frames."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.stacks: dict[str, list[str]] = {}
+        self._catcher = None
+
+    def start(self) -> None:
+        self._catcher = warnings.catch_warnings()
+        self._catcher.__enter__()
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")  # every one, not once per line
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if SYNC_WARNING in str(message):  # the stack without this function and the warnings module
+                self._record([f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"])
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+
+    def stop(self) -> None:
+        if self._catcher is not None:
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+    def _record(self, frames: list[traceback.FrameSummary]) -> None:
+        def where(frame):
+            path = Path(frame.filename)
+            return f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}:{frame.lineno} ({frame.name})"
+
+        ours = [f for f in frames if Path(f.filename).is_relative_to(ROOT)
+                and not Path(f.filename).is_relative_to(ROOT / "tools")]
+        key = where(ours[-1] if ours else frames[-1])
+        self.counts[key] += 1
+        self.stacks.setdefault(key, [where(f) for f in frames[-6:]])
+
+    def report(self, steps: int) -> tuple[str, list[dict]]:
+        """A table of the synchronizations by source line, most first, with their number a step."""
+        rows = [{"location": key, "count": count, "per_step": count / steps, "stack": self.stacks[key]}
+                for key, count in self.counts.most_common()]
+        lines = [f"{row['count']:>7} {row['per_step']:>9.1f}  {row['location']}" for row in rows]
+        return "\n".join([f"{'count':>7} {'per step':>9}  where (innermost line of ours)"] + lines
+                         + [f"{sum(self.counts.values()):>7} {sum(self.counts.values()) / steps:>9.1f}  in all"]), rows
+
+
+class SyncCheck(TrainingHooks):
+    """torch.cuda's sync debug mode over optimizer steps 2 to the last (the first compiles and autotunes)."""
+
+    def __init__(self, steps: int):
+        self.recorder = SyncRecorder()
+        self.steps = steps
+        self.seen = 0
+
+    def step(self, log):
+        self.seen += 1
+        if self.seen == 1:
+            torch.cuda.synchronize()
+            self.recorder.start()
+            torch.cuda.set_sync_debug_mode("warn")
+        elif self.seen == self.steps:
+            torch.cuda.set_sync_debug_mode("default")
+            self.recorder.stop()
+
+
 def bench(args, attention: str) -> dict:
     config = load_config(args.config, [
         "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
@@ -131,7 +209,8 @@ def bench(args, attention: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     profile = ProfileSteps() if args.profile else None
     host = ProfileHost(args.steps) if args.host_profile else None
-    history = train(config, [PrintStep(attention)] + [hook for hook in (profile, host) if hook]).history
+    syncs = SyncCheck(args.steps) if args.sync_check else None
+    history = train(config, [PrintStep(attention)] + [hook for hook in (profile, host, syncs) if hook]).history
     timed = history[1:] or history
     result = {
         "attention": attention,
@@ -151,6 +230,9 @@ def bench(args, attention: str) -> dict:
         result["host_profile"] = host.report()
         result["host_profiled_steps"] = args.steps - 1
         print(f"\n{attention}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
+    if syncs:
+        table, result["syncs"] = syncs.recorder.report(args.steps - 1)
+        print(f"\n{attention}: host-device synchronizations of steps 2-{args.steps}\n{table}", flush=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -172,6 +254,11 @@ def main() -> None:
         sys.exit(f"error: --profile records steps 2 and 3, and --steps={args.steps}: pass --steps 3 or more")
     if args.host_profile and args.steps < 2:
         sys.exit(f"error: --host-profile records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
+    if args.sync_check and args.steps < 2:
+        sys.exit(f"error: --sync-check records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
+    if args.sync_check and not torch.cuda.is_available():
+        sys.exit("error: --sync-check needs a GPU: it counts where the host waits for the device "
+                 "(torch.cuda.set_sync_debug_mode); run it on the GPU machine")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

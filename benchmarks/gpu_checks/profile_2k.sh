@@ -3,7 +3,8 @@
 # 66% of its steps at 2K), on one GPU: tools/bench_train.py on the proof model's stage shape (16 x 2K,
 # 256-token passkey samples attended alone, bf16, recompute off as in the proof), dense then NSA in one
 # process, with torch.profiler over steps 2-3 (device time by operator), then NSA again with Python's
-# cProfile over steps 2-8 (the host's share). Device tool, carry [".whl"], about 3 minutes:
+# cProfile over steps 2-8 (the host's share), then where the host waits for the GPU (--sync-check).
+# Device tool, carry [".whl"], about 4 minutes:
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/profile_2k.sh
 set -u
 source benchmarks/proof/setup.sh
@@ -21,3 +22,9 @@ timeout 150 python3 tools/bench_train.py --config configs/proof_100m.yaml --seq-
 echo "host profile rc=$?"
 grep -A 3 "host time of steps" $OUT/profile_2k_host-$tag.log
 grep -A 3 "NSA implementation" $OUT/profile_2k_host-$tag.log
+# where the host waits for the GPU (torch.cuda's sync debug mode, steps 2-6): what keeps it from running ahead
+timeout 120 python3 tools/bench_train.py --config configs/proof_100m.yaml --seq-len 2048 --steps 6 --sync-check \
+  --attention nsa --set "$stage" --set training.recompute=false --out $OUT/profile_2k_syncs-$tag.json \
+  > $OUT/profile_2k_syncs-$tag.log 2>&1
+echo "sync check rc=$?"
+grep -A 12 "host-device synchronizations" $OUT/profile_2k_syncs-$tag.log

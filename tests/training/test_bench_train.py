@@ -5,6 +5,7 @@ separate process, as a user runs it."""
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,3 +44,36 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
                                                                      str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert one_step.returncode != 0 and "--host-profile records steps 2 to the last, and --steps=1" in one_step.stderr
+
+
+def _synchronizes(times):
+    for _ in range(times):
+        warnings.warn("called a synchronizing CUDA operation")  # what torch's sync debug mode warns
+
+
+def test_sync_recorder_counts_by_the_line_of_ours_that_synchronized(recwarn):
+    """--sync-check's recorder: while started, each sync-debug warning is counted under the innermost frame
+    of the repository's code outside tools/ (here this file's warn line); other warnings pass through, and
+    nothing is recorded once stopped. On CPU the option is refused with the reason."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_train
+
+    recorder = bench_train.SyncRecorder()
+    recorder.start()
+    _synchronizes(3)
+    warnings.warn("something else")
+    recorder.stop()
+    _synchronizes(1)
+    here = f"tests/training/test_bench_train.py:{_synchronizes.__code__.co_firstlineno + 2} (_synchronizes)"
+    assert dict(recorder.counts) == {here: 3}
+    assert recorder.stacks[here][-1] == here and "(test_sync_recorder_counts_by" in recorder.stacks[here][-2]
+    table, rows = recorder.report(steps=2)
+    assert rows == [{"location": here, "count": 3, "per_step": 1.5, "stack": recorder.stacks[here]}]
+    assert here in table and table.splitlines()[-1].split() == ["3", "1.5", "in", "all"]
+    # the warning outside the recorder and the unrelated one reached the usual handling
+    ours = ("something else", "called a synchronizing CUDA operation")
+    assert [str(w.message) for w in recwarn if str(w.message) in ours] == list(ours)
+
+    refused = subprocess.run([sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml",
+                              "--steps", "2", "--sync-check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--sync-check needs a GPU" in refused.stderr

@@ -336,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(names) != len(a.runs):
         sys.exit(f"error: --names gives {len(names)} labels for {len(a.runs)} runs: give one per run")
     runs = {name: read_run(run) for name, run in zip(names, a.runs)}
+    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
+    if a.course is not None and a.course not in stages:
+        sys.exit(f"error: --course {a.course}: no run has a stage called that; give one of {', '.join(stages)}")
     a.out.mkdir(parents=True, exist_ok=True)
     plot_losses(runs, a.out / "loss.png")
     if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):

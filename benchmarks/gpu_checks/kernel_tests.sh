@@ -7,7 +7,8 @@
 # first fp32 one-pass backward case with no stack printed, so the timeout's thread never ran: the process
 # held the GIL, as Triton's in-process compiler does. benchmarks/gpu_checks/onepass_stall.py (each config
 # in its own process, 25 s each) found no hung kernel: every config it finished ran in milliseconds once
-# compiled, and the 64 x 128 fp32 configs took 14 s or more to build and run once (two passed 25 s).
+# compiled, and the 64 x 128 fp32 configs took 14 s or more to build and run once (two did not finish
+# within 25 s).
 # fp32 inputs now autotune over one small config only (kernels/range_attention.py); not yet rerun here.
 kernel_tests() {
   local tag=$1; shift

@@ -184,6 +184,14 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
         compare_runs.main([str(root / "run"), "--out", str(tmp_path / "stray"),
                            "--evals", str(tmp_path / "stray.json")])
 
+    # --course: one stage's answer loss per span of steps; a stage no run has is refused with the ones there are
+    with pytest.raises(SystemExit, match="--course 8k: no run has a stage called that; give one of first, more"):
+        compare_runs.main([str(root / "run"), "--out", str(tmp_path / "typo"), "--course", "8k"])
+    course = compare_runs.main([str(root / "run"), "--names", "tiny", "--out", str(tmp_path / "course"),
+                                "--course", "more", "--course-width", "12"])
+    assert "| run | more: steps 1-12 | 13-24 |" in (tmp_path / "course" / "report.md").read_text()
+    assert course["tiny"]["stages"]["more"]["steps"] == 24
+
     copy = tmp_path / "copied" / "run"
     shutil.copytree(root / "run", copy, ignore=lambda folder, names: [n for n in names if n.startswith("__")
                                                                       or n.endswith((".distcp", ".pt"))])

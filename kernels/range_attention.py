@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot_precision, poisoned, pow2
+from kernels.triton_utils import dot_precision, poisoned, pow2, programs_wanted
 
 LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2 is the fast instruction)
 
@@ -460,7 +460,7 @@ _SPLIT_KEYS = 64  # keys per tile assumed when choosing the dK/dV split (the aut
 # torch.use_deterministic_algorithms(True) the split path runs instead. A module setting, read at each
 # backward, so that one process can time both.
 BWD_ONE_PASS = True
-# One-pass grid: about this many times _programs_wanted programs (key tiles x chunks of rows; in the
+# One-pass grid: about this many times programs_wanted programs (key tiles x chunks of rows; in the
 # compressed branch about half of them have rows), so that the longest, a chunk of key tile 0, is
 # short and leaves a short tail. Measured at 128K: 1 -> 137.3 ms, 4 -> 125.2, 16 -> 119.3.
 ONEPASS_CHUNKING = 16
@@ -474,14 +474,6 @@ def _launch(name, device, grid, *args, **consts):
         _KERNELS[name][grid(_CPU_TILES)](*args, **consts, **_CPU_TILES)
     else:
         _TUNED[name][grid](*args, **consts)
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """dK/dV programs that keep every multiprocessor busy with several at once (one alone leaves it
-    latency-bound); on CPU (interpreter) a few, so that the tests exercise the split too."""
-    if device.type == "cpu":
-        return 4
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_args(q, k, v, scale):
@@ -525,7 +517,7 @@ def _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
     def grid(tiles):
         key_tiles = triton.cdiv(k.shape[1], tiles["BLOCK_N"])
         key_programs = max(1, key_tiles * batch * k.shape[2])
-        chunks = triton.cdiv(ONEPASS_CHUNKING * _programs_wanted(q.device), key_programs)
+        chunks = triton.cdiv(ONEPASS_CHUNKING * programs_wanted(q.device), key_programs)
         return (key_tiles, max(1, min(_MAX_CHUNKS, chunks)), batch * k.shape[2])
 
     _launch("onepass", q.device, grid, q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi, *sizes,
@@ -548,7 +540,7 @@ def _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
 
     _launch("dq", q.device, grid_q, q, k, v, do, lse, delta, dq, lo, hi, *sizes, scale, **consts)
     key_programs = max(1, triton.cdiv(k.shape[1], _SPLIT_KEYS) * batch * k.shape[2])
-    splits = max(1, min(_MAX_SPLITS, _programs_wanted(q.device) // key_programs))
+    splits = max(1, min(_MAX_SPLITS, programs_wanted(q.device) // key_programs))
     if splits > 1:
         dk_parts = poisoned((splits, *k.shape), torch.float32, k.device)
         dv_parts = poisoned((splits, *v.shape), torch.float32, v.device)

@@ -18,6 +18,15 @@ def launch_params(overrides: dict[str, dict], kernel: str, **defaults) -> dict:
     return {**defaults, **overrides.get(kernel, {})}
 
 
+def programs_wanted(device: torch.device) -> int:
+    """Programs that keep every multiprocessor busy with several at once (one alone leaves it
+    latency-bound): what the kernels that choose their own work split aim for. On CPU (interpreter) a
+    few, so that the tests exercise the split too."""
+    if device.type == "cpu":
+        return 4
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots (the GPU default, tf32, would cost them ~3e-4 relative error);
     fp16/bf16 inputs use the tensor cores with fp32 accumulation and ignore this setting."""

@@ -25,7 +25,7 @@ import triton.language as tl
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, host_bounds
 from kernels.range_attention import LOG2E, attention_delta, online_softmax_step, store_rows
 from kernels.triton_utils import (
-    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
+    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted,
 )
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
@@ -265,7 +265,7 @@ def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks
     entries = ((order // (num_kv_heads * num_selected)) % seq).to(torch.int32)
     bounds = torch.searchsorted(sorted_key, torch.arange(total_blocks + 1, device=device))
     starts, counts = bounds[:-1], bounds.diff()
-    cap = segment_cap(seq, num_selected, num_blocks)
+    cap = segment_cap(seq, num_selected, num_blocks, key.numel(), programs_wanted(device))
     seg_count = -(-counts // cap)
     seg_end = seg_count.cumsum(0)
     seg_first = seg_end - seg_count
@@ -279,10 +279,17 @@ def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks
     return entries, seg_block, seg_lo, seg_hi, seg_first, seg_count
 
 
-def segment_cap(seq: int, num_selected: int, num_blocks: int) -> int:
-    """Entries per segment: twice the mean list length, so that no program gets much more than its share
-    (block 0, picked by every query, is cut into many)."""
-    return max(ROWS_PER_TILE, 2 * -(-seq * num_selected // max(num_blocks, 1)))
+def segment_cap(seq: int, num_selected: int, num_blocks: int, num_entries: int, programs: int) -> int:
+    """Entries per segment: at most twice the mean list length, so that no program gets much more than
+    its share (block 0, picked by every query, is cut into many), and at most an even share of all
+    entries among `programs` programs. The second bound is for packed documents of mixed lengths: in
+    the proof's first stage (16 x 2K: 112 documents of 256 tokens, two of 2K) the mean counts every
+    slot, though a short document's queries fill only the few blocks they have, so twice the mean was
+    2,048 tokens. That is a whole list of a 2K document (512 row tiles at G = 16) against about 230 a
+    multiprocessor for the whole step: one program left running alone at the end. num_entries is
+    every slot of block_idx (a bound on the picks, known without reading them)."""
+    mean = -(-seq * num_selected // max(num_blocks, 1))
+    return max(ROWS_PER_TILE, min(2 * mean, -(-num_entries // max(programs, 1))))
 
 
 def segments_bound(num_entries: int, total_blocks: int, cap: int) -> int:

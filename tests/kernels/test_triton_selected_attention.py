@@ -75,15 +75,20 @@ def test_chunk_at_offset_in_packed_documents():
                       block_idx=blocks, selection_block=SEL, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
 
 
-def test_inverted_index_lists_every_pick_once():
+@pytest.mark.parametrize("programs, cap", [(4, 118), (40, 79)])
+def test_inverted_index_lists_every_pick_once(monkeypatch, programs, cap):
     """Per (batch, KV head, key block): the tokens that picked it, ascending, cut into bounded segments;
-    the segments past the real ones (the launch is sized without a host sync) are empty."""
+    the segments past the real ones (the launch is sized without a host sync) are empty. Segments hold
+    at most twice the mean list length (118 here) or, with more programs wanted, an even share of the
+    3,144 slots (79 for 40 programs)."""
     torch.manual_seed(0)
+    monkeypatch.setattr(selected, "programs_wanted", lambda device: programs)
     batch, kv_heads = 2, 3
     blocks = random_blocks(batch, T, kv_heads)
     _, block_base, block_start, _ = selection_layout(T, T, SEL, 0, None, blocks.device)
     num_blocks = block_start.numel()
     entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(blocks, block_base, num_blocks)
+    assert int((seg_hi - seg_lo).max()) == cap
     expected = {}
     for b, t, h, slot in torch.nonzero(blocks >= 0).tolist():
         expected.setdefault((b * kv_heads + h) * num_blocks + int(blocks[b, t, h, slot]), []).append(t)
@@ -97,3 +102,12 @@ def test_inverted_index_lists_every_pick_once():
         found.setdefault(block, []).extend(entries[seg_lo[seg] : seg_hi[seg]].tolist())
     assert found == expected
     assert int(seg_count[0]) > 1, "block 0 (picked by every query) should span several segments"
+
+
+def test_segment_cap_splits_packed_short_documents_finely():
+    """The proof's first-stage step (32K tokens in 512 blocks, n = 16, one KV head) on an H200 (132
+    multiprocessors, 1,056 programs wanted): an even share of the slots (497 tokens), not twice the mean
+    list length (2,048, a whole 2K document's list). One 128K document (4 KV heads): the mean bounds."""
+    assert selected.segment_cap(32768, 16, 512, 32768 * 16, 1056) == 497
+    assert selected.segment_cap(131072, 16, 2048, 131072 * 4 * 16, 1056) == 2048
+    assert selected.segment_cap(64, 4, 4, 64 * 4, 1056) == selected.ROWS_PER_TILE

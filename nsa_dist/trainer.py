@@ -40,6 +40,7 @@ from nsa_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, 
                                  load_checkpoint, newest_checkpoint, read_checkpoint, step_dir)
 from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.data import check_data, document_eod, micro_batches, stage_sequences
+from nsa_dist import megatron_fallbacks
 from nsa_dist.megatron_cpu import enable_cpu
 from nsa_dist.attention import set_comm_stats, set_gather_group, set_num_selected, set_rotary_base
 from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
@@ -250,6 +251,7 @@ def _start_processes(config: Config) -> torch.device:
     # Megatron-core's tensor-parallel layers want one CUDA work queue, so that communication kernels run
     # in the order they were issued (it warns otherwise); must be set before CUDA starts.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    megatron_fallbacks.install()  # gradient clipping without apex: no sync per parameter
     if device.type == "cpu":
         enable_cpu()  # Megatron-core's CUDA-only calls, redirected: see nsa_dist/megatron_cpu.py
         if not dist.is_initialized():

@@ -199,7 +199,8 @@ def forward_step(batches, model):
 
     def loss_func(per_token: torch.Tensor):
         total = per_token.sum()
-        tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
+        # a fill on the device: torch.tensor(n, device=...) copies from host memory, which waits for the GPU
+        tokens = torch.full((), per_token.numel(), dtype=torch.int, device=per_token.device)
         on_answers = (per_token.detach() * answers).sum()  # a product, not a boolean index: no device sync
         # (loss sum, token count): Megatron divides the gradients by the global token count; the same over
         # the task answers' tokens alone is reported (retrieval as it is learned)

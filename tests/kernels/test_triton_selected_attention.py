@@ -75,23 +75,15 @@ def test_chunk_at_offset_in_packed_documents():
                       block_idx=blocks, selection_block=SEL, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
 
 
-@pytest.mark.parametrize("programs, cap", [(4, 118), (40, 79)])
-def test_inverted_index_lists_every_pick_once(monkeypatch, programs, cap):
-    """Per (batch, KV head, key block): the tokens that picked it, ascending, cut into bounded segments;
-    the segments past the real ones (the launch is sized without a host sync) are empty. Segments hold
-    at most twice the mean list length (118 here) or, with more programs wanted, an even share of the
-    3,144 slots (79 for 40 programs)."""
-    torch.manual_seed(0)
-    monkeypatch.setattr(selected, "programs_wanted", lambda device: programs)
-    batch, kv_heads = 2, 3
-    blocks = random_blocks(batch, T, kv_heads)
-    _, block_base, block_start, _ = selection_layout(T, T, SEL, 0, None, blocks.device)
-    num_blocks = block_start.numel()
+def check_inverted_index(blocks, block_base, num_blocks):
+    """The index lists, per (batch, KV head, key block), exactly the tokens that picked it, ascending, cut
+    into consecutive segments; the segments past the real ones (the launch is sized without a host
+    sync) are empty. Returns the segments' lengths and counts."""
+    kv_heads = blocks.shape[2]
     entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(blocks, block_base, num_blocks)
-    assert int((seg_hi - seg_lo).max()) == cap
     expected = {}
     for b, t, h, slot in torch.nonzero(blocks >= 0).tolist():
-        expected.setdefault((b * kv_heads + h) * num_blocks + int(blocks[b, t, h, slot]), []).append(t)
+        expected.setdefault((b * kv_heads + h) * num_blocks + int(block_base[t] + blocks[b, t, h, slot]), []).append(t)
     found = {}
     num_real = int(seg_count.sum())
     for seg, block in enumerate(seg_block.tolist()):
@@ -101,7 +93,32 @@ def test_inverted_index_lists_every_pick_once(monkeypatch, programs, cap):
         assert seg_first[block] <= seg < seg_first[block] + seg_count[block]
         found.setdefault(block, []).extend(entries[seg_lo[seg] : seg_hi[seg]].tolist())
     assert found == expected
+    return seg_hi - seg_lo, seg_count
+
+
+@pytest.mark.parametrize("programs, cap", [(4, 118), (40, 79)])
+def test_inverted_index_lists_every_pick_once(monkeypatch, programs, cap):
+    """One document: segments hold at most twice the mean list length (118 here) or, with more programs
+    wanted, an even share of the 3,144 slots (79 for 40 programs)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(selected, "programs_wanted", lambda device: programs)
+    blocks = random_blocks(2, T, 3)
+    _, block_base, block_start, _ = selection_layout(T, T, SEL, 0, None, blocks.device)
+    lengths, seg_count = check_inverted_index(blocks, block_base, block_start.numel())
+    assert int(lengths.max()) == cap
     assert int(seg_count[0]) > 1, "block 0 (picked by every query) should span several segments"
+
+
+def test_inverted_index_over_packed_documents(monkeypatch):
+    """Packed documents, each with its own key blocks (block_base), and a document of one token."""
+    torch.manual_seed(1)
+    monkeypatch.setattr(selected, "programs_wanted", lambda device: 40)
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(T), right=True) - 1]
+    blocks = random_blocks(1, T, 2, 0, doc_starts)
+    _, block_base, block_start, _ = selection_layout(T, T, SEL, 0, cu_seqlens.to(DEVICE), blocks.device)
+    lengths, seg_count = check_inverted_index(blocks, block_base, block_start.numel())
+    assert int(block_base.max()) > 0 and int(lengths.max()) > 0
 
 
 def test_segment_cap_splits_packed_short_documents_finely():

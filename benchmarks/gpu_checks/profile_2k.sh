@@ -6,11 +6,17 @@
 # cProfile over steps 2-8 (the host's share), then where the host waits for the GPU (--sync-check).
 # Device tool, carry [".whl"], about 4 minutes:
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/profile_2k.sh
+# PRECHECK=1 first runs the selected-attention kernel tests on the GPU (kernel_tests.sh) and stops if they
+# fail: for a kernel on the training path that has not yet run on a GPU (the inverted index, 5cbbb44).
 set -u
+tag=${COMMIT:-unknown}
 source benchmarks/proof/setup.sh
+if [ "${PRECHECK:-0}" = 1 ]; then
+  source benchmarks/gpu_checks/kernel_tests.sh
+  kernel_tests selected-$tag tests/kernels/test_triton_selected_attention.py || exit 1
+fi
 mix="{source: 0.125, passkey: 0.875, task_min_length: 256, task_max_length: 256}"
 stage="stages=[{name: bench, seq_len: 2048, steps: 8, global_batch_size: 16, micro_batch_size: 16, mix: $mix}]"
-tag=${COMMIT:-unknown}
 timeout 200 python3 tools/bench_train.py --config configs/proof_100m.yaml --seq-len 2048 --steps 8 --profile \
   --set "$stage" --set training.recompute=false --out $OUT/profile_2k_device-$tag.json > $OUT/profile_2k_device-$tag.log 2>&1
 echo "device profile rc=$?"

@@ -9,8 +9,10 @@
 #     mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 sqlalchemy alembic psutil
 PYTHON=${PYTHON:-python3}
 if [ "${SETUP:-1}" = 1 ]; then
+  # FLA=1 adds fla-core (tools/bench_kernels.py's fla line; its einops is on the machine already). It must
+  # go to /tmp/site as the rest: a plain `pip install` reaches another Python than python3's
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/megatron_core*.whl .whl/mlflow/*.whl || exit 1
+    .whl/megatron_core*.whl .whl/mlflow/*.whl $([ "${FLA:-0}" = 1 ] && echo .whl/fla_core*.whl) || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD

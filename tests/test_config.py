@@ -256,3 +256,29 @@ def test_sequence_parallel_shows_in_the_layout_of_stages_that_use_it():
     a, b = config.resolved_stages()
     assert (a.sequence_parallel, a.layout()) == (False, "TP=1 PP=1 CP=1")
     assert (b.sequence_parallel, b.layout()) == (True, "TP=2 SP PP=1 CP=1")
+
+
+def _probe_runs():
+    """(spec, run name, config, overrides) of every line of benchmarks/proof/probes/*.spec, split as a shell
+    splits them (benchmarks/proof/run_many.sh reads them with bash)."""
+    import shlex
+
+    runs = []
+    for spec in sorted((ROOT / "benchmarks" / "proof" / "probes").glob("*.spec")):
+        for line in spec.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                name, config, *overrides = shlex.split(line)
+                runs.append(pytest.param(spec.name, name, config, overrides, id=f"{spec.stem}-{name}"))
+    return runs
+
+
+@pytest.mark.parametrize("spec, name, config, overrides", _probe_runs())
+def test_probe_specs_load(spec, name, config, overrides):
+    """Each probe run's config and overrides load and validate here, before a device call is spent on it."""
+    loaded = load_config(str(ROOT / config), overrides)
+    assert loaded.stages, f"{spec}: run {name} has no stages"
+
+
+def test_probe_spec_names_are_unique():
+    names = [(param.values[0], param.values[1]) for param in _probe_runs()]
+    assert names and len(names) == len(set(names))

@@ -21,6 +21,11 @@ host-bound (short sequences: the GPU waits for the Python that launches its kern
 With --sync-check (GPU only), steps 2 to the last run under torch.cuda's sync debug mode, and every operation
 that made the host wait for the device (a read-back, a copy from pageable memory, a stream synchronize) is
 counted by the line of this repository's code that led to it: what keeps the host from queueing work ahead.
+
+With --compile-report, every Triton compile of the run is recorded (Triton's compilation listener): the step it
+came in, the kernel, its seconds, whether the on-disk cache served it, and what set it apart from the same
+kernel's other compiles (an autotune candidate's tiles and warps, or an integer argument that was divisible by
+16 in one batch and not in another): where a first step's compile time goes, and what compiles again later.
 """
 
 import argparse
@@ -63,6 +68,8 @@ def parse_args() -> argparse.Namespace:
                         help="cProfile the host over steps 2 to the last (--steps must be >= 2)")
     parser.add_argument("--sync-check", action="store_true",
                         help="count the host-device synchronizations of steps 2 to the last by source line (GPU)")
+    parser.add_argument("--compile-report", action="store_true",
+                        help="record every Triton compile: step, kernel, seconds, what set its variant apart")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/train_<seq_len>.json)")
     return parser.parse_args()
 
@@ -198,6 +205,70 @@ class SyncCheck(TrainingHooks):
             self.recorder.stop()
 
 
+class CompileRecorder(TrainingHooks):
+    """Every Triton compile while started (triton.knobs.compilation.listener), under the optimizer step it
+    came in (1 until the first step ends). A compile's variant is what its source was specialized on: the
+    constexprs (an int equal to 1 becomes one), the arguments marked divisible by 16, and num_warps and
+    num_stages; two compiles of one kernel differ in some of these."""
+
+    def __init__(self):
+        self.step_now = 1
+        self.events: list[dict] = []
+
+    def start(self) -> None:
+        import triton
+
+        triton.knobs.compilation.listener = self._record
+
+    def stop(self) -> None:
+        import triton
+
+        triton.knobs.compilation.listener = None
+
+    def step(self, log):
+        self.step_now += 1
+
+    def _record(self, *, src, metadata, metadata_group, times, cache_hit) -> None:
+        fn = getattr(src, "fn", None)
+        names = getattr(fn, "arg_names", [])
+
+        def arg(path):
+            return names[path[0]] if path and path[0] < len(names) else str(path)
+
+        variant = {arg(path): str(value) for path, value in getattr(src, "constants", {}).items()}
+        variant.update({arg(path): "divisible by 16" for path, attrs in getattr(src, "attrs", {}).items()
+                        if ["tt.divisibility", 16] in [list(a) for a in attrs]})
+        variant.update({key: str(metadata.get(key)) for key in ("num_warps", "num_stages")})
+        microseconds = times.ir_initialization + sum(d for _, d in times.lowering_stages) + times.store_results
+        self.events.append({"step": self.step_now, "kernel": getattr(src, "name", metadata.get("name", "?")),
+                            "seconds": microseconds / 1e6, "cache_hit": cache_hit, "variant": variant})
+
+    def report(self) -> tuple[str, dict]:
+        """Compiles and their seconds by step, then by kernel with what its variants differ in."""
+        built = [e for e in self.events if not e["cache_hit"]]
+        by_step: dict[int, list[dict]] = {}
+        by_kernel: dict[str, list[dict]] = {}
+        for event in built:
+            by_step.setdefault(event["step"], []).append(event)
+            by_kernel.setdefault(event["kernel"], []).append(event)
+        lines = [f"{'step':>5} {'compiles':>9} {'seconds':>8}"]
+        lines += [f"{step:>5} {len(events):>9} {sum(e['seconds'] for e in events):>8.2f}"
+                  for step, events in sorted(by_step.items())]
+        lines += [f"{'all':>5} {len(built):>9} {sum(e['seconds'] for e in built):>8.2f}"
+                  f"   (and {len(self.events) - len(built)} served by Triton's cache)", "",
+                  f"{'kernel':<28} {'compiles':>9} {'seconds':>8}  steps  variants differ in"]
+        kernels = {}
+        for name, events in sorted(by_kernel.items(), key=lambda item: -sum(e["seconds"] for e in item[1])):
+            keys = sorted({key for e in events for key in e["variant"]})
+            differ = [key for key in keys if len({e["variant"].get(key) for e in events}) > 1]
+            steps = sorted({e["step"] for e in events})
+            kernels[name] = {"compiles": len(events), "seconds": sum(e["seconds"] for e in events),
+                             "steps": steps, "differ_in": differ}
+            lines.append(f"{name:<28} {len(events):>9} {kernels[name]['seconds']:>8.2f}  "
+                         f"{','.join(map(str, steps)):<5}  {', '.join(differ) or '-'}")
+        return "\n".join(lines), {"events": self.events, "kernels": kernels}
+
+
 def bench(args, attention: str) -> dict:
     config = load_config(args.config, [
         "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
@@ -210,7 +281,15 @@ def bench(args, attention: str) -> dict:
     profile = ProfileSteps() if args.profile else None
     host = ProfileHost(args.steps) if args.host_profile else None
     syncs = SyncCheck(args.steps) if args.sync_check else None
-    history = train(config, [PrintStep(attention)] + [hook for hook in (profile, host, syncs) if hook]).history
+    compiles = CompileRecorder() if args.compile_report else None
+    if compiles:
+        compiles.start()
+    try:
+        history = train(config, [PrintStep(attention)] + [hook for hook in (profile, host, syncs, compiles)
+                                                          if hook]).history
+    finally:
+        if compiles:
+            compiles.stop()
     timed = history[1:] or history
     result = {
         "attention": attention,
@@ -230,6 +309,9 @@ def bench(args, attention: str) -> dict:
         result["host_profile"] = host.report()
         result["host_profiled_steps"] = args.steps - 1
         print(f"\n{attention}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
+    if compiles:
+        table, result["compiles"] = compiles.report()
+        print(f"\n{attention}: Triton compiles by step and kernel\n{table}", flush=True)
     if syncs:
         table, result["syncs"] = syncs.recorder.report(args.steps - 1)
         print(f"\n{attention}: host-device synchronizations of steps 2-{args.steps}\n{table}", flush=True)

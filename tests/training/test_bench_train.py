@@ -3,6 +3,7 @@ profiled (steps 2-3), with --host-profile profiled on the host (cProfile, steps 
 separate process, as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_train_times_and_profiles_steps(tmp_path):
     out = tmp_path / "train.json"
     command = [sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml", "--attention", "dense",
-               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--out", str(out),
+               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--compile-report", "--out", str(out),
                "--set", "training.dtype=fp32", "--set", "training.device=cpu", "--set", "model.num_layers=1",
                # a stage of the user's own, shorter than quickstart.yaml's 5 warmup steps (the benchmark sets 1)
                "--set", "stages=[{name: mine, seq_len: 128, steps: 4, global_batch_size: 2, micro_batch_size: 2}]"]
@@ -35,6 +36,9 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
     assert result["host_profiled_steps"] == 3 and "Ordered by: cumulative time" in host
     assert "Ordered by: internal time" in host and "trainer.py" in host
     assert "host time of steps 2-4" in done.stdout
+    # the compile report is wired in; dense attention on CPU compiles no Triton kernel
+    assert result["compiles"] == {"events": [], "kernels": {}}
+    assert "Triton compiles by step and kernel" in done.stdout
 
     too_few = subprocess.run(command[:command.index("--steps")] + ["--steps", "2", "--profile", "--out", str(out)],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -77,3 +81,59 @@ def test_sync_recorder_counts_by_the_line_of_ours_that_synchronized(recwarn):
     refused = subprocess.run([sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml",
                               "--steps", "2", "--sync-check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "--sync-check needs a GPU" in refused.stderr
+
+
+COMPILE_SCRIPT = r'''
+import json, sys, tempfile, os
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+sys.path.insert(0, os.path.join(os.getcwd(), "tools"))
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bench_train import CompileRecorder
+
+@triton.jit
+def scale_rows(x, y, n, factor, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y + offs, tl.load(x + offs, mask=offs < n) * factor, mask=offs < n)
+
+def build(block, n_divisible, warps):
+    signature = {"x": "*fp32", "y": "*fp32", "n": "i32", "factor": "fp32", "BLOCK": "constexpr"}
+    attrs = {(2,): [["tt.divisibility", 16]]} if n_divisible else {}
+    source = ASTSource(scale_rows, signature, constexprs={"BLOCK": block}, attrs=attrs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+recorder = CompileRecorder()
+recorder.start()
+build(64, False, 4)
+build(128, False, 4)            # step 1: an autotune-like pair, tiles apart
+recorder.step(None)
+build(64, True, 4)              # step 2: n divisible by 16 in this batch: a new variant
+build(64, False, 4)             # the first again: Triton's cache serves it
+recorder.stop()
+build(32, False, 2)             # not recorded
+table, report = recorder.report()
+print(table)
+print(json.dumps(report["kernels"]))
+print(json.dumps([[e["step"], e["cache_hit"]] for e in report["events"]]))
+'''
+
+
+def test_compile_recorder_names_each_compiles_step_and_what_set_it_apart(tmp_path):
+    """--compile-report's recorder on real Triton compiles (offline, for an H100/H200 target: no GPU needed,
+    so run without the interpreter): compiles are counted under the step they came in, the cache's hits apart,
+    and a kernel's variants are told apart by the constexpr and the divisibility of an integer argument."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = tmp_path / "compile_variants.py"  # Triton reads a @jit function's source from its file
+    script.write_text(COMPILE_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    kernels, events = json.loads(lines[-2]), json.loads(lines[-1])
+    assert events == [[1, False], [1, False], [2, False], [2, True]]
+    (name, kernel), = kernels.items()
+    assert name == "scale_rows" and kernel["compiles"] == 3 and kernel["steps"] == [1, 2]
+    assert kernel["differ_in"] == ["BLOCK", "n"] and kernel["seconds"] > 0
+    assert "(and 1 served by Triton's cache)" in done.stdout

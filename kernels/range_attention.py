@@ -167,7 +167,7 @@ def _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.con
     return keys, kt, vt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK"])  # TK: the compressed tokens of the batch (triton_utils)
 def _range_attn_fwd(
     q, k, v, o, lse, lo, hi,
     T, TK, HQ, HK, scale_log2,
@@ -221,7 +221,7 @@ def _dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PREC
     return acc + tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK"])
 def _range_attn_bwd_dq(
     q, k, v, do, lse, delta, dq, lo, hi,
     T, TK, HQ, HK, scale_log2, scale,
@@ -331,7 +331,7 @@ def _dkv_tile(k, v, qlo, qhi, pid_n, b, hk, T, TK, HK, dk, dv, G: tl.constexpr, 
     return keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "NUM_SPLITS"])
 def _range_attn_bwd_dkv(
     q, k, v, do, lse, delta, dk_out, dv_out, lo, hi, qlo, qhi,
     B, T, TK, HQ, HK, scale_log2, scale, NUM_SPLITS,
@@ -371,7 +371,7 @@ def _range_attn_bwd_dkv(
              mask=key_ok[:, None] & (dv[None, :] < DV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK"])
 def _range_attn_bwd_onepass(
     q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi,
     T, TK, HQ, HK, scale_log2, scale,

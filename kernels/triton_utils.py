@@ -6,6 +6,14 @@ import torch
 import triton
 
 
+# Integer arguments that follow the packed documents (the compressed tokens' count, the key blocks', the
+# inverted index's sizes) change from batch to batch. Triton specializes an int argument on being divisible
+# by 16 or equal to 1 and compiles the kernel again when that changes, so a batch whose count happens to be
+# a multiple of 16 costs every such kernel (and every autotune candidate of it) a new compile, about a
+# second each. The kernels name those arguments in `do_not_specialize`; none of them sets an alignment
+# the kernel relies on (addresses are multiples of the head dim, a constexpr).
+
+
 def pow2(x: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(x, minimum): tl.arange needs powers of two, tl.dot needs >= 16."""
     return max(minimum, triton.next_power_of_2(x))

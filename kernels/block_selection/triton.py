@@ -36,7 +36,7 @@ BLOCK_T = 64  # query tokens per program
 LAUNCH: dict[str, dict] = {}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # NC: the compressed tokens of the batch (triton_utils)
 def _topn_kernel(
     q, k_cmp, lse, tiles, out,
     T, NC, HQ, HK, NSEL, q_start, scale_log2,

@@ -124,7 +124,7 @@ def _selected_bwd_dq(
              mask=head_ok[:, None] & (dk[None, :] < DK))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
 def _selected_bwd_dkv(
     q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
     T, TK, HQ, HK, KB, q_start, scale_log2, scale,
@@ -171,7 +171,7 @@ def _selected_bwd_dkv(
     tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["KB"])
 def _selected_bwd_reduce(
     part_k, part_v, seg_first, seg_count, block_start, block_end, dk_out, dv_out,
     TK, HK, KB,
@@ -246,7 +246,7 @@ def _document_blocks(seq: int, selection_block: int, q_start: int, cu_seqlens: t
 INDEX_BLOCK = 1024  # slots, entries or segments per program of the inverted-index kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["KB", "TOTAL"])
 def _index_keys(block_idx, block_base, key, N, T, HK, NSEL, KB, TOTAL, BLOCK: tl.constexpr):
     """key of each block_idx slot: (b * HK + hk) * KB + the document's first key block + the pick, or
     TOTAL for an unused slot (sorted last)."""
@@ -259,7 +259,7 @@ def _index_keys(block_idx, block_base, key, N, T, HK, NSEL, KB, TOTAL, BLOCK: tl
     tl.store(key + i, tl.where(ids >= 0, group * KB + base + ids, TOTAL), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TOTAL", "CAP"])
 def _index_entries(order, entries, bounds, seg_count, N, T, SLOTS, TOTAL, CAP, BLOCK: tl.constexpr):
     """The query token of each sorted slot, and (the first TOTAL programs' lanes) each key block's number
     of segments, ceil(count / CAP), from its list's bounds."""
@@ -272,7 +272,7 @@ def _index_entries(order, entries, bounds, seg_count, N, T, SLOTS, TOTAL, CAP, B
     tl.store(seg_count + i, (count + CAP - 1) // CAP, mask=is_block)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSEG", "TOTAL", "CAP", "STEPS"])
 def _index_segments(bounds, seg_end, seg_count, seg_block, seg_lo, seg_hi, NSEG, TOTAL, CAP, STEPS,
                     BLOCK: tl.constexpr):
     """For each segment s: its key block (the first whose seg_end > s, by binary search; block 0 with an

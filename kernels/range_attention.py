@@ -33,7 +33,7 @@ each key tile are cut into chunks counted back from its last row and the program
 together (see the kernel); dK and dV (fp32, 17 MB each at 128K) get one addition per program.
 
 On the GPU the tile sizes, warps and pipeline stages are autotuned per shape (triton.autotune, cached
-per (T, TK, G, Dk, Dv, dtype)); rows are visited longest-first (the last query tiles of the compressed
+per (T, TK, G, Dk, Dv, dtype), in memory and in Triton's cache directory); rows are visited longest-first (the last query tiles of the compressed
 branch see the most keys), so that the long programs do not start last and leave the GPU idle at the
 end. Under the interpreter (CPU) one fixed configuration runs.
 """
@@ -86,9 +86,10 @@ def _autotuned(kernel, name, accumulators):
 
     # keyed on the powers of two above T and TK, not on T and TK: with packed documents TK (the compressed
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
-    # config again (~0.65 s a step)
+    # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
+    # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
     return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"], reset_to_zero=accumulators,
-                           prune_configs_by={"early_config_prune": by_head_dim})(kernel)
+                           prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
 
 @triton.jit

@@ -6,7 +6,8 @@
 #      seconds its search took, compiling every candidate included) and --compile-report (every compile:
 #      its step, kernel, seconds, and what set it apart from the kernel's other compiles: are steps 3-4's
 #      seconds new integer specializations, a size divisible by 16 in one batch and not the next?);
-#   2. NSA again in a new process with the same cache (what a second run or a resume on this machine pays);
+#   2. NSA again in a new process with the same cache (what a second run or a resume on this machine pays:
+#      the compiled kernels and, since 9fcc98f, the range kernels' autotune results come from the cache);
 #   3. dense with an empty cache.
 # Device tool, carry [".whl"], about 2 minutes:
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/first_step.sh

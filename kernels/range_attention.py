@@ -33,9 +33,10 @@ each key tile are cut into chunks counted back from its last row and the program
 together (see the kernel); dK and dV (fp32, 17 MB each at 128K) get one addition per program.
 
 On the GPU the tile sizes, warps and pipeline stages are autotuned per shape (triton.autotune, cached
-per (T, TK, G, Dk, Dv, dtype), in memory and in Triton's cache directory); rows are visited longest-first (the last query tiles of the compressed
-branch see the most keys), so that the long programs do not start last and leave the GPU idle at the
-end. Under the interpreter (CPU) one fixed configuration runs.
+per (T, TK, G, Dk, Dv, dtype), in memory and in Triton's cache directory); rows are visited
+longest-first (the last query tiles of the compressed branch see the most keys), so that the long
+programs do not start last and leave the GPU idle at the end. Under the interpreter (CPU) one fixed
+configuration runs.
 """
 
 import torch
@@ -168,7 +169,8 @@ def _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.con
     return keys, kt, vt
 
 
-@triton.jit(do_not_specialize=["TK"])  # TK: the compressed tokens of the batch (triton_utils)
+# TK: the keys; in the compressed branch, the batch's compressed tokens (kernels/triton_utils.py)
+@triton.jit(do_not_specialize=["TK"])
 def _range_attn_fwd(
     q, k, v, o, lse, lo, hi,
     T, TK, HQ, HK, scale_log2,

@@ -9,6 +9,11 @@
 #     mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 sqlalchemy alembic psutil
 PYTHON=${PYTHON:-python3}
 if [ "${SETUP:-1}" = 1 ]; then
+  if [ "${FLA:-0}" = 1 ] && ! ls .whl/fla_core*.whl > /dev/null 2>&1; then
+    echo "FLA=1 asks for fla-core, and .whl/ holds no fla_core wheel: run ../shared/tools/device-wheels here" \
+      "(it downloads fla-core==0.6.0) and carry .whl, or leave FLA unset"
+    exit 1
+  fi
   # FLA=1 adds fla-core (tools/bench_kernels.py's fla line; its einops is on the machine already). It must
   # go to /tmp/site as the rest: a plain `pip install` reaches another Python than python3's
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

@@ -3,8 +3,8 @@ parameters are fixed in code, not autotuned, in one process on one GPU.
 
 Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
 - top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages;
-- selected attention, kernels/selected_attention/triton.py: forward "fwd", backward "dq", "dkv"
-  (BLOCK_M too) and "reduce";
+- selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
+  of a selection block per loop step), backward "dkv" (BLOCK_M too) and "reduce";
 - gate (one branch's output times its gate), kernels/gate_combine/triton.py "gate_fwd", "gate_bwd":
   BLOCK_R x num_warps (until 2026-12-01 one combine kernel of the three outputs, "fwd" and "bwd").
 Not swept: compressed and window attention (kernels/range_attention.py, autotuned), phi (PyTorch, no
@@ -19,8 +19,8 @@ list of candidates includes today's config (marked *), so its ms against the bas
 noise. Medians of triton.testing.do_bench over >= --reps timed runs (tools/bench_kernels.median_ms).
 
 A candidate passes if its outputs equal the baseline's bitwise, or else (attention, combine) if each
-output is within 2x the baseline's own error against an fp32 run of the same function (max abs, and
-RMS-relative + 1e-3); top-n passes if >= 0.999 of its rows pick the same blocks as the baseline (ties
+output is within 2x the baseline's own error against an fp32 run of the same function, + 1e-3 (max abs,
+and RMS-relative); top-n passes if >= 0.999 of its rows pick the same blocks as the baseline (ties
 may break differently). A candidate that fails to compile or launch is reported and skipped.
 
 Shapes: paper config l=32 d=16 l'=64 n=16, B=1, HK=4, D=128, bf16, inputs as tools/bench_kernels.py's
@@ -144,7 +144,8 @@ class Shape:
 def selected_sweeps(q, k, v, do, blocks) -> list[Sweep]:
     sel = PAPER["selection_block"]
     warps = selected._warps(q, v)
-    fwd_now = dict(num_warps=warps, num_stages=DEFAULT_STAGES)
+    fwd_now = {"num_stages": DEFAULT_STAGES, **selected._forward_launch(q, v), "BLOCK_K": sel}  # as launched
+    dq_now = dict(num_warps=warps, num_stages=DEFAULT_STAGES, BLOCK_K=sel)
     dkv_now = dict(BLOCK_M=selected.ROWS_PER_TILE, num_warps=4, num_stages=2)
     reduce_now = dict(num_warps=4, num_stages=DEFAULT_STAGES)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
@@ -158,10 +159,11 @@ def selected_sweeps(q, k, v, do, blocks) -> list[Sweep]:
         return torch.autograd.grad(o, leaves, do, retain_graph=True)
 
     reference = fp32_selected(q, k, v, do, blocks) or (None, None)
-    grid_fs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4))
+    # BLOCK_K: keys of a selection block per loop step (smaller K/V tiles, more programs a multiprocessor)
+    grid_fs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4), BLOCK_K=(sel, sel // 2, sel // 4))
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, configs(fwd_now, **grid_fs), forward, reference[0]),
-        Sweep("selected bwd: dq", selected, "dq", fwd_now, configs(fwd_now, **grid_fs), backward, reference[1]),
+        Sweep("selected bwd: dq", selected, "dq", dq_now, configs(dq_now, **grid_fs), backward, reference[1]),
         Sweep("selected bwd: dkv", selected, "dkv", dkv_now,
               [c for c in configs(dkv_now, BLOCK_M=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
                if (c["BLOCK_M"], c["num_warps"]) != (32, 8)], backward, reference[1]),
@@ -279,7 +281,9 @@ def check(sweep: Sweep, outs, base, base_errors) -> dict:
     if base_errors is None:
         return {"ok": False, "equal": False, "note": "differs from the baseline and no fp32 reference ran"}
     errs = errors(outs, sweep.reference)
-    ok = all(e["max_abs"] <= 2 * b["max_abs"] and e["rms_rel"] <= 2 * b["rms_rel"] + 1e-3
+    # + 1e-3 on both, as tools/gpu_check.py: an fp32 reference with the baseline's own tiling can match it
+    # exactly (lse in fp16 on CPU), and a candidate that only reorders the sum would fail a bound of 0
+    ok = all(e["max_abs"] <= 2 * b["max_abs"] + 1e-3 and e["rms_rel"] <= 2 * b["rms_rel"] + 1e-3
              for e, b in zip(errs, base_errors))
     return {"ok": ok, "equal": False, "errors": errs, "baseline_errors": base_errors}
 

@@ -3,7 +3,8 @@
 Forward and dQ (paper §3.4, group-centric): one program per (query token, batch, KV head) holds all G
 query heads of the group as the rows of its tile (padded to >= 16 rows, the smallest tl.dot) and loops
 over the group's n selected blocks, so each selected KV block is read once per group, not per head. The
-loop stops after the row's last valid slot: a query near its document's start has fewer than n blocks.
+loop stops after the row's last valid slot: a query near its document's start has fewer than n blocks. A
+block is taken whole per loop step, or in BLOCK_K-key parts (a LAUNCH override; see _key_tiled).
 
 dK/dV: deterministic through an inverted index, no atomics. Scattering from the query side would make
 many programs add into the same popular KV block (block 0 and the local blocks are picked by every
@@ -51,7 +52,7 @@ def _selected_fwd(
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // HK).to(tl.int64)
@@ -63,17 +64,18 @@ def _selected_fwd(
     flat = (b * T + t) * HQ + hk * G + heads
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    offs = tl.arange(0, BLOCK_S)
+    offs = tl.arange(0, BLOCK_K)
     qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     row = (b * T + t) * HK + hk
-    for slot in range(_used_slots(block_idx, row, NSEL, BLOCK_N)):
-        j = tl.load(block_idx + row * NSEL + slot)
-        keys = first_key + j.to(tl.int64) * SEL + offs
-        key_ok = (j >= 0) & (offs < SEL) & (keys <= pos)
+    for it in range(_used_slots(block_idx, row, NSEL, BLOCK_N) * (BLOCK_S // BLOCK_K)):
+        j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
+        in_block = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K + offs  # a key's place in its selection block
+        keys = first_key + j.to(tl.int64) * SEL + in_block
+        key_ok = (j >= 0) & (in_block < SEL) & (keys <= pos)
         kv_row = (b * TK + keys) * HK + hk
         kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
         vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
@@ -87,7 +89,7 @@ def _selected_bwd_dq(
     T, TK, HQ, HK, NSEL, q_start, scale_log2, scale,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // HK).to(tl.int64)
@@ -99,7 +101,7 @@ def _selected_bwd_dq(
     flat = (b * T + t) * HQ + hk * G + heads
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    offs = tl.arange(0, BLOCK_S)
+    offs = tl.arange(0, BLOCK_K)
     qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
     dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)
     row_lse = tl.load(lse + flat, mask=head_ok, other=0.0)
@@ -108,10 +110,11 @@ def _selected_bwd_dq(
 
     acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
     row = (b * T + t) * HK + hk
-    for slot in range(_used_slots(block_idx, row, NSEL, BLOCK_N)):
-        j = tl.load(block_idx + row * NSEL + slot)
-        keys = first_key + j.to(tl.int64) * SEL + offs
-        key_ok = (j >= 0) & (offs < SEL) & (keys <= pos)
+    for it in range(_used_slots(block_idx, row, NSEL, BLOCK_N) * (BLOCK_S // BLOCK_K)):
+        j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
+        in_block = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K + offs  # a key's place in its selection block
+        keys = first_key + j.to(tl.int64) * SEL + in_block
+        key_ok = (j >= 0) & (in_block < SEL) & (keys <= pos)
         kv_row = (b * TK + keys) * HK + hk
         kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
         vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
@@ -377,6 +380,17 @@ def _warps(q, v) -> int:
     return 8 if max(q.shape[-1], v.shape[-1]) > 128 else 4
 
 
+def _key_tiled(params: dict, block_s: int) -> dict:
+    """params with BLOCK_K, the keys of one selection block that the forward and dQ kernels take per loop
+    step: the whole (padded) block unless a LAUNCH override sets fewer. Fewer keys a step mean smaller K/V
+    tiles in shared memory, so more programs fit on a multiprocessor, at more loop steps each."""
+    block_k = params.setdefault("BLOCK_K", block_s)
+    if block_k < 16 or block_k > block_s or block_k & (block_k - 1):
+        raise ValueError(f"selected attention: LAUNCH BLOCK_K={block_k} must be a power of two from 16 (the "
+                         f"smallest tl.dot) to the padded selection block, {block_s}")
+    return params
+
+
 def _forward_launch(q, v) -> dict:
     # head dims <= 128: 2 warps, 2 stages (measured on one H200 at 128K, G=16, D=128: 35.4 ms against
     # 39.2 with 4 warps and 3 stages, within the bf16 error bound; benchmarks/kernels-2026-11-30-sweep.json)
@@ -401,7 +415,7 @@ class SelectedAttention(torch.autograd.Function):
             q, k, v, block_idx, doc_start, o, lse,
             seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E,
             SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts,
-            **launch_params(LAUNCH, "fwd", **_forward_launch(q, v)),
+            **_key_tiled(launch_params(LAUNCH, "fwd", **_forward_launch(q, v)), consts["BLOCK_S"]),
         )
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
         ctx.args = (selection_block, scale, q_start)
@@ -423,7 +437,7 @@ class SelectedAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, block_idx, doc_start, dq,
             *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
             SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts,
-            **launch_params(LAUNCH, "dq", num_warps=_warps(q, v)),
+            **_key_tiled(launch_params(LAUNCH, "dq", num_warps=_warps(q, v)), consts["BLOCK_S"]),
         )
 
         num_blocks = block_start.numel()

@@ -17,14 +17,14 @@ T = 131
 DK, DV = 32, 16
 
 
-def random_blocks(batch, seq, kv_heads, q_start=0, doc_starts=None, shuffle=False):
+def random_blocks(batch, seq, kv_heads, q_start=0, doc_starts=None, shuffle=False, sel=SEL):
     """Valid picks as top-n makes them (block 0, the local blocks, random others; -1 padded), per document
-    when doc_starts [T] gives each query's document start. shuffle: slots in random order."""
+    when doc_starts [T] gives each query's document start. shuffle: slots in random order. sel: l'."""
     positions = torch.arange(q_start, q_start + seq)
     if doc_starts is not None:
         positions = positions - doc_starts
-    scores = torch.rand(batch, seq, kv_heads, -(-(q_start + seq) // SEL))
-    blocks = topn_from_scores(scores, positions, SEL, NUM_SELECTED)
+    scores = torch.rand(batch, seq, kv_heads, -(-(q_start + seq) // sel))
+    blocks = topn_from_scores(scores, positions, sel, NUM_SELECTED)
     if shuffle:
         blocks = torch.gather(blocks, -1, torch.argsort(torch.rand(blocks.shape), dim=-1))
     return blocks.to(DEVICE)
@@ -62,6 +62,29 @@ def test_launch_override(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"num_warps": 2, "num_stages": 2})
     compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 2, 1, torch.float32),
                       torch.float32, block_idx=random_blocks(1, T, 1), selection_block=SEL)
+
+
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_blocks_in_key_parts(monkeypatch, block_k):
+    """The forward and dQ kernels taking each 64-token selection block in parts of BLOCK_K keys (a LAUNCH
+    override the sweep times): same results, over packed documents, where a part can end past a
+    document's last token or start past the query."""
+    torch.manual_seed(block_k)
+    sel, seq = 64, 300
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BLOCK_K": block_k})
+    monkeypatch.setitem(selected.LAUNCH, "dq", {"BLOCK_K": block_k})
+    cu_seqlens = torch.tensor([0, 100, 290, seq], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(seq), right=True) - 1]
+    compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, seq, seq, 2, 1, torch.float32),
+                      torch.float32, block_idx=random_blocks(1, seq, 1, doc_starts=doc_starts, sel=sel),
+                      selection_block=sel, cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+def test_key_part_must_fit_the_block(monkeypatch):
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BLOCK_K": 32})
+    with pytest.raises(ValueError, match="BLOCK_K=32 must be a power of two from 16"):
+        selected_attention_triton(**leaves(1, 20, 20, 2, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
+                                  selection_block=SEL)
 
 
 def test_chunk_at_offset_in_packed_documents():

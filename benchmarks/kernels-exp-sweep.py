@@ -4,7 +4,8 @@ parameters are fixed in code, not autotuned, in one process on one GPU.
 Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
 - top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages;
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
-  of a selection block per loop step), backward "dkv" (BLOCK_M too) and "reduce";
+  of a selection block per loop step; at G < 16 TOKENS too: tokens a program), backward "dkv" (BLOCK_M
+  too) and "reduce";
 - gate (one branch's output times its gate), kernels/gate_combine/triton.py "gate_fwd", "gate_bwd":
   BLOCK_R x num_warps (until 2026-12-01 one combine kernel of the three outputs, "fwd" and "bwd").
 Not swept: compressed and window attention (kernels/range_attention.py, autotuned), phi (PyTorch, no
@@ -161,6 +162,11 @@ def selected_sweeps(q, k, v, do, blocks) -> list[Sweep]:
     reference = fp32_selected(q, k, v, do, blocks) or (None, None)
     # BLOCK_K: keys of a selection block per loop step (smaller K/V tiles, more programs a multiprocessor)
     grid_fs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4), BLOCK_K=(sel, sel // 2, sel // 4))
+    group = q.shape[2] // k.shape[2]
+    if group < 16:  # TOKENS: consecutive tokens a program, filling the 16 rows a token's group pads to
+        fill = 16 // triton.next_power_of_2(group)
+        grid_fs = dict(num_warps=(2, 4), num_stages=(2, 3), BLOCK_K=(sel, sel // 4), TOKENS=(1, fill, 2 * fill))
+        fwd_now["TOKENS"] = dq_now["TOKENS"] = 1
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, configs(fwd_now, **grid_fs), forward, reference[0]),
         Sweep("selected bwd: dq", selected, "dq", dq_now, configs(dq_now, **grid_fs), backward, reference[1]),

@@ -4,7 +4,9 @@ Forward and dQ (paper §3.4, group-centric): one program per (query token, batch
 query heads of the group as the rows of its tile (padded to >= 16 rows, the smallest tl.dot) and loops
 over the group's n selected blocks, so each selected KV block is read once per group, not per head. The
 loop stops after the row's last valid slot: a query near its document's start has fewer than n blocks. A
-block is taken whole per loop step, or in BLOCK_K-key parts (a LAUNCH override; see _key_tiled).
+block is taken whole per loop step, or in BLOCK_K-key parts (a LAUNCH override; see _key_tiled). For
+groups under 16 heads, a LAUNCH override (TOKENS; see _token_tile) runs them over tiles of consecutive
+tokens instead, which walk the union of their picks once, masking each row by its token's picks.
 
 dK/dV: deterministic through an inverted index, no atomics. Scattering from the query side would make
 many programs add into the same popular KV block (block 0 and the local blocks are picked by every
@@ -125,6 +127,122 @@ def _selected_bwd_dq(
         acc += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
     tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=head_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def _tile_picks(block_idx, block_base, b, hk, t0, T, HK, NSEL, TT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks a tile of TT consecutive tokens picked, by global key-block number (the token's
+    document's block_base + its pick, so a tile may span documents). Returns, per slot of the tile
+    ([TT * BLOCK_N], token-major): the block (-1: none), the token it belongs to (0 .. TT-1), and each
+    distinct block's rank in ascending order (-1 for repeats and empty slots); and the number of distinct
+    blocks, the tile's loop length."""
+    lane = tl.arange(0, TT * BLOCK_N)
+    tok = t0 + lane // BLOCK_N
+    slot = lane % BLOCK_N
+    pick = tl.load(block_idx + ((b * T + tok) * HK + hk) * NSEL + slot, mask=(tok < T) & (slot < NSEL), other=-1)
+    base = tl.load(block_base + tok, mask=tok < T, other=0)
+    ids = tl.where(pick >= 0, base + pick, -1)
+    repeat = tl.max(((ids[None, :] == ids[:, None]) & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1)
+    first = (ids >= 0) & (repeat == 0)  # the slot holds a block no earlier slot of the tile holds
+    rank = tl.sum((first[None, :] & (ids[None, :] < ids[:, None])).to(tl.int32), axis=1)
+    return ids, lane // BLOCK_N, tl.where(first, rank, -1), tl.sum(first.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _tile_step(ids, owner, rank, it, row_tok, block_start, block_end, offs,
+               PARTS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Loop step `it` of a token tile: the keys of part it % PARTS of its (it // PARTS)-th distinct block,
+    the keys inside that block, and the rows (by their token in the tile, row_tok) whose token picked it."""
+    j = tl.sum(tl.where(rank == it // PARTS, ids, 0), axis=0)
+    keys = tl.load(block_start + j).to(tl.int64) + (it % PARTS) * BLOCK_K + offs
+    key_ok = keys < tl.load(block_end + j)
+    picked = tl.max(((ids[None, :] == j) & (owner[None, :] == row_tok[:, None])).to(tl.int32), axis=1) > 0
+    return keys, key_ok, picked
+
+
+@triton.jit
+def _selected_fwd_tokens(
+    q, k, v, block_idx, block_base, block_start, block_end, o, lse,
+    T, TK, HQ, HK, NSEL, q_start, scale_log2,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, TT: tl.constexpr, HEADS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The forward over a tile of TT tokens (rows: token-major, HEADS = the group padded to a power of
+    two), walking the union of their picks once: for groups under 16 heads, whose per-token programs
+    pad their rows to 16 (the smallest tl.dot) anyway."""
+    t0 = tl.program_id(0) * TT
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    r = tl.arange(0, TT * HEADS)
+    row_tok = r // HEADS
+    tok = t0 + row_tok
+    row_ok = (r % HEADS < G) & (tok < T)
+    pos = q_start + tok
+    flat = (b * T + tok) * HQ + hk * G + r % HEADS
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    offs = tl.arange(0, BLOCK_K)
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    ids, owner, rank, count = _tile_picks(block_idx, block_base, b, hk, t0, T, HK, NSEL, TT, BLOCK_N)
+
+    m = tl.full([TT * HEADS], float("-inf"), tl.float32)
+    l_sum = tl.zeros([TT * HEADS], tl.float32)
+    acc = tl.zeros([TT * HEADS, BLOCK_DV], tl.float32)
+    for it in range(count * (BLOCK_S // BLOCK_K)):
+        keys, key_ok, picked = _tile_step(ids, owner, rank, it, row_tok, block_start, block_end, offs,
+                                          BLOCK_S // BLOCK_K, BLOCK_K)
+        kv_row = (b * TK + keys) * HK + hk
+        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        visible = picked[:, None] & key_ok[None, :] & (keys[None, :] <= pos[:, None])
+        m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
+    store_rows(o, lse, flat, row_ok, dv, DV, m, l_sum, acc)
+
+
+@triton.jit
+def _selected_bwd_dq_tokens(
+    q, k, v, do, lse, delta, block_idx, block_base, block_start, block_end, dq,
+    T, TK, HQ, HK, NSEL, q_start, scale_log2, scale,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, TT: tl.constexpr, HEADS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ over a tile of TT tokens, as _selected_fwd_tokens walks them."""
+    t0 = tl.program_id(0) * TT
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    r = tl.arange(0, TT * HEADS)
+    row_tok = r // HEADS
+    tok = t0 + row_tok
+    row_ok = (r % HEADS < G) & (tok < T)
+    pos = q_start + tok
+    flat = (b * T + tok) * HQ + hk * G + r % HEADS
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    offs = tl.arange(0, BLOCK_K)
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
+    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+    row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
+    ids, owner, rank, count = _tile_picks(block_idx, block_base, b, hk, t0, T, HK, NSEL, TT, BLOCK_N)
+
+    acc = tl.zeros([TT * HEADS, BLOCK_DK], tl.float32)
+    for it in range(count * (BLOCK_S // BLOCK_K)):
+        keys, key_ok, picked = _tile_step(ids, owner, rank, it, row_tok, block_start, block_end, offs,
+                                          BLOCK_S // BLOCK_K, BLOCK_K)
+        kv_row = (b * TK + keys) * HK + hk
+        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        visible = picked[:, None] & key_ok[None, :] & (keys[None, :] <= pos[:, None])
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
+        dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        acc += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+    tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
+             mask=row_ok[:, None] & (dk[None, :] < DK))
 
 
 @triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
@@ -391,6 +509,22 @@ def _key_tiled(params: dict, block_s: int) -> dict:
     return params
 
 
+def _token_tile(params: dict, group: int) -> tuple[int, int]:
+    """(tokens a program, rows a token) of the forward and dQ kernels: TOKENS (a LAUNCH override, popped
+    from params; default 1, a program a token with its group's rows padded to 16) consecutive tokens
+    whose TOKENS x pow2(G) rows walk the union of their picks once. For G under 16, where the padding
+    already pays for those rows. Not yet timed on a GPU (benchmarks/kernels-notes.md, session 25)."""
+    tokens = params.pop("TOKENS", 1)
+    heads = triton.next_power_of_2(group)
+    if tokens == 1:
+        return 1, heads
+    if tokens & (tokens - 1) or not 16 <= tokens * heads <= 128:
+        raise ValueError(f"selected attention: LAUNCH TOKENS={tokens} must be a power of two with TOKENS x "
+                         f"{heads} (the group's {group} heads, to a power of two) rows from 16 (the smallest "
+                         f"tl.dot) to 128: for G={group}, TOKENS {max(1, 16 // heads)} to {max(1, 128 // heads)}")
+    return tokens, heads
+
+
 def _forward_launch(q, v) -> dict:
     # head dims <= 128: 2 warps, 2 stages (measured on one H200 at 128K, G=16, D=128: 35.4 ms against
     # 39.2 with 4 warps and 3 stages, within the bf16 error bound; benchmarks/kernels-2026-11-30-sweep.json)
@@ -406,17 +540,23 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout):
         batch, seq, num_q_heads, _ = q.shape
-        doc_start = layout[0]
+        doc_start, block_base, block_start, block_end = layout
         consts = _consts(q, k, v, selection_block)
         o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
         lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
-        grid = (seq, batch * k.shape[2])
-        _selected_fwd[grid](
-            q, k, v, block_idx, doc_start, o, lse,
-            seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E,
-            SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts,
-            **_key_tiled(launch_params(LAUNCH, "fwd", **_forward_launch(q, v)), consts["BLOCK_S"]),
-        )
+        sizes = (seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E)
+        launch = _key_tiled(launch_params(LAUNCH, "fwd", **_forward_launch(q, v)), consts["BLOCK_S"])
+        tokens, heads = _token_tile(launch, consts["G"])
+        if tokens == 1:
+            _selected_fwd[(seq, batch * k.shape[2])](
+                q, k, v, block_idx, doc_start, o, lse, *sizes,
+                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+            )
+        else:
+            _selected_fwd_tokens[(triton.cdiv(seq, tokens), batch * k.shape[2])](
+                q, k, v, block_idx, block_base, block_start, block_end, o, lse, *sizes,
+                TT=tokens, HEADS=heads, BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+            )
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
         ctx.args = (selection_block, scale, q_start)
         return o, lse
@@ -433,12 +573,20 @@ class SelectedAttention(torch.autograd.Function):
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 
         dq = poisoned(q.shape, q.dtype, q.device)
-        _selected_bwd_dq[(seq, batch * num_kv_heads)](
-            q, k, v, do, lse, delta, block_idx, doc_start, dq,
-            *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
-            SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts,
-            **_key_tiled(launch_params(LAUNCH, "dq", num_warps=_warps(q, v)), consts["BLOCK_S"]),
-        )
+        launch = _key_tiled(launch_params(LAUNCH, "dq", num_warps=_warps(q, v)), consts["BLOCK_S"])
+        tokens, heads = _token_tile(launch, consts["G"])
+        if tokens == 1:
+            _selected_bwd_dq[(seq, batch * num_kv_heads)](
+                q, k, v, do, lse, delta, block_idx, doc_start, dq,
+                *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
+                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+            )
+        else:
+            _selected_bwd_dq_tokens[(triton.cdiv(seq, tokens), batch * num_kv_heads)](
+                q, k, v, do, lse, delta, block_idx, block_base, block_start, block_end, dq,
+                *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
+                TT=tokens, HEADS=heads, BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+            )
 
         num_blocks = block_start.numel()
         entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(block_idx, block_base, num_blocks)

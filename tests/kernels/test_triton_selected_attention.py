@@ -80,6 +80,33 @@ def test_blocks_in_key_parts(monkeypatch, block_k):
                       selection_block=sel, cu_seqlens=cu_seqlens.to(DEVICE))
 
 
+@pytest.mark.parametrize("group, tokens, block_k, dtype", [
+    (4, 4, 64, torch.float32),
+    (3, 8, 32, torch.float16),  # 3 heads padded to 4 rows a token, 32 rows a tile
+    (2, 8, 16, torch.float32),
+])
+def test_token_tiles(monkeypatch, group, tokens, block_k, dtype):
+    """Forward and dQ over tiles of consecutive tokens walking the union of their picks (a LAUNCH override,
+    for groups under 16): tiles that span documents, start past q_start, and end past the last token."""
+    torch.manual_seed(group)
+    sel, q_start, seq = 64, 5, 290
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"TOKENS": tokens, "BLOCK_K": block_k})
+    cu_seqlens = torch.tensor([0, 70, 77, 250, q_start + seq], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, q_start + seq), right=True) - 1]
+    compare_attention(selected_attention_triton, selected_attention_ref,
+                      leaves(1, seq, q_start + seq, group, 2, dtype), dtype,
+                      block_idx=random_blocks(1, seq, 2, q_start, doc_starts, shuffle=True, sel=sel),
+                      selection_block=sel, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+def test_token_tile_must_fill_a_dot(monkeypatch):
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"TOKENS": 2})
+    with pytest.raises(ValueError, match="TOKENS=2 must be a power of two .* for G=4, TOKENS 4 to 32"):
+        selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
+                                  selection_block=SEL)
+
+
 def test_key_part_must_fit_the_block(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"BLOCK_K": 32})
     with pytest.raises(ValueError, match="BLOCK_K=32 must be a power of two from 16"):

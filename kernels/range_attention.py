@@ -212,7 +212,7 @@ def _range_attn_fwd(
 
 
 @triton.jit
-def _dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION: tl.constexpr,
+def dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION: tl.constexpr,
              MASKED: tl.constexpr):
     """One key tile of dQ: acc += dS @ K with dS = P * (dO V^T - delta)."""
     s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
@@ -256,14 +256,14 @@ def _range_attn_bwd_dq(
     for n0 in range(start, mid_lo, BLOCK_N):
         keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        acc = _dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
+        acc = dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
     for n0 in range(mid_lo, mid_hi, BLOCK_N):
         keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False)
-        acc = _dq_step(qt, dot, kt, vt, None, row_lse, row_delta, acc, scale_log2, PRECISION, False)
+        acc = dq_step(qt, dot, kt, vt, None, row_lse, row_delta, acc, scale_log2, PRECISION, False)
     for n0 in range(mid_hi, end, BLOCK_N):
         keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        acc = _dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
+        acc = dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
     tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=row_ok[:, None] & (dk[None, :] < DK))
 

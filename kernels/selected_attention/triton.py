@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, host_bounds
-from kernels.range_attention import LOG2E, attention_delta, online_softmax_step, store_rows
+from kernels.range_attention import LOG2E, attention_delta, dq_step, online_softmax_step, store_rows
 from kernels.triton_utils import (
     check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted,
 )
@@ -149,15 +149,33 @@ def _tile_picks(block_idx, block_base, b, hk, t0, T, HK, NSEL, TT: tl.constexpr,
 
 
 @triton.jit
-def _tile_step(ids, owner, rank, it, row_tok, block_start, block_end, offs,
-               PARTS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Loop step `it` of a token tile: the keys of part it % PARTS of its (it // PARTS)-th distinct block,
-    the keys inside that block, and the rows (by their token in the tile, row_tok) whose token picked it."""
+def _tile_rows(T, HQ, HK, q_start, G: tl.constexpr, TT: tl.constexpr, HEADS: tl.constexpr):
+    """A token tile's program: its first token, batch, KV head, and per row (token-major, HEADS = the
+    group padded to a power of two) its token within the tile, validity, position and flat (b, t, head)."""
+    t0 = tl.program_id(0) * TT
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    r = tl.arange(0, TT * HEADS)
+    row_tok = r // HEADS
+    tok = t0 + row_tok
+    flat = (b * T + tok) * HQ + hk * G + r % HEADS
+    return t0, b, hk, row_tok, (r % HEADS < G) & (tok < T), q_start + tok, flat
+
+
+@triton.jit
+def _tile_step(k, v, b, hk, TK, HK, ids, owner, rank, it, row_tok, pos, block_start, block_end, offs, dk, dv,
+               DK: tl.constexpr, DV: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Loop step `it` of a token tile: part it % PARTS of its (it // PARTS)-th distinct block. Returns the
+    K and V tiles of those keys and which (row, key) pairs are visible: the row's token picked the block,
+    the key lies in it and at or before the row's position."""
     j = tl.sum(tl.where(rank == it // PARTS, ids, 0), axis=0)
     keys = tl.load(block_start + j).to(tl.int64) + (it % PARTS) * BLOCK_K + offs
     key_ok = keys < tl.load(block_end + j)
     picked = tl.max(((ids[None, :] == j) & (owner[None, :] == row_tok[:, None])).to(tl.int32), axis=1) > 0
-    return keys, key_ok, picked
+    kv_row = (b * TK + keys) * HK + hk
+    kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return kt, vt, picked[:, None] & key_ok[None, :] & (keys[None, :] <= pos[:, None])
 
 
 @triton.jit
@@ -168,18 +186,9 @@ def _selected_fwd_tokens(
     BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The forward over a tile of TT tokens (rows: token-major, HEADS = the group padded to a power of
-    two), walking the union of their picks once: for groups under 16 heads, whose per-token programs
-    pad their rows to 16 (the smallest tl.dot) anyway."""
-    t0 = tl.program_id(0) * TT
-    b = (tl.program_id(1) // HK).to(tl.int64)
-    hk = tl.program_id(1) % HK
-    r = tl.arange(0, TT * HEADS)
-    row_tok = r // HEADS
-    tok = t0 + row_tok
-    row_ok = (r % HEADS < G) & (tok < T)
-    pos = q_start + tok
-    flat = (b * T + tok) * HQ + hk * G + r % HEADS
+    """The forward over a tile of TT tokens, walking the union of their picks once: for groups under 16
+    heads, whose per-token programs pad their rows to 16 (the smallest tl.dot) anyway."""
+    t0, b, hk, row_tok, row_ok, pos, flat = _tile_rows(T, HQ, HK, q_start, G, TT, HEADS)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     offs = tl.arange(0, BLOCK_K)
@@ -190,12 +199,8 @@ def _selected_fwd_tokens(
     l_sum = tl.zeros([TT * HEADS], tl.float32)
     acc = tl.zeros([TT * HEADS, BLOCK_DV], tl.float32)
     for it in range(count * (BLOCK_S // BLOCK_K)):
-        keys, key_ok, picked = _tile_step(ids, owner, rank, it, row_tok, block_start, block_end, offs,
-                                          BLOCK_S // BLOCK_K, BLOCK_K)
-        kv_row = (b * TK + keys) * HK + hk
-        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        visible = picked[:, None] & key_ok[None, :] & (keys[None, :] <= pos[:, None])
+        kt, vt, visible = _tile_step(k, v, b, hk, TK, HK, ids, owner, rank, it, row_tok, pos, block_start,
+                                     block_end, offs, dk, dv, DK, DV, BLOCK_S // BLOCK_K, BLOCK_K)
         m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
     store_rows(o, lse, flat, row_ok, dv, DV, m, l_sum, acc)
 
@@ -209,15 +214,7 @@ def _selected_bwd_dq_tokens(
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ over a tile of TT tokens, as _selected_fwd_tokens walks them."""
-    t0 = tl.program_id(0) * TT
-    b = (tl.program_id(1) // HK).to(tl.int64)
-    hk = tl.program_id(1) % HK
-    r = tl.arange(0, TT * HEADS)
-    row_tok = r // HEADS
-    tok = t0 + row_tok
-    row_ok = (r % HEADS < G) & (tok < T)
-    pos = q_start + tok
-    flat = (b * T + tok) * HQ + hk * G + r % HEADS
+    t0, b, hk, row_tok, row_ok, pos, flat = _tile_rows(T, HQ, HK, q_start, G, TT, HEADS)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     offs = tl.arange(0, BLOCK_K)
@@ -230,17 +227,9 @@ def _selected_bwd_dq_tokens(
 
     acc = tl.zeros([TT * HEADS, BLOCK_DK], tl.float32)
     for it in range(count * (BLOCK_S // BLOCK_K)):
-        keys, key_ok, picked = _tile_step(ids, owner, rank, it, row_tok, block_start, block_end, offs,
-                                          BLOCK_S // BLOCK_K, BLOCK_K)
-        kv_row = (b * TK + keys) * HK + hk
-        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        visible = picked[:, None] & key_ok[None, :] & (keys[None, :] <= pos[:, None])
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
-        dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - row_delta[:, None])
-        acc += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+        kt, vt, visible = _tile_step(k, v, b, hk, TK, HK, ids, owner, rank, it, row_tok, pos, block_start,
+                                     block_end, offs, dk, dv, DK, DV, BLOCK_S // BLOCK_K, BLOCK_K)
+        acc = dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
     tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=row_ok[:, None] & (dk[None, :] < DK))
 

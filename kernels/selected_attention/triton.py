@@ -32,9 +32,9 @@ from kernels.triton_utils import (
 )
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
-# Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages), "dkv"
-# (BLOCK_M, num_warps, num_stages), "reduce" (num_warps, num_stages); empty in use, filled by
-# benchmarks/kernels-exp-sweep.py
+# Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages, BLOCK_K: keys a
+# loop step, TOKENS: tokens a program), "dkv" (BLOCK_M, num_warps, num_stages), "reduce" (num_warps,
+# num_stages); empty in use, filled by benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
 
 

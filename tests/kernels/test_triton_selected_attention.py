@@ -100,6 +100,16 @@ def test_token_tiles(monkeypatch, group, tokens, block_k, dtype):
                       selection_block=sel, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
 
 
+def test_token_tiles_over_a_batch(monkeypatch):
+    """Token tiles with two sequences of one document each (no cu_seqlens): block numbers restart per
+    sequence, and a tile reads its own sequence's keys."""
+    torch.manual_seed(3)
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"TOKENS": 4})
+    compare_attention(selected_attention_triton, selected_attention_ref, leaves(2, T, T, 4, 1, torch.float32),
+                      torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
+
+
 def test_token_tile_must_fill_a_dot(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"TOKENS": 2})
     with pytest.raises(ValueError, match="TOKENS=2 must be a power of two .* for G=4, TOKENS 4 to 32"):

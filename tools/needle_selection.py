@@ -20,11 +20,17 @@ window branch can read it without selection). A model that misses the needle bey
 low hit has a selection (compressed attention) problem: with a high head_hit, one head finds the needle
 and the group's sum loses it (max_score_hit says whether nsa.selection_score "max" would keep it); with a
 low one, no head's compressed attention finds it. With a high hit,
-the selected branch or its gate does not use what it picked. One process; writes --out (JSON) and
-prints two tables.
+the selected branch or its gate does not use what it picked.
+
+--oracle answers the same samples with the needle's selection blocks put into every layer's picks at
+the answer positions (each missing one takes the place of the free pick that top-n's score ranks last),
+so that top-n cannot lose it: exact match with --oracle against without says how much of the misses top-n
+explains. A model that still answers wrong has picked what it needs and does not use it. One process;
+writes --out (JSON) and prints two tables.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
@@ -42,6 +48,7 @@ from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
 from kernels.block_selection.naive import (group_score, head_block_scores, num_selection_blocks,  # noqa: E402
                                            overlap_weights)
+import kernels.nsa as nsa_kernels  # noqa: E402
 from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
                             loaded_model, recorded_nsa_layers, recorded_selection_inputs, require_nsa,
                             start_one_process)
@@ -82,19 +89,25 @@ def rank_in_topn_order(scores: torch.Tensor, positions: torch.Tensor, blocks: li
     return 1 + (ranked > best).sum(-1)
 
 
-def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> tuple[torch.Tensor, ...]:
-    """The needle's rank in top-n's order at each (answer row, KV head): by the group's score as selection
-    combined it (inputs.score), by the best single query head's score, and by the "max" score (the largest
-    head's per block). Three [rows * HK] tensors."""
+def answer_block_scores(inputs: SelectionInputs, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query head's block scores at the answer rows, as top-n saw them (consecutive rows of one
+    document): [C, HK, G, S] float32, and the rows' global positions [C]."""
     first, last = rows[0], rows[-1] + 1  # answer rows are consecutive
     start = inputs.q_start + first
     num_blocks = num_selection_blocks(inputs.q_start + last, inputs.selection_block)
     weights = overlap_weights(inputs.k_cmp.shape[1], num_blocks, inputs.block_size, inputs.stride,
                               inputs.selection_block).to(inputs.q.device)
     per_head = head_block_scores(inputs.q[:, first:last], inputs.k_cmp, inputs.lse_cmp[:, first:last],
-                                 inputs.block_size, inputs.stride, weights, inputs.scale, start)[0]  # [C, HK, G, S]
+                                 inputs.block_size, inputs.stride, weights, inputs.scale, start)[0]
+    return per_head, torch.arange(start, start + per_head.shape[0], device=per_head.device)
+
+
+def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> tuple[torch.Tensor, ...]:
+    """The needle's rank in top-n's order at each (answer row, KV head): by the group's score as selection
+    combined it (inputs.score), by the best single query head's score, and by the "max" score (the largest
+    head's per block). Three [rows * HK] tensors."""
+    per_head, positions = answer_block_scores(inputs, rows)  # [C, HK, G, S]
     c, hk, g, s = per_head.shape
-    positions = torch.arange(start, start + c, device=per_head.device)
     blocks = sorted({p // inputs.selection_block for p in needle})
     group, by_max = (rank_in_topn_order(group_score(score)(per_head[None])[0].reshape(c * hk, s),
                                         positions.repeat_interleave(hk), blocks, inputs.selection_block)
@@ -104,18 +117,82 @@ def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) ->
     return group, heads.reshape(c * hk, g).min(-1).values, by_max
 
 
-def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device) -> list[dict]:
+def with_needle_blocks(block_idx: torch.Tensor, scores: torch.Tensor, rows: list[int], positions: torch.Tensor,
+                       needle_blocks: list[int], selection_block: int) -> torch.Tensor:
+    """The oracle's picks: block_idx [1, T, HK, n] (ascending, -1 after the valid ids) with every needle
+    block at or before each answer row taken at that row, for every KV head. A missing needle block takes
+    an empty slot, else the place of the free pick (not block 0 or a local block, not a needle block) with
+    the lowest score; scores [C, HK, S] are the group's at the rows, positions [C] their global positions."""
+    out = block_idx.clone()
+    for i, row in enumerate(rows):
+        current = int(positions[i]) // selection_block
+        forced = {0, current, current - 1}
+        for head in range(out.shape[2]):
+            picks = [b for b in out[0, row, head].tolist() if b >= 0]
+            missing = [b for b in needle_blocks if b <= current and b not in picks]
+            free = sorted((b for b in picks if b not in forced and b not in needle_blocks),
+                          key=lambda b: float(scores[i, head, b]))
+            for block in missing:
+                if len(picks) < out.shape[-1]:
+                    picks.append(block)
+                elif free:
+                    picks[picks.index(free.pop(0))] = block
+            picks = sorted(picks) + [-1] * (out.shape[-1] - len(picks))
+            out[0, row, head] = torch.tensor(picks, dtype=out.dtype, device=out.device)
+    return out
+
+
+@contextlib.contextmanager
+def needle_oracle():
+    """While active, every NSA layer's top-n takes the needle's blocks at the answer rows (with_needle_blocks)
+    of the sample named by the yielded dict: set its "sample" before each forward pass (None: picks left
+    alone). Enter it inside recorded_selection_inputs, so that what is recorded is what top-n scored."""
+    target: dict = {"sample": None}
+    original = nsa_kernels.branch_ops
+
+    def oracle_ops(impl: str) -> nsa_kernels.BranchOps:
+        ops = original(impl)
+
+        def select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *, q_start=0,
+                   cu_seqlens=None, score="sum"):
+            picks = ops.select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
+                               q_start=q_start, cu_seqlens=cu_seqlens, score=score)
+            sample = target["sample"]
+            if sample is None:
+                return picks
+            rows = answer_rows(sample)
+            if q_start != 0 or rows[-1] >= picks.shape[1]:  # one process scores the whole sample in one span
+                raise RuntimeError(f"the oracle needs the whole sample in one query span; got rows from {q_start} "
+                                   f"to {q_start + picks.shape[1] - 1} for answer rows {rows[0]}-{rows[-1]}")
+            inputs = SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score)
+            per_head, positions = answer_block_scores(inputs, rows)
+            needle_blocks = sorted({p // selection_block for p in needle_positions(sample)})
+            return with_needle_blocks(picks, group_score(score)(per_head[None])[0], rows, positions, needle_blocks,
+                                      selection_block)
+
+        return ops._replace(select=select)
+
+    nsa_kernels.branch_ops = oracle_ops
+    try:
+        yield target
+    finally:
+        nsa_kernels.branch_ops = original
+
+
+def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device,
+                oracle: bool = False) -> list[dict]:
     """Per sample: each NSA layer's block_idx, gates and the needle's ranks at the answer rows, and the
-    answer's exact match."""
+    answer's exact match. oracle: the needle's blocks forced into the picks at the answer rows."""
     keep = lambda args, result: (result.block_idx.detach(), args[4].detach())  # noqa: E731 (picks, gates)
     with (recorded_nsa_layers(keep) as layers, recorded_selection_inputs() as selections,
-          loaded_model(config, stage, checkpoint, device) as gpt):
+          needle_oracle() as target, loaded_model(config, stage, checkpoint, device) as gpt):
         pad_to = config.nsa.selection_block
         results = []
         with torch.no_grad():
             for sample in samples:
                 tokens = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.int64, device=device)
                 tokens = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
+                target["sample"] = sample if oracle else None
                 layers.clear()
                 selections.clear()
                 logits = gpt(tokens, None, None)
@@ -163,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the stage's seq_len)")
     p.add_argument("--depths", type=float, nargs="+", default=None, help="default: eval.niah_depths")
     p.add_argument("--samples", type=int, default=None, help="samples per depth (default: eval.niah_samples)")
+    p.add_argument("--oracle", action="store_true",
+                   help="put the needle's blocks into every layer's picks at the answer positions")
     p.add_argument("--out", default="benchmarks/needle_selection.json")
     a = p.parse_args(argv)
     config = load_config(a.config, a.overrides)
@@ -186,11 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = start_one_process(config, port=29513)
 
     ordered = [s for depth in depths for s in cells[depth]]
-    outcomes = run_samples(config, stage, checkpoint, ordered, device)
+    outcomes = run_samples(config, stage, checkpoint, ordered, device, oracle=a.oracle)
     results = {depth: outcomes[i * samples : (i + 1) * samples] for i, depth in enumerate(depths)}
     by_depth = report_for(config, depths, cells, results)
     report = {"config": a.config, "checkpoint": a.checkpoint, "stage": stage.name, "length": length,
               "rotary_base": stage.rotary_base, "task": config.eval.niah_task, "samples_per_depth": samples,
+              "oracle": a.oracle,
               "device": str(device), "nsa": {"selection_block": config.nsa.selection_block,
                                              "num_selected": config.nsa.num_selected, "window": config.nsa.window,
                                              "compression_rope": config.nsa.compression_rope,
@@ -200,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     Path(a.out).write_text(json.dumps(report, indent=1))
 
     print(f"needle in the top-n picks at the answer positions ({config.eval.niah_task}, {length} tokens, "
-          f"{samples} samples a depth; n={config.nsa.num_selected} blocks of {config.nsa.selection_block})")
+          f"{samples} samples a depth; n={config.nsa.num_selected} blocks of {config.nsa.selection_block})"
+          + (": oracle, the needle's blocks put into the picks" if a.oracle else ""))
     layers = len(next(iter(by_depth.values()))["layers"])
     print(f"{'depth':>6} {'exact':>6} {'window':>7} " + " ".join(f"{'L' + str(i + 1):>5}" for i in range(layers))
           + "   gates cmp/slc/win (mean over layers)")

@@ -12,7 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from needle_selection import answer_rows, needle_hit, needle_positions, rank_in_topn_order  # noqa: E402
+from needle_selection import (answer_rows, needle_hit, needle_positions, rank_in_topn_order,  # noqa: E402
+                              with_needle_blocks)
 from nsa_dist.tasks import TaskSample  # noqa: E402
 
 
@@ -40,6 +41,21 @@ def test_rank_follows_topn_order_forced_blocks_first():
     assert rank_in_topn_order(scores, positions, [1], 16).tolist() == [6, 4]
     assert rank_in_topn_order(scores, positions, [3, 4], 16)[0].item() == 5  # the best of the needle's blocks
     assert rank_in_topn_order(scores, positions, [5], 16)[0].item() == 1  # forced: always first
+
+
+def test_oracle_swaps_the_lowest_free_pick_for_each_missing_needle_block():
+    # blocks of 16, n = 5; rows at positions 100 (blocks 0-6, forced 0, 5, 6) and 101; one KV head
+    picks = torch.tensor([[[0, 1, 3, 5, 6]], [[0, 2, 5, 6, -1]]], dtype=torch.int32)[None]  # [1, T=2, HK=1, n]
+    scores = torch.tensor([[[0.0, 0.3, 0.1, 0.2, 0.9, 0.0, 0.0]], [[0.0, 0.3, 0.1, 0.2, 0.9, 0.0, 0.0]]])
+    out = with_needle_blocks(picks, scores, [0, 1], torch.tensor([100, 101]), [4], 16)
+    # row 0: block 4 replaces block 3 (score 0.2 < block 1's 0.3); row 1: it fills the empty slot
+    assert out[0, 0, 0].tolist() == [0, 1, 4, 5, 6] and out[0, 1, 0].tolist() == [0, 2, 4, 5, 6]
+    assert picks[0, 0, 0].tolist() == [0, 1, 3, 5, 6]  # the input is left as it was
+    # two needle blocks, one already picked and one missing: only the free pick goes, never a forced one
+    out = with_needle_blocks(picks[:, :1], scores[:1], [0], torch.tensor([100]), [1, 2], 16)
+    assert out[0, 0, 0].tolist() == [0, 1, 2, 5, 6]
+    # a needle block after the row (here block 7 > 6) is not the row's to take
+    assert torch.equal(with_needle_blocks(picks, scores, [0, 1], torch.tensor([100, 101]), [7], 16), picks)
 
 
 def _run(tmp_path, *args):
@@ -75,6 +91,21 @@ def test_tool_reports_each_depth_and_layer(tmp_path):
     # 256 tokens are n = 4 blocks of 64: every query takes every block, so the needle is always picked
     report, _ = _run(tmp_path, "--length", "256", "--depths", "0.5", "--set", "nsa.selection_block=64")
     assert all(layer["hit"] == 1.0 for layer in report["depths"]["0.5"]["layers"])
+
+
+@pytest.mark.timeout(300)
+def test_oracle_puts_the_needle_into_every_layers_picks(tmp_path):
+    """Without the oracle, top-n at initial weights misses the needle's block in some layer at depth 0.5 (n = 4
+    of 8 blocks, three of them forced); with it, every layer's picks hold it at every answer row."""
+    args = ["--length", "512", "--depths", "0.5", "--set", "nsa.selection_block=64"]
+    plain, _ = _run(tmp_path, *args)
+    assert plain["oracle"] is False and min(layer["hit"] for layer in plain["depths"]["0.5"]["layers"]) < 1.0
+    forced, stdout = _run(tmp_path, *args, "--oracle")
+    assert forced["oracle"] is True and "oracle, the needle's blocks put into the picks" in stdout
+    assert all(layer["hit"] == 1.0 for layer in forced["depths"]["0.5"]["layers"])
+    # the first layer's top-n scored the same input either way (the ranks are top-n's, not the oracle's)
+    first = plain["depths"]["0.5"]["layers"][0], forced["depths"]["0.5"]["layers"][0]
+    assert first[0]["rank_group"] == first[1]["rank_group"] and first[0]["group_hit"] == first[1]["group_hit"]
 
 
 @pytest.mark.timeout(300)

@@ -482,9 +482,13 @@ def _consts(q, k, v, selection_block):
     )
 
 
-def _warps(q, v) -> int:
-    # no register spills on sm_90 at head dims <= 128 (ptxas resource usage); fewer above 128
-    return 8 if max(q.shape[-1], v.shape[-1]) > 128 else 4
+def _dq_launch(q, v) -> dict:
+    # head dims <= 128: 2 warps, 2 stages (measured on one H200, D=128, against 4 warps and 3 stages: the
+    # whole selected backward 1.03x at 128K and 1.04x at 8K with G=16, 1.05x at 128K with G=4, within the
+    # bf16 error bound; benchmarks/gpu_checks/sweep-selected-*-6571f5a.json); above 128, 8 warps
+    if max(q.shape[-1], v.shape[-1]) > 128:
+        return {"num_warps": 8}
+    return {"num_warps": 2, "num_stages": 2}
 
 
 def _key_tiled(params: dict, block_s: int) -> dict:
@@ -562,7 +566,7 @@ class SelectedAttention(torch.autograd.Function):
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 
         dq = poisoned(q.shape, q.dtype, q.device)
-        launch = _key_tiled(launch_params(LAUNCH, "dq", num_warps=_warps(q, v)), consts["BLOCK_S"])
+        launch = _key_tiled(launch_params(LAUNCH, "dq", **_dq_launch(q, v)), consts["BLOCK_S"])
         tokens, heads = _token_tile(launch, consts["G"])
         if tokens == 1:
             _selected_bwd_dq[(seq, batch * num_kv_heads)](

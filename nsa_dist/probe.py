@@ -4,6 +4,7 @@ what every NSA layer was given and returned, and of what its top-n selection sco
 
 import argparse
 import contextlib
+import functools
 import os
 from dataclasses import replace
 from typing import Callable, NamedTuple
@@ -107,26 +108,34 @@ class SelectionInputs(NamedTuple):
 
 
 @contextlib.contextmanager
+def wrapped_selection(wrap: Callable):
+    """While active, every NSA layer's top-n call select(q, k_cmp, lse_cmp, block_size, stride,
+    selection_block, num_selected, scale, *, q_start, cu_seqlens, score) becomes wrap(select, the same
+    arguments): wrap may look at them and returns the picks. Wrappers nest, the last entered outermost."""
+    original = nsa_kernels.branch_ops
+
+    def wrapped_ops(impl: str) -> nsa_kernels.BranchOps:
+        ops = original(impl)
+        return ops._replace(select=functools.partial(wrap, ops.select))
+
+    nsa_kernels.branch_ops = wrapped_ops
+    try:
+        yield
+    finally:
+        nsa_kernels.branch_ops = original
+
+
+@contextlib.contextmanager
 def recorded_selection_inputs():
     """While active, every top-n selection of every NSA layer appends its SelectionInputs to the yielded
     list, in call order (one call per layer on one process: one query span). Clear it between passes."""
     records: list[SelectionInputs] = []
-    original = nsa_kernels.branch_ops
 
-    def recording_ops(impl: str) -> nsa_kernels.BranchOps:
-        ops = original(impl)
+    def record(select, q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *,
+               q_start=0, cu_seqlens=None, score="sum"):
+        records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score))
+        return select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale, q_start=q_start,
+                      cu_seqlens=cu_seqlens, score=score)
 
-        def select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *, q_start=0,
-                   cu_seqlens=None, score="sum"):
-            records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start,
-                                           score))
-            return ops.select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
-                              q_start=q_start, cu_seqlens=cu_seqlens, score=score)
-
-        return ops._replace(select=select)
-
-    nsa_kernels.branch_ops = recording_ops
-    try:
+    with wrapped_selection(record):
         yield records
-    finally:
-        nsa_kernels.branch_ops = original

@@ -48,10 +48,9 @@ from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
 from kernels.block_selection.naive import (group_score, head_block_scores, num_selection_blocks,  # noqa: E402
                                            overlap_weights)
-import kernels.nsa as nsa_kernels  # noqa: E402
 from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
                             loaded_model, recorded_nsa_layers, recorded_selection_inputs, require_nsa,
-                            start_one_process)
+                            start_one_process, wrapped_selection)
 from nsa_dist.tasks import TaskSample, TaskTooLong  # noqa: E402
 from nsa_dist.tokenizer import load_tokenizer  # noqa: E402
 
@@ -148,35 +147,26 @@ def needle_oracle():
     of the sample named by the yielded dict: set its "sample" before each forward pass (None: picks left
     alone). Enter it inside recorded_selection_inputs, so that what is recorded is what top-n scored."""
     target: dict = {"sample": None}
-    original = nsa_kernels.branch_ops
 
-    def oracle_ops(impl: str) -> nsa_kernels.BranchOps:
-        ops = original(impl)
+    def force(select, q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *,
+              q_start=0, cu_seqlens=None, score="sum"):
+        picks = select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
+                       q_start=q_start, cu_seqlens=cu_seqlens, score=score)
+        sample = target["sample"]
+        if sample is None:
+            return picks
+        rows = answer_rows(sample)
+        if q_start != 0 or rows[-1] >= picks.shape[1]:  # one process scores the whole sample in one span
+            raise RuntimeError(f"the oracle needs the whole sample in one query span; got rows from {q_start} "
+                               f"to {q_start + picks.shape[1] - 1} for answer rows {rows[0]}-{rows[-1]}")
+        inputs = SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score)
+        per_head, positions = answer_block_scores(inputs, rows)
+        needle_blocks = sorted({p // selection_block for p in needle_positions(sample)})
+        return with_needle_blocks(picks, group_score(score)(per_head[None])[0], rows, positions, needle_blocks,
+                                  selection_block)
 
-        def select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *, q_start=0,
-                   cu_seqlens=None, score="sum"):
-            picks = ops.select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
-                               q_start=q_start, cu_seqlens=cu_seqlens, score=score)
-            sample = target["sample"]
-            if sample is None:
-                return picks
-            rows = answer_rows(sample)
-            if q_start != 0 or rows[-1] >= picks.shape[1]:  # one process scores the whole sample in one span
-                raise RuntimeError(f"the oracle needs the whole sample in one query span; got rows from {q_start} "
-                                   f"to {q_start + picks.shape[1] - 1} for answer rows {rows[0]}-{rows[-1]}")
-            inputs = SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score)
-            per_head, positions = answer_block_scores(inputs, rows)
-            needle_blocks = sorted({p // selection_block for p in needle_positions(sample)})
-            return with_needle_blocks(picks, group_score(score)(per_head[None])[0], rows, positions, needle_blocks,
-                                      selection_block)
-
-        return ops._replace(select=select)
-
-    nsa_kernels.branch_ops = oracle_ops
-    try:
+    with wrapped_selection(force):
         yield target
-    finally:
-        nsa_kernels.branch_ops = original
 
 
 def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device,

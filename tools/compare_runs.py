@@ -24,7 +24,7 @@ names its checkpoint, so its run).
         --evals short/nsa_800/eval.json short/dense_800/eval.json
 
 A run directory may have been copied from the machine that trained it (its MLflow store, tracking.json and
-each checkpoint's eval/ folder suffice): paths recorded there are found again under it. An archived store,
+each checkpoint's eval/ folder suffice), and renamed: paths recorded there are found again under it. An archived store,
 `mlflow.db.gz` in place of `mlflow.db`, is read from a decompressed temporary copy.
 """
 
@@ -42,20 +42,22 @@ from nsa_dist.evaluation import save_heatmap  # noqa: E402
 from nsa_dist.tracking import read_run_ids  # noqa: E402
 
 
-def relocated(recorded: str, run_dir: Path) -> Path:
+def relocated(recorded: str, run_dir: Path, trained_as: str | None = None) -> Path:
     """A path recorded in the MLflow store, found under run_dir when it is there: the run directory may
-    have been moved or copied, so its part after the run directory's name (e.g.
-    checkpoints/step_00000100) is looked up under run_dir first."""
+    have been moved, copied or renamed, so its part after the run directory's name (e.g.
+    checkpoints/step_00000100) is looked up under run_dir first. trained_as: the directory's name when it
+    was trained, if it has been renamed since."""
     path = Path(recorded)
-    if run_dir.name in path.parts:
-        parts = path.parts
-        inside = run_dir.joinpath(*parts[len(parts) - parts[::-1].index(run_dir.name):])
-        if inside.exists():
-            return inside
+    parts = path.parts
+    for name in (run_dir.name, trained_as):
+        if name and name in parts:
+            inside = run_dir.joinpath(*parts[len(parts) - parts[::-1].index(name):])
+            if inside.exists():
+                return inside
     return path
 
 
-def stage_summary(client, run_id: str, run_dir: Path) -> dict:
+def stage_summary(client, run_id: str, run_dir: Path, trained_as: str | None = None) -> dict:
     """One stage's figures from its MLflow run and its final checkpoint's eval.json."""
     run = client.get_run(run_id)
 
@@ -69,7 +71,7 @@ def stage_summary(client, run_id: str, run_dir: Path) -> dict:
                "niah_accuracy": run.data.metrics.get("eval/niah_accuracy"), "niah_worst_depth": None, "heatmap": None,
                "eval": None, "eval_step": None}
     checkpoint = run.data.tags.get("checkpoint.latest")
-    checkpoint = relocated(checkpoint, run_dir) if checkpoint else None
+    checkpoint = relocated(checkpoint, run_dir, trained_as) if checkpoint else None
     if checkpoint and (checkpoint / "eval" / "eval.json").exists():
         report = json.loads((checkpoint / "eval" / "eval.json").read_text())
         summary["eval"] = {"seq_len": report["seq_len"], "niah": report["niah"], "validation": report["validation"],
@@ -102,11 +104,15 @@ def gunzipped(archive: Path) -> Path:
 
 
 def store_file(recorded: str, run_dir: Path) -> Path:
-    """The sqlite file of a run's MLflow store: under run_dir (as it is, or gzipped as archived runs are),
-    else where the run recorded it. Never a path that does not exist: sqlite would create an empty store."""
+    """The sqlite file of a run's MLflow store: under run_dir (as it is, or gzipped as archived runs are;
+    in a renamed run directory, by its file name), else where the run recorded it. Never a path that does
+    not exist: sqlite would create an empty store."""
     for candidate in (recorded, recorded + ".gz"):
         path = relocated(candidate, run_dir).resolve()
         if path.exists() and run_dir.resolve() in path.parents:
+            return gunzipped(path) if path.suffix == ".gz" else path
+    for path in (run_dir / Path(recorded).name, run_dir / (Path(recorded).name + ".gz")):
+        if path.exists():
             return gunzipped(path) if path.suffix == ".gz" else path
     if Path(recorded).exists():
         return Path(recorded)
@@ -121,14 +127,20 @@ def read_run(run_dir: Path) -> dict:
     from mlflow import MlflowClient
 
     uri = ids["tracking_uri"]
+    trained_as = None
     if uri.startswith("sqlite:///"):
-        uri = f"sqlite:///{store_file(uri.removeprefix('sqlite:///'), run_dir)}"
+        recorded = Path(uri.removeprefix("sqlite:///"))
+        # a store kept in its run directory, now found in one of another name: the directory was renamed
+        if recorded.parent.name != run_dir.name and any(
+                (run_dir / name).exists() for name in (recorded.name, recorded.name + ".gz")):
+            trained_as = recorded.parent.name
+        uri = f"sqlite:///{store_file(str(recorded), run_dir)}"
     client = MlflowClient(uri)
     parent = client.get_run(ids["parent"]).info
-    stages = {stage: stage_summary(client, run_id, run_dir) for stage, run_id in ids["stages"].items()}
+    stages = {stage: stage_summary(client, run_id, run_dir, trained_as) for stage, run_id in ids["stages"].items()}
     # the parent run spans the job: start-up, compilation, every stage, checkpoints and evaluations
     wall = (parent.end_time - parent.start_time) / 1000 if parent.end_time else None
-    return {"wall_seconds": wall, "stages": stages}
+    return {"wall_seconds": wall, "stages": stages, "trained_as": trained_as}
 
 
 def plot_losses(runs: dict, path: Path, key: str = "loss", label: str = "training loss") -> None:
@@ -290,7 +302,8 @@ def attach_evals(runs: dict, run_dirs: dict[str, Path], paths: list[Path]) -> No
             sys.exit(f"error: --evals {path}: no such file; give eval.json files (or folders holding one) that "
                      "`nsa-dist eval --out DIR` wrote")
         report = json.loads(path.read_text())
-        owners = [name for name, run_dir in run_dirs.items() if run_dir.name in Path(report["checkpoint"]).parts]
+        owners = [name for name, run_dir in run_dirs.items()
+                  if {run_dir.name, runs[name]["trained_as"]} & set(Path(report["checkpoint"]).parts)]
         if len(owners) != 1:
             sys.exit(f"error: --evals {path}: its checkpoint {report['checkpoint']} is under "
                      f"{'none' if not owners else 'more than one'} of the run directories "

@@ -210,6 +210,13 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     assert marked["tiny"]["stages"]["more"]["loss"][0] == [2, 123.5]
     marked["tiny"]["stages"]["more"]["loss"][0] = b["tiny"]["stages"]["more"]["loss"][0]
     assert marked == b
+    # renamed: its store and checkpoints are still found under it (the original run directory still exists,
+    # so reading that store instead would show the unmarked loss)
+    renamed = copy.rename(copy.parent / "renamed_run")
+    again = json.loads(json.dumps(compare_runs.main([str(renamed), "--names", "tiny", "--out", str(tmp_path / "renamed")])))
+    assert again["tiny"]["trained_as"] == "run" and again["tiny"]["stages"]["more"]["loss"][0] == [2, 123.5]
+    again["tiny"]["stages"]["more"]["loss"][0] = b["tiny"]["stages"]["more"]["loss"][0]
+    assert again == json.loads(json.dumps(b).replace(str(copy), str(renamed)).replace('"trained_as": null', '"trained_as": "run"'))
 
 
 def _train_layouts(rank: int, world_size: int, runs: dict, out_path: str) -> None:

@@ -25,8 +25,11 @@ the selected branch or its gate does not use what it picked.
 --oracle answers the same samples with the needle's selection blocks put into every layer's picks at
 the answer positions (each missing one takes the place of the free pick that top-n's score ranks last),
 so that top-n cannot lose it: exact match with --oracle against without says how much of the misses top-n
-explains. A model that still answers wrong has picked what it needs and does not use it. One process;
-writes --out (JSON) and prints two tables.
+explains. A model that still answers wrong has picked what it needs and does not use it.
+--oracle-layers L ... forces the needle in those layers only (1 = the first). --oracle-sweep adds one
+pass per layer with the oracle in that layer alone, and reports each pass's exact match and picks: which
+layer's choice the answers hang on. One process, one model load; writes --out (JSON) and prints the
+tables.
 """
 
 import argparse
@@ -143,17 +146,20 @@ def with_needle_blocks(block_idx: torch.Tensor, scores: torch.Tensor, rows: list
 
 @contextlib.contextmanager
 def needle_oracle():
-    """While active, every NSA layer's top-n takes the needle's blocks at the answer rows (with_needle_blocks)
-    of the sample named by the yielded dict: set its "sample" before each forward pass (None: picks left
-    alone). Enter it inside recorded_selection_inputs, so that what is recorded is what top-n scored."""
-    target: dict = {"sample": None}
+    """While active, NSA layers' top-n take the needle's blocks at the answer rows (with_needle_blocks) of
+    the sample named by the yielded dict. Before each forward pass set its "sample" (None: picks left
+    alone), its "layers" (the 1-based layers to force; None: every layer) and its "call" to 0: the layers
+    select in order, one call each. Enter it inside recorded_selection_inputs, so that what is recorded is
+    what top-n scored."""
+    target: dict = {"sample": None, "layers": None, "call": 0}
 
     def force(select, q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *,
               q_start=0, cu_seqlens=None, score="sum"):
         picks = select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
                        q_start=q_start, cu_seqlens=cu_seqlens, score=score)
-        sample = target["sample"]
-        if sample is None:
+        sample, layers = target["sample"], target["layers"]
+        target["call"] += 1
+        if sample is None or (layers is not None and target["call"] not in layers):
             return picks
         rows = answer_rows(sample)
         if q_start != 0 or rows[-1] >= picks.shape[1]:  # one process scores the whole sample in one span
@@ -169,30 +175,38 @@ def needle_oracle():
         yield target
 
 
+ALL_LAYERS = "all"  # a pass's oracle in every layer
+
+
 def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device,
-                oracle: bool = False) -> list[dict]:
-    """Per sample: each NSA layer's block_idx, gates and the needle's ranks at the answer rows, and the
-    answer's exact match. oracle: the needle's blocks forced into the picks at the answer rows."""
+                passes: list) -> list[list[dict]]:
+    """For each pass, per sample: each NSA layer's block_idx, gates and the needle's ranks at the answer
+    rows, and the answer's exact match. A pass is None (top-n's own picks), ALL_LAYERS (the needle's blocks
+    forced into every layer's picks at the answer rows) or a set of 1-based layers to force them in."""
     keep = lambda args, result: (result.block_idx.detach(), args[4].detach())  # noqa: E731 (picks, gates)
     with (recorded_nsa_layers(keep) as layers, recorded_selection_inputs() as selections,
           needle_oracle() as target, loaded_model(config, stage, checkpoint, device) as gpt):
         pad_to = config.nsa.selection_block
-        results = []
+        by_pass = []
         with torch.no_grad():
-            for sample in samples:
-                tokens = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.int64, device=device)
-                tokens = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
-                target["sample"] = sample if oracle else None
-                layers.clear()
-                selections.clear()
-                logits = gpt(tokens, None, None)
-                rows = answer_rows(sample)
-                predicted = logits[0, rows].argmax(-1).tolist()
-                ranks = [needle_ranks(inputs, rows, needle_positions(sample)) for inputs in selections]
-                results.append({"correct": predicted == sample.answer,
-                                "layers": [(picks, gates[0, rows].float(), rank)
-                                           for (picks, gates), rank in zip(layers, ranks, strict=True)]})
-        return results
+            for oracle in passes:
+                results = []
+                for sample in samples:
+                    tokens = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.int64, device=device)
+                    tokens = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
+                    target.update(sample=None if oracle is None else sample,
+                                  layers=None if oracle in (None, ALL_LAYERS) else oracle, call=0)
+                    layers.clear()
+                    selections.clear()
+                    logits = gpt(tokens, None, None)
+                    rows = answer_rows(sample)
+                    predicted = logits[0, rows].argmax(-1).tolist()
+                    ranks = [needle_ranks(inputs, rows, needle_positions(sample)) for inputs in selections]
+                    results.append({"correct": predicted == sample.answer,
+                                    "layers": [(picks, gates[0, rows].float(), rank)
+                                               for (picks, gates), rank in zip(layers, ranks, strict=True)]})
+                by_pass.append(results)
+        return by_pass
 
 
 def report_for(config, depths: list[float], cells: dict, results: dict) -> dict:
@@ -232,6 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=None, help="samples per depth (default: eval.niah_samples)")
     p.add_argument("--oracle", action="store_true",
                    help="put the needle's blocks into every layer's picks at the answer positions")
+    p.add_argument("--oracle-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="the oracle in these layers only (1 = the first; implies --oracle)")
+    p.add_argument("--oracle-sweep", action="store_true",
+                   help="also one pass per layer with the oracle in that layer alone")
     p.add_argument("--out", default="benchmarks/needle_selection.json")
     a = p.parse_args(argv)
     config = load_config(a.config, a.overrides)
@@ -242,6 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
     samples = a.samples if a.samples is not None else config.eval.niah_samples
     if samples < 1:
         raise ConfigError(f"--samples {samples} must be at least 1")
+    num_layers = config.model.num_layers
+    if a.oracle_layers is not None and not all(1 <= layer <= num_layers for layer in a.oracle_layers):
+        raise ConfigError(f"--oracle-layers {' '.join(map(str, a.oracle_layers))}: layers are numbered 1 to "
+                          f"{num_layers} (model.num_layers)")
     checkpoint, stage = checkpoint_and_stage(config, a.checkpoint, a.stage)
     # the stage's n (stages may set their own): the model runs with it, and the report counts picks by it
     config = replace(config, nsa=replace(config.nsa, num_selected=stage.num_selected))
@@ -255,23 +277,35 @@ def main(argv: list[str] | None = None) -> dict:
     device = start_one_process(config, port=29513)
 
     ordered = [s for depth in depths for s in cells[depth]]
-    outcomes = run_samples(config, stage, checkpoint, ordered, device, oracle=a.oracle)
-    results = {depth: outcomes[i * samples : (i + 1) * samples] for i, depth in enumerate(depths)}
-    by_depth = report_for(config, depths, cells, results)
+    main_pass = (set(a.oracle_layers) if a.oracle_layers is not None else ALL_LAYERS if a.oracle else None)
+    sweep = list(range(1, num_layers + 1)) if a.oracle_sweep else []
+    passes = run_samples(config, stage, checkpoint, ordered, device, [main_pass] + [{layer} for layer in sweep])
+    by_pass = [report_for(config, depths, cells, {depth: outcomes[i * samples : (i + 1) * samples]
+                                                  for i, depth in enumerate(depths)})
+               for outcomes in passes]
+    by_depth = by_pass[0]
     report = {"config": a.config, "checkpoint": a.checkpoint, "stage": stage.name, "length": length,
               "rotary_base": stage.rotary_base, "task": config.eval.niah_task, "samples_per_depth": samples,
-              "oracle": a.oracle,
+              "oracle": main_pass is not None,
+              "oracle_layers": sorted(main_pass) if isinstance(main_pass, set) else None,
               "device": str(device), "nsa": {"selection_block": config.nsa.selection_block,
                                              "num_selected": config.nsa.num_selected, "window": config.nsa.window,
                                              "compression_rope": config.nsa.compression_rope,
                                              "selection_score": config.nsa.selection_score},
               "depths": by_depth}
+    if sweep:
+        # each pass: the oracle in one layer; its exact match and every layer's share of rows holding the needle
+        report["oracle_sweep"] = {str(layer): {depth: {"accuracy": row["accuracy"],
+                                                       "hits": [entry["hit"] for entry in row["layers"]]}
+                                               for depth, row in one.items()}
+                                  for layer, one in zip(sweep, by_pass[1:], strict=True)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
 
     print(f"needle in the top-n picks at the answer positions ({config.eval.niah_task}, {length} tokens, "
           f"{samples} samples a depth; n={config.nsa.num_selected} blocks of {config.nsa.selection_block})"
-          + (": oracle, the needle's blocks put into the picks" if a.oracle else ""))
+          + ("" if main_pass is None else ": oracle, the needle's blocks put into the picks"
+             + ("" if main_pass is ALL_LAYERS else f" of layers {', '.join(map(str, sorted(main_pass)))} only")))
     layers = len(next(iter(by_depth.values()))["layers"])
     print(f"{'depth':>6} {'exact':>6} {'window':>7} " + " ".join(f"{'L' + str(i + 1):>5}" for i in range(layers))
           + "   gates cmp/slc/win (mean over layers)")
@@ -287,6 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{float(depth):>6.2f} " + " ".join(
             f"{layer['rank_best_head']:.0f}/{layer['rank_group']:.0f}/{layer['rank_max_score']:.0f}".rjust(13)
             for layer in row["layers"]))
+    if sweep:
+        print("exact match with the oracle in one layer alone (the needle's blocks put into that layer's picks)")
+        print(f"{'depth':>6} " + " ".join(f"{'L' + str(layer):>5}" for layer in sweep))
+        for depth in by_depth:
+            print(f"{float(depth):>6.2f} " + " ".join(
+                f"{report['oracle_sweep'][str(layer)][depth]['accuracy']:>5.0%}" for layer in sweep))
     return report
 
 

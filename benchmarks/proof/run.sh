@@ -35,14 +35,16 @@ fi
 # NEEDLE=1: does block selection pick the needle at the answer positions, layer by layer, in the final
 # checkpoint, at each of NEEDLE_LENGTHS (default 32768), NEEDLE_SAMPLES samples a depth (default 4; NSA
 # runs only; tools/needle_selection.py); NEEDLE_ORACLE=1 then answers the same samples with the needle's
-# blocks put into every layer's picks (--oracle): how many misses top-n explains
+# blocks put into every layer's picks (--oracle): how many misses top-n explains; NEEDLE_SWEEP=1 adds to
+# the first pass one pass per layer with the oracle in that layer alone (--oracle-sweep)
 if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" $config; then
   newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
+  sweep=$([ "${NEEDLE_SWEEP:-0}" = 1 ] && echo --oracle-sweep)
   for length in ${NEEDLE_LENGTHS:-32768}; do
     for oracle in "" $([ "${NEEDLE_ORACLE:-0}" = 1 ] && echo oracle); do
-      timeout 150 $PYTHON tools/needle_selection.py --config $config --checkpoint $newest \
-        --length $length --samples ${NEEDLE_SAMPLES:-4} ${oracle:+--oracle} \
-        --out $OUT/${cfg}_needle_$length${oracle:+_oracle}.json 2>&1 | grep -v -i warn | tail -17
+      timeout 240 $PYTHON tools/needle_selection.py --config $config --checkpoint $newest \
+        --length $length --samples ${NEEDLE_SAMPLES:-4} ${oracle:+--oracle} $([ -z "$oracle" ] && echo $sweep) \
+        --out $OUT/${cfg}_needle_$length${oracle:+_oracle}.json 2>&1 | grep -v -i warn | tail -26
     done
   done
 fi

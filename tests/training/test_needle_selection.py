@@ -109,6 +109,28 @@ def test_oracle_puts_the_needle_into_every_layers_picks(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_oracle_in_chosen_layers_and_one_layer_at_a_time(tmp_path):
+    """--oracle-layers forces the needle in the layers named only; --oracle-sweep adds a pass per layer with
+    the oracle in that layer alone, beside a main pass with top-n's own picks."""
+    args = ["--length", "512", "--depths", "0.5", "--set", "nsa.selection_block=64"]
+    swept, stdout = _run(tmp_path, *args, "--oracle-sweep")
+    plain = swept["depths"]["0.5"]["layers"]
+    assert swept["oracle"] is False and swept["oracle_layers"] is None
+    assert min(layer["hit"] for layer in plain) < 1.0  # top-n at initial weights misses it somewhere
+    assert list(swept["oracle_sweep"]) == ["1", "2"] and "with the oracle in one layer alone" in stdout
+    for forced_layer, passes in swept["oracle_sweep"].items():
+        row = passes["0.5"]
+        assert 0 <= row["accuracy"] <= 1 and row["hits"][int(forced_layer) - 1] == 1.0
+    # forcing layer 2 leaves layer 1's picks as top-n made them (its input does not depend on layer 2)
+    assert swept["oracle_sweep"]["2"]["0.5"]["hits"][0] == plain[0]["hit"]
+    second, stdout = _run(tmp_path, *args, "--oracle-layers", "2")
+    assert second["oracle"] is True and second["oracle_layers"] == [2] and "of layers 2 only" in stdout
+    first, last = second["depths"]["0.5"]["layers"]
+    assert last["hit"] == 1.0 and first["hit"] == plain[0]["hit"] and first["rank_group"] == plain[0]["rank_group"]
+    assert second["depths"]["0.5"]["accuracy"] == swept["oracle_sweep"]["2"]["0.5"]["accuracy"]
+
+
+@pytest.mark.timeout(300)
 def test_tool_follows_the_models_selection_score(tmp_path):
     """With nsa.selection_score "max" the model selects by the largest head's score, and the group's rank
     (computed with the configured score) still reproduces its picks, and equals the "max" rank."""
@@ -124,6 +146,7 @@ def test_tool_follows_the_models_selection_score(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--depths", "0.5", "1.5"], "--depths 0.5 1.5: every depth must lie in [0, 1]"),
     (["--length", "40"], "--length 40: a passkey sample needs at least"),
+    (["--oracle-layers", "0", "3"], "--oracle-layers 0 3: layers are numbered 1 to 2 (model.num_layers)"),
     (["--set", "model.attention=dense"], "model.attention='dense' in configs/quickstart.yaml: needle selection "
                                          "needs an NSA model"),
 ])

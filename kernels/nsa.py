@@ -4,6 +4,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import torch
 
+from kernels.block_selection.alignment import selection_alignment_terms
 from kernels.block_selection.naive import select_blocks_ref
 from kernels.common import acc_dtype
 from kernels.compressed_attention.naive import compressed_attention_ref
@@ -61,6 +62,8 @@ class NSAResult(NamedTuple):
     lse_cmp: torch.Tensor  # [B, T, HQ] float32, per branch
     lse_slc: torch.Tensor
     lse_win: torch.Tensor
+    # (summed KL, rows) of the selection alignment loss (kernels.block_selection.alignment), when asked for
+    selection_terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class QuerySpan(NamedTuple):
@@ -111,6 +114,7 @@ def compose_nsa(
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
+    selection_loss: bool = False,
 ) -> NSAResult:
     """NSA's branches and their gated sum for some query rows of a sequence: the one composition that the
     single-rank path (native_sparse_attention) and the sequence-sharded path (nsa_context_parallel) share.
@@ -125,6 +129,8 @@ def compose_nsa(
     "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
     selection_score: how top-n combines the GQA group's heads' block scores, "sum" (the paper) or "max"
     (kernels.block_selection.naive.SELECTION_SCORES).
+    selection_loss: also compute the selection alignment loss's terms over these rows (NSAResult.
+    selection_terms; kernels.block_selection.alignment), for nsa.selection_loss.
 
     Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
     the most recently created ready node first, so the backward then makes one branch's output gradient
@@ -158,15 +164,21 @@ def compose_nsa(
 
     group = q.shape[2] // block_idx.shape[2]  # query heads per KV head
     o_slc, lse_slc = [], []  # per item (KV-head slice), its spans' rows
+    terms = []  # the selection alignment loss's (sum, rows) per item and span
     for heads, k, v in selection_kv:
         q_heads = slice(heads.start * group, heads.stop * group)
         o_item, lse_item = [], []
-        for s in spans:
+        for index, s in enumerate(spans):
             rows = slice(s.offset, s.offset + s.length)
             o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block, scale,
                                   q_start=s.start, cu_seqlens=cu_seqlens)
             o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
             lse_item.append(lse)
+            if selection_loss:
+                terms.append(selection_alignment_terms(
+                    q[:, rows, q_heads], k, lse.detach(), k_cmp[:, :, heads], lse_cmp[index][:, :, q_heads],
+                    block_idx[:, rows, heads], block_size=block_size, stride=stride,
+                    selection_block=selection_block, scale=scale, q_start=s.start, cu_seqlens=cu_seqlens))
         o_slc.append(_cat(o_item, 1))
         lse_slc.append(_cat(lse_item, 1))
     o_slc, lse_slc = _cat(o_slc, 2), _cat(lse_slc, 2)
@@ -176,7 +188,8 @@ def compose_nsa(
     else:  # fla's configuration: no window branch
         o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
     output = ops.sum(_cat(o_cmp, 1), o_slc, o_win)
-    return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win)
+    selection_terms = (sum(t for t, _ in terms), sum(r for _, r in terms)) if terms else None
+    return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win, selection_terms)
 
 
 def native_sparse_attention(
@@ -198,6 +211,7 @@ def native_sparse_attention(
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
+    selection_loss: bool = False,
 ) -> NSAResult:
     """Native Sparse Attention over one full causal sequence.
 
@@ -210,7 +224,7 @@ def native_sparse_attention(
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     cmp_rope: optional RoPE angles [N, R] of the compressed tokens (compose_nsa); then kv_cmp's keys are
-    the keys before RoPE. selection_score: "sum" or "max" (compose_nsa).
+    the keys before RoPE. selection_score: "sum" or "max" (compose_nsa). selection_loss: compose_nsa's.
     """
     k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens, block_size, stride)
     v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens, block_size, stride)
@@ -219,4 +233,4 @@ def native_sparse_attention(
     return compose_nsa(q, gates, k_cmp, v_cmp, [whole], [(all_heads, *kv_slc)], block_size=block_size,
                        stride=stride, selection_block=selection_block, num_selected=num_selected, window=window,
                        scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope,
-                       selection_score=selection_score)
+                       selection_score=selection_score, selection_loss=selection_loss)

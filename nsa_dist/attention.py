@@ -29,6 +29,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import Attention, SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
@@ -43,6 +44,9 @@ from nsa_dist.parallel import dense_context_parallel, nsa_context_parallel, zigz
 from nsa_dist.parallel.dense_cp import causal_sdpa, dense_documents
 
 BRANCHES = ("cmp", "slc", "win")
+# the selection alignment loss of every NSA layer's forward on this process since the trainer last took
+# them (nsa.selection_loss; detached means, one a layer and micro-batch): the trainer logs their mean
+SELECTION_LOSSES: list[torch.Tensor] = []
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -190,9 +194,19 @@ class NSACoreAttention(MegatronModule):
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
                      num_selected=self.num_selected, window=n.window, selection_score=n.selection_score,
                      scale=self.softmax_scale, impl=resolve_impl(n.impl, q.device))
-        out = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
-                                   gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
-                                   cmp_rope=cmp_rope, **sizes).output
+        aligned = n.selection_loss > 0 and self.training and torch.is_grad_enabled()
+        result = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
+                                      gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
+                                      cmp_rope=cmp_rope, selection_loss=aligned, **sizes)
+        out = result.output
+        if aligned:  # nsa.selection_loss: weight x mean KL per token of this rank's rows
+            total, rows = result.selection_terms
+            mean = total / rows.clamp_min(1)
+            SELECTION_LOSSES.append(mean.detach())
+            # the loss joins the model's in the backward (Megatron's device for MoE auxiliary losses; its scale
+            # is 1 without MoE and fp16). Megatron divides every gradient by the global token count
+            # (calculate_per_token_loss), so the loss is counted once per token here
+            out = MoEAuxLossAutoScaler.apply(out, n.selection_loss * mean * (q.shape[0] * q.shape[1]))
         return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
     def _block_rotary_freqs(self, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device):

@@ -58,6 +58,12 @@ class NSAConfig:
     # projection's gate rows start at zero and a learned per-branch bias is added. [-2, -2, 2] starts NSA as
     # sliding-window attention (gates 0.12, 0.12, 0.88), which learns local patterns first.
     gate_bias: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    # weight of the selection alignment loss (kernels/block_selection/alignment.py; not in the NSA paper,
+    # after DeepSeek-V3.2's indexer loss): per query and KV head, KL from the selected branch's attention
+    # over its picked blocks to top-n's scores of them, so that compressed attention learns which blocks
+    # the selected branch used. Added to each layer as weight x (mean KL) per token, beside the per-token
+    # language-model loss; MLflow logs the mean as selection_loss. 0: off (the paper)
+    selection_loss: float = 0.0
 
 
 @dataclass
@@ -456,6 +462,8 @@ def validate(config: Config) -> None:
     _require(nsa.num_selected >= 3,
              f"nsa.num_selected={nsa.num_selected} must be at least 3: block 0 and the two local blocks are "
              "always selected and count toward it")
+    _require(math.isfinite(nsa.selection_loss) and nsa.selection_loss >= 0,
+             f"nsa.selection_loss={nsa.selection_loss} must be a finite weight >= 0 (0 turns the loss off)")
     if nsa.impl != "reference":  # the kernels' limits ("auto" takes the kernels on every GPU)
         fix = "or set nsa.impl=reference (pure PyTorch, slow)"
         _require(nsa.selection_block <= 256,

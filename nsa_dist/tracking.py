@@ -241,6 +241,8 @@ class MLflowTracker(TrainingHooks):
                   "memory_gb": step_log.memory_gb}
         if step_log.answer_loss is not None:
             values["answer_loss"] = step_log.answer_loss
+        if step_log.selection_loss is not None:
+            values["selection_loss"] = step_log.selection_loss
         for name, comm in step_log.comm.items():
             values[f"comm/{name}/bytes"] = comm["bytes"]
             values[f"comm/{name}/exposed_s"] = comm["exposed_s"]

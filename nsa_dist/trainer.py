@@ -42,7 +42,8 @@ from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.data import check_data, document_eod, micro_batches, stage_sequences
 from nsa_dist import megatron_fallbacks
 from nsa_dist.megatron_cpu import enable_cpu
-from nsa_dist.attention import set_comm_stats, set_gather_group, set_num_selected, set_rotary_base
+from nsa_dist.attention import (SELECTION_LOSSES, set_comm_stats, set_gather_group, set_num_selected,
+                                 set_rotary_base)
 from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
 from nsa_dist.parallel.groups import twin_groups
 from nsa_dist.parallel import CommStats
@@ -63,6 +64,8 @@ class StepLog:
     # mean loss over the task answers' tokens in the global batch (None without task samples): falls
     # sharply when the model learns to retrieve, while the mean loss barely moves
     answer_loss: float | None = None
+    # nsa.selection_loss's KL, the mean over this process's NSA layers and micro-batches (None when off)
+    selection_loss: float | None = None
     # per context-parallel collective of this rank's step: {"bytes": sent + received, "exposed_s": seconds
     # the compute waited on it}; empty without context parallelism
     comm: dict = field(default_factory=dict)
@@ -485,6 +488,8 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         lr = optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = optimizer.step()
         loss, answer_loss = global_mean_losses(losses, device, ("loss", "answers"))
+        selection_loss = torch.stack(SELECTION_LOSSES).mean().item() if SELECTION_LOSSES else None
+        SELECTION_LOSSES.clear()
         state.step += 1
         state.stage_step += 1
         state.consumed_sequences += stage.global_batch_size
@@ -493,6 +498,7 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         step_log = StepLog(stage=stage.name, step=state.step, loss=loss, grad_norm=float(grad_norm), lr=lr,
                            tokens_per_s=stage.global_batch_size * stage.seq_len / elapsed, step_time_s=elapsed,
                            memory_gb=peak_memory_gb(device), answer_loss=answer_loss,
+                           selection_loss=selection_loss,
                            comm={name: {"bytes": comm.sent[name] + comm.received[name],
                                         "exposed_s": exposed.get(name, 0.0)} for name in comm.sent})
         history.append(step_log)

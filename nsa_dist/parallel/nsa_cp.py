@@ -168,6 +168,7 @@ def nsa_context_parallel(
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
+    selection_loss: bool = False,
 ) -> NSAResult:
     """NSA on this rank's zigzag shard of a sequence sharded over the CP group `group`.
 
@@ -185,12 +186,13 @@ def nsa_context_parallel(
     cmp_rope: optional RoPE angles [N, R] of the whole sequence's compressed tokens (kernels.nsa.compose_nsa;
     kv_cmp's keys are then the keys before RoPE): each rank rotates the gathered tokens.
     selection_score: how top-n combines a GQA group's heads' block scores, "sum" or "max" (compose_nsa).
+    selection_loss: also the selection alignment loss's terms over this rank's rows (compose_nsa).
     Returns NSAResult for the local tokens (block ids are global, or per document as on one rank).
     """
     cp_size, cp_rank = group_size_rank(group)
     sizes = dict(block_size=block_size, stride=stride, selection_block=selection_block, num_selected=num_selected,
                  window=window, scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope,
-                 selection_score=selection_score)
+                 selection_score=selection_score, selection_loss=selection_loss)
     if cp_size == 1:
         return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes)
     documents = cu_seqlens is not None

@@ -108,7 +108,7 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     leaves, params, upstream = make_inputs(case)
     compress_k, compress_v = phis(case, params)
     full = native_sparse_attention(leaves["q"], *branch_kv(case, leaves), leaves["gates"], compress_k, compress_v,
-                                   **sizes(case), cu_seqlens=case.cu_seqlens())
+                                   **sizes(case), cu_seqlens=case.cu_seqlens(), selection_loss=True)
     ref_grads = torch.autograd.grad(full.output, list(leaves.values()) + list(params.values()), upstream)
 
     local = {k: split_zigzag(v.detach(), rank, world).requires_grad_() for k, v in leaves.items()}
@@ -118,7 +118,8 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     group = dist.group.WORLD
     result = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], compress_k, compress_v,
                                   group=group, kv_heads_per_gather=kv_heads_per_gather, stats=stats, impl=impl,
-                                  gather_group=gather_group, **sizes(case), cu_seqlens=case.cu_seqlens())
+                                  gather_group=gather_group, **sizes(case), cu_seqlens=case.cu_seqlens(),
+                                  selection_loss=True)
     grads = torch.autograd.grad(result.output, list(local.values()) + list(local_params.values()),
                                 split_zigzag(upstream, rank, world))
 
@@ -128,6 +129,12 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     assert torch.equal(result.block_idx, split_zigzag(full.block_idx, rank, world)), "selections differ"
     for lse_name in ("lse_cmp", "lse_slc", "lse_win"):
         torch.testing.assert_close(getattr(result, lse_name), split_zigzag(getattr(full, lse_name), rank, world))
+    # the selection alignment loss's terms (nsa.selection_loss) over the ranks' rows add up to one rank's
+    terms = torch.stack([t.detach().double() for t in result.selection_terms])
+    dist.all_reduce(terms)
+    want_terms = torch.stack([t.detach().double() for t in full.selection_terms])
+    assert want_terms[1] > 0
+    torch.testing.assert_close(terms, want_terms, rtol=1e-5, atol=1e-7)
     names = list(leaves) + list(params)
     for name, got, want in zip(names, grads, ref_grads):
         if name in params:

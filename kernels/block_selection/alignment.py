@@ -1,0 +1,127 @@
+"""Selection alignment: a loss that teaches compressed attention where the selected branch looked.
+
+NSA's top-n is not differentiable: compressed attention, whose probabilities rank the blocks, learns only
+through its own output o_cmp, and nothing tells it which selected blocks the selected branch found useful.
+DeepSeek's sparse attention (DeepSeek-V3.2, "sparse training" stage) trains its block ranker with a KL
+divergence to the main attention's distribution over the tokens it selected. This is that loss for NSA:
+for each query and KV head, over the n blocks top-n picked,
+
+    target_j = the selected branch's attention probability in block j, averaged over the group's heads
+    pred_j   = the selection score of block j (compressed probabilities spread by overlap and summed over
+               the group's heads, as top-n ranks them), renormalised over the picked blocks
+    loss     = KL(target || pred), averaged over the (query, KV head) rows that have a score
+
+The target is a constant (no gradient reaches the selected branch through it); the gradient reaches the
+queries and the compressed keys. Compressed log-sum-exps are constants too (the renormalisation over the
+picked blocks removes most of their effect). Not in the NSA paper: opt-in (`nsa.selection_loss`).
+"""
+
+import torch
+
+from kernels.common import default_scale, group_queries, query_chunks, run_chunk
+from kernels.compression.naive import compressed_cu_seqlens
+
+
+def selection_alignment_terms(
+    q: torch.Tensor,
+    k_slc: torch.Tensor,
+    lse_slc: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse_cmp: torch.Tensor,
+    block_idx: torch.Tensor,
+    *,
+    block_size: int,
+    stride: int,
+    selection_block: int,
+    scale: float | None = None,
+    q_start: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed KL and the number of rows it sums (a float tensor each): mean = sum / rows.
+
+    q: [B, T, HQ, Dk], the queries at global positions q_start .. q_start + T - 1 (RoPE'd, as the branches
+    saw them); k_slc: [B, S, HK, Dk], the raw keys from global position 0 through every query's last
+    selectable block; lse_slc: [B, T, HQ], the selected branch's log-sum-exp; k_cmp: [B, N, HK, Dk], the
+    compressed keys as compressed attention saw them (RoPE'd where nsa.compression_rope is "blocks");
+    lse_cmp: [B, T, HQ]; block_idx: [B, T, HK, n] (-1 padded). cu_seqlens: packed documents (B = 1), each
+    scored on its own tokens, with positions and block ids counted from its start (as top-n does).
+    Chunked over queries; under autograd each chunk is recomputed in the backward, so memory stays one
+    chunk's worth. Reads nothing back from the device.
+    """
+    total, rows = q.new_zeros((), dtype=torch.float32), q.new_zeros((), dtype=torch.float32)
+    if k_cmp.shape[1] == 0:  # no compressed token yet (a sequence shorter than one block): no score to align
+        return total, rows
+    positions = torch.arange(q_start, q_start + q.shape[1], device=q.device)
+    first = cmp_first = torch.zeros_like(positions)  # each row's document: its first token and compressed token
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.to(device=q.device, dtype=torch.long)
+        doc = torch.searchsorted(bounds, positions, right=True) - 1
+        first = bounds[doc]
+        cmp_first = compressed_cu_seqlens(cu_seqlens, block_size, stride).to(device=q.device, dtype=torch.long)[doc]
+    sizes = (block_size, stride, selection_block, default_scale(q.shape[-1], scale))
+    for start, end in query_chunks(q.shape[1], chunk_size):
+        chunk_total, chunk_rows = run_chunk(
+            _chunk_terms, q[:, start:end], k_slc, lse_slc[:, start:end], k_cmp, lse_cmp[:, start:end],
+            block_idx[:, start:end], positions[start:end] - first[start:end], first[start:end],
+            cmp_first[start:end], sizes)
+        total, rows = total + chunk_total, rows + chunk_rows
+    return total, rows
+
+
+def _chunk_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, position, first, cmp_first, sizes):
+    """selection_alignment_terms for one chunk of rows; position [R] counts from each row's document start,
+    first and cmp_first [R] are the indices of its document's first key in k_slc and compressed key in k_cmp."""
+    block_size, stride, selection_block, scale = sizes
+    batch, num_rows, num_kv_heads, n = block_idx.shape
+    qg = group_queries(q, num_kv_heads).float()  # [B, R, HK, G, D]
+    group = qg.shape[3]
+    position = position[None, :, None, None]  # [1, R, 1, 1]
+    first, cmp_first = first[None, :, None, None, None], cmp_first[None, :, None, None, None]
+    heads = torch.arange(num_kv_heads, device=q.device)[None, None, :, None, None]
+    batches = torch.arange(batch, device=q.device)[:, None, None, None, None]
+    picked = block_idx.long()  # [B, R, HK, n]
+    valid = picked >= 0
+
+    # target: the selected branch's probability mass in each picked block, averaged over the group's heads
+    key = picked[..., None] * selection_block + torch.arange(selection_block, device=q.device)  # [B, R, HK, n, l']
+    seen = valid[..., None] & (key <= position[..., None]) & (first + key < k_slc.shape[1])
+    with torch.no_grad():
+        # in the keys' own dtype: n l' keys a row (a GB at 8K rows of bf16 keys), products summed in fp32 by
+        # the matmul
+        keys = k_slc[batches, (first + key).clamp(0, k_slc.shape[1] - 1), heads]  # [B, R, HK, n, l', D]
+        logits = torch.einsum("brhgd,brhnkd->brhgnk", q.detach().reshape(qg.shape), keys).float() * scale
+        lse = lse_slc.reshape(batch, num_rows, num_kv_heads, group).float()[..., None, None]
+        probs = torch.where(seen[:, :, :, None], torch.exp(logits - lse), torch.zeros_like(logits))
+        target = probs.sum(-1).mean(3)  # [B, R, HK, n]
+
+    # prediction: each picked block's selection score from the compressed tokens that overlap it
+    per_block = selection_block // stride + block_size // stride - 1  # compressed tokens overlapping a block
+    token = (picked * (selection_block // stride) - (block_size // stride - 1))[..., None] + torch.arange(
+        per_block, device=q.device)  # [B, R, HK, n, C], counted from the document's first compressed token
+    token_start = token * stride
+    overlap = (torch.minimum(token_start + block_size, (picked[..., None] + 1) * selection_block)
+               - torch.maximum(token_start, picked[..., None] * selection_block)).clamp_min(0).float() / stride
+    # an ended compressed block of the row's document (it ends at or before the row, inside the document)
+    visible = (valid[..., None] & (token >= 0) & (token_start + block_size - 1 <= position[..., None])
+               & (cmp_first + token < k_cmp.shape[1]))
+    index = (cmp_first + token).clamp(0, max(k_cmp.shape[1] - 1, 0))
+    cmp_keys = k_cmp[batches, index, heads].float()  # [B, R, HK, n, C, D]
+    cmp_logits = torch.einsum("brhgd,brhncd->brhgnc", qg, cmp_keys) * scale
+    cmp_lse = lse_cmp.detach().reshape(batch, num_rows, num_kv_heads, group).float()[..., None, None]
+    cmp_lse = torch.where(torch.isfinite(cmp_lse), cmp_lse, torch.zeros_like(cmp_lse))
+    weight = torch.where(visible, overlap, torch.zeros_like(overlap))  # [B, R, HK, n, C]
+    score = (torch.exp(cmp_logits - cmp_lse) * weight[:, :, :, None]).sum(-1).sum(3)  # [B, R, HK, n]
+
+    # only blocks that some ended compressed token overlaps have a score (a query's own block often has
+    # none yet): both distributions are taken over those blocks
+    comparable = weight.sum(-1) > 0  # [B, R, HK, n]
+    target = torch.where(comparable, target, torch.zeros_like(target))
+    target_mass = target.sum(-1, keepdim=True)
+    scored = target_mass[..., 0] > 0  # rows with a comparable block the selected branch gave weight to
+    target = target / target_mass.clamp_min(torch.finfo(torch.float32).tiny)
+    tiny = torch.finfo(torch.float32).tiny
+    log_pred = torch.log(score.clamp_min(tiny)) - torch.log(score.sum(-1, keepdim=True).clamp_min(tiny))
+    kl = (torch.xlogy(target, target) - target * torch.where(comparable, log_pred, torch.zeros_like(log_pred))).sum(-1)
+    kl = torch.where(scored, kl, torch.zeros_like(kl))  # [B, R, HK]
+    return kl.sum(), scored.sum().float()

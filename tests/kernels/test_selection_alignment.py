@@ -1,0 +1,118 @@
+"""kernels/block_selection/alignment.py: the selection alignment loss against a loop over rows, blocks and
+keys written from its definition; its gradient reaches the queries and compressed keys only."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.block_selection.alignment import selection_alignment_terms
+
+
+def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start, docs):
+    """One (row, KV head) at a time: KL(target || pred) over the picked blocks that an ended compressed token
+    overlaps, target the selected branch's mass there (mean over the group), pred the selection score."""
+    _, t, hq, _ = q.shape
+    hk = k_slc.shape[2]
+    g = hq // hk
+    cmp_counts = [max(0, (end - start - l) // d + 1) for start, end in docs]
+    total, rows = 0.0, 0
+    for r in range(t):
+        p = q_start + r
+        doc = next(i for i, (start, end) in enumerate(docs) if start <= p < end)
+        first, pos, cmp_first = docs[doc][0], p - docs[doc][0], sum(cmp_counts[:doc])
+        for h in range(hk):
+            targets, scores = [], []
+            for b in (int(x) for x in block_idx[0, r, h] if x >= 0):
+                mass = sum(math.exp(float(q[0, r, h * g + j] @ k_slc[0, first + key, h]) * scale
+                                    - float(lse_slc[0, r, h * g + j]))
+                           for j in range(g) for key in range(b * lp, b * lp + lp) if key <= pos) / g
+                score, comparable = 0.0, False
+                for i in range(cmp_counts[doc]):
+                    overlap = max(0, min(i * d + l, (b + 1) * lp) - max(i * d, b * lp))
+                    if overlap > 0 and i * d + l - 1 <= pos:
+                        comparable = True
+                        score += sum(overlap / d * math.exp(float(q[0, r, h * g + j] @ k_cmp[0, cmp_first + i, h])
+                                                            * scale - float(lse_cmp[0, r, h * g + j]))
+                                     for j in range(g))
+                if comparable:
+                    targets.append(mass)
+                    scores.append(score)
+            if sum(targets) > 0:
+                targets = [x / sum(targets) for x in targets]
+                preds = [x / sum(scores) for x in scores]
+                total += sum(x * math.log(x / y) for x, y in zip(targets, preds) if x > 0)
+                rows += 1
+    return total, rows
+
+
+def _inputs(t, hq, hk, d_head, num_cmp, n, lp, q_start, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, t, hq, d_head, generator=gen, dtype=torch.float64)
+    k_slc = torch.randn(1, q_start + t, hk, d_head, generator=gen, dtype=torch.float64)
+    k_cmp = torch.randn(1, num_cmp, hk, d_head, generator=gen, dtype=torch.float64)
+    lse_slc = torch.rand(1, t, hq, generator=gen, dtype=torch.float64) * 3
+    lse_cmp = torch.rand(1, t, hq, generator=gen, dtype=torch.float64) * 3
+    # picks: block 0, the row's own block and random earlier ones, -1 padded (as top-n writes them)
+    block_idx = torch.full((1, t, hk, n), -1, dtype=torch.int32)
+    return q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, gen
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("packed, q_start", [(False, 0), (False, 40), (True, 0), (True, 24)])
+def test_matches_a_loop_over_rows_blocks_and_keys(packed, q_start):
+    l, d, lp, n, t, hq, hk = 8, 4, 16, 3, 56, 4, 2
+    docs = [(0, 37), (37, 61), (61, q_start + t)] if packed else [(0, q_start + t)]
+    num_cmp = sum(max(0, (end - start - l) // d + 1) for start, end in docs)
+    q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, gen = _inputs(t, hq, hk, 8, num_cmp, n, lp, q_start, 0)
+    for r in range(t):
+        p = q_start + r
+        start = next(s for s, e in docs if s <= p < e)
+        current = (p - start) // lp
+        for h in range(hk):
+            picks = sorted({0, current} | set(torch.randint(0, current + 1, (n,), generator=gen).tolist()))[:n]
+            block_idx[0, r, h, : len(picks)] = torch.tensor(picks, dtype=torch.int32)
+    cu_seqlens = torch.tensor([s for s, _ in docs] + [docs[-1][1]], dtype=torch.int32) if packed else None
+    total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, block_size=l, stride=d,
+                                            selection_block=lp, scale=0.3, q_start=q_start, cu_seqlens=cu_seqlens,
+                                            chunk_size=13)
+    want_total, want_rows = _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, 0.3, q_start, docs)
+    assert want_rows > t  # most (row, KV head) pairs have a comparable block
+    assert rows.item() == want_rows and total.item() == pytest.approx(want_total, rel=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_gradient_reaches_queries_and_compressed_keys_and_lowers_the_loss():
+    l, d, lp, n, t, hq, hk = 8, 4, 16, 4, 64, 4, 1
+    num_cmp = (t - l) // d + 1
+    q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, _ = _inputs(t, hq, hk, 8, num_cmp, n, lp, 0, 1)
+    for r in range(t):  # every visible block, up to n
+        picks = list(range(min(n, r // lp + 1)))
+        block_idx[0, r, 0, : len(picks)] = torch.tensor(picks, dtype=torch.int32)
+    q.requires_grad_(True)
+    k_cmp.requires_grad_(True)
+    k_slc.requires_grad_(True)
+    kwargs = dict(block_size=l, stride=d, selection_block=lp, scale=0.3)
+
+    def loss():
+        total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, **kwargs)
+        return total / rows
+
+    before = loss()
+    before.backward()
+    assert before.item() > 0
+    assert q.grad.abs().sum() > 0 and k_cmp.grad.abs().sum() > 0
+    assert k_slc.grad is None  # the target is a constant
+    for _ in range(20):  # a few steps on the compressed keys alone move the scores toward the target
+        (grad,) = torch.autograd.grad(loss(), k_cmp)
+        with torch.no_grad():
+            k_cmp -= 50.0 * grad
+    assert loss().item() < 0.5 * before.item()
+
+
+def test_a_sequence_without_compressed_tokens_has_nothing_to_align():
+    q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, _ = _inputs(6, 2, 1, 8, 0, 3, 16, 0, 2)
+    block_idx[..., 0] = 0
+    total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, block_size=8, stride=4,
+                                            selection_block=16)
+    assert total.item() == 0 and rows.item() == 0

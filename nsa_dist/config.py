@@ -60,8 +60,8 @@ class NSAConfig:
     gate_bias: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     # weight of the selection alignment loss (kernels/block_selection/alignment.py; not in the NSA paper,
     # after DeepSeek-V3.2's indexer loss): per query and KV head, KL from the selected branch's attention
-    # over its picked blocks to top-n's scores of them, so that compressed attention learns which blocks
-    # the selected branch used. Added to each layer as weight x (mean KL) per token, beside the per-token
+    # over the free blocks top-n picked (not block 0 or the local ones) to top-n's scores of them, so that
+    # compressed attention learns which blocks the selected branch used. Added to each layer as weight x (mean KL) per token, beside the per-token
     # language-model loss; MLflow logs the mean as selection_loss. 0: off (the paper)
     selection_loss: float = 0.0
 

@@ -4,12 +4,14 @@ NSA's top-n is not differentiable: compressed attention, whose probabilities ran
 through its own output o_cmp, and nothing tells it which selected blocks the selected branch found useful.
 DeepSeek's sparse attention (DeepSeek-V3.2, "sparse training" stage) trains its block ranker with a KL
 divergence to the main attention's distribution over the tokens it selected. This is that loss for NSA:
-for each query and KV head, over the n blocks top-n picked,
+for each query and KV head, over the free blocks top-n picked (not block 0 or the two local blocks, which
+it takes whatever their score) that an ended compressed token overlaps,
 
-    target_j = the selected branch's attention probability in block j, averaged over the group's heads
+    target_j = the selected branch's attention probability in block j, averaged over the group's heads,
+               renormalised over those blocks
     pred_j   = the selection score of block j (compressed probabilities spread by overlap and summed over
-               the group's heads, as top-n ranks them), renormalised over the picked blocks
-    loss     = KL(target || pred), averaged over the (query, KV head) rows that have a score
+               the group's heads, as top-n ranks them), renormalised over those blocks
+    loss     = KL(target || pred), averaged over the (query, KV head) rows with such a block
 
 The target is a constant (no gradient reaches the selected branch through it); the gradient reaches the
 queries and the compressed keys. Compressed log-sum-exps are constants too (the renormalisation over the
@@ -113,14 +115,18 @@ def _chunk_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, position, first, 
     weight = torch.where(visible, overlap, torch.zeros_like(overlap))  # [B, R, HK, n, C]
     score = (torch.exp(cmp_logits - cmp_lse) * weight[:, :, :, None]).sum(-1).sum(3)  # [B, R, HK, n]
 
-    # only blocks that some ended compressed token overlaps have a score (a query's own block often has
-    # none yet): both distributions are taken over those blocks
-    comparable = weight.sum(-1) > 0  # [B, R, HK, n]
+    # both distributions are taken over the free picks that some ended compressed token overlaps: top-n
+    # ranks only those (block 0 and the local blocks are taken whatever their score, and a query's own block
+    # often has no ended compressed token yet)
+    current = position // selection_block
+    forced = (picked == 0) | (picked == current) | (picked == current - 1)
+    comparable = (weight.sum(-1) > 0) & ~forced  # [B, R, HK, n]
     target = torch.where(comparable, target, torch.zeros_like(target))
     target_mass = target.sum(-1, keepdim=True)
     scored = target_mass[..., 0] > 0  # rows with a comparable block the selected branch gave weight to
     target = target / target_mass.clamp_min(torch.finfo(torch.float32).tiny)
     tiny = torch.finfo(torch.float32).tiny
+    score = torch.where(comparable, score, torch.zeros_like(score))
     log_pred = torch.log(score.clamp_min(tiny)) - torch.log(score.sum(-1, keepdim=True).clamp_min(tiny))
     kl = (torch.xlogy(target, target) - target * torch.where(comparable, log_pred, torch.zeros_like(log_pred))).sum(-1)
     kl = torch.where(scored, kl, torch.zeros_like(kl))  # [B, R, HK]

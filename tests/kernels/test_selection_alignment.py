@@ -10,8 +10,9 @@ from kernels.block_selection.alignment import selection_alignment_terms
 
 
 def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start, docs):
-    """One (row, KV head) at a time: KL(target || pred) over the picked blocks that an ended compressed token
-    overlaps, target the selected branch's mass there (mean over the group), pred the selection score."""
+    """One (row, KV head) at a time: KL(target || pred) over the free picked blocks (not block 0 or the two
+    local ones) that an ended compressed token overlaps, target the selected branch's mass there (mean over
+    the group), pred the selection score."""
     _, t, hq, _ = q.shape
     hk = k_slc.shape[2]
     g = hq // hk
@@ -23,7 +24,7 @@ def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start
         first, pos, cmp_first = docs[doc][0], p - docs[doc][0], sum(cmp_counts[:doc])
         for h in range(hk):
             targets, scores = [], []
-            for b in (int(x) for x in block_idx[0, r, h] if x >= 0):
+            for b in (int(x) for x in block_idx[0, r, h] if x >= 0 and x not in (0, pos // lp, pos // lp - 1)):
                 mass = sum(math.exp(float(q[0, r, h * g + j] @ k_slc[0, first + key, h]) * scale
                                     - float(lse_slc[0, r, h * g + j]))
                            for j in range(g) for key in range(b * lp, b * lp + lp) if key <= pos) / g
@@ -61,7 +62,7 @@ def _inputs(t, hq, hk, d_head, num_cmp, n, lp, q_start, seed):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("packed, q_start", [(False, 0), (False, 40), (True, 0), (True, 24)])
 def test_matches_a_loop_over_rows_blocks_and_keys(packed, q_start):
-    l, d, lp, n, t, hq, hk = 8, 4, 16, 3, 56, 4, 2
+    l, d, lp, n, t, hq, hk = 8, 4, 8, 5, 56, 4, 2
     docs = [(0, 37), (37, 61), (61, q_start + t)] if packed else [(0, q_start + t)]
     num_cmp = sum(max(0, (end - start - l) // d + 1) for start, end in docs)
     q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, gen = _inputs(t, hq, hk, 8, num_cmp, n, lp, q_start, 0)
@@ -77,13 +78,13 @@ def test_matches_a_loop_over_rows_blocks_and_keys(packed, q_start):
                                             selection_block=lp, scale=0.3, q_start=q_start, cu_seqlens=cu_seqlens,
                                             chunk_size=13)
     want_total, want_rows = _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, 0.3, q_start, docs)
-    assert want_rows > t  # most (row, KV head) pairs have a comparable block
+    assert want_rows >= 10 and want_total > 0  # enough (row, KV head) pairs with free comparable blocks
     assert rows.item() == want_rows and total.item() == pytest.approx(want_total, rel=1e-5)
 
 
 @pytest.mark.timeout(120)
 def test_gradient_reaches_queries_and_compressed_keys_and_lowers_the_loss():
-    l, d, lp, n, t, hq, hk = 8, 4, 16, 4, 64, 4, 1
+    l, d, lp, n, t, hq, hk = 8, 4, 16, 6, 128, 4, 1
     num_cmp = (t - l) // d + 1
     q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, _ = _inputs(t, hq, hk, 8, num_cmp, n, lp, 0, 1)
     for r in range(t):  # every visible block, up to n

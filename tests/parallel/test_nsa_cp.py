@@ -133,7 +133,8 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     terms = torch.stack([t.detach().double() for t in result.selection_terms])
     dist.all_reduce(terms)
     want_terms = torch.stack([t.detach().double() for t in full.selection_terms])
-    assert want_terms[1] > 0
+    # rows with free picks to align: every case but n = 3 (block 0 and the two local blocks fill the picks)
+    assert (want_terms[1] > 0) == (case.num_selected > 3)
     torch.testing.assert_close(terms, want_terms, rtol=1e-5, atol=1e-7)
     names = list(leaves) + list(params)
     for name, got, want in zip(names, grads, ref_grads):

@@ -10,15 +10,15 @@ import pytest
 from dist_harness import run_distributed
 from tiny import tiny_config
 
-CP2 = ["parallel.context=2", "training.global_batch_size=2"]
+CP2 = ["parallel.context=2", "training.global_batch_size=2", "nsa.num_selected=5"]  # n = 3 picks no free block
 
 
 def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
     from nsa_dist.trainer import train
 
-    results = {weight: [(log.loss, log.selection_loss) for log in train(tiny_config(
-                   *CP2, f"nsa.selection_loss={weight}", f"run.dir={root}/{weight}", steps=3)).history]
-               for weight in ("0", "100.0")}
+    results = {name: [(log.loss, log.selection_loss) for log in train(tiny_config(
+                   *CP2, f"nsa.selection_loss={weight}", f"run.dir={root}/{name}", steps=3)).history]
+               for name, weight in (("off", "0"), ("off again", "0"), ("on", "100.0"))}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -28,9 +28,12 @@ def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
 def test_selection_loss_is_logged_and_changes_training(tmp_path):
     out = tmp_path / "out.json"
     run_distributed(_run, 2, str(tmp_path / "runs"), str(out))
-    off, on = json.loads(out.read_text()).values()
+    off, again, on = json.loads(out.read_text()).values()
+    assert again == off  # deterministic: a difference below is the loss's
     assert all(selection is None for _, selection in off)
     assert all(selection is not None and math.isfinite(selection) and selection > 0 for _, selection in on)
-    # the first step's loss is computed before any update; the second's follows an update the loss changed
-    assert on[0][0] == pytest.approx(off[0][0], rel=1e-6)
-    assert on[1][0] != pytest.approx(off[1][0], rel=1e-5)  # measured: 4.77269 against 4.77307
+    # the first step's loss is computed before any update, by the same forward (the loss leaves the layer's
+    # output as it is); the second's follows an update the loss changed (Adam's first steps move by about
+    # the gradient's sign, so the change is small)
+    assert on[0][0] == off[0][0]
+    assert on[1][0] != off[1][0]

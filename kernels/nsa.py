@@ -114,7 +114,7 @@ def compose_nsa(
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
-    selection_loss: bool = False,
+    selection_loss: int = 0,
 ) -> NSAResult:
     """NSA's branches and their gated sum for some query rows of a sequence: the one composition that the
     single-rank path (native_sparse_attention) and the sequence-sharded path (nsa_context_parallel) share.
@@ -129,8 +129,8 @@ def compose_nsa(
     "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
     selection_score: how top-n combines the GQA group's heads' block scores, "sum" (the paper) or "max"
     (kernels.block_selection.naive.SELECTION_SCORES).
-    selection_loss: also compute the selection alignment loss's terms over these rows (NSAResult.
-    selection_terms; kernels.block_selection.alignment), for nsa.selection_loss.
+    selection_loss: k > 0 also computes the selection alignment loss's terms over every k-th of these rows
+    (NSAResult.selection_terms; kernels.block_selection.alignment), for nsa.selection_loss; 0: not.
 
     Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
     the most recently created ready node first, so the backward then makes one branch's output gradient
@@ -178,7 +178,8 @@ def compose_nsa(
                 terms.append(selection_alignment_terms(
                     q[:, rows, q_heads], k, lse.detach(), k_cmp[:, :, heads], lse_cmp[index][:, :, q_heads],
                     block_idx[:, rows, heads], block_size=block_size, stride=stride,
-                    selection_block=selection_block, scale=scale, q_start=s.start, cu_seqlens=cu_seqlens))
+                    selection_block=selection_block, scale=scale, q_start=s.start, cu_seqlens=cu_seqlens,
+                    row_stride=selection_loss))
         o_slc.append(_cat(o_item, 1))
         lse_slc.append(_cat(lse_item, 1))
     o_slc, lse_slc = _cat(o_slc, 2), _cat(lse_slc, 2)
@@ -211,7 +212,7 @@ def native_sparse_attention(
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
-    selection_loss: bool = False,
+    selection_loss: int = 0,
 ) -> NSAResult:
     """Native Sparse Attention over one full causal sequence.
 

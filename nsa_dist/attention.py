@@ -197,7 +197,8 @@ class NSACoreAttention(MegatronModule):
         aligned = n.selection_loss > 0 and self.training and torch.is_grad_enabled()
         result = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                                       gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
-                                      cmp_rope=cmp_rope, selection_loss=aligned, **sizes)
+                                      cmp_rope=cmp_rope, selection_loss=n.selection_loss_stride if aligned else 0,
+                                      **sizes)
         out = result.output
         if aligned:  # nsa.selection_loss: weight x mean KL per token of this rank's rows
             total, rows = result.selection_terms

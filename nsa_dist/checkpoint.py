@@ -49,7 +49,7 @@ FORMAT_VERSION = 1
 # rotary_base is per stage (RoPE has no weights), init_std only matters before the first step,
 # selection_loss is a training loss (no weights).
 MODEL_FIELDS_FREE_TO_CHANGE = {"model.rotary_base", "model.init_std", "nsa.impl", "nsa.num_selected",
-                               "nsa.selection_loss"}
+                               "nsa.selection_loss", "nsa.selection_loss_stride"}
 
 
 class CheckpointError(RuntimeError):

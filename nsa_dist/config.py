@@ -64,6 +64,9 @@ class NSAConfig:
     # compressed attention learns which blocks the selected branch used. Added to each layer as weight x (mean KL) per token, beside the per-token
     # language-model loss; MLflow logs the mean as selection_loss. 0: off (the paper)
     selection_loss: float = 0.0
+    # the selection alignment loss over every k-th query row of a micro-batch (on each rank) only: it gathers
+    # every picked block's keys for each row it scores, so 1 (every row) costs most
+    selection_loss_stride: int = 1
 
 
 @dataclass
@@ -462,6 +465,7 @@ def validate(config: Config) -> None:
     _require(nsa.num_selected >= 3,
              f"nsa.num_selected={nsa.num_selected} must be at least 3: block 0 and the two local blocks are "
              "always selected and count toward it")
+    _positive(nsa, "nsa", "selection_loss_stride")
     _require(math.isfinite(nsa.selection_loss) and nsa.selection_loss >= 0,
              f"nsa.selection_loss={nsa.selection_loss} must be a finite weight >= 0 (0 turns the loss off)")
     if nsa.impl != "reference":  # the kernels' limits ("auto" takes the kernels on every GPU)

@@ -103,6 +103,7 @@ INVALID = [
     (["nsa.num_selected=2"], "nsa.num_selected", "at least 3"),
     (["nsa.gate_bias=[1.0, 2.0]"], "nsa.gate_bias=[1.0, 2.0]", "(cmp, slc, win)"),
     (["nsa.selection_loss=-0.5"], "nsa.selection_loss=-0.5", "finite weight >= 0"),
+    (["nsa.selection_loss_stride=0"], "nsa.selection_loss_stride=0", "must be positive"),
     (["nsa.window=0"], "nsa.window", "positive"),
     (["nsa.stride=0"], "nsa.stride", "positive"),
     (["nsa.kv=both"], "nsa.kv", "'separate', 'shared'"),

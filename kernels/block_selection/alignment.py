@@ -38,6 +38,7 @@ def selection_alignment_terms(
     scale: float | None = None,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    row_stride: int = 1,
     chunk_size: int = 8192,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed KL and the number of rows it sums (a float tensor each): mean = sum / rows.
@@ -48,13 +49,16 @@ def selection_alignment_terms(
     compressed keys as compressed attention saw them (RoPE'd where nsa.compression_rope is "blocks");
     lse_cmp: [B, T, HQ]; block_idx: [B, T, HK, n] (-1 padded). cu_seqlens: packed documents (B = 1), each
     scored on its own tokens, with positions and block ids counted from its start (as top-n does).
-    Chunked over queries; under autograd each chunk is recomputed in the backward, so memory stays one
-    chunk's worth. Reads nothing back from the device.
+    row_stride: only every row_stride-th query (0, k, 2k, ... of these rows) counts, for a cheaper loss.
+    Chunked over queries; under autograd each chunk's scores are recomputed in the backward, so memory
+    stays one chunk's worth. Reads nothing back from the device.
     """
     total, rows = q.new_zeros((), dtype=torch.float32), q.new_zeros((), dtype=torch.float32)
     if k_cmp.shape[1] == 0:  # no compressed token yet (a sequence shorter than one block): no score to align
         return total, rows
-    positions = torch.arange(q_start, q_start + q.shape[1], device=q.device)
+    if row_stride > 1:
+        q, lse_slc, lse_cmp, block_idx = (x[:, ::row_stride] for x in (q, lse_slc, lse_cmp, block_idx))
+    positions = torch.arange(q_start, q_start + q.shape[1] * row_stride, row_stride, device=q.device)
     first = cmp_first = torch.zeros_like(positions)  # each row's document: its first token and compressed token
     if cu_seqlens is not None:
         bounds = cu_seqlens.to(device=q.device, dtype=torch.long)
@@ -63,39 +67,53 @@ def selection_alignment_terms(
         cmp_first = compressed_cu_seqlens(cu_seqlens, block_size, stride).to(device=q.device, dtype=torch.long)[doc]
     sizes = (block_size, stride, selection_block, default_scale(q.shape[-1], scale))
     for start, end in query_chunks(q.shape[1], chunk_size):
-        chunk_total, chunk_rows = run_chunk(
-            _chunk_terms, q[:, start:end], k_slc, lse_slc[:, start:end], k_cmp, lse_cmp[:, start:end],
-            block_idx[:, start:end], positions[start:end] - first[start:end], first[start:end],
-            cmp_first[start:end], sizes)
+        position = positions[start:end] - first[start:end]
+        target = _chunk_target(q[:, start:end], k_slc, lse_slc[:, start:end], block_idx[:, start:end], position,
+                               first[start:end], sizes)
+        chunk_total, chunk_rows = run_chunk(_chunk_terms, q[:, start:end], k_cmp, lse_cmp[:, start:end],
+                                            block_idx[:, start:end], target, position, cmp_first[start:end], sizes)
         total, rows = total + chunk_total, rows + chunk_rows
     return total, rows
 
 
-def _chunk_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, position, first, cmp_first, sizes):
-    """selection_alignment_terms for one chunk of rows; position [R] counts from each row's document start,
-    first and cmp_first [R] are the indices of its document's first key in k_slc and compressed key in k_cmp."""
+@torch.no_grad()
+def _chunk_target(q, k_slc, lse_slc, block_idx, position, first, sizes):
+    """The selected branch's probability mass in each picked block of one chunk of rows, averaged over the
+    group's heads: [B, R, HK, n] float32 (0 for -1 slots). position [R] counts from each row's document
+    start, first [R] is the index of its document's first key in k_slc."""
+    _, _, selection_block, scale = sizes
+    batch, num_rows, num_kv_heads, n = block_idx.shape
+    heads = torch.arange(num_kv_heads, device=q.device)[None, None, :, None, None]
+    batches = torch.arange(batch, device=q.device)[:, None, None, None, None]
+    picked = block_idx.long()
+    key = picked[..., None] * selection_block + torch.arange(selection_block, device=q.device)  # [B, R, HK, n, l']
+    first = first[None, :, None, None, None]
+    seen = (picked[..., None] >= 0) & (key <= position[None, :, None, None, None]) & (first + key < k_slc.shape[1])
+    # in the keys' own dtype: n l' keys a row (a GB at 8K rows of bf16 keys), products summed in fp32 by the
+    # matmul; then one masked log-sum-exp a block, which reads the logits once
+    keys = k_slc[batches, (first + key).clamp(0, k_slc.shape[1] - 1), heads]  # [B, R, HK, n, l', D]
+    qg = group_queries(q, num_kv_heads)  # [B, R, HK, G, D]
+    logits = (torch.einsum("brhgd,brhnkd->brhgnk", qg, keys).float() * scale).masked_fill_(
+        ~seen[:, :, :, None], float("-inf"))
+    lse = lse_slc.reshape(batch, num_rows, num_kv_heads, qg.shape[3]).float()[..., None]
+    mass = torch.exp(torch.logsumexp(logits, dim=-1) - lse)  # [B, R, HK, G, n]; 0 where no key was seen
+    return mass.mean(3)
+
+
+def _chunk_terms(q, k_cmp, lse_cmp, block_idx, target, position, cmp_first, sizes):
+    """KL(target || the picked blocks' selection scores) for one chunk of rows (target from _chunk_target):
+    the summed KL and the rows it sums. position [R] counts from each row's document start, cmp_first [R] is
+    the index of its document's first compressed key in k_cmp."""
     block_size, stride, selection_block, scale = sizes
     batch, num_rows, num_kv_heads, n = block_idx.shape
     qg = group_queries(q, num_kv_heads).float()  # [B, R, HK, G, D]
     group = qg.shape[3]
     position = position[None, :, None, None]  # [1, R, 1, 1]
-    first, cmp_first = first[None, :, None, None, None], cmp_first[None, :, None, None, None]
+    cmp_first = cmp_first[None, :, None, None, None]
     heads = torch.arange(num_kv_heads, device=q.device)[None, None, :, None, None]
     batches = torch.arange(batch, device=q.device)[:, None, None, None, None]
     picked = block_idx.long()  # [B, R, HK, n]
     valid = picked >= 0
-
-    # target: the selected branch's probability mass in each picked block, averaged over the group's heads
-    key = picked[..., None] * selection_block + torch.arange(selection_block, device=q.device)  # [B, R, HK, n, l']
-    seen = valid[..., None] & (key <= position[..., None]) & (first + key < k_slc.shape[1])
-    with torch.no_grad():
-        # in the keys' own dtype: n l' keys a row (a GB at 8K rows of bf16 keys), products summed in fp32 by
-        # the matmul
-        keys = k_slc[batches, (first + key).clamp(0, k_slc.shape[1] - 1), heads]  # [B, R, HK, n, l', D]
-        logits = torch.einsum("brhgd,brhnkd->brhgnk", q.detach().reshape(qg.shape), keys).float() * scale
-        lse = lse_slc.reshape(batch, num_rows, num_kv_heads, group).float()[..., None, None]
-        probs = torch.where(seen[:, :, :, None], torch.exp(logits - lse), torch.zeros_like(logits))
-        target = probs.sum(-1).mean(3)  # [B, R, HK, n]
 
     # prediction: each picked block's selection score from the compressed tokens that overlap it
     per_block = selection_block // stride + block_size // stride - 1  # compressed tokens overlapping a block

@@ -168,7 +168,7 @@ def nsa_context_parallel(
     cu_seqlens: torch.Tensor | None = None,
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
-    selection_loss: bool = False,
+    selection_loss: int = 0,
 ) -> NSAResult:
     """NSA on this rank's zigzag shard of a sequence sharded over the CP group `group`.
 
@@ -186,7 +186,8 @@ def nsa_context_parallel(
     cmp_rope: optional RoPE angles [N, R] of the whole sequence's compressed tokens (kernels.nsa.compose_nsa;
     kv_cmp's keys are then the keys before RoPE): each rank rotates the gathered tokens.
     selection_score: how top-n combines a GQA group's heads' block scores, "sum" or "max" (compose_nsa).
-    selection_loss: also the selection alignment loss's terms over this rank's rows (compose_nsa).
+    selection_loss: k > 0 also gives the selection alignment loss's terms over every k-th of this rank's
+    rows (compose_nsa).
     Returns NSAResult for the local tokens (block ids are global, or per document as on one rank).
     """
     cp_size, cp_rank = group_size_rank(group)

@@ -9,7 +9,7 @@ import torch
 from kernels.block_selection.alignment import selection_alignment_terms
 
 
-def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start, docs):
+def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start, docs, row_stride=1):
     """One (row, KV head) at a time: KL(target || pred) over the free picked blocks (not block 0 or the two
     local ones) that an ended compressed token overlaps, target the selected branch's mass there (mean over
     the group), pred the selection score."""
@@ -18,7 +18,7 @@ def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start
     g = hq // hk
     cmp_counts = [max(0, (end - start - l) // d + 1) for start, end in docs]
     total, rows = 0.0, 0
-    for r in range(t):
+    for r in range(0, t, row_stride):
         p = q_start + r
         doc = next(i for i, (start, end) in enumerate(docs) if start <= p < end)
         first, pos, cmp_first = docs[doc][0], p - docs[doc][0], sum(cmp_counts[:doc])
@@ -60,8 +60,9 @@ def _inputs(t, hq, hk, d_head, num_cmp, n, lp, q_start, seed):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("packed, q_start", [(False, 0), (False, 40), (True, 0), (True, 24)])
-def test_matches_a_loop_over_rows_blocks_and_keys(packed, q_start):
+@pytest.mark.parametrize("packed, q_start, row_stride", [(False, 0, 1), (False, 40, 1), (True, 0, 1), (True, 24, 1),
+                                                        (True, 24, 3)])
+def test_matches_a_loop_over_rows_blocks_and_keys(packed, q_start, row_stride):
     l, d, lp, n, t, hq, hk = 8, 4, 8, 5, 56, 4, 2
     docs = [(0, 37), (37, 61), (61, q_start + t)] if packed else [(0, q_start + t)]
     num_cmp = sum(max(0, (end - start - l) // d + 1) for start, end in docs)
@@ -76,9 +77,10 @@ def test_matches_a_loop_over_rows_blocks_and_keys(packed, q_start):
     cu_seqlens = torch.tensor([s for s, _ in docs] + [docs[-1][1]], dtype=torch.int32) if packed else None
     total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, block_size=l, stride=d,
                                             selection_block=lp, scale=0.3, q_start=q_start, cu_seqlens=cu_seqlens,
-                                            chunk_size=13)
-    want_total, want_rows = _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, 0.3, q_start, docs)
-    assert want_rows >= 10 and want_total > 0  # enough (row, KV head) pairs with free comparable blocks
+                                            row_stride=row_stride, chunk_size=13)
+    want_total, want_rows = _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, 0.3, q_start, docs,
+                                  row_stride)
+    assert want_rows >= 10 // row_stride and want_total > 0  # (row, KV head) pairs with free comparable blocks
     assert rows.item() == want_rows and total.item() == pytest.approx(want_total, rel=1e-5)
 
 

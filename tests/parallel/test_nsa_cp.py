@@ -108,7 +108,7 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     leaves, params, upstream = make_inputs(case)
     compress_k, compress_v = phis(case, params)
     full = native_sparse_attention(leaves["q"], *branch_kv(case, leaves), leaves["gates"], compress_k, compress_v,
-                                   **sizes(case), cu_seqlens=case.cu_seqlens(), selection_loss=True)
+                                   **sizes(case), cu_seqlens=case.cu_seqlens(), selection_loss=1)
     ref_grads = torch.autograd.grad(full.output, list(leaves.values()) + list(params.values()), upstream)
 
     local = {k: split_zigzag(v.detach(), rank, world).requires_grad_() for k, v in leaves.items()}
@@ -119,7 +119,7 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     result = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], compress_k, compress_v,
                                   group=group, kv_heads_per_gather=kv_heads_per_gather, stats=stats, impl=impl,
                                   gather_group=gather_group, **sizes(case), cu_seqlens=case.cu_seqlens(),
-                                  selection_loss=True)
+                                  selection_loss=1)
     grads = torch.autograd.grad(result.output, list(local.values()) + list(local_params.values()),
                                 split_zigzag(upstream, rank, world))
 

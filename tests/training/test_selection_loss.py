@@ -1,6 +1,6 @@
 """nsa.selection_loss (the selection alignment loss, kernels/block_selection/alignment.py) in training, on
 real gloo processes with the context-parallel path (CP=2): it is logged per step, it changes the updates
-from the second step on, and at weight 0 nothing of it runs."""
+from the second step on, at weight 0 nothing of it runs, and nsa.selection_loss_stride scores other rows."""
 
 import json
 import math
@@ -16,9 +16,11 @@ CP2 = ["parallel.context=2", "training.global_batch_size=2", "nsa.num_selected=5
 def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
     from nsa_dist.trainer import train
 
+    runs = (("off", "0", 1), ("off again", "0", 1), ("on", "100.0", 1), ("every 2nd row", "100.0", 2))
     results = {name: [(log.loss, log.selection_loss) for log in train(tiny_config(
-                   *CP2, f"nsa.selection_loss={weight}", f"run.dir={root}/{name}", steps=3)).history]
-               for name, weight in (("off", "0"), ("off again", "0"), ("on", "100.0"))}
+                   *CP2, f"nsa.selection_loss={weight}", f"nsa.selection_loss_stride={stride}",
+                   f"run.dir={root}/{name}", steps=3)).history]
+               for name, weight, stride in runs}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -28,7 +30,7 @@ def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
 def test_selection_loss_is_logged_and_changes_training(tmp_path):
     out = tmp_path / "out.json"
     run_distributed(_run, 2, str(tmp_path / "runs"), str(out))
-    off, again, on = json.loads(out.read_text()).values()
+    off, again, on, strided = json.loads(out.read_text()).values()
     assert again == off  # deterministic: a difference below is the loss's
     assert all(selection is None for _, selection in off)
     assert all(selection is not None and math.isfinite(selection) and selection > 0 for _, selection in on)
@@ -37,3 +39,5 @@ def test_selection_loss_is_logged_and_changes_training(tmp_path):
     # the gradient's sign, so the change is small)
     assert on[0][0] == off[0][0]
     assert on[1][0] != off[1][0]
+    # every 2nd row: the same first forward, a mean over other rows
+    assert strided[0][0] == off[0][0] and 0 < strided[0][1] != on[0][1]

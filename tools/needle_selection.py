@@ -175,14 +175,11 @@ def needle_oracle():
         yield target
 
 
-ALL_LAYERS = "all"  # a pass's oracle in every layer
-
-
 def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: torch.device,
                 passes: list) -> list[list[dict]]:
     """For each pass, per sample: each NSA layer's block_idx, gates and the needle's ranks at the answer
-    rows, and the answer's exact match. A pass is None (top-n's own picks), ALL_LAYERS (the needle's blocks
-    forced into every layer's picks at the answer rows) or a set of 1-based layers to force them in."""
+    rows, and the answer's exact match. A pass is None (top-n's own picks) or the set of 1-based layers whose
+    picks take the needle's blocks at the answer rows."""
     keep = lambda args, result: (result.block_idx.detach(), args[4].detach())  # noqa: E731 (picks, gates)
     with (recorded_nsa_layers(keep) as layers, recorded_selection_inputs() as selections,
           needle_oracle() as target, loaded_model(config, stage, checkpoint, device) as gpt):
@@ -194,8 +191,7 @@ def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: to
                 for sample in samples:
                     tokens = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.int64, device=device)
                     tokens = torch.nn.functional.pad(tokens, (0, -tokens.shape[1] % pad_to))
-                    target.update(sample=None if oracle is None else sample,
-                                  layers=None if oracle in (None, ALL_LAYERS) else oracle, call=0)
+                    target.update(sample=None if oracle is None else sample, layers=oracle, call=0)
                     layers.clear()
                     selections.clear()
                     logits = gpt(tokens, None, None)
@@ -277,8 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = start_one_process(config, port=29513)
 
     ordered = [s for depth in depths for s in cells[depth]]
-    main_pass = (set(a.oracle_layers) if a.oracle_layers is not None else ALL_LAYERS if a.oracle else None)
-    sweep = list(range(1, num_layers + 1)) if a.oracle_sweep else []
+    every_layer = set(range(1, num_layers + 1))
+    main_pass = set(a.oracle_layers) if a.oracle_layers is not None else every_layer if a.oracle else None
+    sweep = sorted(every_layer) if a.oracle_sweep else []
     passes = run_samples(config, stage, checkpoint, ordered, device, [main_pass] + [{layer} for layer in sweep])
     by_pass = [report_for(config, depths, cells, {depth: outcomes[i * samples : (i + 1) * samples]
                                                   for i, depth in enumerate(depths)})
@@ -287,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"config": a.config, "checkpoint": a.checkpoint, "stage": stage.name, "length": length,
               "rotary_base": stage.rotary_base, "task": config.eval.niah_task, "samples_per_depth": samples,
               "oracle": main_pass is not None,
-              "oracle_layers": sorted(main_pass) if isinstance(main_pass, set) else None,
+              "oracle_layers": sorted(main_pass) if main_pass is not None else None,
               "device": str(device), "nsa": {"selection_block": config.nsa.selection_block,
                                              "num_selected": config.nsa.num_selected, "window": config.nsa.window,
                                              "compression_rope": config.nsa.compression_rope,
@@ -305,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"needle in the top-n picks at the answer positions ({config.eval.niah_task}, {length} tokens, "
           f"{samples} samples a depth; n={config.nsa.num_selected} blocks of {config.nsa.selection_block})"
           + ("" if main_pass is None else ": oracle, the needle's blocks put into the picks"
-             + ("" if main_pass is ALL_LAYERS else f" of layers {', '.join(map(str, sorted(main_pass)))} only")))
+             + ("" if main_pass == every_layer else f" of layers {', '.join(map(str, sorted(main_pass)))} only")))
     layers = len(next(iter(by_depth.values()))["layers"])
     print(f"{'depth':>6} {'exact':>6} {'window':>7} " + " ".join(f"{'L' + str(i + 1):>5}" for i in range(layers))
           + "   gates cmp/slc/win (mean over layers)")

@@ -142,10 +142,10 @@ def _chunk_terms(q, k_cmp, lse_cmp, block_idx, target, position, cmp_first, size
     target = torch.where(comparable, target, torch.zeros_like(target))
     target_mass = target.sum(-1, keepdim=True)
     scored = target_mass[..., 0] > 0  # rows with a comparable block the selected branch gave weight to
-    target = target / target_mass.clamp_min(torch.finfo(torch.float32).tiny)
     tiny = torch.finfo(torch.float32).tiny
+    target = target / target_mass.clamp_min(tiny)
     score = torch.where(comparable, score, torch.zeros_like(score))
     log_pred = torch.log(score.clamp_min(tiny)) - torch.log(score.sum(-1, keepdim=True).clamp_min(tiny))
-    kl = (torch.xlogy(target, target) - target * torch.where(comparable, log_pred, torch.zeros_like(log_pred))).sum(-1)
+    kl = (torch.xlogy(target, target) - target * log_pred).sum(-1)  # target is 0 off the comparable blocks
     kl = torch.where(scored, kl, torch.zeros_like(kl))  # [B, R, HK]
     return kl.sum(), scored.sum().float()

@@ -24,6 +24,16 @@ t0=$(date +%s); echo "$(date +%T) starting $cfg"  # the job's own lines carry th
 timeout ${LIMIT:-520} $PYTHON -m launch.train --config $config > $OUT/$cfg.log 2>&1
 echo "$cfg rc=$? wall $(( $(date +%s)-t0 )) s"
 grep -v "━\|^\s*File\|^\s*\^\|warn\|return func" $OUT/$cfg.log | grep -v " step [0-9]*:" | tail -45
+# this run's directory and every other proof run directory still on this machine, without weights
+# (MLflow store, tracking.json, each checkpoint's eval/), one tar each: the device tool returns 8 files
+# at most. Packed before the checkpoint probes below, so that a call that runs out of time during them
+# still returns the runs. Unpack beside the others:
+# tar -C benchmarks/proof -xf proof_100m.tar
+for run in $(ls -d runs/proof_* runs/$cfg 2>/dev/null | sort -u); do
+  name=$(basename $run)
+  (cd runs && find $name -path '*/eval/*' -o -name mlflow.db -o -name tracking.json) | tar -C runs -cf $OUT/$name.tar -T -
+done
+ls -l $OUT
 # OVERLAP=1: how much consecutive tokens' top-n picks overlap in the final checkpoint (NSA runs only),
 # while the checkpoint is on this machine (benchmarks/kernels-notes.md: it decides the selected-attention
 # kernel's tiling)
@@ -48,12 +58,3 @@ if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" $config; then
     done
   done
 fi
-# this run's directory and every other proof run directory still on this machine, without weights
-# (MLflow store, tracking.json, each checkpoint's eval/), one tar each: the device tool returns 8 files
-# at most. Unpack beside the others:
-# tar -C benchmarks/proof -xf proof_100m.tar
-for run in $(ls -d runs/proof_* runs/$cfg 2>/dev/null | sort -u); do
-  name=$(basename $run)
-  (cd runs && find $name -path '*/eval/*' -o -name mlflow.db -o -name tracking.json) | tar -C runs -cf $OUT/$name.tar -T -
-done
-ls -l $OUT

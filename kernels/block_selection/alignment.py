@@ -131,7 +131,10 @@ def _chunk_terms(q, k_cmp, lse_cmp, block_idx, target, position, cmp_first, size
     cmp_lse = lse_cmp.detach().reshape(batch, num_rows, num_kv_heads, group).float()[..., None, None]
     cmp_lse = torch.where(torch.isfinite(cmp_lse), cmp_lse, torch.zeros_like(cmp_lse))
     weight = torch.where(visible, overlap, torch.zeros_like(overlap))  # [B, R, HK, n, C]
-    score = (torch.exp(cmp_logits - cmp_lse) * weight[:, :, :, None]).sum(-1).sum(3)  # [B, R, HK, n]
+    # masked before the exp: a token the row cannot see (a later one, or a clamped index) can have a logit
+    # far above the row's log-sum-exp, and its exp's inf times a zero weight is a NaN in the backward
+    exponent = torch.where(visible[:, :, :, None], cmp_logits - cmp_lse, torch.full_like(cmp_logits, float("-inf")))
+    score = (torch.exp(exponent) * weight[:, :, :, None]).sum(-1).sum(3)  # [B, R, HK, n]
 
     # both distributions are taken over the free picks that some ended compressed token overlaps: top-n
     # ranks only those (block 0 and the local blocks are taken whatever their score, and a query's own block

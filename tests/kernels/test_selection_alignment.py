@@ -119,3 +119,28 @@ def test_a_sequence_without_compressed_tokens_has_nothing_to_align():
     total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, block_size=8, stride=4,
                                             selection_block=16)
     assert total.item() == 0 and rows.item() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_later_compressed_key_far_above_the_rows_scores_leaves_the_gradient_finite():
+    # A compressed token a row cannot see yet (it ends after the row) whose logit lies far above the row's
+    # log-sum-exp: its exp overflows, and before the exponent was masked, its zero weight turned that inf
+    # into a NaN gradient (the v20_align probe's NaN at step 434 of its first stage)
+    l, d, lp, n, t, hq, hk = 8, 4, 8, 8, 64, 2, 1
+    num_cmp = (t - l) // d + 1
+    q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, _ = _inputs(t, hq, hk, 8, num_cmp, n, lp, 0, 3)
+    q, k_cmp = q.float(), k_cmp.float()
+    for r in range(t):
+        picks = list(range(min(n, r // lp + 1)))
+        block_idx[0, r, 0, : len(picks)] = torch.tensor(picks, dtype=torch.int32)
+    # compressed token 13 (keys 52-59) overlaps row 50's own block (48-55), which top-n picks, and ends after it
+    k_cmp[0, 13, 0] = 50.0 * q[0, 50, 0] / q[0, 50, 0].norm()
+    q[0, 50, 0] *= 10.0 / q[0, 50, 0].norm()  # row 50 (blocks 1-4 are free) sees it 500 / sqrt(8) above its lse
+    q.requires_grad_(True)
+    k_cmp.requires_grad_(True)
+    total, rows = selection_alignment_terms(q, k_slc.float(), lse_slc.float(), k_cmp, lse_cmp.float(), block_idx,
+                                            block_size=l, stride=d, selection_block=lp)
+    (total / rows).backward()
+    assert torch.isfinite(total) and rows.item() > 0
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k_cmp.grad).all()
+    assert q.grad[0, 50].abs().sum() > 0

@@ -168,6 +168,7 @@ class NSACoreAttention(MegatronModule):
         self.gate_bias = nn.Parameter(torch.tensor(nsa.gate_bias)) if any(nsa.gate_bias) else None
         self.rotary_base = model.rotary_base  # for nsa.compression_rope "blocks"; set_rotary_base changes it
         self.num_selected = nsa.num_selected  # a curriculum stage may change it: set_num_selected
+        self.selection_loss = nsa.selection_loss  # the alignment loss's weight; a stage may change it too
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -194,7 +195,7 @@ class NSACoreAttention(MegatronModule):
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
                      num_selected=self.num_selected, window=n.window, selection_score=n.selection_score,
                      scale=self.softmax_scale, impl=resolve_impl(n.impl, q.device))
-        aligned = n.selection_loss > 0 and self.training and torch.is_grad_enabled()
+        aligned = self.selection_loss > 0 and self.training and torch.is_grad_enabled()
         result = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                                       gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
                                       cmp_rope=cmp_rope, selection_loss=n.selection_loss_stride if aligned else 0,
@@ -207,7 +208,7 @@ class NSACoreAttention(MegatronModule):
             # the loss joins the model's in the backward (Megatron's device for MoE auxiliary losses; its scale
             # is 1 without MoE and fp16). Megatron divides every gradient by the global token count
             # (calculate_per_token_loss), so the loss is counted once per token here
-            out = MoEAuxLossAutoScaler.apply(out, n.selection_loss * mean * (q.shape[0] * q.shape[1]))
+            out = MoEAuxLossAutoScaler.apply(out, self.selection_loss * mean * (q.shape[0] * q.shape[1]))
         return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
     def _block_rotary_freqs(self, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device):
@@ -375,6 +376,12 @@ def set_num_selected(model: nn.Module, n: int) -> None:
     weights); a model with dense attention has none."""
     for module in _modules(model, NSACoreAttention):
         module.num_selected = n
+
+
+def set_selection_loss(model: nn.Module, weight: float) -> None:
+    """Sets the selection alignment loss's weight in every NSA layer (a stage's selection_loss; 0: off)."""
+    for module in _modules(model, NSACoreAttention):
+        module.selection_loss = weight
 
 
 def start_gates(model: nn.Module) -> None:

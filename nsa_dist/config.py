@@ -170,6 +170,10 @@ class StageConfig:
     # NSA's n, the blocks each query attends in the selected branch (forced ones included), for this
     # stage: n has no weights, so stages may differ; None: nsa.num_selected. Dense attention ignores it.
     num_selected: int | None = None
+    # the selection alignment loss's weight (nsa.selection_loss) in this stage: a weight, not a shape, so
+    # stages may differ (e.g. off while sequences fit the window, on once lookups reach past it); None:
+    # nsa.selection_loss
+    selection_loss: float | None = None
     global_batch_size: int | None = None  # sequences per step; None: training.global_batch_size
     micro_batch_size: int | None = None  # sequences per micro-batch; None: training.micro_batch_size
     # continue: the run-wide schedule (training.warmup_steps, then cosine from training.lr to
@@ -199,6 +203,7 @@ class Stage:
     sequence_parallel: bool  # parallel.sequence_parallel, where this stage has TP > 1
     rotary_base: float
     num_selected: int
+    selection_loss: float
     global_batch_size: int
     micro_batch_size: int
     lr_schedule: str
@@ -281,6 +286,7 @@ class Config:
                 sequence_parallel=par.sequence_parallel and pick(s.tensor_parallel, par.tensor) > 1,
                 rotary_base=pick(s.rotary_base, self.model.rotary_base),
                 num_selected=pick(s.num_selected, self.nsa.num_selected),
+                selection_loss=pick(s.selection_loss, self.nsa.selection_loss),
                 global_batch_size=pick(s.global_batch_size, tr.global_batch_size),
                 micro_batch_size=pick(s.micro_batch_size, tr.micro_batch_size),
                 lr_schedule=s.lr_schedule, lr=pick(s.lr, tr.lr), min_lr=pick(s.min_lr, tr.min_lr),
@@ -607,6 +613,9 @@ def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[
     _require(raw.num_selected is None or raw.num_selected >= 3,
              f"{where}.num_selected={raw.num_selected} must be at least 3: block 0 and the two local blocks are "
              "always selected and count toward it")
+    _require(math.isfinite(stage.selection_loss) and stage.selection_loss >= 0,
+             f"{where}.selection_loss={raw.selection_loss} must be a finite weight >= 0 (0 turns the loss off in "
+             "this stage; leave it out for nsa.selection_loss)")
 
     _require(m.num_kv_heads % stage.tensor == 0,
              f"{tp}={stage.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor parallelism "

@@ -73,6 +73,10 @@ def test_stages_inherit_unset_fields():
     own = load_config(None, ["training.warmup_steps=1", "stages=[{name: a, seq_len: 2048, steps: 1}, "
                              "{name: b, seq_len: 2048, steps: 1, num_selected: 4}]"])
     assert [s.num_selected for s in own.resolved_stages()] == [16, 4]
+    weights = load_config(None, ["training.warmup_steps=1", "nsa.selection_loss=0.5",
+                                 "stages=[{name: a, seq_len: 2048, steps: 1}, "
+                                 "{name: b, seq_len: 2048, steps: 1, selection_loss: 0}]"])
+    assert [s.selection_loss for s in weights.resolved_stages()] == [0.5, 0.0]  # nsa.selection_loss, its own
     assert b.model_parallel == 4 and config.total_steps == 8
 
 
@@ -141,6 +145,7 @@ INVALID = [
     (["stages.0.seq_len=0"], "stages[0].seq_len", "positive"),
     (["stages.0.rotary_base=-1"], "stages[0].rotary_base", "positive"),
     (["stages.0.num_selected=2"], "stages[0].num_selected", "at least 3"),
+    (["stages.0.selection_loss=-1"], "stages[0].selection_loss=-1", "finite weight >= 0"),
     (["stages.0.context_parallel=2", "stages.0.seq_len=1000"], "stages[0].seq_len=1000", "multiple of 2 * context_parallel"),
     (["stages.0.context_parallel=4", "stages.0.seq_len=512", "nsa.window=512"], "nsa.window=512", "context-parallel chunk"),
     (["stages.0.context_parallel=0"], "stages[0].context_parallel", "positive"),

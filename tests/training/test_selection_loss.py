@@ -1,6 +1,7 @@
 """nsa.selection_loss (the selection alignment loss, kernels/block_selection/alignment.py) in training, on
 real gloo processes with the context-parallel path (CP=2): it is logged per step, it changes the updates
-from the second step on, at weight 0 nothing of it runs, and nsa.selection_loss_stride scores other rows."""
+from the second step on, at weight 0 nothing of it runs, nsa.selection_loss_stride scores other rows, and a
+stage's own selection_loss turns it on for that stage alone."""
 
 import json
 import math
@@ -16,11 +17,15 @@ CP2 = ["parallel.context=2", "training.global_batch_size=2", "nsa.num_selected=5
 def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
     from nsa_dist.trainer import train
 
-    runs = (("off", "0", 1), ("off again", "0", 1), ("on", "100.0", 1), ("every 2nd row", "100.0", 2))
+    # the last: off in its first stage (nsa.selection_loss 0), on in its second (the stage's own weight)
+    later = ("stages=[{name: a, seq_len: 128, steps: 2}, "
+             "{name: b, seq_len: 128, steps: 1, selection_loss: 100.0}]")
+    runs = (("off", "0", 1, []), ("off again", "0", 1, []), ("on", "100.0", 1, []), ("every 2nd row", "100.0", 2, []),
+            ("second stage", "0", 1, [later]))
     results = {name: [(log.loss, log.selection_loss) for log in train(tiny_config(
                    *CP2, f"nsa.selection_loss={weight}", f"nsa.selection_loss_stride={stride}",
-                   f"run.dir={root}/{name}", steps=3)).history]
-               for name, weight, stride in runs}
+                   f"run.dir={root}/{name}", *stages, steps=3)).history]
+               for name, weight, stride, stages in runs}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -30,7 +35,7 @@ def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
 def test_selection_loss_is_logged_and_changes_training(tmp_path):
     out = tmp_path / "out.json"
     run_distributed(_run, 2, str(tmp_path / "runs"), str(out))
-    off, again, on, strided = json.loads(out.read_text()).values()
+    off, again, on, strided, second = json.loads(out.read_text()).values()
     assert again == off  # deterministic: a difference below is the loss's
     assert all(selection is None for _, selection in off)
     assert all(selection is not None and math.isfinite(selection) and selection > 0 for _, selection in on)
@@ -41,3 +46,5 @@ def test_selection_loss_is_logged_and_changes_training(tmp_path):
     assert on[1][0] != off[1][0]
     # every 2nd row: the same first forward, a mean over other rows
     assert strided[0][0] == off[0][0] and 0 < strided[0][1] != on[0][1]
+    # a stage's own weight: nothing in the first stage, the loss in the second
+    assert [selection is None for _, selection in second] == [True, True, False] and second[2][1] > 0

@@ -2,7 +2,8 @@
 parameters are fixed in code, not autotuned, in one process on one GPU.
 
 Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
-- top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages;
+- top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages, and the
+  same with GROUP_ROWS (the group's heads as the rows of one tile);
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program), backward "dkv" (BLOCK_M
   too) and "reduce";
@@ -231,6 +232,9 @@ def topn_sweep(q, k_cmp, lse) -> Sweep:
     grid = configs(now, BLOCK_T=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3))
     grid += [dict(BLOCK_T=64, num_warps=8, num_stages=1), dict(BLOCK_T=64, num_warps=8, num_stages=4),
              dict(BLOCK_T=16, num_warps=4, num_stages=2)]
+    # the group's heads as rows of one tile (_topn_group_kernel): BLOCK_T tokens x 16 heads at G = 16
+    grid += [dict(GROUP_ROWS=True, BLOCK_T=t, num_warps=w, num_stages=st)
+             for t in (16, 32) for w in (4, 8) for st in (2, 3)]
     return Sweep("top-n", block_selection, "topn", now, grid, run, None, by_picks=True)
 
 

@@ -1,7 +1,11 @@
 """kernels/block_selection/alignment.py: the selection alignment loss against a loop over rows, blocks and
 keys written from its definition; its gradient reaches the queries and compressed keys only."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +148,19 @@ def test_a_later_compressed_key_far_above_the_rows_scores_leaves_the_gradient_fi
     assert torch.isfinite(total) and rows.item() > 0
     assert torch.isfinite(q.grad).all() and torch.isfinite(k_cmp.grad).all()
     assert q.grad[0, 50].abs().sum() > 0
+
+
+@pytest.mark.timeout(180)
+def test_the_cost_benchmark_times_the_layer_with_and_without_the_loss(tmp_path):
+    """tools/bench_selection_loss.py on CPU (reference kernels, one small shape): a row for the layer and
+    one per stride, each the median of its timed runs, with its ratio to the layer's."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "cost.json"
+    subprocess.run([sys.executable, "tools/bench_selection_loss.py", "--impl", "reference", "--shapes", "1x256",
+                    "--strides", "2", "8", "--reps", "3", "--out", str(out)], cwd=root, check=True, timeout=170,
+                   capture_output=True)
+    report = json.loads(out.read_text())
+    assert [(r["B"], r["T"], r["stride"]) for r in report["rows"]] == [(1, 256, None), (1, 256, 2), (1, 256, 8)]
+    base = report["rows"][0]["ms"]
+    assert all(r["runs"] == 3 and r["ms"] > 0 and r["ratio"] == pytest.approx(r["ms"] / base) for r in report["rows"])
+    assert report["nsa"]["window"] == 512 and "--strides 2 8" in report["command"]

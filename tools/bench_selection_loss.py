@@ -1,0 +1,147 @@
+"""What the opt-in selection alignment loss (nsa.selection_loss) costs one NSA layer, in the proof model's
+shapes, timed in one process: the layer's forward+backward without the loss, and with it at several row
+strides (nsa.selection_loss_stride), on the same inputs.
+
+Shapes: configs/proof_100m.yaml's layer (16 query heads, 1 KV head, head dim 64, l=16 d=8 l'=64 n=16,
+512-token window, phi the mean, shared K/V) on each curriculum stage's tokens a step: 16 x 2K, 8 x 8K and
+1 x 32K (--shapes BxT ...). Inputs are random; top-n picks from them as in training. Medians of >= --reps
+timed runs after one untimed; each line's ratio is its time over the layer's without the loss. With
+--profile, the device operators of one forward+backward at the first shape and stride 4, the largest
+first: where the loss's time goes.
+
+    python3 tools/bench_selection_loss.py --out benchmarks/selection-loss-$(date +%F).json
+
+On CPU (--impl reference, small --shapes) it runs the same lines slowly: a check that it works, not a
+measurement.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from kernels.compression.naive import mean_compress
+from kernels.nsa import native_sparse_attention
+
+PROOF = dict(block_size=16, stride=8, selection_block=64, num_selected=16, window=512)  # configs/proof_100m.yaml
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["16x2048", "8x8192", "1x32768"], help="BxT: sequences x tokens")
+    p.add_argument("--strides", type=int, nargs="+", default=[1, 4, 16], help="nsa.selection_loss_stride values")
+    p.add_argument("--q-heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--impl", default="triton", choices=["triton", "reference"])
+    p.add_argument("--reps", type=int, default=5, help="timed runs per figure (at least 3)")
+    p.add_argument("--profile", action="store_true", help="device operators of the first shape at stride 4")
+    p.add_argument("--commit", help="git commit timed (default: git rev-parse HEAD)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args()
+    if args.reps < 3:
+        p.error(f"--reps={args.reps}: give at least 3 timed runs per figure")
+    for shape in args.shapes:
+        parts = shape.split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            p.error(f"--shapes {shape!r}: give sequences x tokens, e.g. 16x2048")
+    return args
+
+
+def layer_inputs(batch: int, seq: int, args, device: torch.device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).requires_grad_()
+
+    gates = torch.rand(batch, seq, args.q_heads, 3, generator=gen, device=device, dtype=dtype)
+    return {"q": leaf(batch, seq, args.q_heads, args.head_dim), "k": leaf(batch, seq, args.kv_heads, args.head_dim),
+            "v": leaf(batch, seq, args.kv_heads, args.head_dim), "gates": gates.requires_grad_()}
+
+
+def layer_step(inputs: dict, impl: str, stride: int):
+    """One forward+backward of the layer; with stride > 0 the loss (weight 1, mean over its rows) joins
+    the output's gradient, as nsa_dist/attention.py adds it."""
+    phi = {"block_size": PROOF["block_size"], "stride": PROOF["stride"]}
+    kv = (inputs["k"], inputs["v"])
+    result = native_sparse_attention(
+        inputs["q"], kv, kv, kv, inputs["gates"], lambda x: mean_compress(x, **phi), lambda x: mean_compress(x, **phi),
+        impl=impl, selection_loss=stride, **PROOF)
+    loss = result.output.float().square().mean()
+    if stride:
+        total, rows = result.selection_terms
+        loss = loss + total / rows.clamp_min(1)
+    loss.backward()
+
+
+def median_s(fn, reps: int, device: torch.device) -> tuple[float, int]:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()  # compiles the kernels
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), len(times)
+
+
+def profile(inputs: dict, impl: str, device: torch.device) -> list[dict]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        layer_step(inputs, impl, 4)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:20]
+    return [{"op": e.key, "ms": getattr(e, key) / 1e3, "calls": e.count} for e in events]
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
+    rows, profiled = [], None
+    for shape in args.shapes:
+        batch, seq = (int(x) for x in shape.split("x"))
+        inputs = layer_inputs(batch, seq, args, device)
+        base, runs = median_s(lambda: layer_step(inputs, args.impl, 0), args.reps, device)
+        rows.append({"B": batch, "T": seq, "stride": None, "ms": base * 1e3, "runs": runs, "ratio": 1.0})
+        print(f"{batch:>3} x {seq:>6}  layer            {base * 1e3:9.2f} ms", flush=True)
+        for stride in args.strides:
+            took, runs = median_s(lambda: layer_step(inputs, args.impl, stride), args.reps, device)
+            rows.append({"B": batch, "T": seq, "stride": stride, "ms": took * 1e3, "runs": runs, "ratio": took / base})
+            print(f"{batch:>3} x {seq:>6}  + loss, stride {stride:<2} {took * 1e3:9.2f} ms  {took / base:5.2f}x",
+                  flush=True)
+        if args.profile and profiled is None:
+            profiled = profile(inputs, args.impl, device)
+            for event in profiled:
+                print(f"    {event['ms']:9.2f} ms  {event['calls']:>5}  {event['op'][:90]}")
+    report = {"command": "tools/bench_selection_loss.py " + " ".join(
+                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                  for k, v in vars(args).items() if v not in (None, False) and k != "profile")
+              + (" --profile" if args.profile else ""),
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "commit": commit, "impl": args.impl, "nsa": PROOF,
+              "heads": {"q": args.q_heads, "kv": args.kv_heads, "dim": args.head_dim},
+              "rows": rows, "profile_stride_4": profiled}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ class BranchOps(NamedTuple):
 
     compressed: Callable  # (q, k_cmp, v_cmp, l, d, scale, *, q_start, cu_seqlens) -> (o, lse)
     select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens) -> block ids
-    selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens) -> (o, lse)
+    selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens, slot_lse) -> (o, lse[, slot_lse])
     window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens) -> (o, lse)
     gate: Callable  # (o, gate) -> gate * o: one branch's output times its gate ([B, T, HQ])
     sum: Callable  # (o_cmp, o_slc, o_win or None) -> the sum of the gated outputs
@@ -170,13 +170,14 @@ def compose_nsa(
         o_item, lse_item = [], []
         for index, s in enumerate(spans):
             rows = slice(s.offset, s.offset + s.length)
-            o, lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block, scale,
-                                  q_start=s.start, cu_seqlens=cu_seqlens)
+            o, lse, *slot_lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block,
+                                             scale, q_start=s.start, cu_seqlens=cu_seqlens,
+                                             slot_lse=bool(selection_loss))
             o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
             lse_item.append(lse)
             if selection_loss:
                 terms.append(selection_alignment_terms(
-                    q[:, rows, q_heads], k, lse.detach(), k_cmp[:, :, heads], lse_cmp[index][:, :, q_heads],
+                    q[:, rows, q_heads], slot_lse[0], lse.detach(), k_cmp[:, :, heads], lse_cmp[index][:, :, q_heads],
                     block_idx[:, rows, heads], block_size=block_size, stride=stride,
                     selection_block=selection_block, scale=scale, q_start=s.start, cu_seqlens=cu_seqlens,
                     row_stride=selection_loss))

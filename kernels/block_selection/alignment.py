@@ -13,7 +13,9 @@ it takes whatever their score) that an ended compressed token overlaps,
                the group's heads, as top-n ranks them), renormalised over those blocks
     loss     = KL(target || pred), averaged over the (query, KV head) rows with such a block
 
-The target is a constant (no gradient reaches the selected branch through it); the gradient reaches the
+The target comes from the selected branch's own forward, which writes each slot's log-sum-exp
+(slot_lse), so it costs no second pass over the picked keys. It is a constant (no gradient reaches the
+selected branch through it); the gradient reaches the
 queries and the compressed keys. Compressed log-sum-exps are constants too (the renormalisation over the
 picked blocks removes most of their effect). Not in the NSA paper: opt-in (`nsa.selection_loss`).
 """
@@ -26,7 +28,7 @@ from kernels.compression.naive import compressed_cu_seqlens
 
 def selection_alignment_terms(
     q: torch.Tensor,
-    k_slc: torch.Tensor,
+    slot_lse: torch.Tensor,
     lse_slc: torch.Tensor,
     k_cmp: torch.Tensor,
     lse_cmp: torch.Tensor,
@@ -44,8 +46,8 @@ def selection_alignment_terms(
     """The summed KL and the number of rows it sums (a float tensor each): mean = sum / rows.
 
     q: [B, T, HQ, Dk], the queries at global positions q_start .. q_start + T - 1 (RoPE'd, as the branches
-    saw them); k_slc: [B, S, HK, Dk], the raw keys from global position 0 through every query's last
-    selectable block; lse_slc: [B, T, HQ], the selected branch's log-sum-exp; k_cmp: [B, N, HK, Dk], the
+    saw them); slot_lse: [B, T, HQ, n], the selected branch's log-sum-exp over each slot's block alone
+    (selected attention's slot_lse=True); lse_slc: [B, T, HQ], its log-sum-exp; k_cmp: [B, N, HK, Dk], the
     compressed keys as compressed attention saw them (RoPE'd where nsa.compression_rope is "blocks");
     lse_cmp: [B, T, HQ]; block_idx: [B, T, HK, n] (-1 padded). cu_seqlens: packed documents (B = 1), each
     scored on its own tokens, with positions and block ids counted from its start (as top-n does).
@@ -57,7 +59,8 @@ def selection_alignment_terms(
     if k_cmp.shape[1] == 0:  # no compressed token yet (a sequence shorter than one block): no score to align
         return total, rows
     if row_stride > 1:
-        q, lse_slc, lse_cmp, block_idx = (x[:, ::row_stride] for x in (q, lse_slc, lse_cmp, block_idx))
+        q, slot_lse, lse_slc, lse_cmp, block_idx = (x[:, ::row_stride]
+                                                    for x in (q, slot_lse, lse_slc, lse_cmp, block_idx))
     positions = torch.arange(q_start, q_start + q.shape[1] * row_stride, row_stride, device=q.device)
     first = cmp_first = torch.zeros_like(positions)  # each row's document: its first token and compressed token
     if cu_seqlens is not None:
@@ -68,8 +71,7 @@ def selection_alignment_terms(
     sizes = (block_size, stride, selection_block, default_scale(q.shape[-1], scale))
     for start, end in query_chunks(q.shape[1], chunk_size):
         position = positions[start:end] - first[start:end]
-        target = _chunk_target(q[:, start:end], k_slc, lse_slc[:, start:end], block_idx[:, start:end], position,
-                               first[start:end], sizes)
+        target = _chunk_target(slot_lse[:, start:end], lse_slc[:, start:end], block_idx.shape[2])
         chunk_total, chunk_rows = run_chunk(_chunk_terms, q[:, start:end], k_cmp, lse_cmp[:, start:end],
                                             block_idx[:, start:end], target, position, cmp_first[start:end], sizes)
         total, rows = total + chunk_total, rows + chunk_rows
@@ -77,27 +79,13 @@ def selection_alignment_terms(
 
 
 @torch.no_grad()
-def _chunk_target(q, k_slc, lse_slc, block_idx, position, first, sizes):
+def _chunk_target(slot_lse, lse_slc, num_kv_heads):
     """The selected branch's probability mass in each picked block of one chunk of rows, averaged over the
-    group's heads: [B, R, HK, n] float32 (0 for -1 slots). position [R] counts from each row's document
-    start, first [R] is the index of its document's first key in k_slc."""
-    _, _, selection_block, scale = sizes
-    batch, num_rows, num_kv_heads, n = block_idx.shape
-    heads = torch.arange(num_kv_heads, device=q.device)[None, None, :, None, None]
-    batches = torch.arange(batch, device=q.device)[:, None, None, None, None]
-    picked = block_idx.long()
-    key = picked[..., None] * selection_block + torch.arange(selection_block, device=q.device)  # [B, R, HK, n, l']
-    first = first[None, :, None, None, None]
-    seen = (picked[..., None] >= 0) & (key <= position[None, :, None, None, None]) & (first + key < k_slc.shape[1])
-    # in the keys' own dtype: n l' keys a row (a GB at 8K rows of bf16 keys), products summed in fp32 by the
-    # matmul; then one masked log-sum-exp a block, which reads the logits once
-    keys = k_slc[batches, (first + key).clamp(0, k_slc.shape[1] - 1), heads]  # [B, R, HK, n, l', D]
-    qg = group_queries(q, num_kv_heads)  # [B, R, HK, G, D]
-    logits = (torch.einsum("brhgd,brhnkd->brhgnk", qg, keys).float() * scale).masked_fill_(
-        ~seen[:, :, :, None], float("-inf"))
-    lse = lse_slc.reshape(batch, num_rows, num_kv_heads, qg.shape[3]).float()[..., None]
-    mass = torch.exp(torch.logsumexp(logits, dim=-1) - lse)  # [B, R, HK, G, n]; 0 where no key was seen
-    return mass.mean(3)
+    group's heads: [B, R, HK, n] float32 (0 for -1 slots and rows that saw no key)."""
+    batch, num_rows, num_q_heads, n = slot_lse.shape
+    lse = lse_slc.float()[..., None]
+    mass = torch.exp(slot_lse.float() - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+    return mass.reshape(batch, num_rows, num_kv_heads, num_q_heads // num_kv_heads, n).mean(3)
 
 
 def _chunk_terms(q, k_cmp, lse_cmp, block_idx, target, position, cmp_first, sizes):

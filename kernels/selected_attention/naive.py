@@ -17,17 +17,21 @@ def selected_attention_ref(
     chunk_size: int = 64,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    slot_lse: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Attention of query t over tokens <= t of the selection blocks its GQA group picked.
 
     q: [B, T, HQ, Dk]; k: [B, T, HK, Dk]; v: [B, T, HK, Dv]; block_idx: [B, T, HK, n] int, distinct ids
     (any order), -1 for unused slots; block j covers tokens [j*l', (j+1)*l'). Keys are indexed by global
     position; query j sits at position q_start + j.
     Returns o: [B, T, HQ, Dv] in q.dtype and lse: [B, T, HQ] float32 or wider (-inf for no
-    visible token).
+    visible token), and with slot_lse the slots' log-sum-exps.
     Memory per chunk: [B, chunk, HK, n*l', D] gathered keys and values.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B = 1); block ids are then
     per document: block j of document D covers cu_seqlens[D] + [j*l', (j+1)*l').
+    slot_lse: also return each slot's log-sum-exp, [B, T, HQ, n] float32 or wider, over the visible keys
+    of that slot's block alone (-inf for a -1 slot or a block with no visible key), without gradient: the
+    share of a query's attention in a block is exp(slot_lse - lse) (the selection alignment loss's target).
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
@@ -35,10 +39,11 @@ def selected_attention_ref(
             selected_attention_ref(
                 q[:, lo:hi], k[:, bounds[doc] : bounds[doc + 1]], v[:, bounds[doc] : bounds[doc + 1]],
                 block_idx[:, lo:hi], selection_block, scale, chunk_size, q_start + lo - bounds[doc],
+                slot_lse=slot_lse,
             )
             for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1])
         ]
-        return torch.cat([o for o, _ in pieces], dim=1), torch.cat([lse for _, lse in pieces], dim=1)
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
     batch, seq, num_q_heads, _ = q.shape
     num_kv_heads = k.shape[2]
     scale = default_scale(q.shape[-1], scale)
@@ -62,12 +67,23 @@ def selected_attention_ref(
         keys, values = gather(k_all.to(acc), tokens), gather(v_all.to(acc), tokens)
         scores = torch.einsum("bchgd,bchkd->bchgk", q_chunk.to(acc), keys) * scale
         probs, lse = masked_softmax_lse(scores, visible[:, :, :, None, :])
-        return torch.einsum("bchgk,bchkd->bchgd", probs, values), lse
+        out = torch.einsum("bchgk,bchkd->bchgd", probs, values)
+        if not slot_lse:
+            return out, lse
+        with torch.no_grad():  # [B, C, HK, G, n]: each slot's keys alone
+            slot_keys = (blocks.shape[-1], selection_block)
+            slot_visible = visible.unflatten(-1, slot_keys)[:, :, :, None]
+            slots = masked_softmax_lse(scores.detach().unflatten(-1, slot_keys), slot_visible)[1]
+        return out, lse, slots
 
-    outs, lses = [], []
+    outs, lses, slot_lses = [], [], []
     for start, end in query_chunks(seq, chunk_size):
-        o, lse = run_chunk(chunk, qg[:, start:end], k_heads, v_heads, block_idx[:, start:end], start)
-        outs.append(o)
-        lses.append(lse)
+        parts = run_chunk(chunk, qg[:, start:end], k_heads, v_heads, block_idx[:, start:end], start)
+        outs.append(parts[0])
+        lses.append(parts[1])
+        slot_lses += parts[2:]
     o = torch.cat(outs, dim=1).reshape(batch, seq, num_q_heads, v.shape[-1]).to(q.dtype)
-    return o, torch.cat(lses, dim=1).reshape(batch, seq, num_q_heads)
+    lse = torch.cat(lses, dim=1).reshape(batch, seq, num_q_heads)
+    if not slot_lse:
+        return o, lse
+    return o, lse, torch.cat(slot_lses, dim=1).reshape(batch, seq, num_q_heads, block_idx.shape[-1])

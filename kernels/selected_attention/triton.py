@@ -50,12 +50,16 @@ def _used_slots(block_idx, row, NSEL, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _selected_fwd(
-    q, k, v, block_idx, doc_start, o, lse,
+    q, k, v, block_idx, doc_start, o, lse, slot_lse,
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SLOT_LSE: tl.constexpr,
 ):
+    """SLOT_LSE also writes each visited slot's log-sum-exp (its block's visible keys alone) to slot_lse
+    [B, T, HQ, NSEL]: from the running sums before and after the slot's keys, l_after - l_before * 2^(m_before -
+    m_after) (the slot's share, in the base of m_after), so the loop does no more dots. Slots past the last
+    visited one are left as they were (the caller fills -inf)."""
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
@@ -72,6 +76,8 @@ def _selected_fwd(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    m_before = tl.full([BLOCK_G], float("-inf"), tl.float32)  # SLOT_LSE: the sums before the slot's first part
+    l_before = tl.zeros([BLOCK_G], tl.float32)
     row = (b * T + t) * HK + hk
     for it in range(_used_slots(block_idx, row, NSEL, BLOCK_N) * (BLOCK_S // BLOCK_K)):
         j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
@@ -81,7 +87,18 @@ def _selected_fwd(
         kv_row = (b * TK + keys) * HK + hk
         kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
         vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if SLOT_LSE:
+            slot_start = it % (BLOCK_S // BLOCK_K) == 0
+            m_before = tl.where(slot_start, m, m_before)
+            l_before = tl.where(slot_start, l_sum, l_before)
         m, l_sum, acc = online_softmax_step(qt, kt, vt, key_ok[None, :], m, l_sum, acc, scale_log2, PRECISION)
+        if SLOT_LSE:
+            shift = tl.where(m == float("-inf"), 0.0, m)
+            share = l_sum - l_before * tl.exp2(m_before - shift)
+            slot_value = tl.where(share > 0, (shift + tl.log2(tl.where(share > 0, share, 1.0))) * 0.6931471805599453,
+                                  float("-inf"))
+            slot_end = it % (BLOCK_S // BLOCK_K) == BLOCK_S // BLOCK_K - 1
+            tl.store(slot_lse + flat * NSEL + it // (BLOCK_S // BLOCK_K), slot_value, mask=head_ok & slot_end)
     store_rows(o, lse, flat, head_ok, dv, DV, m, l_sum, acc)
 
 
@@ -531,20 +548,27 @@ class SelectedAttention(torch.autograd.Function):
     plus the layout from selection_layout."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout):
+    def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout, want_slot_lse):
         batch, seq, num_q_heads, _ = q.shape
         doc_start, block_base, block_start, block_end = layout
         consts = _consts(q, k, v, selection_block)
         o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
         lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
+        # the kernel writes the slots it visits; the others (after a row's last pick) stay -inf
+        slot_shape = (batch, seq, num_q_heads, block_idx.shape[-1]) if want_slot_lse else (0,)
+        slot_lse = torch.full(slot_shape, float("-inf"), dtype=torch.float32, device=q.device)
         sizes = (seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E)
         launch = _key_tiled(launch_params(LAUNCH, "fwd", **_forward_launch(q, v)), consts["BLOCK_S"])
         tokens, heads = _token_tile(launch, consts["G"])
         if tokens == 1:
             _selected_fwd[(seq, batch * k.shape[2])](
-                q, k, v, block_idx, doc_start, o, lse, *sizes,
-                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+                q, k, v, block_idx, doc_start, o, lse, slot_lse, *sizes,
+                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]),
+                SLOT_LSE=want_slot_lse, **consts, **launch,
             )
+        elif want_slot_lse:
+            raise ValueError(f"selected_attention_triton: slot_lse is written by the one-token forward only; "
+                             f"LAUNCH['fwd'] sets TOKENS={tokens}: leave TOKENS out when asking for slot_lse")
         else:
             _selected_fwd_tokens[(triton.cdiv(seq, tokens), batch * k.shape[2])](
                 q, k, v, block_idx, block_base, block_start, block_end, o, lse, *sizes,
@@ -552,10 +576,11 @@ class SelectedAttention(torch.autograd.Function):
             )
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
         ctx.args = (selection_block, scale, q_start)
-        return o, lse
+        ctx.mark_non_differentiable(slot_lse)
+        return o, lse, slot_lse
 
     @staticmethod
-    def backward(ctx, do, dlse):
+    def backward(ctx, do, dlse, dslot_lse):
         q, k, v, o, lse, block_idx, doc_start, block_base, block_start, block_end = ctx.saved_tensors
         selection_block, scale, q_start = ctx.args
         batch, seq, num_q_heads, _ = q.shape
@@ -601,7 +626,7 @@ class SelectedAttention(torch.autograd.Function):
             DK=consts["DK"], DV=consts["DV"], BLOCK_S=tile[0], BLOCK_DK=tile[1], BLOCK_DV=tile[2],
             **launch_params(LAUNCH, "reduce"),
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def selected_attention_triton(
@@ -613,7 +638,8 @@ def selected_attention_triton(
     scale: float | None = None,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    slot_lse: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Attention of query t over tokens <= t of its group's selected blocks (Triton; as selected_attention_ref).
 
     q: [B, T, HQ, Dk]; k: [B, TK, HK, Dk]; v: [B, TK, HK, Dv]; one dtype among fp32/fp16/bf16,
@@ -623,7 +649,8 @@ def selected_attention_triton(
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); block ids
     are then per document (block j of document D covers cu_seqlens[D] + [j*l', (j+1)*l')).
     Returns o: [B, T, HQ, Dv] q.dtype and lse: [B, T, HQ] float32 (-inf, with o = 0, where nothing is
-    visible). Differentiable in q, k, v (and through lse).
+    visible). Differentiable in q, k, v (and through lse). slot_lse: also each slot's log-sum-exp over its
+    block's visible keys alone, [B, T, HQ, n] float32, no gradient (as selected_attention_ref's).
     """
     check_attention_inputs("selected_attention_triton", q, k, v)
     check_packed("selected_attention_triton", q.shape[0], cu_seqlens)
@@ -631,7 +658,8 @@ def selected_attention_triton(
         raise ValueError(f"selected_attention_triton: selection_block={selection_block} > 256 is not supported")
     layout = selection_layout(q.shape[1], k.shape[1], selection_block, q_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
-    return SelectedAttention.apply(
+    o, lse, slots = SelectedAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), block_idx.to(torch.int32).contiguous(),
-        selection_block, scale, q_start, layout,
+        selection_block, scale, q_start, layout, slot_lse,
     )
+    return (o, lse, slots) if slot_lse else (o, lse)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels.block_selection.alignment import selection_alignment_terms
+from kernels.selected_attention.naive import selected_attention_ref
 
 
 def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start, docs, row_stride=1):
@@ -51,6 +52,13 @@ def _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, scale, q_start
     return total, rows
 
 
+def _slot_lse(q, k_slc, block_idx, lp, scale=None, q_start=0, cu_seqlens=None):
+    """The selected branch's log-sum-exp per slot, as compose_nsa takes it from the branch's forward (the
+    reference's; the Triton kernel's is checked against it in test_triton_selected_attention.py)."""
+    return selected_attention_ref(q, k_slc, k_slc, block_idx, lp, scale, q_start=q_start, cu_seqlens=cu_seqlens,
+                                  slot_lse=True)[2]
+
+
 def _inputs(t, hq, hk, d_head, num_cmp, n, lp, q_start, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, t, hq, d_head, generator=gen, dtype=torch.float64)
@@ -79,7 +87,8 @@ def test_matches_a_loop_over_rows_blocks_and_keys(packed, q_start, row_stride):
             picks = sorted({0, current} | set(torch.randint(0, current + 1, (n,), generator=gen).tolist()))[:n]
             block_idx[0, r, h, : len(picks)] = torch.tensor(picks, dtype=torch.int32)
     cu_seqlens = torch.tensor([s for s, _ in docs] + [docs[-1][1]], dtype=torch.int32) if packed else None
-    total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, block_size=l, stride=d,
+    slot_lse = _slot_lse(q, k_slc, block_idx, lp, 0.3, q_start, cu_seqlens)
+    total, rows = selection_alignment_terms(q, slot_lse, lse_slc, k_cmp, lse_cmp, block_idx, block_size=l, stride=d,
                                             selection_block=lp, scale=0.3, q_start=q_start, cu_seqlens=cu_seqlens,
                                             row_stride=row_stride, chunk_size=13)
     want_total, want_rows = _loop(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, l, d, lp, 0.3, q_start, docs,
@@ -101,15 +110,18 @@ def test_gradient_reaches_queries_and_compressed_keys_and_lowers_the_loss():
     k_slc.requires_grad_(True)
     kwargs = dict(block_size=l, stride=d, selection_block=lp, scale=0.3)
 
+    slot_lse = _slot_lse(q, k_slc, block_idx, lp, 0.3)
+    assert not slot_lse.requires_grad  # the target is a constant
+
     def loss():
-        total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, **kwargs)
+        total, rows = selection_alignment_terms(q, slot_lse, lse_slc, k_cmp, lse_cmp, block_idx, **kwargs)
         return total / rows
 
     before = loss()
     before.backward()
     assert before.item() > 0
     assert q.grad.abs().sum() > 0 and k_cmp.grad.abs().sum() > 0
-    assert k_slc.grad is None  # the target is a constant
+    assert k_slc.grad is None
     for _ in range(20):  # a few steps on the compressed keys alone move the scores toward the target
         (grad,) = torch.autograd.grad(loss(), k_cmp)
         with torch.no_grad():
@@ -120,7 +132,8 @@ def test_gradient_reaches_queries_and_compressed_keys_and_lowers_the_loss():
 def test_a_sequence_without_compressed_tokens_has_nothing_to_align():
     q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, _ = _inputs(6, 2, 1, 8, 0, 3, 16, 0, 2)
     block_idx[..., 0] = 0
-    total, rows = selection_alignment_terms(q, k_slc, lse_slc, k_cmp, lse_cmp, block_idx, block_size=8, stride=4,
+    total, rows = selection_alignment_terms(q, _slot_lse(q, k_slc, block_idx, 16), lse_slc, k_cmp, lse_cmp, block_idx,
+                                            block_size=8, stride=4,
                                             selection_block=16)
     assert total.item() == 0 and rows.item() == 0
 
@@ -142,7 +155,8 @@ def test_a_later_compressed_key_far_above_the_rows_scores_leaves_the_gradient_fi
     q[0, 50, 0] *= 10.0 / q[0, 50, 0].norm()  # row 50 (blocks 1-4 are free) sees it 500 / sqrt(8) above its lse
     q.requires_grad_(True)
     k_cmp.requires_grad_(True)
-    total, rows = selection_alignment_terms(q, k_slc.float(), lse_slc.float(), k_cmp, lse_cmp.float(), block_idx,
+    slot_lse = _slot_lse(q.detach(), k_slc.float(), block_idx, lp)
+    total, rows = selection_alignment_terms(q, slot_lse, lse_slc.float(), k_cmp, lse_cmp.float(), block_idx,
                                             block_size=l, stride=d, selection_block=lp)
     (total / rows).backward()
     assert torch.isfinite(total) and rows.item() > 0

@@ -188,3 +188,36 @@ def test_segment_cap_splits_packed_short_documents_finely():
     assert selected.segment_cap(32768, 16, 512, 32768 * 16, 1056) == 497
     assert selected.segment_cap(131072, 16, 2048, 131072 * 4 * 16, 1056) == 2048
     assert selected.segment_cap(64, 4, 4, 64 * 4, 1056) == selected.ROWS_PER_TILE
+
+
+@pytest.mark.parametrize("block_k, dtype", [(64, torch.float32), (16, torch.float32), (64, torch.float16)])
+def test_slot_lse_matches_reference(monkeypatch, block_k, dtype):
+    """slot_lse=True: each slot's log-sum-exp over its block's visible keys, from the forward's running
+    sums, as the reference computes it from the block's scores; whole blocks and 16-key parts, packed
+    documents at an offset, shuffled slots (so -1 slots sit between picks), two KV heads. Their
+    log-sum-exp is the row's lse, and the other outputs are as without it."""
+    torch.manual_seed(7)
+    sel, q_start, seq = 64, 5, 290
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BLOCK_K": block_k})
+    cu_seqlens = torch.tensor([0, 70, 77, 250, q_start + seq], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, q_start + seq), right=True) - 1]
+    inputs = {name: x.detach() for name, x in leaves(1, seq, q_start + seq, 4, 2, dtype).items()}
+    kwargs = dict(block_idx=random_blocks(1, seq, 2, q_start, doc_starts, shuffle=True, sel=sel), selection_block=sel,
+                  q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
+    o, lse, slots = selected_attention_triton(**inputs, **kwargs, slot_lse=True)
+    ref = selected_attention_ref(**{k: x.double() for k, x in inputs.items()}, **kwargs, slot_lse=True)[2]
+    assert slots.shape == (1, seq, 8, NUM_SELECTED) and slots.dtype == torch.float32
+    empty = ref == float("-inf")  # -1 slots
+    assert empty.any() and (~empty).any() and torch.equal(slots == float("-inf"), empty)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(slots[~empty].double(), ref[~empty], atol=tolerance, rtol=0)
+    assert torch.allclose(torch.logsumexp(slots, -1), lse, atol=tolerance, rtol=0)
+    o_plain, lse_plain = selected_attention_triton(**inputs, **kwargs)
+    assert torch.equal(o, o_plain) and torch.equal(lse, lse_plain)
+
+
+def test_slot_lse_is_the_one_token_forwards(monkeypatch):
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"TOKENS": 4})
+    with pytest.raises(ValueError, match="slot_lse is written by the one-token forward only"):
+        selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
+                                  selection_block=SEL, slot_lse=True)

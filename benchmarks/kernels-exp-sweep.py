@@ -232,9 +232,10 @@ def topn_sweep(q, k_cmp, lse) -> Sweep:
     grid = configs(now, BLOCK_T=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3))
     grid += [dict(BLOCK_T=64, num_warps=8, num_stages=1), dict(BLOCK_T=64, num_warps=8, num_stages=4),
              dict(BLOCK_T=16, num_warps=4, num_stages=2)]
-    # the group's heads as rows of one tile (_topn_group_kernel): BLOCK_T tokens x 16 heads at G = 16
-    grid += [dict(GROUP_ROWS=True, BLOCK_T=t, num_warps=w, num_stages=st)
-             for t in (16, 32) for w in (4, 8) for st in (2, 3)]
+    # the group's heads as rows of one tile (_topn_group_kernel): 16 tokens x 16 heads at G = 16. An sm_90a
+    # compile (benchmarks/topn-offline.py) spills nothing at 8 warps and 448 bytes at 4; 32 tokens spill
+    # 256-1,756 bytes in 172-188 KB of shared memory (and, with the max score, need more than an SM has)
+    grid += [dict(GROUP_ROWS=True, BLOCK_T=16, num_warps=w, num_stages=st) for w in (8, 4) for st in (2, 3)]
     return Sweep("top-n", block_selection, "topn", now, grid, run, None, by_picks=True)
 
 

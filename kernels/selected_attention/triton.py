@@ -558,7 +558,13 @@ class SelectedAttention(torch.autograd.Function):
         slot_shape = (batch, seq, num_q_heads, block_idx.shape[-1]) if want_slot_lse else (0,)
         slot_lse = torch.full(slot_shape, float("-inf"), dtype=torch.float32, device=q.device)
         sizes = (seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E)
-        launch = _key_tiled(launch_params(LAUNCH, "fwd", **_forward_launch(q, v)), consts["BLOCK_S"])
+        defaults = _forward_launch(q, v)
+        if want_slot_lse:
+            # the slot sums' registers: at G = 16, D = 128, 2 warps, whole 64-key blocks spill 16 bytes (255
+            # registers, an sm_90a compile by benchmarks/selected-occupancy-offline.py); 32-key parts take
+            # 168 and no spill, and ran the forward at 0.99-1.05x of whole blocks (kernels-notes, session 26)
+            defaults["BLOCK_K"] = min(32, consts["BLOCK_S"])
+        launch = _key_tiled(launch_params(LAUNCH, "fwd", **defaults), consts["BLOCK_S"])
         tokens, heads = _token_tile(launch, consts["G"])
         if tokens == 1:
             _selected_fwd[(seq, batch * k.shape[2])](

@@ -1,0 +1,39 @@
+"""Compiles a Triton kernel for an H100/H200 (sm_90a) on a machine without a GPU and reads what ptxas
+reports: shared memory, registers a thread and spilled bytes. Shared by the offline occupancy scripts
+beside it (run them with TRITON_INTERPRET unset)."""
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+PTXAS = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+SHARED_PER_SM = 228 * 1024  # bytes of shared memory a multiprocessor gives its programs (H100/H200)
+REGISTERS_PER_SM = 65536
+
+
+def resources(kernel, signature: dict, constexprs: dict, warps: int, stages: int) -> tuple[int, int, int]:
+    """(shared bytes, registers a thread, spilled bytes) of one sm_90a compile. signature: each argument's
+    type ("*bf16", "i32", "fp32", "constexpr", ...), in the kernel's order; pointers are taken as 16-byte
+    aligned, as PyTorch allocates them."""
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        Path(ptx).write_text(compiled.asm["ptx"])
+        log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True,
+                             text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return compiled.metadata.shared, int(re.search(r"Used (\d+) registers", log).group(1)), int(spills.group(1))
+
+
+def programs_per_sm(shared: int, registers: int, warps: int) -> tuple[int, int]:
+    """How many programs fit on a multiprocessor by shared memory and by registers."""
+    return SHARED_PER_SM // max(shared, 1), REGISTERS_PER_SM // (registers * 32 * warps)

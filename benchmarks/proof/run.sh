@@ -46,7 +46,10 @@ fi
 # checkpoint, at each of NEEDLE_LENGTHS (default 32768), NEEDLE_SAMPLES samples a depth (default 4; NSA
 # runs only; tools/needle_selection.py); NEEDLE_ORACLE=1 then answers the same samples with the needle's
 # blocks put into every layer's picks (--oracle): how many misses top-n explains; NEEDLE_SWEEP=1 adds to
-# the first pass one pass per layer with the oracle in that layer alone (--oracle-sweep)
+# the first pass one pass per layer with the oracle in that layer alone (--oracle-sweep). Budget: at 32K,
+# 4 samples a depth, the first pass with the sweep of 12 layers took about 150 s after a 418 s training
+# run, so the oracle pass after it did not fit a 600 s call (7560c77): give the probes a call of their own
+# there, or lower LIMIT
 if [ "${NEEDLE:-0}" = 1 ] && grep -q "attention: nsa" $config; then
   newest=$(ls -d runs/$cfg/checkpoints/step_* | sort | tail -1)
   sweep=$([ "${NEEDLE_SWEEP:-0}" = 1 ] && echo --oracle-sweep)

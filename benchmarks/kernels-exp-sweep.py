@@ -2,8 +2,8 @@
 parameters are fixed in code, not autotuned, in one process on one GPU.
 
 Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
-- top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages, and the
-  same with GROUP_ROWS (the group's heads as the rows of one tile);
+- top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages (until
+  session 29 also a group-rows kernel: 0.60-0.68x at 128K, G=16, so removed);
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program), backward "dkv" (BLOCK_M
   too) and "reduce";
@@ -228,14 +228,11 @@ def topn_sweep(q, k_cmp, lse) -> Sweep:
         with torch.no_grad():
             return (block_selection.select_blocks_triton(q, k_cmp, lse, *args),)
 
-    now = dict(BLOCK_T=block_selection.BLOCK_T, num_warps=8, num_stages=DEFAULT_STAGES)
+    # today's launch as select_blocks_triton picks it (4 warps at head dim <= 128; 8 above)
+    now = dict(BLOCK_T=block_selection.BLOCK_T, num_warps=4 if q.shape[-1] <= 128 else 8, num_stages=3)
     grid = configs(now, BLOCK_T=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3))
     grid += [dict(BLOCK_T=64, num_warps=8, num_stages=1), dict(BLOCK_T=64, num_warps=8, num_stages=4),
              dict(BLOCK_T=16, num_warps=4, num_stages=2)]
-    # the group's heads as rows of one tile (_topn_group_kernel): 16 tokens x 16 heads at G = 16. An sm_90a
-    # compile (benchmarks/topn-offline.py) spills nothing at 8 warps and 448 bytes at 4; 32 tokens spill
-    # 256-1,756 bytes in 172-188 KB of shared memory (and, with the max score, need more than an SM has)
-    grid += [dict(GROUP_ROWS=True, BLOCK_T=16, num_warps=w, num_stages=st) for w in (8, 4) for st in (2, 3)]
     return Sweep("top-n", block_selection, "topn", now, grid, run, None, by_picks=True)
 
 

@@ -1,9 +1,9 @@
-"""Issue 11: what the two top-n kernels use per program on an H100/H200 (sm_90a), compiled offline on a CPU
+"""Issue 11: what the top-n kernel uses per program on an H100/H200 (sm_90a), compiled offline on a CPU
 machine (no GPU needed): shared memory, registers and spills by ptxas, and how many programs fit on a
-multiprocessor by each. The default kernel (a program a 64-token tile, the group's heads one after
-another) against the group-rows kernel (LAUNCH["topn"]["GROUP_ROWS"]: BLOCK_T tokens x the group as the
-rows of one tile) at the configs benchmarks/kernels-exp-sweep.py times. Shapes: the paper's (G = 16,
-head dim 128, l = 32, d = 16, l' = 64, n = 16), bf16, the sum score and the max.
+multiprocessor by each, at the tiles, warps and stages benchmarks/kernels-exp-sweep.py times. Shapes: the
+paper's (G = 16, head dim 128, l = 32, d = 16, l' = 64, n = 16), bf16, the sum score and the max. (Until
+session 29 it also compiled a second, group-rows kernel; the GPU sweep timed it at 0.60-0.68x and it was
+removed.)
 
     env -u TRITON_INTERPRET python benchmarks/topn-offline.py
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels.block_selection.triton import _topn_group_kernel, _topn_kernel  # noqa: E402
+from kernels.block_selection.triton import _topn_kernel  # noqa: E402
 from offline_compile import programs_per_sm, resources  # noqa: E402
 
 PAPER = dict(G=16, L=32, STRIDE=16, SEL=64, DK=128, BLOCK_DK=128, BLOCK_C=64, ST=16, PRECISION="tf32")
@@ -30,29 +30,23 @@ def signature(constants: dict) -> dict:
     return sig
 
 
-def row(group_rows: bool, block_t: int, warps: int, stages: int, max_score: bool) -> str:
-    rows = dict(HEADS=16) if group_rows else dict(BLOCK_G=16)
-    constants = dict(PAPER, BLOCK_T=block_t, MAX_SCORE=max_score, **rows)
-    # the kernel's argument order: PAPER's sizes, then BLOCK_T, the score and the rows' constant
+def row(block_t: int, warps: int, stages: int, max_score: bool) -> str:
+    constants = dict(PAPER, BLOCK_T=block_t, MAX_SCORE=max_score, BLOCK_G=16)
+    # the kernel's argument order: PAPER's sizes, then BLOCK_T, the score and the group to a power of two
     order = ["G", "L", "STRIDE", "SEL", "DK", "BLOCK_DK", "BLOCK_T", "BLOCK_C", "ST", "PRECISION", "MAX_SCORE",
-             *rows]
+             "BLOCK_G"]
     constants = {name: constants[name] for name in order}
-    kernel = _topn_group_kernel if group_rows else _topn_kernel
-    shared, regs, spills = resources(kernel, signature(constants), constants, warps, stages)
+    shared, regs, spills = resources(_topn_kernel, signature(constants), constants, warps, stages)
     by_shared, by_registers = programs_per_sm(shared, regs, warps)
-    name = "group" if group_rows else "per-head"
-    return (f"{name:9} {'max' if max_score else 'sum':5} {block_t:7} {warps:6} {stages:6} {shared / 1024:10.1f} "
+    return (f"{'max' if max_score else 'sum':5} {block_t:7} {warps:6} {stages:6} {shared / 1024:10.1f} "
             f"{regs:10} {spills:7}  {by_shared:4} {by_registers:4}")
 
 
 def main():
-    print("kernel    score BLOCK_T  warps stages  shared KB  registers  spills  programs/SM by shared, by registers")
-    for max_score in (False, True):
-        print(row(False, 64, 4, 3, max_score), flush=True)  # the default as used
-        for block_t in (16, 32):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    print(row(True, block_t, warps, stages, max_score), flush=True)
+    print("score BLOCK_T  warps stages  shared KB  registers  spills  programs/SM by shared, by registers")
+    for max_score in (False, True):  # the default as used (64 tokens, 4 warps, 3 stages) first
+        for block_t, warps, stages in ((64, 4, 3), (64, 8, 3), (64, 4, 2), (128, 4, 3), (128, 8, 3)):
+            print(row(block_t, warps, stages, max_score), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ from kernels.triton_utils import (
 )
 
 BLOCK_T = 64  # query tokens per program
-# Launch parameters set over the defaults (BLOCK_T, num_warps, num_stages; GROUP_ROWS: True runs
-# _topn_group_kernel, the group's heads as rows of one tile, with BLOCK_T tokens a program) under the key
-# "topn"; empty in use, filled by benchmarks/kernels-exp-sweep.py
+# Launch parameters set over the defaults (BLOCK_T, num_warps, num_stages) under the key "topn"; empty in
+# use, filled by benchmarks/kernels-exp-sweep.py. (A second kernel holding the group's heads as the rows of
+# one tile, so a tile's queries load once, picked the same blocks but ran 0.60-0.68x as fast at 128K, G=16;
+# removed, see benchmarks/kernels-notes.md, session 29.)
 LAUNCH: dict[str, dict] = {}
 
 
@@ -147,58 +148,6 @@ def _topn_kernel(
     _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
 
 
-@triton.jit(do_not_specialize=["NC"])
-def _topn_group_kernel(
-    q, k_cmp, lse, tiles, out,
-    T, NC, HQ, HK, NSEL, q_start, scale_log2,
-    G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
-    DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ST: tl.constexpr,
-    PRECISION: tl.constexpr, MAX_SCORE: tl.constexpr, HEADS: tl.constexpr,
-):
-    """The same picks with the group's heads as rows of one tile (LAUNCH["topn"]["GROUP_ROWS"]): BLOCK_T
-    tokens x HEADS (the group to a power of two) rows, token-major, whose queries are loaded once and
-    multiplied with each key tile in one [BLOCK_T * HEADS, D] x [D, BLOCK_C] dot; the heads' scores are
-    then summed (or maxed) per token. The default kernel reloads a [BLOCK_T, D] query tile per head and
-    key tile."""
-    R: tl.constexpr = SEL // STRIDE
-    b = (tl.program_id(1) // HK).to(tl.int64)
-    hk = tl.program_id(1) % HK
-    toks, tok_ok, cur, num_seen, last, cmp_start, cmp_count = _tile(tiles, L, STRIDE, SEL, q_start, BLOCK_T)
-    r = tl.arange(0, BLOCK_T * HEADS)  # row r: token r // HEADS of the tile, head r % HEADS
-    row_tok = tl.reshape(tl.broadcast_to(toks[:, None], [BLOCK_T, HEADS]), [BLOCK_T * HEADS])
-    row_ok = tl.reshape(tl.broadcast_to(tok_ok[:, None], [BLOCK_T, HEADS]), [BLOCK_T * HEADS]) & (r % HEADS < G)
-    row_seen = tl.reshape(tl.broadcast_to(num_seen[:, None], [BLOCK_T, HEADS]), [BLOCK_T * HEADS])
-    flat = (b * T + row_tok) * HQ + hk * G + r % HEADS
-    cols = tl.arange(0, ST)
-    local_c = tl.arange(0, BLOCK_C)
-    dk = tl.arange(0, BLOCK_DK)
-    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-    row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
-    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
-
-    running = tl.full([BLOCK_T, ST], -1, tl.int64)
-    carry = tl.zeros([BLOCK_T * HEADS], tl.float32)  # per row: "sum" adds the heads' carries, "max" keeps each
-    for j0 in range(0, last + 1, ST):
-        c = j0 * R + local_c
-        c_ok = (local_c < ST * R) & (c < cmp_count)
-        kv_row = (b * NC + cmp_start + c) * HK + hk
-        kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=c_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        weight, spill_weight = _spread(c, c_ok, j0, L, STRIDE, SEL, ST)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        visible = row_ok[:, None] & c_ok[None, :] & (c[None, :] < row_seen[:, None])
-        p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)  # [BLOCK_T * HEADS, BLOCK_C]
-        if MAX_SCORE:
-            head_scores = tl.dot(p, weight, input_precision="ieee") + tl.where(cols[None, :] == 0, carry[:, None], 0.0)
-            scores = tl.max(tl.reshape(head_scores, [BLOCK_T, HEADS, ST]), axis=1)
-        else:
-            p_sum = tl.sum(tl.reshape(p, [BLOCK_T, HEADS, BLOCK_C]), axis=1)
-            scores = tl.dot(p_sum, weight, input_precision="ieee")
-            scores += tl.where(cols[None, :] == 0, tl.sum(tl.reshape(carry, [BLOCK_T, HEADS]), axis=1)[:, None], 0.0)
-        carry = tl.sum(p * spill_weight[None, :], 1)
-        running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST)
-    _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
-
-
 def query_tiles(
     seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
     block_t: int, device: torch.device,
@@ -278,24 +227,16 @@ def select_blocks_triton(
     # sm_90 up to 256, ptxas resource usage)
     warps = 4 if head_dim <= 128 else 8
     launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3)
-    group_rows = launch.pop("GROUP_ROWS", False)
-    heads = triton.next_power_of_2(group)
-    if group_rows and not (launch["BLOCK_T"] >= 16 and launch["BLOCK_T"] * heads <= 512):
-        raise ValueError(f"select_blocks_triton: LAUNCH GROUP_ROWS with BLOCK_T={launch['BLOCK_T']}: the tile's "
-                         f"BLOCK_T x {heads} rows (the group's {group} heads, to a power of two) need BLOCK_T >= 16 "
-                         f"(the smallest tl.dot) and at most 512 rows: give a power of two from 16 to "
-                         f"{max(16, 512 // heads)}")
     tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
     top = pow2(num_selected)
     out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
     if tiles.shape[0] == 0:
         return out
-    kernel, rows = (_topn_group_kernel, dict(HEADS=heads)) if group_rows else (_topn_kernel, dict(BLOCK_G=pow2(group)))
-    kernel[(tiles.shape[0], batch * num_kv_heads)](
+    _topn_kernel[(tiles.shape[0], batch * num_kv_heads)](
         q.contiguous(), k_cmp.contiguous(), lse_cmp.float().contiguous(), tiles, out,
         seq, k_cmp.shape[1], num_q_heads, num_kv_heads, num_selected, q_start, scale * LOG2E,
         G=group, L=block_size, STRIDE=stride, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
         BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
-        MAX_SCORE=score == "max", **rows, **launch,
+        MAX_SCORE=score == "max", BLOCK_G=pow2(group), **launch,
     )
     return out

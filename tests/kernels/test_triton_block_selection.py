@@ -82,15 +82,12 @@ def test_max_score_matches_reference(dtype, group, sizes, q_start, packed):
 
 
 @pytest.mark.parametrize("score", ["sum", "max"])
-@pytest.mark.parametrize("group_rows", [False, True], ids=["per-head", "group-rows"])
-def test_scores_carried_across_tiles(monkeypatch, score, group_rows):
+def test_scores_carried_across_tiles(score):
     """A compressed token that starts in a tile's last selection block (16 blocks a tile here) and ends in
     the next one: its share of block 16 is carried over. With l = l' = 8 and d = 4, the token at keys
     124-131 gives block 16 a quarter of its score, and queries from block 18 on (T = 200) rank it among
     their 6 free picks (n = 9)."""
     torch.manual_seed(5)
-    if group_rows:
-        monkeypatch.setitem(block_selection.LAUNCH, "topn", {"GROUP_ROWS": True, "BLOCK_T": 16})
     check(4, 1, torch.float32, (8, 4, 8, 9), score=score, seq=200)
 
 
@@ -124,26 +121,3 @@ def test_query_tiles_cover_each_query_once_longest_first(q_start):
     assert sorted(covered) == list(range(seq))
     work = [q_start + hi - doc_lo for _, hi, doc_lo, _, _ in tiles]
     assert work == sorted(work, reverse=True)
-
-
-@pytest.mark.parametrize(
-    "dtype, group, sizes, q_start, packed, score",
-    [(torch.float32, 2, (8, 4, 8, 5), 0, False, "sum"),  # two tiles: the heads' carries summed
-     (torch.float16, 16, (16, 8, 16, 4), 0, False, "sum"),
-     (torch.float32, 3, (8, 4, 8, 5), 0, False, "max"),  # padded heads; each head's carry its own
-     (torch.float32, 4, (16, 8, 16, 4), 40, True, "sum"),
-     (torch.float32, 2, (16, 8, 16, 4), 40, True, "max")],
-    ids=["G2-two-tiles", "G16-fp16", "G3-max-two-tiles", "G4-packed-at-offset", "G2-max-packed"],
-)
-def test_group_rows_kernel_matches_reference(monkeypatch, dtype, group, sizes, q_start, packed, score):
-    """LAUNCH GROUP_ROWS: the group's heads as rows of one tile (_topn_group_kernel) pick the same blocks."""
-    torch.manual_seed(group)
-    monkeypatch.setitem(block_selection.LAUNCH, "topn", {"GROUP_ROWS": True, "BLOCK_T": 16})
-    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE) if packed else None
-    check(group, 1, dtype, sizes, q_start=q_start, cu_seqlens=cu_seqlens, score=score)
-
-
-def test_group_rows_refuses_a_tile_without_a_dot(monkeypatch):
-    monkeypatch.setitem(block_selection.LAUNCH, "topn", {"GROUP_ROWS": True, "BLOCK_T": 8})
-    with pytest.raises(ValueError, match="BLOCK_T=8.*BLOCK_T >= 16"):
-        check(2, 1, torch.float32, (16, 8, 16, 4))

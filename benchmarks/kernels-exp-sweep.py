@@ -3,7 +3,7 @@ parameters are fixed in code, not autotuned, in one process on one GPU.
 
 Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
 - top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages (until
-  session 29 also a group-rows kernel: 0.60-0.68x at 128K, G=16, so removed);
+  session 29 also a group-rows kernel: 0.42-0.68x at 128K, G=16, so removed);
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program), backward "dkv" (BLOCK_M
   too) and "reduce";

@@ -2,7 +2,7 @@
 machine (no GPU needed): shared memory, registers and spills by ptxas, and how many programs fit on a
 multiprocessor by each, at the tiles, warps and stages benchmarks/kernels-exp-sweep.py times. Shapes: the
 paper's (G = 16, head dim 128, l = 32, d = 16, l' = 64, n = 16), bf16, the sum score and the max. (Until
-session 29 it also compiled a second, group-rows kernel; the GPU sweep timed it at 0.60-0.68x and it was
+session 29 it also compiled a second, group-rows kernel; the GPU sweep timed it at 0.42-0.68x and it was
 removed.)
 
     env -u TRITON_INTERPRET python benchmarks/topn-offline.py

@@ -20,7 +20,7 @@ class BranchOps(NamedTuple):
     """One implementation of the four branch functions; both share the reference signatures."""
 
     compressed: Callable  # (q, k_cmp, v_cmp, l, d, scale, *, q_start, cu_seqlens) -> (o, lse)
-    select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens) -> block ids
+    select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens, score, keys) -> block ids
     selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens, slot_lse) -> (o, lse[, slot_lse])
     window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens) -> (o, lse)
     gate: Callable  # (o, gate) -> gate * o: one branch's output times its gate ([B, T, HQ])
@@ -127,8 +127,10 @@ def compose_nsa(
     cu_seqlens: packed documents (one span from position 0, B = 1), as in native_sparse_attention.
     cmp_rope: RoPE angles [N, R] of the compressed tokens, one row per k_cmp token (nsa.compression_rope
     "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
-    selection_score: how top-n combines the GQA group's heads' block scores, "sum" (the paper) or "max"
-    (kernels.block_selection.naive.SELECTION_SCORES).
+    selection_score: how top-n scores a block for a GQA group, "sum" (the paper), "max" or "exact"
+    (kernels.block_selection.naive.SELECTION_SCORES). "exact" reads the selection branch's raw keys, so
+    every item of selection_kv is taken before top-n runs (under CP the selection gather no longer overlaps
+    the other branches, and all its slices are held at once).
     selection_loss: k > 0 also computes the selection alignment loss's terms over every k-th of these rows
     (NSAResult.selection_terms; kernels.block_selection.alignment), for nsa.selection_loss; 0: not.
 
@@ -138,6 +140,10 @@ def compose_nsa(
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
+    selection_keys = None
+    if selection_score == "exact":  # top-n scores the raw keys: every KV-head slice of them, in head order
+        selection_kv = sorted(selection_kv, key=lambda item: item[0].start)
+        selection_keys = _cat([k for _, k, _ in selection_kv], 2).detach()
     if cmp_rope is not None:
         k_cmp = rope_rows(k_cmp, cmp_rope)
     # Four branch calls read q, and the kernels' wrappers copy whatever is not dense: q (in training a slice
@@ -154,7 +160,7 @@ def compose_nsa(
         lse_cmp.append(lse)
         blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
                                  num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens,
-                                 score=selection_score))
+                                 score=selection_score, keys=selection_keys))
         if window > 0:
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
                                 k_start=span.win_start, cu_seqlens=cu_seqlens)
@@ -226,7 +232,7 @@ def native_sparse_attention(
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     cmp_rope: optional RoPE angles [N, R] of the compressed tokens (compose_nsa); then kv_cmp's keys are
-    the keys before RoPE. selection_score: "sum" or "max" (compose_nsa). selection_loss: compose_nsa's.
+    the keys before RoPE. selection_score: "sum", "max" or "exact" (compose_nsa). selection_loss: compose_nsa's.
     """
     k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens, block_size, stride)
     v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens, block_size, stride)

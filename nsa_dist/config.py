@@ -41,9 +41,12 @@ class NSAConfig:
     selection_block: int = 64  # l': tokens per selection block (paper 64)
     num_selected: int = 16  # n: selection blocks per query, forced blocks included (paper 16)
     # how top-n scores a block for a GQA group: "sum" of its query heads' compressed-attention probabilities
-    # (paper), or "max", the largest single head's, so that a block one head finds is not outvoted by the
-    # other heads' spread-out probability
-    selection_score: Literal["sum", "max"] = "sum"
+    # (paper); "max", the largest single head's, so that a block one head finds is not outvoted by the
+    # other heads' spread-out probability; or "exact", the group's summed attention probability on the
+    # block's raw keys (not in the paper: what the compressed probabilities estimate, computed by two causal
+    # QK^T passes over the selection branch's keys, about a dense attention forward's FLOPs; under context
+    # parallelism the selection gather then finishes before top-n runs)
+    selection_score: Literal["sum", "max", "exact"] = "sum"
     window: int = 512  # w: sliding-window length (paper 512)
     kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
     phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean
@@ -474,6 +477,11 @@ def validate(config: Config) -> None:
     _positive(nsa, "nsa", "selection_loss_stride")
     _require(math.isfinite(nsa.selection_loss) and nsa.selection_loss >= 0,
              f"nsa.selection_loss={nsa.selection_loss} must be a finite weight >= 0 (0 turns the loss off)")
+    _require(nsa.selection_loss == 0 or nsa.selection_score != "exact", _EXACT_WITHOUT_LOSS.format("nsa.selection_loss"))
+    if nsa.impl != "reference":
+        _require(nsa.selection_score != "exact" or nsa.selection_block >= 16 and _pow2(nsa.selection_block),
+                 f"nsa.selection_block={nsa.selection_block}: the 'exact' selection score's kernel takes a power "
+                 "of two >= 16 (e.g. 64); set nsa.selection_block so, or nsa.impl=reference")
     if nsa.impl != "reference":  # the kernels' limits ("auto" takes the kernels on every GPU)
         fix = "or set nsa.impl=reference (pure PyTorch, slow)"
         _require(nsa.selection_block <= 256,
@@ -587,6 +595,16 @@ def _validate_mix(mix: MixConfig, where: str) -> None:
              f"adjust them, e.g. {where}.source={max(0.0, 1 - (total - mix.source)):g}")
 
 
+# the selection alignment loss trains the compressed scores, which the "exact" score does not read
+_EXACT_WITHOUT_LOSS = ("{}: the selection alignment loss trains the compressed-attention scores top-n ranks by, "
+                       "and nsa.selection_score='exact' ranks by the raw keys instead; set the loss to 0 or the "
+                       "score to 'sum'")
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[str]) -> None:
     """One stage's rules, checked on its resolved values; errors name the stage field, or the
     parallel:/training: field it inherited."""
@@ -616,6 +634,8 @@ def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[
     _require(math.isfinite(stage.selection_loss) and stage.selection_loss >= 0,
              f"{where}.selection_loss={raw.selection_loss} must be a finite weight >= 0 (0 turns the loss off in "
              "this stage; leave it out for nsa.selection_loss)")
+    _require(stage.selection_loss == 0 or nsa.selection_score != "exact",
+             _EXACT_WITHOUT_LOSS.format(f"{where}.selection_loss"))
 
     _require(m.num_kv_heads % stage.tensor == 0,
              f"{tp}={stage.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor parallelism "

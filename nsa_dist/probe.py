@@ -93,8 +93,8 @@ def recorded_nsa_layers(keep: Callable[[tuple, object], object]):
 class SelectionInputs(NamedTuple):
     """What one NSA layer's top-n selection was given (kernels.nsa.compose_nsa): the query rows, the
     compressed keys as scored (phi'd, and RoPE'd when nsa.compression_rope is "blocks"), compressed
-    attention's log-sum-exp for those rows, the rows' first global position, and how the GQA group's heads'
-    scores were combined (nsa.selection_score)."""
+    attention's log-sum-exp for those rows, the rows' first global position, how the GQA group's heads'
+    scores were combined (nsa.selection_score), and with the "exact" score the raw keys it read instead."""
 
     q: torch.Tensor  # [B, C, HQ, Dk]
     k_cmp: torch.Tensor  # [B, N, HK, Dk]
@@ -105,12 +105,13 @@ class SelectionInputs(NamedTuple):
     scale: float | None
     q_start: int
     score: str
+    keys: torch.Tensor | None = None  # [B, S, HK, Dk] from position 0, "exact" score only
 
 
 @contextlib.contextmanager
 def wrapped_selection(wrap: Callable):
     """While active, every NSA layer's top-n call select(q, k_cmp, lse_cmp, block_size, stride,
-    selection_block, num_selected, scale, *, q_start, cu_seqlens, score) becomes wrap(select, the same
+    selection_block, num_selected, scale, *, q_start, cu_seqlens, score, keys) becomes wrap(select, the same
     arguments): wrap may look at them and returns the picks. Wrappers nest, the last entered outermost."""
     original = nsa_kernels.branch_ops
 
@@ -132,10 +133,11 @@ def recorded_selection_inputs():
     records: list[SelectionInputs] = []
 
     def record(select, q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *,
-               q_start=0, cu_seqlens=None, score="sum"):
-        records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score))
+               q_start=0, cu_seqlens=None, score="sum", keys=None):
+        records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score,
+                                       keys))
         return select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale, q_start=q_start,
-                      cu_seqlens=cu_seqlens, score=score)
+                      cu_seqlens=cu_seqlens, score=score, keys=keys)
 
     with wrapped_selection(record):
         yield records

@@ -1,15 +1,20 @@
-"""What the opt-in selection alignment loss (nsa.selection_loss) costs one NSA layer, in the proof model's
-shapes, timed in one process: the layer's forward+backward without the loss, and with it at several row
-strides (nsa.selection_loss_stride), on the same inputs.
+"""What the opt-in selection options cost one NSA layer, in the proof model's shapes, timed in one process
+on the same inputs: the layer's forward+backward as configured (the paper's "sum" score, no loss); with the
+selection alignment loss (nsa.selection_loss) at several row strides (nsa.selection_loss_stride); with
+other selection scores (--scores, nsa.selection_score: the layer, and top-n alone against the "sum" score's
+top-n, given compressed attention's log-sum-exp); and dense causal attention (torch SDPA, cuDNN or flash
+on the GPU) on the same q, k, v.
 
 Shapes: configs/proof_100m.yaml's layer (16 query heads, 1 KV head, head dim 64, l=16 d=8 l'=64 n=16,
 512-token window, phi the mean, shared K/V) on each curriculum stage's tokens a step: 16 x 2K, 8 x 8K and
 1 x 32K (--shapes BxT ...). Inputs are random; top-n picks from them as in training. Medians of >= --reps
-timed runs after one untimed; each line's ratio is its time over the layer's without the loss. With
+timed runs after one untimed; each line's ratio is its time over the configured layer's (top-n alone: over
+the "sum" top-n's). With
 --profile, the device operators of one forward+backward at the first shape and stride 4, the largest
 first: where the loss's time goes.
 
     python3 tools/bench_selection_loss.py --out benchmarks/selection-loss-$(date +%F).json
+    python3 tools/bench_selection_loss.py --strides --scores exact --out benchmarks/selection-score-$(date +%F).json
 
 On CPU (--impl reference, small --shapes) it runs the same lines slowly: a check that it works, not a
 measurement.
@@ -25,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from kernels.block_selection.naive import SELECTION_SCORES
 from kernels.compression.naive import mean_compress
-from kernels.nsa import native_sparse_attention
+from kernels.nsa import branch_ops, native_sparse_attention
 
 PROOF = dict(block_size=16, stride=8, selection_block=64, num_selected=16, window=512)  # configs/proof_100m.yaml
 
@@ -34,7 +40,11 @@ PROOF = dict(block_size=16, stride=8, selection_block=64, num_selected=16, windo
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["16x2048", "8x8192", "1x32768"], help="BxT: sequences x tokens")
-    p.add_argument("--strides", type=int, nargs="+", default=[1, 4, 16], help="nsa.selection_loss_stride values")
+    p.add_argument("--strides", type=int, nargs="*", default=[1, 4, 16],
+                   help="nsa.selection_loss_stride values (none: no loss lines)")
+    p.add_argument("--scores", nargs="*", default=[], choices=[s for s in SELECTION_SCORES if s != "sum"],
+                   help="nsa.selection_score values to time against the paper's 'sum'")
+    p.add_argument("--no-dense", action="store_true", help="leave out the dense SDPA line")
     p.add_argument("--q-heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=64)
@@ -65,19 +75,39 @@ def layer_inputs(batch: int, seq: int, args, device: torch.device) -> dict:
             "v": leaf(batch, seq, args.kv_heads, args.head_dim), "gates": gates.requires_grad_()}
 
 
-def layer_step(inputs: dict, impl: str, stride: int):
+def layer_step(inputs: dict, impl: str, stride: int, score: str = "sum"):
     """One forward+backward of the layer; with stride > 0 the loss (weight 1, mean over its rows) joins
     the output's gradient, as nsa_dist/attention.py adds it."""
     phi = {"block_size": PROOF["block_size"], "stride": PROOF["stride"]}
     kv = (inputs["k"], inputs["v"])
     result = native_sparse_attention(
         inputs["q"], kv, kv, kv, inputs["gates"], lambda x: mean_compress(x, **phi), lambda x: mean_compress(x, **phi),
-        impl=impl, selection_loss=stride, **PROOF)
+        impl=impl, selection_loss=stride, selection_score=score, **PROOF)
     loss = result.output.float().square().mean()
     if stride:
         total, rows = result.selection_terms
         loss = loss + total / rows.clamp_min(1)
     loss.backward()
+
+
+def topn_step(inputs: dict, impl: str, score: str):
+    """Top-n alone, as the layer calls it: from compressed attention's log-sum-exp (computed once, kept in
+    inputs) for "sum" and "max", from the raw keys for "exact"."""
+    ops = branch_ops(impl)
+    q, k = inputs["q"].detach(), inputs["k"].detach()
+    if "k_cmp" not in inputs:
+        inputs["k_cmp"] = mean_compress(k, PROOF["block_size"], PROOF["stride"])
+        inputs["lse_cmp"] = ops.compressed(q, inputs["k_cmp"], inputs["k_cmp"], PROOF["block_size"],
+                                           PROOF["stride"])[1]
+    ops.select(q, inputs["k_cmp"], inputs["lse_cmp"], PROOF["block_size"], PROOF["stride"], PROOF["selection_block"],
+               PROOF["num_selected"], score=score, keys=k)
+
+
+def dense_step(inputs: dict):
+    """Dense causal attention's forward+backward on the same q, k, v (torch SDPA, GQA)."""
+    q, k, v = (inputs[name].transpose(1, 2) for name in ("q", "k", "v"))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out.float().square().mean().backward()
 
 
 def median_s(fn, reps: int, device: torch.device) -> tuple[float, int]:
@@ -126,14 +156,32 @@ def main():
             rows.append({"B": batch, "T": seq, "stride": stride, "ms": took * 1e3, "runs": runs, "ratio": took / base})
             print(f"{batch:>3} x {seq:>6}  + loss, stride {stride:<2} {took * 1e3:9.2f} ms  {took / base:5.2f}x",
                   flush=True)
+        if args.scores:
+            topn_sum, runs = median_s(lambda: topn_step(inputs, args.impl, "sum"), args.reps, device)
+            rows.append({"B": batch, "T": seq, "topn": "sum", "ms": topn_sum * 1e3, "runs": runs, "ratio": 1.0})
+            print(f"{batch:>3} x {seq:>6}  top-n, sum        {topn_sum * 1e3:9.2f} ms", flush=True)
+        for score in args.scores:
+            took, runs = median_s(lambda: layer_step(inputs, args.impl, 0, score), args.reps, device)
+            rows.append({"B": batch, "T": seq, "score": score, "ms": took * 1e3, "runs": runs, "ratio": took / base})
+            print(f"{batch:>3} x {seq:>6}  layer, {score:<10} {took * 1e3:9.2f} ms  {took / base:5.2f}x", flush=True)
+            took, runs = median_s(lambda: topn_step(inputs, args.impl, score), args.reps, device)
+            rows.append({"B": batch, "T": seq, "topn": score, "ms": took * 1e3, "runs": runs,
+                         "ratio": took / topn_sum})
+            print(f"{batch:>3} x {seq:>6}  top-n, {score:<10} {took * 1e3:9.2f} ms  {took / topn_sum:5.2f}x",
+                  flush=True)
+        if not args.no_dense:
+            took, runs = median_s(lambda: dense_step(inputs), args.reps, device)
+            rows.append({"B": batch, "T": seq, "dense": "sdpa", "ms": took * 1e3, "runs": runs, "ratio": took / base})
+            print(f"{batch:>3} x {seq:>6}  dense SDPA       {took * 1e3:9.2f} ms  {took / base:5.2f}x", flush=True)
         if args.profile and profiled is None:
             profiled = profile(inputs, args.impl, device)
             for event in profiled:
                 print(f"    {event['ms']:9.2f} ms  {event['calls']:>5}  {event['op'][:90]}")
     report = {"command": "tools/bench_selection_loss.py " + " ".join(
                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if v not in (None, False) and k != "profile")
-              + (" --profile" if args.profile else ""),
+                  for k, v in vars(args).items()
+                  if v not in (None, False) and k not in ("profile", "no_dense") and (v != [] or k == "strides"))
+              + (" --profile" if args.profile else "") + (" --no-dense" if args.no_dense else ""),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "commit": commit, "impl": args.impl, "nsa": PROOF,
               "heads": {"q": args.q_heads, "kv": args.kv_heads, "dim": args.head_dim},

@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
-from kernels.block_selection.naive import (group_score, head_block_scores, num_selection_blocks,  # noqa: E402
-                                           overlap_weights)
+from kernels.block_selection.naive import (group_score, head_block_mass, head_block_scores,  # noqa: E402
+                                           num_selection_blocks, overlap_weights)
 from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
                             loaded_model, recorded_nsa_layers, recorded_selection_inputs, require_nsa,
                             start_one_process, wrapped_selection)
@@ -96,6 +96,9 @@ def answer_block_scores(inputs: SelectionInputs, rows: list[int]) -> tuple[torch
     document): [C, HK, G, S] float32, and the rows' global positions [C]."""
     first, last = rows[0], rows[-1] + 1  # answer rows are consecutive
     start = inputs.q_start + first
+    if inputs.score == "exact":
+        per_head = head_block_mass(inputs.q[:, first:last], inputs.keys, inputs.selection_block, inputs.scale, start)[0]
+        return per_head, torch.arange(start, start + per_head.shape[0], device=per_head.device)
     num_blocks = num_selection_blocks(inputs.q_start + last, inputs.selection_block)
     weights = overlap_weights(inputs.k_cmp.shape[1], num_blocks, inputs.block_size, inputs.stride,
                               inputs.selection_block).to(inputs.q.device)
@@ -154,9 +157,9 @@ def needle_oracle():
     target: dict = {"sample": None, "layers": None, "call": 0}
 
     def force(select, q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *,
-              q_start=0, cu_seqlens=None, score="sum"):
+              q_start=0, cu_seqlens=None, score="sum", keys=None):
         picks = select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
-                       q_start=q_start, cu_seqlens=cu_seqlens, score=score)
+                       q_start=q_start, cu_seqlens=cu_seqlens, score=score, keys=keys)
         sample, layers = target["sample"], target["layers"]
         target["call"] += 1
         if sample is None or (layers is not None and target["call"] not in layers):
@@ -165,7 +168,7 @@ def needle_oracle():
         if q_start != 0 or rows[-1] >= picks.shape[1]:  # one process scores the whole sample in one span
             raise RuntimeError(f"the oracle needs the whole sample in one query span; got rows from {q_start} "
                                f"to {q_start + picks.shape[1] - 1} for answer rows {rows[0]}-{rows[-1]}")
-        inputs = SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score)
+        inputs = SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score, keys)
         per_head, positions = answer_block_scores(inputs, rows)
         needle_blocks = sorted({p // selection_block for p in needle_positions(sample)})
         return with_needle_blocks(picks, group_score(score)(per_head[None])[0], rows, positions, needle_blocks,

@@ -1,4 +1,5 @@
-"""Top-n block selection, reference: compressed-attention probabilities -> selection block ids."""
+"""Top-n block selection, reference: compressed-attention probabilities (or, with the "exact" score, the
+selection branch's own attention over its raw keys) -> selection block ids."""
 
 import torch
 
@@ -66,6 +67,7 @@ def select_blocks_ref(
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
     score: str = "sum",
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection blocks each GQA group's queries attend to.
 
@@ -78,7 +80,12 @@ def select_blocks_ref(
     Not differentiable (top-n is discrete); chunked over queries.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B = 1): each document is
     scored on its own compressed tokens, with positions and block ids counted from its start.
+    keys: with score "exact" only (then k_cmp and lse_cmp are not read), the selection branch's raw keys
+    [B, S, HK, Dk] from global position 0 through the queries' last one: each block is scored by the
+    group's exact attention mass on it (head_block_mass).
     """
+    if score == "exact":
+        return _select_blocks_exact(q, keys, selection_block, num_selected, scale, chunk_size, q_start, cu_seqlens)
     combine = group_score(score)
     if cu_seqlens is not None:
         cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
@@ -101,19 +108,60 @@ def select_blocks_ref(
     return torch.cat(out, dim=1)
 
 
-# How a GQA group's query heads' block scores make the group's one score per block (nsa.selection_score):
-# "sum", the paper's (the group's total compressed-attention probability), or "max", the largest single
-# head's, so that a block one head finds is not outvoted by the others' spread-out probability
-SELECTION_SCORES = ("sum", "max")
+# How top-n scores a block for a GQA group (nsa.selection_score): "sum", the paper's (the group's total
+# compressed-attention probability on it), "max", the largest single head's, so that a block one head finds
+# is not outvoted by the others' spread-out probability, or "exact", the group's total attention
+# probability on the block's raw keys (head_block_mass): what the compressed probabilities estimate, at the
+# cost of two causal QK^T passes over the raw keys in the kernel (not in the paper; top-n then reads no
+# compressed token)
+SELECTION_SCORES = ("sum", "max", "exact")
 
 
 def group_score(score: str):
-    """The function that combines head_block_scores' [..., G, S] over the group's heads (dim 3)."""
-    if score == "sum":
+    """The function that combines per-head block scores [..., G, S] over the group's heads (dim 3):
+    head_block_scores' for "sum" and "max", head_block_mass's for "exact" (summed, as "sum" does)."""
+    if score in ("sum", "exact"):
         return lambda per_head: per_head.sum(dim=3)
     if score == "max":
         return lambda per_head: per_head.amax(dim=3)
     raise ValueError(f"selection score {score!r} is not one of {SELECTION_SCORES}")
+
+
+def _select_blocks_exact(q, keys, selection_block, num_selected, scale, chunk_size, q_start, cu_seqlens):
+    """select_blocks_ref with the "exact" score: the group's summed head_block_mass ranks the blocks."""
+    if keys is None:
+        raise ValueError("select_blocks_ref: the 'exact' selection score needs the raw keys (keys=)")
+    if cu_seqlens is not None:
+        starts = cu_seqlens.tolist()
+        return torch.cat([
+            _select_blocks_exact(q[:, lo:hi], keys[:, starts[doc] : starts[doc + 1]], selection_block, num_selected,
+                                 scale, chunk_size, q_start + lo - starts[doc], None)
+            for doc, lo, hi in document_pieces(cu_seqlens, q_start, q.shape[1])
+        ], dim=1)
+    out = []
+    for start, end in query_chunks(q.shape[1], chunk_size):
+        per_head = head_block_mass(q[:, start:end], keys, selection_block, scale, q_start + start)
+        positions = torch.arange(q_start + start, q_start + end, device=q.device)
+        out.append(topn_from_scores(group_score("exact")(per_head), positions, selection_block, num_selected))
+    return torch.cat(out, dim=1)
+
+
+def head_block_mass(
+    q: torch.Tensor, keys: torch.Tensor, selection_block: int, scale: float | None = None, q_start: int = 0,
+) -> torch.Tensor:
+    """Each query head's exact attention probability on each selection block, [B, C, HK, G, S] float32:
+    softmax(scale * q.k) over the raw keys at positions <= the query's, summed over each block's tokens.
+    q [B, C, HQ, Dk] at positions q_start .. q_start + C - 1 of one document; keys [B, >= q_start + C, HK, Dk]
+    of that document from its first token (later ones are not read); S = the blocks up to the last query's."""
+    seq = q_start + q.shape[1]
+    num_blocks = num_selection_blocks(seq, selection_block)
+    qg = group_queries(q, keys.shape[2]).float()
+    logits = torch.einsum("bchgd,bthd->bchgt", qg, keys[:, :seq].float()) * default_scale(q.shape[-1], scale)
+    positions = torch.arange(q_start, seq, device=q.device)
+    visible = torch.arange(seq, device=q.device)[None, :] <= positions[:, None]
+    probs = torch.softmax(logits.masked_fill(~visible[None, :, None, None, :], float("-inf")), dim=-1)
+    probs = torch.nn.functional.pad(probs, (0, num_blocks * selection_block - seq))
+    return probs.reshape(*probs.shape[:-1], num_blocks, selection_block).sum(dim=-1)
 
 
 def head_block_scores(

@@ -14,6 +14,12 @@ Ranking: each (score, block) pair is packed into one int64 key, score bits high 
 their float bits order like the floats; forced blocks get +inf) and 0x7FFFFFFF - block low, so that a
 descending sort of keys ranks by score and breaks ties toward the lower block id, exactly as the
 reference's stable sort. Blocks a query may not pick get key -1.
+
+With the "exact" score (nsa.selection_score) top-n reads the selection branch's raw keys instead of the
+compressed ones, in two kernels over the same query tiles: the first computes each query head's
+log-sum-exp over every key it may see, the second recomputes q.k one selection block (l' keys) at a time,
+sums exp(q.k - lse) over the block's keys and the group's heads, and merges ST blocks at a time into the
+same running top-ST list. Two causal QK^T passes with no PV product: about a dense attention forward's FLOPs.
 """
 
 import functools
@@ -148,6 +154,93 @@ def _topn_kernel(
     _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
 
 
+@triton.jit
+def _exact_tile(tiles, q_start, SEL: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A program's query tile for the "exact" kernels: its tokens, which are real, their positions in the
+    document, their current selection blocks, the tile's last current block, and the document's first token."""
+    tile = tl.program_id(0)
+    tok_lo = tl.load(tiles + tile * 5)
+    tok_hi = tl.load(tiles + tile * 5 + 1)
+    doc_start = tl.load(tiles + tile * 5 + 2)
+    toks = tok_lo + tl.arange(0, BLOCK_T)
+    tok_ok = toks < tok_hi
+    pos = q_start + toks - doc_start
+    cur = pos // SEL
+    return toks, tok_ok, pos, cur, tl.max(tl.where(tok_ok, cur, 0)), doc_start
+
+
+@triton.jit
+def _block_keys(k, b, hk, j, doc_start, TK, HK, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """Selection block j's raw keys [SEL, BLOCK_DK] (zero where past the keys given) and their positions."""
+    kpos = j * SEL + tl.arange(0, SEL)
+    dk = tl.arange(0, BLOCK_DK)
+    rows = (b * TK + doc_start + kpos) * HK + hk
+    ok = (doc_start + kpos < TK)[:, None] & (dk[None, :] < DK)
+    return tl.load(k + rows[:, None] * DK + dk[None, :], mask=ok, other=0.0), kpos
+
+
+@triton.jit(do_not_specialize=["TK"])
+def _exact_lse_kernel(
+    q, k, tiles, lse,
+    T, TK, HQ, HK, q_start, scale_log2,
+    G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """lse [B, T, HQ] float32, in log2 units: each query head's log-sum-exp of scale * q.k over the raw keys
+    at positions <= its own (online, one selection block of keys at a time)."""
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    toks, tok_ok, pos, cur, last, doc_start = _exact_tile(tiles, q_start, SEL, BLOCK_T)
+    dk = tl.arange(0, BLOCK_DK)
+    for g in range(G):
+        flat = (b * T + toks) * HQ + hk * G + g
+        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_T], tl.float32)
+        for j in range(0, last + 1):
+            kt, kpos = _block_keys(k, b, hk, j, doc_start, TK, HK, SEL, DK, BLOCK_DK)
+            s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+            s = tl.where(tok_ok[:, None] & (kpos[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            total = total * tl.exp2(m - shift) + tl.sum(tl.exp2(s - shift[:, None]), 1)
+            m = m_new
+        tl.store(lse + flat, m + tl.log2(tl.where(tok_ok, total, 1.0)), mask=tok_ok)
+
+
+@triton.jit(do_not_specialize=["TK"])
+def _topn_exact_kernel(
+    q, k, lse, tiles, out,
+    T, TK, HQ, HK, NSEL, q_start, scale_log2,
+    G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr,
+    ST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Top-n by the group's exact attention mass on each block: sum over its heads and the block's visible
+    keys of exp2(s - lse), ST blocks scored into one [BLOCK_T, ST] tile and then merged."""
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    toks, tok_ok, pos, cur, last, doc_start = _exact_tile(tiles, q_start, SEL, BLOCK_T)
+    cols = tl.arange(0, ST)
+    dk = tl.arange(0, BLOCK_DK)
+    running = tl.full([BLOCK_T, ST], -1, tl.int64)
+    for j0 in range(0, last + 1, ST):
+        scores = tl.zeros([BLOCK_T, ST], tl.float32)
+        for jj in range(0, ST):
+            kt, kpos = _block_keys(k, b, hk, j0 + jj, doc_start, TK, HK, SEL, DK, BLOCK_DK)
+            visible = tok_ok[:, None] & (kpos[None, :] <= pos[:, None])
+            mass = tl.zeros([BLOCK_T], tl.float32)
+            for g in range(G):
+                flat = (b * T + toks) * HQ + hk * G + g
+                qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK),
+                             other=0.0)
+                row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
+                s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+                mass += tl.sum(tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0), 1)
+            scores = tl.where(cols[None, :] == jj, mass[:, None], scores)
+        running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST)
+    _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
+
+
 def query_tiles(
     seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
     block_t: int, device: torch.device,
@@ -196,6 +289,7 @@ def select_blocks_triton(
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
     score: str = "sum",
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection blocks each GQA group's queries attend to (Triton; same result as select_blocks_ref).
 
@@ -207,8 +301,12 @@ def select_blocks_triton(
     "sum") or the largest head's ("max"), ties to the lower id.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); positions
     and block ids are then per document, and k_cmp holds every document's compressed tokens in order.
+    keys: with score "exact" only, the raw keys [B, S, HK, Dk] from global position 0 through the queries'
+    last one (k_cmp and lse_cmp are then not read; l' a power of two >= 16).
     Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
     """
+    if score == "exact":
+        return _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens)
     if block_size % stride or selection_block % stride or block_size > selection_block:
         raise ValueError(
             f"select_blocks_triton: need stride | block_size, stride | selection_block and block_size <= "
@@ -239,4 +337,33 @@ def select_blocks_triton(
         BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
         MAX_SCORE=score == "max", BLOCK_G=pow2(group), **launch,
     )
+    return out
+
+
+def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens):
+    """select_blocks_triton with the "exact" score: _exact_lse_kernel, then _topn_exact_kernel."""
+    if keys is None:
+        raise ValueError("select_blocks_triton: the 'exact' selection score needs the raw keys (keys=)")
+    if selection_block < 16 or selection_block & (selection_block - 1):
+        raise ValueError(f"select_blocks_triton: the 'exact' score takes l' = {selection_block} keys per dot; "
+                         "it must be a power of two >= 16 (set nsa.selection_block so, or use the 'sum' score)")
+    check_attention_inputs("select_blocks_triton", q, keys, keys)
+    check_packed("select_blocks_triton", q.shape[0], cu_seqlens)
+    batch, seq, num_q_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[2]
+    scale = default_scale(head_dim, scale)
+    launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=BLOCK_T, num_warps=4, num_stages=2)
+    tiles = query_tiles(seq, 0, selection_block, selection_block, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
+    out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
+    if tiles.shape[0] == 0:
+        return out
+    q, keys = q.contiguous(), keys.contiguous()
+    lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
+    grid = (tiles.shape[0], batch * num_kv_heads)
+    shapes = dict(G=num_q_heads // num_kv_heads, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
+                  PRECISION=dot_precision(q.dtype), **launch)
+    common = (seq, keys.shape[1], num_q_heads, num_kv_heads)
+    _exact_lse_kernel[grid](q, keys, tiles, lse, *common, q_start, scale * LOG2E, **shapes)
+    _topn_exact_kernel[grid](q, keys, lse, tiles, out, *common, num_selected, q_start, scale * LOG2E,
+                             ST=pow2(num_selected), **shapes)
     return out

@@ -147,6 +147,30 @@ def block_scores(q, k_cmp, l, d, l_sel, seq_len, scale=None, q_start=0, score="s
     return scores
 
 
+def exact_block_scores(q, k, l_sel, scale=None):
+    """scores[b][j][hk][sb] for the "exact" score: each head's softmax over the raw keys at positions <= t,
+    summed over the tokens of block sb, then over the group's heads."""
+    q, k, scale = _f64(q), _f64(k), _scale(q, scale)
+    B, T, HQ, _ = q.shape
+    HK = k.shape[2]
+    G = HQ // HK
+    scores = []
+    for b in range(B):
+        per_query = []
+        for t in range(T):
+            per_group = []
+            for hk in range(HK):
+                mass = {sb: 0.0 for sb in range(t // l_sel + 1)}
+                for h in range(hk * G, (hk + 1) * G):
+                    probs = torch.softmax(scale * (k[b, : t + 1, hk] @ q[b, t, h]), dim=0).tolist()
+                    for s, p in enumerate(probs):
+                        mass[s // l_sel] += p
+                per_group.append(mass)
+            per_query.append(per_group)
+        scores.append(per_query)
+    return scores
+
+
 def top_n(scores: dict, t: int, l_sel: int, n: int) -> frozenset:
     """Block 0, t//l' and t//l' - 1 always, counting toward n; the rest by score, ties to the lower id."""
     forced = {sb for sb in (0, t // l_sel, t // l_sel - 1) if sb >= 0}
@@ -191,7 +215,11 @@ def nsa(q, kv_cmp, kv_slc, kv_win, gates, phi_k, phi_v, l, d, l_sel, n, w, scale
     T = q.shape[1]
     k_cmp, v_cmp = phi_k(kv_cmp[0]), phi_v(kv_cmp[1])
     o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, l, d, scale)
-    selected = select_blocks(q, k_cmp, l, d, l_sel, n, T, scale, score=score)
+    if score == "exact":
+        selected = [[[top_n(s, t, l_sel, n) for s in per_query] for t, per_query in enumerate(sb)]
+                    for sb in exact_block_scores(q, kv_slc[0], l_sel, scale)]
+    else:
+        selected = select_blocks(q, k_cmp, l, d, l_sel, n, T, scale, score=score)
     o_slc, lse_slc = selected_attention(q, *kv_slc, selected, l_sel, scale)
     o_win, lse_win = window_attention(q, *kv_win, w, scale)
     g = _f64(gates)

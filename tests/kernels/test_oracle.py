@@ -148,6 +148,23 @@ def test_max_score_matches_oracle(case):
     assert (summed != got.block_idx).any(-1).sum() > 10
 
 
+# nsa.selection_score "exact": top-n ranks a block by the group's attention mass on its raw keys (the
+# selection branch's keys, separate from the compressed branch's in the first case)
+EXACT_CASES = [
+    Case(16, 8, 16, 4, 24, T=112, G=4, HK=2, kv="separate", phi="mlp", score="exact"),
+    Case(8, 4, 16, 4, 10, T=160, G=16, HK=1, kv="shared", phi="mean", score="exact", B=2),
+]
+
+
+@pytest.mark.parametrize("case", EXACT_CASES, ids=["G4HK2-separate", "G16HK1-shared"])
+def test_exact_score_matches_oracle(case):
+    inputs, got, want = nsa_matches_oracle_with_gradients(case)
+    # not the sum's picks: the option changes what is selected
+    summed = select_blocks_ref(inputs.q, want.k_cmp.float(), want.lse_cmp.float(), case.l, case.d, case.l_sel,
+                               case.n)
+    assert (summed != got.block_idx).any(-1).sum() > 10
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[9]], ids=[IDS[1], IDS[4], IDS[9]])
 def test_nsa_gradients_match_oracle(case):
     """Reference autograd (fp32) against the oracle's autograd (float64) for every differentiable input."""

@@ -18,8 +18,9 @@ T = 131
 DOCUMENTS = {"one-sequence": None, "packed": [0, 50, 51, T], "short documents": [0, 50, 51, 115, T]}
 
 
-@pytest.mark.parametrize("packed", list(DOCUMENTS))
-def test_triton_matches_reference(packed):
+@pytest.mark.parametrize("packed, score", [(name, "sum") for name in DOCUMENTS] + [("packed", "exact")])
+def test_triton_matches_reference(packed, score):
+    """With score "exact" top-n reads the selection branch's raw keys (the second K/V pair)."""
     require_backend()
     torch.manual_seed(0)
     group, kv_heads, dk, dv = 2, 1, 32, 16
@@ -34,7 +35,8 @@ def test_triton_matches_reference(packed):
     upstream = randn(1, T, group * kv_heads, dv, grad=False)
     results = {}
     for impl in ("triton", "reference"):
-        out = native_sparse_attention(q, *kv, gates, phi, phi, **sizes, impl=impl, cu_seqlens=cu_seqlens)
+        out = native_sparse_attention(q, *kv, gates, phi, phi, **sizes, impl=impl, cu_seqlens=cu_seqlens,
+                                      selection_score=score)
         grads = torch.autograd.grad((out.output * upstream).sum(), leaves)
         results[impl] = (out, grads)
     (out, grads), (ref, ref_grads) = results["triton"], results["reference"]

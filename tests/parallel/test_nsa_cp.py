@@ -174,6 +174,8 @@ CASES = [
     Case(384, 16, 1, 16, 16, 16, 3, 7, "separate", "mean", dk=8, dv=12, seed=3),
     Case(256, 8, 2, 32, 16, 32, 4, 16, "shared", "mlp", batch=2, seed=4),
     Case(256, 8, 2, 16, 8, 16, 4, 20, "separate", "mean", seed=7, selection_score="max"),
+    # top-n from the gathered raw keys: every slice of the selection gather is taken before it runs
+    Case(256, 8, 2, 16, 8, 16, 4, 20, "shared", "mean", seed=8, selection_score="exact"),
 ]
 
 

@@ -240,6 +240,14 @@ def test_packed_documents_under_cp_on_triton_kernels_match_single_rank_reference
                                            documents=(0, 20, 64, 70, 128)))
 
 
+@pytest.mark.timeout(240)
+def test_exact_score_under_cp_on_triton_kernels_matches_single_rank_reference():
+    """nsa.selection_score "exact" on the kernels: top-n reads the gathered raw keys of packed documents at
+    each zigzag chunk's offset."""
+    run_distributed(_check_triton, 2, Case(128, 4, 2, 16, 8, 16, 4, 20, "separate", "mean", seed=14,
+                                           documents=(0, 20, 64, 70, 128), selection_score="exact"))
+
+
 def _check_gather_chunking(rank, world, case):
     results = []
     for per_gather in (1, case.num_kv_heads):

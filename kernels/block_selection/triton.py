@@ -45,10 +45,9 @@ LAUNCH: dict[str, dict] = {}
 
 
 @triton.jit
-def _tile(tiles, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, q_start, BLOCK_T: tl.constexpr):
+def _tile_tokens(tiles, q_start, SEL: tl.constexpr, BLOCK_T: tl.constexpr):
     """A program's query tile (query_tiles' row): its tokens, which are real, their positions in the
-    document, their current selection blocks, the compressed tokens each has seen, the last current block
-    of the tile, and the document's first compressed row and number of them."""
+    document, their current selection blocks, the tile's last current block, and the document's first token."""
     tile = tl.program_id(0)
     tok_lo = tl.load(tiles + tile * 5)
     tok_hi = tl.load(tiles + tile * 5 + 1)
@@ -57,8 +56,16 @@ def _tile(tiles, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, q_sta
     tok_ok = toks < tok_hi
     pos = q_start + toks - doc_start  # position inside the document
     cur = pos // SEL
+    return toks, tok_ok, pos, cur, tl.max(tl.where(tok_ok, cur, 0)), doc_start
+
+
+@triton.jit
+def _tile(tiles, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, q_start, BLOCK_T: tl.constexpr):
+    """_tile_tokens' tokens, which are real, current blocks, the compressed tokens each has seen, the tile's
+    last current block, and the document's first compressed row and number of them."""
+    toks, tok_ok, pos, cur, last, _ = _tile_tokens(tiles, q_start, SEL, BLOCK_T)
     num_seen = tl.where(pos >= L - 1, (pos - L + 1) // STRIDE + 1, 0)
-    last = tl.max(tl.where(tok_ok, cur, 0))
+    tile = tl.program_id(0)
     return toks, tok_ok, cur, num_seen, last, tl.load(tiles + tile * 5 + 3), tl.load(tiles + tile * 5 + 4)
 
 
@@ -155,21 +162,6 @@ def _topn_kernel(
 
 
 @triton.jit
-def _exact_tile(tiles, q_start, SEL: tl.constexpr, BLOCK_T: tl.constexpr):
-    """A program's query tile for the "exact" kernels: its tokens, which are real, their positions in the
-    document, their current selection blocks, the tile's last current block, and the document's first token."""
-    tile = tl.program_id(0)
-    tok_lo = tl.load(tiles + tile * 5)
-    tok_hi = tl.load(tiles + tile * 5 + 1)
-    doc_start = tl.load(tiles + tile * 5 + 2)
-    toks = tok_lo + tl.arange(0, BLOCK_T)
-    tok_ok = toks < tok_hi
-    pos = q_start + toks - doc_start
-    cur = pos // SEL
-    return toks, tok_ok, pos, cur, tl.max(tl.where(tok_ok, cur, 0)), doc_start
-
-
-@triton.jit
 def _block_keys(k, b, hk, j, doc_start, TK, HK, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr):
     """Selection block j's raw keys [SEL, BLOCK_DK] (zero where past the keys given) and their positions."""
     kpos = j * SEL + tl.arange(0, SEL)
@@ -190,7 +182,7 @@ def _exact_lse_kernel(
     at positions <= its own (online, one selection block of keys at a time)."""
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
-    toks, tok_ok, pos, cur, last, doc_start = _exact_tile(tiles, q_start, SEL, BLOCK_T)
+    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, q_start, SEL, BLOCK_T)
     dk = tl.arange(0, BLOCK_DK)
     for g in range(G):
         flat = (b * T + toks) * HQ + hk * G + g
@@ -219,7 +211,7 @@ def _topn_exact_kernel(
     keys of exp2(s - lse), ST blocks scored into one [BLOCK_T, ST] tile and then merged."""
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
-    toks, tok_ok, pos, cur, last, doc_start = _exact_tile(tiles, q_start, SEL, BLOCK_T)
+    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, q_start, SEL, BLOCK_T)
     cols = tl.arange(0, ST)
     dk = tl.arange(0, BLOCK_DK)
     running = tl.full([BLOCK_T, ST], -1, tl.int64)

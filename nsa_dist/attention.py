@@ -169,6 +169,7 @@ class NSACoreAttention(MegatronModule):
         self.rotary_base = model.rotary_base  # for nsa.compression_rope "blocks"; set_rotary_base changes it
         self.num_selected = nsa.num_selected  # a curriculum stage may change it: set_num_selected
         self.selection_loss = nsa.selection_loss  # the alignment loss's weight; a stage may change it too
+        self.selection_score = nsa.selection_score  # top-n's block score; per stage too: set_selection_score
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -193,7 +194,7 @@ class NSACoreAttention(MegatronModule):
             per_branch[0] = (raw_keys.chunk(branches, dim=2)[0], per_branch[0][1])
             cmp_rope = self._block_rotary_freqs(q.shape[1] * self.cp_group.size(), cu_seqlens, q.device)
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
-                     num_selected=self.num_selected, window=n.window, selection_score=n.selection_score,
+                     num_selected=self.num_selected, window=n.window, selection_score=self.selection_score,
                      scale=self.softmax_scale, impl=resolve_impl(n.impl, q.device))
         aligned = self.selection_loss > 0 and self.training and torch.is_grad_enabled()
         result = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
@@ -382,6 +383,12 @@ def set_selection_loss(model: nn.Module, weight: float) -> None:
     """Sets the selection alignment loss's weight in every NSA layer (a stage's selection_loss; 0: off)."""
     for module in _modules(model, NSACoreAttention):
         module.selection_loss = weight
+
+
+def set_selection_score(model: nn.Module, score: str) -> None:
+    """Sets how top-n scores blocks (a stage's selection_score: "sum", "max" or "exact") in every NSA layer."""
+    for module in _modules(model, NSACoreAttention):
+        module.selection_score = score
 
 
 def start_gates(model: nn.Module) -> None:

@@ -177,6 +177,10 @@ class StageConfig:
     # stages may differ (e.g. off while sequences fit the window, on once lookups reach past it); None:
     # nsa.selection_loss
     selection_loss: float | None = None
+    # how top-n scores blocks (nsa.selection_score) in this stage: a rule, not a weight, so stages may differ
+    # (e.g. the paper's "sum" while short lookups are learned, "exact" once they reach past the window);
+    # None: nsa.selection_score
+    selection_score: Literal["sum", "max", "exact"] | None = None
     global_batch_size: int | None = None  # sequences per step; None: training.global_batch_size
     micro_batch_size: int | None = None  # sequences per micro-batch; None: training.micro_batch_size
     # continue: the run-wide schedule (training.warmup_steps, then cosine from training.lr to
@@ -207,6 +211,7 @@ class Stage:
     rotary_base: float
     num_selected: int
     selection_loss: float
+    selection_score: str
     global_batch_size: int
     micro_batch_size: int
     lr_schedule: str
@@ -290,6 +295,7 @@ class Config:
                 rotary_base=pick(s.rotary_base, self.model.rotary_base),
                 num_selected=pick(s.num_selected, self.nsa.num_selected),
                 selection_loss=pick(s.selection_loss, self.nsa.selection_loss),
+                selection_score=pick(s.selection_score, self.nsa.selection_score),
                 global_batch_size=pick(s.global_batch_size, tr.global_batch_size),
                 micro_batch_size=pick(s.micro_batch_size, tr.micro_batch_size),
                 lr_schedule=s.lr_schedule, lr=pick(s.lr, tr.lr), min_lr=pick(s.min_lr, tr.min_lr),
@@ -477,11 +483,11 @@ def validate(config: Config) -> None:
     _positive(nsa, "nsa", "selection_loss_stride")
     _require(math.isfinite(nsa.selection_loss) and nsa.selection_loss >= 0,
              f"nsa.selection_loss={nsa.selection_loss} must be a finite weight >= 0 (0 turns the loss off)")
-    _require(nsa.selection_loss == 0 or nsa.selection_score != "exact", _EXACT_WITHOUT_LOSS.format("nsa.selection_loss"))
+    _require(nsa.selection_loss == 0 or nsa.selection_score != "exact",
+             _EXACT_WITHOUT_LOSS.format(loss="nsa.selection_loss", value=nsa.selection_loss, score="nsa.selection_score"))
     if nsa.impl != "reference":
-        _require(nsa.selection_score != "exact" or nsa.selection_block >= 16 and _pow2(nsa.selection_block),
-                 f"nsa.selection_block={nsa.selection_block}: the 'exact' selection score's kernel takes a power "
-                 "of two >= 16 (e.g. 64); set nsa.selection_block so, or nsa.impl=reference")
+        _require(nsa.selection_score != "exact" or _exact_block_ok(nsa.selection_block),
+                 _EXACT_BLOCK.format(nsa.selection_block, "nsa.selection_score"))
     if nsa.impl != "reference":  # the kernels' limits ("auto" takes the kernels on every GPU)
         fix = "or set nsa.impl=reference (pure PyTorch, slow)"
         _require(nsa.selection_block <= 256,
@@ -596,13 +602,18 @@ def _validate_mix(mix: MixConfig, where: str) -> None:
 
 
 # the selection alignment loss trains the compressed scores, which the "exact" score does not read
-_EXACT_WITHOUT_LOSS = ("{}: the selection alignment loss trains the compressed-attention scores top-n ranks by, "
-                       "and nsa.selection_score='exact' ranks by the raw keys instead; set the loss to 0 or the "
-                       "score to 'sum'")
+_EXACT_WITHOUT_LOSS = ("{loss}={value} with {score}='exact': the selection alignment loss trains the "
+                       "compressed-attention scores that top-n ranks by, and the 'exact' score ranks by the raw keys "
+                       "instead; set {loss} to 0 or {score} to 'sum'")
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+# the "exact" score's Triton kernel takes l' keys per dot
+_EXACT_BLOCK = ("nsa.selection_block={}: the 'exact' selection score ({}) has a kernel that takes a power of two "
+                ">= 16 (e.g. 64); set nsa.selection_block so, or nsa.impl=reference")
+
+
+def _exact_block_ok(selection_block: int) -> bool:
+    return selection_block >= 16 and selection_block & (selection_block - 1) == 0
 
 
 def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[str]) -> None:
@@ -634,8 +645,13 @@ def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[
     _require(math.isfinite(stage.selection_loss) and stage.selection_loss >= 0,
              f"{where}.selection_loss={raw.selection_loss} must be a finite weight >= 0 (0 turns the loss off in "
              "this stage; leave it out for nsa.selection_loss)")
-    _require(stage.selection_loss == 0 or nsa.selection_score != "exact",
-             _EXACT_WITHOUT_LOSS.format(f"{where}.selection_loss"))
+    score = field_name("selection_score", "nsa.selection_score")
+    _require(stage.selection_loss == 0 or stage.selection_score != "exact",
+             _EXACT_WITHOUT_LOSS.format(loss=field_name("selection_loss", "nsa.selection_loss"),
+                                        value=stage.selection_loss, score=score))
+    if nsa.impl != "reference":
+        _require(stage.selection_score != "exact" or _exact_block_ok(nsa.selection_block),
+                 _EXACT_BLOCK.format(nsa.selection_block, score))
 
     _require(m.num_kv_heads % stage.tensor == 0,
              f"{tp}={stage.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor parallelism "

@@ -43,7 +43,7 @@ from nsa_dist.data import check_data, document_eod, micro_batches, stage_sequenc
 from nsa_dist import megatron_fallbacks
 from nsa_dist.megatron_cpu import enable_cpu
 from nsa_dist.attention import (SELECTION_LOSSES, set_comm_stats, set_gather_group, set_num_selected,
-                                 set_rotary_base, set_selection_loss)
+                                 set_rotary_base, set_selection_loss, set_selection_score)
 from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
 from nsa_dist.parallel.groups import twin_groups
 from nsa_dist.parallel import CommStats
@@ -342,6 +342,7 @@ def _build(config: Config, stage: Stage, device: torch.device, gather_group):
     set_rotary_base(model, stage.rotary_base)
     set_num_selected(model, stage.num_selected)
     set_selection_loss(model, stage.selection_loss)
+    set_selection_score(model, stage.selection_score)
     set_gather_group(model, gather_group)
     # The distributed optimizer shards optimizer state over DP ranks; on CPU it rejects the parameters.
     distributed_optimizer = device.type == "cuda"

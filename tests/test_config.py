@@ -77,6 +77,9 @@ def test_stages_inherit_unset_fields():
                                  "stages=[{name: a, seq_len: 2048, steps: 1}, "
                                  "{name: b, seq_len: 2048, steps: 1, selection_loss: 0}]"])
     assert [s.selection_loss for s in weights.resolved_stages()] == [0.5, 0.0]  # nsa.selection_loss, its own
+    scores = load_config(None, ["training.warmup_steps=1", "stages=[{name: a, seq_len: 2048, steps: 1}, "
+                                "{name: b, seq_len: 2048, steps: 1, selection_score: exact}]"])
+    assert [s.selection_score for s in scores.resolved_stages()] == ["sum", "exact"]  # nsa.selection_score, its own
     assert b.model_parallel == 4 and config.total_steps == 8
 
 
@@ -150,6 +153,11 @@ INVALID = [
     (["stages.0.num_selected=2"], "stages[0].num_selected", "at least 3"),
     (["stages.0.selection_loss=-1"], "stages[0].selection_loss=-1", "finite weight >= 0"),
     (["nsa.selection_score=exact", "stages.0.selection_loss=1"], "stages[0].selection_loss", "score to 'sum'"),
+    (["stages.0.selection_score=exact", "nsa.selection_loss=1"], "nsa.selection_loss=1.0 with stages[0].selection_score",
+     "set nsa.selection_loss to 0 or stages[0].selection_score to 'sum'"),
+    (["stages.0.selection_score=mean"], "stages[0].selection_score", "'sum', 'max', 'exact'"),
+    (["stages.0.selection_score=exact", "nsa.stride=4", "nsa.compress_block=8", "nsa.selection_block=8"],
+     "nsa.selection_block=8", "(stages[0].selection_score) has a kernel that takes a power of two >= 16"),
     (["stages.0.context_parallel=2", "stages.0.seq_len=1000"], "stages[0].seq_len=1000", "multiple of 2 * context_parallel"),
     (["stages.0.context_parallel=4", "stages.0.seq_len=512", "nsa.window=512"], "nsa.window=512", "context-parallel chunk"),
     (["stages.0.context_parallel=0"], "stages[0].context_parallel", "positive"),

@@ -38,6 +38,19 @@ from nsa_dist.trainer import plan, stages_to_run, train  # noqa: E402
 SLOW_TEARDOWN_S = 5.0  # a job's teardown slower than this is reported with its time
 
 
+def _selection(config: Config, stage) -> str:
+    """A stage's top-n settings where they differ from nsa:'s (NSA only; a stage may set its own)."""
+    n = config.nsa
+    if config.model.attention != "nsa":
+        return ""
+    changed = []
+    if stage.num_selected != n.num_selected:
+        changed.append(f", n={stage.num_selected}")
+    if stage.selection_score != n.selection_score:
+        changed.append(f", top-n {stage.selection_score}")
+    return "".join(changed)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
@@ -131,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     m, n = config.model, config.nsa
     console.print(f"{clock()} GPT {m.num_layers} layers, hidden {m.hidden_size}, {m.attention} attention "
                   f"(HQ={m.num_query_heads} HK={m.num_kv_heads}; l={n.compress_block} d={n.stride} "
-                  f"l'={n.selection_block} n={n.num_selected} w={n.window}) | {world_size} processes | run "
+                  f"l'={n.selection_block} n={n.num_selected} w={n.window} top-n {n.selection_score}) | {world_size} "
+                  f"processes | run "
                   f"directory {config.run.dir}", soft_wrap=True)
     for stage in stages:
         console.print(f"  stage {stage.name}: {stage.seq_len} tokens x {stage.steps} steps, {stage.layout()} "
                       f"DP={world_size // stage.model_parallel if stage.model_parallel <= world_size else '-'}, "
-                      f"RoPE base {stage.rotary_base:g}", soft_wrap=True)
+                      f"RoPE base {stage.rotary_base:g}{_selection(config, stage)}", soft_wrap=True)
     if resume is not None:
         console.print(f"resuming from {resume.path} (step {resume.state.step}, stage {resume.state.stage})",
                       soft_wrap=True)

@@ -22,16 +22,17 @@ def fast(tmp_path, *args):
 
 @pytest.mark.timeout(180)
 def test_train_runs_both_stages_and_a_rerun_has_nothing_left(tmp_path, capfd):
-    assert main(fast(tmp_path)) == 0
+    exact_later = ["--set", "stages.1.selection_score=exact"]  # a stage's own top-n score, printed in the plan
+    assert main(fast(tmp_path, *exact_later)) == 0
     printed = printed_by(capfd)
-    assert "2 processes" in printed
-    assert "stage short: 256 tokens x 2 steps, TP=1 PP=1 CP=1 DP=2" in printed
-    assert "stage long: 512 tokens x 1 steps, TP=1 PP=1 CP=2 DP=1" in printed
+    assert "2 processes" in printed and "top-n sum)" in printed
+    assert "stage short: 256 tokens x 2 steps, TP=1 PP=1 CP=1 DP=2, RoPE base 10000 " in printed
+    assert "stage long: 512 tokens x 1 steps, TP=1 PP=1 CP=2 DP=1, RoPE base 20000, top-n exact" in printed
     assert "short step 1: loss" in printed and "long step 3: loss" in printed
     assert f"saved checkpoint {tmp_path}/checkpoints/step_00000002 (step 2, end of stage short)" in printed
     assert f"from {tmp_path}/checkpoints/step_00000002" in printed  # stage long starts from stage short's end
     assert f"all 2 stages done; newest checkpoint: {tmp_path}/checkpoints/step_00000003" in printed
-    assert main(fast(tmp_path)) == 0
+    assert main(fast(tmp_path, *exact_later)) == 0
     printed = printed_by(capfd)
     assert "nothing to train: all 2 stages done" in printed and "step 1:" not in printed
 

@@ -22,6 +22,13 @@ and the group's sum loses it (max_score_hit says whether nsa.selection_score "ma
 low one, no head's compressed attention finds it. With a high hit,
 the selected branch or its gate does not use what it picked.
 
+With the "exact" score the layers also hand top-n their raw keys, and the report then ranks the needle by
+three scores of the same query rows side by side (rank_by, hit_by): "sum" (the paper's, from compressed
+attention, which the layer still computes), "exact" (the group's attention mass on the raw keys) and
+"bound" (a block's largest possible q.k from its keys' channel-wise minimum and maximum, as Quest scores
+pages; per head a softmax over the blocks, summed over the group): how far a cheaper score is from the
+exact one in a model that selects by it.
+
 --oracle answers the same samples with the needle's selection blocks put into every layer's picks at
 the answer positions (each missing one takes the place of the free pick that top-n's score ranks last),
 so that top-n cannot lose it: exact match with --oracle against without says how much of the misses top-n
@@ -51,6 +58,7 @@ from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
 from kernels.block_selection.naive import (group_score, head_block_mass, head_block_scores,  # noqa: E402
                                            num_selection_blocks, overlap_weights)
+from kernels.common import default_scale, group_queries  # noqa: E402
 from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
                             loaded_model, recorded_nsa_layers, recorded_selection_inputs, require_nsa,
                             start_one_process, wrapped_selection)
@@ -105,6 +113,53 @@ def answer_block_scores(inputs: SelectionInputs, rows: list[int]) -> tuple[torch
     per_head = head_block_scores(inputs.q[:, first:last], inputs.k_cmp, inputs.lse_cmp[:, first:last],
                                  inputs.block_size, inputs.stride, weights, inputs.scale, start)[0]
     return per_head, torch.arange(start, start + per_head.shape[0], device=per_head.device)
+
+
+def head_block_bounds(q: torch.Tensor, keys: torch.Tensor, selection_block: int, scale: float | None,
+                      q_start: int) -> torch.Tensor:
+    """Each query head's "bound" block scores [C, HK, G, S] for q [1, C, HQ, Dk] at positions q_start ..:
+    per block, the largest q.k any key of the block could give, sum_d max(q_d min_d, q_d max_d) over the
+    block's keys' channel-wise minimum and maximum (Quest's page score), times the softmax scale, then a
+    softmax over the blocks a row may pick (those started by its position), so that heads sum as in "sum"."""
+    seq = q_start + q.shape[1]
+    num_blocks = num_selection_blocks(seq, selection_block)
+    pad = (0, 0, 0, 0, 0, num_blocks * selection_block - seq)  # the last block's missing keys
+    k = keys[0, :seq].float()
+    k_min = torch.nn.functional.pad(k, pad, value=float("inf")).reshape(num_blocks, selection_block, *k.shape[1:])
+    k_max = torch.nn.functional.pad(k, pad, value=float("-inf")).reshape(num_blocks, selection_block, *k.shape[1:])
+    k_min, k_max = k_min.amin(1), k_max.amax(1)  # [S, HK, Dk]
+    qg = group_queries(q, keys.shape[2])[0].float()  # [C, HK, G, Dk]
+    bound = torch.maximum(torch.einsum("chgd,shd->chgsd", qg, k_min), torch.einsum("chgd,shd->chgsd", qg, k_max))
+    logits = bound.sum(-1) * default_scale(q.shape[-1], scale)
+    positions = torch.arange(q_start, seq, device=q.device)
+    started = torch.arange(num_blocks, device=q.device)[None, :] * selection_block <= positions[:, None]
+    return torch.softmax(logits.masked_fill(~started[:, None, None, :], float("-inf")), dim=-1)
+
+
+COMPARED_SCORES = ("sum", "exact", "bound")  # ranked side by side where the raw keys were recorded
+
+
+def compared_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> dict[str, torch.Tensor]:
+    """The needle's rank in top-n's order by each of COMPARED_SCORES at each (answer row, KV head), from
+    one layer's recorded inputs (which hold raw keys with the "exact" score only; else {})."""
+    if inputs.keys is None:
+        return {}
+    first, last = rows[0], rows[-1] + 1
+    start = inputs.q_start + first
+    q = inputs.q[:, first:last]
+    per_head = {
+        "sum": answer_block_scores(inputs._replace(score="sum"), rows)[0],
+        "exact": head_block_mass(q, inputs.keys, inputs.selection_block, inputs.scale, start)[0],
+        "bound": head_block_bounds(q, inputs.keys, inputs.selection_block, inputs.scale, start),
+    }
+    positions = torch.arange(start, start + q.shape[1], device=q.device)
+    blocks = sorted({p // inputs.selection_block for p in needle})
+    ranks = {}
+    for name, scores in per_head.items():
+        c, hk, _, s = scores.shape
+        ranks[name] = rank_in_topn_order(scores.sum(2).reshape(c * hk, s), positions.repeat_interleave(hk), blocks,
+                                         inputs.selection_block)
+    return ranks
 
 
 def needle_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> tuple[torch.Tensor, ...]:
@@ -200,7 +255,9 @@ def run_samples(config, stage, checkpoint, samples: list[TaskSample], device: to
                     logits = gpt(tokens, None, None)
                     rows = answer_rows(sample)
                     predicted = logits[0, rows].argmax(-1).tolist()
-                    ranks = [needle_ranks(inputs, rows, needle_positions(sample)) for inputs in selections]
+                    needle = needle_positions(sample)
+                    ranks = [(*needle_ranks(inputs, rows, needle), compared_ranks(inputs, rows, needle))
+                             for inputs in selections]
                     results.append({"correct": predicted == sample.answer,
                                     "layers": [(picks, gates[0, rows].float(), rank)
                                                for (picks, gates), rank in zip(layers, ranks, strict=True)]})
@@ -231,6 +288,12 @@ def report_for(config, depths: list[float], cells: dict, results: dict) -> dict:
                               # the share of rows that the group's rank says top-n picks: hit again, computed
                               # from the scores (a check that the ranks reproduce the selection)
                               "group_hit": (group <= n.num_selected).double().mean().item()})
+            compared = [o["layers"][layer][2][3] for o in outcomes]
+            if all(compared):  # the raw keys were recorded ("exact"): every compared score's rank and hit
+                by_score = {name: torch.cat([c[name] for c in compared]).float() for name in COMPARED_SCORES}
+                per_layer[-1]["rank_by"] = {name: r.median().item() for name, r in by_score.items()}
+                per_layer[-1]["hit_by"] = {name: (r <= n.num_selected).double().mean().item()
+                                           for name, r in by_score.items()}
         in_window = [min(answer_rows(s)) - max(needle_positions(s)) < n.window for s in samples]
         by_depth[str(depth)] = {"accuracy": sum(o["correct"] for o in outcomes) / len(outcomes),
                                 "needle_in_window": sum(in_window) / len(in_window), "layers": per_layer}
@@ -264,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"--oracle-layers {' '.join(map(str, a.oracle_layers))}: layers are numbered 1 to "
                           f"{num_layers} (model.num_layers)")
     checkpoint, stage = checkpoint_and_stage(config, a.checkpoint, a.stage)
-    # the stage's n (stages may set their own): the model runs with it, and the report counts picks by it
-    config = replace(config, nsa=replace(config.nsa, num_selected=stage.num_selected))
+    # the stage's n and score (stages may set their own): the model runs with them, the report counts by them
+    config = replace(config, nsa=replace(config.nsa, num_selected=stage.num_selected,
+                                         selection_score=stage.selection_score))
     length = a.length or stage.seq_len
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.eod_token)
     try:
@@ -321,6 +385,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{float(depth):>6.2f} " + " ".join(
             f"{layer['rank_best_head']:.0f}/{layer['rank_group']:.0f}/{layer['rank_max_score']:.0f}".rjust(13)
             for layer in row["layers"]))
+    if "rank_by" in next(iter(by_depth.values()))["layers"][0]:
+        print("the share of rows whose top-n would pick the needle, by score: " + " / ".join(COMPARED_SCORES))
+        print(f"{'depth':>6} " + " ".join(f"{'L' + str(i + 1):>19}" for i in range(layers)))
+        for depth, row in by_depth.items():
+            print(f"{float(depth):>6.2f} " + " ".join(
+                " / ".join(f"{layer['hit_by'][name]:.0%}" for name in COMPARED_SCORES).rjust(19)
+                for layer in row["layers"]))
     if sweep:
         print("exact match with the oracle in one layer alone (the needle's blocks put into that layer's picks)")
         print(f"{'depth':>6} " + " ".join(f"{'L' + str(layer):>5}" for layer in sweep))

@@ -5,7 +5,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 from kernels.block_selection.alignment import selection_alignment_terms
-from kernels.block_selection.naive import select_blocks_ref
+from kernels.block_selection.naive import RAW_KEY_SCORES, select_blocks_ref
 from kernels.common import acc_dtype
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
@@ -127,10 +127,10 @@ def compose_nsa(
     cu_seqlens: packed documents (one span from position 0, B = 1), as in native_sparse_attention.
     cmp_rope: RoPE angles [N, R] of the compressed tokens, one row per k_cmp token (nsa.compression_rope
     "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
-    selection_score: how top-n scores a block for a GQA group, "sum" (the paper), "max" or "exact"
-    (kernels.block_selection.naive.SELECTION_SCORES). "exact" reads the selection branch's raw keys, so
-    every item of selection_kv is taken before top-n runs (under CP the selection gather no longer overlaps
-    the other branches, and all its slices are held at once).
+    selection_score: how top-n scores a block for a GQA group, "sum" (the paper), "max", "exact" or "bound"
+    (kernels.block_selection.naive.SELECTION_SCORES). "exact" and "bound" read the selection branch's raw
+    keys, so every item of selection_kv is taken before top-n runs (under CP the selection gather no longer
+    overlaps the other branches, and all its slices are held at once).
     selection_loss: k > 0 also computes the selection alignment loss's terms over every k-th of these rows
     (NSAResult.selection_terms; kernels.block_selection.alignment), for nsa.selection_loss; 0: not.
 
@@ -141,7 +141,7 @@ def compose_nsa(
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
     selection_keys = None
-    if selection_score == "exact":  # top-n scores the raw keys: every KV-head slice of them, in head order
+    if selection_score in RAW_KEY_SCORES:  # top-n scores the raw keys: every KV-head slice, in head order
         selection_kv = sorted(selection_kv, key=lambda item: item[0].start)
         selection_keys = _cat([k for _, k, _ in selection_kv], 2).detach()
     if cmp_rope is not None:
@@ -232,7 +232,8 @@ def native_sparse_attention(
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     cmp_rope: optional RoPE angles [N, R] of the compressed tokens (compose_nsa); then kv_cmp's keys are
-    the keys before RoPE. selection_score: "sum", "max" or "exact" (compose_nsa). selection_loss: compose_nsa's.
+    the keys before RoPE. selection_score: "sum", "max", "exact" or "bound" (compose_nsa). selection_loss:
+    compose_nsa's.
     """
     k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens, block_size, stride)
     v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens, block_size, stride)

@@ -386,7 +386,8 @@ def set_selection_loss(model: nn.Module, weight: float) -> None:
 
 
 def set_selection_score(model: nn.Module, score: str) -> None:
-    """Sets how top-n scores blocks (a stage's selection_score: "sum", "max" or "exact") in every NSA layer."""
+    """Sets how top-n scores blocks (a stage's selection_score: "sum", "max", "exact" or "bound") in every NSA
+    layer."""
     for module in _modules(model, NSACoreAttention):
         module.selection_score = score
 

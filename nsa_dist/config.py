@@ -42,11 +42,14 @@ class NSAConfig:
     num_selected: int = 16  # n: selection blocks per query, forced blocks included (paper 16)
     # how top-n scores a block for a GQA group: "sum" of its query heads' compressed-attention probabilities
     # (paper); "max", the largest single head's, so that a block one head finds is not outvoted by the
-    # other heads' spread-out probability; or "exact", the group's summed attention probability on the
+    # other heads' spread-out probability; "exact", the group's summed attention probability on the
     # block's raw keys (not in the paper: what the compressed probabilities estimate, computed by two causal
-    # QK^T passes over the selection branch's keys, about a dense attention forward's FLOPs; under context
-    # parallelism the selection gather then finishes before top-n runs)
-    selection_score: Literal["sum", "max", "exact"] = "sum"
+    # QK^T passes over the selection branch's keys, about a dense attention forward's FLOPs); or "bound",
+    # the group's summed softmax over blocks of each block's largest possible q.k, from its keys' channel-wise
+    # minimum and maximum (not in the paper; after Quest: one key that matches is not averaged away, at the
+    # cost of a compressed pass over one 2Dk-wide key per block). Under context parallelism "exact" and
+    # "bound" read the raw keys, so the selection gather finishes before top-n runs
+    selection_score: Literal["sum", "max", "exact", "bound"] = "sum"
     window: int = 512  # w: sliding-window length (paper 512)
     kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
     phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean
@@ -180,7 +183,7 @@ class StageConfig:
     # how top-n scores blocks (nsa.selection_score) in this stage: a rule, not a weight, so stages may differ
     # (e.g. the paper's "sum" while short lookups are learned, "exact" once they reach past the window);
     # None: nsa.selection_score
-    selection_score: Literal["sum", "max", "exact"] | None = None
+    selection_score: Literal["sum", "max", "exact", "bound"] | None = None
     global_batch_size: int | None = None  # sequences per step; None: training.global_batch_size
     micro_batch_size: int | None = None  # sequences per micro-batch; None: training.micro_batch_size
     # continue: the run-wide schedule (training.warmup_steps, then cosine from training.lr to
@@ -483,11 +486,11 @@ def validate(config: Config) -> None:
     _positive(nsa, "nsa", "selection_loss_stride")
     _require(math.isfinite(nsa.selection_loss) and nsa.selection_loss >= 0,
              f"nsa.selection_loss={nsa.selection_loss} must be a finite weight >= 0 (0 turns the loss off)")
-    _require(nsa.selection_loss == 0 or nsa.selection_score != "exact",
-             _EXACT_WITHOUT_LOSS.format(loss="nsa.selection_loss", value=nsa.selection_loss, score="nsa.selection_score"))
+    _require(nsa.selection_loss == 0 or nsa.selection_score not in RAW_KEY_SCORES,
+             _RAW_KEYS_WITHOUT_LOSS.format(loss="nsa.selection_loss", value=nsa.selection_loss,
+                                           score="nsa.selection_score", name=nsa.selection_score))
     if nsa.impl != "reference":
-        _require(nsa.selection_score != "exact" or _exact_block_ok(nsa.selection_block),
-                 _EXACT_BLOCK.format(nsa.selection_block, "nsa.selection_score"))
+        _require_score_fits_kernels(config, nsa.selection_score, "nsa.selection_score")
     if nsa.impl != "reference":  # the kernels' limits ("auto" takes the kernels on every GPU)
         fix = "or set nsa.impl=reference (pure PyTorch, slow)"
         _require(nsa.selection_block <= 256,
@@ -601,19 +604,28 @@ def _validate_mix(mix: MixConfig, where: str) -> None:
              f"adjust them, e.g. {where}.source={max(0.0, 1 - (total - mix.source)):g}")
 
 
-# the selection alignment loss trains the compressed scores, which the "exact" score does not read
-_EXACT_WITHOUT_LOSS = ("{loss}={value} with {score}='exact': the selection alignment loss trains the "
-                       "compressed-attention scores that top-n ranks by, and the 'exact' score ranks by the raw keys "
-                       "instead; set {loss} to 0 or {score} to 'sum'")
+# the selection scores that read the selection branch's raw keys (kernels.block_selection.naive.RAW_KEY_SCORES;
+# not imported, so that loading a config needs no torch)
+RAW_KEY_SCORES = ("exact", "bound")
+# the selection alignment loss trains the compressed scores, which the raw-key scores do not read
+_RAW_KEYS_WITHOUT_LOSS = ("{loss}={value} with {score}='{name}': the selection alignment loss trains the "
+                          "compressed-attention scores that top-n ranks by, and the '{name}' score ranks by the raw "
+                          "keys instead; set {loss} to 0 or {score} to 'sum'")
 
 
-# the "exact" score's Triton kernel takes l' keys per dot
-_EXACT_BLOCK = ("nsa.selection_block={}: the 'exact' selection score ({}) has a kernel that takes a power of two "
-                ">= 16 (e.g. 64); set nsa.selection_block so, or nsa.impl=reference")
-
-
-def _exact_block_ok(selection_block: int) -> bool:
-    return selection_block >= 16 and selection_block & (selection_block - 1) == 0
+def _require_score_fits_kernels(config: Config, score: str, field: str) -> None:
+    """The Triton kernels' limits on a selection score (field names where it was set)."""
+    nsa, m = config.nsa, config.model
+    if score == "exact":  # its kernel takes l' keys per dot
+        ok = nsa.selection_block >= 16 and nsa.selection_block & (nsa.selection_block - 1) == 0
+        _require(ok, f"nsa.selection_block={nsa.selection_block}: the 'exact' selection score ({field}) has a "
+                     "kernel that takes a power of two >= 16 (e.g. 64); set nsa.selection_block so, or "
+                     "nsa.impl=reference")
+    if score == "bound":  # its queries and keys are twice as wide
+        _require(2 * m.head_dim_k <= 256,
+                 f"model.head_dim_k={m.head_dim_k}: the 'bound' selection score ({field}) scores keys twice as "
+                 "wide, and the Triton kernels take 256 at most; use heads of 128 or less, another score, or "
+                 "nsa.impl=reference")
 
 
 def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[str]) -> None:
@@ -646,12 +658,11 @@ def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[
              f"{where}.selection_loss={raw.selection_loss} must be a finite weight >= 0 (0 turns the loss off in "
              "this stage; leave it out for nsa.selection_loss)")
     score = field_name("selection_score", "nsa.selection_score")
-    _require(stage.selection_loss == 0 or stage.selection_score != "exact",
-             _EXACT_WITHOUT_LOSS.format(loss=field_name("selection_loss", "nsa.selection_loss"),
-                                        value=stage.selection_loss, score=score))
+    _require(stage.selection_loss == 0 or stage.selection_score not in RAW_KEY_SCORES,
+             _RAW_KEYS_WITHOUT_LOSS.format(loss=field_name("selection_loss", "nsa.selection_loss"),
+                                           value=stage.selection_loss, score=score, name=stage.selection_score))
     if nsa.impl != "reference":
-        _require(stage.selection_score != "exact" or _exact_block_ok(nsa.selection_block),
-                 _EXACT_BLOCK.format(nsa.selection_block, score))
+        _require_score_fits_kernels(config, stage.selection_score, score)
 
     _require(m.num_kv_heads % stage.tensor == 0,
              f"{tp}={stage.tensor} must divide model.num_kv_heads={m.num_kv_heads}: tensor parallelism "

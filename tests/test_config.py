@@ -1,5 +1,6 @@
 """The typed config: presets load, overrides apply, and every invalid value is named in its error."""
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,14 @@ def test_the_proof_runs_dense_twin_differs_only_in_its_attention():
     assert (nsa["model"].pop("attention"), dense["model"].pop("attention")) == ("nsa", "dense")
     assert nsa.pop("run")["dir"] != dense.pop("run")["dir"]
     assert nsa == dense
+
+
+def test_config_knows_which_scores_read_the_raw_keys():
+    from kernels.block_selection.naive import RAW_KEY_SCORES, SELECTION_SCORES
+    from nsa_dist import config
+
+    assert config.RAW_KEY_SCORES == RAW_KEY_SCORES
+    assert typing.get_args(config.NSAConfig.__annotations__["selection_score"]) == SELECTION_SCORES
 
 
 def test_defaults_are_valid():
@@ -115,7 +124,7 @@ INVALID = [
     (["nsa.stride=0"], "nsa.stride", "positive"),
     (["nsa.kv=both"], "nsa.kv", "'separate', 'shared'"),
     (["nsa.phi=conv"], "nsa.phi", "'mlp', 'mean'"),
-    (["nsa.selection_score=mean"], "nsa.selection_score", "'sum', 'max', 'exact'"),
+    (["nsa.selection_score=mean"], "nsa.selection_score", "'sum', 'max', 'exact', 'bound'"),
     (["nsa.selection_score=exact", "nsa.selection_loss=1"], "nsa.selection_loss", "score to 'sum'"),
     (["nsa.selection_score=exact", "nsa.stride=4", "nsa.compress_block=8", "nsa.selection_block=8"],
      "nsa.selection_block=8", "power of two >= 16"),
@@ -155,7 +164,13 @@ INVALID = [
     (["nsa.selection_score=exact", "stages.0.selection_loss=1"], "stages[0].selection_loss", "score to 'sum'"),
     (["stages.0.selection_score=exact", "nsa.selection_loss=1"], "nsa.selection_loss=1.0 with stages[0].selection_score",
      "set nsa.selection_loss to 0 or stages[0].selection_score to 'sum'"),
-    (["stages.0.selection_score=mean"], "stages[0].selection_score", "'sum', 'max', 'exact'"),
+    (["stages.0.selection_score=mean"], "stages[0].selection_score", "'sum', 'max', 'exact', 'bound'"),
+    (["nsa.selection_score=bound", "nsa.selection_loss=1"], "nsa.selection_loss=1.0 with nsa.selection_score='bound'",
+     "set nsa.selection_loss to 0 or nsa.selection_score to 'sum'"),
+    (["nsa.selection_score=bound", "model.head_dim_k=256", "model.head_dim_v=64", "nsa.impl=triton"],
+     "model.head_dim_k=256", "(nsa.selection_score) scores keys twice as wide"),
+    (["stages.0.selection_score=bound", "model.head_dim_k=192", "nsa.impl=triton"], "model.head_dim_k=192",
+     "(stages[0].selection_score) scores keys twice as wide"),
     (["stages.0.selection_score=exact", "nsa.stride=4", "nsa.compress_block=8", "nsa.selection_block=8"],
      "nsa.selection_block=8", "(stages[0].selection_score) has a kernel that takes a power of two >= 16"),
     (["stages.0.context_parallel=2", "stages.0.seq_len=1000"], "stages[0].seq_len=1000", "multiple of 2 * context_parallel"),

@@ -14,7 +14,7 @@ the "sum" top-n's). With
 first: where the loss's time goes.
 
     python3 tools/bench_selection_loss.py --out benchmarks/selection-loss-$(date +%F).json
-    python3 tools/bench_selection_loss.py --strides --scores exact --out benchmarks/selection-score-$(date +%F).json
+    python3 tools/bench_selection_loss.py --strides --scores exact bound --out benchmarks/selection-score-$(date +%F).json
 
 On CPU (--impl reference, small --shapes) it runs the same lines slowly: a check that it works, not a
 measurement.
@@ -92,7 +92,8 @@ def layer_step(inputs: dict, impl: str, stride: int, score: str = "sum"):
 
 def topn_step(inputs: dict, impl: str, score: str):
     """Top-n alone, as the layer calls it: from compressed attention's log-sum-exp (computed once, kept in
-    inputs) for "sum" and "max", from the raw keys for "exact"."""
+    inputs) for "sum" and "max", from the raw keys for "exact" and "bound" (the bound's own compressed pass
+    included: it is part of that score's top-n)."""
     ops = branch_ops(impl)
     q, k = inputs["q"].detach(), inputs["k"].detach()
     if "k_cmp" not in inputs:

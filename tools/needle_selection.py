@@ -22,12 +22,12 @@ and the group's sum loses it (max_score_hit says whether nsa.selection_score "ma
 low one, no head's compressed attention finds it. With a high hit,
 the selected branch or its gate does not use what it picked.
 
-With the "exact" score the layers also hand top-n their raw keys, and the report then ranks the needle by
-three scores of the same query rows side by side (rank_by, hit_by): "sum" (the paper's, from compressed
-attention, which the layer still computes), "exact" (the group's attention mass on the raw keys) and
-"bound" (a block's largest possible q.k from its keys' channel-wise minimum and maximum, as Quest scores
-pages; per head a softmax over the blocks, summed over the group): how far a cheaper score is from the
-exact one in a model that selects by it.
+With the "exact" or "bound" score the layers also hand top-n their raw keys, and the report then ranks the
+needle by three scores of the same query rows side by side (rank_by, hit_by): "sum" (the paper's, from
+compressed attention, which the layer still computes), "exact" (the group's attention mass on the raw
+keys) and "bound" (a block's largest possible q.k from its keys' channel-wise minimum and maximum, as
+Quest scores pages; per head a softmax over the whole blocks, summed over the group): how far a cheaper
+score is from the exact one in a model that selects by one of them.
 
 --oracle answers the same samples with the needle's selection blocks put into every layer's picks at
 the answer positions (each missing one takes the place of the free pick that top-n's score ranks last),
@@ -56,9 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
-from kernels.block_selection.naive import (group_score, head_block_mass, head_block_scores,  # noqa: E402
-                                           num_selection_blocks, overlap_weights)
-from kernels.common import default_scale, group_queries  # noqa: E402
+from kernels.block_selection.naive import (group_score, head_block_bounds, head_block_mass,  # noqa: E402
+                                           head_block_scores, num_selection_blocks, overlap_weights)
 from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
                             loaded_model, recorded_nsa_layers, recorded_selection_inputs, require_nsa,
                             start_one_process, wrapped_selection)
@@ -104,8 +103,9 @@ def answer_block_scores(inputs: SelectionInputs, rows: list[int]) -> tuple[torch
     document): [C, HK, G, S] float32, and the rows' global positions [C]."""
     first, last = rows[0], rows[-1] + 1  # answer rows are consecutive
     start = inputs.q_start + first
-    if inputs.score == "exact":
-        per_head = head_block_mass(inputs.q[:, first:last], inputs.keys, inputs.selection_block, inputs.scale, start)[0]
+    if inputs.score in ("exact", "bound"):
+        by_keys = head_block_mass if inputs.score == "exact" else head_block_bounds
+        per_head = by_keys(inputs.q[:, first:last], inputs.keys, inputs.selection_block, inputs.scale, start)[0]
         return per_head, torch.arange(start, start + per_head.shape[0], device=per_head.device)
     num_blocks = num_selection_blocks(inputs.q_start + last, inputs.selection_block)
     weights = overlap_weights(inputs.k_cmp.shape[1], num_blocks, inputs.block_size, inputs.stride,
@@ -115,50 +115,21 @@ def answer_block_scores(inputs: SelectionInputs, rows: list[int]) -> tuple[torch
     return per_head, torch.arange(start, start + per_head.shape[0], device=per_head.device)
 
 
-def head_block_bounds(q: torch.Tensor, keys: torch.Tensor, selection_block: int, scale: float | None,
-                      q_start: int) -> torch.Tensor:
-    """Each query head's "bound" block scores [C, HK, G, S] for q [1, C, HQ, Dk] at positions q_start ..:
-    per block, the largest q.k any key of the block could give, sum_d max(q_d min_d, q_d max_d) over the
-    block's keys' channel-wise minimum and maximum (Quest's page score), times the softmax scale, then a
-    softmax over the blocks a row may pick (those started by its position), so that heads sum as in "sum"."""
-    seq = q_start + q.shape[1]
-    num_blocks = num_selection_blocks(seq, selection_block)
-    pad = (0, 0, 0, 0, 0, num_blocks * selection_block - seq)  # the last block's missing keys
-    k = keys[0, :seq].float()
-    k_min = torch.nn.functional.pad(k, pad, value=float("inf")).reshape(num_blocks, selection_block, *k.shape[1:])
-    k_max = torch.nn.functional.pad(k, pad, value=float("-inf")).reshape(num_blocks, selection_block, *k.shape[1:])
-    k_min, k_max = k_min.amin(1), k_max.amax(1)  # [S, HK, Dk]
-    qg = group_queries(q, keys.shape[2])[0].float()  # [C, HK, G, Dk]
-    bound = torch.maximum(torch.einsum("chgd,shd->chgsd", qg, k_min), torch.einsum("chgd,shd->chgsd", qg, k_max))
-    logits = bound.sum(-1) * default_scale(q.shape[-1], scale)
-    positions = torch.arange(q_start, seq, device=q.device)
-    started = torch.arange(num_blocks, device=q.device)[None, :] * selection_block <= positions[:, None]
-    return torch.softmax(logits.masked_fill(~started[:, None, None, :], float("-inf")), dim=-1)
-
-
 COMPARED_SCORES = ("sum", "exact", "bound")  # ranked side by side where the raw keys were recorded
 
 
 def compared_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> dict[str, torch.Tensor]:
     """The needle's rank in top-n's order by each of COMPARED_SCORES at each (answer row, KV head), from
-    one layer's recorded inputs (which hold raw keys with the "exact" score only; else {})."""
+    one layer's recorded inputs (which hold raw keys with the "exact" and "bound" scores only; else {})."""
     if inputs.keys is None:
         return {}
-    first, last = rows[0], rows[-1] + 1
-    start = inputs.q_start + first
-    q = inputs.q[:, first:last]
-    per_head = {
-        "sum": answer_block_scores(inputs._replace(score="sum"), rows)[0],
-        "exact": head_block_mass(q, inputs.keys, inputs.selection_block, inputs.scale, start)[0],
-        "bound": head_block_bounds(q, inputs.keys, inputs.selection_block, inputs.scale, start),
-    }
-    positions = torch.arange(start, start + q.shape[1], device=q.device)
     blocks = sorted({p // inputs.selection_block for p in needle})
     ranks = {}
-    for name, scores in per_head.items():
-        c, hk, _, s = scores.shape
-        ranks[name] = rank_in_topn_order(scores.sum(2).reshape(c * hk, s), positions.repeat_interleave(hk), blocks,
-                                         inputs.selection_block)
+    for score in COMPARED_SCORES:
+        per_head, positions = answer_block_scores(inputs._replace(score=score), rows)
+        c, hk, _, s = per_head.shape
+        ranks[score] = rank_in_topn_order(per_head.sum(2).reshape(c * hk, s), positions.repeat_interleave(hk),
+                                          blocks, inputs.selection_block)
     return ranks
 
 

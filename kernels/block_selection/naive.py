@@ -1,11 +1,12 @@
 """Top-n block selection, reference: compressed-attention probabilities (or, with the "exact" score, the
-selection branch's own attention over its raw keys) -> selection block ids."""
+selection branch's own attention over its raw keys; with "bound", a bound of it per block) -> selection
+block ids."""
 
 import torch
 
 from kernels.common import default_scale, document_pieces, group_queries, query_chunks
-from kernels.compressed_attention.naive import compressed_visibility
-from kernels.compression.naive import compressed_cu_seqlens
+from kernels.compressed_attention.naive import compressed_attention_ref, compressed_visibility
+from kernels.compression.naive import _blocks, compress_documents, compressed_cu_seqlens
 
 
 def num_selection_blocks(seq_len: int, selection_block: int) -> int:
@@ -80,12 +81,22 @@ def select_blocks_ref(
     Not differentiable (top-n is discrete); chunked over queries.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B = 1): each document is
     scored on its own compressed tokens, with positions and block ids counted from its start.
-    keys: with score "exact" only (then k_cmp and lse_cmp are not read), the selection branch's raw keys
-    [B, S, HK, Dk] from global position 0 through the queries' last one: each block is scored by the
-    group's exact attention mass on it (head_block_mass).
+    keys: with score "exact" or "bound" only (then k_cmp and lse_cmp are not read), the selection branch's
+    raw keys [B, S, HK, Dk] from global position 0 through the queries' last one: with "exact" each block
+    is scored by the group's exact attention mass on it (head_block_mass), with "bound" by the softmax of
+    its largest possible q.k (head_block_bounds; computed as the "sum" score over bound_inputs).
     """
     if score == "exact":
         return _select_blocks_exact(q, keys, selection_block, num_selected, scale, chunk_size, q_start, cu_seqlens)
+    if score == "bound":
+        if keys is None:
+            raise ValueError("select_blocks_ref: the 'bound' selection score needs the raw keys (keys=)")
+        q_bound, k_bound, v_zero = bound_inputs(q, keys, selection_block, cu_seqlens)
+        scale = default_scale(q.shape[-1], scale)  # q.k's scale: the bound's inputs are twice as wide
+        _, lse = compressed_attention_ref(q_bound, k_bound, v_zero, selection_block, selection_block, scale,
+                                          chunk_size, q_start, cu_seqlens)
+        return select_blocks_ref(q_bound, k_bound, lse, selection_block, selection_block, selection_block,
+                                 num_selected, scale, chunk_size, q_start, cu_seqlens)
     combine = group_score(score)
     if cu_seqlens is not None:
         cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()
@@ -110,17 +121,21 @@ def select_blocks_ref(
 
 # How top-n scores a block for a GQA group (nsa.selection_score): "sum", the paper's (the group's total
 # compressed-attention probability on it), "max", the largest single head's, so that a block one head finds
-# is not outvoted by the others' spread-out probability, or "exact", the group's total attention
+# is not outvoted by the others' spread-out probability, "exact", the group's total attention
 # probability on the block's raw keys (head_block_mass): what the compressed probabilities estimate, at the
 # cost of two causal QK^T passes over the raw keys in the kernel (not in the paper; top-n then reads no
-# compressed token)
-SELECTION_SCORES = ("sum", "max", "exact")
+# compressed token), or "bound", the group's total softmax over blocks of each block's largest possible
+# q.k (head_block_bounds, after Quest's page scores; not in the paper): a score that no key of the block
+# can beat, from two vectors a block, so one key that matches is not averaged away as in a mean
+SELECTION_SCORES = ("sum", "max", "exact", "bound")
+RAW_KEY_SCORES = ("exact", "bound")  # the scores that read the selection branch's raw keys (keys=)
 
 
 def group_score(score: str):
     """The function that combines per-head block scores [..., G, S] over the group's heads (dim 3):
-    head_block_scores' for "sum" and "max", head_block_mass's for "exact" (summed, as "sum" does)."""
-    if score in ("sum", "exact"):
+    head_block_scores' for "sum" and "max", head_block_mass's for "exact" and head_block_bounds' for
+    "bound" (summed, as "sum" does)."""
+    if score in ("sum", "exact", "bound"):
         return lambda per_head: per_head.sum(dim=3)
     if score == "max":
         return lambda per_head: per_head.amax(dim=3)
@@ -184,3 +199,48 @@ def head_block_scores(
     lse = lse_cmp.reshape(*qg.shape[:4]).float()[..., None]
     probs = torch.where(visible & torch.isfinite(lse), torch.exp(logits - lse), torch.zeros_like(logits))
     return probs @ weights
+
+
+def block_key_bounds(keys: torch.Tensor, selection_block: int) -> torch.Tensor:
+    """phi for the "bound" score: each whole selection block's channel-wise largest and smallest key,
+    [B, T, H, D] -> [B, T // l', H, 2D] (maximum first), in keys' dtype (both are keys, exactly)."""
+    blocks = _blocks(keys, selection_block, selection_block)  # [B, N, H, l', D]
+    return torch.cat([blocks.amax(dim=-2), blocks.amin(dim=-2)], dim=-1)
+
+
+def bound_inputs(q: torch.Tensor, keys: torch.Tensor, selection_block: int, cu_seqlens: torch.Tensor | None):
+    """The "bound" score as the "sum" score of other inputs. A block's bound of q.k,
+    sum_d max(q_d min_d, q_d max_d), is the dot product of [max(q, 0), min(q, 0)] with [max_k, min_k], so
+    the bound queries [B, T, HQ, 2D] and the bound keys, one per whole block (block_key_bounds, per packed
+    document as phi compresses: blocks of l' every l', visible once complete), go through compressed
+    attention (for each head's log-sum-exp; the values [B, N, HK, 16] are zeros) and top-n's "sum" score.
+    keys [B, S, HK, D] from position 0; with cu_seqlens they are padded to the documents' end (blocks past
+    S are never visible to the queries: they end after them)."""
+    if cu_seqlens is not None and keys.shape[1] < int(cu_seqlens[-1]):
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, 0, 0, int(cu_seqlens[-1]) - keys.shape[1]))
+    k_bound = compress_documents(lambda x: block_key_bounds(x, selection_block), keys, cu_seqlens,
+                                 selection_block, selection_block)
+    q_bound = torch.cat([q.clamp_min(0), q.clamp_max(0)], dim=-1)
+    return q_bound, k_bound, k_bound.new_zeros(*k_bound.shape[:3], 16)
+
+
+def head_block_bounds(
+    q: torch.Tensor, keys: torch.Tensor, selection_block: int, scale: float | None = None, q_start: int = 0,
+) -> torch.Tensor:
+    """Each query head's "bound" score of each selection block, [B, C, HK, G, S] float32, computed directly:
+    the largest q.k any key of block j could give, scale * sum_d max(q_d min_jd, q_d max_jd) over the
+    block's keys' channel-wise minimum and maximum, then a softmax over the whole blocks that end at or
+    before the query (the current one, still filling, is forced and scores 0). q [B, C, HQ, Dk] at positions
+    q_start .. q_start + C - 1 of one document; keys [B, >= q_start + C, HK, Dk] of that document."""
+    seq = q_start + q.shape[1]
+    num_blocks = num_selection_blocks(seq, selection_block)
+    k = torch.nn.functional.pad(keys[:, :seq].float(), (0, 0, 0, 0, 0, num_blocks * selection_block - seq))
+    k = k.reshape(k.shape[0], num_blocks, selection_block, *k.shape[2:])  # [B, S, l', HK, Dk]
+    k_min, k_max = k.amin(dim=2), k.amax(dim=2)  # padding only reaches the current block, never scored
+    qg = group_queries(q, keys.shape[2]).float()  # [B, C, HK, G, Dk]
+    bound = torch.maximum(torch.einsum("bchgd,bshd->bchgsd", qg, k_min), torch.einsum("bchgd,bshd->bchgsd", qg, k_max))
+    logits = bound.sum(-1) * default_scale(q.shape[-1], scale)
+    positions = torch.arange(q_start, seq, device=q.device)
+    whole = (torch.arange(num_blocks, device=q.device)[None, :] + 1) * selection_block <= positions[:, None] + 1
+    probs = torch.softmax(logits.masked_fill(~whole[None, :, None, None, :], float("-inf")), dim=-1)
+    return probs.nan_to_num(0.0)  # a row with no whole block yet: all blocks 0

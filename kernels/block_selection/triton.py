@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.block_selection.naive import SELECTION_SCORES
+from kernels.block_selection.naive import SELECTION_SCORES, bound_inputs
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds
+from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_bounds
 from kernels.range_attention import LOG2E
 from kernels.triton_utils import (
@@ -293,12 +294,22 @@ def select_blocks_triton(
     "sum") or the largest head's ("max"), ties to the lower id.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); positions
     and block ids are then per document, and k_cmp holds every document's compressed tokens in order.
-    keys: with score "exact" only, the raw keys [B, S, HK, Dk] from global position 0 through the queries'
-    last one (k_cmp and lse_cmp are then not read; l' a power of two >= 16).
+    keys: with score "exact" or "bound" only, the raw keys [B, S, HK, Dk] from global position 0 through the
+    queries' last one (k_cmp and lse_cmp are then not read; "exact": l' a power of two >= 16; "bound":
+    2 Dk <= 256, its queries and keys being twice as wide).
     Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
     """
     if score == "exact":
         return _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens)
+    if score == "bound":  # the "sum" score over the bound's queries and keys (naive.bound_inputs)
+        if keys is None:
+            raise ValueError("select_blocks_triton: the 'bound' selection score needs the raw keys (keys=)")
+        q_bound, k_bound, v_zero = bound_inputs(q, keys, selection_block, cu_seqlens)
+        scale = default_scale(q.shape[-1], scale)  # q.k's scale: the bound's inputs are twice as wide
+        _, lse = compressed_attention_triton(q_bound, k_bound, v_zero, selection_block, selection_block, scale,
+                                             q_start=q_start, cu_seqlens=cu_seqlens)
+        return select_blocks_triton(q_bound, k_bound, lse, selection_block, selection_block, selection_block,
+                                    num_selected, scale, q_start=q_start, cu_seqlens=cu_seqlens)
     if block_size % stride or selection_block % stride or block_size > selection_block:
         raise ValueError(
             f"select_blocks_triton: need stride | block_size, stride | selection_block and block_size <= "

@@ -185,7 +185,8 @@ def nsa_context_parallel(
     positions, B = 1), as in native_sparse_attention: no branch attends across documents.
     cmp_rope: optional RoPE angles [N, R] of the whole sequence's compressed tokens (kernels.nsa.compose_nsa;
     kv_cmp's keys are then the keys before RoPE): each rank rotates the gathered tokens.
-    selection_score: how top-n scores a block for a GQA group, "sum", "max" or "exact" (compose_nsa).
+    selection_score: how top-n scores a block for a GQA group, "sum", "max", "exact" or "bound"
+    (compose_nsa).
     selection_loss: k > 0 also gives the selection alignment loss's terms over every k-th of this rank's
     rows (compose_nsa).
     Returns NSAResult for the local tokens (block ids are global, or per document as on one rank).

@@ -171,6 +171,38 @@ def exact_block_scores(q, k, l_sel, scale=None):
     return scores
 
 
+def bound_block_scores(q, k, l_sel, scale=None):
+    """scores[b][j][hk][sb] for the "bound" score: per head and whole block sb (its l' tokens all <= t), the
+    largest of scale * q.x over every x in the box the block's keys span (each channel between the keys'
+    smallest and largest value), softmaxed over the whole blocks, then summed over the group's heads."""
+    q, k, scale = _f64(q), _f64(k), _scale(q, scale)
+    B, T, HQ, _ = q.shape
+    HK = k.shape[2]
+    G = HQ // HK
+    scores = []
+    for b in range(B):
+        per_query = []
+        for t in range(T):
+            whole = [sb for sb in range((t + 1) // l_sel)]
+            per_group = []
+            for hk in range(HK):
+                total = {sb: 0.0 for sb in range(t // l_sel + 1)}
+                for h in range(hk * G, (hk + 1) * G):
+                    best = []
+                    for sb in whole:
+                        keys = k[b, sb * l_sel : (sb + 1) * l_sel, hk]
+                        lo, hi = keys.min(0).values, keys.max(0).values
+                        corner = torch.where(q[b, t, h] >= 0, hi, lo)  # the box's corner furthest along q
+                        best.append(scale * float(corner @ q[b, t, h]))
+                    if best:
+                        for sb, p in zip(whole, torch.softmax(torch.tensor(best, dtype=torch.float64), 0).tolist()):
+                            total[sb] += p
+                per_group.append(total)
+            per_query.append(per_group)
+        scores.append(per_query)
+    return scores
+
+
 def top_n(scores: dict, t: int, l_sel: int, n: int) -> frozenset:
     """Block 0, t//l' and t//l' - 1 always, counting toward n; the rest by score, ties to the lower id."""
     forced = {sb for sb in (0, t // l_sel, t // l_sel - 1) if sb >= 0}
@@ -215,9 +247,10 @@ def nsa(q, kv_cmp, kv_slc, kv_win, gates, phi_k, phi_v, l, d, l_sel, n, w, scale
     T = q.shape[1]
     k_cmp, v_cmp = phi_k(kv_cmp[0]), phi_v(kv_cmp[1])
     o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, l, d, scale)
-    if score == "exact":
+    if score in ("exact", "bound"):
+        by_block = exact_block_scores if score == "exact" else bound_block_scores
         selected = [[[top_n(s, t, l_sel, n) for s in per_query] for t, per_query in enumerate(sb)]
-                    for sb in exact_block_scores(q, kv_slc[0], l_sel, scale)]
+                    for sb in by_block(q, kv_slc[0], l_sel, scale)]
     else:
         selected = select_blocks(q, k_cmp, l, d, l_sel, n, T, scale, score=score)
     o_slc, lse_slc = selected_attention(q, *kv_slc, selected, l_sel, scale)

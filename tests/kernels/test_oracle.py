@@ -147,8 +147,16 @@ EXACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", MAX_CASES + EXACT_CASES,
-                         ids=["max-G4HK2", "max-G16HK1", "exact-G4HK2-separate", "exact-G16HK1-shared"])
+# nsa.selection_score "bound": top-n ranks a block by the largest q.k its keys' channel-wise range allows
+BOUND_CASES = [
+    Case(16, 8, 16, 4, 24, T=112, G=4, HK=2, kv="separate", phi="mlp", score="bound"),
+    Case(8, 4, 16, 4, 10, T=160, G=16, HK=1, kv="shared", phi="mean", score="bound", B=2),
+]
+
+
+@pytest.mark.parametrize("case", MAX_CASES + EXACT_CASES + BOUND_CASES,
+                         ids=["max-G4HK2", "max-G16HK1", "exact-G4HK2-separate", "exact-G16HK1-shared",
+                              "bound-G4HK2-separate", "bound-G16HK1-shared"])
 def test_other_scores_match_oracle(case):
     inputs, got, want = nsa_matches_oracle_with_gradients(case)
     # not the sum's picks: the option changes what is selected

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.block_selection.naive import overlap_weights, select_blocks_ref, topn_from_scores
+from kernels.block_selection.naive import head_block_bounds, overlap_weights, select_blocks_ref, topn_from_scores
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents, mean_compress, mlp_compress
 from kernels.selected_attention.naive import selected_attention_ref
@@ -375,3 +375,25 @@ def test_compressed_keys_roped_at_their_blocks_depend_on_distances_only(kv):
             seen = slice(case.l - 1, None)  # queries that see a compressed block (before: lse -inf)
             assert (later.lse_cmp[:, seen] - at_zero.lse_cmp[:, seen]).abs().max() > 1e-2, what
             assert (later.output - at_zero.output).abs().max() > 1e-3, what
+
+
+def test_bound_score_is_the_largest_possible_qk_of_each_block():
+    """head_block_bounds against the bound computed by hand: per whole block and channel the larger of q
+    times the block's smallest and largest key, summed and scaled, then a softmax over the whole blocks; no
+    key of a block scores above its bound."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 4, 8, generator=gen, dtype=torch.float64).float()  # rows at 46, 47; HQ=4, HK=2
+    keys = torch.randn(1, 48, 2, 8, generator=gen, dtype=torch.float64).float()  # 3 blocks of 16
+    probs = head_block_bounds(q, keys, 16, 0.5, q_start=46)  # [1, C=2, HK=2, G=2, S=3]
+    assert probs.shape == (1, 2, 2, 2, 3)
+    for row, whole in ((0, 2), (1, 3)):  # position 46 has seen blocks 0-1 whole, 47 ends block 2 too
+        for head in range(4):
+            hk, g = divmod(head, 2)
+            qv = q[0, row, head]
+            logits = []
+            for block in range(whole):
+                k = keys[0, block * 16 : block * 16 + 16, hk]
+                logits.append(0.5 * torch.maximum(qv * k.min(0).values, qv * k.max(0).values).sum())
+                assert (0.5 * k @ qv).max() <= logits[-1] + 1e-5
+            assert torch.allclose(probs[0, row, hk, g, :whole], torch.softmax(torch.stack(logits), 0), atol=1e-6)
+            assert (probs[0, row, hk, g, whole:] == 0).all()  # a block still filling scores 0

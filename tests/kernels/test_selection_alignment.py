@@ -167,22 +167,22 @@ def test_a_later_compressed_key_far_above_the_rows_scores_leaves_the_gradient_fi
 @pytest.mark.timeout(180)
 def test_the_cost_benchmark_times_the_layer_with_and_without_the_loss(tmp_path):
     """tools/bench_selection_loss.py on CPU (reference kernels, one small shape): a row for the layer, one
-    per stride, top-n alone with the sum and the exact score, the layer with the exact score and dense
+    per stride, top-n alone with the sum, exact and bound scores, the layer with each of the two and dense
     SDPA, each the median of its timed runs, with its ratio to the layer's (top-n: to the sum's top-n)."""
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "cost.json"
     subprocess.run([sys.executable, "tools/bench_selection_loss.py", "--impl", "reference", "--shapes", "1x256",
-                    "--strides", "2", "8", "--scores", "exact", "--reps", "3", "--out", str(out)], cwd=root,
+                    "--strides", "2", "8", "--scores", "exact", "bound", "--reps", "3", "--out", str(out)], cwd=root,
                    check=True, timeout=170, capture_output=True)
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(r["B"], r["T"], r.get("stride"), r.get("topn"), r.get("score"), r.get("dense")) for r in rows] == [
         (1, 256, None, None, None, None), (1, 256, 2, None, None, None), (1, 256, 8, None, None, None),
         (1, 256, None, "sum", None, None), (1, 256, None, None, "exact", None), (1, 256, None, "exact", None, None),
-        (1, 256, None, None, None, "sdpa")]
+        (1, 256, None, None, "bound", None), (1, 256, None, "bound", None, None), (1, 256, None, None, None, "sdpa")]
     base, topn_sum = rows[0]["ms"], rows[3]["ms"]
     for r in rows:
         assert r["runs"] == 3 and r["ms"] > 0
         assert r["ratio"] == pytest.approx(r["ms"] / (topn_sum if "topn" in r else base))
     assert report["nsa"]["window"] == 512 and "--strides 2 8" in report["command"]
-    assert "--scores exact" in report["command"]
+    assert "--scores exact bound" in report["command"]

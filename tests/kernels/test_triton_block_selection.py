@@ -123,42 +123,53 @@ def test_query_tiles_cover_each_query_once_longest_first(q_start):
     assert work == sorted(work, reverse=True)
 
 
-def check_exact(group, kv_heads, dtype, selection_block, num_selected, q_start=0, cu_seqlens=None, seq=T):
-    """nsa.selection_score "exact": the Triton kernels pick the reference's blocks from the raw keys."""
+def check_raw_key_score(score, group, kv_heads, dtype, selection_block, num_selected, q_start=0, cu_seqlens=None,
+                        seq=T):
+    """nsa.selection_score "exact" or "bound": the Triton kernels pick the reference's blocks from the raw
+    keys."""
     require_backend()
     q = randn(1, seq - q_start, group * kv_heads, DK, dtype=dtype, grad=False)
     keys = randn(1, seq, kv_heads, DK, dtype=dtype, grad=False)
     args = (q, None, None, 0, 0, selection_block, num_selected)
-    picked = select_blocks_triton(*args, q_start=q_start, cu_seqlens=cu_seqlens, score="exact", keys=keys)
-    expected = select_blocks_ref(*args, q_start=q_start, cu_seqlens=cu_seqlens, score="exact", keys=keys)
+    picked = select_blocks_triton(*args, q_start=q_start, cu_seqlens=cu_seqlens, score=score, keys=keys)
+    expected = select_blocks_ref(*args, q_start=q_start, cu_seqlens=cu_seqlens, score=score, keys=keys)
     assert picked.dtype == torch.int32 and picked.shape == expected.shape
     mismatch = (picked != expected).any(-1).nonzero()
     assert len(mismatch) == 0, f"{len(mismatch)} rows differ, first (b, t, hk) = {mismatch[0].tolist()}"
 
 
+RAW_KEY_CASES = {  # id: dtype, group, kv_heads, selection_block, num_selected
+    "G2-HK2": (torch.float32, 2, 2, 16, 4),
+    "G16-fp16": (torch.float16, 16, 1, 16, 4),
+    "G3": (torch.float32, 3, 1, 16, 3),  # n below the three forced blocks' count plus one
+    "G1-many-merges": (torch.float32, 1, 1, 16, 2),  # T = 200: 13 blocks, ST = 2: seven merges
+}
+
+
+# "bound" runs the "sum" kernel on other inputs (tested on every shape above): its shapes are the new ones
 @pytest.mark.parametrize(
-    "dtype, group, kv_heads, selection_block, num_selected",
-    [(torch.float32, 2, 2, 16, 4),
-     (torch.float16, 16, 1, 16, 4),
-     (torch.float32, 3, 1, 16, 3),  # n below the three forced blocks' count plus one
-     (torch.float32, 1, 1, 16, 2)],  # T = 200: 13 blocks, ST = 2: seven merges
-    ids=["G2-HK2", "G16-fp16", "G3", "G1-many-merges"],
+    "score, dtype, group, kv_heads, selection_block, num_selected",
+    [pytest.param("exact", *case, id=f"exact-{name}") for name, case in RAW_KEY_CASES.items()]
+    + [pytest.param("bound", *RAW_KEY_CASES[name], id=f"bound-{name}") for name in ("G2-HK2", "G16-fp16")],
 )
-def test_exact_score_matches_reference(dtype, group, kv_heads, selection_block, num_selected):
+def test_raw_key_score_matches_reference(score, dtype, group, kv_heads, selection_block, num_selected):
     torch.manual_seed(group + kv_heads)
-    check_exact(group, kv_heads, dtype, selection_block, num_selected, seq=200 if group == 1 else T)
+    check_raw_key_score(score, group, kv_heads, dtype, selection_block, num_selected, seq=200 if group == 1 else T)
 
 
+@pytest.mark.parametrize("score", ["exact", "bound"])
 @pytest.mark.parametrize("q_start, packed", [(0, True), (40, True), (45, False)])
-def test_exact_score_documents_and_offsets(q_start, packed):
+def test_raw_key_score_documents_and_offsets(score, q_start, packed):
     torch.manual_seed(q_start)
     cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE) if packed else None
-    check_exact(4, 1, torch.float32, 16, 4, q_start=q_start, cu_seqlens=cu_seqlens)
+    check_raw_key_score(score, 4, 1, torch.float32, 16, 4, q_start=q_start, cu_seqlens=cu_seqlens)
 
 
-def test_exact_score_finds_a_planted_key():
-    """One key far back that matches every query head of the group: the exact mass puts its block in every
-    later query's picks, in both implementations (block 3 of 12, free: neither block 0 nor a local one)."""
+@pytest.mark.parametrize("score", ["exact", "bound"])
+def test_raw_key_score_finds_a_planted_key(score):
+    """One key far back that matches every query head of the group: the exact mass, and the bound that no
+    key of a block can beat, put its block in every later query's picks, in both implementations (block 3
+    of 12, free: neither block 0 nor a local one)."""
     require_backend()
     torch.manual_seed(3)
     seq, group = 192, 4
@@ -168,14 +179,16 @@ def test_exact_score_finds_a_planted_key():
     q += direction
     keys[0, 3 * 16 + 5, 0] = 4 * direction
     for select in (select_blocks_triton, select_blocks_ref):
-        picks = select(q, None, None, 0, 0, 16, 4, score="exact", keys=keys)[0, :, 0]
+        picks = select(q, None, None, 0, 0, 16, 4, score=score, keys=keys)[0, :, 0]
         later = picks[6 * 16:]  # queries from block 6 on: block 3 is neither block 0 nor a local one
         assert (later == 3).any(-1).all(), f"{select.__name__}: block 3 missing in some rows"
 
 
-def test_exact_score_refusals():
+def test_raw_key_score_refusals():
     q = torch.zeros(1, 32, 2, DK)
-    with pytest.raises(ValueError, match="needs the raw keys"):
-        select_blocks_ref(q, None, None, 0, 0, 16, 4, score="exact")
+    for score in ("exact", "bound"):
+        for select in (select_blocks_ref, select_blocks_triton):
+            with pytest.raises(ValueError, match=f"the '{score}' selection score needs the raw keys"):
+                select(q, None, None, 0, 0, 16, 4, score=score)
     with pytest.raises(ValueError, match="power of two >= 16"):
         select_blocks_triton(q, None, None, 0, 0, 8, 4, score="exact", keys=torch.zeros(1, 32, 1, DK))

@@ -18,9 +18,10 @@ T = 131
 DOCUMENTS = {"one-sequence": None, "packed": [0, 50, 51, T], "short documents": [0, 50, 51, 115, T]}
 
 
-@pytest.mark.parametrize("packed, score", [(name, "sum") for name in DOCUMENTS] + [("packed", "exact")])
+@pytest.mark.parametrize("packed, score",
+                         [(name, "sum") for name in DOCUMENTS] + [("packed", "exact"), ("packed", "bound")])
 def test_triton_matches_reference(packed, score):
-    """With score "exact" top-n reads the selection branch's raw keys (the second K/V pair)."""
+    """With score "exact" or "bound" top-n reads the selection branch's raw keys (the second K/V pair)."""
     require_backend()
     torch.manual_seed(0)
     group, kv_heads, dk, dv = 2, 1, 32, 16

@@ -176,6 +176,7 @@ CASES = [
     Case(256, 8, 2, 16, 8, 16, 4, 20, "separate", "mean", seed=7, selection_score="max"),
     # top-n from the gathered raw keys: every slice of the selection gather is taken before it runs
     Case(256, 8, 2, 16, 8, 16, 4, 20, "shared", "mean", seed=8, selection_score="exact"),
+    Case(256, 4, 2, 16, 8, 16, 4, 20, "separate", "mean", seed=9, selection_score="bound"),
 ]
 
 
@@ -241,11 +242,12 @@ def test_packed_documents_under_cp_on_triton_kernels_match_single_rank_reference
 
 
 @pytest.mark.timeout(240)
-def test_exact_score_under_cp_on_triton_kernels_matches_single_rank_reference():
-    """nsa.selection_score "exact" on the kernels: top-n reads the gathered raw keys of packed documents at
-    each zigzag chunk's offset."""
+@pytest.mark.parametrize("score", ["exact", "bound"])
+def test_raw_key_score_under_cp_on_triton_kernels_matches_single_rank_reference(score):
+    """nsa.selection_score "exact" or "bound" on the kernels: top-n reads the gathered raw keys of packed
+    documents at each zigzag chunk's offset (with "bound", a rank's keys end before the documents do)."""
     run_distributed(_check_triton, 2, Case(128, 4, 2, 16, 8, 16, 4, 20, "separate", "mean", seed=14,
-                                           documents=(0, 20, 64, 70, 128), selection_score="exact"))
+                                           documents=(0, 20, 64, 70, 128), selection_score=score))
 
 
 def _check_gather_chunking(rank, world, case):

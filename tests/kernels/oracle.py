@@ -147,9 +147,10 @@ def block_scores(q, k_cmp, l, d, l_sel, seq_len, scale=None, q_start=0, score="s
     return scores
 
 
-def exact_block_scores(q, k, l_sel, scale=None):
-    """scores[b][j][hk][sb] for the "exact" score: each head's softmax over the raw keys at positions <= t,
-    summed over the tokens of block sb, then over the group's heads."""
+def _group_block_scores(q, k, l_sel, scale, head_scores):
+    """scores[b][j][hk][sb] for a raw-key score: head_scores(q_h, keys [t + 1, D] of the head's KV head at
+    positions <= t, scale) -> {block: score} per query head, summed over the group's heads; every block up
+    to t's is listed (0 where no head scores it)."""
     q, k, scale = _f64(q), _f64(k), _scale(q, scale)
     B, T, HQ, _ = q.shape
     HK = k.shape[2]
@@ -160,47 +161,46 @@ def exact_block_scores(q, k, l_sel, scale=None):
         for t in range(T):
             per_group = []
             for hk in range(HK):
-                mass = {sb: 0.0 for sb in range(t // l_sel + 1)}
+                total = {sb: 0.0 for sb in range(t // l_sel + 1)}
                 for h in range(hk * G, (hk + 1) * G):
-                    probs = torch.softmax(scale * (k[b, : t + 1, hk] @ q[b, t, h]), dim=0).tolist()
-                    for s, p in enumerate(probs):
-                        mass[s // l_sel] += p
-                per_group.append(mass)
+                    for sb, score in head_scores(q[b, t, h], k[b, : t + 1, hk], scale).items():
+                        total[sb] += score
+                per_group.append(total)
             per_query.append(per_group)
         scores.append(per_query)
     return scores
+
+
+def exact_block_scores(q, k, l_sel, scale=None):
+    """scores[b][j][hk][sb] for the "exact" score: each head's softmax over the raw keys at positions <= t,
+    summed over the tokens of block sb, then over the group's heads."""
+
+    def head(qh, keys, scale):
+        mass = {}
+        for s, p in enumerate(torch.softmax(scale * (keys @ qh), dim=0).tolist()):
+            mass[s // l_sel] = mass.get(s // l_sel, 0.0) + p
+        return mass
+
+    return _group_block_scores(q, k, l_sel, scale, head)
 
 
 def bound_block_scores(q, k, l_sel, scale=None):
     """scores[b][j][hk][sb] for the "bound" score: per head and whole block sb (its l' tokens all <= t), the
     largest of scale * q.x over every x in the box the block's keys span (each channel between the keys'
     smallest and largest value), softmaxed over the whole blocks, then summed over the group's heads."""
-    q, k, scale = _f64(q), _f64(k), _scale(q, scale)
-    B, T, HQ, _ = q.shape
-    HK = k.shape[2]
-    G = HQ // HK
-    scores = []
-    for b in range(B):
-        per_query = []
-        for t in range(T):
-            whole = [sb for sb in range((t + 1) // l_sel)]
-            per_group = []
-            for hk in range(HK):
-                total = {sb: 0.0 for sb in range(t // l_sel + 1)}
-                for h in range(hk * G, (hk + 1) * G):
-                    best = []
-                    for sb in whole:
-                        keys = k[b, sb * l_sel : (sb + 1) * l_sel, hk]
-                        lo, hi = keys.min(0).values, keys.max(0).values
-                        corner = torch.where(q[b, t, h] >= 0, hi, lo)  # the box's corner furthest along q
-                        best.append(scale * float(corner @ q[b, t, h]))
-                    if best:
-                        for sb, p in zip(whole, torch.softmax(torch.tensor(best, dtype=torch.float64), 0).tolist()):
-                            total[sb] += p
-                per_group.append(total)
-            per_query.append(per_group)
-        scores.append(per_query)
-    return scores
+
+    def head(qh, keys, scale):
+        whole = range(keys.shape[0] // l_sel)  # keys at positions 0..t: the blocks that end by t
+        best = []
+        for sb in whole:
+            block = keys[sb * l_sel : (sb + 1) * l_sel]
+            corner = torch.where(qh >= 0, block.max(0).values, block.min(0).values)  # the furthest along q
+            best.append(scale * float(corner @ qh))
+        if not best:
+            return {}
+        return dict(zip(whole, torch.softmax(torch.tensor(best, dtype=torch.float64), 0).tolist()))
+
+    return _group_block_scores(q, k, l_sel, scale, head)
 
 
 def top_n(scores: dict, t: int, l_sel: int, n: int) -> frozenset:

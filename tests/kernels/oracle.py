@@ -195,7 +195,7 @@ def bound_block_scores(q, k, l_sel, scale=None):
         for sb in whole:
             block = keys[sb * l_sel : (sb + 1) * l_sel]
             corner = torch.where(qh >= 0, block.max(0).values, block.min(0).values)  # the furthest along q
-            best.append(scale * float(corner @ qh))
+            best.append(scale * float((corner @ qh).detach()))  # a choice: no gradient
         if not best:
             return {}
         return dict(zip(whole, torch.softmax(torch.tensor(best, dtype=torch.float64), 0).tolist()))

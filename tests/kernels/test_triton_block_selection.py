@@ -157,8 +157,9 @@ def test_raw_key_score_matches_reference(score, dtype, group, kv_heads, selectio
     check_raw_key_score(score, group, kv_heads, dtype, selection_block, num_selected, seq=200 if group == 1 else T)
 
 
-@pytest.mark.parametrize("score", ["exact", "bound"])
-@pytest.mark.parametrize("q_start, packed", [(0, True), (40, True), (45, False)])
+# "bound" once: its document and offset handling is the sum kernels', tested above for every layout
+@pytest.mark.parametrize("score, q_start, packed",
+                         [("exact", 0, True), ("exact", 40, True), ("exact", 45, False), ("bound", 40, True)])
 def test_raw_key_score_documents_and_offsets(score, q_start, packed):
     torch.manual_seed(q_start)
     cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE) if packed else None

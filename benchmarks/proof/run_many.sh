@@ -12,9 +12,10 @@
 #   python -m launch.train --config CONFIG --set run.dir=runs/NAME --set KEY=VALUE ...
 # with its output in $OUT/NAME.log. All start together; LIMIT (seconds, default 540) bounds each. Each
 # run directory comes back without weights (MLflow store, tracking.json, every checkpoint's eval/) as
-# $OUT/NAME.tar: `tar -C benchmarks/proof -xf NAME.tar`. The device tool returns 8 files at most, so
-# at most 4 runs a call. setup.sh (beside this script) installs the wheels; SETUP=0 PYTHON=.venv/bin/python
-# runs it on a machine that has them.
+# $OUT/NAME.tar: `tar -C benchmarks/proof -xf NAME.tar`, packed every 30 s while the runs train, so a
+# call cut short still returns the stage ends evaluated before it. The device tool returns 8 files at
+# most, so at most 4 runs a call. setup.sh (beside this script) installs the wheels; SETUP=0
+# PYTHON=.venv/bin/python runs it on a machine that has them.
 set -u
 spec=${1:?"give a spec file: one run per line, NAME CONFIG [KEY=VALUE ...]"}
 shift
@@ -49,6 +50,7 @@ if [ "${PRECHECK:-0}" = 1 ]; then
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$(date +%s)
+trainers=()
 while IFS= read -r line; do
   [[ -z ${line// /} || $line == \#* ]] && continue
   eval "fields=($line)"
@@ -59,12 +61,26 @@ while IFS= read -r line; do
   echo "$(date +%T) starting $name: ${args[*]}"
   ( timeout ${LIMIT:-540} $PYTHON -m launch.train "${args[@]}" > "$OUT/$name.log" 2>&1
     echo "$(date +%T) $name rc=$? after $(( $(date +%s)-t0 )) s" ) &
+  trainers+=($!)
 done < "$spec"
+# pack NAME: its run directory without weights into $OUT/NAME.tar, written whole and then renamed
+pack() {
+  [ -d "runs/$1" ] || return 0
+  (cd runs && find "$1" -path '*/eval/*' -o -name mlflow.db -o -name tracking.json) \
+    | tar -C runs -cf "$OUT/$1.tar.part" -T - && mv "$OUT/$1.tar.part" "$OUT/$1.tar"
+}
+# While they train, pack every 30 s: a call the device tool ends early (its limit is the session's device
+# time left, which can be under LIMIT) still returns the stage ends evaluated so far and the MLflow store.
+ticks=0
+while kill -0 "${trainers[@]}" 2> /dev/null; do
+  sleep 5
+  ticks=$((ticks + 1))
+  [ $((ticks % 6)) = 0 ] && for name in "${names[@]}"; do pack "$name"; done
+done
 wait
 for name in "${names[@]}"; do
   echo "== $name"
   grep -E "evaluated|all [0-9]+ stages done|Error|error:" "$OUT/$name.log" | sed -E 's/; runs\/.*//' | tail -8
-  [ -d "runs/$name" ] && (cd runs && find "$name" -path '*/eval/*' -o -name mlflow.db -o -name tracking.json) \
-    | tar -C runs -cf "$OUT/$name.tar" -T -
+  pack "$name"
 done
 ls -l "$OUT"

@@ -195,7 +195,8 @@ def test_slot_lse_matches_reference(monkeypatch, block_k, dtype):
     """slot_lse=True: each slot's log-sum-exp over its block's visible keys, from the forward's running
     sums, as the reference computes it from the block's scores; whole blocks and 16-key parts, packed
     documents at an offset, shuffled slots (so -1 slots sit between picks), two KV heads. Their
-    log-sum-exp is the row's lse, and the output and lse match the reference's."""
+    log-sum-exp is the row's lse, and the output and lse match the reference's and are those of a
+    launch without slot_lse."""
     torch.manual_seed(7)
     sel, q_start, seq = 64, 5, 162
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"BLOCK_K": block_k})
@@ -214,6 +215,8 @@ def test_slot_lse_matches_reference(monkeypatch, block_k, dtype):
     assert torch.allclose(torch.logsumexp(slots, -1), lse, atol=tolerance, rtol=0)
     assert_close("o", o, o_ref.to(dtype), dtype)
     assert_lse_close("lse", lse, lse_ref.float(), dtype)
+    o_plain, lse_plain = selected_attention_triton(**inputs, **kwargs)
+    assert torch.equal(o, o_plain) and torch.equal(lse, lse_plain)
 
 
 def test_slot_lse_is_the_one_token_forwards(monkeypatch):

@@ -7,7 +7,7 @@ from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks
 from kernels.range_attention import _CPU_TILES
-from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
+from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, LOW_PRECISION, compare_attention, compare_to_fp32, randn
 
 # every test runs once per backward path (tests/kernels/conftest.py)
 pytestmark = [INTERPRETER_WARNINGS, pytest.mark.usefixtures("range_backward")]
@@ -32,6 +32,13 @@ def test_matches_reference(dtype, group):
     kv_heads = 1 if group == 16 else 2
     inputs = leaves(2, T, num_compressed_blocks(T, L, STRIDE), group, kv_heads, dtype)
     compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, dtype, block_size=L, stride=STRIDE)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_error_is_at_most_twice_the_references(dtype):
+    torch.manual_seed(5)
+    inputs = leaves(2, T, num_compressed_blocks(T, L, STRIDE), 4, 2, torch.float32)
+    compare_to_fp32(compressed_attention_triton, compressed_attention_ref, inputs, dtype, block_size=L, stride=STRIDE)
 
 
 def test_chunk_at_offset():

@@ -8,7 +8,8 @@ import kernels.selected_attention.triton as selected
 from kernels.block_selection.naive import topn_from_scores
 from kernels.selected_attention.naive import selected_attention_ref
 from kernels.selected_attention.triton import inverted_index, selected_attention_triton, selection_layout
-from triton_cases import DEVICE, INTERPRETER_WARNINGS, assert_close, assert_lse_close, compare_attention, randn
+from triton_cases import (DEVICE, INTERPRETER_WARNINGS, LOW_PRECISION, assert_close, assert_lse_close,
+                          compare_attention, compare_to_fp32, randn)
 
 pytestmark = INTERPRETER_WARNINGS
 
@@ -53,6 +54,15 @@ def test_matches_reference(dtype, group, kv_heads):
     blocks = random_blocks(1, T, kv_heads, shuffle=group == 4)
     compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, T, T, group, kv_heads, dtype),
                       dtype, block_idx=blocks, selection_block=SEL)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_error_is_at_most_twice_the_references(dtype):
+    """The proof model's shape: one KV head shared by 16 query heads."""
+    torch.manual_seed(5)
+    blocks = random_blocks(1, T, 1)
+    compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 16, 1, torch.float32), dtype,
+                    block_idx=blocks, selection_block=SEL)
 
 
 def test_launch_override(monkeypatch):

@@ -7,7 +7,7 @@ import kernels.range_attention as range_attention
 from kernels.range_attention import _CPU_TILES
 from kernels.window_attention.naive import window_attention_ref
 from kernels.window_attention.triton import window_attention_triton
-from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, compare_attention, randn
+from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, LOW_PRECISION, compare_attention, compare_to_fp32, randn
 
 # every test runs once per backward path (tests/kernels/conftest.py)
 pytestmark = [INTERPRETER_WARNINGS, pytest.mark.usefixtures("range_backward")]
@@ -32,6 +32,13 @@ def test_matches_reference(dtype, group):
     kv_heads = 1 if group == 16 else 2
     compare_attention(window_attention_triton, window_attention_ref, leaves(2, T, T, group, kv_heads, dtype), dtype,
                       window=WINDOW)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_error_is_at_most_twice_the_references(dtype):
+    torch.manual_seed(5)
+    compare_to_fp32(window_attention_triton, window_attention_ref, leaves(2, T, T, 4, 2, torch.float32), dtype,
+                    window=WINDOW)
 
 
 def test_window_longer_than_sequence():

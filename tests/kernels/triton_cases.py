@@ -11,6 +11,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # round p to fp16 before the P @ V product (as flash attention does) and round their outputs.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.float16]
+# checked against fp32 by compare_to_fp32; bf16 on a GPU only (Triton's interpreter computes bf16 wrongly)
+LOW_PRECISION = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def require_backend() -> None:
@@ -67,6 +69,34 @@ def compare_attention(kernel, reference, leaves: dict, dtype: torch.dtype, **kwa
     for leaf, g, g_ref in zip(leaves, grads, grads_ref):
         assert g.dtype == g_ref.dtype, f"d{leaf}: dtype {g.dtype} != {g_ref.dtype}"
         assert_close(f"d{leaf}", g, g_ref, dtype)
+
+def compare_to_fp32(kernel, reference, leaves: dict, dtype: torch.dtype, eps: float = 1e-5, **kwargs) -> None:
+    """The kernel at `dtype` against the reference in fp32 on the same inputs (rounded to `dtype`): o, lse
+    and every leaf's gradient may be off by at most twice what the reference computed at `dtype` is off,
+    plus eps (RMS-relative), so the allowance is the dtype's own rounding and not a flat tolerance."""
+    require_backend()
+    rounded = {name: x.detach().to(dtype) for name, x in leaves.items()}
+    grad_gen = torch.Generator().manual_seed(1)
+    upstream = None
+    runs = []
+    for fn, run_dtype in ((reference, torch.float32), (reference, dtype), (kernel, dtype)):
+        inputs = {name: x.to(run_dtype).requires_grad_() for name, x in rounded.items()}
+        o, lse = fn(**inputs, **kwargs)
+        if upstream is None:
+            upstream = (randn(*o.shape, grad=False, generator=grad_gen),
+                        randn(*lse.shape, grad=False, generator=grad_gen))
+        finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
+        loss = (o.float() * upstream[0]).sum() + (finite_lse * upstream[1]).sum()
+        runs.append([o.detach(), lse.detach(), *torch.autograd.grad(loss, list(inputs.values()))])
+    names = ["o", "lse", *(f"d{leaf}" for leaf in leaves)]
+    for name, exact, ref, got in zip(names, *runs):
+        assert got.dtype == ref.dtype, f"{name}: dtype {got.dtype} != the reference's {ref.dtype}"
+        seen = exact != float("-inf")  # lse: rows that see nothing are -inf in every run
+        assert torch.equal(got != float("-inf"), seen), f"{name}: -inf at other positions than the reference"
+        ref_err, err = rms_rel(ref[seen], exact[seen]), rms_rel(got[seen], exact[seen])
+        assert err <= 2 * ref_err + eps, (f"{name} at {dtype}: RMS-relative error {err:.2e} against fp32, more than "
+                                          f"twice the reference's own at {dtype} ({ref_err:.2e}) + {eps:.0e}")
+
 
 # numpy's warning about Triton's interpreter turning a one-element array into a loop bound: noise
 INTERPRETER_WARNINGS = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

@@ -119,6 +119,11 @@ def greedy_predictor(gpt, tokenizer, device: torch.device, pad_to: int) -> Calla
     return predict
 
 
+def depth_label(depth: float) -> str:
+    """A needle depth as a percentage with the digits it needs: 0.005 -> "0.5%", not "0%"."""
+    return f"{depth * 100:.4g}%"
+
+
 def save_heatmap(grid: dict, title: str, path: Path) -> None:
     """The grid as a PNG: depth down, context length across, each cell's accuracy written in it."""
     width = max(4.0, 1.6 + 1.1 * len(grid["lengths"]))  # room for the title with a single length
@@ -126,7 +131,7 @@ def save_heatmap(grid: dict, title: str, path: Path) -> None:
     axes = figure.add_subplot()
     image = axes.imshow(grid["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     axes.set_xticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
-    axes.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
+    axes.set_yticks(range(len(grid["depths"])), [depth_label(d) for d in grid["depths"]])
     axes.set(xlabel="context length (tokens)", ylabel="needle depth")
     axes.set_title(title, fontsize=9)
     for row, values in enumerate(grid["accuracy"]):

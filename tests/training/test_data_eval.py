@@ -62,6 +62,12 @@ def test_training_on_the_corpus_lowers_the_validation_loss(trained):
 
 
 @pytest.mark.timeout(300)
+def test_heatmap_depth_labels_keep_the_digits_a_depth_needs():
+    from nsa_dist.evaluation import depth_label
+
+    assert [depth_label(d) for d in (0.0, 0.005, 0.02, 0.1, 0.25, 1.0)] == ["0%", "0.5%", "2%", "10%", "25%", "100%"]
+
+
 def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
     from matplotlib.image import imread
     from mlflow import MlflowClient

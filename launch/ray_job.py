@@ -12,9 +12,11 @@ other, in this job.
 
 Rank 0 forwards what the trainer reports (stages, steps, saved checkpoints) and the warnings of
 nsa-dist's loggers through a Ray queue to this driver, which prints them; workers' own output stays in
-Ray's log files, so the console shows one clean progress view. Rank 0 also logs to MLflow.
+Ray's log files, so the console shows one clean progress view. Rank 0 also logs to MLflow; when its
+store fails, tracking is off for the rest of the job, the later worker groups included.
 """
 
+import dataclasses
 import logging
 import os
 import socket
@@ -29,6 +31,7 @@ from ray.util.queue import Empty, Queue
 
 from launch.console import ConsoleReporter, ForwardHooks, deliver
 from nsa_dist.config import Config, ConfigError, Stage
+from nsa_dist.tracking import TRACKING_OFF
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,8 @@ class _ForwardLogs(logging.Handler):
 
     def emit(self, record):
         self.send(("log", (f"(rank {os.environ.get('RANK', '?')}) {record.getMessage()}",)))
+        if getattr(record, TRACKING_OFF, False):
+            self.send(("tracking_off", ()))
 
 
 def _worker_main(job: dict) -> None:
@@ -127,6 +132,7 @@ class _Driver:
         self.reporter = reporter
         self.placement: dict[int, str] = {}  # rank -> Ray node id
         self.ui_hint = None
+        self.tracking_off = False  # the store failed: later worker groups do not track
 
     def handle(self, event: tuple) -> None:
         name, args = event
@@ -137,6 +143,8 @@ class _Driver:
             self.reporter.console.print(f"[yellow]warning[/yellow] {args[0]}")
         elif name == "tracking":
             self.ui_hint = args[0]
+        elif name == "tracking_off":
+            self.tracking_off = True
         else:
             deliver(event, self.reporter)
 
@@ -157,6 +165,8 @@ def run(config: Config, groups: list[WorkerGroup], use_gpu: bool, *, command: st
     for index, group in enumerate(groups):
         reporter.console.print(f"worker group {index + 1}/{len(groups)}: {group.workers} workers for stage(s) "
                                f"{', '.join(stage.name for stage in group.stages)}")
+        if driver.tracking_off and config.tracking.enabled:  # one warning a job, not one a group
+            config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, enabled=False))
         trainer = TorchTrainer(
             _worker_main,
             train_loop_config={"config": config, "events": events, "last_stage": group.stages[-1].name,

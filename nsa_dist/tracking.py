@@ -45,6 +45,7 @@ from nsa_dist.trainer import StepLog, TrainingHooks, TrainResult
 log = logging.getLogger(__name__)
 
 RUN_IDS_FILE = "tracking.json"
+TRACKING_OFF = "nsa_dist_tracking_off"  # set on the log record of the warning that turns tracking off
 QUEUE_SIZE = 10_000  # pending MLflow calls; beyond this new ones are dropped (with one warning)
 FINISH_WAIT_S = 30.0  # how long finish() waits for the store to take this job's last calls
 # MLflow's HTTP defaults (7 retries with backoff, 120 s per request) take minutes to give up on a dead
@@ -189,7 +190,7 @@ class MLflowTracker(TrainingHooks):
         log.warning("MLflow tracking is off for the rest of this job: %s failed on the store %s (%s: %s). "
                     "Training goes on; check that the store is reachable (tracking.tracking_uri or "
                     "MLFLOW_TRACKING_URI), or set tracking.enabled=false",
-                    what, self.uri, type(exc).__name__, cause)
+                    what, self.uri, type(exc).__name__, cause, extra={TRACKING_OFF: True})
         self._stop_monitor()  # its own failures on the store it logs (silenced above), never raises
 
     def _open(self) -> None:

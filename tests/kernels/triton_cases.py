@@ -46,29 +46,34 @@ def assert_lse_close(name: str, lse: torch.Tensor, ref: torch.Tensor, dtype: tor
     assert_close(name, lse[~empty], ref[~empty], dtype)
 
 
+def _forward_backward(fn, inputs: dict, kwargs: dict, upstream: list, generator: torch.Generator) -> list:
+    """fn(**inputs, **kwargs) -> (o, lse); returns [o, lse, each input's gradient] under one random upstream
+    gradient on o and on lse (lse's -inf rows get none), drawn from `generator` into `upstream` on the
+    first call and reused by the calls after it, so every run gets the same one."""
+    o, lse = fn(**inputs, **kwargs)
+    if not upstream:
+        upstream += [randn(*o.shape, grad=False, generator=generator),
+                     randn(*lse.shape, grad=False, generator=generator)]
+    finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    loss = (o.float() * upstream[0]).sum() + (finite_lse * upstream[1]).sum()
+    return [o.detach(), lse.detach(), *torch.autograd.grad(loss, list(inputs.values()))]
+
+
 def compare_attention(kernel, reference, leaves: dict, dtype: torch.dtype, **kwargs) -> None:
     """Runs kernel(**leaves, **kwargs) and reference(...) -> (o, lse); compares o, lse and the gradients of
     every leaf under one random upstream gradient on o and on lse."""
     require_backend()
-    results = {}
     grad_gen = torch.Generator().manual_seed(1)
-    upstream = None
-    for name, fn in (("kernel", kernel), ("reference", reference)):
-        o, lse = fn(**leaves, **kwargs)
-        if upstream is None:
-            upstream = (randn(*o.shape, grad=False, generator=grad_gen),
-                        randn(*lse.shape, grad=False, generator=grad_gen))
-        finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
-        loss = (o.float() * upstream[0]).sum() + (finite_lse * upstream[1]).sum()
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        results[name] = (o.detach(), lse.detach(), grads)
-    (o, lse, grads), (o_ref, lse_ref, grads_ref) = results["kernel"], results["reference"]
+    upstream = []
+    o, lse, *grads = _forward_backward(kernel, leaves, kwargs, upstream, grad_gen)
+    o_ref, lse_ref, *grads_ref = _forward_backward(reference, leaves, kwargs, upstream, grad_gen)
     assert o.dtype == o_ref.dtype and lse.dtype == torch.float32
     assert_close("o", o, o_ref, dtype)
     assert_lse_close("lse", lse, lse_ref, dtype)
     for leaf, g, g_ref in zip(leaves, grads, grads_ref):
         assert g.dtype == g_ref.dtype, f"d{leaf}: dtype {g.dtype} != {g_ref.dtype}"
         assert_close(f"d{leaf}", g, g_ref, dtype)
+
 
 def compare_to_fp32(kernel, reference, leaves: dict, dtype: torch.dtype, eps: float = 1e-5, **kwargs) -> None:
     """The kernel at `dtype` against the reference in fp32 on the same inputs (rounded to `dtype`): o, lse
@@ -77,17 +82,11 @@ def compare_to_fp32(kernel, reference, leaves: dict, dtype: torch.dtype, eps: fl
     require_backend()
     rounded = {name: x.detach().to(dtype) for name, x in leaves.items()}
     grad_gen = torch.Generator().manual_seed(1)
-    upstream = None
+    upstream = []
     runs = []
     for fn, run_dtype in ((reference, torch.float32), (reference, dtype), (kernel, dtype)):
         inputs = {name: x.to(run_dtype).requires_grad_() for name, x in rounded.items()}
-        o, lse = fn(**inputs, **kwargs)
-        if upstream is None:
-            upstream = (randn(*o.shape, grad=False, generator=grad_gen),
-                        randn(*lse.shape, grad=False, generator=grad_gen))
-        finite_lse = lse.masked_fill(lse == float("-inf"), 0.0)
-        loss = (o.float() * upstream[0]).sum() + (finite_lse * upstream[1]).sum()
-        runs.append([o.detach(), lse.detach(), *torch.autograd.grad(loss, list(inputs.values()))])
+        runs.append(_forward_backward(fn, inputs, kwargs, upstream, grad_gen))
     names = ["o", "lse", *(f"d{leaf}" for leaf in leaves)]
     for name, exact, ref, got in zip(names, *runs):
         assert got.dtype == ref.dtype, f"{name}: dtype {got.dtype} != the reference's {ref.dtype}"

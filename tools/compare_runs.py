@@ -9,7 +9,8 @@ heatmap; accuracy and worst depth at the stage's own length when the grid also h
 row per run to set versions of a configuration side by side (answer loss at each stage's end, NIAH after
 each stage and at the short lengths after the last, validation loss, wall seconds), and where stages mixed
 in task samples, one more: the answer loss at each stage's start and end (--course STAGE adds that
-stage's answer loss per 25 steps). Writes to
+stage's answer loss per 25 steps), and the training loss on the steps that held no task samples (the
+same text for runs of one data seed). Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
 stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
@@ -266,6 +267,27 @@ def answer_loss_course(runs: dict, span: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def source_loss(runs: dict) -> str:
+    """One row per run: per stage, the mean training loss over the second half of its steps that held no
+    task answers (every sequence of the step source text: in the proof's 32k stage, of one sequence a
+    step, its code steps), and in brackets how many steps that mean is over. Runs with the same data seed
+    draw the same sequences at every step whatever their attention, so this sets their language modelling
+    side by side on the same training text, apart from the tasks."""
+    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
+    lines = ["| run | " + " | ".join(f"{stage}: loss on steps without tasks, second half" for stage in stages) + " |",
+             "| --- | " + " | ".join("---" for _ in stages) + " |"]
+    for name, run in runs.items():
+        cells = []
+        for stage in stages:
+            s = run["stages"].get(stage, {})
+            with_tasks = {step for step, _ in s.get("answer_loss", [])}
+            values = [value for step, value in s.get("loss", []) if step not in with_tasks]
+            half = values[len(values) // 2:]
+            cells.append(f"{sum(half) / len(half):.3f} ({len(half)})" if half else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def answer_loss_by_span(runs: dict, stage: str, width: int = 25) -> str:
     """One row per run: the mean answer loss over each `width` steps of `stage`, counted from the stage's
     first step (steps 1-width, width+1-2*width, ...; the steps with task answers among them), to follow how
@@ -364,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(runs) + "\n" + one_row_each(runs)
     if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):
         table += "\n" + answer_loss_course(runs)
+    table += "\n" + source_loss(runs)
     if a.course:
         table += "\n" + answer_loss_by_span(runs, a.course, a.course_width)
     attach_evals(runs, dict(zip(names, a.runs)), a.evals)

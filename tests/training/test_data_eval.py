@@ -166,6 +166,15 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     assert len(answers) > 10
     assert (f"| tiny | - | {sum(first) / len(first):.2f} -> {sum(last) / len(last):.2f} |\n"
             in table.split("| run | first: first -> last 10 | more: first -> last 10 |\n| --- | --- | --- |\n")[1])
+    # the training loss on the steps without task samples, over each stage's second half of them
+    def without_tasks(stage):
+        with_tasks = {step for step, _ in stages[stage]["answer_loss"]}
+        values = [value for step, value in stages[stage]["loss"] if step not in with_tasks]
+        half = values[len(values) // 2:]
+        return f"{sum(half) / len(half):.3f} ({len(half)})" if half else "-"
+
+    assert not stages["first"]["answer_loss"] and len(stages["first"]["loss"]) == 1
+    assert f"| tiny | {without_tasks('first')} | {without_tasks('more')} |\n" in table
     assert imread(tmp_path / "report" / "loss.png").ndim == 3
     assert imread(tmp_path / "report" / "answers.png").ndim == 3  # stage "more" mixed in passkey samples
     assert stages["more"]["answer_loss"] and not stages["first"]["answer_loss"]

@@ -4,7 +4,9 @@
   (nsa_dist/tasks.py, from seeds no training sequence uses), scored by exact match of the greedy answer
   and, graded, by its answer prefix (answer_prefix); the exact match drawn as a heatmap PNG;
 - the validation loss (and perplexity) on data.source's held-out sequences at the stage's seq_len, and
-  the loss by position bucket: a model that uses its context predicts tokens far into it better.
+  the loss by position bucket: a model that uses its context predicts tokens far into it better;
+- for an NSA model, its gates on those sequences: the mean gate of each branch (compressed, selected,
+  window) per layer and query head, which says which branches the model has come to rely on.
 
 `evaluate_checkpoint` runs in every process of a torch.distributed job (`nsa-dist eval`, or the trainer
 after a stage when eval.at_stage_end): the checkpoint is loaded, resharded, into one model per process
@@ -170,6 +172,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
     """Evaluates `checkpoint`'s weights with `stage`'s RoPE base and seq_len (see the module docstring);
     every rank calls it, outside any stage's parallel state. Rank 0 writes eval.json and niah.png into
     `out_dir` (default <checkpoint>/eval) and every rank returns the report."""
+    from nsa_dist.probe import recorded_nsa_layers
     from nsa_dist.trainer import _build, _start_processes, parallel_layout
 
     device = _start_processes(config)
@@ -199,7 +202,11 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         eod = document_eod(config)
         loss_sum = torch.zeros(stage.seq_len, dtype=torch.float64, device=device)
         count = torch.zeros(stage.seq_len, dtype=torch.float64, device=device)
-        with torch.no_grad():
+        # each NSA layer's gates (args[4] of its nsa_context_parallel call, [B, S, HQ, 3]) summed over tokens
+        model_config = config.model
+        gate_sum = torch.zeros(model_config.num_layers, model_config.num_query_heads, 3, dtype=torch.float64,
+                               device=device)
+        with torch.no_grad(), recorded_nsa_layers(lambda args, _: args[4].double().sum(dim=(0, 1))) as gates:
             for index in range(rank, ev.validation_sequences, world):
                 row = sequences(index).to(device)[None]
                 tokens, labels = row[:, :-1], row[:, 1:]
@@ -207,8 +214,12 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
                 per_token = gpt(tokens, None, None, labels=labels, packed_seq_params=documents)  # [1, S]
                 loss_sum += per_token[0].double()
                 count += 1
+                if gates:  # one record per layer, in layer order
+                    gate_sum += torch.stack(gates)
+                    gates.clear()
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)
+        dist.all_reduce(gate_sum)
 
     loss = float(loss_sum.sum() / count.sum())
     report = {
@@ -219,6 +230,10 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         "loss_by_position": bucket_losses(loss_sum, count, ev.position_buckets),
         "niah": {"task": ev.niah_task, **grid},
     }
+    if model_config.attention == "nsa":
+        by_head = gate_sum / count.sum()  # count.sum(): the validation tokens, each seen once by every layer
+        report["gates"] = {"branches": ["compressed", "selected", "window"],
+                           "mean_by_layer": by_head.mean(dim=1).tolist(), "mean_by_layer_and_head": by_head.tolist()}
     out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint.path) / "eval"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

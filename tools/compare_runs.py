@@ -10,7 +10,8 @@ row per run to set versions of a configuration side by side (answer loss at each
 each stage and at the short lengths after the last, validation loss, wall seconds), and where stages mixed
 in task samples, one more: the answer loss at each stage's start and end (--course STAGE adds that
 stage's answer loss per 25 steps), and the training loss on the steps that held no task samples (the
-same text for runs of one data seed). Writes to
+same text for runs of one data seed), and for NSA runs each layer's mean gate per branch at each stage's
+end. Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
 stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
@@ -76,7 +77,7 @@ def stage_summary(client, run_id: str, run_dir: Path, trained_as: str | None = N
     if checkpoint and (checkpoint / "eval" / "eval.json").exists():
         report = json.loads((checkpoint / "eval" / "eval.json").read_text())
         summary["eval"] = {"seq_len": report["seq_len"], "niah": report["niah"], "validation": report["validation"],
-                           "loss_by_position": report["loss_by_position"]}
+                           "loss_by_position": report["loss_by_position"], "gates": report.get("gates")}
         summary["eval_step"] = report["step"]
         summary["heatmap"] = str(checkpoint / "eval" / "niah.png")
         # at the stage's own length when the grid has it (eval.niah_stage_length), else over the whole grid
@@ -288,6 +289,23 @@ def source_loss(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gates_by_layer(runs: dict) -> str:
+    """One row per run and stage evaluated with gates (NSA models, since the evaluation records them): each
+    layer's mean gate of the compressed, selected and window branch on the validation sequences, as
+    c/s/w."""
+    rows = [(name, stage, s["eval"]["gates"]["mean_by_layer"]) for name, run in runs.items()
+            for stage, s in run["stages"].items() if s["eval"] and s["eval"].get("gates")]
+    if not rows:
+        return ""
+    layers = max(len(means) for _, _, means in rows)
+    lines = ["| run | stage | " + " | ".join(f"L{i + 1} c/s/w" for i in range(layers)) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in range(layers)) + " |"]
+    for name, stage, means in rows:
+        cells = ["/".join(f"{gate:.2f}" for gate in layer) for layer in means]
+        lines.append(f"| {name} | {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def answer_loss_by_span(runs: dict, stage: str, width: int = 25) -> str:
     """One row per run: the mean answer loss over each `width` steps of `stage`, counted from the stage's
     first step (steps 1-width, width+1-2*width, ...; the steps with task answers among them), to follow how
@@ -387,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):
         table += "\n" + answer_loss_course(runs)
     table += "\n" + source_loss(runs)
+    if gates_by_layer(runs):
+        table += "\n" + gates_by_layer(runs)
     if a.course:
         table += "\n" + answer_loss_by_span(runs, a.course, a.course_width)
     attach_evals(runs, dict(zip(names, a.runs)), a.evals)

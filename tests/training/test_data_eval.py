@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 
@@ -81,6 +82,15 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
                                                for row in niah["accuracy"])
     buckets = report["loss_by_position"]
     assert buckets["starts"] == [0, 48, 96, 144] and len(buckets["loss"]) == 4
+    # the NSA model's gates on the validation sequences: a mean of sigmoids per layer, branch and head.
+    # After one step from the initial weights (the gate rows small, their logits near 0) every mean is near
+    # 0.5; sums over tokens, or the logits, would not be
+    gates = _reports(root / "run")["first"]["gates"]
+    by_head = torch.tensor(gates["mean_by_layer_and_head"])
+    assert gates["branches"] == ["compressed", "selected", "window"] and by_head.shape == (2, 4, 3)
+    assert torch.allclose(torch.tensor(gates["mean_by_layer"]), by_head.mean(dim=1), atol=1e-6)
+    assert ((by_head - 0.5).abs() < 0.2).all(), by_head
+    assert torch.tensor(report["gates"]["mean_by_layer"]).shape == (2, 3)  # and after the last stage
     png = Path(report["checkpoint"]) / "eval" / "niah.png"
     assert imread(png).ndim == 3
     ids = json.loads((root / "run" / "tracking.json").read_text())
@@ -175,6 +185,9 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
 
     assert not stages["first"]["answer_loss"] and len(stages["first"]["loss"]) == 1
     assert f"| tiny | {without_tasks('first')} | {without_tasks('more')} |\n" in table
+    # each stage's gates, one c/s/w cell per layer
+    gates = report["gates"]["mean_by_layer"]
+    assert f"| tiny | more | {' | '.join('/'.join(f'{g:.2f}' for g in layer) for layer in gates)} |" in table
     assert imread(tmp_path / "report" / "loss.png").ndim == 3
     assert imread(tmp_path / "report" / "answers.png").ndim == 3  # stage "more" mixed in passkey samples
     assert stages["more"]["answer_loss"] and not stages["first"]["answer_loss"]

@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -250,22 +251,30 @@ def one_row_each(runs: dict, last: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_stage_table(runs: dict, heading: Callable[[str], str], cell: Callable[[dict], str]) -> str:
+    """One row per run, one column per stage (of any run): heading(stage) heads a column, cell(the run's
+    stage summary, {} where the run lacks the stage) fills it."""
+    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
+    lines = ["| run | " + " | ".join(heading(stage) for stage in stages) + " |",
+             "| --- | " + " | ".join("---" for _ in stages) + " |"]
+    for name, run in runs.items():
+        lines.append(f"| {name} | " + " | ".join(cell(run["stages"].get(stage, {})) for stage in stages) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def answer_loss_course(runs: dict, span: int = 10) -> str:
     """One row per run: per stage that mixed in task samples, the mean answer loss over its first and its
     last `span` steps with task answers. The first shows what the stages before carried over to this
     stage's lengths (a lookup learned at 2K that also works in longer samples starts the 8K stage low);
     the pair, whether the stage itself taught it."""
-    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
-    lines = ["| run | " + " | ".join(f"{stage}: first -> last {span}" for stage in stages) + " |",
-             "| --- | " + " | ".join("---" for _ in stages) + " |"]
-    for name, run in runs.items():
-        cells = []
-        for stage in stages:
-            values = [value for _, value in run["stages"].get(stage, {}).get("answer_loss", [])]
-            cells.append(f"{sum(values[:span]) / len(values[:span]):.2f} -> {sum(values[-span:]) / len(values[-span:]):.2f}"
-                         if values else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    def cell(s: dict) -> str:
+        values = [value for _, value in s.get("answer_loss", [])]
+        if not values:
+            return "-"
+        first, last = values[:span], values[-span:]
+        return f"{sum(first) / len(first):.2f} -> {sum(last) / len(last):.2f}"
+
+    return per_stage_table(runs, lambda stage: f"{stage}: first -> last {span}", cell)
 
 
 def source_loss(runs: dict) -> str:
@@ -274,19 +283,13 @@ def source_loss(runs: dict) -> str:
     step, its code steps), and in brackets how many steps that mean is over. Runs with the same data seed
     draw the same sequences at every step whatever their attention, so this sets their language modelling
     side by side on the same training text, apart from the tasks."""
-    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
-    lines = ["| run | " + " | ".join(f"{stage}: loss on steps without tasks, second half" for stage in stages) + " |",
-             "| --- | " + " | ".join("---" for _ in stages) + " |"]
-    for name, run in runs.items():
-        cells = []
-        for stage in stages:
-            s = run["stages"].get(stage, {})
-            with_tasks = {step for step, _ in s.get("answer_loss", [])}
-            values = [value for step, value in s.get("loss", []) if step not in with_tasks]
-            half = values[len(values) // 2:]
-            cells.append(f"{sum(half) / len(half):.3f} ({len(half)})" if half else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    def cell(s: dict) -> str:
+        with_tasks = {step for step, _ in s.get("answer_loss", [])}
+        values = [value for step, value in s.get("loss", []) if step not in with_tasks]
+        half = values[len(values) // 2:]
+        return f"{sum(half) / len(half):.3f} ({len(half)})" if half else "-"
+
+    return per_stage_table(runs, lambda stage: f"{stage}: loss on steps without tasks, second half", cell)
 
 
 def gates_by_layer(runs: dict) -> str:

@@ -413,8 +413,9 @@ def train_tracked(config: Config, hooks: list, *, command: str, hardware: str,
 
 def log_evaluation(client: MlflowClient, run_id: str, report: dict) -> None:
     """An evaluation report (nsa_dist/evaluation.py) into run_id: eval/val_loss, eval/val_perplexity,
-    eval/niah_accuracy, eval/niah_answer_prefix (where the report has it) and eval/niah/len<L>_depth<d> at
-    the checkpoint's step; eval/loss_by_position with
+    eval/niah_accuracy, eval/niah_answer_prefix (where the report has it), eval/niah/len<L>_depth<d> and,
+    for an NSA model, eval/gate/layer<i>_<branch> (each layer's mean gate per branch) at the checkpoint's
+    step; eval/loss_by_position with
     each bucket's first position as its step (a curve over positions); its files as artifacts."""
     step, now = report["step"], int(time.time() * 1000)
     niah = report["niah"]
@@ -425,6 +426,10 @@ def log_evaluation(client: MlflowClient, run_id: str, report: dict) -> None:
     for row, depth in enumerate(niah["depths"]):
         for column, length in enumerate(niah["lengths"]):
             values[f"eval/niah/len{length}_depth{depth:g}"] = niah["accuracy"][row][column]
+    gates = report.get("gates")  # NSA models only
+    if gates:
+        for layer, means in enumerate(gates["mean_by_layer"], start=1):
+            values.update({f"eval/gate/layer{layer}_{branch}": mean for branch, mean in zip(gates["branches"], means)})
     metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
     buckets = report["loss_by_position"]
     metrics += [Metric("eval/loss_by_position", float(loss), now, start)

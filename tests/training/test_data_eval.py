@@ -102,6 +102,7 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
     assert "answer_loss" not in client.get_run(ids["stages"]["first"]).data.metrics
     assert "eval/niah/len192_depth0.5" in run.data.metrics
     assert run.data.metrics["eval/niah_answer_prefix"] == pytest.approx(niah["mean_answer_prefix"])
+    assert run.data.metrics["eval/gate/layer2_window"] == pytest.approx(report["gates"]["mean_by_layer"][1][2])
     assert niah["mean_answer_prefix"] >= niah["mean_accuracy"]  # an exact answer is a whole prefix
     history = client.get_metric_history(run.info.run_id, "eval/loss_by_position")
     assert sorted(m.step for m in history) == [0, 48, 96, 144]

@@ -11,7 +11,8 @@ each stage and at the short lengths after the last, validation loss, wall second
 in task samples, one more: the answer loss at each stage's start and end (--course STAGE adds that
 stage's answer loss per 25 steps), and the training loss on the steps that held no task samples (the
 same text for runs of one data seed), and for NSA runs each layer's mean gate per branch at each stage's
-end. Writes to
+end. --against RUN:BASELINE (names from --names) adds each RUN's validation loss, its first position
+bucket's and its loss without tasks as percentages above or below BASELINE's, per stage. Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
 stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
@@ -285,11 +286,45 @@ def source_loss(runs: dict) -> str:
     side by side on the same training text, apart from the tasks."""
     def cell(s: dict) -> str:
         with_tasks = {step for step, _ in s.get("answer_loss", [])}
-        values = [value for step, value in s.get("loss", []) if step not in with_tasks]
-        half = values[len(values) // 2:]
-        return f"{sum(half) / len(half):.3f} ({len(half)})" if half else "-"
+        count = sum(step not in with_tasks for step, _ in s.get("loss", []))
+        mean = source_half_mean(s)
+        return "-" if mean is None else f"{mean:.3f} ({count - count // 2})"
 
     return per_stage_table(runs, lambda stage: f"{stage}: loss on steps without tasks, second half", cell)
+
+
+def source_half_mean(s: dict) -> float | None:
+    """The mean training loss over the second half of a stage's steps without task answers (source_loss)."""
+    with_tasks = {step for step, _ in s.get("answer_loss", [])}
+    values = [value for step, value in s.get("loss", []) if step not in with_tasks]
+    half = values[len(values) // 2:]
+    return sum(half) / len(half) if half else None
+
+
+def against(runs: dict, pairs: list[tuple[str, str]]) -> str:
+    """One row per (run, baseline) pair: per stage both have, the run's validation loss against the
+    baseline's, over all positions and in the first position bucket, and the training loss on the steps
+    without task samples (source_half_mean) where both have such steps, each as a percentage above (+)
+    or below (-) the baseline's."""
+    def relative(value, base) -> str:
+        return "-" if value is None or not base else f"{100 * (value / base - 1):+.1f}%"
+
+    stages = list(dict.fromkeys(stage for run in runs.values() for stage in run["stages"]))
+    lines = ["| run | against | " + " | ".join(f"{stage}: val loss / first bucket / loss without tasks"
+                                              for stage in stages) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in stages) + " |"]
+    for name, base in pairs:
+        cells = []
+        for stage in stages:
+            s, b = runs[name]["stages"].get(stage), runs[base]["stages"].get(stage)
+            if not s or not b or not s["eval"] or not b["eval"]:
+                cells.append("-")
+                continue
+            first = [run["eval"]["loss_by_position"]["loss"][0] for run in (s, b)]
+            cells.append(" / ".join([relative(s["eval"]["validation"]["loss"], b["eval"]["validation"]["loss"]),
+                                     relative(*first), relative(source_half_mean(s), source_half_mean(b))]))
+        lines.append(f"| {name} | {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def gates_by_layer(runs: dict) -> str:
@@ -385,8 +420,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="eval.json files (or folders) of later evaluations of these runs' checkpoints")
     p.add_argument("--course", metavar="STAGE", help="add a table of STAGE's answer loss, per --course-width steps")
     p.add_argument("--course-width", type=int, default=25, help="steps a column of the --course table (25)")
+    p.add_argument("--against", nargs="*", default=[], metavar="RUN:BASELINE",
+                   help="pairs of --names (e.g. nsa:dense): a table of each RUN's losses relative to its BASELINE's")
     a = p.parse_args(argv)
     names = a.names or [run.name for run in a.runs]
+    pairs = [tuple(pair.split(":")) for pair in a.against]
+    for pair, given in zip(pairs, a.against):
+        if len(pair) != 2 or not set(pair) <= set(names):
+            sys.exit(f"error: --against {given}: give RUN:BASELINE, two of the run names ({', '.join(names)})")
     if a.course_width < 1:
         sys.exit(f"error: --course-width {a.course_width}: give a number of steps, 1 or more")
     if len(names) != len(a.runs):
@@ -408,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):
         table += "\n" + answer_loss_course(runs)
     table += "\n" + source_loss(runs)
+    if pairs:
+        table += "\n" + against(runs, pairs)
     if gates_by_layer(runs):
         table += "\n" + gates_by_layer(runs)
     if a.course:

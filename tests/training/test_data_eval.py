@@ -224,6 +224,27 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     copy = tmp_path / "copied" / "run"
     shutil.copytree(root / "run", copy, ignore=lambda folder, names: [n for n in names if n.startswith("__")
                                                                       or n.endswith((".distcp", ".pt"))])
+
+    # --against: a copy whose last evaluation says 10% more validation loss and 10% less in the first
+    # position bucket, set against the run; its training losses are the run's
+    edited = tmp_path / "edited" / "run"
+    shutil.copytree(copy, edited)
+    eval_json = edited / "checkpoints" / Path(report["checkpoint"]).name / "eval" / "eval.json"
+    changed = json.loads(eval_json.read_text())
+    changed["validation"]["loss"] *= 1.1
+    changed["loss_by_position"]["loss"][0] *= 0.9
+    eval_json.write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="--against edited:tiny2: give RUN:BASELINE, two of the run names"):
+        compare_runs.main([str(root / "run"), str(edited), "--names", "tiny", "edited", "--out", str(tmp_path / "x"),
+                           "--against", "edited:tiny2"])
+    compare_runs.main([str(root / "run"), str(edited), "--names", "tiny", "edited", "--out", str(tmp_path / "against"),
+                       "--against", "edited:tiny"])
+    def same_training(stage):  # the loss without tasks, where the stage has steps without tasks
+        return "-" if compare_runs.source_half_mean(stages[stage]) is None else "+0.0%"
+
+    assert (f"| edited | tiny | +0.0% / +0.0% / {same_training('first')} | +10.0% / -10.0% / {same_training('more')} |"
+            in (tmp_path / "against" / "report.md").read_text())
+
     moved = compare_runs.main([str(copy), "--names", "tiny", "--out", str(tmp_path / "moved")])
     a, b = json.loads(json.dumps(moved)), json.loads(json.dumps(runs).replace(str(root / "run"), str(copy)))
     assert a == b

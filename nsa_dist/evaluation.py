@@ -204,8 +204,9 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         count = torch.zeros(stage.seq_len, dtype=torch.float64, device=device)
         # each NSA layer's gates (args[4] of its nsa_context_parallel call, [B, S, HQ, 3]) summed over tokens
         model_config = config.model
+        is_nsa = model_config.attention == "nsa"
         gate_sum = torch.zeros(model_config.num_layers, model_config.num_query_heads, 3, dtype=torch.float64,
-                               device=device)
+                               device=device) if is_nsa else None
         with torch.no_grad(), recorded_nsa_layers(lambda args, _: args[4].double().sum(dim=(0, 1))) as gates:
             for index in range(rank, ev.validation_sequences, world):
                 row = sequences(index).to(device)[None]
@@ -219,7 +220,8 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
                     gates.clear()
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)
-        dist.all_reduce(gate_sum)
+        if is_nsa:
+            dist.all_reduce(gate_sum)
 
     loss = float(loss_sum.sum() / count.sum())
     report = {
@@ -230,7 +232,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         "loss_by_position": bucket_losses(loss_sum, count, ev.position_buckets),
         "niah": {"task": ev.niah_task, **grid},
     }
-    if model_config.attention == "nsa":
+    if is_nsa:
         by_head = gate_sum / count.sum()  # count.sum(): the validation tokens, each seen once by every layer
         report["gates"] = {"branches": ["compressed", "selected", "window"],
                            "mean_by_layer": by_head.mean(dim=1).tolist(), "mean_by_layer_and_head": by_head.tolist()}

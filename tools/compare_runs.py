@@ -285,19 +285,21 @@ def source_loss(runs: dict) -> str:
     draw the same sequences at every step whatever their attention, so this sets their language modelling
     side by side on the same training text, apart from the tasks."""
     def cell(s: dict) -> str:
-        with_tasks = {step for step, _ in s.get("answer_loss", [])}
-        count = sum(step not in with_tasks for step, _ in s.get("loss", []))
-        mean = source_half_mean(s)
-        return "-" if mean is None else f"{mean:.3f} ({count - count // 2})"
+        half = source_half(s)
+        return f"{sum(half) / len(half):.3f} ({len(half)})" if half else "-"
 
     return per_stage_table(runs, lambda stage: f"{stage}: loss on steps without tasks, second half", cell)
 
 
-def source_half_mean(s: dict) -> float | None:
-    """The mean training loss over the second half of a stage's steps without task answers (source_loss)."""
+def source_half(s: dict) -> list[float]:
+    """The training losses of the second half of a stage's steps without task answers (source_loss)."""
     with_tasks = {step for step, _ in s.get("answer_loss", [])}
     values = [value for step, value in s.get("loss", []) if step not in with_tasks]
-    half = values[len(values) // 2:]
+    return values[len(values) // 2:]
+
+
+def source_half_mean(s: dict) -> float | None:
+    half = source_half(s)
     return sum(half) / len(half) if half else None
 
 
@@ -451,8 +453,9 @@ def main(argv: list[str] | None = None) -> dict:
     table += "\n" + source_loss(runs)
     if pairs:
         table += "\n" + against(runs, pairs)
-    if gates_by_layer(runs):
-        table += "\n" + gates_by_layer(runs)
+    gates = gates_by_layer(runs)
+    if gates:
+        table += "\n" + gates
     if a.course:
         table += "\n" + answer_loss_by_span(runs, a.course, a.course_width)
     attach_evals(runs, dict(zip(names, a.runs)), a.evals)

@@ -78,6 +78,10 @@ class TrainingHooks:
     def stage_started(self, stage: Stage, state: TrainState, source: str) -> None:
         """A stage begins at `state` (step counters), from `source` (a checkpoint path or random weights)."""
 
+    def model_built(self, model: torch.nn.Module, stage: Stage) -> None:
+        """The stage's model (Megatron's DDP around the GPT model) is built and holds its starting weights:
+        a diagnostic may register module hooks on it (tools/layer_stats.py)."""
+
     def step(self, log: StepLog) -> None:
         """An optimizer step is done (every training.log_interval steps, and a stage's last)."""
 
@@ -455,6 +459,8 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         state = TrainState(stage=stage.name, stage_index=stage.index)
         if initial is not None:
             load_checkpoint(initial, model, optimizer, with_optimizer=False)
+    for hook in hooks:
+        hook.model_built(model, stage)
     scheduler = lr_scheduler(optimizer, config, stage, state)
     source = str(start.path if start is not None else (initial.path if initial else "random weights"))
     if dist.get_rank() == 0:

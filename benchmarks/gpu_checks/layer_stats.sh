@@ -4,20 +4,24 @@
 # One device call with .whl carried:
 #   export COMMIT=<sha>; source benchmarks/proof/setup.sh > $OUT/setup.log 2>&1
 #   STEPS=30 bash benchmarks/gpu_checks/layer_stats.sh NAME:CONFIG[:KEY=VALUE,...] ...
-# writes $OUT/layer-stats-NAME-$COMMIT.json and .log for each.
+# writes each run's JSON and log, packed into $OUT/layer-stats-$TAG.tar (TAG default: $COMMIT; the device
+# tool returns 8 files a call).
 set -u
 OUT=${OUT:?"set OUT (the device tool does)"}
 PYTHON=${PYTHON:-python3}
+TAG=${TAG:-${COMMIT:-local}}
+work=$(mktemp -d)/layer-stats-$TAG
+mkdir -p "$work"
 pids=()
 port=29600
 for spec in "$@"; do
   IFS=: read -r name config sets <<< "$spec"
-  args=(--config "$config" --steps "${STEPS:-30}" --out "$OUT/layer-stats-$name-${COMMIT:-local}.json")
+  args=(--config "$config" --steps "${STEPS:-30}" --out "$work/$name.json")
   IFS=, read -ra pairs <<< "${sets:-}"
   for kv in "${pairs[@]}"; do args+=(--set "$kv"); done
   echo "$(date +%T) $name: ${args[*]}"
   MASTER_PORT=$port timeout ${LIMIT:-300} $PYTHON tools/layer_stats.py "${args[@]}" \
-    > "$OUT/layer-stats-$name-${COMMIT:-local}.log" 2>&1 &
+    > "$work/$name.log" 2>&1 &
   pids+=($!)
   port=$((port + 1))
 done
@@ -25,5 +29,6 @@ for pid in "${pids[@]}"; do wait "$pid"; echo "$(date +%T) pid $pid rc=$?"; done
 for spec in "$@"; do
   name=${spec%%:*}
   echo "== $name"
-  grep -E "^ +[0-9]+ |largest loss rise|Error|error" "$OUT/layer-stats-$name-${COMMIT:-local}.log" | tail -12
+  grep -E "^ +[0-9]+ |largest loss rise|Error|error" "$work/$name.log" | tail -12
 done
+tar -C "$(dirname "$work")" -cf "$OUT/layer-stats-$TAG.tar" "$(basename "$work")"

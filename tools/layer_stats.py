@@ -4,7 +4,7 @@ Trains a config's first stage for --steps steps (one process, no evaluation, a t
 and records, at every step and for every layer: the RMS and largest row norm of the attention's queries and
 keys (and from them a bound on the largest attention logit), the NSA gates' means per branch, the RMS of the
 attention's output and of the layer's output with its largest entry; and, per layer and block (attention,
-MLP), the gradient norm and the weights' relative change by the step. Prints the loss per step and the
+MLP), the gradient norm (before clipping) and the weights' relative change by the step. Prints the loss per step and the
 layers at the largest loss jump, and writes everything as JSON.
 
   python tools/layer_stats.py --config configs/proof_100m.yaml --set training.seed=1 --set data.seed=1 \\
@@ -106,8 +106,12 @@ class LayerStats(TrainingHooks):
             if main_grad is not None:
                 grad[block] += main_grad.float().pow(2).sum().item()
             self.before[name].copy_(p)
+        # Megatron clips the gradient buffers in place, all by one factor: undo it, so that each block's norm
+        # is its share of the step's grad_norm (the norm before clipping)
+        clipped = math.sqrt(sum(grad.values()))
+        unclip = log.grad_norm / clipped if clipped > 0 and log.grad_norm > clipped else 1.0
         blocks = {block: {"update": math.sqrt(change[block] / max(weight[block], 1e-30)),
-                          "grad_norm": math.sqrt(grad[block])} for block in change}
+                          "grad_norm": math.sqrt(grad[block]) * unclip} for block in change}
         self.records.append({"step": log.step, "loss": log.loss, "grad_norm": log.grad_norm, "lr": log.lr,
                              "layers": {str(i): dict(s) for i, s in sorted(self.layers.items())},
                              "blocks": blocks})

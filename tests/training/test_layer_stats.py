@@ -42,4 +42,7 @@ def test_tool_records_every_layer_at_every_step(attention, tmp_path):
         # every block's weights moved (Adam's first steps move each by about lr per entry) and had gradients
         assert {"L1.attn", "L1.mlp", "L2.attn", "L2.mlp", "embedding.word_embeddings"} <= set(r["blocks"])
         assert all(b["update"] > 0 and b["grad_norm"] > 0 for b in r["blocks"].values())
+        # the blocks' norms, clipping undone, make up the step's gradient norm (above the clip of 1 here)
+        assert r["grad_norm"] > 1.0
+        assert sum(b["grad_norm"] ** 2 for b in r["blocks"].values()) ** 0.5 == pytest.approx(r["grad_norm"], rel=1e-3)
     assert "largest loss rise" in done.stdout

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nsa_dist.attention import DenseCoreAttention, NSACoreAttention  # noqa: E402
-from nsa_dist.config import load_config  # noqa: E402
+from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.trainer import TrainingHooks, train  # noqa: E402
 
 LAYER = re.compile(r"layers\.(\d+)\.")
@@ -155,9 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="steps of the first stage to train")
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the records")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        print(f"error: --steps {args.steps} must be at least 1 (the first stage's steps to record)", file=sys.stderr)
+        return 2
     run_dir = tempfile.mkdtemp(prefix="layer-stats-")
-    config = load_config(args.config, args.overrides + [f"run.dir={run_dir}", "eval.at_stage_end=false",
-                                                        f"stages.0.steps={args.steps}"])
+    try:
+        config = load_config(args.config, args.overrides + [f"run.dir={run_dir}", "eval.at_stage_end=false",
+                                                            f"stages.0.steps={args.steps}"])
+    except ConfigError as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     stats = LayerStats()

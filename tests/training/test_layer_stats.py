@@ -46,3 +46,15 @@ def test_tool_records_every_layer_at_every_step(attention, tmp_path):
         assert r["grad_norm"] > 1.0
         assert sum(b["grad_norm"] ** 2 for b in r["blocks"].values()) ** 0.5 == pytest.approx(r["grad_norm"], rel=1e-3)
     assert "largest loss rise" in done.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps 0 must be at least 1"),
+    (["--set", "model.attention=sparse"], "model.attention='sparse' is not allowed"),
+])
+def test_tool_refuses_bad_input_by_name(args, message, tmp_path):
+    done = subprocess.run([sys.executable, "tools/layer_stats.py", "--config", "configs/quickstart.yaml", *args,
+                           "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.json").exists()

@@ -2,8 +2,9 @@
 parameters are fixed in code, not autotuned, in one process on one GPU.
 
 Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
-- top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages (until
-  session 29 also a group-rows kernel: 0.42-0.68x at 128K, G=16, so removed);
+- top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages x SPLITS
+  (key splits a query tile; until session 29 also a group-rows kernel: 0.42-0.68x at 128K, G=16, so
+  removed);
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program), backward "dkv" (BLOCK_M
   too) and "reduce";
@@ -228,11 +229,13 @@ def topn_sweep(q, k_cmp, lse) -> Sweep:
         with torch.no_grad():
             return (block_selection.select_blocks_triton(q, k_cmp, lse, *args),)
 
-    # today's launch as select_blocks_triton picks it (4 warps at head dim <= 128; 8 above)
-    now = dict(BLOCK_T=block_selection.BLOCK_T, num_warps=4 if q.shape[-1] <= 128 else 8, num_stages=3)
-    grid = configs(now, BLOCK_T=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3))
-    grid += [dict(BLOCK_T=64, num_warps=8, num_stages=1), dict(BLOCK_T=64, num_warps=8, num_stages=4),
-             dict(BLOCK_T=16, num_warps=4, num_stages=2)]
+    # today's launch as select_blocks_triton picks it (4 warps at head dim <= 128; 8 above; key splits by
+    # the longest document's steps of ST selection blocks)
+    steps = -(-q.shape[1] // (PAPER["selection_block"] * triton.next_power_of_2(PAPER["num_selected"])))
+    now = dict(BLOCK_T=block_selection.BLOCK_T, num_warps=4 if q.shape[-1] <= 128 else 8, num_stages=3,
+               SPLITS=block_selection._splits(steps))
+    grid = configs(now, BLOCK_T=(64, 128), num_warps=(4, 8), num_stages=(3,), SPLITS=(1, 2, 4, 8, 16))
+    grid += [dict(BLOCK_T=32, num_warps=4, num_stages=3, SPLITS=4), dict(BLOCK_T=64, num_warps=4, num_stages=2, SPLITS=4)]
     return Sweep("top-n", block_selection, "topn", now, grid, run, None, by_picks=True)
 
 

@@ -10,6 +10,13 @@ into the next tile. So each compressed score is computed once, as in compressed 
 With the "max" score (nsa.selection_score) each head's p_cmp is spread on its own and the group's score
 is the largest head's: one more [BLOCK_T, BLOCK_C] x [BLOCK_C, ST] product per head, and a carry per head.
 
+Key splits (sum score): at 128K a tile's queries (BLOCK_T tokens x G heads, 256 KB at G=16, D=128) are
+reloaded for every head and step, and the resident programs' tiles outgrow L2, so the kernel streamed
+them from DRAM (Nsight Compute at 6e59594: 68% of DRAM bandwidth, 8% L2 hit rate). A long tile's steps are
+therefore cut into SPLITS runs, one program each, launched next to each other so they read the same
+queries from L2; each writes its running list, and a small kernel merges them. A split that starts
+mid-tile first recomputes the score its first block would have been carried from the block before it.
+
 Ranking: each (score, block) pair is packed into one int64 key, score bits high (scores are >= 0, so
 their float bits order like the floats; forced blocks get +inf) and 0x7FFFFFFF - block low, so that a
 descending sort of keys ranks by score and breaks ties toward the lower block id, exactly as the
@@ -46,10 +53,9 @@ LAUNCH: dict[str, dict] = {}
 
 
 @triton.jit
-def _tile_tokens(tiles, q_start, SEL: tl.constexpr, BLOCK_T: tl.constexpr):
-    """A program's query tile (query_tiles' row): its tokens, which are real, their positions in the
-    document, their current selection blocks, the tile's last current block, and the document's first token."""
-    tile = tl.program_id(0)
+def _tile_tokens(tiles, tile, q_start, SEL: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Query tile `tile` (query_tiles' row): its tokens, which are real, their positions in the document,
+    their current selection blocks, the tile's last current block, and the document's first token."""
     tok_lo = tl.load(tiles + tile * 5)
     tok_hi = tl.load(tiles + tile * 5 + 1)
     doc_start = tl.load(tiles + tile * 5 + 2)
@@ -61,12 +67,11 @@ def _tile_tokens(tiles, q_start, SEL: tl.constexpr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _tile(tiles, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, q_start, BLOCK_T: tl.constexpr):
+def _tile(tiles, tile, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, q_start, BLOCK_T: tl.constexpr):
     """_tile_tokens' tokens, which are real, current blocks, the compressed tokens each has seen, the tile's
     last current block, and the document's first compressed row and number of them."""
-    toks, tok_ok, pos, cur, last, _ = _tile_tokens(tiles, q_start, SEL, BLOCK_T)
+    toks, tok_ok, pos, cur, last, _ = _tile_tokens(tiles, tile, q_start, SEL, BLOCK_T)
     num_seen = tl.where(pos >= L - 1, (pos - L + 1) // STRIDE + 1, 0)
-    tile = tl.program_id(0)
     return toks, tok_ok, cur, num_seen, last, tl.load(tiles + tile * 5 + 3), tl.load(tiles + tile * 5 + 4)
 
 
@@ -108,29 +113,80 @@ def _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST: tl.constexp
     tl.store(out + dst, ids, mask=tok_ok[:, None] & (cols[None, :] < NSEL))
 
 
+@triton.jit
+def _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2,
+                G: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr):
+    """p_cmp of query head g of the group for the tile's tokens and the compressed keys kt: [BLOCK_T, keys]."""
+    dk = tl.arange(0, BLOCK_DK)
+    flat = (b * T + toks) * HQ + hk * G + g
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
+    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+    s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+    return tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
+
+
+@triton.jit
+def _carry_in(q, k_cmp, lse, b, hk, j, toks, tok_ok, num_seen, cmp_start, cmp_count, T, NC, HQ, HK, scale_log2,
+              G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr,
+              BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, CARRY_C: tl.constexpr, PRECISION: tl.constexpr):
+    """The sum score that selection block j gets from compressed blocks starting before it (a compressed
+    block spans at most one selection block boundary): what a split that starts at block j would
+    otherwise have carried from the tile before it. [BLOCK_T]"""
+    c = j * (SEL // STRIDE) - CARRY_C + tl.arange(0, CARRY_C)
+    c_ok = (c >= 0) & (c < cmp_count)
+    dk = tl.arange(0, BLOCK_DK)
+    kv_row = (b * NC + cmp_start + c) * HK + hk
+    kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=c_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    visible = tok_ok[:, None] & c_ok[None, :] & (c[None, :] < num_seen[:, None])
+    c_first = c * STRIDE
+    overlap = tl.minimum(c_first + L, (j + 1) * SEL) - tl.maximum(c_first, j * SEL)
+    weight = tl.where(c_ok, tl.maximum(overlap, 0).to(tl.float32) / STRIDE, 0.0)
+    p_sum = tl.zeros([BLOCK_T, CARRY_C], tl.float32)
+    for g in range(G):
+        p_sum += _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2, G, DK, BLOCK_DK,
+                             PRECISION)
+    return tl.sum(p_sum * weight[None, :], 1)
+
+
 @triton.jit(do_not_specialize=["NC"])  # NC: the compressed tokens of the batch (triton_utils)
 def _topn_kernel(
-    q, k_cmp, lse, tiles, out,
+    q, k_cmp, lse, tiles, out, part,
     T, NC, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
     DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ST: tl.constexpr,
-    PRECISION: tl.constexpr, MAX_SCORE: tl.constexpr, BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr, MAX_SCORE: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr,
+    CARRY_C: tl.constexpr,
 ):
     """A program a tile of BLOCK_T tokens; the group's heads one after another (a [BLOCK_T, D] query tile
-    loaded and multiplied per head and key tile)."""
+    loaded and multiplied per head and key tile). With SPLITS > 1 (sum score only) a tile's selection
+    blocks are cut into SPLITS runs of whole ST-block steps, one program each, launched side by side so
+    that the tile's queries, reloaded for every head and step, are served by L2 rather than DRAM; each
+    writes its running top-ST keys to part [B, T, HK, SPLITS, ST] and _topn_merge_kernel picks from them."""
     R: tl.constexpr = SEL // STRIDE  # compressed blocks starting inside one selection block
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
-    toks, tok_ok, cur, num_seen, last, cmp_start, cmp_count = _tile(tiles, L, STRIDE, SEL, q_start, BLOCK_T)
+    split = tl.program_id(0) % SPLITS
+    toks, tok_ok, cur, num_seen, last, cmp_start, cmp_count = _tile(
+        tiles, tl.program_id(0) // SPLITS, L, STRIDE, SEL, q_start, BLOCK_T)
     cols = tl.arange(0, ST)
     local_c = tl.arange(0, BLOCK_C)
     dk = tl.arange(0, BLOCK_DK)
 
+    steps = last // ST + 1
+    per_split = tl.cdiv(steps, SPLITS)
+    first = split * per_split
+    stop = tl.minimum(steps, first + per_split)
     running = tl.full([BLOCK_T, ST], -1, tl.int64)
     carry = tl.zeros([BLOCK_T], tl.float32)
+    if SPLITS > 1:
+        if (first > 0) & (first < stop):
+            carry = _carry_in(q, k_cmp, lse, b, hk, first * ST, toks, tok_ok, num_seen, cmp_start, cmp_count,
+                              T, NC, HQ, HK, scale_log2, G, L, STRIDE, SEL, DK, BLOCK_DK, BLOCK_T, CARRY_C, PRECISION)
     heads = tl.arange(0, BLOCK_G)
     head_carry = tl.zeros([BLOCK_T, BLOCK_G], tl.float32)  # "max": each head's carry, one column a head
-    for j0 in range(0, last + 1, ST):
+    for step in range(first, stop):
+        j0 = step * ST
         c = j0 * R + local_c
         c_ok = (local_c < ST * R) & (c < cmp_count)
         kv_row = (b * NC + cmp_start + c) * HK + hk
@@ -141,12 +197,8 @@ def _topn_kernel(
         p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
         scores = tl.zeros([BLOCK_T, ST], tl.float32)
         for g in range(G):
-            flat = (b * T + toks) * HQ + hk * G + g
-            qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
-            row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
-            row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
-            s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-            p = tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
+            p = _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2, G, DK, BLOCK_DK,
+                            PRECISION)
             if MAX_SCORE:
                 is_g = heads[None, :] == g
                 carried = tl.sum(tl.where(is_g, head_carry, 0.0), 1)
@@ -159,7 +211,25 @@ def _topn_kernel(
             scores = tl.dot(p_sum, weight, input_precision="ieee") + tl.where(cols[None, :] == 0, carry[:, None], 0.0)
             carry = tl.sum(p_sum * spill_weight[None, :], 1)
         running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST)
-    _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
+    if SPLITS == 1:
+        _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
+    else:
+        dst = (((b * T + toks) * HK + hk) * SPLITS + split)[:, None] * ST + cols[None, :]
+        tl.store(part + dst, running, mask=tok_ok[:, None])
+
+
+@triton.jit
+def _topn_merge_kernel(part, tiles, out, T, HK, NSEL, q_start,
+                       SEL: tl.constexpr, BLOCK_T: tl.constexpr, ST: tl.constexpr, SPLITS: tl.constexpr):
+    """The top ST of a tile's SPLITS partial lists (keys rank as in _merge, so the union's top ST is the
+    single pass's list), stored as _topn_kernel stores its picks."""
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    toks, tok_ok, _, _, _, _ = _tile_tokens(tiles, tl.program_id(0), q_start, SEL, BLOCK_T)
+    cols = tl.arange(0, SPLITS * ST)
+    keys = tl.load(part + ((b * T + toks) * HK + hk)[:, None] * (SPLITS * ST) + cols[None, :],
+                   mask=tok_ok[:, None], other=-1)
+    _store_picks(out, tl.topk(keys, ST), toks, tok_ok, b, hk, T, HK, NSEL, ST)
 
 
 @triton.jit
@@ -183,7 +253,7 @@ def _exact_lse_kernel(
     at positions <= its own (online, one selection block of keys at a time)."""
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
-    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, q_start, SEL, BLOCK_T)
+    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, tl.program_id(0), q_start, SEL, BLOCK_T)
     dk = tl.arange(0, BLOCK_DK)
     for g in range(G):
         flat = (b * T + toks) * HQ + hk * G + g
@@ -212,7 +282,7 @@ def _topn_exact_kernel(
     keys of exp2(s - lse), ST blocks scored into one [BLOCK_T, ST] tile and then merged."""
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
-    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, q_start, SEL, BLOCK_T)
+    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, tl.program_id(0), q_start, SEL, BLOCK_T)
     cols = tl.arange(0, ST)
     dk = tl.arange(0, BLOCK_DK)
     running = tl.full([BLOCK_T, ST], -1, tl.int64)
@@ -327,20 +397,57 @@ def select_blocks_triton(
     # with 8 warps; benchmarks/kernels-2026-11-30-sweep.json); above 128, 8 warps (no register spills on
     # sm_90 up to 256, ptxas resource usage)
     warps = 4 if head_dim <= 128 else 8
-    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3)
-    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
     top = pow2(num_selected)
+    steps = -(-_longest_document(seq, q_start, cu_seqlens) // (selection_block * top))
+    splits = 1 if score == "max" else _splits(steps)
+    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3, SPLITS=splits)
+    if launch["SPLITS"] & (launch["SPLITS"] - 1) or (launch["SPLITS"] > 1 and score == "max"):
+        raise ValueError(f"select_blocks_triton: SPLITS={launch['SPLITS']} must be a power of two, and 1 with "
+                         "the 'max' score")
+    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
     out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
     if tiles.shape[0] == 0:
         return out
-    _topn_kernel[(tiles.shape[0], batch * num_kv_heads)](
-        q.contiguous(), k_cmp.contiguous(), lse_cmp.float().contiguous(), tiles, out,
+    splits = launch["SPLITS"]
+    # every (token, KV head, split) row is written: each split program stores its list, empty or not
+    part = torch.empty((batch, seq, num_kv_heads, splits, top) if splits > 1 else (1,), dtype=torch.int64,
+                       device=q.device)
+    _topn_kernel[(tiles.shape[0] * splits, batch * num_kv_heads)](
+        q.contiguous(), k_cmp.contiguous(), lse_cmp.float().contiguous(), tiles, out, part,
         seq, k_cmp.shape[1], num_q_heads, num_kv_heads, num_selected, q_start, scale * LOG2E,
         G=group, L=block_size, STRIDE=stride, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
         BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
-        MAX_SCORE=score == "max", BLOCK_G=pow2(group), **launch,
+        MAX_SCORE=score == "max", BLOCK_G=pow2(group), CARRY_C=max(16, pow2(selection_block // stride)), **launch,
     )
+    if splits > 1:
+        _topn_merge_kernel[(tiles.shape[0], batch * num_kv_heads)](
+            part, tiles, out, seq, num_kv_heads, num_selected, q_start,
+            SEL=selection_block, BLOCK_T=launch["BLOCK_T"], ST=top, SPLITS=splits, num_warps=4,
+        )
     return out
+
+
+# Top-n's key splits: a split's run has at least MIN_SPLIT_STEPS steps of ST selection blocks (its first
+# step also recomputes the score carried into it), and at most MAX_SPLITS splits a tile
+MIN_SPLIT_STEPS = 8
+MAX_SPLITS = 4
+
+
+def _splits(steps: int) -> int:
+    """Splits of the longest query tile's `steps`: the largest power of two <= MAX_SPLITS that leaves each
+    run at least MIN_SPLIT_STEPS steps (1 for short documents)."""
+    splits = 1
+    while splits * 2 <= MAX_SPLITS and steps // (splits * 2) >= MIN_SPLIT_STEPS:
+        splits *= 2
+    return splits
+
+
+def _longest_document(seq: int, q_start: int, cu_seqlens: torch.Tensor | None) -> int:
+    """The most tokens any query of the chunk can see in its document (from host-side bounds: no sync)."""
+    if cu_seqlens is None:
+        return q_start + seq
+    bounds = host_bounds(cu_seqlens)
+    return max((min(hi, q_start + seq) - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > q_start), default=0)
 
 
 def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens):

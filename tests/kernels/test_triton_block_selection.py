@@ -103,6 +103,41 @@ def test_launch_override(monkeypatch):
     check(2, 1, torch.float32, (8, 4, 8, 5))
 
 
+@pytest.mark.parametrize(
+    "splits, sizes, seq, q_start, packed",
+    [(2, (8, 4, 8, 9), 200, 0, False),  # split 1 starts at block 16: its carry-in is the planted share above
+     (4, (8, 4, 8, 5), T, 0, False),  # 3 steps of 8 blocks over 4 splits: one split is empty
+     (2, (16, 8, 16, 4), 200, 0, False),  # l < l': a carried compressed block starts mid-block
+     (4, (8, 4, 8, 5), T, 40, True)],
+    ids=["carry", "empty-split", "l-below-l'", "packed-at-offset"],
+)
+def test_key_splits_pick_what_one_pass_picks(monkeypatch, splits, sizes, seq, q_start, packed):
+    """A tile's selection blocks cut into SPLITS runs, one program each, merged by _topn_merge_kernel: the
+    same picks as the reference."""
+    torch.manual_seed(splits)
+    monkeypatch.setitem(block_selection.LAUNCH, "topn", {"SPLITS": splits})
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32, device=DEVICE) if packed else None
+    check(4, 1, torch.float32, sizes, q_start=q_start, cu_seqlens=cu_seqlens, seq=seq)
+
+
+def test_key_splits_by_length():
+    """Splits only where the longest document has MIN_SPLIT_STEPS steps a split; at most MAX_SPLITS."""
+    one, four = block_selection.MIN_SPLIT_STEPS, block_selection.MAX_SPLITS
+    assert block_selection._splits(2 * one - 1) == 1 and block_selection._splits(2 * one) == 2
+    assert block_selection._splits(1000 * one) == four
+    cu_seqlens = torch.tensor([0, 10, 300, 310], dtype=torch.int32)
+    assert block_selection._longest_document(310, 0, cu_seqlens) == 290
+    assert block_selection._longest_document(100, 210, cu_seqlens) == 290  # query 299 sees 10..299
+    assert block_selection._longest_document(5, 302, cu_seqlens) == 7  # queries 302..306, document from 300
+    assert block_selection._longest_document(64, 1000, None) == 1064
+
+
+def test_key_splits_refused_with_max_score(monkeypatch):
+    monkeypatch.setitem(block_selection.LAUNCH, "topn", {"SPLITS": 2})
+    with pytest.raises(ValueError, match="SPLITS=2"):
+        check(2, 1, torch.float32, (8, 4, 8, 5), score="max")
+
+
 @pytest.mark.parametrize("q_start", [0, 37])
 def test_query_tiles_cover_each_query_once_longest_first(q_start):
     """The tiles partition the chunk's queries without straddling a document, each with its document's

@@ -440,7 +440,8 @@ def main():
     args = parse_args()
     device = torch.device("cuda" if CUDA else "cpu")
     dtype = getattr(torch, args.dtype)
-    commit = git("rev-parse", "HEAD")
+    # the GPU machine's copy of the tree may hold a stale .git: the device scripts pass COMMIT
+    commit = os.environ.get("COMMIT") or git("rev-parse", "HEAD")
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name() if CUDA else "interpreter",
               "host": platform.node(), "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
               "dirty": bool(git("status", "--porcelain", "--", "kernels", "benchmarks")) if commit else None,

@@ -399,7 +399,8 @@ def select_blocks_triton(
     warps = 4 if head_dim <= 128 else 8
     top = pow2(num_selected)
     steps = -(-_longest_document(seq, q_start, cu_seqlens) // (selection_block * top))
-    splits = 1 if score == "max" else _splits(steps)
+    tile_bytes = BLOCK_T * group * head_dim * q.element_size()
+    splits = 1 if score == "max" else _splits(steps, tile_bytes)
     launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3, SPLITS=splits)
     if launch["SPLITS"] & (launch["SPLITS"] - 1) or (launch["SPLITS"] > 1 and score == "max"):
         raise ValueError(f"select_blocks_triton: SPLITS={launch['SPLITS']} must be a power of two, and 1 with "
@@ -427,17 +428,21 @@ def select_blocks_triton(
     return out
 
 
-# Top-n's key splits: a split's run has at least MIN_SPLIT_STEPS steps of ST selection blocks (its first
-# step also recomputes the score carried into it), and at most MAX_SPLITS splits a tile
+# Top-n's key splits (one H200, benchmarks/gpu_checks/sweep-topn-splits-*.json, ms of 1 / 2 / 4 splits):
+# G=16, D=128 (a tile's queries 256 KB) 46.4 / 39.2 / 39.0 at 128K, 12.0 / 10.1 / 10.2 at 64K, 0.81 / 0.74
+# at 16K; G=4 (64 KB, whose tiles fit L2 without splits) 5.4 / 6.2 / 6.6 at 64K, 0.39 / 0.47 at 16K. So two
+# splits, for tiles of more than SPLIT_TILE_BYTES of queries with at least MIN_SPLIT_STEPS steps a split
+# (a split's first step also recomputes the score carried into it).
 MIN_SPLIT_STEPS = 8
-MAX_SPLITS = 4
+MAX_SPLITS = 2
+SPLIT_TILE_BYTES = 64 * 1024
 
 
-def _splits(steps: int) -> int:
-    """Splits of the longest query tile's `steps`: the largest power of two <= MAX_SPLITS that leaves each
-    run at least MIN_SPLIT_STEPS steps (1 for short documents)."""
+def _splits(steps: int, tile_bytes: int) -> int:
+    """Splits of the longest query tile's `steps` of ST blocks, for a tile of `tile_bytes` of queries: the
+    largest power of two <= MAX_SPLITS that leaves each run at least MIN_SPLIT_STEPS steps, or 1."""
     splits = 1
-    while splits * 2 <= MAX_SPLITS and steps // (splits * 2) >= MIN_SPLIT_STEPS:
+    while tile_bytes > SPLIT_TILE_BYTES and splits * 2 <= MAX_SPLITS and steps // (splits * 2) >= MIN_SPLIT_STEPS:
         splits *= 2
     return splits
 

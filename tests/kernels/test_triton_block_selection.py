@@ -120,11 +120,13 @@ def test_key_splits_pick_what_one_pass_picks(monkeypatch, splits, sizes, seq, q_
     check(4, 1, torch.float32, sizes, q_start=q_start, cu_seqlens=cu_seqlens, seq=seq)
 
 
-def test_key_splits_by_length():
-    """Splits only where the longest document has MIN_SPLIT_STEPS steps a split; at most MAX_SPLITS."""
-    one, four = block_selection.MIN_SPLIT_STEPS, block_selection.MAX_SPLITS
-    assert block_selection._splits(2 * one - 1) == 1 and block_selection._splits(2 * one) == 2
-    assert block_selection._splits(1000 * one) == four
+def test_key_splits_by_length_and_tile_size():
+    """Splits only where the longest document has MIN_SPLIT_STEPS steps a split and a tile's queries are
+    larger than SPLIT_TILE_BYTES; at most MAX_SPLITS."""
+    one, most, big = block_selection.MIN_SPLIT_STEPS, block_selection.MAX_SPLITS, 4 * block_selection.SPLIT_TILE_BYTES
+    assert block_selection._splits(2 * one - 1, big) == 1 and block_selection._splits(2 * one, big) == 2
+    assert block_selection._splits(1000 * one, big) == most
+    assert block_selection._splits(1000 * one, block_selection.SPLIT_TILE_BYTES) == 1
     cu_seqlens = torch.tensor([0, 10, 300, 310], dtype=torch.int32)
     assert block_selection._longest_document(310, 0, cu_seqlens) == 290
     assert block_selection._longest_document(100, 210, cu_seqlens) == 290  # query 299 sees 10..299

@@ -435,7 +435,7 @@ def select_blocks_triton(
 # (a split's first step also recomputes the score carried into it).
 MIN_SPLIT_STEPS = 8
 MAX_SPLITS = 2
-SPLIT_TILE_BYTES = 64 * 1024
+SPLIT_TILE_BYTES = 128 * 1024
 
 
 def _splits(steps: int, tile_bytes: int) -> int:

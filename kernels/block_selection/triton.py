@@ -430,9 +430,10 @@ def select_blocks_triton(
 
 # Top-n's key splits (one H200, benchmarks/gpu_checks/sweep-topn-splits-*.json, ms of 1 / 2 / 4 splits):
 # G=16, D=128 (a tile's queries 256 KB) 46.4 / 39.2 / 39.0 at 128K, 12.0 / 10.1 / 10.2 at 64K, 0.81 / 0.74
-# at 16K; G=4 (64 KB, whose tiles fit L2 without splits) 5.4 / 6.2 / 6.6 at 64K, 0.39 / 0.47 at 16K. So two
-# splits, for tiles of more than SPLIT_TILE_BYTES of queries with at least MIN_SPLIT_STEPS steps a split
-# (a split's first step also recomputes the score carried into it).
+# at 16K; G=4 (64 KB, whose tiles fit L2 without splits) 5.4 / 6.2 / 6.6 at 64K, 0.39 / 0.47 at 16K; the
+# proof model's G=16, D=64 (128 KB) 0.51 / 0.55 / 0.58 at 32K. So two splits, for tiles of more than
+# SPLIT_TILE_BYTES of queries with at least MIN_SPLIT_STEPS steps a split (a split's first step also
+# recomputes the score carried into it).
 MIN_SPLIT_STEPS = 8
 MAX_SPLITS = 2
 SPLIT_TILE_BYTES = 128 * 1024

@@ -229,12 +229,11 @@ def topn_sweep(q, k_cmp, lse) -> Sweep:
         with torch.no_grad():
             return (block_selection.select_blocks_triton(q, k_cmp, lse, *args),)
 
-    # today's launch as select_blocks_triton picks it (4 warps at head dim <= 128; 8 above; key splits by
-    # the longest document's steps of ST selection blocks and a tile's query bytes)
-    steps = -(-q.shape[1] // (PAPER["selection_block"] * triton.next_power_of_2(PAPER["num_selected"])))
+    # today's launch as select_blocks_triton picks it (4 warps at head dim <= 128; 8 above; its key splits)
+    splits = block_selection.topn_splits(q, k_cmp.shape[2], PAPER["selection_block"], PAPER["num_selected"], 0, None,
+                                         "sum")
     now = dict(BLOCK_T=block_selection.BLOCK_T, num_warps=4 if q.shape[-1] <= 128 else 8, num_stages=3,
-               SPLITS=block_selection._splits(steps, block_selection.BLOCK_T * q.shape[2] // k_cmp.shape[2]
-                                              * q.shape[3] * q.element_size()))
+               SPLITS=splits)
     grid = configs(now, BLOCK_T=(64, 128), num_warps=(4, 8), num_stages=(3,), SPLITS=(1, 2, 4, 8, 16))
     grid += [dict(BLOCK_T=32, num_warps=4, num_stages=3, SPLITS=4), dict(BLOCK_T=64, num_warps=4, num_stages=2, SPLITS=4)]
     return Sweep("top-n", block_selection, "topn", now, grid, run, None, by_picks=True)

@@ -398,13 +398,11 @@ def select_blocks_triton(
     # sm_90 up to 256, ptxas resource usage)
     warps = 4 if head_dim <= 128 else 8
     top = pow2(num_selected)
-    steps = -(-_longest_document(seq, q_start, cu_seqlens) // (selection_block * top))
-    tile_bytes = BLOCK_T * group * head_dim * q.element_size()
-    splits = 1 if score == "max" else _splits(steps, tile_bytes)
-    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3, SPLITS=splits)
+    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3,
+                           SPLITS=topn_splits(q, num_kv_heads, selection_block, num_selected, q_start, cu_seqlens, score))
     if launch["SPLITS"] & (launch["SPLITS"] - 1) or (launch["SPLITS"] > 1 and score == "max"):
-        raise ValueError(f"select_blocks_triton: SPLITS={launch['SPLITS']} must be a power of two, and 1 with "
-                         "the 'max' score")
+        raise ValueError(f"select_blocks_triton: LAUNCH['topn']['SPLITS']={launch['SPLITS']} cannot be launched; "
+                         "set a power of two, and 1 with the 'max' score (its per-head carry has no split)")
     tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
     out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
     if tiles.shape[0] == 0:
@@ -437,6 +435,16 @@ def select_blocks_triton(
 MIN_SPLIT_STEPS = 8
 MAX_SPLITS = 2
 SPLIT_TILE_BYTES = 128 * 1024
+
+
+def topn_splits(q: torch.Tensor, num_kv_heads: int, selection_block: int, num_selected: int, q_start: int,
+                cu_seqlens: torch.Tensor | None, score: str) -> int:
+    """The key splits select_blocks_triton launches top-n with (before any LAUNCH override): by the longest
+    document's steps of pow2(n) selection blocks and the queries of a BLOCK_T tile; 1 with the 'max' score."""
+    if score == "max":
+        return 1
+    steps = -(-_longest_document(q.shape[1], q_start, cu_seqlens) // (selection_block * pow2(num_selected)))
+    return _splits(steps, BLOCK_T * q.shape[2] // num_kv_heads * q.shape[3] * q.element_size())
 
 
 def _splits(steps: int, tile_bytes: int) -> int:

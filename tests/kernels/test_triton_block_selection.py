@@ -127,6 +127,11 @@ def test_key_splits_by_length_and_tile_size():
     assert block_selection._splits(2 * one - 1, big) == 1 and block_selection._splits(2 * one, big) == 2
     assert block_selection._splits(1000 * one, big) == most
     assert block_selection._splits(1000 * one, block_selection.SPLIT_TILE_BYTES) == 1
+    # as launched: 128K tokens, 64 / 4 heads of 128 in bf16 (256 KB a tile) split; 16 / 4 heads, or 'max', not
+    q = torch.empty(1, 131072, 64, 128, dtype=torch.bfloat16, device="meta")
+    assert block_selection.topn_splits(q, 4, 64, 16, 0, None, "sum") == 2
+    assert block_selection.topn_splits(q[:, :, :16], 4, 64, 16, 0, None, "sum") == 1
+    assert block_selection.topn_splits(q, 4, 64, 16, 0, None, "max") == 1
     cu_seqlens = torch.tensor([0, 10, 300, 310], dtype=torch.int32)
     assert block_selection._longest_document(310, 0, cu_seqlens) == 290
     assert block_selection._longest_document(100, 210, cu_seqlens) == 290  # query 299 sees 10..299
@@ -136,7 +141,7 @@ def test_key_splits_by_length_and_tile_size():
 
 def test_key_splits_refused_with_max_score(monkeypatch):
     monkeypatch.setitem(block_selection.LAUNCH, "topn", {"SPLITS": 2})
-    with pytest.raises(ValueError, match="SPLITS=2"):
+    with pytest.raises(ValueError, match=r"\['SPLITS'\]=2 cannot be launched"):
         check(2, 1, torch.float32, (8, 4, 8, 5), score="max")
 
 

@@ -1,15 +1,13 @@
 """Issue 11: the range attention's one-pass backward (atomic dQ) against its split backward (dQ and
-dK/dV kernels), and the one pass's walk order (range_attention.ONEPASS_ROTATE), compressed or window
-branch (--branch), in one process on one GPU.
+dK/dV kernels), compressed or window branch (--branch), in one process on one GPU.
 
 At each T of --seqs (B=1, HQ=64, HK=4, D=128, bf16 (--dtype); compressed branch: paper config l=32,
 d=16, TK = (T - 32) // 16 + 1 compressed keys, ranges from compressed_ranges; window branch: TK = T
-keys, window --window, ranges from window_ranges):
-- forward ms (one kernel, shared by every path), backward ms of each path (range_attention_bwd:
-  delta, kernels, buffers, casts): split, one pass (walk from the rotation point, the default) and one
-  pass unrotated (walk from each chunk's first row), medians of triton.testing.do_bench over >= --reps
-  timed runs; the two one-pass walks are then timed again in alternating order (ABAB), so that their
-  ratio does not carry the drift between timings made a while apart;
+keys, window --window, ranges from window_ranges; --doc-len packs documents of that length):
+- forward ms (one kernel, shared by both paths), backward ms of each path (range_attention_bwd:
+  delta, kernels, buffers, casts), medians of triton.testing.do_bench over >= --reps timed runs; then
+  both timed again in alternating order (ABAB), so that their ratio does not carry the drift between
+  timings made a while apart;
 - each path's dq, dk, dv against an fp32 run of the split path: max abs and RMS-relative error; a
   path passes if both are within 2x the split bf16 path's own error (+ 1e-3 on the RMS-relative one);
 - each path's run-to-run max abs difference (0 for the split path; the one-pass path's fp32 atomics
@@ -50,7 +48,7 @@ sys.path.insert(0, str(REPO))
 import kernels.range_attention as ra  # noqa: E402
 from kernels.common import default_scale  # noqa: E402
 from kernels.compressed_attention.triton import compressed_ranges  # noqa: E402
-from kernels.compression.naive import num_compressed_blocks  # noqa: E402
+from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks  # noqa: E402
 from kernels.window_attention.triton import window_ranges  # noqa: E402
 from tools.bench_kernels import median_ms  # noqa: E402
 
@@ -59,14 +57,15 @@ BLOCK, STRIDE = 32, 16  # paper config compression block l and stride d
 # units, seconds per backward at 128K, and every trial would cost that); 32 x 32 tiles at 8 warps
 # spill 144-604 bytes in an offline sm_90a compile, larger tiles or 4 warps 1.1-6 KB
 FP32_CONFIG = ra._config(32, 32, 8, 1)
-# path -> (BWD_ONE_PASS, ONEPASS_ROTATE)
-PATHS = {"split": (False, True), "onepass": (True, True), "onepass-unrotated": (True, False)}
+PATHS = {"split": False, "onepass": True}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--branch", default="compressed", choices=["compressed", "window"])
     p.add_argument("--window", type=int, default=512, help="window branch: keys a query sees")
+    p.add_argument("--doc-len", type=int, default=0,
+                   help="packed documents of this many tokens (the proof's stages: 2048, 8192); 0: one")
     p.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
     p.add_argument("--q-heads", type=int, default=64)
     p.add_argument("--kv-heads", type=int, default=4)
@@ -81,13 +80,13 @@ def parse_args():
 
 
 @contextmanager
-def backward_path(one_pass: bool, chunking: int = ra.ONEPASS_CHUNKING, rotate: bool = True):
-    saved = ra.BWD_ONE_PASS, ra.ONEPASS_CHUNKING, ra.ONEPASS_ROTATE
-    ra.BWD_ONE_PASS, ra.ONEPASS_CHUNKING, ra.ONEPASS_ROTATE = one_pass, chunking, rotate
+def chunking_set(chunking: int):
+    saved = ra.ONEPASS_CHUNKING
+    ra.ONEPASS_CHUNKING = chunking
     try:
         yield
     finally:
-        ra.BWD_ONE_PASS, ra.ONEPASS_CHUNKING, ra.ONEPASS_ROTATE = saved
+        ra.ONEPASS_CHUNKING = saved
 
 
 @contextmanager
@@ -134,12 +133,16 @@ def peak_gib(fn) -> float:
 def one_length(seq: int, args, device):
     """This length's figures, and its bf16 inputs with a backward(q, k, v, o, lse, do) for more timings."""
     t0 = time.time()
+    # packed documents of --doc-len tokens (the last one shorter), or one document
+    cu = torch.arange(0, seq + args.doc_len, args.doc_len, device=device).clamp(max=seq).to(torch.int32) \
+        if args.doc_len else None
     if args.branch == "compressed":
-        num_keys = num_compressed_blocks(seq, BLOCK, STRIDE)
-        ranges = compressed_ranges(seq, num_keys, BLOCK, STRIDE, 0, None, device)
+        num_keys = num_compressed_blocks(seq, BLOCK, STRIDE) if cu is None else \
+            int(compressed_cu_seqlens(cu, BLOCK, STRIDE)[-1])
+        ranges = compressed_ranges(seq, num_keys, BLOCK, STRIDE, 0, cu, device)
     else:
         num_keys = seq
-        ranges = window_ranges(seq, seq, args.window, 0, 0, None, device)
+        ranges = window_ranges(seq, seq, args.window, 0, 0, cu, device)
     gen = torch.Generator(device=device).manual_seed(seq)
     q, k, v = (torch.randn(1, n, h, args.head_dim, device=device, generator=gen)
                for n, h in ((seq, args.q_heads), (num_keys, args.kv_heads), (num_keys, args.kv_heads)))
@@ -147,12 +150,12 @@ def one_length(seq: int, args, device):
     scale = default_scale(args.head_dim, None)
     res = {"T": seq, "TK": num_keys, "HQ": args.q_heads, "HK": args.kv_heads, "D": args.head_dim}
 
-    def backward(q, k, v, o, lse, do):
-        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale)
+    def backward(q, k, v, o, lse, do, one_pass):
+        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale, one_pass)
 
-    with fixed_fp32_configs(), backward_path(False):
+    with fixed_fp32_configs():
         o32, lse32 = ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
-        ref = backward(q, k, v, o32, lse32, do)
+        ref = backward(q, k, v, o32, lse32, do, False)
     del o32, lse32
     res["fp32_reference_s"] = time.time() - t0
     print(f"T={seq} TK={num_keys}: fp32 reference {res['fp32_reference_s']:.1f} s", flush=True)
@@ -160,32 +163,29 @@ def one_length(seq: int, args, device):
     q, k, v, do = (x.to(getattr(torch, args.dtype)) for x in (q, k, v, do))
     o, lse = ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
     res["fwd_ms"] = timed(lambda: ra.range_attention_fwd(q, k, v, *ranges[:2], scale), args.reps)
-    for name, (one_pass, rotate) in PATHS.items():
+    for name, one_pass in PATHS.items():
         t1 = time.time()
-        with backward_path(one_pass, rotate=rotate):
-            grads = backward(q, k, v, o, lse, do)  # compiles and autotunes
-            line = {"first_call_s": time.time() - t1, "errors": errors(grads, ref)}
-            line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)
-            line["peak_gib"] = peak_gib(lambda: backward(q, k, v, o, lse, do))
-            again = backward(q, k, v, o, lse, do)
-            line["rerun_max_abs_diff"] = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads, again))
-            line["config"] = str(ra._TUNED["onepass" if one_pass else "dkv"].best_config) \
-                if torch.cuda.is_available() else "interpreter"
+        grads = backward(q, k, v, o, lse, do, one_pass)  # compiles and autotunes
+        line = {"first_call_s": time.time() - t1, "errors": errors(grads, ref)}
+        line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do, one_pass), args.reps)
+        line["peak_gib"] = peak_gib(lambda: backward(q, k, v, o, lse, do, one_pass))
+        again = backward(q, k, v, o, lse, do, one_pass)
+        line["rerun_max_abs_diff"] = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads, again))
+        line["config"] = str(ra._TUNED["onepass" if one_pass else "dkv"].best_config) \
+            if torch.cuda.is_available() else "interpreter"
         del grads, again
         res[name] = line
         print(f"  {name}: bwd {line['bwd_ms']:.2f} ms, first call {line['first_call_s']:.1f} s, "
               f"errors {json.dumps(line['errors'])}", flush=True)
-    for name in ("onepass", "onepass-unrotated"):
-        res[name]["within_bound"] = within_bound(res[name]["errors"], res["split"]["errors"])
-    abab = {"onepass": [], "onepass-unrotated": []}
+    res["onepass"]["within_bound"] = within_bound(res["onepass"]["errors"], res["split"]["errors"])
+    abab = {name: [] for name in PATHS}
     for _ in range(2):
-        for name in abab:
-            with backward_path(True, rotate=PATHS[name][1]):
-                abab[name].append(timed(lambda: backward(q, k, v, o, lse, do), args.reps))
-    res["rotation_abab_ms"] = abab
-    res["rotation_speedup"] = sum(abab["onepass-unrotated"]) / sum(abab["onepass"])
-    print(f"  ABAB: rotated {abab['onepass']} unrotated {abab['onepass-unrotated']} ms: "
-          f"rotation {res['rotation_speedup']:.3f}x", flush=True)
+        for name, one_pass in PATHS.items():
+            abab[name].append(timed(lambda: backward(q, k, v, o, lse, do, one_pass), args.reps))
+    res["abab_ms"] = abab
+    res["onepass_speedup_abab"] = sum(abab["split"]) / sum(abab["onepass"])
+    print(f"  ABAB: split {abab['split']} one pass {abab['onepass']} ms: one pass "
+          f"{res['onepass_speedup_abab']:.3f}x split", flush=True)
     return res, (q, k, v, o, lse, do, backward)
 
 
@@ -199,6 +199,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     report = {"command": " ".join(["python3", *sys.argv]), "branch": args.branch, "window": args.window,
+              "doc_len": args.doc_len,
               "commit": os.environ.get("COMMIT") or commit, "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.node(),
               "triton": triton.__version__, "torch": torch.__version__, "lengths": []}
     for seq in args.seqs:
@@ -208,8 +209,8 @@ def main():
     q, k, v, o, lse, do, backward = last
     sweep = {}
     for chunking in args.chunking:
-        with backward_path(True, chunking):
-            sweep[chunking] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)
+        with chunking_set(chunking):
+            sweep[chunking] = timed(lambda: backward(q, k, v, o, lse, do, True), args.reps)
         print(f"  onepass, ONEPASS_CHUNKING={chunking}: {sweep[chunking]:.2f} ms", flush=True)
     report["chunking_sweep_ms"] = {"T": args.seqs[-1], "default": ra.ONEPASS_CHUNKING, **sweep}
     write(report, args.out)
@@ -217,16 +218,16 @@ def main():
     print(f"\nrange attention backward, {args.branch} branch (HQ={args.q_heads}, HK={args.kv_heads}, "
           f"D={args.head_dim}, {args.dtype}), commit {report['commit'][:10]}")
     print("max abs error against fp32, one-pass / split (the bound is 2x split); ok: within the bound; "
-          "rotation: unrotated / rotated one pass, ABAB")
-    print(f"{'T':>7} {'TK':>6} {'fwd ms':>7} {'split ms':>9} {'onepass ms':>10} {'unrotated':>9} {'speedup':>7} "
-          f"{'rotation':>8}  " + "  ".join(f"{t + ' err':>17}" for t in ("dq", "dk", "dv")) + "  ok")
+          "speedup: split ms / one-pass ms, then the same in the ABAB timings")
+    print(f"{'T':>7} {'TK':>6} {'fwd ms':>7} {'split ms':>9} {'onepass ms':>10} {'speedup':>7} {'ABAB':>6}  "
+          + "  ".join(f"{t + ' err':>17}" for t in ("dq", "dk", "dv")) + "  ok")
     for r in report["lengths"]:
-        split, one, flat = r["split"], r["onepass"], r["onepass-unrotated"]
+        split, one = r["split"], r["onepass"]
         errs = "  ".join(f"{one['errors'][t]['max_abs']:>8.1e}/{split['errors'][t]['max_abs']:<8.1e}"
                          for t in ("dq", "dk", "dv"))
         print(f"{r['T']:>7} {r['TK']:>6} {r['fwd_ms']:>7.2f} {split['bwd_ms']:>9.2f} {one['bwd_ms']:>10.2f} "
-              f"{flat['bwd_ms']:>9.2f} {split['bwd_ms'] / one['bwd_ms']:>6.2f}x {r['rotation_speedup']:>7.3f}x  "
-              f"{errs}  {one['within_bound'] and flat['within_bound']}")
+              f"{split['bwd_ms'] / one['bwd_ms']:>6.2f}x {r['onepass_speedup_abab']:>5.2f}x  {errs}  "
+              f"{one['within_bound']}")
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,7 @@ are not visible, compute and apply the visibility mask; the tiles between, visib
 the program (most of them: a compressed-attention row sees all earlier blocks, a window row w keys),
 skip the mask and its integer work.
 
-Backward, two paths (BWD_ONE_PASS chooses). The split path (FlashAttention-2's Triton tutorial): dQ
+Backward, two paths (each branch chooses: its ONE_PASS_BACKWARD). The split path (FlashAttention-2's Triton tutorial): dQ
 by query tiles, dK/dV by key tiles, each output element written by exactly one program (no atomics,
 deterministic), but both kernels recompute S and dP: 7 matmuls per (row, key) pair, 3.5x the
 forward's 2. The dK/dV program computes the transposed scores (keys as the rows of its dots), so that
@@ -89,8 +89,7 @@ def _autotuned(kernel, name, accumulators):
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
     # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
     # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
-    key = ["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"] + (["ROTATE"] if name == "onepass" else [])
-    return triton.autotune(small + large, key=key, reset_to_zero=accumulators,
+    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"], reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
 
@@ -375,43 +374,13 @@ def _range_attn_bwd_dkv(
              mask=key_ok[:, None] & (dv[None, :] < DV))
 
 
-@triton.jit
-def _onepass_rows(q, do, lse, delta, lo, hi, dq_acc, b, hk, row_lo, row_hi, chunk_hi, full_lo, full_hi, keys, kt,
-                  vt, acc_k, acc_v, dk, dv, T, HQ, scale_log2, scale, G: tl.constexpr, DK: tl.constexpr,
-                  DV: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """Row tiles row_lo, row_lo + BLOCK_M, ... < row_hi of a one-pass program, masked where a row may miss a
-    key (outside [full_lo, full_hi)) or lie past chunk_hi. Returns (acc_k, acc_v)."""
-    mid_lo, mid_hi = _split_loop(row_lo, row_hi, full_lo, full_hi, BLOCK_M)
-    for r0 in range(row_lo, mid_lo, BLOCK_M):
-        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
-    for r0 in range(mid_lo, mid_hi, BLOCK_M):
-        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False)
-    for r0 in range(mid_hi, row_hi, BLOCK_M):
-        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
-    return acc_k, acc_v
-
-
-@triton.jit
-def _rotation_point(chunk_lo, chunk_hi, BLOCK_M: tl.constexpr):
-    """Where a one-pass program starts its walk over rows [chunk_lo, chunk_hi) (it then wraps around to
-    chunk_lo): the first row tile at or after a multiple of the chunk's length L. Programs whose chunks
-    have the same length then visit, at every step, the rows of one residue mod L: where their chunks
-    overlap (the window branch's neighbouring key tiles), they read the same q, dO and dQ rows together."""
-    length = tl.maximum(chunk_hi - chunk_lo, 1)
-    anchor = tl.cdiv(chunk_lo, length) * length
-    return tl.minimum(chunk_lo + tl.cdiv(anchor - chunk_lo, BLOCK_M) * BLOCK_M, chunk_hi)
-
-
 @triton.jit(do_not_specialize=["TK"])
 def _range_attn_bwd_onepass(
     q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi,
     T, TK, HQ, HK, scale_log2, scale,
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     """dQ, dK and dV in one pass (S and dP computed once per (row tile, key tile)): program (key tile,
@@ -420,9 +389,7 @@ def _range_attn_bwd_onepass(
     Chunks hold the same number of rows for every key tile (a multiple of BLOCK_M), counted back from
     the tile's last row: in the compressed branch every key is seen up to the last query, so the
     programs that run together (the key tiles of one chunk, axis 0 running fastest) walk the same rows
-    and their dQ additions meet in L2. Chunks past a key tile's first row have no rows (and add nothing).
-    In the window branch neighbouring key tiles' rows overlap but start one key tile apart; ROTATE starts
-    each walk at _rotation_point, so that they visit the shared rows at the same time (from L2)."""
+    and their dQ additions meet in L2. Chunks past a key tile's first row have no rows (and add nothing)."""
     b = tl.program_id(2) // HK
     hk = tl.program_id(2) % HK
     dk = tl.arange(0, BLOCK_DK)
@@ -432,21 +399,19 @@ def _range_attn_bwd_onepass(
     chunk_rows = tl.cdiv(tl.cdiv(T * G, tl.num_programs(1)), BLOCK_M) * BLOCK_M
     chunk_hi = row_end - tl.program_id(1) * chunk_rows
     chunk_lo = tl.maximum(chunk_hi - chunk_rows, row_start)
+    mid_lo, mid_hi = _split_loop(chunk_lo, chunk_hi, full_lo, full_hi, BLOCK_M)
 
     acc_k = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    if ROTATE:
-        turn = _rotation_point(chunk_lo, chunk_hi, BLOCK_M)
-        acc_k, acc_v = _onepass_rows(q, do, lse, delta, lo, hi, dq_acc, b, hk, turn, chunk_hi, chunk_hi, full_lo,
-                                     full_hi, keys, kt, vt, acc_k, acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK,
-                                     DV, BLOCK_M, PRECISION)
-        acc_k, acc_v = _onepass_rows(q, do, lse, delta, lo, hi, dq_acc, b, hk, chunk_lo, turn, chunk_hi, full_lo,
-                                     full_hi, keys, kt, vt, acc_k, acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK,
-                                     DV, BLOCK_M, PRECISION)
-    else:
-        acc_k, acc_v = _onepass_rows(q, do, lse, delta, lo, hi, dq_acc, b, hk, chunk_lo, chunk_hi, chunk_hi,
-                                     full_lo, full_hi, keys, kt, vt, acc_k, acc_v, dk, dv, T, HQ, scale_log2, scale,
-                                     G, DK, DV, BLOCK_M, PRECISION)
+    for r0 in range(chunk_lo, mid_lo, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
+    for r0 in range(mid_lo, mid_hi, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False)
+    for r0 in range(mid_hi, chunk_hi, BLOCK_M):
+        acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
     has_rows = chunk_lo < chunk_hi
     tl.atomic_add(dk_acc + kv_row[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=has_rows & key_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
@@ -491,21 +456,11 @@ _TUNED = {name: _autotuned(kernel, name, ["dq_acc", "dk_acc", "dv_acc"] if name 
 _MAX_SPLITS = 32
 _SPLIT_KEYS = 64  # keys per tile assumed when choosing the dK/dV split (the autotuned tile may differ)
 
-# The backward path: one pass with atomic dQ (True) or the dQ and dK/dV kernels (False). Measured on
-# one H200 at 128K, compressed branch (benchmarks/kernels-2026-11-30-range-bwd.json): split 141.7 ms,
-# one pass 125.2 ms (119.3 with ONEPASS_CHUNKING = 16), both within the bf16 error bound. The one pass
-# adds in fp32 atomics, in any order, so its gradients vary in the last bits from run to run: under
-# torch.use_deterministic_algorithms(True) the split path runs instead. A module setting, read at each
-# backward, so that one process can time both.
-BWD_ONE_PASS = True
 # One-pass grid: about this many times programs_wanted programs (key tiles x chunks of rows; in the
 # compressed branch about half of them have rows), so that the longest, a chunk of key tile 0, is
 # short and leaves a short tail. Measured at 128K: 1 -> 137.3 ms, 4 -> 125.2, 16 -> 119.3.
 ONEPASS_CHUNKING = 16
 _MAX_CHUNKS = 64
-# One-pass walk order: each program starts at _rotation_point (True) or at its chunk's first row (False).
-# A module setting, read at each backward, so that one process can time both.
-ONEPASS_ROTATE = True
 
 
 def _launch(name, device, grid, *args, **consts):
@@ -538,10 +493,11 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
     return o, lse
 
 
-def range_attention_bwd(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
-    """(dq, dk, dv) in the dtypes of q, k, v, by the path BWD_ONE_PASS names (the split one when PyTorch is
-    asked for deterministic algorithms)."""
-    if BWD_ONE_PASS and not torch.are_deterministic_algorithms_enabled():
+def range_attention_bwd(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale, one_pass):
+    """(dq, dk, dv) in the dtypes of q, k, v: by the one-pass backward if one_pass, else by the split one.
+    The one pass adds in fp32 atomics, in any order, so its gradients vary in the last bits from run to
+    run: when PyTorch is asked for deterministic algorithms the split path runs instead."""
+    if one_pass and not torch.are_deterministic_algorithms_enabled():
         return _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale)
     return _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale)
 
@@ -562,7 +518,7 @@ def _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
         return (key_tiles, max(1, min(_MAX_CHUNKS, chunks)), batch * k.shape[2])
 
     _launch("onepass", q.device, grid, q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi, *sizes,
-            scale, ROTATE=ONEPASS_ROTATE, **consts)
+            scale, **consts)
     return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
@@ -606,18 +562,21 @@ class RangeAttention(torch.autograd.Function):
     lo, hi: [T] int32, query token t sees keys lo[t] <= s < hi[t] (empty when lo >= hi).
     qlo, qhi: [TK] int32, key s is seen by exactly the query tokens qlo[s] <= t < qhi[s] (qlo >= qhi: by
     none): the inverse of lo/hi, which the dK/dV kernel uses to bound its rows and to skip the mask.
+    one_pass: the backward path (range_attention_bwd).
     Returns o: [B, T, HQ, Dv] q.dtype (0 where nothing is visible) and lse: [B, T, HQ] float32 (-inf there).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale):
+    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale, one_pass):
         o, lse = range_attention_fwd(q, k, v, lo, hi, scale)
         ctx.save_for_backward(q, k, v, o, lse, lo, hi, qlo, qhi)
         ctx.scale = scale
+        ctx.one_pass = one_pass
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, lo, hi, qlo, qhi = ctx.saved_tensors
-        dq, dk, dv = range_attention_bwd(q, k, v, o, lse, do.contiguous(), dlse, lo, hi, qlo, qhi, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = range_attention_bwd(q, k, v, o, lse, do.contiguous(), dlse, lo, hi, qlo, qhi, ctx.scale,
+                                         ctx.one_pass)
+        return dq, dk, dv, None, None, None, None, None, None

@@ -18,6 +18,7 @@ def one_case(dtype_name, group, tiles, max_chunks):
     import torch
 
     import kernels.range_attention as ra
+    import kernels.window_attention.triton as window_triton
     from kernels.window_attention.triton import window_attention_triton
 
     block_m, block_n, warps, stages = tiles
@@ -39,7 +40,7 @@ def one_case(dtype_name, group, tiles, max_chunks):
     do = torch.randn_like(o)
     grads = {}
     for one_pass in (False, True):
-        ra.BWD_ONE_PASS = one_pass
+        window_triton.ONE_PASS_BACKWARD = one_pass
         start = time.perf_counter()
         grads[one_pass] = torch.autograd.grad(o, leaves, do, retain_graph=True)
         torch.cuda.synchronize()

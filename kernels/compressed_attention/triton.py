@@ -13,6 +13,13 @@ from kernels.compression.naive import compressed_cu_seqlens
 from kernels.range_attention import RangeAttention
 from kernels.triton_utils import check_attention_inputs, check_packed
 
+# The range attention's backward path (kernels/range_attention.py): one pass with atomic dQ (True) or the
+# dQ and dK/dV kernels (False). Measured on one H200 (G=16, D=128, bf16; benchmarks/kernels-exp-range-bwd.py):
+# at 128K split 141.7 ms, one pass 125.2 (2026-11-30), 142.9 / 122.3 (2026-12-04,
+# range-bwd-compressed-2026-12-04-1f8dde3.json); at 16K 2.76 / 2.75. A module setting, read at each
+# backward, so that one process can time both.
+ONE_PASS_BACKWARD = True
+
 
 def compressed_ranges(
     seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
@@ -90,4 +97,5 @@ def compressed_attention_triton(
     check_packed("compressed_attention_triton", q.shape[0], cu_seqlens)
     ranges = compressed_ranges(q.shape[1], k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
-    return RangeAttention.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), *ranges, scale)
+    return RangeAttention.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), *ranges, scale,
+                                ONE_PASS_BACKWARD)

@@ -12,6 +12,15 @@ from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, do
 from kernels.range_attention import RangeAttention
 from kernels.triton_utils import check_attention_inputs, check_packed
 
+# The range attention's backward path (kernels/range_attention.py): one pass with atomic dQ (True) or the
+# dQ and dK/dV kernels (False). A window row is seen by about (w + key tile) / key tile key tiles (5 at
+# w=512), so the one pass adds each dQ row ~5 times in fp32 atomics that mostly miss L2; the split path
+# writes it once. Measured on one H200 (benchmarks/range-bwd-window-2026-12-04-1f8dde3.json,
+# range-bwd-window-proof-2026-12-04-1f8dde3.json; bf16, w=512), split / one pass ms: G=16, D=128 16K
+# 2.86 / 4.03, 128K 22.9 / 24.8 (peak 2.3 / 6.8 GB); the proof model's 16 / 1 heads of 64 at 32K 0.85 /
+# 1.65. A module setting, read at each backward, so that one process can time both.
+ONE_PASS_BACKWARD = False
+
 
 def window_ranges(
     seq: int, num_keys: int, window: int, q_start: int, k_start: int, cu_seqlens: torch.Tensor | None,
@@ -79,4 +88,4 @@ def window_attention_triton(
     check_packed("window_attention_triton", q.shape[0], cu_seqlens)
     ranges = window_ranges(q.shape[1], k.shape[1], window, q_start, k_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
-    return RangeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *ranges, scale)
+    return RangeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *ranges, scale, ONE_PASS_BACKWARD)

@@ -2,11 +2,13 @@
 
 import pytest
 
-import kernels.range_attention as range_attention
+import kernels.compressed_attention.triton as compressed_attention
+import kernels.window_attention.triton as window_attention
 
 
 @pytest.fixture(params=[False, True], ids=["split-bwd", "onepass-bwd"])
 def range_backward(request, monkeypatch):
-    """Runs a test once per backward path of the range attention (BWD_ONE_PASS): the two-kernel one and
-    the one pass with atomic dQ."""
-    monkeypatch.setattr(range_attention, "BWD_ONE_PASS", request.param)
+    """Runs a test once per backward path of the range attention (each branch's ONE_PASS_BACKWARD): the
+    two-kernel one and the one pass with atomic dQ."""
+    for branch in (compressed_attention, window_attention):
+        monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", request.param)

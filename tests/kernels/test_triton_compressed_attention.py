@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import kernels.compressed_attention.triton as compressed_triton
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks
@@ -95,7 +96,7 @@ def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
     def one_pass(*args):
         raise AssertionError("the one-pass backward ran")
 
-    monkeypatch.setattr(range_attention, "BWD_ONE_PASS", True)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_BACKWARD", True)
     monkeypatch.setattr(range_attention, "_bwd_one_pass", one_pass)
     torch.manual_seed(0)
     inputs = leaves(1, 40, num_compressed_blocks(40, L, STRIDE), 2, 1, torch.float32)

@@ -97,6 +97,7 @@ def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
         raise AssertionError("the one-pass backward ran")
 
     monkeypatch.setattr(compressed_triton, "ONE_PASS_BACKWARD", True)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
     monkeypatch.setattr(range_attention, "_bwd_one_pass", one_pass)
     torch.manual_seed(0)
     inputs = leaves(1, 40, num_compressed_blocks(40, L, STRIDE), 2, 1, torch.float32)
@@ -110,3 +111,21 @@ def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
     with pytest.raises(AssertionError, match="one-pass backward ran"):
         compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
                           block_size=L, stride=STRIDE)
+
+
+def test_short_sequences_take_the_split_backward(monkeypatch):
+    """ONE_PASS_MIN_TOKENS: a sequence of fewer queries takes the split backward, one of as many the one pass."""
+    import kernels.range_attention as range_attention
+
+    ran = []
+    for name in ("_bwd_one_pass", "_bwd_split"):
+        monkeypatch.setattr(range_attention, name,
+                            lambda *args, name=name, run=getattr(range_attention, name): ran.append(name) or run(*args))
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_BACKWARD", True)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 40)
+    torch.manual_seed(0)
+    for seq, path in ((39, "_bwd_split"), (40, "_bwd_one_pass")):
+        inputs = leaves(1, seq, num_compressed_blocks(seq, L, STRIDE), 2, 1, torch.float32)
+        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                          block_size=L, stride=STRIDE)
+        assert ran.pop() == path and not ran, f"T={seq}: expected {path}"

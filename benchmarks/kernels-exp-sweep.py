@@ -4,7 +4,7 @@ parameters are fixed in code, not autotuned, in one process on one GPU.
 Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_params):
 - top-n selection, kernels/block_selection/triton.py "topn": BLOCK_T x num_warps x num_stages x SPLITS
   (key splits a query tile; until session 29 also a group-rows kernel: 0.42-0.68x at 128K, G=16, so
-  removed);
+  removed), and today's launch with SORTED_MERGE=False (topk's merge) as the first candidate;
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program), backward "dkv" (BLOCK_M
   too) and "reduce";
@@ -233,9 +233,13 @@ def topn_sweep(q, k_cmp, lse) -> Sweep:
     splits = block_selection.topn_splits(q, k_cmp.shape[2], PAPER["selection_block"], PAPER["num_selected"], 0, None,
                                          "sum")
     now = dict(BLOCK_T=block_selection.BLOCK_T, num_warps=4 if q.shape[-1] <= 128 else 8, num_stages=3,
-               SPLITS=splits)
-    grid = configs(now, BLOCK_T=(64, 128), num_warps=(4, 8), num_stages=(3,), SPLITS=(1, 2, 4, 8, 16))
-    grid += [dict(BLOCK_T=32, num_warps=4, num_stages=3, SPLITS=4), dict(BLOCK_T=64, num_warps=4, num_stages=2, SPLITS=4)]
+               SPLITS=splits, SORTED_MERGE=True)
+    grid = configs(now, BLOCK_T=(64, 128), num_warps=(4, 8), num_stages=(3,), SPLITS=(1, 2, 4, 8, 16),
+                   SORTED_MERGE=(True,))
+    grid += [dict(BLOCK_T=32, num_warps=4, num_stages=3, SPLITS=4, SORTED_MERGE=True),
+             dict(BLOCK_T=64, num_warps=4, num_stages=2, SPLITS=4, SORTED_MERGE=True)]
+    # today's launch with topk's merge second (--max-candidates 2 times the merges alone)
+    grid.insert(1, dict(now, SORTED_MERGE=False))
     return Sweep("top-n", block_selection, "topn", now, grid, run, None, by_picks=True)
 
 

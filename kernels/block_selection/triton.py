@@ -45,8 +45,8 @@ from kernels.triton_utils import (
 )
 
 BLOCK_T = 64  # query tokens per program
-# Launch parameters set over the defaults (BLOCK_T, num_warps, num_stages) under the key "topn"; empty in
-# use, filled by benchmarks/kernels-exp-sweep.py. (A second kernel holding the group's heads as the rows of
+# Launch parameters set over the defaults (BLOCK_T, num_warps, num_stages, SPLITS, SORTED_MERGE: _merge's
+# way) under the keys "topn" and "topn_exact"; empty in use, filled by benchmarks/kernels-exp-sweep.py. (A second kernel holding the group's heads as the rows of
 # one tile, so a tile's queries load once, picked the same blocks but ran 0.42-0.68x as fast at 128K, G=16;
 # removed, see benchmarks/kernels-notes.md, session 29.)
 LAUNCH: dict[str, dict] = {}
@@ -90,14 +90,20 @@ def _spread(c, c_ok, j0, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexp
 
 
 @triton.jit
-def _merge(running, scores, tok_ok, cur, blocks, BLOCK_T: tl.constexpr, ST: tl.constexpr):
-    """Merges one tile of selection blocks' scores [BLOCK_T, ST] into the running top-ST keys (the module
-    docstring's ranking; block 0 and the two local blocks forced, blocks after the query's refused)."""
+def _merge(running, scores, tok_ok, cur, blocks, BLOCK_T: tl.constexpr, ST: tl.constexpr, SORTED_MERGE: tl.constexpr):
+    """Merges one tile of selection blocks' scores [BLOCK_T, ST] into the running top-ST keys, sorted
+    descending (the module docstring's ranking; block 0 and the two local blocks forced, blocks after the
+    query's refused). SORTED_MERGE: the tile's keys are sorted ascending, and their elementwise maximum with
+    the running list (a bitonic sequence holding the top ST of the union) takes one bitonic merge: at ST=16,
+    14 compare-and-swap rounds over ST keys a row, against 10 rounds over 2 ST and 4 over ST for topk of the
+    two lists side by side; half the keys live at once. The same keys in the same order either way."""
     allowed = tok_ok[:, None] & (blocks[None, :] <= cur[:, None])
     forced = (blocks[None, :] == 0) | (blocks[None, :] == cur[:, None]) | (blocks[None, :] == cur[:, None] - 1)
     scores = tl.where(forced, float("inf"), scores)
     key = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - blocks).to(tl.int64)[None, :]
     key = tl.where(allowed, key, -1)
+    if SORTED_MERGE:
+        return tl.bitonic_merge(tl.maximum(running, tl.sort(key)), descending=True)
     return tl.topk(tl.reshape(tl.join(running, key), [BLOCK_T, 2 * ST]), ST)
 
 
@@ -156,7 +162,7 @@ def _topn_kernel(
     G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
     DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ST: tl.constexpr,
     PRECISION: tl.constexpr, MAX_SCORE: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr,
-    CARRY_C: tl.constexpr,
+    CARRY_C: tl.constexpr, SORTED_MERGE: tl.constexpr,
 ):
     """A program a tile of BLOCK_T tokens; the group's heads one after another (a [BLOCK_T, D] query tile
     loaded and multiplied per head and key tile). With SPLITS > 1 (sum score only) a tile's selection
@@ -210,7 +216,7 @@ def _topn_kernel(
         if not MAX_SCORE:
             scores = tl.dot(p_sum, weight, input_precision="ieee") + tl.where(cols[None, :] == 0, carry[:, None], 0.0)
             carry = tl.sum(p_sum * spill_weight[None, :], 1)
-        running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST)
+        running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST, SORTED_MERGE)
     if SPLITS == 1:
         _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
     else:
@@ -276,7 +282,7 @@ def _topn_exact_kernel(
     q, k, lse, tiles, out,
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr,
-    ST: tl.constexpr, PRECISION: tl.constexpr,
+    ST: tl.constexpr, PRECISION: tl.constexpr, SORTED_MERGE: tl.constexpr,
 ):
     """Top-n by the group's exact attention mass on each block: sum over its heads and the block's visible
     keys of exp2(s - lse), ST blocks scored into one [BLOCK_T, ST] tile and then merged."""
@@ -300,7 +306,7 @@ def _topn_exact_kernel(
                 s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
                 mass += tl.sum(tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0), 1)
             scores = tl.where(cols[None, :] == jj, mass[:, None], scores)
-        running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST)
+        running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST, SORTED_MERGE)
     _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
 
 
@@ -398,7 +404,7 @@ def select_blocks_triton(
     # sm_90 up to 256, ptxas resource usage)
     warps = 4 if head_dim <= 128 else 8
     top = pow2(num_selected)
-    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3,
+    launch = launch_params(LAUNCH, "topn", BLOCK_T=BLOCK_T, num_warps=warps, num_stages=3, SORTED_MERGE=True,
                            SPLITS=topn_splits(q, num_kv_heads, selection_block, num_selected, q_start, cu_seqlens, score))
     if launch["SPLITS"] & (launch["SPLITS"] - 1) or (launch["SPLITS"] > 1 and score == "max"):
         raise ValueError(f"select_blocks_triton: LAUNCH['topn']['SPLITS']={launch['SPLITS']} cannot be launched; "
@@ -476,7 +482,7 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     batch, seq, num_q_heads, head_dim = q.shape
     num_kv_heads = keys.shape[2]
     scale = default_scale(head_dim, scale)
-    launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=BLOCK_T, num_warps=4, num_stages=2)
+    launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, SORTED_MERGE=True)
     tiles = query_tiles(seq, 0, selection_block, selection_block, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
     out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
     if tiles.shape[0] == 0:
@@ -484,10 +490,11 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     q, keys = q.contiguous(), keys.contiguous()
     lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
     grid = (tiles.shape[0], batch * num_kv_heads)
+    sorted_merge = launch.pop("SORTED_MERGE")
     shapes = dict(G=num_q_heads // num_kv_heads, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
                   PRECISION=dot_precision(q.dtype), **launch)
     common = (seq, keys.shape[1], num_q_heads, num_kv_heads)
     _exact_lse_kernel[grid](q, keys, tiles, lse, *common, q_start, scale * LOG2E, **shapes)
     _topn_exact_kernel[grid](q, keys, lse, tiles, out, *common, num_selected, q_start, scale * LOG2E,
-                             ST=pow2(num_selected), **shapes)
+                             ST=pow2(num_selected), SORTED_MERGE=sorted_merge, **shapes)
     return out

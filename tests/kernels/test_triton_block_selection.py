@@ -103,6 +103,19 @@ def test_launch_override(monkeypatch):
     check(2, 1, torch.float32, (8, 4, 8, 5))
 
 
+@pytest.mark.parametrize("score", ["sum", "max", "exact"])
+def test_topk_merge_picks_what_the_sorted_merge_picks(monkeypatch, score):
+    """SORTED_MERGE=False (each step's keys and the running list through topk, the merge before the sorted
+    one, kept for timing both in one run): the reference's picks too, over several merges (T = 200)."""
+    torch.manual_seed(7)
+    for kernel in ("topn", "topn_exact"):
+        monkeypatch.setitem(block_selection.LAUNCH, kernel, {"SORTED_MERGE": False})
+    if score == "exact":
+        check_raw_key_score("exact", 2, 1, torch.float32, 16, 4, seq=200)
+    else:
+        check(4, 1, torch.float32, (8, 4, 8, 9), score=score, seq=200)
+
+
 @pytest.mark.parametrize(
     "splits, sizes, seq, q_start, packed",
     [(2, (8, 4, 8, 9), 200, 0, False),  # split 1 starts at block 16: its carry-in is the planted share above

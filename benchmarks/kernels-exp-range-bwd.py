@@ -14,11 +14,15 @@ keys, window --window, ranges from window_ranges; --doc-len packs documents of t
   add in any order) and the peak memory of each backward above what was allocated before it;
 - at the last T, the one-pass backward at other chunk counts (range_attention.ONEPASS_CHUNKING).
 Prints a table last and writes JSON to --out (after each T too). From the repository root, on one
-H200 (not run yet; expected 2-3 minutes, most of it compiling 13 kernel variants and autotuning):
+H200 (about a minute a branch at two lengths, most of it compiling and autotuning; the proof model's
+heads: --q-heads 16 --kv-heads 1 --head-dim 64, with --doc-len 2048 or 8192 for its stages' documents):
 
     PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-range-bwd.py --out $OUT/range-bwd.json
     PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-range-bwd.py --branch window --seqs 16384 131072 \
         --chunking --out $OUT/range-bwd-window.json
+
+The branches' choice of path (ONE_PASS_BACKWARD in kernels/compressed_attention/triton.py and
+kernels/window_attention/triton.py) rests on these figures (benchmarks/range-bwd-*.json).
 
 Without CUDA it runs under Triton's interpreter (TRITON_INTERPRET=1) on small sizes, without timings,
 to check the script: --seqs 1200 --q-heads 4 --kv-heads 2 --head-dim 32 --dtype float16 --chunking 1

@@ -92,6 +92,15 @@ def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     return document_layout(cu_seqlens, "bounds", cu_seqlens.tolist)
 
 
+def longest_document(seq: int, q_start: int, cu_seqlens: torch.Tensor | None) -> int:
+    """The most tokens any query of a chunk (seq queries from global position q_start) can see in its
+    document, from host-side bounds (no device read)."""
+    if cu_seqlens is None:
+        return q_start + seq
+    bounds = host_bounds(cu_seqlens)
+    return max((min(hi, q_start + seq) - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > q_start), default=0)
+
+
 def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a tensor on `device`, without waiting for the GPU: a copy from pageable memory
     synchronizes with the stream, one from pinned memory runs behind the queued work."""

@@ -36,7 +36,9 @@ import triton
 import triton.language as tl
 
 from kernels.block_selection.naive import SELECTION_SCORES, bound_inputs
-from kernels.common import LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds
+from kernels.common import (
+    LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds, longest_document,
+)
 from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_bounds
 from kernels.range_attention import LOG2E
@@ -449,7 +451,7 @@ def topn_splits(q: torch.Tensor, num_kv_heads: int, selection_block: int, num_se
     document's steps of pow2(n) selection blocks and the queries of a BLOCK_T tile; 1 with the 'max' score."""
     if score == "max":
         return 1
-    steps = -(-_longest_document(q.shape[1], q_start, cu_seqlens) // (selection_block * pow2(num_selected)))
+    steps = -(-longest_document(q.shape[1], q_start, cu_seqlens) // (selection_block * pow2(num_selected)))
     return _splits(steps, BLOCK_T * q.shape[2] // num_kv_heads * q.shape[3] * q.element_size())
 
 
@@ -460,14 +462,6 @@ def _splits(steps: int, tile_bytes: int) -> int:
     while tile_bytes > SPLIT_TILE_BYTES and splits * 2 <= MAX_SPLITS and steps // (splits * 2) >= MIN_SPLIT_STEPS:
         splits *= 2
     return splits
-
-
-def _longest_document(seq: int, q_start: int, cu_seqlens: torch.Tensor | None) -> int:
-    """The most tokens any query of the chunk can see in its document (from host-side bounds: no sync)."""
-    if cu_seqlens is None:
-        return q_start + seq
-    bounds = host_bounds(cu_seqlens)
-    return max((min(hi, q_start + seq) - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > q_start), default=0)
 
 
 def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens):

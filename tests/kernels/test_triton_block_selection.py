@@ -7,6 +7,7 @@ import kernels.block_selection.triton as block_selection
 from kernels.block_selection.naive import select_blocks_ref
 from kernels.block_selection.triton import select_blocks_triton
 from kernels.compressed_attention.naive import compressed_attention_ref
+from kernels.common import longest_document
 from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks
 from triton_cases import DEVICE, INTERPRETER_WARNINGS, randn, require_backend
 
@@ -146,10 +147,10 @@ def test_key_splits_by_length_and_tile_size():
     assert block_selection.topn_splits(q[:, :, :16], 4, 64, 16, 0, None, "sum") == 1
     assert block_selection.topn_splits(q, 4, 64, 16, 0, None, "max") == 1
     cu_seqlens = torch.tensor([0, 10, 300, 310], dtype=torch.int32)
-    assert block_selection._longest_document(310, 0, cu_seqlens) == 290
-    assert block_selection._longest_document(100, 210, cu_seqlens) == 290  # query 299 sees 10..299
-    assert block_selection._longest_document(5, 302, cu_seqlens) == 7  # queries 302..306, document from 300
-    assert block_selection._longest_document(64, 1000, None) == 1064
+    assert longest_document(310, 0, cu_seqlens) == 290
+    assert longest_document(100, 210, cu_seqlens) == 290  # query 299 sees 10..299
+    assert longest_document(5, 302, cu_seqlens) == 7  # queries 302..306, document from 300
+    assert longest_document(64, 1000, None) == 1064
 
 
 def test_key_splits_refused_with_max_score(monkeypatch):

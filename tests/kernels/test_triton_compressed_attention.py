@@ -113,8 +113,9 @@ def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
                           block_size=L, stride=STRIDE)
 
 
-def test_short_sequences_take_the_split_backward(monkeypatch):
-    """ONE_PASS_MIN_TOKENS: a sequence of fewer queries takes the split backward, one of as many the one pass."""
+def test_short_documents_take_the_split_backward(monkeypatch):
+    """ONE_PASS_MIN_TOKENS: where no query sees that many tokens of its document the split backward runs,
+    else the one pass; packed documents count one by one, not by the batch's tokens."""
     import kernels.range_attention as range_attention
 
     ran = []
@@ -124,8 +125,13 @@ def test_short_sequences_take_the_split_backward(monkeypatch):
     monkeypatch.setattr(compressed_triton, "ONE_PASS_BACKWARD", True)
     monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 40)
     torch.manual_seed(0)
-    for seq, path in ((39, "_bwd_split"), (40, "_bwd_one_pass")):
-        inputs = leaves(1, seq, num_compressed_blocks(seq, L, STRIDE), 2, 1, torch.float32)
+    cases = [(39, None, "_bwd_split"), (40, None, "_bwd_one_pass"), (80, [0, 39, 78, 80], "_bwd_split"),
+             (80, [0, 38, 78, 80], "_bwd_one_pass")]
+    for seq, bounds, path in cases:
+        cu_seqlens = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+        num_blocks = num_compressed_blocks(seq, L, STRIDE) if bounds is None else \
+            int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
+        inputs = leaves(1, seq, num_blocks, 2, 1, torch.float32)
         compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
-                          block_size=L, stride=STRIDE)
-        assert ran.pop() == path and not ran, f"T={seq}: expected {path}"
+                          block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
+        assert ran.pop() == path and not ran, f"T={seq}, documents {bounds}: expected {path}"

@@ -80,7 +80,10 @@ def parse_args():
     p.add_argument("--chunking", type=int, nargs="*", default=[1, 16],
                    help="ONEPASS_CHUNKING values timed at the last T besides the default")
     p.add_argument("--out", required=True, help="JSON file to write")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.doc_len < 0:
+        p.error(f"--doc-len {args.doc_len}: give a document length in tokens, or 0 for one document a sequence")
+    return args
 
 
 @contextmanager
@@ -204,7 +207,8 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     report = {"command": " ".join(["python3", *sys.argv]), "branch": args.branch, "window": args.window,
               "doc_len": args.doc_len,
-              "commit": os.environ.get("COMMIT") or commit, "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.node(),
+              "commit": os.environ.get("COMMIT") or commit,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.node(),
               "triton": triton.__version__, "torch": torch.__version__, "lengths": []}
     for seq in args.seqs:
         res, last = one_length(seq, args, device)

@@ -12,10 +12,10 @@ are not visible, compute and apply the visibility mask; the tiles between, visib
 the program (most of them: a compressed-attention row sees all earlier blocks, a window row w keys),
 skip the mask and its integer work.
 
-Backward, two paths (each branch chooses: its ONE_PASS_BACKWARD). The split path (FlashAttention-2's Triton tutorial): dQ
-by query tiles, dK/dV by key tiles, each output element written by exactly one program (no atomics,
-deterministic), but both kernels recompute S and dP: 7 matmuls per (row, key) pair, 3.5x the
-forward's 2. The dK/dV program computes the transposed scores (keys as the rows of its dots), so that
+Backward, two paths (each branch chooses: its ONE_PASS_BACKWARD). The split path (FlashAttention-2's
+Triton tutorial): dQ by query tiles, dK/dV by key tiles, each output element written by exactly one
+program (no atomics, deterministic), but both kernels recompute S and dP: 7 matmuls per (row, key)
+pair, 3.5x the forward's 2. The dK/dV program computes the transposed scores (keys as the rows of its dots), so that
 P^T and dS^T come out of one dot already in the layout of the next, and visits only the query rows
 whose ranges can contain its keys (per-key query ranges that the branches pass in). The compressed
 branch has few keys (T/d) that each see up to T*G rows, so too few key tiles to fill the GPU: the

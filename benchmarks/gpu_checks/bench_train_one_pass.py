@@ -1,6 +1,7 @@
 """tools/bench_train.py with the range attention's one-pass backward in both branches: the behaviour before
-the window branch (9efe853) and short compressed sequences (63cb639) took the split backward, so that a
-training step can be timed both ways on one machine. Same arguments as tools/bench_train.py:
+the window branch (9efe853) and the compressed branch on documents under 64K tokens (63cb639, c072d12) took
+the split backward, so that a training step can be timed both ways on one machine. Same arguments as
+tools/bench_train.py:
 
     python3 benchmarks/gpu_checks/bench_train_one_pass.py --config configs/proof_100m.yaml --attention nsa ...
 """

@@ -48,9 +48,10 @@ from kernels.triton_utils import (
 
 BLOCK_T = 64  # query tokens per program
 # Launch parameters set over the defaults (BLOCK_T, num_warps, num_stages, SPLITS, SORTED_MERGE: _merge's
-# way) under the keys "topn" and "topn_exact"; empty in use, filled by benchmarks/kernels-exp-sweep.py. (A second kernel holding the group's heads as the rows of
-# one tile, so a tile's queries load once, picked the same blocks but ran 0.42-0.68x as fast at 128K, G=16;
-# removed, see benchmarks/kernels-notes.md, session 29.)
+# way) under the keys "topn" and "topn_exact"; empty in use, filled by benchmarks/kernels-exp-sweep.py.
+# (A second kernel holding the group's heads as the rows of one tile, so a tile's queries load once, picked
+# the same blocks but ran 0.42-0.68x as fast at 128K, G=16; removed, see benchmarks/kernels-notes.md,
+# session 29.)
 LAUNCH: dict[str, dict] = {}
 
 

@@ -16,7 +16,8 @@ from kernels.triton_utils import check_attention_inputs, check_packed
 # The range attention's backward path (kernels/range_attention.py): one pass with atomic dQ, where
 # ONE_PASS_BACKWARD is set and some query sees at least ONE_PASS_MIN_TOKENS tokens of its document
 # (kernels.common.longest_document: a compressed key's rows are its document's, so the one pass pays
-# by document length, not by the batch's tokens), else the dQ and dK/dV kernels (split). Measured on one H200 (bf16; benchmarks/kernels-exp-range-bwd.py), split / one pass ms:
+# by document length, not by the batch's tokens), else the dQ and dK/dV kernels (split). Measured on one
+# H200 (bf16; benchmarks/kernels-exp-range-bwd.py), split / one pass ms:
 # G=16, D=128: 128K 141.7 / 125.2 (2026-11-30), 142.9 / 122.3 (range-bwd-compressed-2026-12-04-1f8dde3.json),
 # 64K 37.2 / 31.9 (2026-11-30), 16K 2.76 / 2.75; the proof model's 16 / 1 heads of 64
 # (range-bwd-compressed-proof*-2026-12-04-9efe853.json): 32K 1.47 / 1.69, 8 documents of 8K 1.19 / 1.60,

@@ -18,7 +18,8 @@ from kernels.triton_utils import check_attention_inputs, check_packed
 # writes it once. Measured on one H200 (benchmarks/range-bwd-window-2026-12-04-1f8dde3.json,
 # range-bwd-window-proof-2026-12-04-1f8dde3.json; bf16, w=512), split / one pass ms: G=16, D=128 16K
 # 2.86 / 4.03, 128K 22.9 / 24.8 (peak 2.3 / 6.8 GB); the proof model's 16 / 1 heads of 64 at 32K 0.85 /
-# 1.65, and over 16 documents of 2K 0.82 / 1.41 (range-bwd-window-proof-2kdocs-2026-12-04-9efe853.json). A module setting, read at each backward, so that one process can time both.
+# 1.65, and over 16 documents of 2K 0.82 / 1.41 (range-bwd-window-proof-2kdocs-2026-12-04-9efe853.json).
+# A module setting, read at each backward, so that one process can time both.
 ONE_PASS_BACKWARD = False
 
 

@@ -85,6 +85,7 @@ from tools.bench_kernels import PAPER, median_ms  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 FAMILIES = ("top-n", "selected", "combine")
+SELECTED_PARTS = ("fwd", "dq", "dkv", "reduce")  # selected attention's kernels, by their LAUNCH keys
 TOPN_AGREEMENT = 0.999  # share of (token, KV head) rows whose picks must equal the baseline's
 DEFAULT_STAGES = CUDAOptions.num_stages  # Triton's, when a launch does not set it
 # The fp32 reference runs the selected kernels as CUDA-core dots; the launch configs of the bf16
@@ -108,6 +109,8 @@ def parse_args():
     p.add_argument("--max-candidates", type=int, default=None if CUDA else 2,
                    help="per kernel, today's config first (default: all; 2 without CUDA)")
     p.add_argument("--kernels", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="which to sweep")
+    p.add_argument("--selected-parts", nargs="+", default=list(SELECTED_PARTS), choices=SELECTED_PARTS,
+                   help="which of selected attention's kernels to sweep (with --kernels selected)")
     p.add_argument("--out", required=True, help="JSON file to write")
     return p.parse_args()
 
@@ -171,9 +174,10 @@ def selected_sweeps(q, k, v, do, blocks) -> list[Sweep]:
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, configs(fwd_now, **grid_fs), forward, reference[0]),
         Sweep("selected bwd: dq", selected, "dq", dq_now, configs(dq_now, **grid_fs), backward, reference[1]),
+        # BLOCK_M 16 and 32 leave the two fp32 accumulators room: no spills offline (selected-dkv-offline.py)
         Sweep("selected bwd: dkv", selected, "dkv", dkv_now,
-              [c for c in configs(dkv_now, BLOCK_M=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
-               if (c["BLOCK_M"], c["num_warps"]) != (32, 8)], backward, reference[1]),
+              configs(dkv_now, BLOCK_M=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
+              backward, reference[1]),
         Sweep("selected bwd: reduce", selected, "reduce", reduce_now,
               [reduce_now, dict(num_warps=2, num_stages=3), dict(num_warps=8, num_stages=3),
                dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1)], backward, reference[1]),
@@ -381,7 +385,8 @@ def one_shape(shape: Shape, first: Shape, args, report, device, dtype) -> None:
         if "top-n" in args.kernels:
             sweep_all([topn])
         if "selected" in args.kernels and not over_budget(args):
-            sweep_all(selected_sweeps(q, k, v, do, topn.run()[0]))
+            sweeps = selected_sweeps(q, k, v, do, topn.run()[0])
+            sweep_all([sw for sw in sweeps if sw.key in args.selected_parts])
         del q, k, v, do, k_cmp, v_cmp, lse, topn
         empty_cache()
     if "combine" in args.kernels and not over_budget(args):

@@ -322,7 +322,10 @@ def bench(args, attention: str) -> dict:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout this runs from; None outside a git checkout (e.g. a copied working tree)."""
+    """$COMMIT where set (the GPU machine's copy of the tree may hold a stale .git: the device scripts pass
+    it), else HEAD of the checkout this runs from; None outside a git checkout (e.g. a copied working tree)."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"][:7]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     except OSError:

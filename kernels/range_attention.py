@@ -37,13 +37,18 @@ per (T, TK, G, Dk, Dv, dtype), in memory and in Triton's cache directory); rows 
 longest-first (the last query tiles of the compressed branch see the most keys), so that the long
 programs do not start last and leave the GPU idle at the end. Under the interpreter (CPU) one fixed
 configuration runs.
+
+K and V tiles of the forward and dQ kernels can come through TMA tensor descriptors instead of pointer
+loads (TMA_LOADS; Hopper and later, head dims that are powers of two): one copy instruction a tile,
+no per-thread addresses. Off until its timing against the pointer loads
+(benchmarks/kernels-exp-range-tma.py) says otherwise; the tests run it under the interpreter.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot_precision, poisoned, pow2, programs_wanted
+from kernels.triton_utils import dot_precision, poisoned, pow2, programs_wanted, tma_allocator
 
 LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2 is the fast instruction)
 
@@ -67,6 +72,13 @@ _CONFIGS = {
     "onepass": ([_config(64, 128, 8, 3), _config(64, 128, 8, 2), _config(64, 64, 8, 2)],
                 [_config(64, 32, 8, 2), _config(32, 32, 4, 2)]),
 }
+# The kernels whose key tiles can come through TMA tensor descriptors (a TMA argument), and the switch.
+# Off until timed against the pointer loads on the GPU (benchmarks/kernels-exp-range-tma.py): the
+# forward and dQ kernels measured at 0.4 instructions a cycle with 8 warps a multiprocessor (Nsight
+# Compute, benchmarks/kernels-notes.md, session 38), latency-bound, and a TMA copy is one instruction
+# for a whole K or V tile where the pointer loads issue one per thread and vector, with their addresses.
+TMA_KERNELS = ("fwd", "dq")
+TMA_LOADS = False
 # The interpreter runs one numpy op per tile op: big tiles make it fast.
 _CPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 
@@ -89,7 +101,8 @@ def _autotuned(kernel, name, accumulators):
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
     # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
     # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
-    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"], reset_to_zero=accumulators,
+    key = ["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"] + (["TMA"] if name in TMA_KERNELS else [])
+    return triton.autotune(small + large, key=key, reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
 
@@ -151,11 +164,38 @@ def store_rows(o, lse, flat, row_ok, dv, DV: tl.constexpr, m, l_sum, acc):
 
 
 @triton.jit
+def _key_sources(k, v, b, TK, HK, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """What _key_tile reads K and V through: the pointers, or (TMA) tensor descriptors over batch b's keys
+    and those before it, [(b + 1) * TK, HK * D], whose [BLOCK_N, D] tiles the Hopper TMA unit copies
+    (rows past batch b's last key come back zero)."""
+    if TMA:
+        k_src = tl.make_tensor_descriptor(k, shape=[(b + 1) * TK, HK * DK], strides=[HK * DK, 1],
+                                          block_shape=[BLOCK_N, BLOCK_DK])
+        v_src = tl.make_tensor_descriptor(v, shape=[(b + 1) * TK, HK * DV], strides=[HK * DV, 1],
+                                          block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        k_src = k
+        v_src = v
+    return k_src, v_src
+
+
+@triton.jit
 def _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr = False):
     """Keys n0 .. n0 + BLOCK_N - 1 and their K and V tiles (rows past `end` zero when MASKED; an unmasked
-    tile lies inside [0, end) by construction)."""
+    tile lies inside [0, end) by construction). k, v: pointers, or with TMA descriptors (_key_sources;
+    then DK and DV are the tiles' widths)."""
     keys = n0 + tl.arange(0, BLOCK_N)
+    if TMA:
+        row = (b * TK + n0).to(tl.int32)
+        kt = k.load([row, (hk * DK).to(tl.int32)])
+        vt = v.load([row, (hk * DV).to(tl.int32)])
+        if MASKED:
+            key_ok = keys < end
+            kt = tl.where(key_ok[:, None], kt, 0.0)
+            vt = tl.where(key_ok[:, None], vt, 0.0)
+        return keys, kt, vt
     kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
     k_ptr = k + kv_row[:, None] * DK + dk[None, :]
     v_ptr = v + kv_row[:, None] * DV + dv[None, :]
@@ -177,6 +217,7 @@ def _range_attn_fwd(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     pid_m = _longest_first(T, G, BLOCK_M)
@@ -188,6 +229,7 @@ def _range_attn_fwd(
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    k, v = _key_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, TMA)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -198,14 +240,14 @@ def _range_attn_fwd(
     mid_lo, mid_hi = _split_loop(start, end, tl.max(tl.where(row_ok, row_lo, 0)),
                                  tl.min(tl.where(row_ok, row_hi, TK)), BLOCK_N)
     for n0 in range(start, mid_lo, BLOCK_N):
-        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True, TMA)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
     for n0 in range(mid_lo, mid_hi, BLOCK_N):
-        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False)
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False, TMA)
         m, l_sum, acc = online_softmax_step(qt, kt, vt, None, m, l_sum, acc, scale_log2, PRECISION, False)
     for n0 in range(mid_hi, end, BLOCK_N):
-        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True, TMA)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
     store_rows(o, lse, flat, row_ok, dv, DV, m, l_sum, acc)
@@ -231,6 +273,7 @@ def _range_attn_bwd_dq(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     pid_m = _longest_first(T, G, BLOCK_M)
@@ -247,6 +290,7 @@ def _range_attn_bwd_dq(
     # rows that see nothing have lse = -inf and no visible key; 0 keeps exp2 finite for them
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
+    k, v = _key_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, TMA)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     start = tl.min(tl.where(row_ok & (row_lo < row_hi), row_lo, TK))
@@ -254,14 +298,14 @@ def _range_attn_bwd_dq(
     mid_lo, mid_hi = _split_loop(start, end, tl.max(tl.where(row_ok, row_lo, 0)),
                                  tl.min(tl.where(row_ok, row_hi, TK)), BLOCK_N)
     for n0 in range(start, mid_lo, BLOCK_N):
-        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True, TMA)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         acc = dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
     for n0 in range(mid_lo, mid_hi, BLOCK_N):
-        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False)
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False, TMA)
         acc = dq_step(qt, dot, kt, vt, None, row_lse, row_delta, acc, scale_log2, PRECISION, False)
     for n0 in range(mid_hi, end, BLOCK_N):
-        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True)
+        keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True, TMA)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         acc = dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECISION, True)
     tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
@@ -472,6 +516,20 @@ def _launch(name, device, grid, *args, **consts):
         _TUNED[name][grid](*args, **consts)
 
 
+def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward and dQ kernels read K and V through TMA descriptors: TMA_LOADS is set, the head
+    dims are tile widths (powers of two from 16) and the device has the TMA unit (compute capability 9
+    or later; the interpreter emulates it)."""
+    if not TMA_LOADS or any(d != pow2(d) for d in (q.shape[-1], v.shape[-1])):
+        return False
+    if q.device.type == "cpu":
+        return True
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    tma_allocator()
+    return True
+
+
 def _launch_args(q, k, v, scale):
     group = q.shape[2] // k.shape[2]
     return dict(
@@ -489,7 +547,7 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
     def grid(tiles):
         return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
 
-    _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts)
+    _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts, TMA=use_tma(q, k, v))
     return o, lse
 
 
@@ -535,7 +593,8 @@ def _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
     def grid_q(tiles):
         return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
 
-    _launch("dq", q.device, grid_q, q, k, v, do, lse, delta, dq, lo, hi, *sizes, scale, **consts)
+    _launch("dq", q.device, grid_q, q, k, v, do, lse, delta, dq, lo, hi, *sizes, scale, **consts,
+            TMA=use_tma(q, k, v))
     key_programs = max(1, triton.cdiv(k.shape[1], _SPLIT_KEYS) * batch * k.shape[2])
     splits = max(1, min(_MAX_SPLITS, programs_wanted(q.device) // key_programs))
     if splits > 1:

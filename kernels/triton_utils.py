@@ -26,6 +26,18 @@ def launch_params(overrides: dict[str, dict], kernel: str, **defaults) -> dict:
     return {**defaults, **overrides.get(kernel, {})}
 
 
+def tma_allocator() -> None:
+    """Gives Triton the allocator its kernels need for tensor descriptors made on the device
+    (tl.make_tensor_descriptor: 128 bytes of global scratch a program), once a process."""
+    global _TMA_ALLOCATOR_SET
+    if not _TMA_ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _TMA_ALLOCATOR_SET = True
+
+
+_TMA_ALLOCATOR_SET = False
+
+
 def programs_wanted(device: torch.device) -> int:
     """Programs that keep every multiprocessor busy with several at once (one alone leaves it
     latency-bound): what the kernels that choose their own work split aim for. On CPU (interpreter) a

@@ -1,0 +1,208 @@
+"""Issue 11: the range attention's forward and dQ kernels with K and V read through TMA tensor
+descriptors (kernels/range_attention.py TMA_LOADS) against the pointer loads, in one process on one GPU.
+
+For each branch of --branches (compressed: paper config l=32, d=16, TK = (T - 32) // 16 + 1 compressed
+keys; window: TK = T keys, window --window) and each T of --seqs (B=1, HQ=--q-heads, HK=--kv-heads,
+D=--head-dim, bf16; --doc-len packs documents of that length):
+- the forward and the split backward (delta, dQ kernel, dK/dV kernel: TMA changes the first two only),
+  each way, against an fp32 run with pointer loads (max abs and RMS-relative error of o, dq, dk, dv);
+  TMA passes if each is within 2x the pointer path's own error (+ 1e-3 on the RMS-relative one);
+- medians of triton.testing.do_bench over >= --reps timed runs, then both ways again in alternating
+  order (ABAB, twice), whose sums give the ratio (pointer ms / TMA ms), free of the drift between
+  timings made a while apart.
+Prints a table last and writes JSON to --out (after each shape too). From the repository root, on one
+H200 (the paper's heads at 16K and 128K, then the proof model's: 16 query heads sharing one KV head of 64):
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-range-tma.py --seqs 16384 131072 --out $OUT/tma.json
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-range-tma.py --seqs 32768 --q-heads 16 --kv-heads 1 \\
+        --head-dim 64 --doc-len 8192 --out $OUT/tma-proof.json
+
+Without CUDA it runs under Triton's interpreter (TRITON_INTERPRET=1) on small sizes, without timings, to
+check the script: --seqs 600 --q-heads 4 --kv-heads 2 --head-dim 32 --window 100 --dtype float16.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are imported
+
+import triton  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import kernels.range_attention as ra  # noqa: E402
+from kernels.common import default_scale  # noqa: E402
+from kernels.compressed_attention.triton import compressed_ranges  # noqa: E402
+from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks  # noqa: E402
+from kernels.window_attention.triton import window_ranges  # noqa: E402
+from tools.bench_kernels import median_ms  # noqa: E402
+
+BLOCK, STRIDE = 32, 16  # paper config compression block l and stride d
+WAYS = {"pointers": False, "tma": True}  # TMA_LOADS
+# fp32 reference: one fixed config a kernel, no autotuning (fp32 dots are FMA loops; see kernels-exp-range-bwd.py)
+FP32_CONFIG = ra._config(32, 32, 8, 1)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--branches", nargs="+", default=["compressed", "window"], choices=["compressed", "window"])
+    p.add_argument("--window", type=int, default=512, help="window branch: keys a query sees")
+    p.add_argument("--doc-len", type=int, default=0, help="packed documents of this many tokens; 0: one")
+    p.add_argument("--seqs", type=int, nargs="+", default=[16384, 131072])
+    p.add_argument("--q-heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="of the timed runs (the interpreter computes bf16 wrongly: float16 there)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per figure (at least)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args()
+    if args.doc_len < 0:
+        p.error(f"--doc-len {args.doc_len}: give a document length in tokens, or 0 for one document a sequence")
+    if args.head_dim != triton.next_power_of_2(args.head_dim) or args.head_dim < 16:
+        p.error(f"--head-dim {args.head_dim}: TMA tiles are the head dim wide; give a power of two from 16")
+    return args
+
+
+@contextmanager
+def tma_loads(on: bool):
+    saved = ra.TMA_LOADS
+    ra.TMA_LOADS = on
+    try:
+        yield
+    finally:
+        ra.TMA_LOADS = saved
+
+
+@contextmanager
+def fixed_fp32_configs():
+    saved = ra._TUNED
+    ra._TUNED = {name: triton.autotune([FP32_CONFIG], key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"])(kernel)
+                 for name, kernel in ra._KERNELS.items()}
+    try:
+        yield
+    finally:
+        ra._TUNED = saved
+
+
+def errors(outputs, ref) -> dict:
+    out = {}
+    for name, x, r in zip(("o", "dq", "dk", "dv"), outputs, ref):
+        diff = (x.float() - r).double()
+        out[name] = {"max_abs": diff.abs().max().item(),
+                     "rms_rel": (diff.pow(2).mean().sqrt() / r.double().pow(2).mean().sqrt()).item()}
+    return out
+
+
+def within_bound(err: dict, bound: dict) -> bool:
+    return all(err[t]["max_abs"] <= 2 * bound[t]["max_abs"] and err[t]["rms_rel"] <= 2 * bound[t]["rms_rel"] + 1e-3
+               for t in err)
+
+
+def timed(fn, reps: int) -> float:
+    return median_ms(fn, reps)["ms"] if torch.cuda.is_available() else float("nan")
+
+
+def one_shape(branch: str, seq: int, args, device) -> dict:
+    t0 = time.time()
+    cu = torch.arange(0, seq + args.doc_len, args.doc_len, device=device).clamp(max=seq).to(torch.int32) \
+        if args.doc_len else None
+    if branch == "compressed":
+        num_keys = num_compressed_blocks(seq, BLOCK, STRIDE) if cu is None else \
+            int(compressed_cu_seqlens(cu, BLOCK, STRIDE)[-1])
+        ranges = compressed_ranges(seq, num_keys, BLOCK, STRIDE, 0, cu, device)
+    else:
+        num_keys = seq
+        ranges = window_ranges(seq, seq, args.window, 0, 0, cu, device)
+    gen = torch.Generator(device=device).manual_seed(seq)
+    q, k, v = (torch.randn(1, n, h, args.head_dim, device=device, generator=gen)
+               for n, h in ((seq, args.q_heads), (num_keys, args.kv_heads), (num_keys, args.kv_heads)))
+    do = torch.randn(1, seq, args.q_heads, args.head_dim, device=device, generator=gen)
+    scale = default_scale(args.head_dim, None)
+
+    def forward(q, k, v):
+        return ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
+
+    def backward(q, k, v, o, lse, do):
+        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale, False)
+
+    with fixed_fp32_configs(), tma_loads(False):
+        o32, lse32 = forward(q, k, v)
+        ref = (o32, *backward(q, k, v, o32, lse32, do))
+    res = {"branch": branch, "T": seq, "TK": num_keys, "HQ": args.q_heads, "HK": args.kv_heads, "D": args.head_dim,
+           "doc_len": args.doc_len, "fp32_reference_s": time.time() - t0}
+    q, k, v, do = (x.to(getattr(torch, args.dtype)) for x in (q, k, v, do))
+    kept = {}
+    for way, on in WAYS.items():
+        with tma_loads(on):
+            t1 = time.time()
+            o, lse = forward(q, k, v)
+            grads = backward(q, k, v, o, lse, do)  # compiles and autotunes
+            line = {"first_call_s": time.time() - t1, "errors": errors((o, *grads), ref),
+                    "tma_taken": ra.use_tma(q, k, v)}
+            line["fwd_ms"] = timed(lambda: forward(q, k, v), args.reps)
+            line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)
+            if torch.cuda.is_available():
+                line["configs"] = {name: str(ra._TUNED[name].best_config) for name in ("fwd", "dq")}
+        kept[way] = (o, lse)
+        res[way] = line
+        print(f"  {branch} T={seq} {way}: fwd {line['fwd_ms']:.2f} ms, bwd {line['bwd_ms']:.2f} ms, "
+              f"first call {line['first_call_s']:.1f} s", flush=True)
+    res["tma"]["within_bound"] = within_bound(res["tma"]["errors"], res["pointers"]["errors"])
+    abab = {f"{way}_{part}": [] for way in WAYS for part in ("fwd", "bwd")}
+    for _ in range(2):
+        for way, on in WAYS.items():
+            o, lse = kept[way]
+            with tma_loads(on):
+                abab[f"{way}_fwd"].append(timed(lambda: forward(q, k, v), args.reps))
+                abab[f"{way}_bwd"].append(timed(lambda: backward(q, k, v, o, lse, do), args.reps))
+    res["abab_ms"] = abab
+    for part in ("fwd", "bwd"):
+        res[f"tma_speedup_{part}_abab"] = sum(abab[f"pointers_{part}"]) / sum(abab[f"tma_{part}"])
+    print(f"  ABAB: {json.dumps(abab)}", flush=True)
+    return res
+
+
+def write(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    report = {"command": " ".join(["python3", *sys.argv]), "commit": os.environ.get("COMMIT") or commit,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.node(),
+              "triton": triton.__version__, "torch": torch.__version__, "window": args.window, "shapes": []}
+    for branch in args.branches:
+        for seq in args.seqs:
+            report["shapes"].append(one_shape(branch, seq, args, device))
+            write(report, args.out)
+
+    print(f"\nrange attention, K/V through TMA descriptors against pointer loads (HQ={args.q_heads}, "
+          f"HK={args.kv_heads}, D={args.head_dim}, {args.dtype}), commit {report['commit'][:10]}")
+    print("ms, pointers / TMA; speedup: pointer ms / TMA ms over the ABAB timings; ok: TMA's errors against "
+          "fp32 within 2x the pointer path's")
+    print(f"{'branch':>10} {'T':>7} {'fwd ms':>15} {'bwd ms':>15} {'fwd x':>6} {'bwd x':>6}  ok")
+    for r in report["shapes"]:
+        ptr, tma = r["pointers"], r["tma"]
+        print(f"{r['branch']:>10} {r['T']:>7} {ptr['fwd_ms']:>7.2f}/{tma['fwd_ms']:<7.2f} "
+              f"{ptr['bwd_ms']:>7.2f}/{tma['bwd_ms']:<7.2f} {r['tma_speedup_fwd_abab']:>5.2f}x "
+              f"{r['tma_speedup_bwd_abab']:>5.2f}x  {tma['within_bound'] and tma['tma_taken']}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The range attention's forward and dQ kernels reading K and V through TMA tensor descriptors
+(range_attention.TMA_LOADS): the compressed and window branches against their references, on the split
+backward (whose dQ kernel is one of the two), over batches (a descriptor covers its batch's keys and
+those before it), packed documents and several key tiles."""
+
+import pytest
+import torch
+
+import kernels.compressed_attention.triton as compressed_triton
+import kernels.range_attention as range_attention
+import kernels.window_attention.triton as window_triton
+from kernels.compressed_attention.naive import compressed_attention_ref
+from kernels.compressed_attention.triton import compressed_attention_triton
+from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks
+from kernels.range_attention import _CPU_TILES
+from kernels.window_attention.naive import window_attention_ref
+from kernels.window_attention.triton import window_attention_triton
+from triton_cases import DEVICE, INTERPRETER_WARNINGS, LOW_PRECISION, compare_attention, compare_to_fp32, randn
+
+pytestmark = INTERPRETER_WARNINGS
+
+L, STRIDE = 16, 8  # compression block, stride
+DK, DV = 32, 16
+
+
+@pytest.fixture
+def tma_loads(monkeypatch):
+    """TMA loads on, the split backward in both branches; counts the launches that took the TMA path."""
+    monkeypatch.setattr(range_attention, "TMA_LOADS", True)
+    for branch in (compressed_triton, window_triton):
+        monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", False)
+    taken = []
+    use_tma = range_attention.use_tma
+
+    def counting(q, k, v):
+        taken.append(use_tma(q, k, v))
+        return taken[-1]
+
+    monkeypatch.setattr(range_attention, "use_tma", counting)
+    yield taken
+    assert taken and all(taken), f"the kernels did not take the TMA path: {taken}"
+
+
+def leaves(batch, seq, num_keys, group, kv_heads, dk=DK, dv=DV):
+    return dict(q=randn(batch, seq, group * kv_heads, dk), k=randn(batch, num_keys, kv_heads, dk),
+                v=randn(batch, num_keys, kv_heads, dv))
+
+
+def compressed_leaves(batch, seq, num_blocks, group, kv_heads):
+    inputs = leaves(batch, seq, num_blocks, group, kv_heads)
+    return dict(q=inputs["q"], k_cmp=inputs["k"], v_cmp=inputs["v"])
+
+
+@pytest.mark.parametrize("group, kv_heads", [(2, 2), (16, 1)], ids=["G2-HK2", "G16"])
+def test_compressed_over_a_batch(tma_loads, group, kv_heads):
+    torch.manual_seed(group)
+    seq = 131
+    inputs = compressed_leaves(2, seq, num_compressed_blocks(seq, L, STRIDE), group, kv_heads)
+    compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                      block_size=L, stride=STRIDE)
+
+
+def test_compressed_packed_over_several_key_tiles(tma_loads):
+    """Three full key tiles and a partial one; a document ends after 700 tokens and one of 10 tokens
+    has no block; q scaled up so that later tiles raise rows' maxima (the online rescale)."""
+    seq = 3 * _CPU_TILES["BLOCK_N"] * STRIDE + 100
+    cu_seqlens = torch.tensor([0, 700, 710, seq], dtype=torch.int32, device=DEVICE)
+    num_blocks = int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
+    torch.manual_seed(3)
+    inputs = compressed_leaves(1, seq, num_blocks, 2, 1)
+    with torch.no_grad():
+        inputs["q"].mul_(4.0)
+    compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                      block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
+
+
+def test_window_over_a_batch(tma_loads):
+    torch.manual_seed(4)
+    compare_attention(window_attention_triton, window_attention_ref, leaves(2, 131, 131, 4, 2), torch.float32,
+                      window=24)
+
+
+@pytest.mark.parametrize("q_start", [0, 40])
+def test_window_packed_documents(tma_loads, q_start):
+    """The chunk may start inside a document; its keys start at 0 (a left halo of q_start keys)."""
+    seq = 131
+    torch.manual_seed(q_start)
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, seq], dtype=torch.int32, device=DEVICE)
+    compare_attention(window_attention_triton, window_attention_ref, leaves(1, seq - q_start, seq, 2, 1),
+                      torch.float32, window=24, q_start=q_start, cu_seqlens=cu_seqlens)
+
+
+def test_window_over_several_key_tiles(tma_loads):
+    """A window of 150 keys over key tiles of 64: masked tiles at both ends of a row tile's keys, whole
+    tiles between."""
+    torch.manual_seed(5)
+    seq = 300
+    compare_attention(window_attention_triton, window_attention_ref, leaves(1, seq, seq, 2, 1), torch.float32,
+                      window=150)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_error_is_at_most_twice_the_references(tma_loads, dtype):
+    """fp16 (and bf16 on a GPU), both branches: within 2x the reference's own error in that dtype."""
+    torch.manual_seed(6)
+    seq = 131
+    compare_to_fp32(compressed_attention_triton, compressed_attention_ref,
+                    compressed_leaves(2, seq, num_compressed_blocks(seq, L, STRIDE), 4, 2), dtype,
+                    block_size=L, stride=STRIDE)
+    compare_to_fp32(window_attention_triton, window_attention_ref, leaves(2, seq, seq, 4, 2), dtype, window=24)
+
+
+def test_head_dims_that_are_not_tile_widths_keep_the_pointer_loads(monkeypatch):
+    """A descriptor's tile is the head dim wide: other head dims read through pointers (masked columns)."""
+    monkeypatch.setattr(range_attention, "TMA_LOADS", True)
+    inputs = leaves(1, 8, 8, 2, 1, dk=24, dv=16)
+    assert not range_attention.use_tma(inputs["q"], inputs["k"], inputs["v"])
+    inputs = leaves(1, 8, 8, 2, 1, dk=32, dv=16)
+    assert range_attention.use_tma(inputs["q"], inputs["k"], inputs["v"])
+    monkeypatch.setattr(range_attention, "TMA_LOADS", False)
+    assert not range_attention.use_tma(inputs["q"], inputs["k"], inputs["v"])

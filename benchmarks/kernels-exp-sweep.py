@@ -6,8 +6,9 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
   (key splits a query tile; until session 29 also a group-rows kernel: 0.42-0.68x at 128K, G=16, so
   removed), and today's launch with SORTED_MERGE=False (topk's merge) as the first candidate;
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
-  of a selection block per loop step; at G < 16 TOKENS too: tokens a program), backward "dkv" (BLOCK_M
-  too) and "reduce";
+  of a selection block per loop step; at G < 16 TOKENS too: tokens a program; and today's launch with
+  TMA: K/V parts copied through TMA descriptors; --tma-only: those alone), backward "dkv" (BLOCK_M too)
+  and "reduce" (--selected-parts picks among the four);
 - gate (one branch's output times its gate), kernels/gate_combine/triton.py "gate_fwd", "gate_bwd":
   BLOCK_R x num_warps (until 2026-12-01 one combine kernel of the three outputs, "fwd" and "bwd").
 Not swept: compressed and window attention (kernels/range_attention.py, autotuned), phi (PyTorch, no
@@ -111,6 +112,8 @@ def parse_args():
     p.add_argument("--kernels", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="which to sweep")
     p.add_argument("--selected-parts", nargs="+", default=list(SELECTED_PARTS), choices=SELECTED_PARTS,
                    help="which of selected attention's kernels to sweep (with --kernels selected)")
+    p.add_argument("--tma-only", action="store_true",
+                   help="selected forward and dQ: today's config and its TMA variants only (K/V through TMA)")
     p.add_argument("--out", required=True, help="JSON file to write")
     return p.parse_args()
 
@@ -147,7 +150,14 @@ class Shape:
     first: bool  # every candidate; otherwise today's and the first shape's fastest
 
 
-def selected_sweeps(q, k, v, do, blocks) -> list[Sweep]:
+def tma_variants(now: dict, sel: int) -> list[dict]:
+    """today's selected forward or dQ launch with its K/V parts copied through TMA descriptors, at its
+    stages and deeper pipelines, and in half blocks."""
+    return [{**now, "TMA": True}, {**now, "TMA": True, "num_stages": 3}, {**now, "TMA": True, "num_stages": 4},
+            {**now, "TMA": True, "BLOCK_K": sel // 2}, {**now, "TMA": True, "BLOCK_K": sel // 2, "num_stages": 3}]
+
+
+def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False) -> list[Sweep]:
     sel = PAPER["selection_block"]
     fwd_now = {"num_stages": DEFAULT_STAGES, **selected._forward_launch(q, v), "BLOCK_K": sel}  # as launched
     dq_now = {"num_stages": DEFAULT_STAGES, **selected._dq_launch(q, v), "BLOCK_K": sel}
@@ -171,9 +181,13 @@ def selected_sweeps(q, k, v, do, blocks) -> list[Sweep]:
         fill = 16 // triton.next_power_of_2(group)
         grid_fs = dict(num_warps=(2, 4), num_stages=(2, 3), BLOCK_K=(sel, sel // 4), TOKENS=(1, fill, 2 * fill))
         fwd_now["TOKENS"] = dq_now["TOKENS"] = 1
+    fwd_list = [fwd_now] if tma_only else configs(fwd_now, **grid_fs)
+    dq_list = [dq_now] if tma_only else configs(dq_now, **grid_fs)
+    fwd_list += tma_variants(fwd_now, sel)  # today's configs are one-token ones, whose kernels take TMA
+    dq_list += tma_variants(dq_now, sel)
     return [
-        Sweep("selected fwd", selected, "fwd", fwd_now, configs(fwd_now, **grid_fs), forward, reference[0]),
-        Sweep("selected bwd: dq", selected, "dq", dq_now, configs(dq_now, **grid_fs), backward, reference[1]),
+        Sweep("selected fwd", selected, "fwd", fwd_now, fwd_list, forward, reference[0]),
+        Sweep("selected bwd: dq", selected, "dq", dq_now, dq_list, backward, reference[1]),
         # BLOCK_M 16 and 32 leave the two fp32 accumulators room: no spills offline (selected-dkv-offline.py)
         Sweep("selected bwd: dkv", selected, "dkv", dkv_now,
               configs(dkv_now, BLOCK_M=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
@@ -385,7 +399,7 @@ def one_shape(shape: Shape, first: Shape, args, report, device, dtype) -> None:
         if "top-n" in args.kernels:
             sweep_all([topn])
         if "selected" in args.kernels and not over_budget(args):
-            sweeps = selected_sweeps(q, k, v, do, topn.run()[0])
+            sweeps = selected_sweeps(q, k, v, do, topn.run()[0], args.tma_only)
             sweep_all([sw for sw in sweeps if sw.key in args.selected_parts])
         del q, k, v, do, k_cmp, v_cmp, lse, topn
         empty_cache()

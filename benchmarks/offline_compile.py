@@ -18,7 +18,12 @@ REGISTERS_PER_SM = 65536
 
 
 def resources(kernel, signature: dict, constexprs: dict, warps: int, stages: int) -> tuple[int, int, int]:
-    """(shared bytes, registers a thread, spilled bytes) of one sm_90a compile. signature: each argument's
+    """(shared bytes, registers a thread, spilled bytes) of one sm_90a compile (compile_sm90)."""
+    return compile_sm90(kernel, signature, constexprs, warps, stages)[:3]
+
+
+def compile_sm90(kernel, signature: dict, constexprs: dict, warps: int, stages: int) -> tuple[int, int, int, str]:
+    """(shared bytes, registers a thread, spilled bytes, PTX) of one sm_90a compile. signature: each argument's
     type ("*bf16", "i32", "fp32", "constexpr", ...), in the kernel's order; pointers are taken as 16-byte
     aligned, as PyTorch allocates them."""
     aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
@@ -31,7 +36,8 @@ def resources(kernel, signature: dict, constexprs: dict, warps: int, stages: int
         log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True,
                              text=True, check=True).stderr
     spills = re.search(r"(\d+) bytes spill stores", log)
-    return compiled.metadata.shared, int(re.search(r"Used (\d+) registers", log).group(1)), int(spills.group(1))
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    return compiled.metadata.shared, registers, int(spills.group(1)), compiled.asm["ptx"]
 
 
 def programs_per_sm(shared: int, registers: int, warps: int) -> tuple[int, int]:

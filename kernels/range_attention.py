@@ -164,15 +164,17 @@ def store_rows(o, lse, flat, row_ok, dv, DV: tl.constexpr, m, l_sum, acc):
 
 
 @triton.jit
-def _key_sources(k, v, b, TK, HK, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    """What _key_tile reads K and V through: the pointers, or (TMA) tensor descriptors over batch b's keys
-    and those before it, [(b + 1) * TK, HK * D], whose [BLOCK_N, D] tiles the Hopper TMA unit copies
-    (rows past batch b's last key come back zero)."""
+def kv_sources(k, v, b, TK, HK, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """What a kernel reads K and V ([B, TK, HK, D], contiguous) through: the pointers, or (TMA) tensor
+    descriptors over batch b's keys and those before it, [(b + 1) * TK, HK * D], whose [BLOCK_N, D]
+    tiles at (b * TK + key, hk * D) the Hopper TMA unit copies (rows outside come back zero). Also
+    used by selected attention's kernels."""
     if TMA:
-        k_src = tl.make_tensor_descriptor(k, shape=[(b + 1) * TK, HK * DK], strides=[HK * DK, 1],
+        rows = ((b + 1) * TK).to(tl.int32)
+        k_src = tl.make_tensor_descriptor(k, shape=[rows, HK * DK], strides=[HK * DK, 1],
                                           block_shape=[BLOCK_N, BLOCK_DK])
-        v_src = tl.make_tensor_descriptor(v, shape=[(b + 1) * TK, HK * DV], strides=[HK * DV, 1],
+        v_src = tl.make_tensor_descriptor(v, shape=[rows, HK * DV], strides=[HK * DV, 1],
                                           block_shape=[BLOCK_N, BLOCK_DV])
     else:
         k_src = k
@@ -184,28 +186,27 @@ def _key_sources(k, v, b, TK, HK, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: 
 def _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr = False):
     """Keys n0 .. n0 + BLOCK_N - 1 and their K and V tiles (rows past `end` zero when MASKED; an unmasked
-    tile lies inside [0, end) by construction). k, v: pointers, or with TMA descriptors (_key_sources;
-    then DK and DV are the tiles' widths)."""
+    tile lies inside [0, end) by construction). k, v: pointers, or TMA descriptors (kv_sources; then DK
+    and DV are the tiles' widths, and rows past `end` are not zeroed: K and V must be finite there, as
+    they are in the model, since a zero weight times NaN is NaN)."""
     keys = n0 + tl.arange(0, BLOCK_N)
-    if TMA:
+    if TMA:  # (constexpr branches: a return inside one would not keep the other from being compiled)
+        # rows past `end` hold other keys (or zeros past the batch): the callers' masks give them zero
+        # weight, and zeroing them here would cost a trip through registers before the dots
         row = (b * TK + n0).to(tl.int32)
         kt = k.load([row, (hk * DK).to(tl.int32)])
         vt = v.load([row, (hk * DV).to(tl.int32)])
+    else:
+        kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
+        k_ptr = k + kv_row[:, None] * DK + dk[None, :]
+        v_ptr = v + kv_row[:, None] * DV + dv[None, :]
         if MASKED:
             key_ok = keys < end
-            kt = tl.where(key_ok[:, None], kt, 0.0)
-            vt = tl.where(key_ok[:, None], vt, 0.0)
-        return keys, kt, vt
-    kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
-    k_ptr = k + kv_row[:, None] * DK + dk[None, :]
-    v_ptr = v + kv_row[:, None] * DV + dv[None, :]
-    if MASKED:
-        key_ok = keys < end
-        kt = tl.load(k_ptr, mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        vt = tl.load(v_ptr, mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    else:
-        kt = tl.load(k_ptr, mask=dk[None, :] < DK, other=0.0)
-        vt = tl.load(v_ptr, mask=dv[None, :] < DV, other=0.0)
+            kt = tl.load(k_ptr, mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+            vt = tl.load(v_ptr, mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        else:
+            kt = tl.load(k_ptr, mask=dk[None, :] < DK, other=0.0)
+            vt = tl.load(v_ptr, mask=dv[None, :] < DV, other=0.0)
     return keys, kt, vt
 
 
@@ -229,7 +230,7 @@ def _range_attn_fwd(
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-    k, v = _key_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, TMA)
+    k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, TMA)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -290,7 +291,7 @@ def _range_attn_bwd_dq(
     # rows that see nothing have lse = -inf and no visible key; 0 keeps exp2 finite for them
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
-    k, v = _key_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, TMA)
+    k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, TMA)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     start = tl.min(tl.where(row_ok & (row_lo < row_hi), row_lo, TK))

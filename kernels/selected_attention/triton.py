@@ -26,15 +26,15 @@ import triton
 import triton.language as tl
 
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, host_bounds
-from kernels.range_attention import LOG2E, attention_delta, dq_step, online_softmax_step, store_rows
+from kernels.range_attention import LOG2E, attention_delta, dq_step, kv_sources, online_softmax_step, store_rows
 from kernels.triton_utils import (
-    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted,
+    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted, tma_allocator,
 )
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages, BLOCK_K: keys a
-# loop step, TOKENS: tokens a program), "dkv" (BLOCK_M, num_warps, num_stages), "reduce" (num_warps,
-# num_stages); empty in use, filled by benchmarks/kernels-exp-sweep.py
+# loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors), "dkv" (BLOCK_M, num_warps,
+# num_stages), "reduce" (num_warps, num_stages); empty in use, filled by benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
 
 
@@ -49,12 +49,32 @@ def _used_slots(block_idx, row, NSEL, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _key_part(k, v, b, hk, key0, keys, key_ok, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
+              TMA: tl.constexpr):
+    """The K and V rows of `keys` (key0, key0 + 1, ...: one part of a selection block), zero where not key_ok.
+    k, v: pointers, or TMA descriptors (kv_sources), whose copy reads the rows whatever key_ok says (zeros
+    past the batch's keys): a masked key's score is -inf and its weights in the dots zero, so its rows need
+    only be finite, as they are in the model (0 * NaN would be NaN); zeroing them here would take the
+    tiles through registers before the dots."""
+    if TMA:
+        first = (b * TK + key0).to(tl.int32)
+        kt = k.load([first, (hk * DK).to(tl.int32)])
+        vt = v.load([first, (hk * DV).to(tl.int32)])
+    else:
+        kv_row = (b * TK + keys) * HK + hk
+        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return kt, vt
+
+
+@triton.jit
 def _selected_fwd(
     q, k, v, block_idx, doc_start, o, lse, slot_lse,
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SLOT_LSE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """SLOT_LSE also writes each visited slot's log-sum-exp (its block's visible keys alone) to slot_lse
     [B, T, HQ, NSEL]: from the running sums before and after the slot's keys, l_after - l_before * 2^(m_before -
@@ -72,6 +92,7 @@ def _selected_fwd(
     dv = tl.arange(0, BLOCK_DV)
     offs = tl.arange(0, BLOCK_K)
     qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_K, TMA)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
@@ -81,12 +102,12 @@ def _selected_fwd(
     row = (b * T + t) * HK + hk
     for it in range(_used_slots(block_idx, row, NSEL, BLOCK_N) * (BLOCK_S // BLOCK_K)):
         j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
-        in_block = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K + offs  # a key's place in its selection block
+        part = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K  # the part's first key's place in its selection block
+        in_block = part + offs  # a key's place in its selection block
         keys = first_key + j.to(tl.int64) * SEL + in_block
         key_ok = (j >= 0) & (in_block < SEL) & (keys <= pos)
-        kv_row = (b * TK + keys) * HK + hk
-        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        kt, vt = _key_part(k, v, b, hk, first_key + j.to(tl.int64) * SEL + part, keys, key_ok, TK, HK, dk, dv,
+                           DK, DV, TMA)
         if SLOT_LSE:
             slot_start = it % (BLOCK_S // BLOCK_K) == 0
             m_before = tl.where(slot_start, m, m_before)
@@ -108,7 +129,7 @@ def _selected_bwd_dq(
     T, TK, HQ, HK, NSEL, q_start, scale_log2, scale,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // HK).to(tl.int64)
@@ -126,17 +147,18 @@ def _selected_bwd_dq(
     row_lse = tl.load(lse + flat, mask=head_ok, other=0.0)
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     row_delta = tl.load(delta + flat, mask=head_ok, other=0.0)
+    k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_K, TMA)
 
     acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
     row = (b * T + t) * HK + hk
     for it in range(_used_slots(block_idx, row, NSEL, BLOCK_N) * (BLOCK_S // BLOCK_K)):
         j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
-        in_block = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K + offs  # a key's place in its selection block
+        part = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K  # the part's first key's place in its selection block
+        in_block = part + offs  # a key's place in its selection block
         keys = first_key + j.to(tl.int64) * SEL + in_block
         key_ok = (j >= 0) & (in_block < SEL) & (keys <= pos)
-        kv_row = (b * TK + keys) * HK + hk
-        kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        kt, vt = _key_part(k, v, b, hk, first_key + j.to(tl.int64) * SEL + part, keys, key_ok, TK, HK, dk, dv,
+                           DK, DV, TMA)
         s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
         p = tl.where(key_ok[None, :], tl.exp2(s - row_lse[:, None]), 0.0)
         dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
@@ -535,6 +557,23 @@ def _token_tile(params: dict, group: int) -> tuple[int, int]:
     return tokens, heads
 
 
+def _tma_loads(params: dict, q: torch.Tensor, v: torch.Tensor, tokens: int) -> bool:
+    """TMA (a LAUNCH override, popped from params; default off until timed on a GPU): whether the one-token
+    forward and dQ kernels copy their K/V parts through TMA descriptors (range_attention.kv_sources)."""
+    tma = params.pop("TMA", False)
+    if not tma:
+        return False
+    dims = (q.shape[-1], v.shape[-1])
+    if tokens > 1 or any(d != pow2(d) for d in dims):
+        raise ValueError(f"selected attention: LAUNCH TMA=True needs the one-token kernels (TOKENS=1, got "
+                         f"{tokens}) and head dims that are powers of two from 16 (got Dk={dims[0]}, Dv={dims[1]})")
+    if q.device.type == "cuda":
+        if torch.cuda.get_device_capability(q.device)[0] < 9:
+            raise ValueError("selected attention: LAUNCH TMA=True needs a GPU with the TMA unit (Hopper or later)")
+        tma_allocator()
+    return True
+
+
 def _forward_launch(q, v) -> dict:
     # head dims <= 128: 2 warps, 2 stages (measured on one H200 at 128K, G=16, D=128: 35.4 ms against
     # 39.2 with 4 warps and 3 stages, within the bf16 error bound; benchmarks/kernels-2026-11-30-sweep.json)
@@ -566,11 +605,12 @@ class SelectedAttention(torch.autograd.Function):
             defaults["BLOCK_K"] = min(32, consts["BLOCK_S"])
         launch = _key_tiled(launch_params(LAUNCH, "fwd", **defaults), consts["BLOCK_S"])
         tokens, heads = _token_tile(launch, consts["G"])
+        tma = _tma_loads(launch, q, v, tokens)
         if tokens == 1:
             _selected_fwd[(seq, batch * k.shape[2])](
                 q, k, v, block_idx, doc_start, o, lse, slot_lse, *sizes,
                 SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]),
-                SLOT_LSE=want_slot_lse, **consts, **launch,
+                SLOT_LSE=want_slot_lse, TMA=tma, **consts, **launch,
             )
         elif want_slot_lse:
             raise ValueError(f"selected_attention_triton: slot_lse is written by the one-token forward only; "
@@ -599,11 +639,13 @@ class SelectedAttention(torch.autograd.Function):
         dq = poisoned(q.shape, q.dtype, q.device)
         launch = _key_tiled(launch_params(LAUNCH, "dq", **_dq_launch(q, v)), consts["BLOCK_S"])
         tokens, heads = _token_tile(launch, consts["G"])
+        tma = _tma_loads(launch, q, v, tokens)
         if tokens == 1:
             _selected_bwd_dq[(seq, batch * num_kv_heads)](
                 q, k, v, do, lse, delta, block_idx, doc_start, dq,
                 *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
-                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), TMA=tma,
+                **consts, **launch,
             )
         else:
             _selected_bwd_dq_tokens[(triton.cdiv(seq, tokens), batch * num_kv_heads)](

@@ -120,6 +120,51 @@ def test_token_tiles_over_a_batch(monkeypatch):
                       torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
 
 
+def tma_on(monkeypatch, **params):
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"TMA": True, **params})
+
+
+def test_tma_over_a_batch(monkeypatch):
+    """K/V parts through TMA descriptors (a LAUNCH override the sweep times), two sequences: a
+    descriptor's rows are its batch's keys and those before it."""
+    torch.manual_seed(7)
+    tma_on(monkeypatch)
+    compare_attention(selected_attention_triton, selected_attention_ref, leaves(2, T, T, 16, 1, torch.float32),
+                      torch.float32, block_idx=random_blocks(2, T, 1, shuffle=True), selection_block=SEL)
+
+
+@pytest.mark.parametrize("block_k", [64, 16])
+def test_tma_over_packed_documents(monkeypatch, block_k):
+    """TMA copies whole parts, past a document's end or the query: those rows must not count (masked and
+    zeroed), with the chunk at q_start inside a document."""
+    torch.manual_seed(block_k)
+    tma_on(monkeypatch, BLOCK_K=block_k)
+    sel, q_start, seq = 64, 5, 165
+    cu_seqlens = torch.tensor([0, 30, 160, q_start + seq], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, q_start + seq), right=True) - 1]
+    compare_attention(selected_attention_triton, selected_attention_ref,
+                      leaves(1, seq, q_start + seq, 2, 2, torch.float32), torch.float32,
+                      block_idx=random_blocks(1, seq, 2, q_start, doc_starts, sel=sel), selection_block=sel,
+                      q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_tma_low_precision_error_is_at_most_twice_the_references(monkeypatch, dtype):
+    torch.manual_seed(8)
+    tma_on(monkeypatch)
+    compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 16, 1, torch.float32), dtype,
+                    block_idx=random_blocks(1, T, 1), selection_block=SEL)
+
+
+def test_tma_needs_tile_wide_head_dims(monkeypatch):
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"TMA": True})
+    inputs = leaves(1, 20, 20, 2, 1, torch.float32)
+    inputs["v"] = randn(1, 20, 1, 24)
+    with pytest.raises(ValueError, match="TMA=True needs .* head dims that are powers of two .* Dv=24"):
+        selected_attention_triton(**inputs, block_idx=random_blocks(1, 20, 1), selection_block=SEL)
+
+
 def test_token_tile_must_fill_a_dot(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"TOKENS": 2})
     with pytest.raises(ValueError, match="TOKENS=2 must be a power of two .* for G=4, TOKENS 4 to 32"):

@@ -1,0 +1,74 @@
+"""Issue 11: the kernels that can read K/V through TMA descriptors, compiled offline for an H100/H200
+(sm_90a) on a machine without a GPU, pointer loads against TMA: that the GPU compiler takes the TMA
+path (ptxas builds it, and its PTX holds the bulk tensor copies), and the registers, shared memory and
+spills of each (G = 16, bf16, head dims 128 and 64). Not a timing (benchmarks/gpu_checks/tma_check.sh):
+
+    env -u TRITON_INTERPRET python benchmarks/tma-offline.py
+
+(about 20 s on two CPU cores.)
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels.range_attention as ra  # noqa: E402
+import kernels.selected_attention.triton as selected  # noqa: E402
+from offline_compile import compile_sm90, programs_per_sm  # noqa: E402
+
+POINTERS = {"lse": "*fp32", "delta": "*fp32", "lo": "*i32", "hi": "*i32", "block_idx": "*i32",
+            "doc_start": "*i32", "slot_lse": "*fp32"}
+FLOATS = ("scale_log2", "scale")
+
+
+def signature(kernel, constants: dict) -> dict:
+    """Each argument's type in the kernel's order: bf16 tensors, the int32 / fp32 tensors named in
+    POINTERS, fp32 scales, int32 sizes, and the constants."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = POINTERS[name]
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif name in ("q", "k", "v", "o", "do", "dq"):
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def cases(head_dim: int):
+    """(name, kernel, constants, warps, stages): the launches in use (range: the autotuner's two configs
+    at head dims <= 128; selected: 2 warps, 2 stages, whole 64-key blocks), each without and with TMA."""
+    dims = dict(DK=head_dim, DV=head_dim, BLOCK_DK=head_dim, BLOCK_DV=head_dim, PRECISION="tf32")
+    for name in ("fwd", "dq"):
+        for config in ra._CONFIGS[name][0]:
+            for tma in (False, True):
+                constants = dict(G=16, **dims, **config.kwargs, TMA=tma)
+                tiles = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                yield f"range {name} {tiles}", ra._KERNELS[name], constants, config.num_warps, config.num_stages
+    for name, kernel in (("fwd", selected._selected_fwd), ("dq", selected._selected_bwd_dq)):
+        for tma in (False, True):
+            constants = dict(G=16, SEL=64, BLOCK_G=16, BLOCK_S=64, BLOCK_N=16, BLOCK_K=64, TMA=tma, **dims)
+            if name == "fwd":
+                constants["SLOT_LSE"] = False
+            yield f"selected {name}", kernel, constants, 2, 2
+
+
+def main():
+    print(f"{'D':>4} {'kernel':<22} {'TMA':>5} {'warps':>5} {'stages':>6} {'shared KB':>9} {'registers':>9} "
+          f"{'spilled B':>9} {'bulk copies':>11}  programs a multiprocessor by shared / by registers")
+    for head_dim in (128, 64):
+        for name, kernel, constants, warps, stages in cases(head_dim):
+            shared, regs, spills, ptx = compile_sm90(kernel, signature(kernel, constants), constants, warps, stages)
+            copies = ptx.count("cp.async.bulk.tensor")
+            by_shared, by_registers = programs_per_sm(shared, regs, warps)
+            print(f"{head_dim:>4} {name:<22} {str(constants['TMA']):>5} {warps:>5} {stages:>6} {shared / 1024:>9.1f} "
+                  f"{regs:>9} {spills:>9} {copies:>11}  {by_shared} / {by_registers}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,15 +1,17 @@
-"""Issue 11: the range attention's forward and dQ kernels with K and V read through TMA tensor
-descriptors (kernels/range_attention.py TMA_LOADS) against the pointer loads, in one process on one GPU.
+"""Issue 11: the range attention's kernels copying their streamed tiles through TMA tensor descriptors
+(kernels/range_attention.py TMA_LOADS) against the pointer loads, in one process on one GPU.
 
 For each branch of --branches (compressed: paper config l=32, d=16, TK = (T - 32) // 16 + 1 compressed
 keys; window: TK = T keys, window --window) and each T of --seqs (B=1, HQ=--q-heads, HK=--kv-heads,
 D=--head-dim, bf16; --doc-len packs documents of that length):
-- the forward and the split backward (delta, dQ kernel, dK/dV kernel: TMA changes the first two only),
-  each way, against an fp32 run with pointer loads (max abs and RMS-relative error of o, dq, dk, dv);
-  TMA passes if each is within 2x the pointer path's own error (+ 1e-3 on the RMS-relative one);
-- medians of triton.testing.do_bench over >= --reps timed runs, then both ways again in alternating
-  order (ABAB, twice), whose sums give the ratio (pointer ms / TMA ms), free of the drift between
-  timings made a while apart.
+- the forward and the backward on the path the branch takes at that length (the window branch split;
+  the compressed one the one pass from 64K tokens of a document; --one-pass overrides), three ways:
+  pointer loads, TMA in the forward and dQ kernels (K/V tiles), and TMA in every kernel (q/dO row tiles
+  of the dK/dV and one-pass kernels too); each against an fp32 run with pointer loads (max abs and
+  RMS-relative error of o, dq, dk, dv), passing if within 2x the pointer way's own error (+ 1e-3 on the
+  RMS-relative one);
+- medians of triton.testing.do_bench over >= --reps timed runs, then every way again in turn (twice),
+  whose sums give the ratios (pointer ms / TMA ms), free of the drift between timings made a while apart.
 Prints a table last and writes JSON to --out (after each shape too). From the repository root, on one
 H200 (the paper's heads at 16K and 128K, then the proof model's: 16 query heads sharing one KV head of 64):
 
@@ -41,6 +43,7 @@ import triton  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import kernels.compressed_attention.triton as compressed_triton  # noqa: E402
 import kernels.range_attention as ra  # noqa: E402
 from kernels.common import default_scale  # noqa: E402
 from kernels.compressed_attention.triton import compressed_ranges  # noqa: E402
@@ -49,7 +52,7 @@ from kernels.window_attention.triton import window_ranges  # noqa: E402
 from tools.bench_kernels import median_ms  # noqa: E402
 
 BLOCK, STRIDE = 32, 16  # paper config compression block l and stride d
-WAYS = {"pointers": False, "tma": True}  # TMA_LOADS
+WAYS = {"pointers": (), "tma-kv": ("fwd", "dq"), "tma-all": ("fwd", "dq", "dkv", "onepass")}  # TMA_LOADS
 # fp32 reference: one fixed config a kernel, no autotuning (fp32 dots are FMA loops; see kernels-exp-range-bwd.py)
 FP32_CONFIG = ra._config(32, 32, 8, 1)
 
@@ -66,6 +69,8 @@ def parse_args():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                    help="of the timed runs (the interpreter computes bf16 wrongly: float16 there)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per figure (at least)")
+    p.add_argument("--one-pass", default="auto", choices=["auto", "on", "off"],
+                   help="backward path (auto: the branch's rule, kernels/*/triton.py ONE_PASS_BACKWARD)")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args()
     if args.doc_len < 0:
@@ -76,9 +81,9 @@ def parse_args():
 
 
 @contextmanager
-def tma_loads(on: bool):
+def tma_loads(kernels: tuple[str, ...]):
     saved = ra.TMA_LOADS
-    ra.TMA_LOADS = on
+    ra.TMA_LOADS = kernels
     try:
         yield
     finally:
@@ -134,14 +139,21 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
     def forward(q, k, v):
         return ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
 
-    def backward(q, k, v, o, lse, do):
-        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale, False)
+    if args.one_pass == "auto":  # the branches' rule (compressed: a document of >= ONE_PASS_MIN_TOKENS tokens)
+        longest = args.doc_len or seq
+        one_pass = branch == "compressed" and longest >= compressed_triton.ONE_PASS_MIN_TOKENS and \
+            compressed_triton.ONE_PASS_BACKWARD
+    else:
+        one_pass = args.one_pass == "on"
 
-    with fixed_fp32_configs(), tma_loads(False):
+    def backward(q, k, v, o, lse, do):
+        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale, one_pass)
+
+    with fixed_fp32_configs(), tma_loads(()):
         o32, lse32 = forward(q, k, v)
         ref = (o32, *backward(q, k, v, o32, lse32, do))
     res = {"branch": branch, "T": seq, "TK": num_keys, "HQ": args.q_heads, "HK": args.kv_heads, "D": args.head_dim,
-           "doc_len": args.doc_len, "fp32_reference_s": time.time() - t0}
+           "doc_len": args.doc_len, "one_pass": one_pass, "fp32_reference_s": time.time() - t0}
     q, k, v, do = (x.to(getattr(torch, args.dtype)) for x in (q, k, v, do))
     kept = {}
     for way, on in WAYS.items():
@@ -150,16 +162,18 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
             o, lse = forward(q, k, v)
             grads = backward(q, k, v, o, lse, do)  # compiles and autotunes
             line = {"first_call_s": time.time() - t1, "errors": errors((o, *grads), ref),
-                    "tma_taken": ra.use_tma(q, k, v)}
+                    "tma_taken": [name for name in ra._KERNELS if ra.use_tma(name, q, k, v)]}
             line["fwd_ms"] = timed(lambda: forward(q, k, v), args.reps)
             line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)
             if torch.cuda.is_available():
-                line["configs"] = {name: str(ra._TUNED[name].best_config) for name in ("fwd", "dq")}
+                line["configs"] = {name: str(tuned.best_config) for name, tuned in ra._TUNED.items()
+                                   if getattr(tuned, "best_config", None)}
         kept[way] = (o, lse)
         res[way] = line
         print(f"  {branch} T={seq} {way}: fwd {line['fwd_ms']:.2f} ms, bwd {line['bwd_ms']:.2f} ms, "
               f"first call {line['first_call_s']:.1f} s", flush=True)
-    res["tma"]["within_bound"] = within_bound(res["tma"]["errors"], res["pointers"]["errors"])
+    for way in WAYS:
+        res[way]["within_bound"] = within_bound(res[way]["errors"], res["pointers"]["errors"])
     abab = {f"{way}_{part}": [] for way in WAYS for part in ("fwd", "bwd")}
     for _ in range(2):
         for way, on in WAYS.items():
@@ -168,8 +182,9 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
                 abab[f"{way}_fwd"].append(timed(lambda: forward(q, k, v), args.reps))
                 abab[f"{way}_bwd"].append(timed(lambda: backward(q, k, v, o, lse, do), args.reps))
     res["abab_ms"] = abab
-    for part in ("fwd", "bwd"):
-        res[f"tma_speedup_{part}_abab"] = sum(abab[f"pointers_{part}"]) / sum(abab[f"tma_{part}"])
+    for way in list(WAYS)[1:]:
+        for part in ("fwd", "bwd"):
+            res[f"{way}_speedup_{part}_abab"] = sum(abab[f"pointers_{part}"]) / sum(abab[f"{way}_{part}"])
     print(f"  ABAB: {json.dumps(abab)}", flush=True)
     return res
 
@@ -191,16 +206,19 @@ def main():
             report["shapes"].append(one_shape(branch, seq, args, device))
             write(report, args.out)
 
-    print(f"\nrange attention, K/V through TMA descriptors against pointer loads (HQ={args.q_heads}, "
-          f"HK={args.kv_heads}, D={args.head_dim}, {args.dtype}), commit {report['commit'][:10]}")
-    print("ms, pointers / TMA; speedup: pointer ms / TMA ms over the ABAB timings; ok: TMA's errors against "
-          "fp32 within 2x the pointer path's")
-    print(f"{'branch':>10} {'T':>7} {'fwd ms':>15} {'bwd ms':>15} {'fwd x':>6} {'bwd x':>6}  ok")
+    print(f"\nrange attention, TMA copies against pointer loads (HQ={args.q_heads}, HK={args.kv_heads}, "
+          f"D={args.head_dim}, {args.dtype}), commit {report['commit'][:10]}")
+    print("ms, pointers / TMA in the forward and dQ (K/V) / TMA in every kernel; x: pointer ms / TMA ms over the "
+          "alternating timings; ok: errors against fp32 within 2x the pointer way's, and TMA taken")
+    print(f"{'branch':>10} {'T':>7} {'bwd path':>8} {'fwd ms':>23} {'bwd ms':>23} {'kv x':>11} {'all x':>11}  ok")
     for r in report["shapes"]:
-        ptr, tma = r["pointers"], r["tma"]
-        print(f"{r['branch']:>10} {r['T']:>7} {ptr['fwd_ms']:>7.2f}/{tma['fwd_ms']:<7.2f} "
-              f"{ptr['bwd_ms']:>7.2f}/{tma['bwd_ms']:<7.2f} {r['tma_speedup_fwd_abab']:>5.2f}x "
-              f"{r['tma_speedup_bwd_abab']:>5.2f}x  {tma['within_bound'] and tma['tma_taken']}")
+        lines = [r[way] for way in WAYS]
+        fwd = "/".join(f"{line['fwd_ms']:.2f}" for line in lines)
+        bwd = "/".join(f"{line['bwd_ms']:.2f}" for line in lines)
+        ratios = [f"{r[f'{way}_speedup_fwd_abab']:.2f}/{r[f'{way}_speedup_bwd_abab']:.2f}" for way in list(WAYS)[1:]]
+        ok = all(r[way]["within_bound"] and r[way]["tma_taken"] for way in list(WAYS)[1:])
+        print(f"{r['branch']:>10} {r['T']:>7} {'one pass' if r['one_pass'] else 'split':>8} {fwd:>23} {bwd:>23} "
+              f"{ratios[0]:>11} {ratios[1]:>11}  {ok}")
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,4 @@
-"""Issue 11: the kernels that can read K/V through TMA descriptors, compiled offline for an H100/H200
+"""Issue 11: the kernels that can copy their tiles through TMA descriptors, compiled offline for an H100/H200
 (sm_90a) on a machine without a GPU, pointer loads against TMA: that the GPU compiler takes the TMA
 path (ptxas builds it, and its PTX holds the bulk tensor copies), and the registers, shared memory and
 spills of each (G = 16, bf16, head dims 128 and 64). Not a timing (benchmarks/gpu_checks/tma_check.sh):
@@ -17,8 +17,9 @@ import kernels.range_attention as ra  # noqa: E402
 import kernels.selected_attention.triton as selected  # noqa: E402
 from offline_compile import compile_sm90, programs_per_sm  # noqa: E402
 
-POINTERS = {"lse": "*fp32", "delta": "*fp32", "lo": "*i32", "hi": "*i32", "block_idx": "*i32",
-            "doc_start": "*i32", "slot_lse": "*fp32"}
+POINTERS = {"lse": "*fp32", "delta": "*fp32", "lo": "*i32", "hi": "*i32", "qlo": "*i32", "qhi": "*i32",
+            "block_idx": "*i32", "doc_start": "*i32", "slot_lse": "*fp32", "dk_out": "*fp32", "dv_out": "*fp32",
+            "dq_acc": "*fp32", "dk_acc": "*fp32", "dv_acc": "*fp32"}
 FLOATS = ("scale_log2", "scale")
 
 
@@ -41,10 +42,10 @@ def signature(kernel, constants: dict) -> dict:
 
 
 def cases(head_dim: int):
-    """(name, kernel, constants, warps, stages): the launches in use (range: the autotuner's two configs
-    at head dims <= 128; selected: 2 warps, 2 stages, whole 64-key blocks), each without and with TMA."""
+    """(name, kernel, constants, warps, stages): the launches in use (range: the autotuner's configs at head
+    dims <= 128; selected: 2 warps, 2 stages, whole 64-key blocks), each without and with TMA."""
     dims = dict(DK=head_dim, DV=head_dim, BLOCK_DK=head_dim, BLOCK_DV=head_dim, PRECISION="tf32")
-    for name in ("fwd", "dq"):
+    for name in ("fwd", "dq", "dkv", "onepass"):
         for config in ra._CONFIGS[name][0]:
             for tma in (False, True):
                 constants = dict(G=16, **dims, **config.kwargs, TMA=tma)

@@ -38,10 +38,11 @@ longest-first (the last query tiles of the compressed branch see the most keys),
 programs do not start last and leave the GPU idle at the end. Under the interpreter (CPU) one fixed
 configuration runs.
 
-K and V tiles of the forward and dQ kernels can come through TMA tensor descriptors instead of pointer
-loads (TMA_LOADS; Hopper and later, head dims that are powers of two): one copy instruction a tile,
-no per-thread addresses. Off until its timing against the pointer loads
-(benchmarks/kernels-exp-range-tma.py) says otherwise; the tests run it under the interpreter.
+The streamed tiles (K/V in the forward and dQ kernels, q/dO in the dK/dV and one-pass kernels) can come
+through TMA tensor descriptors instead of pointer loads (TMA_LOADS, per kernel; Hopper and later, head
+dims and group sizes that are powers of two): one copy instruction a tile, no per-thread addresses. Off
+until timed against the pointer loads (benchmarks/kernels-exp-range-tma.py); the tests run it under the
+interpreter.
 """
 
 import torch
@@ -72,13 +73,15 @@ _CONFIGS = {
     "onepass": ([_config(64, 128, 8, 3), _config(64, 128, 8, 2), _config(64, 64, 8, 2)],
                 [_config(64, 32, 8, 2), _config(32, 32, 4, 2)]),
 }
-# The kernels whose key tiles can come through TMA tensor descriptors (a TMA argument), and the switch.
-# Off until timed against the pointer loads on the GPU (benchmarks/kernels-exp-range-tma.py): the
-# forward and dQ kernels measured at 0.4 instructions a cycle with 8 warps a multiprocessor (Nsight
-# Compute, benchmarks/kernels-notes.md, session 38), latency-bound, and a TMA copy is one instruction
-# for a whole K or V tile where the pointer loads issue one per thread and vector, with their addresses.
-TMA_KERNELS = ("fwd", "dq")
-TMA_LOADS = False
+# The kernels that copy their streamed tiles through TMA tensor descriptors (the forward and dQ their
+# K/V tiles, the dK/dV and one-pass kernels their q/dO row tiles), by _KERNELS name. None until timed
+# against the pointer
+# loads on the GPU (benchmarks/kernels-exp-range-tma.py): these kernels measured at about 0.4
+# instructions a cycle with 8 warps a multiprocessor (Nsight Compute, benchmarks/kernels-notes.md,
+# session 38), latency-bound, and a TMA copy is one instruction for a whole tile where the pointer
+# loads issue one per thread and vector, with their addresses. Per kernel: in an offline sm_90a compile
+# (benchmarks/tma-offline.py) TMA saves the forward registers but makes the one pass at D = 128 spill.
+TMA_LOADS: tuple[str, ...] = ()
 # The interpreter runs one numpy op per tile op: big tiles make it fast.
 _CPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 
@@ -101,8 +104,8 @@ def _autotuned(kernel, name, accumulators):
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
     # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
     # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
-    key = ["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"] + (["TMA"] if name in TMA_KERNELS else [])
-    return triton.autotune(small + large, key=key, reset_to_zero=accumulators,
+    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA"],
+                           reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
 
@@ -180,6 +183,24 @@ def kv_sources(k, v, b, TK, HK, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl
         k_src = k
         v_src = v
     return k_src, v_src
+
+
+@triton.jit
+def row_sources(q, do, b, T, HQ, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                TMA: tl.constexpr):
+    """What the dK/dV kernels read q and dO ([B, T, HQ, D], contiguous) through: the pointers, or (TMA)
+    descriptors over batch b's tokens and those before it, [(b + 1) T, HQ, D], whose [BLOCK_M / G, G, D]
+    tiles (BLOCK_M rows: tokens x one KV head's G query heads) the TMA unit copies. G must divide BLOCK_M."""
+    if TMA:
+        rows = ((b + 1) * T).to(tl.int32)
+        q_src = tl.make_tensor_descriptor(q, shape=[rows, HQ, DK], strides=[HQ * DK, DK, 1],
+                                          block_shape=[BLOCK_M // G, G, DK])
+        do_src = tl.make_tensor_descriptor(do, shape=[rows, HQ, DV], strides=[HQ * DV, DV, 1],
+                                           block_shape=[BLOCK_M // G, G, DV])
+    else:
+        q_src = q
+        do_src = do
+    return q_src, do_src
 
 
 @triton.jit
@@ -316,7 +337,7 @@ def _range_attn_bwd_dq(
 @triton.jit
 def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, vt, acc_k, acc_v, dk, dv,
               T, HQ, scale_log2, scale, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr = False):
     """Rows r0 .. r0 + BLOCK_M - 1 into dK, dV of one key tile, transposed (keys are the dots' rows):
     acc_v += P^T dO, acc_k += dS^T Q with dS^T = P^T * (V dO^T - delta). An unmasked tile's rows all
     exist and see every key of the tile, by construction. With an fp32 dq_acc (the one-pass backward),
@@ -324,19 +345,26 @@ def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, v
     rows = r0 + tl.arange(0, BLOCK_M)
     tok = rows // G
     flat = (b.to(tl.int64) * T + tok) * HQ + hk * G + rows % G
-    q_ptr = q + flat[:, None] * DK + dk[None, :]
-    do_ptr = do + flat[:, None] * DV + dv[None, :]
     if MASKED:
         row_ok = rows < row_end
-        qt = tl.load(q_ptr, mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        dot = tl.load(do_ptr, mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
         row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
         row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
     else:
-        qt = tl.load(q_ptr, mask=dk[None, :] < DK, other=0.0)
-        dot = tl.load(do_ptr, mask=dv[None, :] < DV, other=0.0)
         row_lse = tl.load(lse + flat)
         row_delta = tl.load(delta + flat)
+    if TMA:  # q and do: row_sources' descriptors; r0 is a multiple of G. Rows past row_end get zero weight
+        at = [(b * T + r0 // G).to(tl.int32), (hk * G).to(tl.int32), 0]
+        qt = tl.reshape(q.load(at), [BLOCK_M, DK])
+        dot = tl.reshape(do.load(at), [BLOCK_M, DV])
+    else:
+        q_ptr = q + flat[:, None] * DK + dk[None, :]
+        do_ptr = do + flat[:, None] * DV + dv[None, :]
+        if MASKED:
+            qt = tl.load(q_ptr, mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+            dot = tl.load(do_ptr, mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        else:
+            qt = tl.load(q_ptr, mask=dk[None, :] < DK, other=0.0)
+            dot = tl.load(do_ptr, mask=dv[None, :] < DV, other=0.0)
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     s_t = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
     p_t = tl.exp2(s_t - row_lse[None, :])
@@ -386,6 +414,7 @@ def _range_attn_bwd_dkv(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     b = tl.program_id(1) // HK
@@ -394,6 +423,7 @@ def _range_attn_bwd_dkv(
     dv = tl.arange(0, BLOCK_DV)
     keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
         k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
+    q, do = row_sources(q, do, b, T, HQ, G, DK, DV, BLOCK_M, TMA)
     # this program's share of the rows
     share = tl.cdiv(tl.cdiv(tl.maximum(row_end - row_start, 0), NUM_SPLITS), BLOCK_M) * BLOCK_M
     split = tl.program_id(2)
@@ -405,13 +435,13 @@ def _range_attn_bwd_dkv(
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for r0 in range(split_lo, mid_lo, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
-                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
     for r0 in range(mid_lo, mid_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
-                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False)
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA)
     for r0 in range(mid_hi, split_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
-                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
     out_row = split.to(tl.int64) * B * TK * HK + kv_row  # split s writes slice s of [NUM_SPLITS, B, TK, HK, D]
     tl.store(dk_out + out_row[:, None] * DK + dk[None, :], (acc_k * scale).to(dk_out.dtype.element_ty),
              mask=key_ok[:, None] & (dk[None, :] < DK))
@@ -426,6 +456,7 @@ def _range_attn_bwd_onepass(
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
 ):
     """dQ, dK and dV in one pass (S and dP computed once per (row tile, key tile)): program (key tile,
@@ -441,6 +472,7 @@ def _range_attn_bwd_onepass(
     dv = tl.arange(0, BLOCK_DV)
     keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
         k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
+    q, do = row_sources(q, do, b, T, HQ, G, DK, DV, BLOCK_M, TMA)
     chunk_rows = tl.cdiv(tl.cdiv(T * G, tl.num_programs(1)), BLOCK_M) * BLOCK_M
     chunk_hi = row_end - tl.program_id(1) * chunk_rows
     chunk_lo = tl.maximum(chunk_hi - chunk_rows, row_start)
@@ -450,13 +482,13 @@ def _range_attn_bwd_onepass(
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for r0 in range(chunk_lo, mid_lo, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
     for r0 in range(mid_lo, mid_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA)
     for r0 in range(mid_hi, chunk_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
     has_rows = chunk_lo < chunk_hi
     tl.atomic_add(dk_acc + kv_row[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=has_rows & key_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
@@ -517,11 +549,12 @@ def _launch(name, device, grid, *args, **consts):
         _TUNED[name][grid](*args, **consts)
 
 
-def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the forward and dQ kernels read K and V through TMA descriptors: TMA_LOADS is set, the head
-    dims are tile widths (powers of two from 16) and the device has the TMA unit (compute capability 9
-    or later; the interpreter emulates it)."""
-    if not TMA_LOADS or any(d != pow2(d) for d in (q.shape[-1], v.shape[-1])):
+def use_tma(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `kernel` copies its tiles through TMA descriptors: TMA_LOADS names it, the head dims are
+    tile widths (powers of two from 16), the group size a power of two (a row tile holds whole groups),
+    and the device has the TMA unit (compute capability 9 or later; the interpreter emulates it)."""
+    group = q.shape[2] // k.shape[2]
+    if kernel not in TMA_LOADS or any(d != pow2(d) for d in (q.shape[-1], v.shape[-1])) or group & (group - 1):
         return False
     if q.device.type == "cpu":
         return True
@@ -548,7 +581,7 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
     def grid(tiles):
         return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
 
-    _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts, TMA=use_tma(q, k, v))
+    _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts, TMA=use_tma("fwd", q, k, v))
     return o, lse
 
 
@@ -577,7 +610,7 @@ def _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
         return (key_tiles, max(1, min(_MAX_CHUNKS, chunks)), batch * k.shape[2])
 
     _launch("onepass", q.device, grid, q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi, *sizes,
-            scale, **consts)
+            scale, **consts, TMA=use_tma("onepass", q, k, v))
     return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
@@ -595,7 +628,7 @@ def _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
         return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
 
     _launch("dq", q.device, grid_q, q, k, v, do, lse, delta, dq, lo, hi, *sizes, scale, **consts,
-            TMA=use_tma(q, k, v))
+            TMA=use_tma("dq", q, k, v))
     key_programs = max(1, triton.cdiv(k.shape[1], _SPLIT_KEYS) * batch * k.shape[2])
     splits = max(1, min(_MAX_SPLITS, programs_wanted(q.device) // key_programs))
     if splits > 1:
@@ -608,7 +641,7 @@ def _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
         return (triton.cdiv(k.shape[1], tiles["BLOCK_N"]), batch * k.shape[2], splits)
 
     _launch("dkv", q.device, grid_k, q, k, v, do, lse, delta, dk_parts, dv_parts, lo, hi, qlo, qhi, batch, *sizes,
-            scale, splits, **consts)
+            scale, splits, **consts, TMA=use_tma("dkv", q, k, v))
     if splits > 1:
         dk.copy_(dk_parts.sum(0))
         dv.copy_(dv_parts.sum(0))

@@ -1,7 +1,7 @@
-"""The range attention's forward and dQ kernels reading K and V through TMA tensor descriptors
-(range_attention.TMA_LOADS): the compressed and window branches against their references, on the split
-backward (whose dQ kernel is one of the two), over batches (a descriptor covers its batch's keys and
-those before it), packed documents and several key tiles."""
+"""The range attention's kernels copying their streamed tiles through TMA tensor descriptors
+(range_attention.TMA_LOADS: K/V in the forward and dQ kernels, q/dO in the dK/dV and one-pass kernels):
+the compressed and window branches against their references, on both backward paths, over batches (a
+descriptor covers its batch's rows and those before it), packed documents and several key tiles."""
 
 import pytest
 import torch
@@ -23,22 +23,29 @@ L, STRIDE = 16, 8  # compression block, stride
 DK, DV = 32, 16
 
 
-@pytest.fixture
-def tma_loads(monkeypatch):
-    """TMA loads on, the split backward in both branches; counts the launches that took the TMA path."""
-    monkeypatch.setattr(range_attention, "TMA_LOADS", True)
+ALL_KERNELS = ("fwd", "dq", "dkv", "onepass")
+
+
+@pytest.fixture(params=[False, True], ids=["split-bwd", "onepass-bwd"])
+def tma_loads(request, monkeypatch):
+    """TMA copies on in every kernel, once per backward path of both branches; checks that every launch
+    took the TMA path, and that the forward and this path's backward kernels all ran."""
+    monkeypatch.setattr(range_attention, "TMA_LOADS", ALL_KERNELS)
     for branch in (compressed_triton, window_triton):
-        monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", False)
+        monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", request.param)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
     taken = []
     use_tma = range_attention.use_tma
 
-    def counting(q, k, v):
-        taken.append(use_tma(q, k, v))
-        return taken[-1]
+    def counting(kernel, q, k, v):
+        taken.append((kernel, use_tma(kernel, q, k, v)))
+        return taken[-1][1]
 
     monkeypatch.setattr(range_attention, "use_tma", counting)
     yield taken
-    assert taken and all(taken), f"the kernels did not take the TMA path: {taken}"
+    assert taken and all(on for _, on in taken), f"a kernel did not take the TMA path: {taken}"
+    ran = {kernel for kernel, _ in taken}
+    assert ran == ({"fwd", "onepass"} if request.param else {"fwd", "dq", "dkv"}), ran
 
 
 def leaves(batch, seq, num_keys, group, kv_heads, dk=DK, dv=DV):
@@ -110,12 +117,13 @@ def test_low_precision_error_is_at_most_twice_the_references(tma_loads, dtype):
     compare_to_fp32(window_attention_triton, window_attention_ref, leaves(2, seq, seq, 4, 2), dtype, window=24)
 
 
-def test_head_dims_that_are_not_tile_widths_keep_the_pointer_loads(monkeypatch):
-    """A descriptor's tile is the head dim wide: other head dims read through pointers (masked columns)."""
-    monkeypatch.setattr(range_attention, "TMA_LOADS", True)
-    inputs = leaves(1, 8, 8, 2, 1, dk=24, dv=16)
-    assert not range_attention.use_tma(inputs["q"], inputs["k"], inputs["v"])
-    inputs = leaves(1, 8, 8, 2, 1, dk=32, dv=16)
-    assert range_attention.use_tma(inputs["q"], inputs["k"], inputs["v"])
-    monkeypatch.setattr(range_attention, "TMA_LOADS", False)
-    assert not range_attention.use_tma(inputs["q"], inputs["k"], inputs["v"])
+def test_shapes_that_do_not_fit_a_tile_keep_the_pointer_loads(monkeypatch):
+    """A descriptor's tile is the head dim wide and holds whole groups: other head dims and group sizes
+    read through pointers (masked columns and rows); and only the kernels TMA_LOADS names take TMA."""
+    monkeypatch.setattr(range_attention, "TMA_LOADS", ("fwd", "dkv"))
+    use_tma = range_attention.use_tma
+    assert not use_tma("fwd", **leaves(1, 8, 8, 2, 1, dk=24, dv=16))
+    assert not use_tma("fwd", **leaves(1, 8, 8, 3, 1))
+    fitting = leaves(1, 8, 8, 2, 1)
+    assert use_tma("fwd", **fitting) and use_tma("dkv", **fitting)
+    assert not use_tma("dq", **fitting) and not use_tma("onepass", **fitting)

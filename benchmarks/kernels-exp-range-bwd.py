@@ -48,19 +48,10 @@ import triton  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.range_attention as ra  # noqa: E402
-from kernels.common import default_scale  # noqa: E402
-from kernels.compressed_attention.triton import compressed_ranges  # noqa: E402
-from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks  # noqa: E402
-from kernels.window_attention.triton import window_ranges  # noqa: E402
-from tools.bench_kernels import median_ms  # noqa: E402
+from range_experiments import errors, fixed_fp32_configs, range_inputs, timed, within_bound  # noqa: E402
 
-BLOCK, STRIDE = 32, 16  # paper config compression block l and stride d
-# fp32 reference run: one fixed launch config per kernel, no autotuning (fp32 dots run on the FMA
-# units, seconds per backward at 128K, and every trial would cost that); 32 x 32 tiles at 8 warps
-# spill 144-604 bytes in an offline sm_90a compile, larger tiles or 4 warps 1.1-6 KB
-FP32_CONFIG = ra._config(32, 32, 8, 1)
 PATHS = {"split": False, "onepass": True}
 
 
@@ -96,35 +87,6 @@ def chunking_set(chunking: int):
         ra.ONEPASS_CHUNKING = saved
 
 
-@contextmanager
-def fixed_fp32_configs():
-    saved = ra._TUNED
-    ra._TUNED = {name: triton.autotune([FP32_CONFIG], key=["T", "TK", "G", "DK", "DV"])(ra._KERNELS[name])
-                 for name in ("fwd", "dq", "dkv")}
-    try:
-        yield
-    finally:
-        ra._TUNED = saved
-
-
-def errors(grads, ref) -> dict:
-    out = {}
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
-        diff = (g.float() - r).double()
-        out[name] = {"max_abs": diff.abs().max().item(),
-                     "rms_rel": (diff.pow(2).mean().sqrt() / r.double().pow(2).mean().sqrt()).item()}
-    return out
-
-
-def within_bound(err: dict, bound: dict) -> bool:
-    return all(err[t]["max_abs"] <= 2 * bound[t]["max_abs"] and err[t]["rms_rel"] <= 2 * bound[t]["rms_rel"] + 1e-3
-               for t in err)
-
-
-def timed(fn, reps: int) -> float:
-    return median_ms(fn, reps)["ms"] if torch.cuda.is_available() else float("nan")
-
-
 def peak_gib(fn) -> float:
     """Peak memory of one call above what was allocated before it (GiB); NaN without CUDA."""
     if not torch.cuda.is_available():
@@ -140,21 +102,10 @@ def peak_gib(fn) -> float:
 def one_length(seq: int, args, device):
     """This length's figures, and its bf16 inputs with a backward(q, k, v, o, lse, do) for more timings."""
     t0 = time.time()
-    # packed documents of --doc-len tokens (the last one shorter), or one document
-    cu = torch.arange(0, seq + args.doc_len, args.doc_len, device=device).clamp(max=seq).to(torch.int32) \
-        if args.doc_len else None
-    if args.branch == "compressed":
-        num_keys = num_compressed_blocks(seq, BLOCK, STRIDE) if cu is None else \
-            int(compressed_cu_seqlens(cu, BLOCK, STRIDE)[-1])
-        ranges = compressed_ranges(seq, num_keys, BLOCK, STRIDE, 0, cu, device)
-    else:
-        num_keys = seq
-        ranges = window_ranges(seq, seq, args.window, 0, 0, cu, device)
-    gen = torch.Generator(device=device).manual_seed(seq)
-    q, k, v = (torch.randn(1, n, h, args.head_dim, device=device, generator=gen)
-               for n, h in ((seq, args.q_heads), (num_keys, args.kv_heads), (num_keys, args.kv_heads)))
-    do = torch.randn(1, seq, args.q_heads, args.head_dim, device=device, generator=gen)
-    scale = default_scale(args.head_dim, None)
+    inputs = range_inputs(args.branch, seq, args.window, args.doc_len, args.q_heads, args.kv_heads, args.head_dim,
+                          device)
+    num_keys, ranges, scale = inputs["num_keys"], inputs["ranges"], inputs["scale"]
+    q, k, v, do = (inputs[name] for name in ("q", "k", "v", "do"))
     res = {"T": seq, "TK": num_keys, "HQ": args.q_heads, "HK": args.kv_heads, "D": args.head_dim}
 
     def backward(q, k, v, o, lse, do, one_pass):
@@ -173,7 +124,7 @@ def one_length(seq: int, args, device):
     for name, one_pass in PATHS.items():
         t1 = time.time()
         grads = backward(q, k, v, o, lse, do, one_pass)  # compiles and autotunes
-        line = {"first_call_s": time.time() - t1, "errors": errors(grads, ref)}
+        line = {"first_call_s": time.time() - t1, "errors": errors(grads, ref, ("dq", "dk", "dv"))}
         line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do, one_pass), args.reps)
         line["peak_gib"] = peak_gib(lambda: backward(q, k, v, o, lse, do, one_pass))
         again = backward(q, k, v, o, lse, do, one_pass)

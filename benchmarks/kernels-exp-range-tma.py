@@ -42,19 +42,13 @@ import triton  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.compressed_attention.triton as compressed_triton  # noqa: E402
 import kernels.range_attention as ra  # noqa: E402
-from kernels.common import default_scale  # noqa: E402
-from kernels.compressed_attention.triton import compressed_ranges  # noqa: E402
-from kernels.compression.naive import compressed_cu_seqlens, num_compressed_blocks  # noqa: E402
-from kernels.window_attention.triton import window_ranges  # noqa: E402
-from tools.bench_kernels import median_ms  # noqa: E402
+from range_experiments import errors, fixed_fp32_configs, range_inputs, timed, within_bound  # noqa: E402
 
-BLOCK, STRIDE = 32, 16  # paper config compression block l and stride d
 WAYS = {"pointers": (), "tma-kv": ("fwd", "dq"), "tma-all": ("fwd", "dq", "dkv", "onepass")}  # TMA_LOADS
-# fp32 reference: one fixed config a kernel, no autotuning (fp32 dots are FMA loops; see kernels-exp-range-bwd.py)
-FP32_CONFIG = ra._config(32, 32, 8, 1)
+OUTPUTS = ("o", "dq", "dk", "dv")
 
 
 def parse_args():
@@ -90,51 +84,11 @@ def tma_loads(kernels: tuple[str, ...]):
         ra.TMA_LOADS = saved
 
 
-@contextmanager
-def fixed_fp32_configs():
-    saved = ra._TUNED
-    ra._TUNED = {name: triton.autotune([FP32_CONFIG], key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV"])(kernel)
-                 for name, kernel in ra._KERNELS.items()}
-    try:
-        yield
-    finally:
-        ra._TUNED = saved
-
-
-def errors(outputs, ref) -> dict:
-    out = {}
-    for name, x, r in zip(("o", "dq", "dk", "dv"), outputs, ref):
-        diff = (x.float() - r).double()
-        out[name] = {"max_abs": diff.abs().max().item(),
-                     "rms_rel": (diff.pow(2).mean().sqrt() / r.double().pow(2).mean().sqrt()).item()}
-    return out
-
-
-def within_bound(err: dict, bound: dict) -> bool:
-    return all(err[t]["max_abs"] <= 2 * bound[t]["max_abs"] and err[t]["rms_rel"] <= 2 * bound[t]["rms_rel"] + 1e-3
-               for t in err)
-
-
-def timed(fn, reps: int) -> float:
-    return median_ms(fn, reps)["ms"] if torch.cuda.is_available() else float("nan")
-
-
 def one_shape(branch: str, seq: int, args, device) -> dict:
     t0 = time.time()
-    cu = torch.arange(0, seq + args.doc_len, args.doc_len, device=device).clamp(max=seq).to(torch.int32) \
-        if args.doc_len else None
-    if branch == "compressed":
-        num_keys = num_compressed_blocks(seq, BLOCK, STRIDE) if cu is None else \
-            int(compressed_cu_seqlens(cu, BLOCK, STRIDE)[-1])
-        ranges = compressed_ranges(seq, num_keys, BLOCK, STRIDE, 0, cu, device)
-    else:
-        num_keys = seq
-        ranges = window_ranges(seq, seq, args.window, 0, 0, cu, device)
-    gen = torch.Generator(device=device).manual_seed(seq)
-    q, k, v = (torch.randn(1, n, h, args.head_dim, device=device, generator=gen)
-               for n, h in ((seq, args.q_heads), (num_keys, args.kv_heads), (num_keys, args.kv_heads)))
-    do = torch.randn(1, seq, args.q_heads, args.head_dim, device=device, generator=gen)
-    scale = default_scale(args.head_dim, None)
+    inputs = range_inputs(branch, seq, args.window, args.doc_len, args.q_heads, args.kv_heads, args.head_dim, device)
+    num_keys, ranges, scale = inputs["num_keys"], inputs["ranges"], inputs["scale"]
+    q, k, v, do = (inputs[name] for name in ("q", "k", "v", "do"))
 
     def forward(q, k, v):
         return ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
@@ -161,7 +115,7 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
             t1 = time.time()
             o, lse = forward(q, k, v)
             grads = backward(q, k, v, o, lse, do)  # compiles and autotunes
-            line = {"first_call_s": time.time() - t1, "errors": errors((o, *grads), ref),
+            line = {"first_call_s": time.time() - t1, "errors": errors((o, *grads), ref, OUTPUTS),
                     "tma_taken": [name for name in ra._KERNELS if ra.use_tma(name, q, k, v)]}
             line["fwd_ms"] = timed(lambda: forward(q, k, v), args.reps)
             line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)

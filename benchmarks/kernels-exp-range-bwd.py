@@ -32,8 +32,6 @@ to check the script: --seqs 1200 --q-heads 4 --kv-heads 2 --head-dim 32 --dtype 
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -44,13 +42,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are imported
 
-import triton  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.range_attention as ra  # noqa: E402
-from range_experiments import errors, fixed_fp32_configs, range_inputs, timed, within_bound  # noqa: E402
+from range_experiments import (errors, fixed_fp32_configs, range_inputs, run_facts, timed,  # noqa: E402
+                               within_bound, write)
 
 PATHS = {"split": False, "onepass": True}
 
@@ -147,20 +145,11 @@ def one_length(seq: int, args, device):
     return res, (q, k, v, o, lse, do, backward)
 
 
-def write(report: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=1))
-
-
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    report = {"command": " ".join(["python3", *sys.argv]), "branch": args.branch, "window": args.window,
-              "doc_len": args.doc_len,
-              "commit": os.environ.get("COMMIT") or commit,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.node(),
-              "triton": triton.__version__, "torch": torch.__version__, "lengths": []}
+    report = {**run_facts(REPO), "branch": args.branch, "window": args.window, "doc_len": args.doc_len,
+              "lengths": []}
     for seq in args.seqs:
         res, last = one_length(seq, args, device)
         report["lengths"].append(res)

@@ -26,8 +26,6 @@ check the script: --seqs 600 --q-heads 4 --kv-heads 2 --head-dim 32 --window 100
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -45,7 +43,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.compressed_attention.triton as compressed_triton  # noqa: E402
 import kernels.range_attention as ra  # noqa: E402
-from range_experiments import errors, fixed_fp32_configs, range_inputs, timed, within_bound  # noqa: E402
+from range_experiments import (errors, fixed_fp32_configs, range_inputs, run_facts, timed,  # noqa: E402
+                               within_bound, write)
 
 WAYS = {"pointers": (), "tma-kv": ("fwd", "dq"), "tma-all": ("fwd", "dq", "dkv", "onepass")}  # TMA_LOADS
 OUTPUTS = ("o", "dq", "dk", "dv")
@@ -143,18 +142,10 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
     return res
 
 
-def write(report: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=1))
-
-
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    report = {"command": " ".join(["python3", *sys.argv]), "commit": os.environ.get("COMMIT") or commit,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.node(),
-              "triton": triton.__version__, "torch": torch.__version__, "window": args.window, "shapes": []}
+    report = {**run_facts(REPO), "window": args.window, "shapes": []}
     for branch in args.branches:
         for seq in args.seqs:
             report["shapes"].append(one_shape(branch, seq, args, device))

@@ -2,7 +2,13 @@
 inputs per branch and length, an fp32 reference run, error measures and bounds, and timing. Import it after
 the caller has set TRITON_INTERPRET where there is no GPU (kernels read it when they are defined)."""
 
+import json
+import os
+import platform
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import triton
@@ -72,3 +78,17 @@ def within_bound(err: dict, bound: dict) -> bool:
 def timed(fn, reps: int) -> float:
     """Median ms of fn over >= reps timed runs on the GPU; NaN under the interpreter."""
     return median_ms(fn, reps)["ms"] if torch.cuda.is_available() else float("nan")
+
+
+def run_facts(repo: Path) -> dict:
+    """The command, commit ($COMMIT where the device scripts set it: the GPU machine's copy of the tree
+    may hold a stale .git), device and versions, for the head of a report."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    return {"command": " ".join(["python3", *sys.argv]), "commit": os.environ.get("COMMIT") or commit,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.node(),
+            "triton": triton.__version__, "torch": torch.__version__}
+
+
+def write(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))

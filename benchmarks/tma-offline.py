@@ -5,13 +5,24 @@ spills of each (G = 16, bf16, head dims 128 and 64). Not a timing (benchmarks/gp
 
     env -u TRITON_INTERPRET python benchmarks/tma-offline.py
 
-(about 20 s on two CPU cores.)
+(about 20 s on two CPU cores.) With --hashes it prints, per pointer-path launch, a hash of its PTX
+without debug lines instead; --kernels-root takes the kernels from another checkout (one from before
+the TMA path, whose kernels have no TMA argument, included), so that two commits' pointer paths can be
+compared: the TMA path's commits left them unchanged.
 """
 
+import argparse
+import hashlib
+import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ARGS.add_argument("--hashes", action="store_true", help="PTX hashes of the pointer-path launches only")
+ARGS.add_argument("--kernels-root", default=str(Path(__file__).resolve().parents[1]),
+                  help="import `kernels` from this checkout")
+ARGS = ARGS.parse_args()
+sys.path.insert(0, ARGS.kernels_root)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.range_attention as ra  # noqa: E402
 import kernels.selected_attention.triton as selected  # noqa: E402
@@ -59,7 +70,30 @@ def cases(head_dim: int):
             yield f"selected {name}", kernel, constants, 2, 2
 
 
+def ptx_hash(ptx: str) -> str:
+    """A hash of the PTX's code: without the debug sections, line markers, labels' names and comments."""
+    code = ptx.split(".section\t.debug")[0]
+    lines = [re.sub(r"//.*", "", line).rstrip() for line in code.splitlines()]
+    kept = [line for line in lines if line.strip() and not line.strip().startswith((".loc", ".file", "$L__"))]
+    return hashlib.sha1("\n".join(kept).encode()).hexdigest()[:12]
+
+
+def hashes() -> None:
+    print(f"kernels from {Path(ra.__file__).resolve().parents[1]}")
+    for head_dim in (128, 64):
+        for name, kernel, constants, warps, stages in cases(head_dim):
+            if constants["TMA"]:
+                continue
+            if "TMA" not in kernel.arg_names:  # a checkout from before the TMA path
+                del constants["TMA"]
+            ptx = compile_sm90(kernel, signature(kernel, constants), constants, warps, stages)[3]
+            print(f"{head_dim:>4} {name:<22} w{warps} s{stages} {ptx_hash(ptx)}")
+
+
 def main():
+    if ARGS.hashes:
+        hashes()
+        return
     print(f"{'D':>4} {'kernel':<22} {'TMA':>5} {'warps':>5} {'stages':>6} {'shared KB':>9} {'registers':>9} "
           f"{'spilled B':>9} {'bulk copies':>11}  programs a multiprocessor by shared / by registers")
     for head_dim in (128, 64):

@@ -345,14 +345,11 @@ def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, v
     rows = r0 + tl.arange(0, BLOCK_M)
     tok = rows // G
     flat = (b.to(tl.int64) * T + tok) * HQ + hk * G + rows % G
-    if MASKED:
-        row_ok = rows < row_end
-        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
-        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
-    else:
-        row_lse = tl.load(lse + flat)
-        row_delta = tl.load(delta + flat)
+    # (the pointer path's statements in their order before the TMA path, which keeps its PTX as it was;
+    # loading lse and delta first had moved the one pass's spills)
     if TMA:  # q and do: row_sources' descriptors; r0 is a multiple of G. Rows past row_end get zero weight
+        if MASKED:
+            row_ok = rows < row_end
         at = [(b * T + r0 // G).to(tl.int32), (hk * G).to(tl.int32), 0]
         qt = tl.reshape(q.load(at), [BLOCK_M, DK])
         dot = tl.reshape(do.load(at), [BLOCK_M, DV])
@@ -360,11 +357,18 @@ def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, v
         q_ptr = q + flat[:, None] * DK + dk[None, :]
         do_ptr = do + flat[:, None] * DV + dv[None, :]
         if MASKED:
+            row_ok = rows < row_end
             qt = tl.load(q_ptr, mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
             dot = tl.load(do_ptr, mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
         else:
             qt = tl.load(q_ptr, mask=dk[None, :] < DK, other=0.0)
             dot = tl.load(do_ptr, mask=dv[None, :] < DV, other=0.0)
+    if MASKED:
+        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
+        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
+    else:
+        row_lse = tl.load(lse + flat)
+        row_delta = tl.load(delta + flat)
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     s_t = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
     p_t = tl.exp2(s_t - row_lse[None, :])

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot_precision, poisoned, pow2, programs_wanted, tma_allocator
+from kernels.triton_utils import dot_precision, poisoned, pow2, programs_wanted, tma_unfit
 
 LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2 is the fast instruction)
 
@@ -75,11 +75,10 @@ _CONFIGS = {
 }
 # The kernels that copy their streamed tiles through TMA tensor descriptors (the forward and dQ their
 # K/V tiles, the dK/dV and one-pass kernels their q/dO row tiles), by _KERNELS name. None until timed
-# against the pointer
-# loads on the GPU (benchmarks/kernels-exp-range-tma.py): these kernels measured at about 0.4
-# instructions a cycle with 8 warps a multiprocessor (Nsight Compute, benchmarks/kernels-notes.md,
-# session 38), latency-bound, and a TMA copy is one instruction for a whole tile where the pointer
-# loads issue one per thread and vector, with their addresses. Per kernel: in an offline sm_90a compile
+# against the pointer loads on the GPU (benchmarks/kernels-exp-range-tma.py): these kernels measured at
+# about 0.4 instructions a cycle with 8 warps a multiprocessor (Nsight Compute, benchmarks/kernels-notes.md,
+# session 38), latency-bound, and a TMA copy is one instruction for a whole tile where the pointer loads
+# issue one per thread and vector, with their addresses. Per kernel: in an offline sm_90a compile
 # (benchmarks/tma-offline.py) TMA saves the forward registers but makes the one pass at D = 128 spill.
 TMA_LOADS: tuple[str, ...] = ()
 # The interpreter runs one numpy op per tile op: big tiles make it fast.
@@ -554,18 +553,10 @@ def _launch(name, device, grid, *args, **consts):
 
 
 def use_tma(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `kernel` copies its tiles through TMA descriptors: TMA_LOADS names it, the head dims are
-    tile widths (powers of two from 16), the group size a power of two (a row tile holds whole groups),
-    and the device has the TMA unit (compute capability 9 or later; the interpreter emulates it)."""
-    group = q.shape[2] // k.shape[2]
-    if kernel not in TMA_LOADS or any(d != pow2(d) for d in (q.shape[-1], v.shape[-1])) or group & (group - 1):
-        return False
-    if q.device.type == "cpu":
-        return True
-    if torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    tma_allocator()
-    return True
+    """Whether `kernel` copies its tiles through TMA descriptors: TMA_LOADS names it and the inputs fit
+    (triton_utils.tma_unfit). TMA_LOADS is a speed setting for every shape, so shapes that do not fit
+    take the pointer loads, as they always could."""
+    return kernel in TMA_LOADS and tma_unfit(q, k, v, whole_groups=True) is None
 
 
 def _launch_args(q, k, v, scale):

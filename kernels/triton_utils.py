@@ -26,7 +26,24 @@ def launch_params(overrides: dict[str, dict], kernel: str, **defaults) -> dict:
     return {**defaults, **overrides.get(kernel, {})}
 
 
-def tma_allocator() -> None:
+def tma_unfit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, whole_groups: bool) -> str | None:
+    """Why these inputs cannot take a kernel's TMA path (None: they can, and Triton has the allocator its
+    descriptors need): descriptor tiles are the head dims wide, so those must be powers of two from 16;
+    with whole_groups a row tile holds whole GQA groups, so the group size must be a power of two; and
+    the device needs the TMA unit (compute capability 9 or later; the interpreter emulates it)."""
+    dk, dv, group = q.shape[-1], v.shape[-1], q.shape[2] // k.shape[2]
+    if any(d != pow2(d) for d in (dk, dv)):
+        return f"head dims that are powers of two from 16 (got Dk={dk}, Dv={dv})"
+    if whole_groups and group & (group - 1):
+        return f"a group size that is a power of two (got G={group})"
+    if q.device.type == "cuda":
+        if torch.cuda.get_device_capability(q.device)[0] < 9:
+            return "a GPU with the TMA unit (Hopper or later)"
+        _tma_allocator()
+    return None
+
+
+def _tma_allocator() -> None:
     """Gives Triton the allocator its kernels need for tensor descriptors made on the device
     (tl.make_tensor_descriptor: 128 bytes of global scratch a program), once a process."""
     global _TMA_ALLOCATOR_SET

@@ -28,7 +28,7 @@ import triton.language as tl
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, host_bounds
 from kernels.range_attention import LOG2E, attention_delta, dq_step, kv_sources, online_softmax_step, store_rows
 from kernels.triton_utils import (
-    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted, tma_allocator,
+    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted, tma_unfit,
 )
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
@@ -557,20 +557,16 @@ def _token_tile(params: dict, group: int) -> tuple[int, int]:
     return tokens, heads
 
 
-def _tma_loads(params: dict, q: torch.Tensor, v: torch.Tensor, tokens: int) -> bool:
+def _tma_loads(params: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> bool:
     """TMA (a LAUNCH override, popped from params; default off until timed on a GPU): whether the one-token
-    forward and dQ kernels copy their K/V parts through TMA descriptors (range_attention.kv_sources)."""
-    tma = params.pop("TMA", False)
-    if not tma:
+    forward and dQ kernels copy their K/V parts through TMA descriptors (range_attention.kv_sources). Asked
+    for explicitly, so inputs it cannot serve are an error, not a quiet fallback."""
+    if not params.pop("TMA", False):
         return False
-    dims = (q.shape[-1], v.shape[-1])
-    if tokens > 1 or any(d != pow2(d) for d in dims):
-        raise ValueError(f"selected attention: LAUNCH TMA=True needs the one-token kernels (TOKENS=1, got "
-                         f"{tokens}) and head dims that are powers of two from 16 (got Dk={dims[0]}, Dv={dims[1]})")
-    if q.device.type == "cuda":
-        if torch.cuda.get_device_capability(q.device)[0] < 9:
-            raise ValueError("selected attention: LAUNCH TMA=True needs a GPU with the TMA unit (Hopper or later)")
-        tma_allocator()
+    unfit = f"the one-token kernels (leave TOKENS out, or 1; got {tokens})" if tokens > 1 else \
+        tma_unfit(q, k, v, whole_groups=False)
+    if unfit:
+        raise ValueError(f"selected attention: LAUNCH TMA=True needs {unfit}; or leave TMA out of LAUNCH")
     return True
 
 
@@ -605,7 +601,7 @@ class SelectedAttention(torch.autograd.Function):
             defaults["BLOCK_K"] = min(32, consts["BLOCK_S"])
         launch = _key_tiled(launch_params(LAUNCH, "fwd", **defaults), consts["BLOCK_S"])
         tokens, heads = _token_tile(launch, consts["G"])
-        tma = _tma_loads(launch, q, v, tokens)
+        tma = _tma_loads(launch, q, k, v, tokens)
         if tokens == 1:
             _selected_fwd[(seq, batch * k.shape[2])](
                 q, k, v, block_idx, doc_start, o, lse, slot_lse, *sizes,
@@ -639,7 +635,7 @@ class SelectedAttention(torch.autograd.Function):
         dq = poisoned(q.shape, q.dtype, q.device)
         launch = _key_tiled(launch_params(LAUNCH, "dq", **_dq_launch(q, v)), consts["BLOCK_S"])
         tokens, heads = _token_tile(launch, consts["G"])
-        tma = _tma_loads(launch, q, v, tokens)
+        tma = _tma_loads(launch, q, k, v, tokens)
         if tokens == 1:
             _selected_bwd_dq[(seq, batch * num_kv_heads)](
                 q, k, v, do, lse, delta, block_idx, doc_start, dq,

@@ -161,8 +161,15 @@ def test_tma_needs_tile_wide_head_dims(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"TMA": True})
     inputs = leaves(1, 20, 20, 2, 1, torch.float32)
     inputs["v"] = randn(1, 20, 1, 24)
-    with pytest.raises(ValueError, match="TMA=True needs .* head dims that are powers of two .* Dv=24"):
+    with pytest.raises(ValueError, match="TMA=True needs head dims that are powers of two .*Dv=24.*leave TMA out"):
         selected_attention_triton(**inputs, block_idx=random_blocks(1, 20, 1), selection_block=SEL)
+
+
+def test_tma_needs_the_one_token_kernels(monkeypatch):
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"TMA": True, "TOKENS": 4})
+    with pytest.raises(ValueError, match="TMA=True needs the one-token kernels .*got 4.*leave TMA out"):
+        selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
+                                  selection_block=SEL)
 
 
 def test_token_tile_must_fill_a_dot(monkeypatch):

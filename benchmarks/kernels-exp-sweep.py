@@ -9,8 +9,9 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program; and today's launch with
   TMA: K/V parts copied through TMA descriptors; --tma-only: those alone), backward "dkv" (BLOCK_M too)
   and "reduce" (--selected-parts picks among the four);
-- gate (one branch's output times its gate), kernels/gate_combine/triton.py "gate_fwd", "gate_bwd":
-  BLOCK_R x num_warps (until 2026-12-01 one combine kernel of the three outputs, "fwd" and "bwd").
+- gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward) and
+  "gate_bwd" (one branch's gate backward): BLOCK_R x num_warps (until 2026-12-04 a forward kernel per
+  gate, "gate_fwd", then the sum; until 2026-12-01 one combine kernel of the three, "fwd" and "bwd").
 Not swept: compressed and window attention (kernels/range_attention.py, autotuned), phi (PyTorch, no
 Triton kernel), and the backwards' delta kernel (range_attention.attention_delta: fixed, ~1 ms).
 
@@ -216,28 +217,27 @@ def fp32_selected(q, k, v, do, blocks) -> tuple | None:
 
 def combine_sweeps(T, hq, d, dtype, device) -> list[Sweep]:
     gen = torch.Generator(device=device).manual_seed(T)
-    o = torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen)
-    gate = torch.rand(1, T, hq, device=device, generator=gen).to(dtype)
+    outs = [torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+    gates = [torch.rand(1, T, hq, device=device, generator=gen).to(dtype) for _ in range(3)]
     grad = torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen)
-    leaves = [x.clone().requires_grad_() for x in (o, gate)]
-    out = gate_combine.gate_branch_triton(*leaves)
+    o, gate = [x.clone().requires_grad_() for x in (outs[0], gates[0])]
+    out = gate_combine.gate_branch_triton(o, gate)
 
     def forward():
         with torch.no_grad():
-            return (gate_combine.gate_branch_triton(o, gate),)
+            return (gate_combine.gated_sum_triton(*outs, *gates),)
 
-    def backward():
-        return torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    def backward():  # one gate node's backward
+        return torch.autograd.grad(out, [o, gate], grad, retain_graph=True)
 
-    leaves32 = [x.detach().float().requires_grad_() for x in leaves]
-    out32 = gate_combine.gate_branch_triton(*leaves32)
-    reference = (out32.detach(), *torch.autograd.grad(out32, leaves32, grad.float()))
-    del leaves32, out32
+    o32, gate32 = [x.detach().float().requires_grad_() for x in (o, gate)]
+    sum32 = gate_combine.gated_sum_triton(*(x.float() for x in outs), *(g.float() for g in gates))
+    reference_bwd = torch.autograd.grad(gate_combine.gate_branch_triton(o32, gate32), [o32, gate32], grad.float())
     now = dict(BLOCK_R=gate_combine.BLOCK_R, num_warps=4)
     grid = [c for c in configs(now, BLOCK_R=(16, 32, 64, 128), num_warps=(2, 4, 8))
             if (c["BLOCK_R"], c["num_warps"]) not in ((16, 8), (128, 2))]
-    return [Sweep("gate fwd", gate_combine, "gate_fwd", now, grid, forward, reference[:1]),
-            Sweep("gate bwd", gate_combine, "gate_bwd", now, grid, backward, reference[1:])]
+    return [Sweep("gated sum fwd", gate_combine, "sum", now, grid, forward, (sum32,)),
+            Sweep("gate bwd", gate_combine, "gate_bwd", now, grid, backward, reference_bwd)]
 
 
 def topn_sweep(q, k_cmp, lse) -> Sweep:

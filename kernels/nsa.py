@@ -9,7 +9,7 @@ from kernels.block_selection.naive import RAW_KEY_SCORES, select_blocks_ref
 from kernels.common import acc_dtype
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
-from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
+from kernels.gate_combine.naive import gate_branch_ref, gated_sum_ref
 from kernels.selected_attention.naive import selected_attention_ref
 from kernels.window_attention.naive import window_attention_ref
 
@@ -23,8 +23,8 @@ class BranchOps(NamedTuple):
     select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens, score, keys) -> block ids
     selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens, slot_lse) -> (o, lse[, slot_lse])
     window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens) -> (o, lse)
-    gate: Callable  # (o, gate) -> gate * o: one branch's output times its gate ([B, T, HQ])
-    sum: Callable  # (o_cmp, o_slc, o_win or None) -> the sum of the gated outputs
+    gate: Callable  # (o, gate [B, T, HQ]) -> o as `sum` takes it (the Triton one's backward applies the gate)
+    sum: Callable  # (o_cmp, o_slc, o_win or None, g_cmp, g_slc, g_win or None) -> the gated sum
 
 
 def branch_ops(impl: str) -> BranchOps:
@@ -32,19 +32,19 @@ def branch_ops(impl: str) -> BranchOps:
     CUDA, or CPU under TRITON_INTERPRET=1). Choosing for "auto" is the caller's business."""
     if impl == "reference":
         return BranchOps(compressed_attention_ref, select_blocks_ref, selected_attention_ref, window_attention_ref,
-                         gate_branch_ref, sum_branches_ref)
+                         gate_branch_ref, gated_sum_ref)
     if impl == "triton":
         # Imported on first use: Triton decides between compiling and interpreting (TRITON_INTERPRET) when
         # a kernel is defined, so importing this module must not define them.
         from kernels.block_selection.triton import select_blocks_triton
         from kernels.compressed_attention.triton import compressed_attention_triton
-        from kernels.gate_combine.triton import gate_branch_triton, sum_branches_triton
+        from kernels.gate_combine.triton import gate_branch_triton, gated_sum_triton
         from kernels.selected_attention.triton import selected_attention_triton
         from kernels.window_attention.triton import window_attention_triton
 
         return BranchOps(
             compressed_attention_triton, select_blocks_triton, selected_attention_triton, window_attention_triton,
-            gate_branch_triton, sum_branches_triton,
+            gate_branch_triton, gated_sum_triton,
         )
     raise ValueError(f"impl={impl!r}: expected 'reference' or 'triton' ('auto' is resolved by the caller)")
 
@@ -134,9 +134,10 @@ def compose_nsa(
     selection_loss: k > 0 also computes the selection alignment loss's terms over every k-th of these rows
     (NSAResult.selection_terms; kernels.block_selection.alignment), for nsa.selection_loss; 0: not.
 
-    Each branch's output is gated as soon as the branch has run, not all three at the end: autograd runs
-    the most recently created ready node first, so the backward then makes one branch's output gradient
-    just before that branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
+    Each branch's output passes through ops.gate as soon as the branch has run, and ops.sum adds them
+    gated at the end: the Triton gate's backward applies the gate, and autograd runs the most recently
+    created ready node first, so the backward makes one branch's output gradient just before that
+    branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
@@ -152,11 +153,13 @@ def compose_nsa(
     q = q.contiguous()
     gate_cmp, gate_slc, gate_win = gates.movedim(-1, 0).contiguous().unbind(0)  # each [B, Tq, HQ], dense
     o_cmp, lse_cmp, blocks, o_win, lse_win = [], [], [], [], []
+    g_cmp, g_slc, g_win = [], [], []  # the gates of the outputs' rows, laid out as the outputs are
     for span in spans:
         span_rows = slice(span.offset, span.offset + span.length)
         rows = q[:, span_rows]
         o, lse = ops.compressed(rows, k_cmp, v_cmp, *sizes_cmp, scale, q_start=span.start, cu_seqlens=cu_seqlens)
         o_cmp.append(ops.gate(o, gate_cmp[:, span_rows]))
+        g_cmp.append(gate_cmp[:, span_rows])
         lse_cmp.append(lse)
         blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
                                  num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens,
@@ -165,6 +168,7 @@ def compose_nsa(
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
                                 k_start=span.win_start, cu_seqlens=cu_seqlens)
             o_win.append(ops.gate(o, gate_win[:, span_rows]))
+            g_win.append(gate_win[:, span_rows])
             lse_win.append(lse)
     block_idx = _cat(blocks, 1)
 
@@ -173,13 +177,14 @@ def compose_nsa(
     terms = []  # the selection alignment loss's (sum, rows) per item and span
     for heads, k, v in selection_kv:
         q_heads = slice(heads.start * group, heads.stop * group)
-        o_item, lse_item = [], []
+        o_item, lse_item, g_item = [], [], []
         for index, s in enumerate(spans):
             rows = slice(s.offset, s.offset + s.length)
             o, lse, *slot_lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block,
                                              scale, q_start=s.start, cu_seqlens=cu_seqlens,
                                              slot_lse=bool(selection_loss))
             o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
+            g_item.append(gate_slc[:, rows, q_heads])
             lse_item.append(lse)
             if selection_loss:
                 terms.append(selection_alignment_terms(
@@ -188,14 +193,15 @@ def compose_nsa(
                     selection_block=selection_block, scale=scale, q_start=s.start, cu_seqlens=cu_seqlens,
                     row_stride=selection_loss))
         o_slc.append(_cat(o_item, 1))
+        g_slc.append(_cat(g_item, 1))
         lse_slc.append(_cat(lse_item, 1))
-    o_slc, lse_slc = _cat(o_slc, 2), _cat(lse_slc, 2)
+    o_slc, lse_slc, g_slc = _cat(o_slc, 2), _cat(lse_slc, 2), _cat(g_slc, 2)
     lse_cmp = _cat(lse_cmp, 1)
     if window > 0:
-        o_win, lse_win = _cat(o_win, 1), _cat(lse_win, 1)
+        o_win, lse_win, g_win = _cat(o_win, 1), _cat(lse_win, 1), _cat(g_win, 1)
     else:  # fla's configuration: no window branch
-        o_win, lse_win = None, torch.full_like(lse_slc, float("-inf"))
-    output = ops.sum(_cat(o_cmp, 1), o_slc, o_win)
+        o_win, lse_win, g_win = None, torch.full_like(lse_slc, float("-inf")), None
+    output = ops.sum(_cat(o_cmp, 1), o_slc, o_win, _cat(g_cmp, 1), g_slc, g_win)
     selection_terms = (sum(t for t, _ in terms), sum(r for _, r in terms)) if terms else None
     return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win, selection_terms)
 

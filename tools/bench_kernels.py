@@ -190,9 +190,15 @@ def time_line(name, make, reps, rows, **where):
 
 
 def gate_combine(ops):
-    """The gate combine of `ops`: each output times its gate, then the sum (BranchOps.gate and .sum); one
+    """The gate combine of `ops`: each output through its gate node, then the gated sum (BranchOps.gate and
+    .sum, with the gates since 2026-12-04; before, each gate wrote its product and .sum added them); one
     combine kernel (BranchOps.combine, before 2026-12-01); or, for kernels older still (an earlier
     --kernels-root), torch's arithmetic."""
+    if hasattr(ops, "gate") and "g_cmp" in inspect.signature(ops.sum).parameters:
+        def gated(o_cmp, o_slc, o_win, gates):
+            g = gates.unbind(-1)
+            return ops.sum(*(ops.gate(o, g[i]) for i, o in enumerate((o_cmp, o_slc, o_win))), *g)
+        return gated
     if hasattr(ops, "gate"):
         return lambda o_cmp, o_slc, o_win, gates: ops.sum(*(ops.gate(o, gates[..., i])
                                                             for i, o in enumerate((o_cmp, o_slc, o_win))))

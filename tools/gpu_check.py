@@ -116,9 +116,12 @@ def compare_branch(name, kernel, reference, leaves, **kwargs) -> dict:
 
 
 def gated_sum(ops):
-    """The gate combine as compose_nsa makes it: each output times its gate, then the sum."""
-    return lambda *outs_and_gates: ops.sum(*(ops.gate(o, outs_and_gates[-1][..., i])
-                                             for i, o in enumerate(outs_and_gates[:-1])))
+    """The gate combine as compose_nsa makes it: each output through its gate node, then the gated sum."""
+    def combine(*outs_and_gates):
+        *outs, gates = outs_and_gates
+        g = [gates[..., i] for i in range(len(outs))]
+        return ops.sum(*(ops.gate(o, g[i]) for i, o in enumerate(outs)), *g)
+    return combine
 
 
 def compare_combine(o_cmp, o_slc, o_win, gates) -> dict:

@@ -1,5 +1,5 @@
 """The gated sum of NSA's branch outputs, reference: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win,
-as the kernels compute it: each output times its gate (rounded to the output's dtype), then the sum."""
+products and sum in fp32, rounded once to the outputs' dtype (as the kernels compute it)."""
 
 import torch
 
@@ -9,15 +9,17 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 def gate_branch_ref(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """o: [B, T, HQ, Dv]; gate: [B, T, HQ] in (0, 1). Returns gate * o in o.dtype, multiplied in fp32."""
-    acc = _accumulator(o.dtype)
-    return (gate.to(acc).unsqueeze(-1) * o.to(acc)).to(o.dtype)
+    """One branch's output as the gated sum takes it: o itself ([B, T, HQ, Dv]). The reference applies
+    every gate in gated_sum_ref; the Triton version's twin applies it in its backward (memory order)."""
+    return o
 
 
-def sum_branches_ref(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None) -> torch.Tensor:
-    """The gated outputs [B, T, HQ, Dv], one dtype (o_win None: the window branch is off), summed in fp32."""
+def gated_sum_ref(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None,
+                  g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor | None) -> torch.Tensor:
+    """o_*: the branch outputs [B, T, HQ, Dv], one dtype, each passed through gate_branch_ref; g_*: their
+    gates [B, T, HQ] in (0, 1). o_win and g_win None: the window branch is off. Returns the gated sum in
+    the outputs' dtype, computed in fp32."""
     acc = _accumulator(o_cmp.dtype)
-    output = o_cmp.to(acc) + o_slc.to(acc)
-    if o_win is not None:
-        output = output + o_win.to(acc)
+    pairs = [(o, g) for o, g in ((o_cmp, g_cmp), (o_slc, g_slc), (o_win, g_win)) if o is not None]
+    output = sum(g.to(acc).unsqueeze(-1) * o.to(acc) for o, g in pairs)
     return output.to(o_cmp.dtype)

@@ -1,15 +1,19 @@
-"""The gated sum of NSA's branch outputs, Triton: each branch output times its gate, then the sum.
+"""The gated sum of NSA's branch outputs, Triton: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
 
-The two steps are separate autograd nodes on purpose. `kernels.nsa.compose_nsa` gates each branch's
-output right after the branch runs, and autograd runs the most recently created ready node first, so
-in the backward each branch's output gradient (g * dO, a [T, HQ, Dv] tensor) is made just before that
-branch's own backward consumes and frees it: one such tensor exists at a time, where a single combine
-node would make all three at once (6 GiB more at the peak at 128K tokens with 64 heads of 128). The sum
-passes its upstream gradient to the three gated outputs as it is, without copies.
+The forward is one kernel: it reads the three outputs and their gates once and writes the sum (products
+and sum in fp32). The backward is split by branch on purpose. `kernels.nsa.compose_nsa` passes each
+branch's output through `gate_branch_triton` right after the branch runs: in the forward that returns the
+output itself, and its backward applies the gate (d_o = g * dO, d_g = the row sum of dO * o). Autograd runs
+the most recently created ready node first, so each branch's output gradient (a [T, HQ, Dv] tensor) is
+made just before that branch's own backward consumes and frees it: one such tensor exists at a time,
+where a single combine node would make all three at once (6 GiB more at the peak at 128K tokens with 64
+heads of 128). The sum passes its upstream gradient on to the three outputs as it is, without copies.
 
-The forward reads each output once and writes it gated (products in fp32); the backward reads the
-upstream gradient and the output once and writes the output's gradient and the gate's (a row sum in
-fp32). Only the branch output, which its branch's backward keeps anyway, and the gate are saved.
+So the two are a pair: `gated_sum_triton` differentiates only through outputs that came from
+`gate_branch_triton` (or concatenations of them) with the same gates. Until 2026-12-04 each gate was its own
+forward kernel writing g * o, then a sum read those: 2.5x the forward's memory traffic (at 128K, 5.1 ms).
+
+Only the branch output, which its branch's backward keeps anyway, and the gate are saved.
 """
 
 import torch
@@ -19,8 +23,8 @@ import triton.language as tl
 from kernels.triton_utils import launch_params, pow2
 
 BLOCK_R = 32  # (token, head) rows per program
-# Launch parameters set over the defaults (BLOCK_R, num_warps), per kernel: "gate_fwd", "gate_bwd",
-# "sum"; empty in use, for experiments
+# Launch parameters set over the defaults (BLOCK_R, num_warps), per kernel: "gate_bwd", "sum"; empty in
+# use, for experiments
 LAUNCH: dict[str, dict] = {}
 
 
@@ -30,14 +34,6 @@ def _rows(R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     row_ok = rows < R
     d = tl.arange(0, BLOCK_D)
     return rows, row_ok, rows[:, None] * DV + d[None, :], row_ok[:, None] & (d[None, :] < DV)
-
-
-@triton.jit
-def _gate_fwd(o, gate, out, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, row_ok, offs, mask = _rows(R, DV, BLOCK_R, BLOCK_D)
-    g = tl.load(gate + rows, mask=row_ok, other=0.0).to(tl.float32)
-    o_rows = tl.load(o + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + offs, (g[:, None] * o_rows).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -52,13 +48,19 @@ def _gate_bwd(grad, o, gate, d_o, d_gate, R, DV: tl.constexpr, BLOCK_R: tl.const
 
 
 @triton.jit
-def _sum_fwd(a, b, c, out, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_C: tl.constexpr):
-    _, _, offs, mask = _rows(R, DV, BLOCK_R, BLOCK_D)
-    acc = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32)
-    acc += tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
+def _gated_sum_fwd(a, b, c, g_a, g_b, g_c, out, R, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HAS_C: tl.constexpr):
+    rows, row_ok, offs, mask = _rows(R, DV, BLOCK_R, BLOCK_D)
+    acc = _gated_rows(a, g_a, rows, row_ok, offs, mask) + _gated_rows(b, g_b, rows, row_ok, offs, mask)
     if HAS_C:
-        acc += tl.load(c + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += _gated_rows(c, g_c, rows, row_ok, offs, mask)
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_rows(o, gate, rows, row_ok, offs, mask):
+    g = tl.load(gate + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return g[:, None] * tl.load(o + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 def _grid(o: torch.Tensor, launch: dict) -> tuple[int]:
@@ -66,16 +68,13 @@ def _grid(o: torch.Tensor, launch: dict) -> tuple[int]:
 
 
 class GateBranch(torch.autograd.Function):
-    """gate_branch_triton as an autograd function; saves only its inputs."""
+    """gate_branch_triton as an autograd function: the output itself forward, the gate's backward; saves
+    only its inputs."""
 
     @staticmethod
     def forward(ctx, o, gate):
-        out = torch.empty_like(o)
-        launch = launch_params(LAUNCH, "gate_fwd", BLOCK_R=BLOCK_R)
-        _gate_fwd[_grid(o, launch)](o, gate, out, o.numel() // o.shape[-1], DV=o.shape[-1], BLOCK_D=pow2(o.shape[-1]),
-                                    **launch)
         ctx.save_for_backward(o, gate)
-        return out
+        return o.view_as(o)
 
     @staticmethod
     def backward(ctx, grad):
@@ -88,40 +87,52 @@ class GateBranch(torch.autograd.Function):
         return d_o, d_gate
 
 
-class SumBranches(torch.autograd.Function):
-    """sum_branches_triton as an autograd function: the upstream gradient is every input's, uncopied."""
+class GatedSum(torch.autograd.Function):
+    """gated_sum_triton as an autograd function: the upstream gradient is every output's, uncopied (their
+    gate_branch_triton nodes apply the gates); the gates get theirs there too."""
 
     @staticmethod
-    def forward(ctx, a, b, c):
-        out = torch.empty_like(a)
+    def forward(ctx, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+        out = torch.empty_like(o_cmp)
         launch = launch_params(LAUNCH, "sum", BLOCK_R=BLOCK_R)
-        _sum_fwd[_grid(a, launch)](a, b, a if c is None else c, out, a.numel() // a.shape[-1], DV=a.shape[-1],
-                                   BLOCK_D=pow2(a.shape[-1]), HAS_C=c is not None, **launch)
-        ctx.has_c = c is not None
+        has_win = o_win is not None
+        _gated_sum_fwd[_grid(o_cmp, launch)](
+            o_cmp, o_slc, o_win if has_win else o_cmp, g_cmp, g_slc, g_win if has_win else g_cmp, out,
+            o_cmp.numel() // o_cmp.shape[-1], DV=o_cmp.shape[-1], BLOCK_D=pow2(o_cmp.shape[-1]), HAS_C=has_win,
+            **launch)
+        ctx.has_win = has_win
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, grad, grad if ctx.has_c else None
+        return grad, grad, grad if ctx.has_win else None, None, None, None
 
 
 def gate_branch_triton(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """One branch's output times its gate (Triton; same meaning as gate_branch_ref).
+    """One branch's output as gated_sum_triton takes it (Triton; same meaning as gate_branch_ref): o itself,
+    whose backward applies the gate (the module docstring says why).
 
     o: [B, T, HQ, Dv] in fp32/fp16/bf16; gate: [B, T, HQ] in (0, 1), any of those dtypes, any strides
-    (e.g. one column of the [B, T, HQ, 3] gates). Returns [B, T, HQ, Dv] in o.dtype, the product taken in
-    fp32. Differentiable in o and the gate."""
+    (e.g. one column of the [B, T, HQ, 3] gates). Differentiable in o and the gate."""
     if gate.shape != o.shape[:-1]:
         raise ValueError(f"gate_branch_triton: gate {tuple(gate.shape)} must be the output's shape "
                          f"{tuple(o.shape)} without its last dimension")
     return GateBranch.apply(o.contiguous(), gate.contiguous())
 
 
-def sum_branches_triton(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None) -> torch.Tensor:
-    """The sum of the gated branch outputs (Triton; same meaning as sum_branches_ref): [B, T, HQ, Dv], one
-    shape and dtype (o_win None: the window branch is off), summed in fp32."""
+def gated_sum_triton(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None,
+                     g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor | None) -> torch.Tensor:
+    """The gated sum (Triton; same meaning as gated_sum_ref): o_* [B, T, HQ, Dv], one shape and dtype, each
+    from gate_branch_triton with the gate g_* [B, T, HQ] given here (o_win and g_win None: the window
+    branch is off). Products and sum in fp32, returned in the outputs' dtype."""
     outs = [o for o in (o_cmp, o_slc, o_win) if o is not None]
     if any(o.shape != o_cmp.shape or o.dtype != o_cmp.dtype for o in outs):
-        raise ValueError(f"sum_branches_triton: outputs {[tuple(o.shape) for o in outs]} "
+        raise ValueError(f"gated_sum_triton: outputs {[tuple(o.shape) for o in outs]} "
                          f"({[str(o.dtype) for o in outs]}) must share one shape and dtype")
-    return SumBranches.apply(*(o.contiguous() if o is not None else None for o in (o_cmp, o_slc, o_win)))
+    gates = [g for g in (g_cmp, g_slc, g_win) if g is not None]
+    if len(gates) != len(outs) or any(g.shape != o_cmp.shape[:-1] for g in gates):
+        raise ValueError(f"gated_sum_triton: gates {[tuple(g.shape) for g in gates]} must be one per output, "
+                         f"each the outputs' shape {tuple(o_cmp.shape)} without its last dimension")
+    # the gates' gradients come from the gate_branch_triton nodes: detached here, so none is counted twice
+    return GatedSum.apply(*(o.contiguous() if o is not None else None for o in (o_cmp, o_slc, o_win)),
+                          *(g.detach().contiguous() if g is not None else None for g in (g_cmp, g_slc, g_win)))

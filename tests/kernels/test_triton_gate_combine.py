@@ -1,12 +1,12 @@
-"""Gate and sum of the branch outputs: Triton kernels against the reference (outputs and gradients),
-and the backward order that keeps one branch's output gradient alive at a time."""
+"""The gated sum of the branch outputs: Triton kernels against the reference (outputs and gradients),
+and the gradients' path: the sum passes its own on uncopied, the gate nodes apply the gates."""
 
 import pytest
 import torch
 
 import kernels.gate_combine.triton as gate_combine
-from kernels.gate_combine.naive import gate_branch_ref, sum_branches_ref
-from kernels.gate_combine.triton import gate_branch_triton, sum_branches_triton
+from kernels.gate_combine.naive import gate_branch_ref, gated_sum_ref
+from kernels.gate_combine.triton import gate_branch_triton, gated_sum_triton
 from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, assert_close, randn, require_backend
 
 pytestmark = INTERPRETER_WARNINGS
@@ -22,9 +22,8 @@ def test_matches_reference(dtype, with_window):
 
 def test_launch_override(monkeypatch):
     """Other row tiles give the same results."""
-    monkeypatch.setitem(gate_combine.LAUNCH, "gate_fwd", {"BLOCK_R": 16, "num_warps": 2})
     monkeypatch.setitem(gate_combine.LAUNCH, "gate_bwd", {"BLOCK_R": 64})
-    monkeypatch.setitem(gate_combine.LAUNCH, "sum", {"BLOCK_R": 8})
+    monkeypatch.setitem(gate_combine.LAUNCH, "sum", {"BLOCK_R": 8, "num_warps": 2})
     check(torch.float32, True)
 
 
@@ -37,9 +36,11 @@ def check(dtype, with_window):
     leaves = [*outs, gates]
     upstream = randn(*shape, grad=False)
     results = []
-    for gate, total in ((gate_branch_triton, sum_branches_triton), (gate_branch_ref, sum_branches_ref)):
-        gated = [gate(o, gates[..., i]) for i, o in enumerate(outs)]
-        out = total(gated[0], gated[1], gated[2] if with_window else None)
+    for gate, total in ((gate_branch_triton, gated_sum_triton), (gate_branch_ref, gated_sum_ref)):
+        passed = [gate(o, gates[..., i]) for i, o in enumerate(outs)]
+        g = [gates[..., i] for i in range(len(outs))]
+        out = total(passed[0], passed[1], passed[2] if with_window else None,
+                    g[0], g[1], g[2] if with_window else None)
         results.append((out, torch.autograd.grad((out.float() * upstream).sum(), leaves)))
     (out, grads), (ref, ref_grads) = results
     assert out.dtype == ref.dtype == dtype
@@ -51,15 +52,34 @@ def check(dtype, with_window):
         assert torch.equal(grads[-1][..., 2], torch.zeros_like(grads[-1][..., 2]))
 
 
-def test_the_sum_passes_its_gradient_on_uncopied():
+def test_the_gradient_path():
+    """The sum hands its upstream gradient to the three outputs as one uncopied tensor and gives the
+    gates none; each gate node then makes g * dO and the gate's row sum."""
     require_backend()
     a, b, c = (randn(2, 3, 4, 8) for _ in range(3))
-    grads = torch.autograd.grad(sum_branches_triton(a, b, c), [a, b, c], torch.ones(2, 3, 4, 8, device=DEVICE))
+    g = [torch.rand(2, 3, 4, device=DEVICE).requires_grad_() for _ in range(3)]
+    upstream = torch.ones(2, 3, 4, 8, device=DEVICE)
+    grads = torch.autograd.grad(gated_sum_triton(a, b, c, *g), [a, b, c], upstream, allow_unused=True)
     assert grads[0].data_ptr() == grads[1].data_ptr() == grads[2].data_ptr()
+    assert torch.equal(grads[0], upstream)
+    total = gated_sum_triton(*(gate_branch_triton(o, gi) for o, gi in zip((a, b, c), g)), *g)
+    d_a, d_g = torch.autograd.grad(total, [a, g[0]], upstream)
+    assert torch.allclose(d_a, g[0].detach()[..., None] * upstream)
+    assert torch.allclose(d_g, a.detach().sum(-1))
+
+
+def test_the_gate_passes_the_output_on_uncopied():
+    require_backend()
+    o = randn(2, 3, 4, 8)
+    assert gate_branch_triton(o, torch.rand(2, 3, 4, device=DEVICE)).data_ptr() == o.data_ptr()
 
 
 def test_mismatched_shapes_are_a_clear_error():
     with pytest.raises(ValueError, match="gate"):
         gate_branch_triton(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="one shape and dtype"):
-        sum_branches_triton(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5), None)
+        gated_sum_triton(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5), None, torch.zeros(1, 2, 3),
+                         torch.zeros(1, 2, 3), None)
+    with pytest.raises(ValueError, match="one per output"):
+        gated_sum_triton(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), None, torch.zeros(1, 2, 3),
+                         torch.zeros(1, 2, 4), None)

@@ -125,10 +125,12 @@ def test_strided_q_and_gates_are_made_dense_once():
 
 
 def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
-    """compose_nsa gates each branch's output right after the branch runs, so in the backward each
-    branch's output gradient (a [T, HQ, Dv] tensor, made by its gate's backward) is made just before that
-    branch's own backward consumes it, never two at once. The test records when each gate's backward runs
-    and when each branch's backward has finished (its q's gradient made)."""
+    """compose_nsa passes each branch's output through its gate node right after the branch runs, so in the
+    backward each branch's output gradient (a [T, HQ, Dv] tensor, made by the gate node's backward) is made
+    just before that branch's own backward consumes it, never two at once. The test records when each
+    gate node's backward runs (the Triton one, kernels/gate_combine/triton.py) and when each branch's
+    backward has finished (its q's gradient made)."""
+    import kernels.gate_combine.triton as gate_combine
     import kernels.nsa as nsa
 
     require_backend()
@@ -145,29 +147,19 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
             events.append(ctx.label)
             return grad, None
 
-    class Gate(torch.autograd.Function):  # the gate's arithmetic, recording when its backward runs
-        @staticmethod
-        def forward(ctx, o, gate, name):
-            ctx.save_for_backward(o, gate)
-            ctx.name = name
-            return o * gate.unsqueeze(-1)
-
-        @staticmethod
-        def backward(ctx, grad):
-            o, gate = ctx.saved_tensors
-            events.append(f"{ctx.name} output gradient made")
-            return grad * gate.unsqueeze(-1), (grad * o).sum(-1), None
-
     def marked(name, branch):
         def run(q, k, v, *args, **kwargs):
-            o, lse = branch(Mark.apply(q, f"{name} backward done"), k, v, *args, **kwargs)
-            o.branch = name
-            return o, lse
+            return branch(Mark.apply(q, f"{name} backward done"), k, v, *args, **kwargs)
         return run
 
+    def gate_backward(ctx, grad, backward=gate_combine.GateBranch.backward):
+        events.append("output gradient made")
+        return backward(ctx, grad)
+
+    monkeypatch.setattr(gate_combine.GateBranch, "backward", staticmethod(gate_backward))
     ops = branch_ops("triton")
     ops = ops._replace(compressed=marked("cmp", ops.compressed), selected=marked("slc", ops.selected),
-                       window=marked("win", ops.window), gate=lambda o, gate: Gate.apply(o, gate, o.branch))
+                       window=marked("win", ops.window))
     monkeypatch.setattr(nsa, "branch_ops", lambda impl: ops)
     torch.manual_seed(0)
     q = randn(1, T, 2, 32)
@@ -177,5 +169,5 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
     out = native_sparse_attention(q, *kv, gates, phi, phi, block_size=16, stride=8, selection_block=16,
                                   num_selected=4, window=24, impl="triton")
     out.output.sum().backward()
-    assert events == [f"{name} {what}" for name in ("slc", "win", "cmp")
-                      for what in ("output gradient made", "backward done")]
+    assert events == [what for name in ("slc", "win", "cmp")
+                      for what in ("output gradient made", f"{name} backward done")]

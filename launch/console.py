@@ -85,7 +85,17 @@ class ConsoleReporter(TrainingHooks):
         self.console.print(f"{clock()} evaluated {report['checkpoint']} ({stage.name}): validation loss "
                            f"{validation['loss']:.4f}, {niah['task']} exact match {niah['mean_accuracy']:.0%} "
                            f"(answer prefix {niah['mean_answer_prefix']:.0%}) over lengths {niah['lengths']} x depths "
-                           f"{niah['depths']}; {', '.join(report['files'])}")
+                           f"{niah['depths']}{_eval_seconds(report)}; {', '.join(report['files'])}")
+
+
+def _eval_seconds(report: dict) -> str:
+    """The evaluation's wall time for its console line, e.g. ', in 19.0 s (model 2.1, NIAH 14.2, validation
+    2.7)'; empty for a report written before the times were kept."""
+    seconds = report.get("seconds")
+    if not seconds:
+        return ""
+    parts = ", ".join(f"{'NIAH' if name == 'niah' else name} {value:.1f}" for name, value in seconds.items())
+    return f", in {sum(seconds.values()):.1f} s ({parts})"
 
 
 class ForwardHooks(TrainingHooks):

@@ -6,7 +6,8 @@
 - the validation loss (and perplexity) on data.source's held-out sequences at the stage's seq_len, and
   the loss by position bucket: a model that uses its context predicts tokens far into it better;
 - for an NSA model, its gates on those sequences: the mean gate of each branch (compressed, selected,
-  window) per layer and query head, which says which branches the model has come to rely on.
+  window) per layer and query head, which says which branches the model has come to rely on;
+- the wall time of each part (loading the model, the NIAH grid, the validation loss), rank 0's.
 
 `evaluate_checkpoint` runs in every process of a torch.distributed job (`nsa-dist eval`, or the trainer
 after a stage when eval.at_stage_end): the checkpoint is loaded, resharded, into one model per process
@@ -17,6 +18,7 @@ log it to the run's MLflow runs (nsa_dist/tracking.py).
 
 import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -175,6 +177,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
     from nsa_dist.probe import recorded_nsa_layers
     from nsa_dist.trainer import _build, _start_processes, parallel_layout
 
+    started = time.perf_counter()
     device = _start_processes(config)
     check_same_model(checkpoint, config)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -187,6 +190,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         load_checkpoint(checkpoint, model, optimizer, with_optimizer=False)
         gpt = model.module
         gpt.eval()
+        loaded = time.perf_counter()
 
         # NIAH: the cells are shared out over the ranks
         cells = niah_cells(ev.niah_task, tokenizer, lengths, ev.niah_depths, ev.niah_samples, data.seed)
@@ -196,6 +200,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         dist.all_gather_object(gathered, answers)
         answers = {cell: texts for part in gathered for cell, texts in part.items()}
         grid = niah_grid(lengths, ev.niah_depths, cells, answers)
+        answered = time.perf_counter()  # after all_gather_object, which waits for every rank's answers
 
         # validation loss by position, over this rank's share of the held-out sequences
         sequences = stage_sequences(config, stage.seq_len, stage.mix, "valid")
@@ -223,7 +228,8 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
         if is_nsa:
             dist.all_reduce(gate_sum)
 
-    loss = float(loss_sum.sum() / count.sum())
+    loss = float(loss_sum.sum() / count.sum())  # a read to the host: the validation passes are done
+    finished = time.perf_counter()
     report = {
         "checkpoint": str(checkpoint.path), "step": checkpoint.state.step, "stage": stage.name,
         "seq_len": stage.seq_len, "rotary_base": stage.rotary_base, "data": data.path or data.source,
@@ -231,6 +237,7 @@ def evaluate_checkpoint(config: Config, checkpoint: Checkpoint, stage: Stage, ou
                        "tokens": ev.validation_sequences * stage.seq_len},
         "loss_by_position": bucket_losses(loss_sum, count, ev.position_buckets),
         "niah": {"task": ev.niah_task, **grid},
+        "seconds": {"model": loaded - started, "niah": answered - loaded, "validation": finished - answered},
     }
     if is_nsa:
         by_head = gate_sum / count.sum()  # count.sum(): the validation tokens, each seen once by every layer

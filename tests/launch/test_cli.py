@@ -121,4 +121,8 @@ def test_the_evaluation_line_gives_exact_match_and_answer_prefix():
     ConsoleReporter(Console(file=out, width=300)).evaluated(stage, report)
     line = out.getvalue()
     assert "validation loss 1.2346, passkey exact match 50% (answer prefix 70%) over lengths [256]" in line
-    assert line.rstrip().endswith("eval.json, niah.png")
+    assert line.rstrip().endswith("depths [0.0, 1.0]; eval.json, niah.png")  # a report without times
+    out = io.StringIO()
+    report["seconds"] = {"model": 2.04, "niah": 14.2, "validation": 2.76}
+    ConsoleReporter(Console(file=out, width=300)).evaluated(stage, report)
+    assert "depths [0.0, 1.0], in 19.0 s (model 2.0, NIAH 14.2, validation 2.8); eval.json" in out.getvalue()

@@ -82,6 +82,8 @@ def test_stage_end_eval_writes_grid_and_heatmap_and_logs_to_mlflow(trained):
                                                for row in niah["accuracy"])
     buckets = report["loss_by_position"]
     assert buckets["starts"] == [0, 48, 96, 144] and len(buckets["loss"]) == 4
+    assert set(report["seconds"]) == {"model", "niah", "validation"} and all(
+        t > 0 for t in report["seconds"].values()), report["seconds"]
     # the NSA model's gates on the validation sequences: a mean of sigmoids per layer, branch and head.
     # After one step from the initial weights (the gate rows small, their logits near 0) every mean is near
     # 0.5; sums over tokens, or the logits, would not be

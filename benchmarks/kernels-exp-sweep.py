@@ -7,7 +7,8 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
   removed), and today's launch with SORTED_MERGE=False (topk's merge) as the first candidate;
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program; and today's launch with
-  TMA: K/V parts copied through TMA descriptors; --tma-only: those alone), backward "dkv" (BLOCK_M too)
+  TMA: K/V parts copied through TMA descriptors; --tma-only: those alone; --by-blocks: the forward by key
+  blocks alone, BY_BLOCKS), backward "dkv" (BLOCK_M too)
   and "reduce" (--selected-parts picks among the four);
 - gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward) and
   "gate_bwd" (one branch's gate backward): BLOCK_R x num_warps (until 2026-12-04 a forward kernel per
@@ -115,6 +116,8 @@ def parse_args():
                    help="which of selected attention's kernels to sweep (with --kernels selected)")
     p.add_argument("--tma-only", action="store_true",
                    help="selected forward and dQ: today's config and its TMA variants only (K/V through TMA)")
+    p.add_argument("--by-blocks", action="store_true",
+                   help="selected forward: today's config and the forward by key blocks only (BY_BLOCKS)")
     p.add_argument("--out", required=True, help="JSON file to write")
     return p.parse_args()
 
@@ -158,7 +161,18 @@ def tma_variants(now: dict, sel: int) -> list[dict]:
             {**now, "TMA": True, "BLOCK_K": sel // 2}, {**now, "TMA": True, "BLOCK_K": sel // 2, "num_stages": 3}]
 
 
-def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False) -> list[Sweep]:
+def by_blocks_variants(q, k) -> list[dict]:
+    """The selected forward by key blocks (selected._forward_by_blocks): rows a dot, warps and stages, the
+    first as launched by default, in chunks of tokens whose partials fit selected.PARTIALS_BYTES (1 GiB);
+    last, chunks 4x as long (longer key-block lists: each block's K/V read once for more rows)."""
+    batch, _, num_q_heads, _ = q.shape
+    per_token = batch * num_q_heads * PAPER["num_selected"] * (triton.next_power_of_2(q.shape[-1]) + 2) * 4
+    variants = [dict(BY_BLOCKS=True, BLOCK_M=m, num_warps=w, num_stages=st)
+                for m, w, st in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (32, 4, 2))]
+    return variants + [dict(variants[0], CHUNK=4 * selected.PARTIALS_BYTES // per_token)]
+
+
+def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool = False) -> list[Sweep]:
     sel = PAPER["selection_block"]
     fwd_now = {"num_stages": DEFAULT_STAGES, **selected._forward_launch(q, v), "BLOCK_K": sel}  # as launched
     dq_now = {"num_stages": DEFAULT_STAGES, **selected._dq_launch(q, v), "BLOCK_K": sel}
@@ -182,9 +196,9 @@ def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False) -> list[Sweep]:
         fill = 16 // triton.next_power_of_2(group)
         grid_fs = dict(num_warps=(2, 4), num_stages=(2, 3), BLOCK_K=(sel, sel // 4), TOKENS=(1, fill, 2 * fill))
         fwd_now["TOKENS"] = dq_now["TOKENS"] = 1
-    fwd_list = [fwd_now] if tma_only else configs(fwd_now, **grid_fs)
+    fwd_list = [fwd_now] if tma_only or by_blocks else configs(fwd_now, **grid_fs)
     dq_list = [dq_now] if tma_only else configs(dq_now, **grid_fs)
-    fwd_list += tma_variants(fwd_now, sel)  # today's configs are one-token ones, whose kernels take TMA
+    fwd_list += by_blocks_variants(q, k) if by_blocks else tma_variants(fwd_now, sel)  # TMA: the one-token kernels
     dq_list += tma_variants(dq_now, sel)
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, fwd_list, forward, reference[0]),
@@ -399,7 +413,7 @@ def one_shape(shape: Shape, first: Shape, args, report, device, dtype) -> None:
         if "top-n" in args.kernels:
             sweep_all([topn])
         if "selected" in args.kernels and not over_budget(args):
-            sweeps = selected_sweeps(q, k, v, do, topn.run()[0], args.tma_only)
+            sweeps = selected_sweeps(q, k, v, do, topn.run()[0], args.tma_only, args.by_blocks)
             sweep_all([sw for sw in sweeps if sw.key in args.selected_parts])
         del q, k, v, do, k_cmp, v_cmp, lse, topn
         empty_cache()

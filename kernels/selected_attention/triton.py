@@ -33,8 +33,10 @@ from kernels.triton_utils import (
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages, BLOCK_K: keys a
-# loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors), "dkv" (BLOCK_M, num_warps,
-# num_stages), "reduce" (num_warps, num_stages); empty in use, filled by benchmarks/kernels-exp-sweep.py
+# loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors; "fwd" also BY_BLOCKS: the
+# forward by key blocks, with BLOCK_M, CHUNK, num_warps, num_stages, see _forward_by_blocks), "dkv" (BLOCK_M,
+# num_warps, num_stages), "reduce" (num_warps, num_stages); empty in use, filled by
+# benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
 
 
@@ -273,14 +275,13 @@ def _selected_bwd_dq_tokens(
              mask=row_ok[:, None] & (dk[None, :] < DK))
 
 
-@triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
-def _selected_bwd_dkv(
-    q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
-    T, TK, HQ, HK, KB, q_start, scale_log2, scale,
-    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+@triton.jit
+def _segment_block(k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G: tl.constexpr,
+                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
+    """This program's segment of the inverted index (inverted_index_slots): its batch and KV head, its
+    first entry and number of (token, head) rows, the key block's keys (global positions), which exist,
+    the head-dim ranges, and the block's K and V tiles (zero past the block's end)."""
     seg = tl.program_id(0).to(tl.int64)
     block = tl.load(seg_block + seg).to(tl.int64)  # (b * HK + hk) * KB + key block
     b = block // (HK * KB)
@@ -296,6 +297,19 @@ def _selected_bwd_dkv(
     dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
     vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt
+
+
+@triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
+def _selected_bwd_dkv(
+    q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
+    T, TK, HQ, HK, KB, q_start, scale_log2, scale,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
+        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
 
     acc_k = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     acc_v = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
@@ -316,6 +330,7 @@ def _selected_bwd_dkv(
         dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])
         acc_k += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+    seg = tl.program_id(0).to(tl.int64)
     tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
     tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
 
@@ -348,6 +363,76 @@ def _selected_bwd_reduce(
              mask=key_ok[:, None] & (dk[None, :] < DK))
     tl.store(dv_out + kv_row[:, None] * DV + dv[None, :], acc_v.to(dv_out.dtype.element_ty),
              mask=key_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit(do_not_specialize=["KB", "T0"])
+def _selected_fwd_blocks(
+    q, k, v, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_o, part_m, part_l,
+    T, TK, HQ, HK, KB, T0, q_start, scale_log2,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The forward by key blocks (_forward_by_blocks): one segment of a key block's list of query tokens
+    (tokens T0 + entries, chunk-local), the block's K and V loaded once, its rows (token, head) BLOCK_M at a
+    time. Each row's softmax over this block alone goes to its slot's partial: the running max m (base 2),
+    the sum l of exp2(s - m) and the unnormalized output, at part_*[slot * G + head]."""
+    b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
+        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
+    for r0 in range(0, num_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_rows
+        entry = e0 + rows // G
+        tok = T0 + tl.load(entries + entry, mask=row_ok, other=0).to(tl.int64)
+        head = rows % G
+        flat = (b * T + tok) * HQ + hk * G + head
+        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= q_start + tok[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m = tl.max(s, 1)
+        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        part = tl.load(slots + entry, mask=row_ok, other=0) * G + head
+        tl.store(part_o + part[:, None] * BLOCK_DV + dv[None, :],
+                 tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION), mask=row_ok[:, None])
+        tl.store(part_m + part, m, mask=row_ok)
+        tl.store(part_l + part, tl.sum(p, 1), mask=row_ok)
+
+
+@triton.jit
+def _selected_fwd_merge(
+    block_idx, part_o, part_m, part_l, o, lse,
+    T, HQ, HK, NSEL, C, T0,
+    G: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Token T0 + program_id(0) of a chunk of C tokens, one (batch, KV head): its slots' partials
+    (_selected_fwd_blocks) merged as the online softmax merges key tiles, then normalized and stored with
+    its lse, as the one-token forward stores them."""
+    t = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    heads = tl.arange(0, BLOCK_G)
+    head_ok = heads < G
+    dv = tl.arange(0, BLOCK_DV)
+    row = (b * C + t) * HK + hk  # the token's block_idx row in the chunk
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for j in range(_used_slots(block_idx, row, NSEL, BLOCK_N)):
+        picked = tl.load(block_idx + row * NSEL + j) >= 0
+        part = (row * NSEL + j) * G + heads
+        ok = head_ok & picked
+        m_j = tl.load(part_m + part, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, m_j)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - shift)
+        beta = tl.exp2(m_j - shift)
+        l_sum = l_sum * alpha + beta * tl.load(part_l + part, mask=ok, other=0.0)
+        acc = acc * alpha[:, None] + beta[:, None] * tl.load(part_o + part[:, None] * BLOCK_DV + dv[None, :],
+                                                              mask=ok[:, None], other=0.0)
+        m = m_new
+    flat = (b * T + T0 + t) * HQ + hk * G + heads
+    store_rows(o, lse, flat, head_ok, dv, DV, m, l_sum, acc)
 
 
 def selection_layout(
@@ -455,10 +540,17 @@ def _block_ids(total_blocks: int, device: torch.device) -> torch.Tensor:
 
 def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks: int):
     """block_idx [B, T, HK, n] -> for each (b, hk, key block): the query tokens that selected it.
+    (inverted_index_slots' first six values; see there.)"""
+    return inverted_index_slots(block_idx, block_base, num_blocks)[:6]
+
+
+def inverted_index_slots(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks: int):
+    """block_idx [B, T, HK, n] -> for each (b, hk, key block): the query tokens that selected it.
 
     Returns entries (int32 query tokens, grouped by key block, ascending within one) and segments: each
     a slice [seg_lo, seg_hi) of entries belonging to key block seg_block ((b * HK + hk) * KB + block);
-    a block's segments are consecutive, from seg_first[block], seg_count[block] of them. No host sync:
+    a block's segments are consecutive, from seg_first[block], seg_count[block] of them. Last, slots
+    (int64, beside entries): each entry's place in block_idx flattened, ((b * T + t) * HK + hk) * n + j. No host sync:
     the number of segments is data-dependent, so there are as many as it can be at most
     (segments_bound); the ones past the last real segment are empty and belong to no block's range.
 
@@ -492,7 +584,7 @@ def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks
         _index_segments[(triton.cdiv(num_segments, INDEX_BLOCK),)](
             bounds, seg_end, seg_count, seg_block, seg_lo, seg_hi, num_segments, total_blocks, cap,
             total_blocks.bit_length(), BLOCK=INDEX_BLOCK)
-    return entries, seg_block, seg_lo, seg_hi, seg_first, seg_count
+    return entries, seg_block, seg_lo, seg_hi, seg_first, seg_count, order
 
 
 def segment_cap(seq: int, num_selected: int, num_blocks: int, num_entries: int, programs: int) -> int:
@@ -578,6 +670,83 @@ def _forward_launch(q, v) -> dict:
     return {"num_warps": 2, "num_stages": 2}
 
 
+# Partial results the forward by key blocks holds at once: it runs chunks of tokens this large or smaller
+PARTIALS_BYTES = 1 << 30
+
+
+def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, consts, launch):
+    """The forward by key blocks (LAUNCH["fwd"]["BY_BLOCKS"]; off by default, not yet timed on a GPU): per
+    chunk of tokens, the inverted index of their picks (as the dK/dV backward builds it), then one program a
+    segment of a key block's list loads the block's K and V once and runs its tokens' rows against them
+    (_selected_fwd_blocks), writing each (slot, head) a partial softmax; a second kernel merges each
+    token's partials (_selected_fwd_merge). Where the one-token forward reads a block's 32 KB of K and V
+    (64 keys of 128) for every (token, pick) and pads the group's rows to 16, this reads the block once a
+    segment and the rows' q, M = BLOCK_M (token, head) rows a dot: for small groups (G = 4: 16 rows of
+    which 4 are used) it moves ~6 KB a (token, pick) instead of ~33. The partials (fp32, [slots, G, Dv])
+    bound the chunk: at most PARTIALS_BYTES, or launch["CHUNK"] tokens. No slot_lse."""
+    unknown = set(launch) - {"BLOCK_M", "CHUNK", "num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(f"selected attention: LAUNCH['fwd'] with BY_BLOCKS takes BLOCK_M, CHUNK, num_warps and "
+                         f"num_stages; {sorted(unknown)} belong to the one-token forward: leave them out")
+    params = {"BLOCK_M": ROWS_PER_TILE, "num_warps": 4, "num_stages": 2, **launch}
+    chunk = params.pop("CHUNK", None)
+    batch, seq, num_q_heads, _ = q.shape
+    num_kv_heads, num_selected = k.shape[2], block_idx.shape[-1]
+    _, block_base, block_start, block_end = layout
+    num_blocks = block_start.numel()
+    group, block_dv = consts["G"], consts["BLOCK_DV"]
+    per_token = batch * num_kv_heads * num_selected * group * (block_dv + 2) * 4
+    chunk = chunk or max(1, min(seq, PARTIALS_BYTES // per_token))
+    for t0 in range(0, seq, chunk):
+        tokens = min(chunk, seq - t0)
+        picks = block_idx[:, t0 : t0 + tokens].contiguous()
+        entries, seg_block, seg_lo, seg_hi, _, _, slots = inverted_index_slots(
+            picks, block_base[t0 : t0 + tokens], num_blocks)
+        rows = picks.numel() * group
+        part_o = torch.empty(rows, block_dv, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
+        part_l = torch.empty(rows, dtype=torch.float32, device=q.device)
+        if seg_block.numel():
+            _selected_fwd_blocks[(seg_block.numel(),)](
+                q, k, v, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_o, part_m, part_l,
+                seq, k.shape[1], num_q_heads, num_kv_heads, num_blocks, t0, q_start, scale * LOG2E,
+                **consts, **params,
+            )
+        _selected_fwd_merge[(tokens, batch * num_kv_heads)](
+            picks, part_o, part_m, part_l, o, lse, seq, num_q_heads, num_kv_heads, num_selected, tokens, t0,
+            G=group, DV=consts["DV"], BLOCK_G=pow2(group), BLOCK_DV=block_dv, BLOCK_N=pow2(num_selected),
+        )
+
+
+def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_block, sizes, consts, want_slot_lse):
+    """The forward a program a token (or TOKENS tokens), as used: _selected_fwd or _selected_fwd_tokens."""
+    batch, seq = q.shape[:2]
+    doc_start, block_base, block_start, block_end = layout
+    defaults = _forward_launch(q, v)
+    if want_slot_lse:
+        # the slot sums' registers: at G = 16, D = 128, 2 warps, whole 64-key blocks spill 16 bytes (255
+        # registers, an sm_90a compile by benchmarks/selected-occupancy-offline.py); 32-key parts take
+        # 168 and no spill, and ran the forward at 0.99-1.05x of whole blocks (kernels-notes, session 26)
+        defaults["BLOCK_K"] = min(32, consts["BLOCK_S"])
+    launch = _key_tiled(launch_params(LAUNCH, "fwd", **defaults), consts["BLOCK_S"])
+    tokens, heads = _token_tile(launch, consts["G"])
+    tma = _tma_loads(launch, q, k, v, tokens)
+    if tokens == 1:
+        _selected_fwd[(seq, batch * k.shape[2])](
+            q, k, v, block_idx, doc_start, o, lse, slot_lse, *sizes,
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]),
+            SLOT_LSE=want_slot_lse, TMA=tma, **consts, **launch,
+        )
+    elif want_slot_lse:
+        raise ValueError(f"selected_attention_triton: slot_lse is written by the one-token forward only; "
+                         f"LAUNCH['fwd'] sets TOKENS={tokens}: leave TOKENS out when asking for slot_lse")
+    else:
+        _selected_fwd_tokens[(triton.cdiv(seq, tokens), batch * k.shape[2])](
+            q, k, v, block_idx, block_base, block_start, block_end, o, lse, *sizes,
+            TT=tokens, HEADS=heads, BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+        )
+
+
 class SelectedAttention(torch.autograd.Function):
     """(o, lse) of selected attention; differentiable in q, k, v. Arguments as selected_attention_triton,
     plus the layout from selection_layout."""
@@ -585,7 +754,6 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout, want_slot_lse):
         batch, seq, num_q_heads, _ = q.shape
-        doc_start, block_base, block_start, block_end = layout
         consts = _consts(q, k, v, selection_block)
         o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
         lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
@@ -593,29 +761,15 @@ class SelectedAttention(torch.autograd.Function):
         slot_shape = (batch, seq, num_q_heads, block_idx.shape[-1]) if want_slot_lse else (0,)
         slot_lse = torch.full(slot_shape, float("-inf"), dtype=torch.float32, device=q.device)
         sizes = (seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E)
-        defaults = _forward_launch(q, v)
-        if want_slot_lse:
-            # the slot sums' registers: at G = 16, D = 128, 2 warps, whole 64-key blocks spill 16 bytes (255
-            # registers, an sm_90a compile by benchmarks/selected-occupancy-offline.py); 32-key parts take
-            # 168 and no spill, and ran the forward at 0.99-1.05x of whole blocks (kernels-notes, session 26)
-            defaults["BLOCK_K"] = min(32, consts["BLOCK_S"])
-        launch = _key_tiled(launch_params(LAUNCH, "fwd", **defaults), consts["BLOCK_S"])
-        tokens, heads = _token_tile(launch, consts["G"])
-        tma = _tma_loads(launch, q, k, v, tokens)
-        if tokens == 1:
-            _selected_fwd[(seq, batch * k.shape[2])](
-                q, k, v, block_idx, doc_start, o, lse, slot_lse, *sizes,
-                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]),
-                SLOT_LSE=want_slot_lse, TMA=tma, **consts, **launch,
-            )
-        elif want_slot_lse:
-            raise ValueError(f"selected_attention_triton: slot_lse is written by the one-token forward only; "
-                             f"LAUNCH['fwd'] sets TOKENS={tokens}: leave TOKENS out when asking for slot_lse")
+        by_blocks = dict(LAUNCH.get("fwd", {}))
+        if by_blocks.pop("BY_BLOCKS", False):
+            if want_slot_lse:
+                raise ValueError("selected_attention_triton: slot_lse is written by the one-token forward only; "
+                                 "LAUNCH['fwd'] sets BY_BLOCKS: leave it out when asking for slot_lse")
+            _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, consts, by_blocks)
         else:
-            _selected_fwd_tokens[(triton.cdiv(seq, tokens), batch * k.shape[2])](
-                q, k, v, block_idx, block_base, block_start, block_end, o, lse, *sizes,
-                TT=tokens, HEADS=heads, BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
-            )
+            _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_block, sizes, consts,
+                               want_slot_lse)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
         ctx.args = (selection_block, scale, q_start)
         ctx.mark_non_differentiable(slot_lse)

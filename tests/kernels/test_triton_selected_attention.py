@@ -98,11 +98,17 @@ def test_blocks_in_key_parts(monkeypatch, block_k):
 def test_token_tiles(monkeypatch, group, tokens, block_k, dtype):
     """Forward and dQ over tiles of consecutive tokens walking the union of their picks (a LAUNCH override,
     for groups under 16): tiles that span documents, start past q_start, and end past the last token."""
-    torch.manual_seed(group)
-    sel, q_start, seq = 64, 5, 162
     for kernel in ("fwd", "dq"):
         monkeypatch.setitem(selected.LAUNCH, kernel, {"TOKENS": tokens, "BLOCK_K": block_k})
-    cu_seqlens = torch.tensor([0, 20, 27, q_start + seq], dtype=torch.int32)  # the last: 3 blocks of 64
+    compare_on_packed_documents(group, dtype)
+
+
+def compare_on_packed_documents(group, dtype):
+    """Triton against the reference on three packed documents (the last of three 64-token blocks), from
+    q_start = 5, two KV heads, shuffled slots."""
+    torch.manual_seed(group)
+    sel, q_start, seq = 64, 5, 162
+    cu_seqlens = torch.tensor([0, 20, 27, q_start + seq], dtype=torch.int32)
     doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, q_start + seq), right=True) - 1]
     compare_attention(selected_attention_triton, selected_attention_ref,
                       leaves(1, seq, q_start + seq, group, 2, dtype), dtype,
@@ -118,6 +124,48 @@ def test_token_tiles_over_a_batch(monkeypatch):
         monkeypatch.setitem(selected.LAUNCH, kernel, {"TOKENS": 4})
     compare_attention(selected_attention_triton, selected_attention_ref, leaves(2, T, T, 4, 1, torch.float32),
                       torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
+
+
+@pytest.mark.parametrize("group, chunk, block_m, dtype", [
+    (4, None, 64, torch.float32),
+    (3, 37, 16, torch.float16),  # 3 heads: a row tile ends inside a token's heads; chunks of 37 tokens
+    (16, 50, 64, torch.float32),
+    (2, 1, 32, torch.float32),  # a chunk a token
+])
+def test_forward_by_key_blocks(monkeypatch, group, chunk, block_m, dtype):
+    """The forward by key blocks (a LAUNCH override): the inverted index of a chunk's picks, a block's K/V
+    once for its tokens' rows, each pick's partial softmax merged per token. Over packed documents with
+    q_start, shuffled slots and two KV heads; chunks that end inside a document. Gradients through the
+    backward, which reads the forward's o and lse."""
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True, "BLOCK_M": block_m, "CHUNK": chunk})
+    compare_on_packed_documents(group, dtype)
+
+
+def test_forward_by_key_blocks_over_a_batch(monkeypatch):
+    """Two sequences of one document each, in chunks: a segment reads its own sequence's keys and rows."""
+    torch.manual_seed(9)
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True, "CHUNK": 64})
+    compare_attention(selected_attention_triton, selected_attention_ref, leaves(2, T, T, 4, 1, torch.float32),
+                      torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_forward_by_key_blocks_low_precision(monkeypatch, dtype):
+    torch.manual_seed(10)
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True})
+    compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 4, 2, torch.float32), dtype,
+                    block_idx=random_blocks(1, T, 2), selection_block=SEL)
+
+
+def test_forward_by_key_blocks_takes_its_own_launch_parameters(monkeypatch):
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True, "TOKENS": 4})
+    with pytest.raises(ValueError, match=r"BY_BLOCKS takes BLOCK_M, CHUNK.*\['TOKENS'\] belong to the one-token"):
+        selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
+                                  selection_block=SEL)
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True})
+    with pytest.raises(ValueError, match="BY_BLOCKS: leave it out when asking for slot_lse"):
+        selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
+                                  selection_block=SEL, slot_lse=True)
 
 
 def tma_on(monkeypatch, **params):

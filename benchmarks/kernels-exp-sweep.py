@@ -7,7 +7,7 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
   removed), and today's launch with SORTED_MERGE=False (topk's merge) as the first candidate;
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program; and today's launch with
-  TMA: K/V parts copied through TMA descriptors; --tma-only: those alone; --by-blocks: the forward by key
+  TMA: K/V parts copied through TMA descriptors; --tma-only: those alone; --by-blocks: the kernels by key
   blocks alone, BY_BLOCKS), backward "dkv" (BLOCK_M too)
   and "reduce" (--selected-parts picks among the four);
 - gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward) and
@@ -117,7 +117,7 @@ def parse_args():
     p.add_argument("--tma-only", action="store_true",
                    help="selected forward and dQ: today's config and its TMA variants only (K/V through TMA)")
     p.add_argument("--by-blocks", action="store_true",
-                   help="selected forward: today's config and the forward by key blocks only (BY_BLOCKS)")
+                   help="selected forward and dQ: today's config and the kernels by key blocks only (BY_BLOCKS)")
     p.add_argument("--out", required=True, help="JSON file to write")
     return p.parse_args()
 
@@ -162,7 +162,8 @@ def tma_variants(now: dict, sel: int) -> list[dict]:
 
 
 def by_blocks_variants(q, k) -> list[dict]:
-    """The selected forward by key blocks (selected._forward_by_blocks): rows a dot, warps and stages, the
+    """Selected attention's forward or dQ by key blocks (selected._forward_by_blocks, _dq_by_blocks): rows a
+    dot, warps and stages, the
     first as launched by default, in chunks of tokens whose partials fit selected.PARTIALS_BYTES (1 GiB);
     last, chunks 4x as long (longer key-block lists: each block's K/V read once for more rows)."""
     batch, _, num_q_heads, _ = q.shape
@@ -197,9 +198,10 @@ def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool
         grid_fs = dict(num_warps=(2, 4), num_stages=(2, 3), BLOCK_K=(sel, sel // 4), TOKENS=(1, fill, 2 * fill))
         fwd_now["TOKENS"] = dq_now["TOKENS"] = 1
     fwd_list = [fwd_now] if tma_only or by_blocks else configs(fwd_now, **grid_fs)
-    dq_list = [dq_now] if tma_only else configs(dq_now, **grid_fs)
-    fwd_list += by_blocks_variants(q, k) if by_blocks else tma_variants(fwd_now, sel)  # TMA: the one-token kernels
-    dq_list += tma_variants(dq_now, sel)
+    dq_list = [dq_now] if tma_only or by_blocks else configs(dq_now, **grid_fs)
+    # TMA: the one-token kernels' variants
+    fwd_list += by_blocks_variants(q, k) if by_blocks else tma_variants(fwd_now, sel)
+    dq_list += by_blocks_variants(q, k) if by_blocks else tma_variants(dq_now, sel)
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, fwd_list, forward, reference[0]),
         Sweep("selected bwd: dq", selected, "dq", dq_now, dq_list, backward, reference[1]),

@@ -365,6 +365,24 @@ def _selected_bwd_reduce(
              mask=key_ok[:, None] & (dv[None, :] < DV))
 
 
+@triton.jit
+def _segment_rows(q, entries, slots, b, hk, e0, r0, num_rows, keys, key_ok, dk, T, HQ, T0, q_start,
+                  G: tl.constexpr, DK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_M - 1 of a segment (_segment_block), each a (token, head) of its entries, the
+    tokens chunk-local (T0 + entry): which exist, their flat (b, token, head) offsets, which of the block's
+    keys each sees (causal), their partials' index (slot * G + head) and their q tile."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    entry = e0 + rows // G
+    tok = T0 + tl.load(entries + entry, mask=row_ok, other=0).to(tl.int64)
+    head = rows % G
+    flat = (b * T + tok) * HQ + hk * G + head
+    visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= q_start + tok[:, None])
+    part = tl.load(slots + entry, mask=row_ok, other=0) * G + head
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    return row_ok, flat, visible, part, qt
+
+
 @triton.jit(do_not_specialize=["KB", "T0"])
 def _selected_fwd_blocks(
     q, k, v, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_o, part_m, part_l,
@@ -380,23 +398,26 @@ def _selected_fwd_blocks(
     b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
         k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
     for r0 in range(0, num_rows, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < num_rows
-        entry = e0 + rows // G
-        tok = T0 + tl.load(entries + entry, mask=row_ok, other=0).to(tl.int64)
-        head = rows % G
-        flat = (b * T + tok) * HQ + hk * G + head
-        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= q_start + tok[:, None])
-        s = tl.where(visible, s, float("-inf"))
+        row_ok, flat, visible, part, qt = _segment_rows(q, entries, slots, b, hk, e0, r0, num_rows, keys, key_ok, dk,
+                                                        T, HQ, T0, q_start, G, DK, BLOCK_M)
+        s = tl.where(visible, tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2, float("-inf"))
         m = tl.max(s, 1)
         p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
-        part = tl.load(slots + entry, mask=row_ok, other=0) * G + head
         tl.store(part_o + part[:, None] * BLOCK_DV + dv[None, :],
                  tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION), mask=row_ok[:, None])
         tl.store(part_m + part, m, mask=row_ok)
         tl.store(part_l + part, tl.sum(p, 1), mask=row_ok)
+
+
+@triton.jit
+def _merge_program(HK, C, G: tl.constexpr, BLOCK_G: tl.constexpr):
+    """A merge program's token (chunk-local), batch, KV head, the group's heads, which exist, and the
+    token's block_idx row in the chunk of C tokens."""
+    t = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    heads = tl.arange(0, BLOCK_G)
+    return t, b, hk, heads, heads < G, (b * C + t) * HK + hk
 
 
 @triton.jit
@@ -408,13 +429,8 @@ def _selected_fwd_merge(
     """Token T0 + program_id(0) of a chunk of C tokens, one (batch, KV head): its slots' partials
     (_selected_fwd_blocks) merged as the online softmax merges key tiles, then normalized and stored with
     its lse, as the one-token forward stores them."""
-    t = tl.program_id(0).to(tl.int64)
-    b = (tl.program_id(1) // HK).to(tl.int64)
-    hk = tl.program_id(1) % HK
-    heads = tl.arange(0, BLOCK_G)
-    head_ok = heads < G
+    t, b, hk, heads, head_ok, row = _merge_program(HK, C, G, BLOCK_G)
     dv = tl.arange(0, BLOCK_DV)
-    row = (b * C + t) * HK + hk  # the token's block_idx row in the chunk
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
@@ -433,6 +449,49 @@ def _selected_fwd_merge(
         m = m_new
     flat = (b * T + T0 + t) * HQ + hk * G + heads
     store_rows(o, lse, flat, head_ok, dv, DV, m, l_sum, acc)
+
+
+@triton.jit(do_not_specialize=["KB", "T0"])
+def _selected_bwd_dq_blocks(
+    q, k, v, do, lse, delta, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_dq,
+    T, TK, HQ, HK, KB, T0, q_start, scale_log2,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ by key blocks (_dq_by_blocks): as _selected_fwd_blocks, each row's share of dQ from this block
+    alone, dS K (unscaled), to part_dq[slot * G + head]."""
+    b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
+        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
+    for r0 in range(0, num_rows, BLOCK_M):
+        row_ok, flat, visible, part, qt = _segment_rows(q, entries, slots, b, hk, e0, r0, num_rows, keys, key_ok, dk,
+                                                        T, HQ, T0, q_start, G, DK, BLOCK_M)
+        dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
+        row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
+        share = dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, tl.zeros([BLOCK_M, BLOCK_DK], tl.float32),
+                        scale_log2, PRECISION, True)
+        tl.store(part_dq + part[:, None] * BLOCK_DK + dk[None, :], share, mask=row_ok[:, None])
+
+
+@triton.jit
+def _selected_bwd_dq_merge(
+    block_idx, part_dq, dq, T, HQ, HK, NSEL, C, T0, scale,
+    G: tl.constexpr, DK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Token T0 + program_id(0) of a chunk of C tokens, one (batch, KV head): its slots' dQ shares
+    (_selected_bwd_dq_blocks) summed, scaled and stored."""
+    t, b, hk, heads, head_ok, row = _merge_program(HK, C, G, BLOCK_G)
+    dk = tl.arange(0, BLOCK_DK)
+    acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
+    for j in range(_used_slots(block_idx, row, NSEL, BLOCK_N)):
+        picked = tl.load(block_idx + row * NSEL + j) >= 0
+        part = (row * NSEL + j) * G + heads
+        acc += tl.load(part_dq + part[:, None] * BLOCK_DK + dk[None, :], mask=(head_ok & picked)[:, None], other=0.0)
+    flat = (b * T + T0 + t) * HQ + hk * G + heads
+    tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
+             mask=head_ok[:, None] & (dk[None, :] < DK))
 
 
 def selection_layout(
@@ -670,8 +729,32 @@ def _forward_launch(q, v) -> dict:
     return {"num_warps": 2, "num_stages": 2}
 
 
-# Partial results the forward by key blocks holds at once: it runs chunks of tokens this large or smaller
+# Partial results the kernels by key blocks hold at once: they run chunks of tokens this large or smaller
 PARTIALS_BYTES = 1 << 30
+
+
+def _launch_by_blocks(launch: dict, kernel: str) -> tuple[dict, int | None]:
+    """(kernel launch parameters, CHUNK or None) from LAUNCH[kernel] without its BY_BLOCKS."""
+    unknown = set(launch) - {"BLOCK_M", "CHUNK", "num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(f"selected attention: LAUNCH['{kernel}'] with BY_BLOCKS takes BLOCK_M, CHUNK, num_warps and "
+                         f"num_stages; {sorted(unknown)} belong to the one-token kernels: leave them out")
+    params = {"BLOCK_M": ROWS_PER_TILE, "num_warps": 4, "num_stages": 2, **launch}
+    return params, params.pop("CHUNK", None)
+
+
+def _key_block_chunks(block_idx, block_base, num_blocks, part_width, chunk):
+    """The chunks of tokens a kernel by key blocks runs: (first token, tokens, their picks, the inverted index
+    of those picks: entries, seg_block, seg_lo, seg_hi, slots). Each chunk's partials, part_width fp32
+    values a (slot, head), fit PARTIALS_BYTES, or the chunk is `chunk` tokens."""
+    batch, seq, num_kv_heads, num_selected = block_idx.shape
+    chunk = chunk or max(1, min(seq, PARTIALS_BYTES // (batch * num_kv_heads * num_selected * part_width * 4)))
+    for t0 in range(0, seq, chunk):
+        tokens = min(chunk, seq - t0)
+        picks = block_idx[:, t0 : t0 + tokens].contiguous()
+        entries, seg_block, seg_lo, seg_hi, _, _, slots = inverted_index_slots(
+            picks, block_base[t0 : t0 + tokens], num_blocks)
+        yield t0, tokens, picks, entries, seg_block, seg_lo, seg_hi, slots
 
 
 def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, consts, launch):
@@ -684,24 +767,13 @@ def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, const
     segment and the rows' q, M = BLOCK_M (token, head) rows a dot: for small groups (G = 4: 16 rows of
     which 4 are used) it moves ~6 KB a (token, pick) instead of ~33. The partials (fp32, [slots, G, Dv])
     bound the chunk: at most PARTIALS_BYTES, or launch["CHUNK"] tokens. No slot_lse."""
-    unknown = set(launch) - {"BLOCK_M", "CHUNK", "num_warps", "num_stages"}
-    if unknown:
-        raise ValueError(f"selected attention: LAUNCH['fwd'] with BY_BLOCKS takes BLOCK_M, CHUNK, num_warps and "
-                         f"num_stages; {sorted(unknown)} belong to the one-token forward: leave them out")
-    params = {"BLOCK_M": ROWS_PER_TILE, "num_warps": 4, "num_stages": 2, **launch}
-    chunk = params.pop("CHUNK", None)
+    params, chunk = _launch_by_blocks(launch, "fwd")
     batch, seq, num_q_heads, _ = q.shape
     num_kv_heads, num_selected = k.shape[2], block_idx.shape[-1]
     _, block_base, block_start, block_end = layout
-    num_blocks = block_start.numel()
     group, block_dv = consts["G"], consts["BLOCK_DV"]
-    per_token = batch * num_kv_heads * num_selected * group * (block_dv + 2) * 4
-    chunk = chunk or max(1, min(seq, PARTIALS_BYTES // per_token))
-    for t0 in range(0, seq, chunk):
-        tokens = min(chunk, seq - t0)
-        picks = block_idx[:, t0 : t0 + tokens].contiguous()
-        entries, seg_block, seg_lo, seg_hi, _, _, slots = inverted_index_slots(
-            picks, block_base[t0 : t0 + tokens], num_blocks)
+    for t0, tokens, picks, entries, seg_block, seg_lo, seg_hi, slots in _key_block_chunks(
+            block_idx, block_base, block_start.numel(), block_dv + 2, chunk):
         rows = picks.numel() * group
         part_o = torch.empty(rows, block_dv, dtype=torch.float32, device=q.device)
         part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
@@ -709,12 +781,36 @@ def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, const
         if seg_block.numel():
             _selected_fwd_blocks[(seg_block.numel(),)](
                 q, k, v, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_o, part_m, part_l,
-                seq, k.shape[1], num_q_heads, num_kv_heads, num_blocks, t0, q_start, scale * LOG2E,
+                seq, k.shape[1], num_q_heads, num_kv_heads, block_start.numel(), t0, q_start, scale * LOG2E,
                 **consts, **params,
             )
         _selected_fwd_merge[(tokens, batch * num_kv_heads)](
             picks, part_o, part_m, part_l, o, lse, seq, num_q_heads, num_kv_heads, num_selected, tokens, t0,
             G=group, DV=consts["DV"], BLOCK_G=pow2(group), BLOCK_DV=block_dv, BLOCK_N=pow2(num_selected),
+        )
+
+
+def _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale, consts, launch):
+    """dQ by key blocks (LAUNCH["dq"]["BY_BLOCKS"]; off by default, not yet timed on a GPU), as the forward
+    by key blocks: each (slot, head) row's share dS K from its block (_selected_bwd_dq_blocks), then each
+    token's shares summed (_selected_bwd_dq_merge). Partials fp32 [slots, G, Dk]."""
+    params, chunk = _launch_by_blocks(launch, "dq")
+    batch, seq, num_q_heads, _ = q.shape
+    num_kv_heads, num_selected = k.shape[2], block_idx.shape[-1]
+    _, block_base, block_start, block_end = layout
+    group, block_dk = consts["G"], consts["BLOCK_DK"]
+    for t0, tokens, picks, entries, seg_block, seg_lo, seg_hi, slots in _key_block_chunks(
+            block_idx, block_base, block_start.numel(), block_dk, chunk):
+        part_dq = torch.empty(picks.numel() * group, block_dk, dtype=torch.float32, device=q.device)
+        if seg_block.numel():
+            _selected_bwd_dq_blocks[(seg_block.numel(),)](
+                q, k, v, do, lse, delta, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_dq,
+                seq, k.shape[1], num_q_heads, num_kv_heads, block_start.numel(), t0, q_start, scale * LOG2E,
+                **consts, **params,
+            )
+        _selected_bwd_dq_merge[(tokens, batch * num_kv_heads)](
+            picks, part_dq, dq, seq, num_q_heads, num_kv_heads, num_selected, tokens, t0, scale,
+            G=group, DK=consts["DK"], BLOCK_G=pow2(group), BLOCK_DK=block_dk, BLOCK_N=pow2(num_selected),
         )
 
 
@@ -743,6 +839,29 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
     else:
         _selected_fwd_tokens[(triton.cdiv(seq, tokens), batch * k.shape[2])](
             q, k, v, block_idx, block_base, block_start, block_end, o, lse, *sizes,
+            TT=tokens, HEADS=heads, BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
+        )
+
+
+def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selection_block, q_start, scale, consts):
+    """dQ a program a token (or TOKENS tokens), as used: _selected_bwd_dq or _selected_bwd_dq_tokens."""
+    batch, seq = q.shape[:2]
+    doc_start, block_base, block_start, block_end = layout
+    num_kv_heads = k.shape[2]
+    launch = _key_tiled(launch_params(LAUNCH, "dq", **_dq_launch(q, v)), consts["BLOCK_S"])
+    tokens, heads = _token_tile(launch, consts["G"])
+    tma = _tma_loads(launch, q, k, v, tokens)
+    if tokens == 1:
+        _selected_bwd_dq[(seq, batch * num_kv_heads)](
+            q, k, v, do, lse, delta, block_idx, doc_start, dq,
+            *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
+            SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), TMA=tma,
+            **consts, **launch,
+        )
+    else:
+        _selected_bwd_dq_tokens[(triton.cdiv(seq, tokens), batch * num_kv_heads)](
+            q, k, v, do, lse, delta, block_idx, block_base, block_start, block_end, dq,
+            *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
             TT=tokens, HEADS=heads, BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
         )
 
@@ -777,7 +896,8 @@ class SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse, dslot_lse):
-        q, k, v, o, lse, block_idx, doc_start, block_base, block_start, block_end = ctx.saved_tensors
+        q, k, v, o, lse, block_idx, *layout = ctx.saved_tensors
+        _, block_base, block_start, block_end = layout
         selection_block, scale, q_start = ctx.args
         batch, seq, num_q_heads, _ = q.shape
         num_keys, num_kv_heads = k.shape[1], k.shape[2]
@@ -787,22 +907,11 @@ class SelectedAttention(torch.autograd.Function):
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 
         dq = poisoned(q.shape, q.dtype, q.device)
-        launch = _key_tiled(launch_params(LAUNCH, "dq", **_dq_launch(q, v)), consts["BLOCK_S"])
-        tokens, heads = _token_tile(launch, consts["G"])
-        tma = _tma_loads(launch, q, k, v, tokens)
-        if tokens == 1:
-            _selected_bwd_dq[(seq, batch * num_kv_heads)](
-                q, k, v, do, lse, delta, block_idx, doc_start, dq,
-                *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
-                SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), TMA=tma,
-                **consts, **launch,
-            )
+        by_blocks = dict(LAUNCH.get("dq", {}))
+        if by_blocks.pop("BY_BLOCKS", False):
+            _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale, consts, by_blocks)
         else:
-            _selected_bwd_dq_tokens[(triton.cdiv(seq, tokens), batch * num_kv_heads)](
-                q, k, v, do, lse, delta, block_idx, block_base, block_start, block_end, dq,
-                *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
-                TT=tokens, HEADS=heads, BLOCK_N=pow2(block_idx.shape[-1]), **consts, **launch,
-            )
+            _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selection_block, q_start, scale, consts)
 
         num_blocks = block_start.numel()
         entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(block_idx, block_base, num_blocks)

@@ -126,38 +126,41 @@ def test_token_tiles_over_a_batch(monkeypatch):
                       torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
 
 
-@pytest.mark.parametrize("group, chunk, block_m, dtype", [
-    (4, None, 64, torch.float32),
-    (3, 37, 16, torch.float16),  # 3 heads: a row tile ends inside a token's heads; chunks of 37 tokens
-    (16, 50, 64, torch.float32),
-    (2, 1, 32, torch.float32),  # a chunk a token
+@pytest.mark.parametrize("kernels, group, chunk, block_m, dtype", [
+    (("fwd", "dq"), 4, None, 64, torch.float32),
+    (("fwd", "dq"), 3, 37, 16, torch.float16),  # 3 heads: a row tile ends inside a token's heads; 37-token chunks
+    (("fwd",), 16, 50, 64, torch.float32),
+    (("dq",), 16, 50, 64, torch.float32),
+    (("fwd", "dq"), 2, 1, 32, torch.float32),  # a chunk a token
 ])
-def test_forward_by_key_blocks(monkeypatch, group, chunk, block_m, dtype):
-    """The forward by key blocks (a LAUNCH override): the inverted index of a chunk's picks, a block's K/V
-    once for its tokens' rows, each pick's partial softmax merged per token. Over packed documents with
-    q_start, shuffled slots and two KV heads; chunks that end inside a document. Gradients through the
-    backward, which reads the forward's o and lse."""
-    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True, "BLOCK_M": block_m, "CHUNK": chunk})
+def test_by_key_blocks(monkeypatch, kernels, group, chunk, block_m, dtype):
+    """The forward and dQ by key blocks (LAUNCH overrides): the inverted index of a chunk's picks, a block's
+    K/V once for its tokens' rows, each pick's partial (softmax; dQ share) merged per token. Over packed
+    documents with q_start, shuffled slots and two KV heads; chunks that end inside a document."""
+    for kernel in kernels:
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"BY_BLOCKS": True, "BLOCK_M": block_m, "CHUNK": chunk})
     compare_on_packed_documents(group, dtype)
 
 
-def test_forward_by_key_blocks_over_a_batch(monkeypatch):
+def test_by_key_blocks_over_a_batch(monkeypatch):
     """Two sequences of one document each, in chunks: a segment reads its own sequence's keys and rows."""
     torch.manual_seed(9)
-    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True, "CHUNK": 64})
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"BY_BLOCKS": True, "CHUNK": 64})
     compare_attention(selected_attention_triton, selected_attention_ref, leaves(2, T, T, 4, 1, torch.float32),
                       torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_forward_by_key_blocks_low_precision(monkeypatch, dtype):
+def test_by_key_blocks_low_precision(monkeypatch, dtype):
     torch.manual_seed(10)
-    monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True})
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"BY_BLOCKS": True})
     compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 4, 2, torch.float32), dtype,
                     block_idx=random_blocks(1, T, 2), selection_block=SEL)
 
 
-def test_forward_by_key_blocks_takes_its_own_launch_parameters(monkeypatch):
+def test_by_key_blocks_take_their_own_launch_parameters(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True, "TOKENS": 4})
     with pytest.raises(ValueError, match=r"BY_BLOCKS takes BLOCK_M, CHUNK.*\['TOKENS'\] belong to the one-token"):
         selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),

@@ -775,9 +775,9 @@ def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, const
     for t0, tokens, picks, entries, seg_block, seg_lo, seg_hi, slots in _key_block_chunks(
             block_idx, block_base, block_start.numel(), block_dv + 2, chunk):
         rows = picks.numel() * group
-        part_o = torch.empty(rows, block_dv, dtype=torch.float32, device=q.device)
-        part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
-        part_l = torch.empty(rows, dtype=torch.float32, device=q.device)
+        part_o = poisoned((rows, block_dv), torch.float32, q.device)  # every picked slot's rows are written
+        part_m = poisoned((rows,), torch.float32, q.device)
+        part_l = poisoned((rows,), torch.float32, q.device)
         if seg_block.numel():
             _selected_fwd_blocks[(seg_block.numel(),)](
                 q, k, v, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_o, part_m, part_l,
@@ -801,7 +801,7 @@ def _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale
     group, block_dk = consts["G"], consts["BLOCK_DK"]
     for t0, tokens, picks, entries, seg_block, seg_lo, seg_hi, slots in _key_block_chunks(
             block_idx, block_base, block_start.numel(), block_dk, chunk):
-        part_dq = torch.empty(picks.numel() * group, block_dk, dtype=torch.float32, device=q.device)
+        part_dq = poisoned((picks.numel() * group, block_dk), torch.float32, q.device)
         if seg_block.numel():
             _selected_bwd_dq_blocks[(seg_block.numel(),)](
                 q, k, v, do, lse, delta, entries, slots, seg_block, seg_lo, seg_hi, block_start, block_end, part_dq,

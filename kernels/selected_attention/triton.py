@@ -740,7 +740,14 @@ def _launch_by_blocks(launch: dict, kernel: str) -> tuple[dict, int | None]:
         raise ValueError(f"selected attention: LAUNCH['{kernel}'] with BY_BLOCKS takes BLOCK_M, CHUNK, num_warps and "
                          f"num_stages; {sorted(unknown)} belong to the one-token kernels: leave them out")
     params = {"BLOCK_M": ROWS_PER_TILE, "num_warps": 4, "num_stages": 2, **launch}
-    return params, params.pop("CHUNK", None)
+    block_m, chunk = params["BLOCK_M"], params.pop("CHUNK", None)
+    if not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"selected attention: LAUNCH['{kernel}'] BLOCK_M={block_m!r} must be a power of two from "
+                         f"16 (the smallest tl.dot), e.g. {ROWS_PER_TILE}")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"selected attention: LAUNCH['{kernel}'] CHUNK={chunk!r} must be a whole number of tokens, "
+                         f"at least 1; or leave it out to size chunks by PARTIALS_BYTES")
+    return params, chunk
 
 
 def _key_block_chunks(block_idx, block_base, num_blocks, part_width, chunk):

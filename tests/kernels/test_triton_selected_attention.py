@@ -165,6 +165,14 @@ def test_by_key_blocks_take_their_own_launch_parameters(monkeypatch):
     with pytest.raises(ValueError, match=r"BY_BLOCKS takes BLOCK_M, CHUNK.*\['TOKENS'\] belong to the one-token"):
         selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
                                   selection_block=SEL)
+    for kernel, bad, message in (("fwd", {"CHUNK": 0}, r"CHUNK=0 must be a whole number of tokens"),
+                                 ("dq", {"BLOCK_M": 24}, r"BLOCK_M=24 must be a power of two from 16")):
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"BY_BLOCKS": True, **bad})
+        with pytest.raises(ValueError, match=message):
+            inputs = leaves(1, 20, 20, 4, 1, torch.float32)
+            o, _ = selected_attention_triton(**inputs, block_idx=random_blocks(1, 20, 1), selection_block=SEL)
+            o.sum().backward()
+        monkeypatch.delitem(selected.LAUNCH, kernel)
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"BY_BLOCKS": True})
     with pytest.raises(ValueError, match="BY_BLOCKS: leave it out when asking for slot_lse"):
         selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),

@@ -1,12 +1,13 @@
 """NSA composed from its branches: o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (DESIGN §2)."""
 
+import functools
 from typing import Callable, Iterable, NamedTuple
 
 import torch
 
 from kernels.block_selection.alignment import selection_alignment_terms
 from kernels.block_selection.naive import RAW_KEY_SCORES, select_blocks_ref
-from kernels.common import acc_dtype
+from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, document_of, host_bounds
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, gated_sum_ref
@@ -83,6 +84,43 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+# Rows the window branch answers for the selected one (window_covered_rows): True in use; False only to time
+# the selected kernels on every row against it (tools/bench_train.py --selected-every-row)
+WINDOW_SERVES_SELECTION = True
+
+
+def window_covered_rows(spans: list[QuerySpan], limit: int, cu_seqlens: torch.Tensor | None,
+                        device: torch.device) -> torch.Tensor | None:
+    """[Tq] bool over the rows of `spans` (laid out by their offsets): True where the row's position in its
+    document is below `limit`; None where no row is. compose_nsa passes limit = min(w, n * l'): such a row
+    sees at most n selection blocks, so top-n takes all of them, and its window reaches back to the
+    document's first token, so its selected and window branches attend the same keys."""
+    spans_key = tuple((s.offset, s.start, s.length) for s in spans)
+    if cu_seqlens is None:
+        if all(s.start >= limit for s in spans):
+            return None
+        return _covered_from_start(spans_key, limit, device)
+    bounds = host_bounds(cu_seqlens)
+    if not any(max(lo, s.start) < min(hi, lo + limit, s.start + s.length)
+               for s in spans for lo, hi in zip(bounds[:-1], bounds[1:])):
+        return None
+    return document_layout(cu_seqlens, ("window_covered_rows", spans_key, limit, device),
+                           lambda: _covered_in_documents(spans_key, limit, cu_seqlens, device))
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _covered_from_start(spans_key: tuple, limit: int, device: torch.device) -> torch.Tensor:
+    """window_covered_rows of one document from position 0, cached per shape (every layer asks the same)."""
+    return torch.cat([torch.arange(start, start + length, device=device) < limit for _, start, length in spans_key])
+
+
+def _covered_in_documents(spans_key: tuple, limit: int, cu_seqlens: torch.Tensor,
+                          device: torch.device) -> torch.Tensor:
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    positions = torch.cat([torch.arange(start, start + length, device=device) for _, start, length in spans_key])
+    return positions - cu[document_of(positions, cu)] < limit
+
+
 def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """RoPE in the rotate-half convention (Megatron's default): x [B, N, H, D] rotated by angles [N, R]
     (R even, R <= D; each half's angle repeated, as Megatron's rotary tables hold them) on its first R
@@ -115,6 +153,7 @@ def compose_nsa(
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
     selection_loss: int = 0,
+    shared_kv: bool = False,
 ) -> NSAResult:
     """NSA's branches and their gated sum for some query rows of a sequence: the one composition that the
     single-rank path (native_sparse_attention) and the sequence-sharded path (nsa_context_parallel) share.
@@ -133,6 +172,12 @@ def compose_nsa(
     overlaps the other branches, and all its slices are held at once).
     selection_loss: k > 0 also computes the selection alignment loss's terms over every k-th of these rows
     (NSAResult.selection_terms; kernels.block_selection.alignment), for nsa.selection_loss; 0: not.
+    shared_kv: the selected and window branches read the same keys and values (selection_kv and the spans'
+    k_win, v_win hold the same tokens). Then a row that sits less than min(w, n * l') tokens into its
+    document attends the same keys in both branches (window_covered_rows): the window's output and lse
+    are the selected branch's, so those rows skip the selected kernels (their picks passed as -1) and the
+    window's gate takes g_slc + g_win for them. Not with selection_loss, which reads the selected branch's
+    own per-slot sums. The result is the same up to rounding; NSAResult.block_idx keeps top-n's picks.
 
     Each branch's output passes through ops.gate as soon as the branch has run, and ops.sum adds them
     gated at the end: the Triton gate's backward applies the gate, and autograd runs the most recently
@@ -152,6 +197,15 @@ def compose_nsa(
     # are laid out densely once here instead
     q = q.contiguous()
     gate_cmp, gate_slc, gate_win = gates.movedim(-1, 0).contiguous().unbind(0)  # each [B, Tq, HQ], dense
+    covered = None  # the rows whose selected output is the window's (shared_kv above)
+    if shared_kv and window > 0 and not selection_loss and WINDOW_SERVES_SELECTION:
+        covered = window_covered_rows(spans, min(window, num_selected * selection_block), cu_seqlens, q.device)
+    if covered is not None:
+        rows_covered = covered[None, :, None]
+        # fp32 (float64 for float64) holds the sum of two bf16 gates exactly; the gate kernels read any dtype
+        wide = gate_win.to(acc_dtype(gate_win))
+        gate_win = torch.where(rows_covered, wide + gate_slc, wide)
+        gate_slc = gate_slc.masked_fill(rows_covered, 0)
     o_cmp, lse_cmp, blocks, o_win, lse_win = [], [], [], [], []
     g_cmp, g_slc, g_win = [], [], []  # the gates of the outputs' rows, laid out as the outputs are
     for span in spans:
@@ -171,6 +225,7 @@ def compose_nsa(
             g_win.append(gate_win[:, span_rows])
             lse_win.append(lse)
     block_idx = _cat(blocks, 1)
+    picks = block_idx if covered is None else block_idx.masked_fill(covered[None, :, None, None], -1)
 
     group = q.shape[2] // block_idx.shape[2]  # query heads per KV head
     o_slc, lse_slc = [], []  # per item (KV-head slice), its spans' rows
@@ -180,7 +235,7 @@ def compose_nsa(
         o_item, lse_item, g_item = [], [], []
         for index, s in enumerate(spans):
             rows = slice(s.offset, s.offset + s.length)
-            o, lse, *slot_lse = ops.selected(q[:, rows, q_heads], k, v, block_idx[:, rows, heads], selection_block,
+            o, lse, *slot_lse = ops.selected(q[:, rows, q_heads], k, v, picks[:, rows, heads], selection_block,
                                              scale, q_start=s.start, cu_seqlens=cu_seqlens,
                                              slot_lse=bool(selection_loss))
             o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
@@ -199,6 +254,8 @@ def compose_nsa(
     lse_cmp = _cat(lse_cmp, 1)
     if window > 0:
         o_win, lse_win, g_win = _cat(o_win, 1), _cat(lse_win, 1), _cat(g_win, 1)
+        if covered is not None:
+            lse_slc = torch.where(covered[None, :, None], lse_win, lse_slc)
     else:  # fla's configuration: no window branch
         o_win, lse_win, g_win = None, torch.full_like(lse_slc, float("-inf")), None
     output = ops.sum(_cat(o_cmp, 1), o_slc, o_win, _cat(g_cmp, 1), g_slc, g_win)
@@ -248,4 +305,11 @@ def native_sparse_attention(
     return compose_nsa(q, gates, k_cmp, v_cmp, [whole], [(all_heads, *kv_slc)], block_size=block_size,
                        stride=stride, selection_block=selection_block, num_selected=num_selected, window=window,
                        scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope,
-                       selection_score=selection_score, selection_loss=selection_loss)
+                       selection_score=selection_score, selection_loss=selection_loss,
+                       shared_kv=same_pair(kv_slc, kv_win))
+
+
+def same_pair(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether two branches were given the same (k, v) tensors: shared K/V (compose_nsa's shared_kv). Equal
+    values in other tensors do not count: only the caller knows they are one projection's."""
+    return a[0] is b[0] and a[1] is b[1]

@@ -50,6 +50,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
 
 from nsa_dist.config import ConfigError, load_config  # noqa: E402  (after the filter: megatron warns at import)
+import kernels.nsa as nsa_composition  # noqa: E402
 from kernels.nsa import resolve_impl  # noqa: E402
 from nsa_dist.trainer import TrainingHooks, train  # noqa: E402
 
@@ -61,7 +62,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default=str(ROOT / "configs/paper.yaml"))
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per attention (the first is not timed)")
-    parser.add_argument("--attention", default="dense,nsa", help="comma-separated, timed in this order")
+    parser.add_argument("--attention", default="dense,nsa",
+                        help="comma-separated, timed in this order: dense, nsa, or nsa-every-row (NSA with the "
+                             "selected kernels run on every row, also those the window branch answers for: "
+                             "kernels.nsa.WINDOW_SERVES_SELECTION off)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--profile", action="store_true", help="profile steps 2-3 (--steps must be >= 3)")
     parser.add_argument("--host-profile", action="store_true",
@@ -269,11 +273,16 @@ class CompileRecorder(TrainingHooks):
         return "\n".join(lines), {"events": self.events, "kernels": kernels}
 
 
-def bench(args, attention: str) -> dict:
+ATTENTION_LINES = ("dense", "nsa", "nsa-every-row")
+
+
+def bench(args, line: str) -> dict:
+    attention = "nsa" if line == "nsa-every-row" else line
+    nsa_composition.WINDOW_SERVES_SELECTION = line != "nsa-every-row"
     config = load_config(args.config, [
         "training.dtype=bf16", "training.recompute=true", "training.warmup_steps=1", "parallel.context=1",
         f"stages=[{{name: bench, seq_len: {args.seq_len}, steps: {args.steps}}}]",
-        f"run.dir={tempfile.mkdtemp(prefix=f'bench_train_{attention}_')}",  # a fresh run: nothing to resume
+        f"run.dir={tempfile.mkdtemp(prefix=f'bench_train_{line}_')}",  # a fresh run: nothing to resume
         *args.overrides, f"model.attention={attention}",
     ])
     if torch.cuda.is_available():
@@ -285,14 +294,14 @@ def bench(args, attention: str) -> dict:
     if compiles:
         compiles.start()
     try:
-        history = train(config, [PrintStep(attention)] + [hook for hook in (profile, host, syncs, compiles)
-                                                          if hook]).history
+        history = train(config, [PrintStep(line)] + [hook for hook in (profile, host, syncs, compiles) if hook]).history
     finally:
+        nsa_composition.WINDOW_SERVES_SELECTION = True
         if compiles:
             compiles.stop()
     timed = history[1:] or history
     result = {
-        "attention": attention,
+        "attention": line,
         # medians: a short step's mean is skewed by the second step, which may still compile or autotune
         "tokens_per_s": median(log.tokens_per_s for log in timed),
         "step_time_s": median(log.step_time_s for log in timed),
@@ -304,17 +313,17 @@ def bench(args, attention: str) -> dict:
     }
     if profile:
         result["profile"], result["profiled_steps"] = profile.report()
-        print(f"\n{attention}: steps 2-3 by self time\n{result['profile']}", flush=True)
+        print(f"\n{line}: steps 2-3 by self time\n{result['profile']}", flush=True)
     if host:
         result["host_profile"] = host.report()
         result["host_profiled_steps"] = args.steps - 1
-        print(f"\n{attention}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
+        print(f"\n{line}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
     if compiles:
         table, result["compiles"] = compiles.report()
-        print(f"\n{attention}: Triton compiles by step and kernel\n{table}", flush=True)
+        print(f"\n{line}: Triton compiles by step and kernel\n{table}", flush=True)
     if syncs:
         table, result["syncs"] = syncs.recorder.report(args.steps - 1)
-        print(f"\n{attention}: host-device synchronizations of steps 2-{args.steps}\n{table}", flush=True)
+        print(f"\n{line}: host-device synchronizations of steps 2-{args.steps}\n{table}", flush=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -341,6 +350,9 @@ def main() -> None:
         sys.exit(f"error: --host-profile records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
     if args.sync_check and args.steps < 2:
         sys.exit(f"error: --sync-check records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
+    unknown = [line for line in args.attention.split(",") if line not in ATTENTION_LINES]
+    if unknown:
+        sys.exit(f"error: --attention {args.attention}: {unknown} not among {', '.join(ATTENTION_LINES)}")
     if args.sync_check and not torch.cuda.is_available():
         sys.exit("error: --sync-check needs a GPU: it counts where the host waits for the device "
                  "(torch.cuda.set_sync_debug_mode); run it on the GPU machine")
@@ -364,9 +376,9 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2))
     base = results[0]
     print(f"\n{device}, seq_len {args.seq_len}, NSA implementation: {nsa_impl}  -> {out}")
-    print(f"{'attention':>10} {'tokens/s':>10} {'step s':>8} {'peak GB':>8} {'speed vs ' + base['attention']:>16}")
+    print(f"{'attention':>13} {'tokens/s':>10} {'step s':>8} {'peak GB':>8} {'speed vs ' + base['attention']:>16}")
     for r in results:
-        print(f"{r['attention']:>10} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.2f} {r['peak_memory_gb']:>8.1f} "
+        print(f"{r['attention']:>13} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.2f} {r['peak_memory_gb']:>8.1f} "
               f"{r['tokens_per_s'] / base['tokens_per_s']:>15.2f}x")
 
 

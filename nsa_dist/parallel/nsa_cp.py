@@ -26,7 +26,7 @@ import torch
 
 from kernels.common import document_layout, host_bounds
 from kernels.compression.naive import compress_blocks, document_block_starts
-from kernels.nsa import Compress, NSAResult, QuerySpan, compose_nsa, native_sparse_attention
+from kernels.nsa import Compress, NSAResult, QuerySpan, compose_nsa, native_sparse_attention, same_pair
 from nsa_dist.parallel.accounting import needed_selection_bytes
 from nsa_dist.parallel.comm import (CommStats, DeferredReduceScatter, ZigzagGather, exchange_halo, gather_zigzag,
                                     group_size_rank)
@@ -242,7 +242,7 @@ def nsa_context_parallel(
         _, _, k_win, v_win = haloed[i]
         spans.append(QuerySpan(offset=i * c, start=start, length=c, k_win=k_win, v_win=v_win,
                                win_start=start - (k_win.shape[1] - c)))
-    result = compose_nsa(q, gates, k_cmp, v_cmp, spans, selection_kv, **sizes)
+    result = compose_nsa(q, gates, k_cmp, v_cmp, spans, selection_kv, shared_kv=same_pair(kv_slc, kv_win), **sizes)
     if stats is not None and not documents:  # block ids count from each document's start there
         stats.needed["selection_kv"] += needed_selection_bytes(
             result.block_idx, layout, selection_block, kv_slc[0].shape[-1], kv_slc[1].shape[-1],

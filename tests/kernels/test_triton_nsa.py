@@ -54,11 +54,13 @@ def test_unknown_impl_is_a_clear_error():
         branch_ops("cuda")
 
 
-def test_packed_documents_read_nothing_back_from_the_device(monkeypatch):
+@pytest.mark.parametrize("kv_pairs", ["separate", "shared"])
+def test_packed_documents_read_nothing_back_from_the_device(monkeypatch, kv_pairs):
     """With document boundaries known on the host (remember_bounds, as the data loader does), the Triton
     path builds its layouts without reading any tensor back (a read waits for the GPU, which in every
     layer would stop the host from queueing work ahead of it); a second call, as the next layer makes,
-    reuses the layouts and gives the same result."""
+    reuses the layouts and gives the same result. Shared K/V adds the rows the window answers for the
+    selected branch (window_covered_rows)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kernels.common import device_tensor, remember_bounds
@@ -70,6 +72,8 @@ def test_packed_documents_read_nothing_back_from_the_device(monkeypatch):
     remember_bounds(cu_seqlens, bounds)
     q = randn(1, T, 2, 32)
     kv = [(randn(1, T, 1, 32), randn(1, T, 1, 16)) for _ in range(3)]
+    if kv_pairs == "shared":
+        kv = [kv[0]] * 3
     gates = torch.rand(1, T, 2, 3, device=DEVICE)
     phi = partial(mean_compress, block_size=16, stride=8)
     sizes = dict(block_size=16, stride=8, selection_block=16, num_selected=4, window=24)
@@ -171,3 +175,59 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
     out.output.sum().backward()
     assert events == [what for name in ("slc", "win", "cmp")
                       for what in ("output gradient made", f"{name} backward done")]
+
+
+@pytest.mark.parametrize("window, num_selected", [(24, 4), (40, 2)], ids=["limit-w", "limit-n*l'"])
+@pytest.mark.parametrize("packed", ["one-sequence", "packed"])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_shared_kv_rows_near_a_document_start_take_the_window_output(monkeypatch, impl, packed, window,
+                                                                      num_selected):
+    """With one K/V pair for the selected and window branches, a row less than min(w, n * l') tokens into its
+    document attends the same keys in both (top-n takes every block it can see; the window reaches back to the
+    document's start), so compose_nsa hands the selected kernels no picks for it and the window's output
+    stands in. Against the reference computing every row (the window's pair passed as views: other tensors,
+    so the branches do not count as sharing): the same output, lse and gradients; and the selected branch
+    gets -1 on exactly those rows and top-n's picks on the others."""
+    import kernels.nsa as nsa
+
+    require_backend()
+    torch.manual_seed(0)
+    bounds = DOCUMENTS[packed] or [0, T]
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=DEVICE) if DOCUMENTS[packed] else None
+    q = randn(1, T, 4, 32)
+    kv = (randn(1, T, 2, 32), randn(1, T, 2, 16))
+    gates = torch.rand(1, T, 4, 3, device=DEVICE).requires_grad_()
+    leaves = [q, *kv, gates]
+    phi = partial(mean_compress, block_size=16, stride=8)
+    sizes = dict(block_size=16, stride=8, selection_block=16, num_selected=num_selected, window=window)
+    upstream = randn(1, T, 4, 16, grad=False)
+    handed = []
+    ops = branch_ops(impl)
+
+    def selected(q, k, v, picks, *args, **kwargs):
+        handed.append(picks)
+        return ops.selected(q, k, v, picks, *args, **kwargs)
+
+    monkeypatch.setattr(nsa, "branch_ops", lambda _: ops._replace(selected=selected))
+    got = native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl=impl, cu_seqlens=cu_seqlens)
+    got_grads = torch.autograd.grad((got.output * upstream).sum(), leaves)
+    monkeypatch.undo()
+    views = tuple(x.view_as(x) for x in kv)
+    want = native_sparse_attention(q, kv, kv, views, gates, phi, phi, **sizes, impl="reference",
+                                   cu_seqlens=cu_seqlens)
+    want_grads = torch.autograd.grad((want.output * upstream).sum(), leaves)
+
+    limit = min(window, num_selected * 16)
+    covered = torch.zeros(T, dtype=torch.bool)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        covered[lo : min(hi, lo + limit)] = True
+    assert 0 < int(covered.sum()) < T
+    [picks] = handed
+    assert (picks[:, covered] == -1).all()
+    assert torch.equal(picks[:, ~covered], want.block_idx[:, ~covered])
+    assert torch.equal(got.block_idx, want.block_idx)
+    assert_close("output", got.output, want.output, torch.float32)
+    for name in ("lse_cmp", "lse_slc", "lse_win"):
+        assert_lse_close(name, getattr(got, name), getattr(want, name), torch.float32)
+    for name, g, g_want in zip(("q", "k", "v", "gates"), got_grads, want_grads):
+        assert_close(f"grad of {name}", g, g_want, torch.float32)

@@ -102,13 +102,15 @@ def assert_rms_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
 
 
 def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl: str = "reference",
-               gather_group=None) -> int:
+               gather_group=None, selection_loss: int = 1) -> int:
     """Compares this rank's CP result to the single-rank one; returns how many selected blocks it
-    took from other ranks. gather_group: the selection gather's own group (a twin of the CP group)."""
+    took from other ranks. gather_group: the selection gather's own group (a twin of the CP group).
+    selection_loss 0: without the alignment loss's terms, so that with shared K/V the rows near a document's
+    start take the window's output for the selected branch's (kernels.nsa.window_covered_rows)."""
     leaves, params, upstream = make_inputs(case)
     compress_k, compress_v = phis(case, params)
     full = native_sparse_attention(leaves["q"], *branch_kv(case, leaves), leaves["gates"], compress_k, compress_v,
-                                   **sizes(case), cu_seqlens=case.cu_seqlens(), selection_loss=1)
+                                   **sizes(case), cu_seqlens=case.cu_seqlens(), selection_loss=selection_loss)
     ref_grads = torch.autograd.grad(full.output, list(leaves.values()) + list(params.values()), upstream)
 
     local = {k: split_zigzag(v.detach(), rank, world).requires_grad_() for k, v in leaves.items()}
@@ -119,7 +121,7 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     result = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], compress_k, compress_v,
                                   group=group, kv_heads_per_gather=kv_heads_per_gather, stats=stats, impl=impl,
                                   gather_group=gather_group, **sizes(case), cu_seqlens=case.cu_seqlens(),
-                                  selection_loss=1)
+                                  selection_loss=selection_loss)
     grads = torch.autograd.grad(result.output, list(local.values()) + list(local_params.values()),
                                 split_zigzag(upstream, rank, world))
 
@@ -129,13 +131,14 @@ def check_case(rank: int, world: int, case: Case, kv_heads_per_gather: int, impl
     assert torch.equal(result.block_idx, split_zigzag(full.block_idx, rank, world)), "selections differ"
     for lse_name in ("lse_cmp", "lse_slc", "lse_win"):
         torch.testing.assert_close(getattr(result, lse_name), split_zigzag(getattr(full, lse_name), rank, world))
-    # the selection alignment loss's terms (nsa.selection_loss) over the ranks' rows add up to one rank's
-    terms = torch.stack([t.detach().double() for t in result.selection_terms])
-    dist.all_reduce(terms)
-    want_terms = torch.stack([t.detach().double() for t in full.selection_terms])
-    # rows with free picks to align: every case but n = 3 (block 0 and the two local blocks fill the picks)
-    assert (want_terms[1] > 0) == (case.num_selected > 3)
-    torch.testing.assert_close(terms, want_terms, rtol=1e-5, atol=1e-7)
+    if selection_loss:
+        # the selection alignment loss's terms (nsa.selection_loss) over the ranks' rows add up to one rank's
+        terms = torch.stack([t.detach().double() for t in result.selection_terms])
+        dist.all_reduce(terms)
+        want_terms = torch.stack([t.detach().double() for t in full.selection_terms])
+        # rows with free picks to align: every case but n = 3 (block 0 and the two local blocks fill the picks)
+        assert (want_terms[1] > 0) == (case.num_selected > 3)
+        torch.testing.assert_close(terms, want_terms, rtol=1e-5, atol=1e-7)
     names = list(leaves) + list(params)
     for name, got, want in zip(names, grads, ref_grads):
         if name in params:
@@ -186,6 +189,8 @@ def _check_cases(rank, world, cases):
         for per_gather in sorted({1, case.num_kv_heads}):
             remote += check_case(rank, world, case, per_gather)
     remote += check_case(rank, world, cases[0], 1, gather_group=dist.new_group(list(range(world))))
+    shared = next(case for case in cases if case.kv == "shared" and case.window)
+    remote += check_case(rank, world, shared, 1, selection_loss=0)
     total = torch.tensor([remote])
     dist.all_reduce(total)
     assert total.item() > 0, "no query selected a block held by another rank: the test proves nothing"
@@ -214,6 +219,7 @@ def _check_documents(rank, world):
     for case in DOCUMENT_CASES:
         check_case(rank, world, case, 1)
     check_case(rank, world, DOCUMENT_CASES[0], 1, gather_group=dist.new_group(list(range(world))))
+    check_case(rank, world, DOCUMENT_CASES[2], 1, selection_loss=0)  # shared K/V and a window
 
 
 @pytest.mark.timeout(240)
@@ -224,8 +230,8 @@ def test_packed_documents_under_context_parallelism_match_single_rank(world):
     run_distributed(_check_documents, world)
 
 
-def _check_triton(rank, world, case):
-    remote = check_case(rank, world, case, 1, impl="triton")
+def _check_triton(rank, world, case, selection_loss=1):
+    remote = check_case(rank, world, case, 1, impl="triton", selection_loss=selection_loss)
     assert case.documents or remote > 0
 
 
@@ -239,6 +245,14 @@ def test_context_parallel_on_triton_kernels_matches_single_rank_reference():
 def test_packed_documents_under_cp_on_triton_kernels_match_single_rank_reference():
     run_distributed(_check_triton, 2, Case(128, 4, 2, 16, 8, 16, 4, 20, "separate", "mlp", seed=13,
                                            documents=(0, 20, 64, 70, 128)))
+
+
+@pytest.mark.timeout(240)
+def test_shared_kv_under_cp_on_triton_kernels_matches_single_rank_reference():
+    """With shared K/V the rows less than min(w, n * l') tokens into their document take the window's output
+    for the selected branch's, on each rank's zigzag chunks as on one rank."""
+    run_distributed(_check_triton, 2, Case(128, 4, 2, 16, 8, 16, 4, 20, "shared", "mlp", seed=15,
+                                           documents=(0, 20, 64, 70, 128)), 0)
 
 
 @pytest.mark.timeout(240)

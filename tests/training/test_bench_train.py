@@ -137,3 +137,26 @@ def test_compile_recorder_names_each_compiles_step_and_what_set_it_apart(tmp_pat
     assert name == "scale_rows" and kernel["compiles"] == 3 and kernel["steps"] == [1, 2]
     assert kernel["differ_in"] == ["BLOCK", "n"] and kernel["seconds"] > 0
     assert "(and 1 served by Triton's cache)" in done.stdout
+
+
+def test_bench_train_times_nsa_with_the_selected_kernels_on_every_row(tmp_path):
+    """--attention nsa-every-row trains NSA with the selected branch computed on the rows the window branch
+    answers for (kernels.nsa.WINDOW_SERVES_SELECTION off), to time the two against each other: same model,
+    data and losses up to rounding. An unknown line is refused by name."""
+    out = tmp_path / "train.json"
+    command = [sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml",
+               "--attention", "nsa,nsa-every-row", "--seq-len", "128", "--steps", "2", "--out", str(out),
+               "--set", "training.dtype=fp32", "--set", "training.device=cpu", "--set", "model.num_layers=1",
+               "--set", "nsa.kv=shared",
+               "--set", "stages=[{name: mine, seq_len: 128, steps: 2, global_batch_size: 2, micro_batch_size: 2}]"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served, every_row = json.loads(out.read_text())["results"]
+    assert (served["attention"], every_row["attention"]) == ("nsa", "nsa-every-row")
+    assert len(served["losses"]) == len(every_row["losses"]) == 2
+    for a, b in zip(served["losses"], every_row["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (served["losses"], every_row["losses"])
+
+    wrong = subprocess.run(command[:command.index("--attention")] + ["--attention", "nsa,sparse"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "['sparse'] not among dense, nsa, nsa-every-row" in wrong.stderr

@@ -177,20 +177,32 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
                       for what in ("output gradient made", f"{name} backward done")]
 
 
-@pytest.mark.parametrize("window, num_selected", [(24, 4), (40, 2)], ids=["limit-w", "limit-n*l'"])
-@pytest.mark.parametrize("packed", ["one-sequence", "packed"])
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_shared_kv_rows_near_a_document_start_take_the_window_output(monkeypatch, impl, packed, window,
-                                                                      num_selected):
+LIMITS = {"limit-w": (24, 4), "limit-n*l'": (40, 2)}  # (w, n) with l' = 16: min(w, n * l') = 24, 32
+# every case on the reference; the (interpreted) kernels on a few, each limit and layout once
+SHARED_KV_CASES = ([("reference", packed, limit) for packed in ("one-sequence", "packed") for limit in LIMITS]
+                   + [("triton", "one-sequence", "limit-w"), ("triton", "packed", "limit-n*l'"),
+                      ("triton-by-blocks", "packed", "limit-w")])
+
+
+@pytest.mark.parametrize("impl, packed, limit", SHARED_KV_CASES, ids=["-".join(case) for case in SHARED_KV_CASES])
+def test_shared_kv_rows_near_a_document_start_take_the_window_output(monkeypatch, impl, packed, limit):
     """With one K/V pair for the selected and window branches, a row less than min(w, n * l') tokens into its
     document attends the same keys in both (top-n takes every block it can see; the window reaches back to the
     document's start), so compose_nsa hands the selected kernels no picks for it and the window's output
     stands in. Against the reference computing every row (the window's pair passed as views: other tensors,
     so the branches do not count as sharing): the same output, lse and gradients; and the selected branch
-    gets -1 on exactly those rows and top-n's picks on the others."""
+    gets -1 on exactly those rows and top-n's picks on the others. "triton-by-blocks": selected attention's
+    forward and dQ by key blocks (their merges store rows without a pick too)."""
     import kernels.nsa as nsa
 
     require_backend()
+    window, num_selected = LIMITS[limit]
+    if impl == "triton-by-blocks":
+        import kernels.selected_attention.triton as selected
+
+        for kernel in ("fwd", "dq"):
+            monkeypatch.setitem(selected.LAUNCH, kernel, {"BY_BLOCKS": True, "CHUNK": 50})
+        impl = "triton"
     torch.manual_seed(0)
     bounds = DOCUMENTS[packed] or [0, T]
     cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=DEVICE) if DOCUMENTS[packed] else None
@@ -211,7 +223,7 @@ def test_shared_kv_rows_near_a_document_start_take_the_window_output(monkeypatch
     monkeypatch.setattr(nsa, "branch_ops", lambda _: ops._replace(selected=selected))
     got = native_sparse_attention(q, kv, kv, kv, gates, phi, phi, **sizes, impl=impl, cu_seqlens=cu_seqlens)
     got_grads = torch.autograd.grad((got.output * upstream).sum(), leaves)
-    monkeypatch.undo()
+    monkeypatch.setattr(nsa, "branch_ops", branch_ops)
     views = tuple(x.view_as(x) for x in kv)
     want = native_sparse_attention(q, kv, kv, views, gates, phi, phi, **sizes, impl="reference",
                                    cu_seqlens=cu_seqlens)

@@ -79,7 +79,8 @@ def stage_summary(client, run_id: str, run_dir: Path, trained_as: str | None = N
     if checkpoint and (checkpoint / "eval" / "eval.json").exists():
         report = json.loads((checkpoint / "eval" / "eval.json").read_text())
         summary["eval"] = {"seq_len": report["seq_len"], "niah": report["niah"], "validation": report["validation"],
-                           "loss_by_position": report["loss_by_position"], "gates": report.get("gates")}
+                           "loss_by_position": report["loss_by_position"], "gates": report.get("gates"),
+                           "seconds": report.get("seconds")}  # evaluations since 2026-12-04 time their parts
         summary["eval_step"] = report["step"]
         summary["heatmap"] = str(checkpoint / "eval" / "niah.png")
         # at the stage's own length when the grid has it (eval.niah_stage_length), else over the whole grid
@@ -291,6 +292,16 @@ def source_loss(runs: dict) -> str:
     return per_stage_table(runs, lambda stage: f"{stage}: loss on steps without tasks, second half", cell)
 
 
+def evaluation_seconds(runs: dict) -> str:
+    """One row per run: per stage, its stage-end evaluation's wall seconds, loading the model / the NIAH grid /
+    the validation loss (eval.json's `seconds`; "-" where the stage had no evaluation or it predates them)."""
+    def cell(s: dict) -> str:
+        seconds = (s.get("eval") or {}).get("seconds")
+        return "-" if not seconds else " / ".join(f"{seconds[part]:.1f}" for part in ("model", "niah", "validation"))
+
+    return per_stage_table(runs, lambda stage: f"{stage}: evaluation s, model / NIAH / validation", cell)
+
+
 def source_half(s: dict) -> list[float]:
     """The training losses of the second half of a stage's steps without task answers (source_loss)."""
     with_tasks = {step for step, _ in s.get("answer_loss", [])}
@@ -451,6 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(s["answer_loss"] for run in runs.values() for s in run["stages"].values()):
         table += "\n" + answer_loss_course(runs)
     table += "\n" + source_loss(runs)
+    if any((s["eval"] or {}).get("seconds") for run in runs.values() for s in run["stages"].values()):
+        table += "\n" + evaluation_seconds(runs)
     if pairs:
         table += "\n" + against(runs, pairs)
     gates = gates_by_layer(runs)

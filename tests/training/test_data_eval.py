@@ -188,6 +188,11 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
 
     assert not stages["first"]["answer_loss"] and len(stages["first"]["loss"]) == 1
     assert f"| tiny | {without_tasks('first')} | {without_tasks('more')} |\n" in table
+    # each stage-end evaluation's wall seconds by part
+    timed = {stage: _reports(root / "run")[stage]["seconds"] for stage in stages}
+    assert all(seconds[part] > 0 for seconds in timed.values() for part in ("model", "niah", "validation"))
+    assert ("| tiny | " + " | ".join(" / ".join(f"{timed[stage][part]:.1f}" for part in ("model", "niah", "validation"))
+                                     for stage in stages) + " |\n") in table
     # each stage's gates, one c/s/w cell per layer
     gates = report["gates"]["mean_by_layer"]
     assert f"| tiny | more | {' | '.join('/'.join(f'{g:.2f}' for g in layer) for layer in gates)} |" in table

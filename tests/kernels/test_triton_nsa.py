@@ -243,3 +243,33 @@ def test_shared_kv_rows_near_a_document_start_take_the_window_output(monkeypatch
         assert_lse_close(name, getattr(got, name), getattr(want, name), torch.float32)
     for name, g, g_want in zip(("q", "k", "v", "gates"), got_grads, want_grads):
         assert_close(f"grad of {name}", g, g_want, torch.float32)
+
+
+@pytest.mark.parametrize("bounds", [None, [0, 5, 30, 35, 160], [0, 5, 40, 41, 100, 160]],
+                         ids=["one-sequence", "one-document-across", "documents-starting-within"])
+def test_window_covered_rows_are_the_rows_near_their_document_start(bounds):
+    """window_covered_rows against a per-row count, for query spans laid out as context parallelism lays
+    out a rank's two zigzag chunks (rows 0-39 at positions 40-79, rows 40-79 at 80-119); None exactly where
+    no row of the spans is covered (the host knows it from the bounds, without a device read)."""
+    from kernels.common import remember_bounds
+    from kernels.nsa import QuerySpan, window_covered_rows
+
+    cu_seqlens = None
+    if bounds is not None:
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+        remember_bounds(cu_seqlens, bounds)
+    starts = bounds[:-1] if bounds else [0]
+    spans = [QuerySpan(0, 40, 40, None, None, 0), QuerySpan(40, 80, 40, None, None, 0)]
+    positions = list(range(40, 120))
+    outcomes = set()
+    for limit in (1, 5, 12, 30, 40, 41, 60, 200):
+        first = [max(s for s in starts if s <= p) for p in positions]
+        want = torch.tensor([p - f < limit for p, f in zip(positions, first)])
+        got = window_covered_rows(spans, limit, cu_seqlens, torch.device("cpu"))
+        if want.any():
+            assert torch.equal(got, want), (limit, got, want)
+            outcomes.add("all" if want.all() else "some")
+        else:
+            assert got is None, limit
+            outcomes.add("none")
+    assert outcomes == ({"some", "all"} if bounds and 40 in bounds else {"none", "some", "all"})

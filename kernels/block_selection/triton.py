@@ -17,6 +17,11 @@ therefore cut into SPLITS runs, one program each, launched next to each other so
 queries from L2; each writes its running list, and a small kernel merges them. A split that starts
 mid-tile first recomputes the score its first block would have been carried from the block before it.
 
+Queries with no choice are not scored: one less than n * l' tokens into its document sees at most n blocks
+and takes them all. Their picks are written as a pattern (forced_picks) and the tiles that hold only such
+queries are left out of the launch (query_tiles): in the proof's first stage, of 256-token samples, that is
+nearly every tile.
+
 Ranking: each (score, block) pair is packed into one int64 key, score bits high (scores are >= 0, so
 their float bits order like the floats; forced blocks get +inf) and 0x7FFFFFFF - block low, so that a
 descending sort of keys ranks by score and breaks ties toward the lower block id, exactly as the
@@ -37,7 +42,7 @@ import triton.language as tl
 
 from kernels.block_selection.naive import SELECTION_SCORES, bound_inputs
 from kernels.common import (
-    LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds, longest_document,
+    LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, document_of, host_bounds, longest_document,
 )
 from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_bounds
@@ -315,37 +320,82 @@ def _topn_exact_kernel(
 
 def query_tiles(
     seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
-    block_t: int, device: torch.device,
+    block_t: int, device: torch.device, forced_until: int = 0,
 ) -> torch.Tensor:
-    """Tiles of at most block_t query tokens that never straddle a document, the longest first.
+    """Tiles of at most block_t query tokens that never straddle a document, the longest first, leaving out
+    the tiles whose every query sits less than `forced_until` tokens into its document (select_blocks_triton
+    passes n * l': such a query can see at most n blocks, so its picks are forced_picks', whatever the scores).
 
     Returns int64 [num_tiles, 5]: (first token, end token) as local query indices, the document's first
     global position, its first compressed row, its number of compressed rows.
     """
     if cu_seqlens is None:
-        return _one_document_tiles(seq, num_blocks, q_start, block_t, device)
+        return _one_document_tiles(seq, num_blocks, q_start, block_t, device, forced_until)
     bounds = host_bounds(cu_seqlens)
-    return document_layout(cu_seqlens, ("query_tiles", seq, block_size, stride, q_start, block_t, device),
-                           lambda: _tiles(seq, q_start, bounds, compressed_bounds(bounds, block_size, stride),
-                                          block_t, device))
+    key = ("query_tiles", seq, block_size, stride, q_start, block_t, device, forced_until)
+    return document_layout(cu_seqlens, key, lambda: _tiles(seq, q_start, bounds, compressed_bounds(
+        bounds, block_size, stride), block_t, device, forced_until))
 
 
 @functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
-def _one_document_tiles(seq: int, num_blocks: int, q_start: int, block_t: int, device: torch.device) -> torch.Tensor:
+def _one_document_tiles(seq: int, num_blocks: int, q_start: int, block_t: int, device: torch.device,
+                        forced_until: int) -> torch.Tensor:
     """query_tiles of one document, cached per shape (every layer of a step asks the same)."""
-    return _tiles(seq, q_start, [0, q_start + seq], [0, num_blocks], block_t, device)
+    return _tiles(seq, q_start, [0, q_start + seq], [0, num_blocks], block_t, device, forced_until)
 
 
 def _tiles(seq: int, q_start: int, bounds: list[int], cmp_bounds: list[int], block_t: int,
-           device: torch.device) -> torch.Tensor:
+           device: torch.device, forced_until: int) -> torch.Tensor:
     rows = []
     for doc_lo, doc_hi, cmp_lo, cmp_hi in zip(bounds[:-1], bounds[1:], cmp_bounds[:-1], cmp_bounds[1:]):
         lo, hi = max(doc_lo, q_start) - q_start, min(doc_hi, q_start + seq) - q_start
         rows += [(t, min(t + block_t, hi), doc_lo, cmp_lo, cmp_hi - cmp_lo) for t in range(lo, hi, block_t)]
+    # a tile's last token sits q_start + end - 1 - doc_lo tokens into its document
+    rows = [row for row in rows if q_start + row[1] - row[2] > forced_until]
     # longest first: a tile's work grows with its last token's position in its document (the compressed
     # rows it scans), and programs start in launch order, so the longest ones must not be left for last
     rows.sort(key=lambda row: q_start + row[1] - row[2], reverse=True)
     return device_tensor(rows, torch.int64, device).reshape(-1, 5)
+
+
+def forced_picks(seq: int, q_start: int, cu_seqlens: torch.Tensor | None, selection_block: int, num_selected: int,
+                 device: torch.device) -> torch.Tensor:
+    """[seq, n] int32, what top-n picks for a query less than n * l' tokens into its document: it can see at
+    most n blocks, so it takes every one, 0 .. p // l' (p: its position in its document), then -1 (as the
+    reference's ascending picks). Further in, the row holds 0 .. n - 1, which the kernel overwrites: those
+    queries' tiles are never left out (query_tiles)."""
+    if cu_seqlens is None:
+        return _forced_picks_from_start(seq, q_start, selection_block, num_selected, device)
+    key = ("forced_picks", seq, q_start, selection_block, num_selected, device)
+
+    def build():
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        positions = torch.arange(q_start, q_start + seq, device=device)
+        return _picks_of_every_block(positions - cu[document_of(positions, cu)], selection_block, num_selected)
+
+    return document_layout(cu_seqlens, key, build)
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _forced_picks_from_start(seq: int, q_start: int, selection_block: int, num_selected: int,
+                             device: torch.device) -> torch.Tensor:
+    """forced_picks of one document from position 0, cached per shape."""
+    positions = torch.arange(q_start, q_start + seq, device=device)
+    return _picks_of_every_block(positions, selection_block, num_selected)
+
+
+def _picks_of_every_block(in_document: torch.Tensor, selection_block: int, num_selected: int) -> torch.Tensor:
+    ids = torch.arange(num_selected, device=in_document.device)
+    last = (in_document // selection_block)[:, None]
+    return torch.where(ids[None, :] <= last, ids[None, :], -1).to(torch.int32)
+
+
+def _forced_output(batch: int, seq: int, num_kv_heads: int, num_selected: int, selection_block: int, q_start: int,
+                   cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """top-n's output [B, T, HK, n] before its kernels run: forced_picks in every row; the kernels then write
+    the rows of the tiles query_tiles keeps."""
+    picks = forced_picks(seq, q_start, cu_seqlens, selection_block, num_selected, device)
+    return picks[None, :, None, :].expand(batch, seq, num_kv_heads, num_selected).contiguous()
 
 
 @torch.no_grad()
@@ -412,8 +462,9 @@ def select_blocks_triton(
     if launch["SPLITS"] & (launch["SPLITS"] - 1) or (launch["SPLITS"] > 1 and score == "max"):
         raise ValueError(f"select_blocks_triton: LAUNCH['topn']['SPLITS']={launch['SPLITS']} cannot be launched; "
                          "set a power of two, and 1 with the 'max' score (its per-head carry has no split)")
-    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
-    out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
+    tiles = query_tiles(seq, k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, launch["BLOCK_T"], q.device,
+                        forced_until=num_selected * selection_block)
+    out = _forced_output(batch, seq, num_kv_heads, num_selected, selection_block, q_start, cu_seqlens, q.device)
     if tiles.shape[0] == 0:
         return out
     splits = launch["SPLITS"]
@@ -478,8 +529,9 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     num_kv_heads = keys.shape[2]
     scale = default_scale(head_dim, scale)
     launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, SORTED_MERGE=True)
-    tiles = query_tiles(seq, 0, selection_block, selection_block, q_start, cu_seqlens, launch["BLOCK_T"], q.device)
-    out = poisoned((batch, seq, num_kv_heads, num_selected), torch.int32, q.device)
+    tiles = query_tiles(seq, 0, selection_block, selection_block, q_start, cu_seqlens, launch["BLOCK_T"], q.device,
+                        forced_until=num_selected * selection_block)
+    out = _forced_output(batch, seq, num_kv_heads, num_selected, selection_block, q_start, cu_seqlens, q.device)
     if tiles.shape[0] == 0:
         return out
     q, keys = q.contiguous(), keys.contiguous()

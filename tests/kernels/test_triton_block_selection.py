@@ -160,23 +160,65 @@ def test_key_splits_refused_with_max_score(monkeypatch):
 
 
 @pytest.mark.parametrize("q_start", [0, 37])
-def test_query_tiles_cover_each_query_once_longest_first(q_start):
+@pytest.mark.parametrize("forced_until", [0, 20])
+def test_query_tiles_cover_each_query_once_longest_first(q_start, forced_until):
     """The tiles partition the chunk's queries without straddling a document, each with its document's
-    compressed rows, and come longest first (the last token's position in its document descending)."""
+    compressed rows, and come longest first (the last token's position in its document descending); the
+    queries they leave out are those of tiles that sit wholly less than forced_until tokens into their
+    document, and only those (8-token tiles: some tiles hold queries on both sides of 20)."""
     bounds = [0, 50, 51, 120, T]
     cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
     seq = T - q_start
-    tiles = block_selection.query_tiles(seq, 999, 16, 8, q_start, cu_seqlens, 8, torch.device("cpu")).tolist()
+    tiles = block_selection.query_tiles(seq, 999, 16, 8, q_start, cu_seqlens, 8, torch.device("cpu"),
+                                        forced_until=forced_until).tolist()
     cmp_bounds = compressed_cu_seqlens(cu_seqlens, 16, 8).tolist()
     covered = []
     for lo, hi, doc_lo, cmp_lo, cmp_count in tiles:
         doc = bounds.index(doc_lo)
         assert 0 < hi - lo <= 8 and doc_lo <= q_start + lo and q_start + hi <= bounds[doc + 1]
         assert (cmp_lo, cmp_count) == (cmp_bounds[doc], cmp_bounds[doc + 1] - cmp_bounds[doc])
+        assert q_start + hi - 1 - doc_lo >= forced_until  # its last query has a choice
         covered += range(lo, hi)
-    assert sorted(covered) == list(range(seq))
+    assert len(covered) == len(set(covered))
+    left_out = sorted(set(range(seq)) - set(covered))
+    in_document = [q_start + t - max(b for b in bounds if b <= q_start + t) for t in range(seq)]
+    assert all(in_document[t] < forced_until for t in left_out)
+    assert bool(left_out) == (forced_until > 0)
     work = [q_start + hi - doc_lo for _, hi, doc_lo, _, _ in tiles]
     assert work == sorted(work, reverse=True)
+
+
+@pytest.mark.parametrize("score", ["sum", "max", "exact", "bound"])
+def test_documents_within_n_blocks_need_no_kernel(monkeypatch, score):
+    """Packed documents of at most n * l' tokens (the proof's 256-token samples): every query's picks are
+    every block it can see, so top-n leaves out every tile and launches no kernel; its picks are still the
+    reference's."""
+    require_backend()
+    torch.manual_seed(0)
+    launched = []
+    for name in ("_topn_kernel", "_topn_exact_kernel", "_exact_lse_kernel"):
+        kernel = getattr(block_selection, name)
+        monkeypatch.setattr(block_selection, name, _Recorded(kernel, launched, name))
+    cu_seqlens = torch.tensor([0, 64, 70, 121, T], dtype=torch.int32, device=DEVICE)  # n * l' = 64
+    if score in ("exact", "bound"):
+        check_raw_key_score(score, 2, 1, torch.float32, 16, 4, cu_seqlens=cu_seqlens)
+    else:
+        check(2, 1, torch.float32, (16, 8, 16, 4), cu_seqlens=cu_seqlens, score=score)
+    assert launched == []
+    longer = torch.tensor([0, 50, T], dtype=torch.int32, device=DEVICE)  # 81 tokens: its second tile is kept
+    check(2, 1, torch.float32, (16, 8, 16, 4), cu_seqlens=longer, score="sum")
+    assert launched == ["_topn_kernel"]
+
+
+class _Recorded:
+    """A kernel whose launches (kernel[grid](...)) are recorded by name."""
+
+    def __init__(self, kernel, launched, name):
+        self.kernel, self.launched, self.name = kernel, launched, name
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 def check_raw_key_score(score, group, kv_heads, dtype, selection_block, num_selected, q_start=0, cu_seqlens=None,

@@ -125,6 +125,21 @@ def document_layout(cu_seqlens: torch.Tensor, key: tuple | str, build: Callable[
     return layouts[key]
 
 
+def positions_in_documents(q_start: int, seq: int, cu_seqlens: torch.Tensor | None,
+                           device: torch.device) -> torch.Tensor:
+    """[seq] int64: how far into its document each of seq queries from global position q_start sits (its
+    global position without cu_seqlens). Built once per cu_seqlens (document_layout)."""
+    positions = torch.arange(q_start, q_start + seq, device=device)
+    if cu_seqlens is None:
+        return positions
+
+    def build():
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        return positions - cu[document_of(positions, cu)]
+
+    return document_layout(cu_seqlens, ("positions_in_documents", q_start, seq, device), build)
+
+
 def document_of(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Index of the packed document holding each global token position (cu_seqlens: [D+1] boundaries).
 

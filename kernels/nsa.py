@@ -7,7 +7,7 @@ import torch
 
 from kernels.block_selection.alignment import selection_alignment_terms
 from kernels.block_selection.naive import RAW_KEY_SCORES, select_blocks_ref
-from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, document_of, host_bounds
+from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, host_bounds, positions_in_documents
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, gated_sum_ref
@@ -92,33 +92,29 @@ WINDOW_SERVES_SELECTION = True
 def window_covered_rows(spans: list[QuerySpan], limit: int, cu_seqlens: torch.Tensor | None,
                         device: torch.device) -> torch.Tensor | None:
     """[Tq] bool over the rows of `spans` (laid out by their offsets): True where the row's position in its
-    document is below `limit`; None where no row is. compose_nsa passes limit = min(w, n * l'): such a row
-    sees at most n selection blocks, so top-n takes all of them, and its window reaches back to the
-    document's first token, so its selected and window branches attend the same keys."""
-    spans_key = tuple((s.offset, s.start, s.length) for s in spans)
-    if cu_seqlens is None:
-        if all(s.start >= limit for s in spans):
-            return None
-        return _covered_from_start(spans_key, limit, device)
-    bounds = host_bounds(cu_seqlens)
+    document is below `limit`; None where no row is (known from host-side bounds). compose_nsa passes limit
+    = min(w, n * l'): such a row sees at most n selection blocks, so top-n takes all of them, and its window
+    reaches back to the document's first token, so its selected and window branches attend the same keys."""
+    bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else [0, max(s.start + s.length for s in spans)]
     if not any(max(lo, s.start) < min(hi, lo + limit, s.start + s.length)
                for s in spans for lo, hi in zip(bounds[:-1], bounds[1:])):
         return None
+    spans_key = tuple((s.offset, s.start, s.length) for s in spans)
+    if cu_seqlens is None:
+        return _covered_from_start(spans_key, limit, device)
     return document_layout(cu_seqlens, ("window_covered_rows", spans_key, limit, device),
-                           lambda: _covered_in_documents(spans_key, limit, cu_seqlens, device))
+                           lambda: _covered(spans_key, limit, cu_seqlens, device))
 
 
 @functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _covered_from_start(spans_key: tuple, limit: int, device: torch.device) -> torch.Tensor:
     """window_covered_rows of one document from position 0, cached per shape (every layer asks the same)."""
-    return torch.cat([torch.arange(start, start + length, device=device) < limit for _, start, length in spans_key])
+    return _covered(spans_key, limit, None, device)
 
 
-def _covered_in_documents(spans_key: tuple, limit: int, cu_seqlens: torch.Tensor,
-                          device: torch.device) -> torch.Tensor:
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    positions = torch.cat([torch.arange(start, start + length, device=device) for _, start, length in spans_key])
-    return positions - cu[document_of(positions, cu)] < limit
+def _covered(spans_key: tuple, limit: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    return torch.cat([positions_in_documents(start, length, cu_seqlens, device) < limit
+                      for _, start, length in spans_key])
 
 
 def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ import triton.language as tl
 
 from kernels.block_selection.naive import SELECTION_SCORES, bound_inputs
 from kernels.common import (
-    LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, document_of, host_bounds, longest_document,
+    LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds, longest_document,
+    positions_in_documents,
 )
 from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_bounds
@@ -367,21 +368,15 @@ def forced_picks(seq: int, q_start: int, cu_seqlens: torch.Tensor | None, select
     if cu_seqlens is None:
         return _forced_picks_from_start(seq, q_start, selection_block, num_selected, device)
     key = ("forced_picks", seq, q_start, selection_block, num_selected, device)
-
-    def build():
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        positions = torch.arange(q_start, q_start + seq, device=device)
-        return _picks_of_every_block(positions - cu[document_of(positions, cu)], selection_block, num_selected)
-
-    return document_layout(cu_seqlens, key, build)
+    return document_layout(cu_seqlens, key, lambda: _picks_of_every_block(
+        positions_in_documents(q_start, seq, cu_seqlens, device), selection_block, num_selected))
 
 
 @functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
 def _forced_picks_from_start(seq: int, q_start: int, selection_block: int, num_selected: int,
                              device: torch.device) -> torch.Tensor:
     """forced_picks of one document from position 0, cached per shape."""
-    positions = torch.arange(q_start, q_start + seq, device=device)
-    return _picks_of_every_block(positions, selection_block, num_selected)
+    return _picks_of_every_block(positions_in_documents(q_start, seq, None, device), selection_block, num_selected)
 
 
 def _picks_of_every_block(in_document: torch.Tensor, selection_block: int, num_selected: int) -> torch.Tensor:

@@ -7,10 +7,11 @@
 
 with G = HQ / HK, nb = 3 for NSA with separate K/V (cmp, slc, win), 1 for shared K/V and for dense
 attention (which has no gate logits). Everything else is Megatron's: sequence parallelism, qk-layernorm
-(on the Dk query channels and every branch's keys), RoPE through its `apply_rotary_pos_emb`, the output
-projection, checkpointing. The gate logits ride as un-rotated trailing channels of each query head
-(Megatron's RoPE rotates only the first `freqs.shape[-1]` channels), so they reach the core attention
-with the query they belong to and need no extra path through Megatron's forward.
+(on the Dk query channels and every branch's keys), the output projection, checkpointing. RoPE is `Rotary`:
+the arithmetic of Megatron's unfused `apply_rotary_pos_emb`, bitwise, with a backward of its own. The gate
+logits ride as un-rotated trailing channels of each query head (RoPE rotates only the first Dk channels), so
+they reach the core attention with the query they belong to and need no extra path through Megatron's
+forward.
 
 The core attention is `NSACoreAttention` (NSA over the context-parallel group; one rank is the same code
 with a group of one) or `DenseCoreAttention` (the baseline). phi, the compression MLP, and the optional gate
@@ -24,7 +25,6 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import Attention, SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -62,7 +62,7 @@ def rotary_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.
 def rotary_freqs(seq_len: int, cp_size: int, cp_rank: int, head_dim: int, base: float,
                  device: torch.device) -> torch.Tensor:
     """RoPE angles of this CP rank's zigzag shard of a seq_len sequence: [T_local, 1, 1, head_dim] fp32,
-    the layout Megatron's apply_rotary_pos_emb takes. Cached per (length, layout, base), so the layers of
+    the layout Rotary broadcasts over [s, b, h, d]. Cached per (length, layout, base), so the layers of
     a step share one tensor."""
     positions = rotary_positions(seq_len, cp_size, cp_rank, device)
     return rotary_angles(positions, head_dim, base)[:, None, None, :]
@@ -107,6 +107,42 @@ def rotary_positions(seq_len: int, cp_size: int, cp_rank: int, device: torch.dev
     if cp_size == 1:
         return torch.arange(seq_len, device=device)
     return zigzag_positions(seq_len, cp_rank, cp_size).to(device)
+
+
+class Rotary(torch.autograd.Function):
+    """RoPE on x's first R channels, the rest passed through: Rotary.apply(x [..., D], cos, sin [..., R] in x's
+    dtype) computes what Megatron's unfused apply_rotary_pos_emb does (rotate-half; bitwise the same output and
+    gradient). Its backward is the rotation by minus the angles and one concatenation, where autograd through
+    Megatron's slices makes a zero-filled tensor of x's size for each slice and adds them up: two of them for
+    NSA's query, whose gate logits ride beside its channels, and for the doubled keys of compression_rope
+    "blocks" (kernels-notes, session 42)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    rotated = x[..., : cos.shape[-1]]
+    first, second = rotated.chunk(2, dim=-1)
+    half_turn = torch.cat((-second, first), dim=-1)
+    rotated = rotated * cos - half_turn * sin if inverse else rotated * cos + half_turn * sin
+    return torch.cat((rotated, x[..., cos.shape[-1]:]), dim=-1) if cos.shape[-1] < x.shape[-1] else rotated
+
+
+def rotary_cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE angles in `dtype`, as Megatron rounds them, computed once per angles tensor and
+    dtype (the angles are cached per step: every layer asks for the same)."""
+    cached = angles.__dict__.setdefault("_cos_sin", {})
+    if dtype not in cached:
+        cached[dtype] = (angles.cos().to(dtype), angles.sin().to(dtype))
+    return cached[dtype]
 
 
 class Compression(nn.Module):
@@ -264,7 +300,7 @@ class ParallelSelfAttention(SelfAttention):
                              "TP splits whole GQA groups; lower parallel.tensor or raise num_kv_heads")
         self.model = model
         self.rotary_base = model.rotary_base  # a curriculum stage may change it: set_rotary_base
-        self.token_freqs = None  # per-token RoPE angles of packed documents, set during forward
+        self.token_freqs = None  # RoPE angles of this forward's tokens, [S, 1, 1, Dk], set during forward
         self.gate_width = len(BRANCHES) if model.attention == "nsa" else 0
         # nsa.compression_rope "blocks": the core attention also gets the keys before RoPE (NSACoreAttention)
         self.raw_keys = model.attention == "nsa" and nsa.compression_rope == "blocks"
@@ -320,26 +356,27 @@ class ParallelSelfAttention(SelfAttention):
             key = self.k_layernorm(key)
         if self.raw_keys:  # RoPE rotates the first Dk channels only, so the copy reaches the core as it is
             key = torch.cat([key, key], dim=-1)
-        if self.token_freqs is not None:  # packed documents (forward)
-            query = apply_rotary_pos_emb(query, self.token_freqs, self.config)
-            key = apply_rotary_pos_emb(key, self.token_freqs, self.config)
+        if self.token_freqs is not None:  # None outside forward (Megatron's own calls of this method)
+            cos, sin = rotary_cos_sin(self.token_freqs, query.dtype)
+            query, key = Rotary.apply(query, cos, sin), Rotary.apply(key, cos, sin)
         return query, key, value
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        """Megatron's forward, given the RoPE angles of this rank's tokens (GPTModel is built without a
-        position embedding, so the rotary argument arrives empty)."""
+        """Megatron's forward, with RoPE at this rank's tokens' positions applied by
+        get_query_key_value_tensors (Rotary), so Megatron is given no rotary argument (GPTModel is built
+        without a position embedding, so it arrives empty)."""
         cp = self.pg_collection.cp
         seq = hidden_states.shape[0] * (self.pg_collection.tp.size() if self.config.sequence_parallel else 1)
         if kwargs.get("packed_seq_params") is None:
-            kwargs["rotary_pos_emb"] = rotary_freqs(seq * cp.size(), cp.size(), cp.rank(), self.model.head_dim_k,
-                                                    self.rotary_base, hidden_states.device)
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        # Packed documents: RoPE restarts at each document's start. get_query_key_value_tensors applies it
-        # with one angle row per token; Megatron's own packed-sequence RoPE would read the boundaries back
-        # from the GPU and loop over the documents, in every layer.
-        cu_seqlens = _cu_seqlens(kwargs["packed_seq_params"])
-        self.token_freqs = document_rotary_freqs(cu_seqlens, seq * cp.size(), cp.size(), cp.rank(),
-                                                 self.model.head_dim_k, self.rotary_base, hidden_states.device)
+            self.token_freqs = rotary_freqs(seq * cp.size(), cp.size(), cp.rank(), self.model.head_dim_k,
+                                            self.rotary_base, hidden_states.device)
+        else:
+            # Packed documents: RoPE restarts at each document's start, one angle row per token; Megatron's own
+            # packed-sequence RoPE would read the boundaries back from the GPU and loop over the documents, in
+            # every layer.
+            cu_seqlens = _cu_seqlens(kwargs["packed_seq_params"])
+            self.token_freqs = document_rotary_freqs(cu_seqlens, seq * cp.size(), cp.size(), cp.rank(),
+                                                     self.model.head_dim_k, self.rotary_base, hidden_states.device)
         kwargs["rotary_pos_emb"] = None
         try:
             return super().forward(hidden_states, attention_mask, **kwargs)

@@ -259,3 +259,26 @@ def test_rotary_angles_follow_the_zigzag_shard():
         shard = rotary_freqs(64, 2, rank, 8, 1e4, torch.device("cpu"))
         torch.testing.assert_close(shard, split_zigzag(full.transpose(0, 1), rank, 2).transpose(0, 1))
     assert math.isclose(float(full[5, 0, 0, 0]), 5.0)
+
+
+@pytest.mark.parametrize("width", [64, 67, 128], ids=["rotated-whole", "query-and-gate-logits", "doubled-keys"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_megatrons_rope_bitwise(width, dtype):
+    """Rotary (RoPE with a backward of its own) gives the output and the gradient that autograd through
+    Megatron's unfused apply_rotary_pos_emb gives, bit for bit: on a head as wide as the rotated channels, on
+    NSA's query with its 3 gate logits beside them, on the doubled keys of compression_rope "blocks"."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from nsa_dist.attention import Rotary, rotary_cos_sin
+
+    torch.manual_seed(0)
+    angles = rotary_freqs(48, 1, 0, 64, 1e4, torch.device("cpu"))  # [48, 1, 1, 64]
+    x = torch.randn(48, 2, 3, width, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(48, 2, 3, width, dtype=dtype)
+    want = _apply_rotary_pos_emb_bshd(x, angles)
+    (want_grad,) = torch.autograd.grad(want, x, upstream)
+    got = Rotary.apply(x, *rotary_cos_sin(angles, dtype))
+    (got_grad,) = torch.autograd.grad(got, x, upstream)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    assert not torch.equal(got[..., :64], x[..., :64]) and torch.equal(got[..., 64:], x[..., 64:])
+    assert rotary_cos_sin(angles, dtype)[0] is rotary_cos_sin(angles, dtype)[0]  # computed once per dtype

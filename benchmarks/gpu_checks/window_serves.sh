@@ -7,8 +7,10 @@
 # stops if they fail. Then tools/bench_train.py on the proof model at 16 x 2K of 256-token passkey samples
 # (recompute off, as in the proof), 12 steps a line, medians of steps 2-12: dense, NSA, NSA with the selected
 # kernels on every row (nsa-every-row: what ran before), then the two NSA lines again in the other order (two
-# runs of one setting have differed by 10% before: kernels-notes, session 21). Last, the device profile of
-# both NSA lines, steps 2-3: where the GPU time a step went.
+# runs of one setting have differed by 10% before: kernels-notes, session 21). Then the device profile of
+# both NSA lines, steps 2-3: where the GPU time a step went (top-n's and RoPE's share against
+# profile_2k_*-b489880.*). Last, if time is left, top-n's tests on the GPU (session 42 leaves out the tiles
+# whose queries have no choice).
 set -u
 tag=${COMMIT:-unknown}
 source benchmarks/proof/setup.sh
@@ -29,3 +31,5 @@ timeout 120 python3 tools/bench_train.py --config configs/proof_100m.yaml --seq-
   --out $OUT/window_serves_profile-$tag.json > $OUT/window_serves_profile-$tag.log 2>&1
 echo "$(date +%T) profile rc=$?"
 grep -A 14 "steps 2-3 by self time" $OUT/window_serves_profile-$tag.log | cut -c1-60,150-230
+kernel_tests topn-$tag tests/kernels/test_triton_block_selection.py \
+  -k "need_no_kernel or packed_documents or matches_reference or documents_and_offsets"

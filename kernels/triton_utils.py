@@ -45,14 +45,16 @@ def tma_unfit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, whole_groups: b
 
 def _tma_allocator() -> None:
     """Gives Triton the allocator its kernels need for tensor descriptors made on the device
-    (tl.make_tensor_descriptor: 128 bytes of global scratch a program), once a process."""
-    global _TMA_ALLOCATOR_SET
-    if not _TMA_ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _TMA_ALLOCATOR_SET = True
+    (tl.make_tensor_descriptor: 128 bytes of global scratch a program). Triton keeps it in a context
+    variable, which a thread does not inherit: autograd runs CUDA backwards on a thread of its own, where
+    an allocator set once in the main thread is missing (the first GPU run failed there). So it is set on
+    every call, in the thread that launches; a context variable's set is a few hundred nanoseconds."""
+    triton.set_allocator(_device_scratch)
 
 
-_TMA_ALLOCATOR_SET = False
+def _device_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for a launch (alignment: torch's caching allocator hands out 512-byte aligned blocks)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def programs_wanted(device: torch.device) -> int:

@@ -6,7 +6,9 @@ over the group's n selected blocks, so each selected KV block is read once per g
 loop stops after the row's last valid slot: a query near its document's start has fewer than n blocks. A
 block is taken whole per loop step, or in BLOCK_K-key parts (a LAUNCH override; see _key_tiled). For
 groups under 16 heads, a LAUNCH override (TOKENS; see _token_tile) runs them over tiles of consecutive
-tokens instead, which walk the union of their picks once, masking each row by its token's picks.
+tokens instead, which walk the union of their picks once, masking each row by its token's picks. On a
+GPU, groups of at most 4 heads run forward and dQ by key blocks instead (_forward_by_blocks; measured
+faster there), and larger groups copy K/V through TMA descriptors (see BY_BLOCKS_LAUNCH).
 
 dK/dV: deterministic through an inverted index, no atomics. Scattering from the query side would make
 many programs add into the same popular KV block (block 0 and the local blocks are picked by every
@@ -38,6 +40,37 @@ ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # num_warps, num_stages), "reduce" (num_warps, num_stages); empty in use, filled by
 # benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
+
+# What the forward and dQ run on a GPU where LAUNCH does not set the kernel (measured on one H200, HK=4,
+# D=128, bf16, at 16K and 128K; the interpreter keeps the one-token pointer kernels, and the CPU tests reach
+# these paths through LAUNCH):
+# - groups of at most BY_BLOCKS_UP_TO_GROUP heads: by key blocks, with BY_BLOCKS_LAUNCH. At G=4 the forward
+#   ran 1.72-1.80x and dQ 1.35-1.40x the one-token kernels, which pad 4 rows to 16 and read a block's K/V for
+#   every (token, pick); at G=16 by key blocks ran at 0.6x (benchmarks/gpu_checks/sweep-selected-by-blocks-01c47e8.json)
+# - larger groups: the one-token kernels copying K/V through TMA descriptors where the shapes fit:
+#   forward 1.11x, dQ 1.04x at G=16 (benchmarks/gpu_checks/sweep-selected-tma-01c47e8.json)
+BY_BLOCKS_UP_TO_GROUP = 4
+BY_BLOCKS_LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
+                    "dq": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 2}}
+
+
+def _by_blocks_launch(kernel: str, q: torch.Tensor, k: torch.Tensor, want_slot_lse: bool = False) -> dict | None:
+    """The launch parameters of `kernel` ("fwd" or "dq") by key blocks, or None for the one-token kernels:
+    LAUNCH[kernel] with BY_BLOCKS where LAUNCH sets the kernel, else the GPU default above (not when the
+    forward is asked for slot_lse, which only the one-token forward writes)."""
+    if kernel in LAUNCH:
+        launch = dict(LAUNCH[kernel])
+        return launch if launch.pop("BY_BLOCKS", False) else None
+    if q.is_cuda and q.shape[2] // k.shape[2] <= BY_BLOCKS_UP_TO_GROUP and not want_slot_lse:
+        return dict(BY_BLOCKS_LAUNCH[kernel])
+    return None
+
+
+def _tma_by_default(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """{"TMA": True} for the one-token `kernel`'s defaults on a GPU whose TMA unit the shapes fit, where
+    LAUNCH does not set the kernel (an override names TMA itself); else {}."""
+    fits = kernel not in LAUNCH and q.is_cuda and tma_unfit(q, k, v, whole_groups=False) is None
+    return {"TMA": True} if fits else {}
 
 
 @triton.jit
@@ -709,9 +742,9 @@ def _token_tile(params: dict, group: int) -> tuple[int, int]:
 
 
 def _tma_loads(params: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> bool:
-    """TMA (a LAUNCH override, popped from params; default off until timed on a GPU): whether the one-token
-    forward and dQ kernels copy their K/V parts through TMA descriptors (range_attention.kv_sources). Asked
-    for explicitly, so inputs it cannot serve are an error, not a quiet fallback."""
+    """TMA (popped from params: a LAUNCH override, or a GPU default where the shapes fit, _tma_by_default):
+    whether the one-token forward and dQ kernels copy their K/V parts through TMA descriptors
+    (range_attention.kv_sources). An override that inputs cannot serve is an error, not a quiet fallback."""
     if not params.pop("TMA", False):
         return False
     unfit = f"the one-token kernels (leave TOKENS out, or 1; got {tokens})" if tokens > 1 else \
@@ -765,7 +798,7 @@ def _key_block_chunks(block_idx, block_base, num_blocks, part_width, chunk):
 
 
 def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, consts, launch):
-    """The forward by key blocks (LAUNCH["fwd"]["BY_BLOCKS"]; off by default, not yet timed on a GPU): per
+    """The forward by key blocks (LAUNCH["fwd"]["BY_BLOCKS"], or on a GPU the default for groups of at most BY_BLOCKS_UP_TO_GROUP heads): per
     chunk of tokens, the inverted index of their picks (as the dK/dV backward builds it), then one program a
     segment of a key block's list loads the block's K and V once and runs its tokens' rows against them
     (_selected_fwd_blocks), writing each (slot, head) a partial softmax; a second kernel merges each
@@ -798,7 +831,7 @@ def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, const
 
 
 def _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale, consts, launch):
-    """dQ by key blocks (LAUNCH["dq"]["BY_BLOCKS"]; off by default, not yet timed on a GPU), as the forward
+    """dQ by key blocks (LAUNCH["dq"]["BY_BLOCKS"], or on a GPU the default as the forward's), as the forward
     by key blocks: each (slot, head) row's share dS K from its block (_selected_bwd_dq_blocks), then each
     token's shares summed (_selected_bwd_dq_merge). Partials fp32 [slots, G, Dk]."""
     params, chunk = _launch_by_blocks(launch, "dq")
@@ -825,7 +858,7 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
     """The forward a program a token (or TOKENS tokens), as used: _selected_fwd or _selected_fwd_tokens."""
     batch, seq = q.shape[:2]
     doc_start, block_base, block_start, block_end = layout
-    defaults = _forward_launch(q, v)
+    defaults = {**_forward_launch(q, v), **_tma_by_default("fwd", q, k, v)}
     if want_slot_lse:
         # the slot sums' registers: at G = 16, D = 128, 2 warps, whole 64-key blocks spill 16 bytes (255
         # registers, an sm_90a compile by benchmarks/selected-occupancy-offline.py); 32-key parts take
@@ -855,7 +888,8 @@ def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selecti
     batch, seq = q.shape[:2]
     doc_start, block_base, block_start, block_end = layout
     num_kv_heads = k.shape[2]
-    launch = _key_tiled(launch_params(LAUNCH, "dq", **_dq_launch(q, v)), consts["BLOCK_S"])
+    defaults = {**_dq_launch(q, v), **_tma_by_default("dq", q, k, v)}
+    launch = _key_tiled(launch_params(LAUNCH, "dq", **defaults), consts["BLOCK_S"])
     tokens, heads = _token_tile(launch, consts["G"])
     tma = _tma_loads(launch, q, k, v, tokens)
     if tokens == 1:
@@ -887,8 +921,8 @@ class SelectedAttention(torch.autograd.Function):
         slot_shape = (batch, seq, num_q_heads, block_idx.shape[-1]) if want_slot_lse else (0,)
         slot_lse = torch.full(slot_shape, float("-inf"), dtype=torch.float32, device=q.device)
         sizes = (seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E)
-        by_blocks = dict(LAUNCH.get("fwd", {}))
-        if by_blocks.pop("BY_BLOCKS", False):
+        by_blocks = _by_blocks_launch("fwd", q, k, want_slot_lse)
+        if by_blocks is not None:
             if want_slot_lse:
                 raise ValueError("selected_attention_triton: slot_lse is written by the one-token forward only; "
                                  "LAUNCH['fwd'] sets BY_BLOCKS: leave it out when asking for slot_lse")
@@ -914,8 +948,8 @@ class SelectedAttention(torch.autograd.Function):
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 
         dq = poisoned(q.shape, q.dtype, q.device)
-        by_blocks = dict(LAUNCH.get("dq", {}))
-        if by_blocks.pop("BY_BLOCKS", False):
+        by_blocks = _by_blocks_launch("dq", q, k)
+        if by_blocks is not None:
             _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale, consts, by_blocks)
         else:
             _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selection_block, q_start, scale, consts)

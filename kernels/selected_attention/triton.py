@@ -54,14 +54,14 @@ BY_BLOCKS_LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
                     "dq": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 2}}
 
 
-def _by_blocks_launch(kernel: str, q: torch.Tensor, k: torch.Tensor, want_slot_lse: bool = False) -> dict | None:
+def _by_blocks_launch(kernel: str, group: int, on_gpu: bool, want_slot_lse: bool = False) -> dict | None:
     """The launch parameters of `kernel` ("fwd" or "dq") by key blocks, or None for the one-token kernels:
     LAUNCH[kernel] with BY_BLOCKS where LAUNCH sets the kernel, else the GPU default above (not when the
     forward is asked for slot_lse, which only the one-token forward writes)."""
     if kernel in LAUNCH:
         launch = dict(LAUNCH[kernel])
         return launch if launch.pop("BY_BLOCKS", False) else None
-    if q.is_cuda and q.shape[2] // k.shape[2] <= BY_BLOCKS_UP_TO_GROUP and not want_slot_lse:
+    if on_gpu and group <= BY_BLOCKS_UP_TO_GROUP and not want_slot_lse:
         return dict(BY_BLOCKS_LAUNCH[kernel])
     return None
 
@@ -921,7 +921,7 @@ class SelectedAttention(torch.autograd.Function):
         slot_shape = (batch, seq, num_q_heads, block_idx.shape[-1]) if want_slot_lse else (0,)
         slot_lse = torch.full(slot_shape, float("-inf"), dtype=torch.float32, device=q.device)
         sizes = (seq, k.shape[1], num_q_heads, k.shape[2], block_idx.shape[-1], q_start, scale * LOG2E)
-        by_blocks = _by_blocks_launch("fwd", q, k, want_slot_lse)
+        by_blocks = _by_blocks_launch("fwd", consts["G"], q.is_cuda, want_slot_lse)
         if by_blocks is not None:
             if want_slot_lse:
                 raise ValueError("selected_attention_triton: slot_lse is written by the one-token forward only; "
@@ -948,7 +948,7 @@ class SelectedAttention(torch.autograd.Function):
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 
         dq = poisoned(q.shape, q.dtype, q.device)
-        by_blocks = _by_blocks_launch("dq", q, k)
+        by_blocks = _by_blocks_launch("dq", consts["G"], q.is_cuda)
         if by_blocks is not None:
             _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale, consts, by_blocks)
         else:

@@ -179,6 +179,27 @@ def test_by_key_blocks_take_their_own_launch_parameters(monkeypatch):
                                   selection_block=SEL, slot_lse=True)
 
 
+def test_gpu_defaults_choose_by_group_and_yield_to_launch(monkeypatch):
+    """Where LAUNCH is silent, a GPU runs groups of at most 4 heads by key blocks (measured faster at G=4,
+    slower at G=16) and larger groups on the one-token kernels; the interpreter always on the one-token
+    kernels; a forward asked for slot_lse on the one-token kernels; a LAUNCH entry decides alone."""
+    by_blocks = selected._by_blocks_launch
+    for group in (1, 2, 4):
+        assert by_blocks("fwd", group, on_gpu=True) == selected.BY_BLOCKS_LAUNCH["fwd"]
+        assert by_blocks("dq", group, on_gpu=True) == selected.BY_BLOCKS_LAUNCH["dq"]
+    for group, on_gpu, slot_lse in ((8, True, False), (16, True, False), (4, False, False), (4, True, True)):
+        assert by_blocks("fwd", group, on_gpu, slot_lse) is None
+    launch = by_blocks("dq", 4, on_gpu=True)
+    launch["BLOCK_M"] = 999
+    assert selected.BY_BLOCKS_LAUNCH["dq"]["BLOCK_M"] != 999, "the default was handed out, not a copy"
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"num_warps": 4})
+    assert by_blocks("fwd", 4, on_gpu=True) is None
+    monkeypatch.setitem(selected.LAUNCH, "dq", {"BY_BLOCKS": True, "BLOCK_M": 16})
+    assert by_blocks("dq", 16, on_gpu=False) == {"BLOCK_M": 16}
+    q, k, v = (torch.zeros(1, 4, heads, 64) for heads in (4, 1, 1))
+    assert selected._tma_by_default("dq", q, k, v) == {}, "TMA by default off the GPU"
+
+
 def tma_on(monkeypatch, **params):
     for kernel in ("fwd", "dq"):
         monkeypatch.setitem(selected.LAUNCH, kernel, {"TMA": True, **params})

@@ -129,11 +129,27 @@ class Rotary(torch.autograd.Function):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    rotated = x[..., : cos.shape[-1]]
-    first, second = rotated.chunk(2, dim=-1)
-    half_turn = torch.cat((-second, first), dim=-1)
-    rotated = rotated * cos - half_turn * sin if inverse else rotated * cos + half_turn * sin
-    return torch.cat((rotated, x[..., cos.shape[-1]:]), dim=-1) if cos.shape[-1] < x.shape[-1] else rotated
+    """x's first R = cos.shape[-1] channels rotated (inverse: the transposed rotation, RoPE's backward), the
+    rest copied, each half written into one new tensor. Megatron computes x * cos + cat(-b, a) * sin over the
+    halves a, b; per half that is a * cos_a - b * sin_a and b * cos_b + a * sin_b, the same roundings (a
+    negated product is exact, and adding it is subtracting), so the same bits, without the two
+    concatenations (the half turn, then the rotated channels beside the rest) that were most of RoPE's
+    memory traffic. The transposed rotation: a * cos_a + b * sin_b and b * cos_b - a * sin_a."""
+    half, r = cos.shape[-1] // 2, cos.shape[-1]
+    a, b = x[..., :half], x[..., half:r]
+    cos_a, cos_b, sin_a, sin_b = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    out = x.new_empty(x.shape)
+    out_a, out_b = out[..., :half], out[..., half:r]
+    torch.mul(a, cos_a, out=out_a)
+    torch.mul(b, cos_b, out=out_b)
+    if inverse:
+        out_a.add_(b * sin_b)
+        out_b.sub_(a * sin_a)
+    else:
+        out_a.sub_(b * sin_a)
+        out_b.add_(a * sin_b)
+    out[..., r:] = x[..., r:]
+    return out
 
 
 def rotary_cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

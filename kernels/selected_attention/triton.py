@@ -119,23 +119,26 @@ def _selected_fwd(
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
     pos = q_start + t
-    first_key = tl.load(doc_start + t).to(tl.int64)
     heads = tl.arange(0, BLOCK_G)
     head_ok = heads < G
     flat = (b * T + t) * HQ + hk * G + heads
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     offs = tl.arange(0, BLOCK_K)
-    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
-    k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_K, TMA)
-
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    row = (b * T + t) * HK + hk
+    used = _used_slots(block_idx, row, NSEL, BLOCK_N)
+    if used == 0:  # a row without picks (compose_nsa's window-covered rows) reads nothing more: 0 and -inf
+        store_rows(o, lse, flat, head_ok, dv, DV, m, l_sum, acc)
+        return
+    first_key = tl.load(doc_start + t).to(tl.int64)
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_K, TMA)
     m_before = tl.full([BLOCK_G], float("-inf"), tl.float32)  # SLOT_LSE: the sums before the slot's first part
     l_before = tl.zeros([BLOCK_G], tl.float32)
-    row = (b * T + t) * HK + hk
-    for it in range(_used_slots(block_idx, row, NSEL, BLOCK_N) * (BLOCK_S // BLOCK_K)):
+    for it in range(used * (BLOCK_S // BLOCK_K)):
         j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
         part = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K  # the part's first key's place in its selection block
         in_block = part + offs  # a key's place in its selection block
@@ -170,23 +173,27 @@ def _selected_bwd_dq(
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
     pos = q_start + t
-    first_key = tl.load(doc_start + t).to(tl.int64)
     heads = tl.arange(0, BLOCK_G)
     head_ok = heads < G
     flat = (b * T + t) * HQ + hk * G + heads
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     offs = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
+    row = (b * T + t) * HK + hk
+    used = _used_slots(block_idx, row, NSEL, BLOCK_N)
+    if used == 0:  # a row without picks reads nothing more and writes 0
+        tl.store(dq + flat[:, None] * DK + dk[None, :], acc.to(dq.dtype.element_ty),
+                 mask=head_ok[:, None] & (dk[None, :] < DK))
+        return
+    first_key = tl.load(doc_start + t).to(tl.int64)
     qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
     dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)
     row_lse = tl.load(lse + flat, mask=head_ok, other=0.0)
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     row_delta = tl.load(delta + flat, mask=head_ok, other=0.0)
     k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_K, TMA)
-
-    acc = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
-    row = (b * T + t) * HK + hk
-    for it in range(_used_slots(block_idx, row, NSEL, BLOCK_N) * (BLOCK_S // BLOCK_K)):
+    for it in range(used * (BLOCK_S // BLOCK_K)):
         j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
         part = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K  # the part's first key's place in its selection block
         in_block = part + offs  # a key's place in its selection block

@@ -56,6 +56,29 @@ def test_matches_reference(dtype, group, kv_heads):
                       dtype, block_idx=blocks, selection_block=SEL)
 
 
+@pytest.mark.parametrize("launch", [{}, {"TMA": True}, {"BY_BLOCKS": True}], ids=["one-token", "tma", "by-blocks"])
+def test_rows_without_picks(monkeypatch, launch):
+    """Rows whose every slot is -1 (compose_nsa hands the window-covered rows to the kernels so; the one-token
+    kernels return early for them): output 0, lse -inf and no gradient into their q; the other rows as the
+    reference, forward and backward."""
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, dict(launch))
+    torch.manual_seed(7)
+    blocks = random_blocks(1, T, 2)
+    empty = torch.arange(T, device=DEVICE) % 3 == 1
+    blocks[:, empty, 0] = -1  # every third row of the first KV head's group
+    inputs = leaves(1, T, T, 2, 2, torch.float32)
+    compare_attention(selected_attention_triton, selected_attention_ref, inputs, torch.float32,
+                      block_idx=blocks, selection_block=SEL)
+    q = inputs["q"].detach().requires_grad_()
+    o, lse = selected_attention_triton(q, inputs["k"], inputs["v"], block_idx=blocks, selection_block=SEL)
+    (o.square().sum() + lse[lse.isfinite()].sum()).backward()
+    assert torch.equal(o[:, empty, :2], torch.zeros_like(o[:, empty, :2]))
+    assert (lse[:, empty, :2] == float("-inf")).all() and lse[:, empty, 2:].isfinite().all()
+    assert torch.equal(q.grad[:, empty, :2], torch.zeros_like(q.grad[:, empty, :2]))
+    assert q.grad[:, empty, 2:].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_low_precision_error_is_at_most_twice_the_references(dtype):
     """The proof model's shape: one KV head shared by 16 query heads."""

@@ -805,9 +805,10 @@ def _key_block_chunks(block_idx, block_base, num_blocks, part_width, chunk):
 
 
 def _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, consts, launch):
-    """The forward by key blocks (LAUNCH["fwd"]["BY_BLOCKS"], or on a GPU the default for groups of at most BY_BLOCKS_UP_TO_GROUP heads): per
-    chunk of tokens, the inverted index of their picks (as the dK/dV backward builds it), then one program a
-    segment of a key block's list loads the block's K and V once and runs its tokens' rows against them
+    """The forward by key blocks (LAUNCH["fwd"]["BY_BLOCKS"], or on a GPU the default for groups of at most
+    BY_BLOCKS_UP_TO_GROUP heads): per chunk of tokens, the inverted index of their picks (as the dK/dV
+    backward builds it), then one program a segment of a key block's list loads the block's K and V once
+    and runs its tokens' rows against them
     (_selected_fwd_blocks), writing each (slot, head) a partial softmax; a second kernel merges each
     token's partials (_selected_fwd_merge). Where the one-token forward reads a block's 32 KB of K and V
     (64 keys of 128) for every (token, pick) and pads the group's rows to 16, this reads the block once a

@@ -6,6 +6,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 from kernels.block_selection.alignment import selection_alignment_terms
+from kernels.block_selection.indexer import indexer_loss_terms, indexer_queries
 from kernels.block_selection.naive import RAW_KEY_SCORES, select_blocks_ref
 from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, host_bounds, positions_in_documents
 from kernels.compressed_attention.naive import compressed_attention_ref
@@ -65,6 +66,8 @@ class NSAResult(NamedTuple):
     lse_win: torch.Tensor
     # (summed KL, rows) of the selection alignment loss (kernels.block_selection.alignment), when asked for
     selection_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (summed KL, rows) of the indexer's loss (kernels.block_selection.indexer), when asked for
+    indexer_terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class QuerySpan(NamedTuple):
@@ -150,6 +153,8 @@ def compose_nsa(
     selection_score: str = "sum",
     selection_loss: int = 0,
     shared_kv: bool = False,
+    indexer: torch.Tensor | None = None,
+    indexer_loss: int = 0,
 ) -> NSAResult:
     """NSA's branches and their gated sum for some query rows of a sequence: the one composition that the
     single-rank path (native_sparse_attention) and the sequence-sharded path (nsa_context_parallel) share.
@@ -162,10 +167,14 @@ def compose_nsa(
     cu_seqlens: packed documents (one span from position 0, B = 1), as in native_sparse_attention.
     cmp_rope: RoPE angles [N, R] of the compressed tokens, one row per k_cmp token (nsa.compression_rope
     "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
-    selection_score: how top-n scores a block for a GQA group, "sum" (the paper), "max", "exact" or "bound"
-    (kernels.block_selection.naive.SELECTION_SCORES). "exact" and "bound" read the selection branch's raw
-    keys, so every item of selection_kv is taken before top-n runs (under CP the selection gather no longer
-    overlaps the other branches, and all its slices are held at once).
+    selection_score: how top-n scores a block for a GQA group, "sum" (the paper), "max", "exact", "bound" or
+    "indexer" (kernels.block_selection.naive.LAYER_SCORES). "exact", "bound" and "indexer" read the
+    selection branch's raw keys, so every item of selection_kv is taken before top-n runs (under CP the
+    selection gather no longer overlaps the other branches, and all its slices are held at once).
+    indexer: the learned indexer's weight W [2, H, G, Dk / 2] (kernels.block_selection.indexer): with
+    selection_score "indexer", top-n takes the "exact" score over its H queries a group, not the G heads'.
+    indexer_loss: k > 0 also computes the indexer's loss terms over every k-th of these rows
+    (NSAResult.indexer_terms); it reads the raw keys too, whatever the score. 0: not.
     selection_loss: k > 0 also computes the selection alignment loss's terms over every k-th of these rows
     (NSAResult.selection_terms; kernels.block_selection.alignment), for nsa.selection_loss; 0: not.
     shared_kv: the selected and window branches read the same keys and values (selection_kv and the spans'
@@ -182,8 +191,11 @@ def compose_nsa(
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
+    if (selection_score == "indexer" or indexer_loss) and indexer is None:
+        raise ValueError(f"compose_nsa: selection_score={selection_score!r} with indexer_loss={indexer_loss} needs "
+                         "the indexer's weight (indexer=; nsa.indexer_heads > 0 makes one)")
     selection_keys = None
-    if selection_score in RAW_KEY_SCORES:  # top-n scores the raw keys: every KV-head slice, in head order
+    if selection_score in RAW_KEY_SCORES or indexer_loss:  # the raw keys: every KV-head slice, in head order
         selection_kv = sorted(selection_kv, key=lambda item: item[0].start)
         selection_keys = _cat([k for _, k, _ in selection_kv], 2).detach()
     if cmp_rope is not None:
@@ -211,9 +223,13 @@ def compose_nsa(
         o_cmp.append(ops.gate(o, gate_cmp[:, span_rows]))
         g_cmp.append(gate_cmp[:, span_rows])
         lse_cmp.append(lse)
-        blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
+        score, rows_scored = selection_score, rows.detach()
+        if selection_score == "indexer":  # the exact score over the indexer's queries, in the queries' dtype
+            score = "exact"
+            rows_scored = indexer_queries(rows_scored, indexer.detach(), k_cmp.shape[2]).to(rows.dtype)
+        blocks.append(ops.select(rows_scored, k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
                                  num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens,
-                                 score=selection_score, keys=selection_keys))
+                                 score=score, keys=selection_keys))
         if window > 0:
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
                                 k_start=span.win_start, cu_seqlens=cu_seqlens)
@@ -256,7 +272,13 @@ def compose_nsa(
         o_win, lse_win, g_win = None, torch.full_like(lse_slc, float("-inf")), None
     output = ops.sum(_cat(o_cmp, 1), o_slc, o_win, _cat(g_cmp, 1), g_slc, g_win)
     selection_terms = (sum(t for t, _ in terms), sum(r for _, r in terms)) if terms else None
-    return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win, selection_terms)
+    indexer_terms = None
+    if indexer_loss:
+        parts = [indexer_loss_terms(q[:, s.offset : s.offset + s.length], indexer, selection_keys,
+                                    selection_block=selection_block, scale=scale, q_start=s.start,
+                                    cu_seqlens=cu_seqlens, row_stride=indexer_loss) for s in spans]
+        indexer_terms = (sum(t for t, _ in parts), sum(r for _, r in parts))
+    return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win, selection_terms, indexer_terms)
 
 
 def native_sparse_attention(
@@ -279,6 +301,8 @@ def native_sparse_attention(
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
     selection_loss: int = 0,
+    indexer: torch.Tensor | None = None,
+    indexer_loss: int = 0,
 ) -> NSAResult:
     """Native Sparse Attention over one full causal sequence.
 
@@ -291,8 +315,8 @@ def native_sparse_attention(
     impl: "reference" or "triton" (branch_ops). cu_seqlens: optional int32 [num_docs + 1] boundaries of
     packed documents (B = 1): phi runs on each document on its own, and no branch attends across them.
     cmp_rope: optional RoPE angles [N, R] of the compressed tokens (compose_nsa); then kv_cmp's keys are
-    the keys before RoPE. selection_score: "sum", "max", "exact" or "bound" (compose_nsa). selection_loss:
-    compose_nsa's.
+    the keys before RoPE. selection_score: "sum", "max", "exact", "bound" or "indexer" (compose_nsa).
+    selection_loss, indexer, indexer_loss: compose_nsa's.
     """
     k_cmp = compress_documents(compress_k, kv_cmp[0], cu_seqlens, block_size, stride)
     v_cmp = compress_documents(compress_v, kv_cmp[1], cu_seqlens, block_size, stride)
@@ -302,7 +326,7 @@ def native_sparse_attention(
                        stride=stride, selection_block=selection_block, num_selected=num_selected, window=window,
                        scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope,
                        selection_score=selection_score, selection_loss=selection_loss,
-                       shared_kv=same_pair(kv_slc, kv_win))
+                       shared_kv=same_pair(kv_slc, kv_win), indexer=indexer, indexer_loss=indexer_loss)
 
 
 def same_pair(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:

@@ -14,9 +14,10 @@ they reach the core attention with the query they belong to and need no extra pa
 forward.
 
 The core attention is `NSACoreAttention` (NSA over the context-parallel group; one rank is the same code
-with a group of one) or `DenseCoreAttention` (the baseline). phi, the compression MLP, and the optional gate
-bias (`nsa.gate_bias`) are shared by all heads and so replicated over TP; their gradients are summed over
-the TP group once per step (`sum_replicated_grads`, called where Megatron finalizes gradients).
+with a group of one) or `DenseCoreAttention` (the baseline). phi, the compression MLP, the optional gate
+bias (`nsa.gate_bias`) and the optional learned indexer (`nsa.indexer_heads`) are shared by all heads and
+so replicated over TP; their gradients are summed over the TP group once per step (`sum_replicated_grads`,
+called where Megatron finalizes gradients).
 """
 
 import functools
@@ -35,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from kernels.block_selection.indexer import indexer_init
 from kernels.common import document_layout, document_of
 from kernels.compression import mean_compress, mlp_compress
 from kernels.compression.naive import document_block_starts, num_compressed_blocks
@@ -47,6 +49,8 @@ BRANCHES = ("cmp", "slc", "win")
 # the selection alignment loss of every NSA layer's forward on this process since the trainer last took
 # them (nsa.selection_loss; detached means, one a layer and micro-batch): the trainer logs their mean
 SELECTION_LOSSES: list[torch.Tensor] = []
+# the same for the learned indexer's loss (nsa.indexer_heads; MLflow: indexer_loss)
+INDEXER_LOSSES: list[torch.Tensor] = []
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -211,6 +215,7 @@ class NSACoreAttention(MegatronModule):
         super().__init__(config=config)
         self.model, self.nsa = model, nsa
         self.cp_group = pg_collection.cp
+        self.tp_size = pg_collection.tp.size()
         self.comm_stats = None  # CommStats the CP collectives report to (set_comm_stats)
         self.gather_group = None  # a twin of the CP group for the selection gather (set_gather_group)
         self.softmax_scale = softmax_scale
@@ -222,6 +227,12 @@ class NSACoreAttention(MegatronModule):
         self.num_selected = nsa.num_selected  # a curriculum stage may change it: set_num_selected
         self.selection_loss = nsa.selection_loss  # the alignment loss's weight; a stage may change it too
         self.selection_score = nsa.selection_score  # top-n's block score; per stage too: set_selection_score
+        # the learned indexer's weight W [2, H, G, Dk / 2] (kernels/block_selection/indexer.py), one for all KV
+        # heads; trained by its own loss only
+        self.indexer = None
+        if nsa.indexer_heads:
+            group = model.num_query_heads // model.num_kv_heads
+            self.indexer = nn.Parameter(indexer_init(nsa.indexer_heads, group, model.head_dim_k))
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -248,20 +259,22 @@ class NSACoreAttention(MegatronModule):
         sizes = dict(block_size=n.compress_block, stride=n.stride, selection_block=n.selection_block,
                      num_selected=self.num_selected, window=n.window, selection_score=self.selection_score,
                      scale=self.softmax_scale, impl=resolve_impl(n.impl, q.device))
-        aligned = self.selection_loss > 0 and self.training and torch.is_grad_enabled()
+        learning = self.training and torch.is_grad_enabled()
+        aligned = self.selection_loss > 0 and learning
+        indexed = self.indexer is not None and n.indexer_loss > 0 and learning
         result = nsa_context_parallel(q, *per_branch, gates, self.compress_k, self.compress_v, group=self.cp_group,
                                       gather_group=self.gather_group, stats=self.comm_stats, cu_seqlens=cu_seqlens,
                                       cmp_rope=cmp_rope, selection_loss=n.selection_loss_stride if aligned else 0,
+                                      indexer=self.indexer, indexer_loss=n.indexer_loss_stride if indexed else 0,
                                       **sizes)
         out = result.output
+        # each TP rank's loss is a mean over its own KV heads' rows, and their gradients add up over TP (the
+        # replicated weights' in sum_replicated_grads): 1 / TP of each makes them the mean over every head's
+        tokens = q.shape[0] * q.shape[1] / self.tp_size
         if aligned:  # nsa.selection_loss: weight x mean KL per token of this rank's rows
-            total, rows = result.selection_terms
-            mean = total / rows.clamp_min(1)
-            SELECTION_LOSSES.append(mean.detach())
-            # the loss joins the model's in the backward (Megatron's device for MoE auxiliary losses; its scale
-            # is 1 without MoE and fp16). Megatron divides every gradient by the global token count
-            # (calculate_per_token_loss), so the loss is counted once per token here
-            out = MoEAuxLossAutoScaler.apply(out, self.selection_loss * mean * (q.shape[0] * q.shape[1]))
+            out = _add_loss(out, result.selection_terms, self.selection_loss, tokens, SELECTION_LOSSES)
+        if indexed:  # the indexer's: its gradient reaches the indexer's weight only
+            out = _add_loss(out, result.indexer_terms, n.indexer_loss, tokens, INDEXER_LOSSES)
         return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
     def _block_rotary_freqs(self, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device):
@@ -270,6 +283,18 @@ class NSACoreAttention(MegatronModule):
         if cu_seqlens is None:
             return block_rotary_freqs(seq_len, *sizes)
         return document_block_rotary_freqs(cu_seqlens, *sizes)
+
+
+def _add_loss(out: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor], weight: float, tokens: int,
+              log: list[torch.Tensor]) -> torch.Tensor:
+    """out, with weight x (mean KL of terms = (sum, rows)) x tokens joining the model's loss in the backward
+    (Megatron's device for MoE auxiliary losses; its scale is 1 without MoE and fp16). Megatron divides every
+    gradient by the global token count (calculate_per_token_loss), so the loss is counted once per token of
+    the rank's rows. The detached mean goes to `log`, which the trainer averages into its metrics."""
+    total, rows = terms
+    mean = total / rows.clamp_min(1)
+    log.append(mean.detach())
+    return MoEAuxLossAutoScaler.apply(out, weight * mean * tokens)
 
 
 class DenseCoreAttention(MegatronModule):

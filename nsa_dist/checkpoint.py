@@ -47,9 +47,11 @@ MARKER = "complete.json"
 FORMAT_VERSION = 1
 # model fields a checkpoint may not change: they set parameter shapes or what the model computes.
 # rotary_base is per stage (RoPE has no weights), init_std only matters before the first step,
-# selection_loss is a training loss (no weights); n and top-n's score are per stage (no weights either).
+# selection_loss and the indexer's loss are training losses (no weights); n and top-n's score are per stage
+# (no weights either). nsa.indexer_heads sets the indexer's weights, so it stays.
 MODEL_FIELDS_FREE_TO_CHANGE = {"model.rotary_base", "model.init_std", "nsa.impl", "nsa.num_selected",
-                               "nsa.selection_loss", "nsa.selection_loss_stride", "nsa.selection_score"}
+                               "nsa.selection_loss", "nsa.selection_loss_stride", "nsa.selection_score",
+                               "nsa.indexer_loss", "nsa.indexer_loss_stride"}
 
 
 class CheckpointError(RuntimeError):

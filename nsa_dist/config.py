@@ -48,8 +48,9 @@ class NSAConfig:
     # the group's summed softmax over blocks of each block's largest possible q.k, from its keys' channel-wise
     # minimum and maximum (not in the paper; after Quest: one key that matches is not averaged away, at the
     # cost of a compressed pass over one 2Dk-wide key per block). Under context parallelism "exact" and
-    # "bound" read the raw keys, so the selection gather finishes before top-n runs
-    selection_score: Literal["sum", "max", "exact", "bound"] = "sum"
+    # "bound" read the raw keys, so the selection gather finishes before top-n runs. "indexer": the "exact"
+    # score over the learned indexer's nsa.indexer_heads queries a group instead of the G heads' (below)
+    selection_score: Literal["sum", "max", "exact", "bound", "indexer"] = "sum"
     window: int = 512  # w: sliding-window length (paper 512)
     kv: Literal["separate", "shared"] = "separate"  # separate K/V per branch (paper) or one shared
     phi: Literal["mlp", "mean"] = "mlp"  # compression: MLP + intra-block position embedding, or mean
@@ -73,6 +74,16 @@ class NSAConfig:
     # the selection alignment loss over every k-th query row of a micro-batch (on each rank) only: it gathers
     # every picked block's keys for each row it scores, so 1 (every row) costs most
     selection_loss_stride: int = 1
+    # the learned indexer (kernels/block_selection/indexer.py; not in the NSA paper, after DeepSeek-V3.2's):
+    # H query heads a GQA group, each a learned per-RoPE-frequency combination of the group's queries, that
+    # rank blocks as the "exact" score does at about H / G of its cost (selection_score "indexer"). H must
+    # divide the group; 0: no indexer (no weights). Its weights are trained in every stage, whatever the
+    # score, by its own loss on detached inputs: KL from the group's exact attention mass over the blocks
+    # top-n ranks to the indexer's, on every indexer_loss_stride-th query row, added as indexer_loss x (mean
+    # KL) per token (MLflow: indexer_loss). It moves no other weight.
+    indexer_heads: int = 0
+    indexer_loss: float = 1.0
+    indexer_loss_stride: int = 64
 
 
 @dataclass
@@ -183,7 +194,7 @@ class StageConfig:
     # how top-n scores blocks (nsa.selection_score) in this stage: a rule, not a weight, so stages may differ
     # (e.g. the paper's "sum" while short lookups are learned, "exact" once they reach past the window);
     # None: nsa.selection_score
-    selection_score: Literal["sum", "max", "exact", "bound"] | None = None
+    selection_score: Literal["sum", "max", "exact", "bound", "indexer"] | None = None
     global_batch_size: int | None = None  # sequences per step; None: training.global_batch_size
     micro_batch_size: int | None = None  # sequences per micro-batch; None: training.micro_batch_size
     # continue: the run-wide schedule (training.warmup_steps, then cosine from training.lr to
@@ -489,6 +500,15 @@ def validate(config: Config) -> None:
     _require(nsa.selection_loss == 0 or nsa.selection_score not in RAW_KEY_SCORES,
              _RAW_KEYS_WITHOUT_LOSS.format(loss="nsa.selection_loss", value=nsa.selection_loss,
                                            score="nsa.selection_score", name=nsa.selection_score))
+    group = m.num_query_heads // m.num_kv_heads
+    _require(nsa.indexer_heads >= 0 and (nsa.indexer_heads == 0 or group % nsa.indexer_heads == 0),
+             f"nsa.indexer_heads={nsa.indexer_heads} must be 0 (no indexer) or divide the {group} query heads a KV "
+             f"head serves (model.num_query_heads / model.num_kv_heads), e.g. {max(1, group // 4)}")
+    _positive(nsa, "nsa", "indexer_loss_stride")
+    _require(math.isfinite(nsa.indexer_loss) and nsa.indexer_loss >= 0,
+             f"nsa.indexer_loss={nsa.indexer_loss} must be a finite weight >= 0")
+    _require(nsa.selection_score != "indexer" or nsa.indexer_heads > 0, _INDEXER_NEEDS_HEADS.format(
+        field="nsa.selection_score"))
     if nsa.impl != "reference":
         _require_score_fits_kernels(config, nsa.selection_score, "nsa.selection_score")
     if nsa.impl != "reference":  # the kernels' limits ("auto" takes the kernels on every GPU)
@@ -606,7 +626,10 @@ def _validate_mix(mix: MixConfig, where: str) -> None:
 
 # the selection scores that read the selection branch's raw keys (kernels.block_selection.naive.RAW_KEY_SCORES;
 # not imported, so that loading a config needs no torch)
-RAW_KEY_SCORES = ("exact", "bound")
+RAW_KEY_SCORES = ("exact", "bound", "indexer")
+_INDEXER_NEEDS_HEADS = ("{field}='indexer' ranks blocks by the learned indexer, and nsa.indexer_heads=0 builds "
+                        "none: set nsa.indexer_heads to a divisor of the group's query heads (e.g. 4), or "
+                        "another score")
 # the selection alignment loss trains the compressed scores, which the raw-key scores do not read
 _RAW_KEYS_WITHOUT_LOSS = ("{loss}={value} with {score}='{name}': the selection alignment loss trains the "
                           "compressed-attention scores that top-n ranks by, and the '{name}' score ranks by the raw "
@@ -616,9 +639,9 @@ _RAW_KEYS_WITHOUT_LOSS = ("{loss}={value} with {score}='{name}': the selection a
 def _require_score_fits_kernels(config: Config, score: str, field: str) -> None:
     """The Triton kernels' limits on a selection score (field names where it was set)."""
     nsa, m = config.nsa, config.model
-    if score == "exact":  # its kernel takes l' keys per dot
+    if score in ("exact", "indexer"):  # its kernel takes l' keys per dot
         ok = nsa.selection_block >= 16 and nsa.selection_block & (nsa.selection_block - 1) == 0
-        _require(ok, f"nsa.selection_block={nsa.selection_block}: the 'exact' selection score ({field}) has a "
+        _require(ok, f"nsa.selection_block={nsa.selection_block}: the '{score}' selection score ({field}) has a "
                      "kernel that takes a power of two >= 16 (e.g. 64); set nsa.selection_block so, or "
                      "nsa.impl=reference")
     if score == "bound":  # its queries and keys are twice as wide
@@ -661,6 +684,7 @@ def _validate_stage(config: Config, raw: StageConfig, stage: Stage, names: list[
     _require(stage.selection_loss == 0 or stage.selection_score not in RAW_KEY_SCORES,
              _RAW_KEYS_WITHOUT_LOSS.format(loss=field_name("selection_loss", "nsa.selection_loss"),
                                            value=stage.selection_loss, score=score, name=stage.selection_score))
+    _require(stage.selection_score != "indexer" or nsa.indexer_heads > 0, _INDEXER_NEEDS_HEADS.format(field=score))
     if nsa.impl != "reference":
         _require_score_fits_kernels(config, stage.selection_score, score)
 

@@ -244,6 +244,8 @@ class MLflowTracker(TrainingHooks):
             values["answer_loss"] = step_log.answer_loss
         if step_log.selection_loss is not None:
             values["selection_loss"] = step_log.selection_loss
+        if step_log.indexer_loss is not None:
+            values["indexer_loss"] = step_log.indexer_loss
         for name, comm in step_log.comm.items():
             values[f"comm/{name}/bytes"] = comm["bytes"]
             values[f"comm/{name}/exposed_s"] = comm["exposed_s"]

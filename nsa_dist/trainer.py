@@ -42,7 +42,7 @@ from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.data import check_data, document_eod, micro_batches, stage_sequences
 from nsa_dist import megatron_fallbacks
 from nsa_dist.megatron_cpu import enable_cpu
-from nsa_dist.attention import (SELECTION_LOSSES, set_comm_stats, set_gather_group, set_num_selected,
+from nsa_dist.attention import (INDEXER_LOSSES, SELECTION_LOSSES, set_comm_stats, set_gather_group, set_num_selected,
                                  set_rotary_base, set_selection_loss, set_selection_score)
 from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
 from nsa_dist.parallel.groups import twin_groups
@@ -66,6 +66,8 @@ class StepLog:
     answer_loss: float | None = None
     # nsa.selection_loss's KL, the mean over this process's NSA layers and micro-batches (None when off)
     selection_loss: float | None = None
+    # the learned indexer's KL (nsa.indexer_heads), the same mean (None without an indexer)
+    indexer_loss: float | None = None
     # per context-parallel collective of this rank's step: {"bytes": sent + received, "exposed_s": seconds
     # the compute waited on it}; empty without context parallelism
     comm: dict = field(default_factory=dict)
@@ -496,8 +498,10 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         lr = optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = optimizer.step()
         loss, answer_loss = global_mean_losses(losses, device, ("loss", "answers"))
-        selection_loss = torch.stack(SELECTION_LOSSES).mean().item() if SELECTION_LOSSES else None
+        selection_loss, indexer_loss = (torch.stack(log).mean().item() if log else None
+                                        for log in (SELECTION_LOSSES, INDEXER_LOSSES))
         SELECTION_LOSSES.clear()
+        INDEXER_LOSSES.clear()
         state.step += 1
         state.stage_step += 1
         state.consumed_sequences += stage.global_batch_size
@@ -506,7 +510,7 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         step_log = StepLog(stage=stage.name, step=state.step, loss=loss, grad_norm=float(grad_norm), lr=lr,
                            tokens_per_s=stage.global_batch_size * stage.seq_len / elapsed, step_time_s=elapsed,
                            memory_gb=peak_memory_gb(device), answer_loss=answer_loss,
-                           selection_loss=selection_loss,
+                           selection_loss=selection_loss, indexer_loss=indexer_loss,
                            comm={name: {"bytes": comm.sent[name] + comm.received[name],
                                         "exposed_s": exposed.get(name, 0.0)} for name in comm.sent})
         history.append(step_log)

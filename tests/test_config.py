@@ -43,11 +43,11 @@ def test_the_proof_runs_dense_twin_differs_only_in_its_attention():
 
 
 def test_config_knows_which_scores_read_the_raw_keys():
-    from kernels.block_selection.naive import RAW_KEY_SCORES, SELECTION_SCORES
+    from kernels.block_selection.naive import LAYER_SCORES, RAW_KEY_SCORES
     from nsa_dist import config
 
     assert config.RAW_KEY_SCORES == RAW_KEY_SCORES
-    assert typing.get_args(config.NSAConfig.__annotations__["selection_score"]) == SELECTION_SCORES
+    assert typing.get_args(config.NSAConfig.__annotations__["selection_score"]) == LAYER_SCORES
 
 
 def test_defaults_are_valid():
@@ -165,6 +165,14 @@ INVALID = [
     (["stages.0.selection_score=exact", "nsa.selection_loss=1"], "nsa.selection_loss=1.0 with stages[0].selection_score",
      "set nsa.selection_loss to 0 or stages[0].selection_score to 'sum'"),
     (["stages.0.selection_score=mean"], "stages[0].selection_score", "'sum', 'max', 'exact', 'bound'"),
+    (["nsa.indexer_heads=3"], "nsa.indexer_heads=3", "divide the 2 query heads a KV head serves"),
+    (["nsa.indexer_heads=-1"], "nsa.indexer_heads=-1", "0 (no indexer)"),
+    (["nsa.indexer_loss=-1"], "nsa.indexer_loss=-1", "finite weight >= 0"),
+    (["nsa.indexer_loss_stride=0"], "nsa.indexer_loss_stride=0", "must be positive"),
+    (["nsa.selection_score=indexer"], "nsa.selection_score='indexer'", "set nsa.indexer_heads"),
+    (["stages.0.selection_score=indexer"], "stages[0].selection_score='indexer'", "set nsa.indexer_heads"),
+    (["nsa.indexer_heads=2", "nsa.selection_score=indexer", "nsa.selection_loss=1"],
+     "nsa.selection_loss=1.0 with nsa.selection_score='indexer'", "set nsa.selection_loss to 0"),
     (["nsa.selection_score=bound", "nsa.selection_loss=1"], "nsa.selection_loss=1.0 with nsa.selection_score='bound'",
      "set nsa.selection_loss to 0 or nsa.selection_score to 'sum'"),
     (["nsa.selection_score=bound", "model.head_dim_k=256", "model.head_dim_v=64", "nsa.impl=triton"],

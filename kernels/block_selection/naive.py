@@ -128,7 +128,10 @@ def select_blocks_ref(
 # q.k (head_block_bounds, after Quest's page scores; not in the paper): a score that no key of the block
 # can beat, from two vectors a block, so one key that matches is not averaged away as in a mean
 SELECTION_SCORES = ("sum", "max", "exact", "bound")
-RAW_KEY_SCORES = ("exact", "bound")  # the scores that read the selection branch's raw keys (keys=)
+# what a layer may rank by (nsa.selection_score): those, and "indexer", the "exact" score over the learned
+# indexer's queries (kernels/block_selection/indexer.py; kernels.nsa.compose_nsa makes them)
+LAYER_SCORES = SELECTION_SCORES + ("indexer",)
+RAW_KEY_SCORES = ("exact", "bound", "indexer")  # the scores that read the selection branch's raw keys (keys=)
 
 
 def group_score(score: str):

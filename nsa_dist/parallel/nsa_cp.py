@@ -169,6 +169,8 @@ def nsa_context_parallel(
     cmp_rope: torch.Tensor | None = None,
     selection_score: str = "sum",
     selection_loss: int = 0,
+    indexer: torch.Tensor | None = None,
+    indexer_loss: int = 0,
 ) -> NSAResult:
     """NSA on this rank's zigzag shard of a sequence sharded over the CP group `group`.
 
@@ -185,16 +187,19 @@ def nsa_context_parallel(
     positions, B = 1), as in native_sparse_attention: no branch attends across documents.
     cmp_rope: optional RoPE angles [N, R] of the whole sequence's compressed tokens (kernels.nsa.compose_nsa;
     kv_cmp's keys are then the keys before RoPE): each rank rotates the gathered tokens.
-    selection_score: how top-n scores a block for a GQA group, "sum", "max", "exact" or "bound"
+    selection_score: how top-n scores a block for a GQA group, "sum", "max", "exact", "bound" or "indexer"
     (compose_nsa).
     selection_loss: k > 0 also gives the selection alignment loss's terms over every k-th of this rank's
     rows (compose_nsa).
+    indexer, indexer_loss: the learned indexer's weight, and k > 0 for its loss's terms over every k-th of
+    this rank's rows (compose_nsa).
     Returns NSAResult for the local tokens (block ids are global, or per document as on one rank).
     """
     cp_size, cp_rank = group_size_rank(group)
     sizes = dict(block_size=block_size, stride=stride, selection_block=selection_block, num_selected=num_selected,
                  window=window, scale=scale, impl=impl, cu_seqlens=cu_seqlens, cmp_rope=cmp_rope,
-                 selection_score=selection_score, selection_loss=selection_loss)
+                 selection_score=selection_score, selection_loss=selection_loss, indexer=indexer,
+                 indexer_loss=indexer_loss)
     if cp_size == 1:
         return native_sparse_attention(q, kv_cmp, kv_slc, kv_win, gates, compress_k, compress_v, **sizes)
     documents = cu_seqlens is not None

@@ -342,3 +342,47 @@ def test_deferred_gather_on_one_rank_passes_the_gradient_through():
     assert torch.equal(gathered, x[:, :, 1:3])
     (gathered * weight).sum().backward()
     assert torch.equal(x.grad[:, :, 1:3], weight) and not x.grad[:, :, 0].any()
+
+
+def _check_indexer(rank, world, case, impl):
+    """selection_score "indexer" with its loss: this rank's picks and outputs are the single-rank ones, its
+    loss terms add up over the ranks to one rank's, and so do the gradients they give the indexer's weight."""
+    from kernels.block_selection.indexer import indexer_init
+
+    leaves, params, _ = make_inputs(case)
+    group = case.num_q_heads // case.num_kv_heads
+    noise = torch.randn(2, 1, group, case.dk // 2, generator=torch.Generator().manual_seed(case.seed))
+    weight = (indexer_init(1, group, case.dk) + 0.3 * noise).requires_grad_()
+    # every 4th row: a stride that divides the zigzag chunks' length scores the same rows on P ranks as on one
+    kwargs = dict(**{**sizes(case), "selection_score": "indexer"}, cu_seqlens=case.cu_seqlens(), indexer=weight,
+                  indexer_loss=4)
+    full = native_sparse_attention(leaves["q"], *branch_kv(case, leaves), leaves["gates"], *phis(case, params),
+                                   **kwargs)
+    want_grad, = torch.autograd.grad(full.indexer_terms[0], weight)
+    local = {k: split_zigzag(v.detach(), rank, world) for k, v in leaves.items()}
+    result = nsa_context_parallel(local["q"], *branch_kv(case, local), local["gates"], *phis(case, params),
+                                  group=dist.group.WORLD, impl=impl, **kwargs)
+    assert torch.equal(result.block_idx, split_zigzag(full.block_idx, rank, world)), "selections differ"
+    torch.testing.assert_close(result.output, split_zigzag(full.output.detach(), rank, world), rtol=2e-5, atol=2e-5)
+    grad, = torch.autograd.grad(result.indexer_terms[0], weight)
+    summed = torch.stack([t.detach().double() for t in result.indexer_terms] + [grad.double().flatten()[0]])
+    both = torch.cat([summed, grad.double().flatten()])
+    dist.all_reduce(both)
+    want = [t.detach().double() for t in full.indexer_terms]
+    assert both[1] == want[1] and both[1] > 0  # rows
+    torch.testing.assert_close(both[0], want[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(both[3:].float().view_as(want_grad), want_grad, rtol=1e-4, atol=1e-7)
+
+
+def _check_indexer_cases(rank, world):
+    _check_indexer(rank, world, Case(256, 8, 2, 16, 8, 16, 5, 20, "shared", "mean", seed=16,
+                                     documents=(0, 37, 100, 109, 256)), "reference")
+    _check_indexer(rank, world, Case(128, 4, 2, 16, 8, 16, 4, 20, "separate", "mean", seed=17,
+                                     documents=(0, 20, 64, 70, 128)), "triton")
+
+
+@pytest.mark.timeout(240)
+def test_indexer_under_cp_matches_single_rank():
+    """The learned indexer under CP, on the reference and the kernels: its queries rank the gathered raw keys
+    of packed documents, and each rank's loss covers its own rows."""
+    run_distributed(_check_indexer_cases, 2)

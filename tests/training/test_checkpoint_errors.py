@@ -64,6 +64,8 @@ BROKEN_RESUMES = {
                                      "and 8 here"),
     "another NSA block": (lambda run: None, ["nsa.compress_block=16", "nsa.selection_block=32"],
                           "nsa.compress_block is 8 there and 16 here"),
+    "an indexer the run did not have": (lambda run: None, ["nsa.indexer_heads=1"],
+                                        "nsa.indexer_heads is 0 there and 1 here"),
     "a stage the config lost": (lambda run: None, ["stages.0.name=renamed"],
                                 "was saved in stage 'stage0', which the config does not have (stages: renamed)"),
     "a stage shortened below its progress": (lambda run: shutil.rmtree(step(run, 2)),

@@ -1,0 +1,159 @@
+"""kernels/block_selection/indexer.py: the learned indexer's queries commute with RoPE, its loss equals a loop
+over rows, blocks and keys written from its definition, only its weight learns from it, and top-n with
+selection_score "indexer" picks as the exact score does over the indexer's queries (reference and kernels)."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.block_selection.indexer import indexer_init, indexer_loss_terms, indexer_queries
+from kernels.compression import mean_compress
+from kernels.nsa import native_sparse_attention, rope_rows
+from triton_cases import DEVICE, require_backend
+
+
+def _weight(heads, group, dim, seed, spread=0.3):
+    """The start plus noise: a weight that mixes heads and channel pairs, as a trained one does."""
+    g = torch.Generator().manual_seed(seed)
+    return (indexer_init(heads, group, dim) + spread * torch.randn(2, heads, group, dim // 2, generator=g)).double()
+
+
+def test_start_is_the_mean_of_each_slice_of_heads():
+    q = torch.randn(2, 5, 8, 6, dtype=torch.float64)  # HQ 8 = HK 2 x G 4
+    assert torch.equal(indexer_queries(q, indexer_init(4, 4, 6).double(), 2), q)  # H = G: the identity
+    pairs = indexer_queries(q, indexer_init(2, 4, 6).double(), 2)
+    want = q.reshape(2, 5, 2, 2, 2, 6).mean(dim=4).reshape(2, 5, 4, 6)
+    torch.testing.assert_close(pairs, want, rtol=0, atol=1e-15)
+
+
+def test_queries_commute_with_rope():
+    """Rotating the queries and then mixing them is mixing them and then rotating: the indexer's scores
+    depend on distances only."""
+    q = torch.randn(1, 11, 6, 8, dtype=torch.float64)  # HK 2, G 3
+    weight = _weight(3, 3, 8, seed=1)
+    angles = torch.rand(11, 8, dtype=torch.float64) * 6
+    angles = torch.cat([angles[:, :4], angles[:, :4]], dim=-1)  # each half's angle repeated (rotate-half)
+    rotated_first = indexer_queries(rope_rows(q, angles), weight, 2)
+    torch.testing.assert_close(rotated_first, rope_rows(indexer_queries(q, weight, 2), angles), rtol=1e-12, atol=1e-12)
+
+
+def _loop(q, q_idx, keys, lp, scale, q_start, docs, row_stride):
+    """One (row, KV head) at a time: KL(target || pred) over blocks 1 .. current - 2 of the row's document,
+    target the group's mean exact mass on each, pred the indexer heads' mean, each renormalised."""
+    _, t, hq, _ = q.shape
+    hk, hi = keys.shape[2], q_idx.shape[2]
+    g, h = hq // hk, hi // hk
+    total, rows = 0.0, 0
+
+    def mass(query, head, first, pos):  # softmax over the document's keys up to pos, summed per block
+        logits = [float(query @ keys[0, key, head]) * scale for key in range(first, pos + 1)]
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        per_block = [0.0] * ((pos - first) // lp + 1)
+        for i, w in enumerate(weights):
+            per_block[i // lp] += w / sum(weights)
+        return per_block
+
+    for r in range(0, t, row_stride):
+        p = q_start + r
+        first = max(start for start, _ in docs if start <= p)
+        current = (p - first) // lp
+        if current < 3:
+            continue
+        for kv in range(hk):
+            target = [sum(x) / g for x in zip(*(mass(q[0, r, kv * g + j], kv, first, p) for j in range(g)))]
+            pred = [sum(x) / h for x in zip(*(mass(q_idx[0, r, kv * h + j], kv, first, p) for j in range(h)))]
+            target, pred = target[1:current - 1], pred[1:current - 1]
+            t_sum, p_sum = sum(target), sum(pred)
+            total += sum(a / t_sum * math.log((a / t_sum) / (b / p_sum)) for a, b in zip(target, pred) if a > 0)
+            rows += 1
+    return total, rows
+
+
+@pytest.mark.parametrize("q_start,docs,row_stride,chunk", [
+    (0, [(0, 70)], 1, 64),
+    (0, [(0, 30), (30, 70)], 3, 2),  # two documents; chunks of two rows, the key window per chunk
+    (20, [(0, 33), (33, 90)], 2, 5),  # rows from position 20 of a longer sequence (a CP chunk)
+])
+def test_loss_matches_a_loop_from_its_definition(q_start, docs, row_stride, chunk):
+    torch.manual_seed(0)
+    t, hk, g, h, d, lp = 70 - (20 if q_start else 0), 2, 4, 2, 8, 8
+    q = torch.randn(1, t, hk * g, d, dtype=torch.float64)
+    keys = torch.randn(1, q_start + t, hk, d, dtype=torch.float64)
+    weight = _weight(h, g, d, seed=2)
+    cu = torch.tensor([0] + [end for _, end in docs], dtype=torch.int32) if len(docs) > 1 or q_start else None
+    total, rows = indexer_loss_terms(q, weight, keys, selection_block=lp, q_start=q_start, cu_seqlens=cu,
+                                     row_stride=row_stride, chunk_size=chunk)
+    want_total, want_rows = _loop(q, indexer_queries(q, weight, hk), keys, lp, d**-0.5, q_start, docs, row_stride)
+    assert want_rows > 0 and rows.item() == want_rows
+    assert math.isclose(total.item(), want_total, rel_tol=1e-5)  # the loss sums in fp32
+
+
+def test_only_the_weight_learns_and_training_lowers_the_loss():
+    torch.manual_seed(3)
+    q = torch.randn(1, 96, 8, 8, requires_grad=True)  # HK 1, G 8
+    keys = torch.randn(1, 96, 1, 8, requires_grad=True)
+    start, _ = indexer_loss_terms(q, indexer_init(8, 8, 8), keys, selection_block=8)
+    assert start.item() < 1e-5  # H = G: the exact score itself
+
+    weight = indexer_init(2, 8, 8).requires_grad_()
+    total, rows = indexer_loss_terms(q, weight, keys, selection_block=8, row_stride=2)
+    (total / rows).backward()
+    assert q.grad is None and keys.grad is None, "the indexer's loss moved the attention's inputs"
+    assert weight.grad.abs().sum() > 0
+
+    optimizer = torch.optim.Adam([weight], lr=0.05)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        total, rows = indexer_loss_terms(q, weight, keys, selection_block=8, row_stride=2)
+        (total / rows).backward()
+        optimizer.step()
+        losses.append(total.item() / rows.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_indexer_score_picks_as_the_exact_score_over_its_queries(impl):
+    """nsa.selection_score "indexer": with H = G at the start it is the exact score; with a trained-like
+    weight and H < G its picks are the exact score's over the indexer's queries, and the loss terms come
+    back with the result."""
+    torch.manual_seed(4)
+    dtype, device = (torch.float64, "cpu") if impl == "reference" else (torch.float32, DEVICE)
+    if impl == "triton":
+        require_backend()
+    b, t, hk, g, d = 1, 200, 2, 4, 16
+    q = torch.randn(b, t, hk * g, d, dtype=dtype, device=device)
+    k, v = (torch.randn(b, t, hk, d, dtype=dtype, device=device) for _ in range(2))
+    gates = torch.rand(b, t, hk * g, 3, dtype=dtype, device=device)
+    compress = lambda x: mean_compress(x, 8, 4)  # noqa: E731
+    kw = dict(block_size=8, stride=4, selection_block=16, num_selected=4, window=16, impl=impl,
+              cu_seqlens=torch.tensor([0, 70, 200], dtype=torch.int32, device=device))
+    exact = native_sparse_attention(q, (k, v), (k, v), (k, v), gates, compress, compress, selection_score="exact", **kw)
+    start = native_sparse_attention(q, (k, v), (k, v), (k, v), gates, compress, compress, selection_score="indexer",
+                                    indexer=indexer_init(g, g, d).to(device=device, dtype=dtype), **kw)
+    assert torch.equal(start.block_idx, exact.block_idx)
+
+    weight = _weight(1, g, d, seed=5).to(device=device, dtype=dtype)
+    mixed = native_sparse_attention(q, (k, v), (k, v), (k, v), gates, compress, compress, selection_score="indexer",
+                                    indexer=weight, indexer_loss=4, **kw)
+    q_idx = indexer_queries(q, weight, hk).to(dtype)
+    want = native_sparse_attention(q_idx, (k, v), (k, v), (k, v), torch.rand_like(gates[:, :, :hk]), compress,
+                                   compress, selection_score="exact", **kw).block_idx
+    assert torch.equal(mixed.block_idx, want)
+    assert not torch.equal(mixed.block_idx, exact.block_idx), "one head picked as the group: the test proves nothing"
+    total, rows = mixed.indexer_terms
+    assert rows.item() == sum(1 for r in range(0, t, 4) for _ in range(hk) if (r - (70 if r >= 70 else 0)) // 16 >= 3)
+    assert total.item() > 0
+
+
+def test_indexer_score_needs_the_weight():
+    q = torch.randn(1, 40, 2, 8)
+    k = torch.randn(1, 40, 1, 8)
+    compress = lambda x: mean_compress(x, 8, 4)  # noqa: E731
+    with pytest.raises(ValueError, match="nsa.indexer_heads"):
+        native_sparse_attention(q, (k, k), (k, k), (k, k), torch.rand(1, 40, 2, 3), compress, compress,
+                                block_size=8, stride=4, selection_block=16, num_selected=3, window=8,
+                                selection_score="indexer")

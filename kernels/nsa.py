@@ -6,7 +6,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 from kernels.block_selection.alignment import selection_alignment_terms
-from kernels.block_selection.indexer import indexer_loss_terms, indexer_queries
+from kernels.block_selection.indexer import IndexerTerms, indexer_loss_terms
 from kernels.block_selection.naive import RAW_KEY_SCORES, select_blocks_ref
 from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, host_bounds, positions_in_documents
 from kernels.compressed_attention.naive import compressed_attention_ref
@@ -22,7 +22,7 @@ class BranchOps(NamedTuple):
     """One implementation of the four branch functions; both share the reference signatures."""
 
     compressed: Callable  # (q, k_cmp, v_cmp, l, d, scale, *, q_start, cu_seqlens) -> (o, lse)
-    select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens, score, keys) -> block ids
+    select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens, score, keys, indexer) -> ids
     selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens, slot_lse) -> (o, lse[, slot_lse])
     window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens) -> (o, lse)
     gate: Callable  # (o, gate [B, T, HQ]) -> o as `sum` takes it (the Triton one's backward applies the gate)
@@ -66,8 +66,8 @@ class NSAResult(NamedTuple):
     lse_win: torch.Tensor
     # (summed KL, rows) of the selection alignment loss (kernels.block_selection.alignment), when asked for
     selection_terms: tuple[torch.Tensor, torch.Tensor] | None = None
-    # (summed KL, rows) of the indexer's loss (kernels.block_selection.indexer), when asked for
-    indexer_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the indexer's loss terms and recall (kernels.block_selection.indexer.IndexerTerms), when asked for
+    indexer_terms: IndexerTerms | None = None
 
 
 class QuerySpan(NamedTuple):
@@ -168,7 +168,7 @@ def compose_nsa(
     cmp_rope: RoPE angles [N, R] of the compressed tokens, one row per k_cmp token (nsa.compression_rope
     "blocks": phi compressed keys before RoPE); None: k_cmp is used as given.
     selection_score: how top-n scores a block for a GQA group, "sum" (the paper), "max", "exact", "bound" or
-    "indexer" (kernels.block_selection.naive.LAYER_SCORES). "exact", "bound" and "indexer" read the
+    "indexer" (kernels.block_selection.naive.SELECTION_SCORES). "exact", "bound" and "indexer" read the
     selection branch's raw keys, so every item of selection_kv is taken before top-n runs (under CP the
     selection gather no longer overlaps the other branches, and all its slices are held at once).
     indexer: the learned indexer's weight W [2, H, G, Dk / 2] (kernels.block_selection.indexer): with
@@ -223,13 +223,9 @@ def compose_nsa(
         o_cmp.append(ops.gate(o, gate_cmp[:, span_rows]))
         g_cmp.append(gate_cmp[:, span_rows])
         lse_cmp.append(lse)
-        score, rows_scored = selection_score, rows.detach()
-        if selection_score == "indexer":  # the exact score over the indexer's queries, in the queries' dtype
-            score = "exact"
-            rows_scored = indexer_queries(rows_scored, indexer.detach(), k_cmp.shape[2]).to(rows.dtype)
-        blocks.append(ops.select(rows_scored, k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
+        blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
                                  num_selected, scale, q_start=span.start, cu_seqlens=cu_seqlens,
-                                 score=score, keys=selection_keys))
+                                 score=selection_score, keys=selection_keys, indexer=indexer))
         if window > 0:
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
                                 k_start=span.win_start, cu_seqlens=cu_seqlens)
@@ -275,9 +271,9 @@ def compose_nsa(
     indexer_terms = None
     if indexer_loss:
         parts = [indexer_loss_terms(q[:, s.offset : s.offset + s.length], indexer, selection_keys,
-                                    selection_block=selection_block, scale=scale, q_start=s.start,
-                                    cu_seqlens=cu_seqlens, row_stride=indexer_loss) for s in spans]
-        indexer_terms = (sum(t for t, _ in parts), sum(r for _, r in parts))
+                                    selection_block=selection_block, num_selected=num_selected, scale=scale,
+                                    q_start=s.start, cu_seqlens=cu_seqlens, row_stride=indexer_loss) for s in spans]
+        indexer_terms = IndexerTerms(*(sum(field) for field in zip(*parts)))
     return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win, selection_terms, indexer_terms)
 
 

@@ -49,8 +49,10 @@ BRANCHES = ("cmp", "slc", "win")
 # the selection alignment loss of every NSA layer's forward on this process since the trainer last took
 # them (nsa.selection_loss; detached means, one a layer and micro-batch): the trainer logs their mean
 SELECTION_LOSSES: list[torch.Tensor] = []
-# the same for the learned indexer's loss (nsa.indexer_heads; MLflow: indexer_loss)
+# the same for the learned indexer's loss (nsa.indexer_heads; MLflow: indexer_loss), and its recall's two
+# sums, [shared picks, picks] a layer and micro-batch (the trainer logs their ratio as indexer_recall)
 INDEXER_LOSSES: list[torch.Tensor] = []
+INDEXER_RECALLS: list[torch.Tensor] = []
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -274,7 +276,9 @@ class NSACoreAttention(MegatronModule):
         if aligned:  # nsa.selection_loss: weight x mean KL per token of this rank's rows
             out = _add_loss(out, result.selection_terms, self.selection_loss, tokens, SELECTION_LOSSES)
         if indexed:  # the indexer's: its gradient reaches the indexer's weight only
-            out = _add_loss(out, result.indexer_terms, n.indexer_loss, tokens, INDEXER_LOSSES)
+            terms = result.indexer_terms
+            out = _add_loss(out, (terms.kl, terms.rows), n.indexer_loss, tokens, INDEXER_LOSSES)
+            INDEXER_RECALLS.append(torch.stack([terms.overlap, terms.choices]).detach())
         return out.squeeze(0).flatten(-2) if packed else out.transpose(0, 1).flatten(-2)
 
     def _block_rotary_freqs(self, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device):

@@ -80,7 +80,8 @@ class NSAConfig:
     # divide the group; 0: no indexer (no weights). Its weights are trained in every stage, whatever the
     # score, by its own loss on detached inputs: KL from the group's exact attention mass over the blocks
     # top-n ranks to the indexer's, on every indexer_loss_stride-th query row, added as indexer_loss x (mean
-    # KL) per token (MLflow: indexer_loss). It moves no other weight.
+    # KL) per token (MLflow: indexer_loss; indexer_recall, the share of the exact score's free picks it makes
+    # too). It moves no other weight (gradient clipping's norm counts its gradient, though).
     indexer_heads: int = 0
     indexer_loss: float = 1.0
     indexer_loss_stride: int = 64

@@ -94,7 +94,8 @@ class SelectionInputs(NamedTuple):
     """What one NSA layer's top-n selection was given (kernels.nsa.compose_nsa): the query rows, the
     compressed keys as scored (phi'd, and RoPE'd when nsa.compression_rope is "blocks"), compressed
     attention's log-sum-exp for those rows, the rows' first global position, how the GQA group's heads'
-    scores were combined (nsa.selection_score), and with the "exact" score the raw keys it read instead."""
+    scores were combined (nsa.selection_score), with the raw-key scores the raw keys it read instead, and
+    with a learned indexer (nsa.indexer_heads) its weight."""
 
     q: torch.Tensor  # [B, C, HQ, Dk]
     k_cmp: torch.Tensor  # [B, N, HK, Dk]
@@ -105,13 +106,14 @@ class SelectionInputs(NamedTuple):
     scale: float | None
     q_start: int
     score: str
-    keys: torch.Tensor | None = None  # [B, S, HK, Dk] from position 0, "exact" score only
+    keys: torch.Tensor | None = None  # [B, S, HK, Dk] from position 0, the raw-key scores only
+    indexer: torch.Tensor | None = None  # the learned indexer's weight W [2, H, G, Dk / 2], where the layer has one
 
 
 @contextlib.contextmanager
 def wrapped_selection(wrap: Callable):
     """While active, every NSA layer's top-n call select(q, k_cmp, lse_cmp, block_size, stride,
-    selection_block, num_selected, scale, *, q_start, cu_seqlens, score, keys) becomes wrap(select, the same
+    selection_block, num_selected, scale, *, q_start, cu_seqlens, score, keys, indexer) becomes wrap(select, the same
     arguments): wrap may look at them and returns the picks. Wrappers nest, the last entered outermost."""
     original = nsa_kernels.branch_ops
 
@@ -133,11 +135,11 @@ def recorded_selection_inputs():
     records: list[SelectionInputs] = []
 
     def record(select, q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *,
-               q_start=0, cu_seqlens=None, score="sum", keys=None):
+               q_start=0, cu_seqlens=None, score="sum", keys=None, indexer=None):
         records.append(SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score,
-                                       keys))
+                                       keys, indexer))
         return select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale, q_start=q_start,
-                      cu_seqlens=cu_seqlens, score=score, keys=keys)
+                      cu_seqlens=cu_seqlens, score=score, keys=keys, indexer=indexer)
 
     with wrapped_selection(record):
         yield records

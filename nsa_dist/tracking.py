@@ -246,6 +246,8 @@ class MLflowTracker(TrainingHooks):
             values["selection_loss"] = step_log.selection_loss
         if step_log.indexer_loss is not None:
             values["indexer_loss"] = step_log.indexer_loss
+        if step_log.indexer_recall is not None:
+            values["indexer_recall"] = step_log.indexer_recall
         for name, comm in step_log.comm.items():
             values[f"comm/{name}/bytes"] = comm["bytes"]
             values[f"comm/{name}/exposed_s"] = comm["exposed_s"]

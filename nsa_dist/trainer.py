@@ -42,7 +42,7 @@ from nsa_dist.config import Config, ConfigError, Stage
 from nsa_dist.data import check_data, document_eod, micro_batches, stage_sequences
 from nsa_dist import megatron_fallbacks
 from nsa_dist.megatron_cpu import enable_cpu
-from nsa_dist.attention import (INDEXER_LOSSES, SELECTION_LOSSES, set_comm_stats, set_gather_group, set_num_selected,
+from nsa_dist.attention import (INDEXER_LOSSES, INDEXER_RECALLS, SELECTION_LOSSES, set_comm_stats, set_gather_group, set_num_selected,
                                  set_rotary_base, set_selection_loss, set_selection_score)
 from nsa_dist.model import build_model, finalize_grads, init_weights, transformer_config
 from nsa_dist.parallel.groups import twin_groups
@@ -66,8 +66,10 @@ class StepLog:
     answer_loss: float | None = None
     # nsa.selection_loss's KL, the mean over this process's NSA layers and micro-batches (None when off)
     selection_loss: float | None = None
-    # the learned indexer's KL (nsa.indexer_heads), the same mean (None without an indexer)
+    # the learned indexer's KL (nsa.indexer_heads), the same mean (None without an indexer), and the share
+    # of the exact score's free picks its score makes too, over this process's rows with a choice (None: none)
     indexer_loss: float | None = None
+    indexer_recall: float | None = None
     # per context-parallel collective of this rank's step: {"bytes": sent + received, "exposed_s": seconds
     # the compute waited on it}; empty without context parallelism
     comm: dict = field(default_factory=dict)
@@ -217,6 +219,14 @@ def forward_step(batches, model):
                                "answers": torch.stack([on_answers, answers.sum().float()])}
 
     return per_token_loss, loss_func
+
+
+def shared_share(recalls: list[torch.Tensor]) -> float | None:
+    """The ratio of summed [shared, total] pairs (INDEXER_RECALLS), or None without a total."""
+    if not recalls:
+        return None
+    shared, total = torch.stack(recalls).sum(0).tolist()
+    return shared / total if total else None
 
 
 def global_mean_losses(losses: list[dict], device: torch.device, keys=("loss",)) -> list[float | None]:
@@ -498,10 +508,11 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         lr = optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = optimizer.step()
         loss, answer_loss = global_mean_losses(losses, device, ("loss", "answers"))
-        selection_loss, indexer_loss = (torch.stack(log).mean().item() if log else None
-                                        for log in (SELECTION_LOSSES, INDEXER_LOSSES))
-        SELECTION_LOSSES.clear()
-        INDEXER_LOSSES.clear()
+        selection_loss, indexer_loss = (torch.stack(means).mean().item() if means else None
+                                        for means in (SELECTION_LOSSES, INDEXER_LOSSES))
+        indexer_recall = shared_share(INDEXER_RECALLS)
+        for records in (SELECTION_LOSSES, INDEXER_LOSSES, INDEXER_RECALLS):
+            records.clear()
         state.step += 1
         state.stage_step += 1
         state.consumed_sequences += stage.global_batch_size
@@ -510,7 +521,7 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
         step_log = StepLog(stage=stage.name, step=state.step, loss=loss, grad_norm=float(grad_norm), lr=lr,
                            tokens_per_s=stage.global_batch_size * stage.seq_len / elapsed, step_time_s=elapsed,
                            memory_gb=peak_memory_gb(device), answer_loss=answer_loss,
-                           selection_loss=selection_loss, indexer_loss=indexer_loss,
+                           selection_loss=selection_loss, indexer_loss=indexer_loss, indexer_recall=indexer_recall,
                            comm={name: {"bytes": comm.sent[name] + comm.received[name],
                                         "exposed_s": exposed.get(name, 0.0)} for name in comm.sent})
         history.append(step_log)

@@ -43,11 +43,11 @@ def test_the_proof_runs_dense_twin_differs_only_in_its_attention():
 
 
 def test_config_knows_which_scores_read_the_raw_keys():
-    from kernels.block_selection.naive import LAYER_SCORES, RAW_KEY_SCORES
+    from kernels.block_selection.naive import RAW_KEY_SCORES, SELECTION_SCORES
     from nsa_dist import config
 
     assert config.RAW_KEY_SCORES == RAW_KEY_SCORES
-    assert typing.get_args(config.NSAConfig.__annotations__["selection_score"]) == LAYER_SCORES
+    assert typing.get_args(config.NSAConfig.__annotations__["selection_score"]) == SELECTION_SCORES
 
 
 def test_defaults_are_valid():

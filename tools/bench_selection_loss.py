@@ -2,8 +2,9 @@
 on the same inputs: the layer's forward+backward as configured (the paper's "sum" score, no loss); with the
 selection alignment loss (nsa.selection_loss) at several row strides (nsa.selection_loss_stride); with
 other selection scores (--scores, nsa.selection_score: the layer, and top-n alone against the "sum" score's
-top-n, given compressed attention's log-sum-exp); and dense causal attention (torch SDPA, cuDNN or flash
-on the GPU) on the same q, k, v.
+top-n, given compressed attention's log-sum-exp; "indexer": the learned indexer with --indexer-heads heads
+a group at its start weights, its layer line with its loss on every --indexer-loss-stride-th row); and
+dense causal attention (torch SDPA, cuDNN or flash on the GPU) on the same q, k, v.
 
 Shapes: configs/proof_100m.yaml's layer (16 query heads, 1 KV head, head dim 64, l=16 d=8 l'=64 n=16,
 512-token window, phi the mean, shared K/V) on each curriculum stage's tokens a step: 16 x 2K, 8 x 8K and
@@ -15,6 +16,7 @@ first: where the loss's time goes.
 
     python3 tools/bench_selection_loss.py --out benchmarks/selection-loss-$(date +%F).json
     python3 tools/bench_selection_loss.py --strides --scores exact bound --out benchmarks/selection-score-$(date +%F).json
+    python3 tools/bench_selection_loss.py --strides --scores exact indexer --out benchmarks/indexer-$(date +%F).json
 
 On CPU (--impl reference, small --shapes) it runs the same lines slowly: a check that it works, not a
 measurement.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.block_selection.indexer import indexer_init
 from kernels.block_selection.naive import SELECTION_SCORES
 from kernels.compression.naive import mean_compress
 from kernels.nsa import branch_ops, native_sparse_attention
@@ -48,6 +51,9 @@ def parse_args():
     p.add_argument("--q-heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--indexer-heads", type=int, default=4, help="the 'indexer' score's heads a group (nsa.indexer_heads)")
+    p.add_argument("--indexer-loss-stride", type=int, default=128,
+                   help="the 'indexer' layer line's loss rows (nsa.indexer_loss_stride; 0: no loss)")
     p.add_argument("--impl", default="triton", choices=["triton", "reference"])
     p.add_argument("--reps", type=int, default=5, help="timed runs per figure (at least 3)")
     p.add_argument("--profile", action="store_true", help="device operators of the first shape at stride 4")
@@ -56,6 +62,9 @@ def parse_args():
     args = p.parse_args()
     if args.reps < 3:
         p.error(f"--reps={args.reps}: give at least 3 timed runs per figure")
+    group = args.q_heads // args.kv_heads
+    if "indexer" in args.scores and (args.indexer_heads < 1 or group % args.indexer_heads):
+        p.error(f"--indexer-heads {args.indexer_heads}: must divide the {group} query heads of a KV head")
     for shape in args.shapes:
         parts = shape.split("x")
         if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
@@ -71,22 +80,28 @@ def layer_inputs(batch: int, seq: int, args, device: torch.device) -> dict:
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype).requires_grad_()
 
     gates = torch.rand(batch, seq, args.q_heads, 3, generator=gen, device=device, dtype=dtype)
+    indexer = indexer_init(args.indexer_heads, args.q_heads // args.kv_heads, args.head_dim) if "indexer" in args.scores else None
     return {"q": leaf(batch, seq, args.q_heads, args.head_dim), "k": leaf(batch, seq, args.kv_heads, args.head_dim),
-            "v": leaf(batch, seq, args.kv_heads, args.head_dim), "gates": gates.requires_grad_()}
+            "v": leaf(batch, seq, args.kv_heads, args.head_dim), "gates": gates.requires_grad_(),
+            "indexer": None if indexer is None else indexer.to(device=device, dtype=dtype).requires_grad_(),
+            "indexer_loss": args.indexer_loss_stride}
 
 
 def layer_step(inputs: dict, impl: str, stride: int, score: str = "sum"):
     """One forward+backward of the layer; with stride > 0 the loss (weight 1, mean over its rows) joins
-    the output's gradient, as nsa_dist/attention.py adds it."""
+    the output's gradient, as nsa_dist/attention.py adds it; with the "indexer" score, the indexer's loss
+    likewise (on every inputs["indexer_loss"]-th row)."""
     phi = {"block_size": PROOF["block_size"], "stride": PROOF["stride"]}
     kv = (inputs["k"], inputs["v"])
+    indexer_loss = inputs["indexer_loss"] if score == "indexer" else 0
     result = native_sparse_attention(
         inputs["q"], kv, kv, kv, inputs["gates"], lambda x: mean_compress(x, **phi), lambda x: mean_compress(x, **phi),
-        impl=impl, selection_loss=stride, selection_score=score, **PROOF)
+        impl=impl, selection_loss=stride, selection_score=score, indexer=inputs["indexer"], indexer_loss=indexer_loss,
+        **PROOF)
     loss = result.output.float().square().mean()
-    if stride:
-        total, rows = result.selection_terms
-        loss = loss + total / rows.clamp_min(1)
+    for terms in (result.selection_terms, result.indexer_terms):
+        if terms is not None:  # (summed KL, rows, ...)
+            loss = loss + terms[0] / terms[1].clamp_min(1)
     loss.backward()
 
 
@@ -101,7 +116,7 @@ def topn_step(inputs: dict, impl: str, score: str):
         inputs["lse_cmp"] = ops.compressed(q, inputs["k_cmp"], inputs["k_cmp"], PROOF["block_size"],
                                            PROOF["stride"])[1]
     ops.select(q, inputs["k_cmp"], inputs["lse_cmp"], PROOF["block_size"], PROOF["stride"], PROOF["selection_block"],
-               PROOF["num_selected"], score=score, keys=k)
+               PROOF["num_selected"], score=score, keys=k, indexer=inputs["indexer"])
 
 
 def dense_step(inputs: dict):

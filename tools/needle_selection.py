@@ -26,8 +26,9 @@ With the "exact" or "bound" score the layers also hand top-n their raw keys, and
 needle by three scores of the same query rows side by side (rank_by, hit_by): "sum" (the paper's, from
 compressed attention, which the layer still computes), "exact" (the group's attention mass on the raw
 keys) and "bound" (a block's largest possible q.k from its keys' channel-wise minimum and maximum, as
-Quest scores pages; per head a softmax over the whole blocks, summed over the group): how far a cheaper
-score is from the exact one in a model that selects by one of them.
+Quest scores pages; per head a softmax over the whole blocks, summed over the group), and with a learned
+indexer (nsa.indexer_heads) a fourth, "indexer" (the exact mass over its few learned query heads): how far a
+cheaper score is from the exact one in a model that selects by one of them.
 
 --oracle answers the same samples with the needle's selection blocks put into every layer's picks at
 the answer positions (each missing one takes the place of the free pick that top-n's score ranks last),
@@ -56,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_dist.checkpoint import CheckpointError  # noqa: E402
 from nsa_dist.config import ConfigError, load_config  # noqa: E402
 from nsa_dist.evaluation import niah_cells  # noqa: E402
+from kernels.block_selection.indexer import indexer_inputs  # noqa: E402
 from kernels.block_selection.naive import (group_score, head_block_bounds, head_block_mass,  # noqa: E402
                                            head_block_scores, num_selection_blocks, overlap_weights)
 from nsa_dist.probe import (SelectionInputs, add_model_arguments, checkpoint_and_stage,  # noqa: E402
@@ -103,9 +105,12 @@ def answer_block_scores(inputs: SelectionInputs, rows: list[int]) -> tuple[torch
     document): [C, HK, G, S] float32, and the rows' global positions [C]."""
     first, last = rows[0], rows[-1] + 1  # answer rows are consecutive
     start = inputs.q_start + first
-    if inputs.score in ("exact", "bound"):
-        by_keys = head_block_mass if inputs.score == "exact" else head_block_bounds
-        per_head = by_keys(inputs.q[:, first:last], inputs.keys, inputs.selection_block, inputs.scale, start)[0]
+    if inputs.score in ("exact", "bound", "indexer"):
+        by_keys = head_block_bounds if inputs.score == "bound" else head_block_mass
+        q = inputs.q[:, first:last]
+        if inputs.score == "indexer":  # the exact mass over the indexer's queries
+            q = indexer_inputs("needle_selection", q, inputs.keys, inputs.indexer)
+        per_head = by_keys(q, inputs.keys, inputs.selection_block, inputs.scale, start)[0]
         return per_head, torch.arange(start, start + per_head.shape[0], device=per_head.device)
     num_blocks = num_selection_blocks(inputs.q_start + last, inputs.selection_block)
     weights = overlap_weights(inputs.k_cmp.shape[1], num_blocks, inputs.block_size, inputs.stride,
@@ -115,7 +120,8 @@ def answer_block_scores(inputs: SelectionInputs, rows: list[int]) -> tuple[torch
     return per_head, torch.arange(start, start + per_head.shape[0], device=per_head.device)
 
 
-COMPARED_SCORES = ("sum", "exact", "bound")  # ranked side by side where the raw keys were recorded
+# ranked side by side where the raw keys were recorded, and "indexer" after them where the layer has one
+COMPARED_SCORES = ("sum", "exact", "bound")
 
 
 def compared_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) -> dict[str, torch.Tensor]:
@@ -125,7 +131,7 @@ def compared_ranks(inputs: SelectionInputs, rows: list[int], needle: list[int]) 
         return {}
     blocks = sorted({p // inputs.selection_block for p in needle})
     ranks = {}
-    for score in COMPARED_SCORES:
+    for score in COMPARED_SCORES + (("indexer",) if inputs.indexer is not None else ()):
         per_head, positions = answer_block_scores(inputs._replace(score=score), rows)
         c, hk, _, s = per_head.shape
         ranks[score] = rank_in_topn_order(per_head.sum(2).reshape(c * hk, s), positions.repeat_interleave(hk),
@@ -183,9 +189,9 @@ def needle_oracle():
     target: dict = {"sample": None, "layers": None, "call": 0}
 
     def force(select, q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale=None, *,
-              q_start=0, cu_seqlens=None, score="sum", keys=None):
+              q_start=0, cu_seqlens=None, score="sum", keys=None, indexer=None):
         picks = select(q, k_cmp, lse_cmp, block_size, stride, selection_block, num_selected, scale,
-                       q_start=q_start, cu_seqlens=cu_seqlens, score=score, keys=keys)
+                       q_start=q_start, cu_seqlens=cu_seqlens, score=score, keys=keys, indexer=indexer)
         sample, layers = target["sample"], target["layers"]
         target["call"] += 1
         if sample is None or (layers is not None and target["call"] not in layers):
@@ -194,7 +200,8 @@ def needle_oracle():
         if q_start != 0 or rows[-1] >= picks.shape[1]:  # one process scores the whole sample in one span
             raise RuntimeError(f"the oracle needs the whole sample in one query span; got rows from {q_start} "
                                f"to {q_start + picks.shape[1] - 1} for answer rows {rows[0]}-{rows[-1]}")
-        inputs = SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score, keys)
+        inputs = SelectionInputs(q, k_cmp, lse_cmp, block_size, stride, selection_block, scale, q_start, score, keys,
+                                 indexer)
         per_head, positions = answer_block_scores(inputs, rows)
         needle_blocks = sorted({p // selection_block for p in needle_positions(sample)})
         return with_needle_blocks(picks, group_score(score)(per_head[None])[0], rows, positions, needle_blocks,
@@ -261,7 +268,7 @@ def report_for(config, depths: list[float], cells: dict, results: dict) -> dict:
                               "group_hit": (group <= n.num_selected).double().mean().item()})
             compared = [o["layers"][layer][2][3] for o in outcomes]
             if all(compared):  # the raw keys were recorded ("exact"): every compared score's rank and hit
-                by_score = {name: torch.cat([c[name] for c in compared]).float() for name in COMPARED_SCORES}
+                by_score = {name: torch.cat([c[name] for c in compared]).float() for name in compared[0]}
                 per_layer[-1]["rank_by"] = {name: r.median().item() for name, r in by_score.items()}
                 per_layer[-1]["hit_by"] = {name: (r <= n.num_selected).double().mean().item()
                                            for name, r in by_score.items()}
@@ -357,11 +364,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{layer['rank_best_head']:.0f}/{layer['rank_group']:.0f}/{layer['rank_max_score']:.0f}".rjust(13)
             for layer in row["layers"]))
     if "rank_by" in next(iter(by_depth.values()))["layers"][0]:
-        print("the share of rows whose top-n would pick the needle, by score: " + " / ".join(COMPARED_SCORES))
-        print(f"{'depth':>6} " + " ".join(f"{'L' + str(i + 1):>19}" for i in range(layers)))
+        names = list(next(iter(by_depth.values()))["layers"][0]["hit_by"])
+        print("the share of rows whose top-n would pick the needle, by score: " + " / ".join(names))
+        width = 7 * len(names) - 2  # "100% / " a score
+        print(f"{'depth':>6} " + " ".join(f"{'L' + str(i + 1):>{width}}" for i in range(layers)))
         for depth, row in by_depth.items():
             print(f"{float(depth):>6.2f} " + " ".join(
-                " / ".join(f"{layer['hit_by'][name]:.0%}" for name in COMPARED_SCORES).rjust(19)
+                " / ".join(f"{layer['hit_by'][name]:.0%}" for name in names).rjust(width)
                 for layer in row["layers"]))
     if sweep:
         print("exact match with the oracle in one layer alone (the needle's blocks put into that layer's picks)")

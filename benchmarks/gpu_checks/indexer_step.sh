@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Issue 13: the learned indexer (nsa.indexer_heads, kernels/block_selection/indexer.py; built and tested on
 # CPU only in session 44) on the proof's 32k and 8k stage steps, one H200, carry [".whl"]; one device call
-# of about 6 minutes:
-#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/indexer_step.sh
+# of about 8 minutes, or two (the argument: 32k, then 8k; the tests and the layer lines run in both):
+#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/indexer_step.sh [32k|8k]
 # First the indexer's tests on the GPU (its picks through the exact score's kernels); it stops if they fail.
-# Then tools/bench_train.py on the proof model, medians of steps 2-10, each stage's own length, batch, base
+# Then one layer and top-n alone at the proof's stage shapes (tools/bench_selection_loss.py), then
+# tools/bench_train.py on the proof model, medians of steps 2-10, each stage's own length, batch, base
 # and mix: dense; NSA ranking by the exact score (v27's 8k and 32k stages); by the indexer with 4 heads
 # (a quarter of the exact score's per-head passes) and its loss on every 128th row; the same with the loss
 # off (nsa.indexer_loss=0: what the loss itself costs).
 set -u
 tag=${COMMIT:-unknown}
+which=${1:-all}  # all, 32k or 8k: the train-step lines to run (all of them may pass one call's 600 s)
 source benchmarks/proof/setup.sh
 source benchmarks/gpu_checks/kernel_tests.sh
 kernel_tests indexer-$tag tests/kernels/test_indexer.py || exit 1
+# the layer and top-n alone at the proof's three stage shapes: sum, exact, indexer (4 heads, loss every 128th row)
+timeout 150 python3 tools/bench_selection_loss.py --strides --scores exact indexer --no-dense \
+  --out $OUT/indexer_layer-$tag.json > $OUT/indexer_layer-$tag.log 2>&1
+echo "$(date +%T) layer and top-n rc=$?"
+grep -E "layer|top-n" $OUT/indexer_layer-$tag.log
 step() {  # name seq_len batch base mix score [--set ...]
   local name=$1 seq=$2 batch=$3 base=$4 mix=$5 score=$6; shift 6
   local stage="stages=[{name: bench, seq_len: $seq, steps: 10, global_batch_size: $batch, micro_batch_size: $batch,"
@@ -26,8 +33,12 @@ step() {  # name seq_len batch base mix score [--set ...]
 mix32="{source: 0.3, passkey: 0.6, multikey_niah: 0.1, task_min_length: 1024}"
 mix8="{source: 0.3, passkey: 0.6, multikey_niah: 0.1, task_min_length: 2048}"
 idx=(--set nsa.indexer_heads=4 --set nsa.indexer_loss_stride=128)
-step 32k-exact 32768 1 2560000.0 "$mix32" exact --attention dense,nsa
-step 32k-indexer 32768 1 2560000.0 "$mix32" indexer --attention nsa "${idx[@]}"
-step 32k-indexer-noloss 32768 1 2560000.0 "$mix32" indexer --attention nsa "${idx[@]}" --set nsa.indexer_loss=0
-step 8k-exact 8192 8 160000.0 "$mix8" exact --attention dense,nsa
-step 8k-indexer 8192 8 160000.0 "$mix8" indexer --attention nsa "${idx[@]}"
+if [ "$which" != 8k ]; then
+  step 32k-exact 32768 1 2560000.0 "$mix32" exact --attention dense,nsa
+  step 32k-indexer 32768 1 2560000.0 "$mix32" indexer --attention nsa "${idx[@]}"
+  step 32k-indexer-noloss 32768 1 2560000.0 "$mix32" indexer --attention nsa "${idx[@]}" --set nsa.indexer_loss=0
+fi
+if [ "$which" != 32k ]; then
+  step 8k-exact 8192 8 160000.0 "$mix8" exact --attention dense,nsa
+  step 8k-indexer 8192 8 160000.0 "$mix8" indexer --attention nsa "${idx[@]}"
+fi

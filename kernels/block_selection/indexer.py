@@ -27,11 +27,11 @@ selection alignment loss, which did move the attention, broke training: docs/pro
 Not in the NSA paper.
 """
 
-import bisect
+from typing import NamedTuple
 
 import torch
 
-from kernels.common import default_scale, group_queries, host_bounds, query_chunks, run_chunk
+from kernels.common import default_scale, group_queries, host_bounds, run_chunk
 
 
 def indexer_init(heads: int, group: int, head_dim: int) -> torch.Tensor:
@@ -52,13 +52,37 @@ def indexer_queries(q: torch.Tensor, weight: torch.Tensor, num_kv_heads: int) ->
     -> [B, T, HK * H, D] float32 (float64 for float64 q), each KV head's H heads together, as top-n groups
     query heads. Differentiable in q and W."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = group_queries(q, num_kv_heads).to(acc)  # [B, T, HK, G, D]
-    half = q.shape[-1] // 2
-    a, b = qg[..., :half], qg[..., half:]
-    real, imag = weight.to(acc).unbind(0)  # [H, G, D / 2] each
-    mix = lambda x, w: torch.einsum("bthgf,igf->bthif", x, w)  # noqa: E731
-    out = torch.cat([mix(a, real) - mix(b, imag), mix(a, imag) + mix(b, real)], dim=-1)  # [B, T, HK, H, D]
-    return out.flatten(2, 3)
+    batch, seq, _, dim = q.shape
+    group, half, heads = q.shape[2] // num_kv_heads, dim // 2, weight.shape[1]
+    # one batched product per frequency f: rows (batch, token, KV head), columns (half c, query head g), where
+    # c = 0 holds the pairs' first channels a and c = 1 their second b
+    x = group_queries(q, num_kv_heads).to(acc).reshape(-1, group, 2, half).permute(3, 0, 2, 1).reshape(half, -1, 2 * group)
+    real, imag = (w.permute(2, 1, 0) for w in weight.to(acc).unbind(0))  # [D / 2, G, H] each
+    # (a + ib)(re + i im) = (a re - b im) + i (a im + b re): columns (c', i), c' = 0 the real part
+    mix = torch.cat([torch.cat([real, imag], dim=2), torch.cat([-imag, real], dim=2)], dim=1)  # [D / 2, 2G, 2H]
+    out = torch.bmm(x, mix).reshape(half, batch, seq, num_kv_heads, 2, heads)
+    return out.permute(1, 2, 3, 5, 4, 0).reshape(batch, seq, num_kv_heads * heads, dim)
+
+
+def indexer_inputs(caller: str, q: torch.Tensor, keys: torch.Tensor | None, weight: torch.Tensor | None) -> torch.Tensor:
+    """The queries top-n's "indexer" score ranks with (as "exact" does with the group's): indexer_queries of
+    q [B, T, HQ, Dk] for the KV heads of keys [B, S, HK, Dk], in q's dtype, not differentiable."""
+    if keys is None or weight is None:
+        raise ValueError(f"{caller}: the 'indexer' selection score needs the raw keys (keys=) and the indexer's "
+                         "weight (indexer=; nsa.indexer_heads > 0 makes one)")
+    return indexer_queries(q.detach(), weight.detach(), keys.shape[2]).to(q.dtype)
+
+
+class IndexerTerms(NamedTuple):
+    """Sums over the scored (row, KV head) terms of indexer_loss_terms (float tensors): the mean KL is
+    kl / rows, the recall overlap / choices."""
+
+    kl: torch.Tensor
+    rows: torch.Tensor
+    # of the free picks the exact score makes (n - 3 a row; block 0 and the local blocks are forced) where a
+    # row has more blocks to rank than that, how many the indexer's score makes too, and how many there are
+    overlap: torch.Tensor
+    choices: torch.Tensor
 
 
 def indexer_loss_terms(
@@ -67,55 +91,93 @@ def indexer_loss_terms(
     keys: torch.Tensor,
     *,
     selection_block: int,
+    num_selected: int,
     scale: float | None = None,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
     row_stride: int = 1,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The indexer's summed KL and the number of rows it sums (float tensors): mean = sum / rows.
+) -> IndexerTerms:
+    """The indexer's summed KL over (row, KV head) terms, their count, and its recall of the exact score's
+    free picks (IndexerTerms; n = num_selected).
 
     q: [B, T, HQ, Dk], the queries at global positions q_start .. q_start + T - 1, RoPE'd as the attention
     saw them; only every row_stride-th (rows 0, k, 2k, ...) is scored. weight: W [2, H, G, Dk / 2]. keys:
     [B, S, HK, Dk], the selection branch's raw keys from global position 0 through the last query.
     cu_seqlens: packed documents (B = 1): each row sees its own document's keys, with block ids counted
-    from the document's start, as top-n does. Rows with no block to rank (fewer than three whole blocks
-    before the current one) do not count. The gradient reaches W only (q and keys are detached). Chunked
-    over rows; under autograd each chunk is recomputed in the backward, so memory stays one chunk's worth.
+    from the document's start, as top-n does. Rows with fewer than two blocks to rank (less than 4 l' into
+    their document) are left out before anything is computed: with one block both distributions are 1.
+    The gradient reaches W only (q and keys are detached). Chunked over rows (the target outside autograd,
+    the prediction recomputed in the backward), so memory stays one chunk's worth. The rows are found from
+    host-side bounds, and their tensors made on the device: no host-device synchronisation.
     """
-    total = rows = q.new_zeros((), dtype=torch.float32)
-    q, keys = q[:, ::row_stride].detach(), keys.detach()
-    bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else [0]
-    cu = cu_seqlens.to(device=q.device, dtype=torch.long) if cu_seqlens is not None else None
-    sizes = (selection_block, default_scale(q.shape[-1], scale))
-    for start, end in query_chunks(q.shape[1], chunk_size):
-        first, last = q_start + start * row_stride, q_start + (end - 1) * row_stride
-        lo = bounds[bisect.bisect_right(bounds, first) - 1]  # the first row's document start: no row sees before
-        positions = torch.arange(first, last + 1, row_stride, device=q.device)
-        doc_start = (cu[torch.searchsorted(cu, positions, right=True) - 1] if cu is not None
-                     else torch.zeros_like(positions))
-        chunk_total, chunk_rows = run_chunk(_chunk_terms, q[:, start:end], weight, keys[:, lo : last + 1],
-                                            positions - lo, doc_start - lo, sizes)
-        total, rows = total + chunk_total, rows + chunk_rows
-    return total, rows
+    terms = [q.new_zeros((), dtype=torch.float32)] * 4
+    q, keys = q.detach(), keys.detach()
+    bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else [0, q_start + q.shape[1]]
+    sizes = (selection_block, default_scale(q.shape[-1], scale), num_selected - 3)
+    runs = _scored_runs(bounds, q_start, q.shape[1], row_stride, 4 * selection_block)
+    for chunk in _row_chunks(runs, chunk_size, row_stride):
+        index = torch.cat([torch.arange(lo, hi, row_stride, device=q.device) for lo, hi, _ in chunk])
+        key_lo, key_hi = chunk[0][2], q_start + chunk[-1][1]  # the first row's document start, past the last row
+        doc_start = torch.cat([torch.full((len(range(lo, hi, row_stride)),), doc - key_lo, device=q.device)
+                               for lo, hi, doc in chunk])
+        positions = index + (q_start - key_lo)  # counted from the window's first key, as doc_start
+        rows_q, window = q[:, index], keys[:, key_lo:key_hi]
+        layout = _layout(window.shape[1], positions, doc_start, selection_block)
+        with torch.no_grad():
+            target = _block_mass(rows_q, window, layout, sizes[1]).mean(dim=3)  # the group's mean, [B, R, HK, S]
+        chunk_terms = run_chunk(_chunk_terms, rows_q, weight, window, positions, doc_start, target, sizes)
+        terms = [total + part for total, part in zip(terms, chunk_terms)]
+    return IndexerTerms(*terms)
 
 
-def _chunk_terms(q, weight, keys, positions, doc_start, sizes):
-    """indexer_loss_terms for one chunk of rows at `positions` [R] (documents starting at doc_start [R]),
-    both counted from keys' first token."""
-    selection_block, scale = sizes
-    num_kv_heads = keys.shape[2]
-    block = (torch.arange(keys.shape[1], device=q.device)[None, :] - doc_start[:, None]).clamp_min(0) // selection_block
-    visible = ((torch.arange(keys.shape[1], device=q.device)[None, :] >= doc_start[:, None])
-               & (torch.arange(keys.shape[1], device=q.device)[None, :] <= positions[:, None]))  # [R, K]
-    num_blocks = keys.shape[1] // selection_block + 1
-    with torch.no_grad():
-        target = _block_mass(q, keys, visible, block, num_blocks, scale).mean(dim=3)  # [B, R, HK, S]
-    pred = _block_mass(indexer_queries(q, weight, num_kv_heads), keys, visible, block, num_blocks, scale).mean(dim=3)
+def _scored_runs(bounds: list[int], q_start: int, seq: int, row_stride: int, min_offset: int) -> list[tuple]:
+    """The scored rows as runs (first local row, end, document start): rows 0, k, 2k, ... of the seq queries
+    from global position q_start that sit at least min_offset tokens into their document."""
+    runs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        lo, hi = max(start + min_offset, q_start) - q_start, min(end, q_start + seq) - q_start
+        lo = -(-lo // row_stride) * row_stride  # the first sampled row at or after it
+        if lo < hi:
+            runs.append((lo, hi, start))
+    return runs
+
+
+def _row_chunks(runs: list[tuple], chunk_size: int, row_stride: int):
+    """Yields the runs, split where needed, in lists that hold at most chunk_size sampled rows each."""
+    chunk, count = [], 0
+    for lo, hi, doc in runs:
+        while lo < hi:
+            take = min(chunk_size - count, len(range(lo, hi, row_stride)))
+            end = min(hi, lo + take * row_stride)
+            chunk.append((lo, end, doc))
+            count, lo = count + take, end
+            if count == chunk_size:
+                yield chunk
+                chunk, count = [], 0
+    if chunk:
+        yield chunk
+
+
+def _layout(num_keys: int, positions: torch.Tensor, doc_start: torch.Tensor, selection_block: int):
+    """For rows at `positions` [R] of documents from doc_start [R] (both counted from the first key): which
+    keys each row sees [R, K], each key's block in the row's document [R, K], and the blocks' count."""
+    key = torch.arange(num_keys, device=positions.device)[None, :]
+    visible = (key >= doc_start[:, None]) & (key <= positions[:, None])
+    block = (key - doc_start[:, None]).clamp_min(0) // selection_block
+    return visible, block, num_keys // selection_block + 1
+
+
+def _chunk_terms(q, weight, keys, positions, doc_start, target, sizes):
+    """IndexerTerms' four sums for one chunk of rows (q [B, R, HQ, D] at `positions`, documents from
+    doc_start, both counted from keys' first token; target: the group's mean mass [B, R, HK, S])."""
+    selection_block, scale, free = sizes
+    layout = _layout(keys.shape[1], positions, doc_start, selection_block)
+    pred = _block_mass(indexer_queries(q, weight, keys.shape[2]), keys, layout, scale).mean(dim=3)
 
     # the blocks top-n ranks: whole blocks after block 0 and before the two local ones
     current = (positions - doc_start) // selection_block
-    ids = torch.arange(num_blocks, device=q.device)
+    ids = torch.arange(layout[2], device=q.device)
     rankable = ((ids[None, :] >= 1) & (ids[None, :] <= current[:, None] - 2))[None, :, None, :]  # [1, R, 1, S]
     tiny = torch.finfo(torch.float32).tiny
     target = torch.where(rankable, target, torch.zeros_like(target))
@@ -126,12 +188,26 @@ def _chunk_terms(q, weight, keys, positions, doc_start, sizes):
     log_pred = torch.log(pred.clamp_min(tiny)) - torch.log(pred.sum(-1, keepdim=True).clamp_min(tiny))
     kl = (torch.xlogy(target, target) - target * log_pred).sum(-1)  # target is 0 off the rankable blocks
     kl = torch.where(scored, kl, torch.zeros_like(kl))
-    return kl.sum(), scored.sum().float()
+    overlap, choices = _shared_picks(target.detach(), pred.detach(), rankable, scored, free)
+    return kl.sum(), scored.sum().float(), overlap, choices
 
 
-def _block_mass(q, keys, visible, block, num_blocks, scale):
-    """Each query head's attention probability on each block: q [B, R, HQ, D], keys [B, K, HK, D], visible
-    and block [R, K] (each key's block id in the row's document) -> [B, R, HK, G, num_blocks] float32."""
+def _shared_picks(target, pred, rankable, scored, free):
+    """Of the `free` blocks each scored row's target ranks first, how many its prediction ranks first too,
+    over the rows with more than `free` blocks to rank (others take them all), and their count x free."""
+    choice = scored & (rankable.sum(-1) > free)  # [B, R, HK]
+    if free < 1:
+        return choice.new_zeros((), dtype=torch.float32), choice.new_zeros((), dtype=torch.float32)
+    top = min(free, target.shape[-1])
+    picked = [x.masked_fill(~rankable, -1.0).topk(top, dim=-1).indices for x in (target, pred)]
+    shared = (picked[0][..., :, None] == picked[1][..., None, :]).any(-1).sum(-1)  # [B, R, HK]
+    return torch.where(choice, shared, 0).sum().float(), choice.sum().float() * free
+
+
+def _block_mass(q, keys, layout, scale):
+    """Each query head's attention probability on each block: q [B, R, HQ, D], keys [B, K, HK, D], layout
+    from _layout -> [B, R, HK, G, S] float32."""
+    visible, block, num_blocks = layout
     qg = group_queries(q, keys.shape[2]).float()
     logits = torch.einsum("brhgd,bkhd->brhgk", qg, keys.float()) * scale
     probs = torch.softmax(logits.masked_fill(~visible[None, :, None, None, :], float("-inf")), dim=-1)

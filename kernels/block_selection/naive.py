@@ -4,6 +4,7 @@ block ids."""
 
 import torch
 
+from kernels.block_selection.indexer import indexer_inputs
 from kernels.common import default_scale, document_pieces, group_queries, query_chunks
 from kernels.compressed_attention.naive import compressed_attention_ref, compressed_visibility
 from kernels.compression.naive import _blocks, compress_documents, compressed_cu_seqlens
@@ -69,6 +70,7 @@ def select_blocks_ref(
     cu_seqlens: torch.Tensor | None = None,
     score: str = "sum",
     keys: torch.Tensor | None = None,
+    indexer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection blocks each GQA group's queries attend to.
 
@@ -85,7 +87,11 @@ def select_blocks_ref(
     raw keys [B, S, HK, Dk] from global position 0 through the queries' last one: with "exact" each block
     is scored by the group's exact attention mass on it (head_block_mass), with "bound" by the softmax of
     its largest possible q.k (head_block_bounds; computed as the "sum" score over bound_inputs).
+    indexer: with score "indexer" only, the learned indexer's weight W [2, H, G, Dk / 2]: "exact" over its H
+    queries a group (indexer_queries, in q's dtype) instead of the G query heads'.
     """
+    if score == "indexer":
+        q, score = indexer_inputs("select_blocks_ref", q, keys, indexer), "exact"
     if score == "exact":
         return _select_blocks_exact(q, keys, selection_block, num_selected, scale, chunk_size, q_start, cu_seqlens)
     if score == "bound":
@@ -127,10 +133,9 @@ def select_blocks_ref(
 # compressed token), or "bound", the group's total softmax over blocks of each block's largest possible
 # q.k (head_block_bounds, after Quest's page scores; not in the paper): a score that no key of the block
 # can beat, from two vectors a block, so one key that matches is not averaged away as in a mean
-SELECTION_SCORES = ("sum", "max", "exact", "bound")
-# what a layer may rank by (nsa.selection_score): those, and "indexer", the "exact" score over the learned
-# indexer's queries (kernels/block_selection/indexer.py; kernels.nsa.compose_nsa makes them)
-LAYER_SCORES = SELECTION_SCORES + ("indexer",)
+# "indexer" is "exact" over the learned indexer's queries (kernels/block_selection/indexer.py: a few learned
+# query heads a group instead of its G heads), made from q and the indexer's weight (indexer=)
+SELECTION_SCORES = ("sum", "max", "exact", "bound", "indexer")
 RAW_KEY_SCORES = ("exact", "bound", "indexer")  # the scores that read the selection branch's raw keys (keys=)
 
 
@@ -138,7 +143,7 @@ def group_score(score: str):
     """The function that combines per-head block scores [..., G, S] over the group's heads (dim 3):
     head_block_scores' for "sum" and "max", head_block_mass's for "exact" and head_block_bounds' for
     "bound" (summed, as "sum" does)."""
-    if score in ("sum", "exact", "bound"):
+    if score in ("sum", "exact", "bound", "indexer"):
         return lambda per_head: per_head.sum(dim=3)
     if score == "max":
         return lambda per_head: per_head.amax(dim=3)

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.block_selection.indexer import indexer_inputs
 from kernels.block_selection.naive import SELECTION_SCORES, bound_inputs
 from kernels.common import (
     LAYOUT_CACHE_SIZE, default_scale, device_tensor, document_layout, host_bounds, longest_document,
@@ -407,6 +408,7 @@ def select_blocks_triton(
     cu_seqlens: torch.Tensor | None = None,
     score: str = "sum",
     keys: torch.Tensor | None = None,
+    indexer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selection blocks each GQA group's queries attend to (Triton; same result as select_blocks_ref).
 
@@ -421,8 +423,12 @@ def select_blocks_triton(
     keys: with score "exact" or "bound" only, the raw keys [B, S, HK, Dk] from global position 0 through the
     queries' last one (k_cmp and lse_cmp are then not read; "exact": l' a power of two >= 16; "bound":
     2 Dk <= 256, its queries and keys being twice as wide).
+    indexer: with score "indexer" only, the learned indexer's weight: "exact" over its queries
+    (select_blocks_ref).
     Returns block ids [B, T, HK, n] int32, ascending, -1 where fewer than n blocks are valid.
     """
+    if score == "indexer":
+        q, score = indexer_inputs("select_blocks_triton", q, keys, indexer), "exact"
     if score == "exact":
         return _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens)
     if score == "bound":  # the "sum" score over the bound's queries and keys (naive.bound_inputs)

@@ -27,6 +27,16 @@ def test_start_is_the_mean_of_each_slice_of_heads():
     torch.testing.assert_close(pairs, want, rtol=0, atol=1e-15)
 
 
+def test_queries_are_complex_combinations_of_the_groups_queries():
+    """q_idx[i] = sum over h of W[i, h] * q[h], each RoPE pair (x_f, x_{f + D/2}) a complex number."""
+    q = torch.randn(2, 7, 6, 8, dtype=torch.float64)  # HK 2, G 3
+    weight = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    pairs = torch.complex(q[..., :4], q[..., 4:]).reshape(2, 7, 2, 3, 4)  # [B, T, HK, G, D / 2]
+    mixed = (pairs[:, :, :, None] * torch.complex(weight[0], weight[1])).sum(dim=4)  # [B, T, HK, H, D / 2]
+    want = torch.cat([mixed.real, mixed.imag], dim=-1).reshape(2, 7, 6, 8)
+    torch.testing.assert_close(indexer_queries(q, weight, 2), want, rtol=1e-12, atol=1e-12)
+
+
 def test_queries_commute_with_rope():
     """Rotating the queries and then mixing them is mixing them and then rotating: the indexer's scores
     depend on distances only."""
@@ -38,13 +48,14 @@ def test_queries_commute_with_rope():
     torch.testing.assert_close(rotated_first, rope_rows(indexer_queries(q, weight, 2), angles), rtol=1e-12, atol=1e-12)
 
 
-def _loop(q, q_idx, keys, lp, scale, q_start, docs, row_stride):
+def _loop(q, q_idx, keys, lp, scale, q_start, docs, row_stride, free):
     """One (row, KV head) at a time: KL(target || pred) over blocks 1 .. current - 2 of the row's document,
-    target the group's mean exact mass on each, pred the indexer heads' mean, each renormalised."""
+    target the group's mean exact mass on each, pred the indexer heads' mean, each renormalised; and where
+    there are more such blocks than `free`, how many of target's first `free` are pred's first too."""
     _, t, hq, _ = q.shape
     hk, hi = keys.shape[2], q_idx.shape[2]
     g, h = hq // hk, hi // hk
-    total, rows = 0.0, 0
+    total, rows, overlap, choices = 0.0, 0, 0, 0
 
     def mass(query, head, first, pos):  # softmax over the document's keys up to pos, summed per block
         logits = [float(query @ keys[0, key, head]) * scale for key in range(first, pos + 1)]
@@ -59,7 +70,7 @@ def _loop(q, q_idx, keys, lp, scale, q_start, docs, row_stride):
         p = q_start + r
         first = max(start for start, _ in docs if start <= p)
         current = (p - first) // lp
-        if current < 3:
+        if current < 4:  # fewer than two blocks to rank
             continue
         for kv in range(hk):
             target = [sum(x) / g for x in zip(*(mass(q[0, r, kv * g + j], kv, first, p) for j in range(g)))]
@@ -68,7 +79,11 @@ def _loop(q, q_idx, keys, lp, scale, q_start, docs, row_stride):
             t_sum, p_sum = sum(target), sum(pred)
             total += sum(a / t_sum * math.log((a / t_sum) / (b / p_sum)) for a, b in zip(target, pred) if a > 0)
             rows += 1
-    return total, rows
+            if len(target) > free:
+                tops = [sorted(range(len(x)), key=lambda j: -x[j])[:free] for x in (target, pred)]
+                overlap += len(set(tops[0]) & set(tops[1]))
+                choices += free
+    return total, rows, overlap, choices
 
 
 @pytest.mark.parametrize("q_start,docs,row_stride,chunk", [
@@ -83,23 +98,25 @@ def test_loss_matches_a_loop_from_its_definition(q_start, docs, row_stride, chun
     keys = torch.randn(1, q_start + t, hk, d, dtype=torch.float64)
     weight = _weight(h, g, d, seed=2)
     cu = torch.tensor([0] + [end for _, end in docs], dtype=torch.int32) if len(docs) > 1 or q_start else None
-    total, rows = indexer_loss_terms(q, weight, keys, selection_block=lp, q_start=q_start, cu_seqlens=cu,
-                                     row_stride=row_stride, chunk_size=chunk)
-    want_total, want_rows = _loop(q, indexer_queries(q, weight, hk), keys, lp, d**-0.5, q_start, docs, row_stride)
-    assert want_rows > 0 and rows.item() == want_rows
-    assert math.isclose(total.item(), want_total, rel_tol=1e-5)  # the loss sums in fp32
+    terms = indexer_loss_terms(q, weight, keys, selection_block=lp, num_selected=4, q_start=q_start, cu_seqlens=cu,
+                               row_stride=row_stride, chunk_size=chunk)
+    kl, rows, overlap, choices = _loop(q, indexer_queries(q, weight, hk), keys, lp, d**-0.5, q_start, docs,
+                                       row_stride, free=1)
+    assert rows > 0 and terms.rows.item() == rows
+    assert math.isclose(terms.kl.item(), kl, rel_tol=1e-5)  # the loss sums in fp32
+    assert choices > 0 and (terms.overlap.item(), terms.choices.item()) == (overlap, choices)
 
 
 def test_only_the_weight_learns_and_training_lowers_the_loss():
     torch.manual_seed(3)
     q = torch.randn(1, 96, 8, 8, requires_grad=True)  # HK 1, G 8
     keys = torch.randn(1, 96, 1, 8, requires_grad=True)
-    start, _ = indexer_loss_terms(q, indexer_init(8, 8, 8), keys, selection_block=8)
-    assert start.item() < 1e-5  # H = G: the exact score itself
+    start = indexer_loss_terms(q, indexer_init(8, 8, 8), keys, selection_block=8, num_selected=5)
+    assert start.kl.item() < 1e-5 and start.overlap == start.choices > 0  # H = G: the exact score itself
 
     weight = indexer_init(2, 8, 8).requires_grad_()
-    total, rows = indexer_loss_terms(q, weight, keys, selection_block=8, row_stride=2)
-    (total / rows).backward()
+    terms = indexer_loss_terms(q, weight, keys, selection_block=8, num_selected=5, row_stride=2)
+    (terms.kl / terms.rows).backward()
     assert q.grad is None and keys.grad is None, "the indexer's loss moved the attention's inputs"
     assert weight.grad.abs().sum() > 0
 
@@ -107,10 +124,10 @@ def test_only_the_weight_learns_and_training_lowers_the_loss():
     losses = []
     for _ in range(40):
         optimizer.zero_grad()
-        total, rows = indexer_loss_terms(q, weight, keys, selection_block=8, row_stride=2)
-        (total / rows).backward()
+        terms = indexer_loss_terms(q, weight, keys, selection_block=8, num_selected=5, row_stride=2)
+        (terms.kl / terms.rows).backward()
         optimizer.step()
-        losses.append(total.item() / rows.item())
+        losses.append(terms.kl.item() / terms.rows.item())
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -144,9 +161,10 @@ def test_indexer_score_picks_as_the_exact_score_over_its_queries(impl):
                                    compress, selection_score="exact", **kw).block_idx
     assert torch.equal(mixed.block_idx, want)
     assert not torch.equal(mixed.block_idx, exact.block_idx), "one head picked as the group: the test proves nothing"
-    total, rows = mixed.indexer_terms
-    assert rows.item() == sum(1 for r in range(0, t, 4) for _ in range(hk) if (r - (70 if r >= 70 else 0)) // 16 >= 3)
-    assert total.item() > 0
+    terms = mixed.indexer_terms
+    assert terms.rows.item() == sum(1 for r in range(0, t, 4) for _ in range(hk) if (r - (70 if r >= 70 else 0)) // 16 >= 4)
+    assert terms.kl.item() > 0
+    assert terms.choices == terms.rows and 0 < terms.overlap < terms.choices  # n = 4: one free pick a row
 
 
 def test_indexer_score_needs_the_weight():

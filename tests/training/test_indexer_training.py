@@ -27,7 +27,7 @@ def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
             # TP=2: each rank's KV head, the replicated weight's gradient summed over the TP group
             ("tensor parallel", ["parallel.context=1", "parallel.tensor=2", "nsa.indexer_heads=1",
                                  "nsa.indexer_loss_stride=3", two_stages]))
-    results = {name: [(log.loss, log.indexer_loss) for log in train(tiny_config(
+    results = {name: [(log.loss, log.indexer_loss, log.indexer_recall) for log in train(tiny_config(
                    *BASE, *overrides, f"run.dir={root}/{name.replace(' ', '_')}", steps=3)).history]
                for name, overrides in runs}
     if rank == 0:
@@ -40,13 +40,14 @@ def test_indexer_learns_beside_the_model_and_ranks_a_later_stage(tmp_path):
     out = tmp_path / "out.json"
     run_distributed(_run, 2, str(tmp_path / "runs"), str(out))
     plain, indexer, weight_zero, ranked, tensor = json.loads(out.read_text()).values()
-    assert all(kl is None for _, kl in plain + weight_zero)
-    assert [loss for loss, _ in indexer] == [loss for loss, _ in plain], "the indexer's loss moved the model"
-    assert [loss for loss, _ in weight_zero] == [loss for loss, _ in plain]
-    kls = [kl for _, kl in indexer]
+    assert all(kl is None and recall is None for _, kl, recall in plain + weight_zero)
+    assert [step[0] for step in indexer] == [step[0] for step in plain], "the indexer's loss moved the model"
+    assert [step[0] for step in weight_zero] == [step[0] for step in plain]
+    kls = [kl for _, kl, _ in indexer]
     assert all(kl is not None and math.isfinite(kl) and kl > 0 for kl in kls)
     assert len(set(kls)) == len(kls)  # it trains: each step's KL is another
+    assert all(0 <= recall <= 1 for _, _, recall in indexer)  # the share of the exact score's free picks it makes
     # the second stage ranks by it (other picks, so other losses), from the first stage's checkpoint
     assert ranked[:2] == indexer[:2]
-    assert len(ranked) == 4 and all(math.isfinite(loss) and kl > 0 for loss, kl in ranked[2:])
-    assert len(tensor) == 4 and all(math.isfinite(loss) and kl > 0 for loss, kl in tensor)
+    assert len(ranked) == 4 and all(math.isfinite(loss) and kl > 0 for loss, kl, _ in ranked[2:])
+    assert len(tensor) == 4 and all(math.isfinite(loss) and kl > 0 for loss, kl, _ in tensor)

@@ -143,15 +143,18 @@ def test_tool_follows_the_models_selection_score(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("score", ["exact", "bound"])
+@pytest.mark.parametrize("score", ["exact", "bound", "indexer"])
 def test_tool_compares_scores_when_the_model_selects_by_the_raw_keys(tmp_path, score):
-    """With nsa.selection_score "exact" or "bound" the layers hand top-n the raw keys, and the report ranks the
-    needle by the sum, exact and bound scores side by side: the model's own score reproduces its picks."""
+    """With nsa.selection_score "exact", "bound" or "indexer" the layers hand top-n the raw keys, and the report
+    ranks the needle by the sum, exact and bound scores side by side, and by the learned indexer's where the
+    model has one: the model's own score reproduces its picks."""
+    indexer = ["--set", "nsa.indexer_heads=2"] if score == "indexer" else []
     report, stdout = _run(tmp_path, "--length", "512", "--depths", "0.5", "--set", "nsa.selection_block=64",
-                          "--set", f"nsa.selection_score={score}")
-    assert report["nsa"]["selection_score"] == score and "by score: sum / exact / bound" in stdout
+                          "--set", f"nsa.selection_score={score}", *indexer)
+    names = ["sum", "exact", "bound"] + (["indexer"] if indexer else [])
+    assert report["nsa"]["selection_score"] == score and f"by score: {' / '.join(names)}" in stdout
     for layer in report["depths"]["0.5"]["layers"]:
-        assert set(layer["rank_by"]) == set(layer["hit_by"]) == {"sum", "exact", "bound"}
+        assert set(layer["rank_by"]) == set(layer["hit_by"]) == set(names)
         assert layer["hit_by"][score] == pytest.approx(layer["hit"]) == pytest.approx(layer["group_hit"])
         assert all(1 <= rank <= 8 for rank in layer["rank_by"].values())  # 512 tokens: 8 blocks of 64
     if score == "exact":

@@ -49,7 +49,9 @@ class ConsoleReporter(TrainingHooks):
 
     def step(self, log: StepLog) -> None:
         answers = f" (answers {log.answer_loss:.3f})" if log.answer_loss is not None else ""
-        status = f"loss {log.loss:.4f}{answers}  {log.tokens_per_s:,.0f} tok/s  {log.memory_gb:.2f} GB"
+        # the learned indexer: the share of the exact score's free picks it makes too (nsa.indexer_heads)
+        recall = f"  indexer recall {log.indexer_recall:.0%}" if log.indexer_recall is not None else ""
+        status = f"loss {log.loss:.4f}{answers}{recall}  {log.tokens_per_s:,.0f} tok/s  {log.memory_gb:.2f} GB"
         if self.progress is not None:
             self.progress.update(self.task, completed=log.step - self.stage_start, status=status)
         else:
@@ -75,6 +77,10 @@ class ConsoleReporter(TrainingHooks):
         if answers:  # the stage mixes in tasks: how well the last steps answered them
             columns.append("answer loss, last 10 steps")
             row.append(f"{sum(answers) / len(answers):.3f}")
+        recalls = [log.indexer_recall for log in logs[-10:] if log.indexer_recall is not None]
+        if recalls:
+            columns.append("indexer recall, last 10 steps")
+            row.append(f"{sum(recalls) / len(recalls):.0%}")
         for column in columns:
             table.add_column(column, justify="right")
         table.add_row(*row)

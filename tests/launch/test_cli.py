@@ -126,3 +126,30 @@ def test_the_evaluation_line_gives_exact_match_and_answer_prefix():
     report["seconds"] = {"model": 2.04, "niah": 14.2, "validation": 2.76}
     ConsoleReporter(Console(file=out, width=300)).evaluated(stage, report)
     assert "depths [0.0, 1.0], in 19.0 s (model 2.0, NIAH 14.2, validation 2.8); eval.json" in out.getvalue()
+
+
+def test_the_console_shows_the_indexers_recall_where_the_model_has_one():
+    """nsa.indexer_heads: each step's line and the stage table give the share of the exact score's free picks
+    the indexer makes too (StepLog.indexer_recall); a model without an indexer shows nothing of it."""
+    import io
+
+    from rich.console import Console
+
+    from launch.console import ConsoleReporter
+    from nsa_dist.config import load_config
+    from nsa_dist.trainer import StepLog
+
+    stage = load_config(str(Path(__file__).resolve().parents[2] / "configs/quickstart.yaml")).resolved_stages()[0]
+    for recalls, expected in (([None] * 12, None), ([0.0, 0.0] + [0.5 + i / 100 for i in range(10)], "55%")):
+        out = io.StringIO()
+        reporter = ConsoleReporter(Console(file=out, width=200))
+        logs = [StepLog(stage=stage.name, step=i + 1, loss=2.0, grad_norm=1.0, lr=1e-3, tokens_per_s=100.0,
+                        step_time_s=0.5, memory_gb=1.0, indexer_recall=r) for i, r in enumerate(recalls)]
+        reporter.step(logs[-1])
+        reporter.stage_finished(stage, logs)
+        printed = out.getvalue()
+        if expected is None:
+            assert "indexer recall" not in printed
+        else:
+            assert "indexer recall 59%" in printed  # the last step's line
+            assert "indexer recall, last 10 steps" in printed and expected in printed

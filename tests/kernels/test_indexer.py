@@ -175,3 +175,13 @@ def test_indexer_score_needs_the_weight():
         native_sparse_attention(q, (k, k), (k, k), (k, k), torch.rand(1, 40, 2, 3), compress, compress,
                                 block_size=8, stride=4, selection_block=16, num_selected=3, window=8,
                                 selection_score="indexer")
+
+
+def test_rows_with_one_block_to_rank_cost_nothing():
+    """Rows less than 4 l' into their document (one block to rank or none) are left out before anything is
+    computed: documents of 30 tokens at l' = 8 give no term, and no graph to the weight."""
+    q = torch.randn(1, 120, 4, 8)
+    weight = indexer_init(1, 4, 8).requires_grad_()
+    terms = indexer_loss_terms(q, weight, torch.randn(1, 120, 1, 8), selection_block=8, num_selected=5,
+                               cu_seqlens=torch.tensor([0, 30, 60, 90, 120], dtype=torch.int32))
+    assert [t.item() for t in terms] == [0.0, 0.0, 0.0, 0.0] and not terms.kl.requires_grad

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint import CheckpointException
 # which derives from BaseException, not Exception.
 FAILURES = (Exception, CheckpointException)
 
-from nsa_dist.config import Config
+from nsa_dist.config import Config, ModelConfig, NSAConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_same_model(checkpoint: Checkpoint, config: Config) -> None:
-    """Raises CheckpointError listing every model/NSA field in which the checkpoint's config differs."""
+    """Raises CheckpointError listing every model/NSA field in which the checkpoint's config differs. A field
+    the checkpoint's config lacks (saved before the field existed) counts as its default, the model that
+    version built (e.g. nsa.indexer_heads 0: no indexer)."""
     saved = _flatten({"model": checkpoint.config.get("model", {}), "nsa": checkpoint.config.get("nsa", {})})
+    defaults = _flatten({"model": asdict(ModelConfig()), "nsa": asdict(NSAConfig())})
+    saved = {**defaults, **saved}
     wanted = _flatten({"model": asdict(config.model), "nsa": asdict(config.nsa)})
     differences = [f"{name} is {saved.get(name)!r} there and {value!r} here"
                    for name, value in wanted.items()

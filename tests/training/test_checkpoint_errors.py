@@ -148,3 +148,21 @@ def test_shards_with_garbage_of_the_right_size_fail_loading_with_the_path(run_co
     assert f"checkpoint {step(run_copy, 2)} could not be loaded" in printed
     assert "delete it to fall back to an earlier one" in printed
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_from_before_a_field_existed_counts_it_as_its_default(run_copy):
+    """A checkpoint saved before nsa.indexer_heads existed (its marker's config lacks the field) holds a model
+    without an indexer: it loads into a config with the default (0) and is refused with an indexer."""
+    from nsa_dist.checkpoint import CheckpointError, check_same_model, read_checkpoint
+    from nsa_dist.config import load_config
+
+    marker = step(run_copy, 2) / MARKER
+    meta = json.loads(marker.read_text())
+    for name in ("indexer_heads", "indexer_loss", "indexer_loss_stride"):
+        del meta["config"]["nsa"][name]
+    marker.write_text(json.dumps(meta))
+    checkpoint = read_checkpoint(step(run_copy, 2))
+    check_same_model(checkpoint, load_config(str(TINY_YAML), TINY))
+    with pytest.raises(CheckpointError, match="nsa.indexer_heads is 0 there and 1 here"):
+        check_same_model(checkpoint, load_config(str(TINY_YAML), TINY + ["nsa.indexer_heads=1"]))

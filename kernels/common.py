@@ -39,6 +39,21 @@ def masked_softmax_lse(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.
     return probs, lse.squeeze(-1)
 
 
+def masked_kl(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(target || pred) over the last dim's entries where `mask` holds, each of the two normalised to
+    sum 1 there (both non-negative masses, not logits). Returns the KL per row, 0 on rows whose target has
+    no mass in the mask, and those rows' mask (True where the KL counts)."""
+    tiny = torch.finfo(torch.float32).tiny
+    target = torch.where(mask, target, torch.zeros_like(target))
+    target_mass = target.sum(-1, keepdim=True)
+    scored = target_mass[..., 0] > 0
+    target = target / target_mass.clamp_min(tiny)
+    pred = torch.where(mask, pred, torch.zeros_like(pred))
+    log_pred = torch.log(pred.clamp_min(tiny)) - torch.log(pred.sum(-1, keepdim=True).clamp_min(tiny))
+    kl = (torch.xlogy(target, target) - target * log_pred).sum(-1)  # target is 0 off the mask
+    return torch.where(scored, kl, torch.zeros_like(kl)), scored
+
+
 def query_chunks(num_queries: int, chunk_size: int):
     """Yields (start, end) ranges that cover [0, num_queries) in chunks of at most chunk_size."""
     if chunk_size < 1:

@@ -22,7 +22,7 @@ picked blocks removes most of their effect). Not in the NSA paper: opt-in (`nsa.
 
 import torch
 
-from kernels.common import default_scale, group_queries, query_chunks, run_chunk
+from kernels.common import default_scale, group_queries, masked_kl, query_chunks, run_chunk
 from kernels.compression.naive import compressed_cu_seqlens
 
 
@@ -130,13 +130,5 @@ def _chunk_terms(q, k_cmp, lse_cmp, block_idx, target, position, cmp_first, size
     current = position // selection_block
     forced = (picked == 0) | (picked == current) | (picked == current - 1)
     comparable = (weight.sum(-1) > 0) & ~forced  # [B, R, HK, n]
-    target = torch.where(comparable, target, torch.zeros_like(target))
-    target_mass = target.sum(-1, keepdim=True)
-    scored = target_mass[..., 0] > 0  # rows with a comparable block the selected branch gave weight to
-    tiny = torch.finfo(torch.float32).tiny
-    target = target / target_mass.clamp_min(tiny)
-    score = torch.where(comparable, score, torch.zeros_like(score))
-    log_pred = torch.log(score.clamp_min(tiny)) - torch.log(score.sum(-1, keepdim=True).clamp_min(tiny))
-    kl = (torch.xlogy(target, target) - target * log_pred).sum(-1)  # target is 0 off the comparable blocks
-    kl = torch.where(scored, kl, torch.zeros_like(kl))  # [B, R, HK]
+    kl, scored = masked_kl(target, score, comparable)  # [B, R, HK]
     return kl.sum(), scored.sum().float()

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.common import default_scale, group_queries, host_bounds, run_chunk
+from kernels.common import default_scale, group_queries, host_bounds, masked_kl, run_chunk
 
 
 def indexer_init(heads: int, group: int, head_dim: int) -> torch.Tensor:
@@ -179,15 +179,7 @@ def _chunk_terms(q, weight, keys, positions, doc_start, target, sizes):
     current = (positions - doc_start) // selection_block
     ids = torch.arange(layout[2], device=q.device)
     rankable = ((ids[None, :] >= 1) & (ids[None, :] <= current[:, None] - 2))[None, :, None, :]  # [1, R, 1, S]
-    tiny = torch.finfo(torch.float32).tiny
-    target = torch.where(rankable, target, torch.zeros_like(target))
-    target_mass = target.sum(-1, keepdim=True)
-    scored = target_mass[..., 0] > 0  # [B, R, HK]
-    target = target / target_mass.clamp_min(tiny)
-    pred = torch.where(rankable, pred, torch.zeros_like(pred))
-    log_pred = torch.log(pred.clamp_min(tiny)) - torch.log(pred.sum(-1, keepdim=True).clamp_min(tiny))
-    kl = (torch.xlogy(target, target) - target * log_pred).sum(-1)  # target is 0 off the rankable blocks
-    kl = torch.where(scored, kl, torch.zeros_like(kl))
+    kl, scored = masked_kl(target, pred, rankable)  # [B, R, HK]
     overlap, choices = _shared_picks(target.detach(), pred.detach(), rankable, scored, free)
     return kl.sum(), scored.sum().float(), overlap, choices
 

@@ -27,16 +27,17 @@ SIZES = dict(DK=128, DV=128, BLOCK_S=64, BLOCK_DK=128, BLOCK_DV=128, BLOCK_N=16,
 
 def kernel_and_constants(dq: bool, group: int, tokens: int, slot_lse: bool = False) -> tuple:
     if tokens == 1:
-        constants = dict(SIZES, G=group, SEL=64, BLOCK_G=max(16, group))
+        constants = dict(SIZES, G=group, SEL=64, BLOCK_G=max(16, group), ROWS=False)
         return (_selected_bwd_dq, constants) if dq else (_selected_fwd, dict(constants, SLOT_LSE=slot_lse))
     return (_selected_bwd_dq_tokens if dq else _selected_fwd_tokens), dict(SIZES, G=group, TT=tokens, HEADS=group)
 
 
 def signature(dq: bool, tokens: int, constants: dict) -> dict:
     layout = ["block_idx", "doc_start"] if tokens == 1 else ["block_idx", "block_base", "block_start", "block_end"]
-    outputs = ["o", "lse", "slot_lse"] if tokens == 1 else ["o", "lse"]
-    pointers = ["q", "k", "v", "do", "lse", "delta", *layout, "dq"] if dq else ["q", "k", "v", *layout, *outputs]
-    types = {"lse": "*fp32", "delta": "*fp32", "slot_lse": "*fp32", **{name: "*i32" for name in layout}}
+    outputs = ["o", "lse", "slot_lse", "rows"] if tokens == 1 else ["o", "lse"]
+    dq_outputs = ["dq", "rows"] if tokens == 1 else ["dq"]
+    pointers = ["q", "k", "v", "do", "lse", "delta", *layout, *dq_outputs] if dq else ["q", "k", "v", *layout, *outputs]
+    types = {"lse": "*fp32", "delta": "*fp32", "slot_lse": "*fp32", "rows": "*i32", **{name: "*i32" for name in layout}}
     sig = {name: types.get(name, "*bf16") for name in pointers}
     sig.update({name: "i32" for name in ("T", "TK", "HQ", "HK", "NSEL", "q_start")})
     sig.update({name: "fp32" for name in (["scale_log2", "scale"] if dq else ["scale_log2"])})

@@ -29,7 +29,7 @@ import kernels.selected_attention.triton as selected  # noqa: E402
 from offline_compile import compile_sm90, programs_per_sm  # noqa: E402
 
 POINTERS = {"lse": "*fp32", "delta": "*fp32", "lo": "*i32", "hi": "*i32", "qlo": "*i32", "qhi": "*i32",
-            "block_idx": "*i32", "doc_start": "*i32", "slot_lse": "*fp32", "dk_out": "*fp32", "dv_out": "*fp32",
+            "block_idx": "*i32", "doc_start": "*i32", "rows": "*i32", "slot_lse": "*fp32", "dk_out": "*fp32", "dv_out": "*fp32",
             "dq_acc": "*fp32", "dk_acc": "*fp32", "dv_acc": "*fp32"}
 FLOATS = ("scale_log2", "scale")
 
@@ -64,7 +64,8 @@ def cases(head_dim: int):
                 yield f"range {name} {tiles}", ra._KERNELS[name], constants, config.num_warps, config.num_stages
     for name, kernel in (("fwd", selected._selected_fwd), ("dq", selected._selected_bwd_dq)):
         for tma in (False, True):
-            constants = dict(G=16, SEL=64, BLOCK_G=16, BLOCK_S=64, BLOCK_N=16, BLOCK_K=64, TMA=tma, **dims)
+            constants = dict(G=16, SEL=64, BLOCK_G=16, BLOCK_S=64, BLOCK_N=16, BLOCK_K=64, TMA=tma, ROWS=False,
+                             **dims)
             if name == "fwd":
                 constants["SLOT_LSE"] = False
             yield f"selected {name}", kernel, constants, 2, 2
@@ -84,8 +85,9 @@ def hashes() -> None:
         for name, kernel, constants, warps, stages in cases(head_dim):
             if constants["TMA"]:
                 continue
-            if "TMA" not in kernel.arg_names:  # a checkout from before the TMA path
-                del constants["TMA"]
+            for flag in ("TMA", "ROWS"):  # a checkout from before the TMA path or the row lists
+                if flag in constants and flag not in kernel.arg_names:
+                    del constants[flag]
             ptx = compile_sm90(kernel, signature(kernel, constants), constants, warps, stages)[3]
             print(f"{head_dim:>4} {name:<22} w{warps} s{stages} {ptx_hash(ptx)}")
 

@@ -116,10 +116,11 @@ def longest_document(seq: int, q_start: int, cu_seqlens: torch.Tensor | None) ->
     return max((min(hi, q_start + seq) - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > q_start), default=0)
 
 
-def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device`, without waiting for the GPU: a copy from pageable memory
-    synchronizes with the stream, one from pinned memory runs behind the queued work."""
-    host, device = torch.tensor(values, dtype=dtype), torch.device(device)
+def device_tensor(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) as a tensor on `device`, without waiting for the GPU: a copy from pageable
+    memory synchronizes with the stream, one from pinned memory runs behind the queued work."""
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

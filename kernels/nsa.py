@@ -8,7 +8,8 @@ import torch
 from kernels.block_selection.alignment import selection_alignment_terms
 from kernels.block_selection.indexer import IndexerTerms, indexer_loss_terms
 from kernels.block_selection.naive import RAW_KEY_SCORES, select_blocks_ref
-from kernels.common import LAYOUT_CACHE_SIZE, acc_dtype, document_layout, host_bounds, positions_in_documents
+from kernels.common import (LAYOUT_CACHE_SIZE, acc_dtype, device_tensor, document_layout, host_bounds,
+                            positions_in_documents)
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
 from kernels.gate_combine.naive import gate_branch_ref, gated_sum_ref
@@ -120,6 +121,29 @@ def _covered(spans_key: tuple, limit: int, cu_seqlens: torch.Tensor | None, devi
                       for _, start, length in spans_key])
 
 
+def window_uncovered_rows(span: QuerySpan, limit: int, cu_seqlens: torch.Tensor | None,
+                          device: torch.device) -> torch.Tensor:
+    """int32 [R] on `device`: the rows of `span` (counted from its first) that sit `limit` tokens or more into
+    their document, the ones window_covered_rows leaves to the selected kernels, which then launch for
+    these alone (selected_attention_triton's rows). Built on the host from host-side bounds (no device
+    read), once per cu_seqlens (or per shape without)."""
+    if cu_seqlens is None:
+        return _uncovered_from_start(span.start, span.length, limit, device)
+    return document_layout(cu_seqlens, ("window_uncovered_rows", span.start, span.length, limit, device),
+                           lambda: _uncovered(span.start, span.length, limit, host_bounds(cu_seqlens), device))
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _uncovered_from_start(start: int, length: int, limit: int, device: torch.device) -> torch.Tensor:
+    return _uncovered(start, length, limit, [0, start + length], device)
+
+
+def _uncovered(start: int, length: int, limit: int, bounds: list[int], device: torch.device) -> torch.Tensor:
+    pieces = [torch.arange(max(lo + limit, start), min(hi, start + length)) - start
+              for lo, hi in zip(bounds[:-1], bounds[1:]) if max(lo + limit, start) < min(hi, start + length)]
+    return device_tensor(torch.cat(pieces) if pieces else torch.zeros(0), torch.int32, device)
+
+
 def rope_rows(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """RoPE in the rotate-half convention (Megatron's default): x [B, N, H, D] rotated by angles [N, R]
     (R even, R <= D; each half's angle repeated, as Megatron's rotary tables hold them) on its first R
@@ -180,8 +204,9 @@ def compose_nsa(
     shared_kv: the selected and window branches read the same keys and values (selection_kv and the spans'
     k_win, v_win hold the same tokens). Then a row that sits less than min(w, n * l') tokens into its
     document attends the same keys in both branches (window_covered_rows): the window's output and lse
-    are the selected branch's, so those rows skip the selected kernels (their picks passed as -1) and the
-    window's gate takes g_slc + g_win for them. Not with selection_loss, which reads the selected branch's
+    are the selected branch's, so those rows skip the selected kernels (their picks passed as -1, and the
+    kernels launched for the other rows alone: window_uncovered_rows) and the window's gate takes g_slc +
+    g_win for them. Not with selection_loss, which reads the selected branch's
     own per-slot sums. The result is the same up to rounding; NSAResult.block_idx keeps top-n's picks.
 
     Each branch's output passes through ops.gate as soon as the branch has run, and ops.sum adds them
@@ -206,9 +231,12 @@ def compose_nsa(
     q = q.contiguous()
     gate_cmp, gate_slc, gate_win = gates.movedim(-1, 0).contiguous().unbind(0)  # each [B, Tq, HQ], dense
     covered = None  # the rows whose selected output is the window's (shared_kv above)
+    limit = min(window, num_selected * selection_block)
     if shared_kv and window > 0 and not selection_loss and WINDOW_SERVES_SELECTION:
-        covered = window_covered_rows(spans, min(window, num_selected * selection_block), cu_seqlens, q.device)
+        covered = window_covered_rows(spans, limit, cu_seqlens, q.device)
+    rows_slc = [None] * len(spans)  # per span, the rows the selected kernels launch for (None: every row)
     if covered is not None:
+        rows_slc = [window_uncovered_rows(s, limit, cu_seqlens, q.device) for s in spans]
         rows_covered = covered[None, :, None]
         # fp32 (float64 for float64) holds the sum of two bf16 gates exactly; the gate kernels read any dtype
         wide = gate_win.to(acc_dtype(gate_win))
@@ -245,7 +273,7 @@ def compose_nsa(
             rows = slice(s.offset, s.offset + s.length)
             o, lse, *slot_lse = ops.selected(q[:, rows, q_heads], k, v, picks[:, rows, heads], selection_block,
                                              scale, q_start=s.start, cu_seqlens=cu_seqlens,
-                                             slot_lse=bool(selection_loss))
+                                             slot_lse=bool(selection_loss), rows=rows_slc[index])
             o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
             g_item.append(gate_slc[:, rows, q_heads])
             lse_item.append(lse)

@@ -18,6 +18,7 @@ def selected_attention_ref(
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
     slot_lse: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Attention of query t over tokens <= t of the selection blocks its GQA group picked.
 
@@ -32,6 +33,8 @@ def selected_attention_ref(
     slot_lse: also return each slot's log-sum-exp, [B, T, HQ, n] float32 or wider, over the visible keys
     of that slot's block alone (-inf for a -1 slot or a block with no visible key), without gradient: the
     share of a query's attention in a block is exp(slot_lse - lse) (the selection alignment loss's target).
+    rows: the rows that hold picks, a launch hint for the Triton version (selected_attention_triton); here
+    every row is computed, and one without picks gives 0 and -inf as the hint says.
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()

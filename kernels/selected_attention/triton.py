@@ -84,6 +84,15 @@ def _used_slots(block_idx, row, NSEL, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _program_row(rows, ROWS: tl.constexpr):
+    """The query row of a one-token program: rows[program 0] under ROWS (a launch over the rows that hold
+    picks), else the program's own index."""
+    if ROWS:
+        return tl.load(rows + tl.program_id(0)).to(tl.int64)
+    return tl.program_id(0).to(tl.int64)
+
+
+@triton.jit
 def _key_part(k, v, b, hk, key0, keys, key_ok, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
               TMA: tl.constexpr):
     """The K and V rows of `keys` (key0, key0 + 1, ...: one part of a selection block), zero where not key_ok.
@@ -104,18 +113,19 @@ def _key_part(k, v, b, hk, key0, keys, key_ok, TK, HK, dk, dv, DK: tl.constexpr,
 
 @triton.jit
 def _selected_fwd(
-    q, k, v, block_idx, doc_start, o, lse, slot_lse,
+    q, k, v, block_idx, doc_start, o, lse, slot_lse, rows,
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SLOT_LSE: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, ROWS: tl.constexpr,
 ):
     """SLOT_LSE also writes each visited slot's log-sum-exp (its block's visible keys alone) to slot_lse
     [B, T, HQ, NSEL]: from the running sums before and after the slot's keys, l_after - l_before * 2^(m_before -
     m_after) (the slot's share, in the base of m_after), so the loop does no more dots. Slots past the last
-    visited one are left as they were (the caller fills -inf)."""
-    t = tl.program_id(0).to(tl.int64)
+    visited one are left as they were (the caller fills -inf). ROWS: program i runs the query row rows[i]
+    (the rows that hold picks; the caller wrote the others' 0 and -inf), not row i."""
+    t = _program_row(rows, ROWS)
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
     pos = q_start + t
@@ -163,13 +173,14 @@ def _selected_fwd(
 
 @triton.jit
 def _selected_bwd_dq(
-    q, k, v, do, lse, delta, block_idx, doc_start, dq,
+    q, k, v, do, lse, delta, block_idx, doc_start, dq, rows,
     T, TK, HQ, HK, NSEL, q_start, scale_log2, scale,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROWS: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """ROWS: as _selected_fwd's (the caller zeroed the other rows' dq)."""
+    t = _program_row(rows, ROWS)
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
     pos = q_start + t
@@ -862,8 +873,10 @@ def _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale
         )
 
 
-def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_block, sizes, consts, want_slot_lse):
-    """The forward a program a token (or TOKENS tokens), as used: _selected_fwd or _selected_fwd_tokens."""
+def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_block, sizes, consts, want_slot_lse,
+                       rows):
+    """The forward a program a token (or TOKENS tokens), as used: _selected_fwd or _selected_fwd_tokens. rows
+    (or None): the one-token forward runs those rows alone (o and lse already hold the others' 0 and -inf)."""
     batch, seq = q.shape[:2]
     doc_start, block_base, block_start, block_end = layout
     defaults = {**_forward_launch(q, v), **_tma_by_default("fwd", q, k, v)}
@@ -876,10 +889,12 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
     tokens, heads = _token_tile(launch, consts["G"])
     tma = _tma_loads(launch, q, k, v, tokens)
     if tokens == 1:
-        _selected_fwd[(seq, batch * k.shape[2])](
-            q, k, v, block_idx, doc_start, o, lse, slot_lse, *sizes,
+        if rows is not None and rows.numel() == 0:
+            return
+        _selected_fwd[(seq if rows is None else rows.numel(), batch * k.shape[2])](
+            q, k, v, block_idx, doc_start, o, lse, slot_lse, rows, *sizes,
             SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]),
-            SLOT_LSE=want_slot_lse, TMA=tma, **consts, **launch,
+            SLOT_LSE=want_slot_lse, TMA=tma, ROWS=rows is not None, **consts, **launch,
         )
     elif want_slot_lse:
         raise ValueError(f"selected_attention_triton: slot_lse is written by the one-token forward only; "
@@ -891,8 +906,10 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
         )
 
 
-def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selection_block, q_start, scale, consts):
-    """dQ a program a token (or TOKENS tokens), as used: _selected_bwd_dq or _selected_bwd_dq_tokens."""
+def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selection_block, q_start, scale, consts,
+                  rows):
+    """dQ a program a token (or TOKENS tokens), as used: _selected_bwd_dq or _selected_bwd_dq_tokens. rows (or
+    None): the one-token kernel runs those rows alone (dq already holds the others' 0)."""
     batch, seq = q.shape[:2]
     doc_start, block_base, block_start, block_end = layout
     num_kv_heads = k.shape[2]
@@ -901,11 +918,13 @@ def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selecti
     tokens, heads = _token_tile(launch, consts["G"])
     tma = _tma_loads(launch, q, k, v, tokens)
     if tokens == 1:
-        _selected_bwd_dq[(seq, batch * num_kv_heads)](
-            q, k, v, do, lse, delta, block_idx, doc_start, dq,
+        if rows is not None and rows.numel() == 0:
+            return
+        _selected_bwd_dq[(seq if rows is None else rows.numel(), batch * num_kv_heads)](
+            q, k, v, do, lse, delta, block_idx, doc_start, dq, rows,
             *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
             SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), TMA=tma,
-            **consts, **launch,
+            ROWS=rows is not None, **consts, **launch,
         )
     else:
         _selected_bwd_dq_tokens[(triton.cdiv(seq, tokens), batch * num_kv_heads)](
@@ -920,11 +939,15 @@ class SelectedAttention(torch.autograd.Function):
     plus the layout from selection_layout."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout, want_slot_lse):
+    def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout, want_slot_lse, rows):
         batch, seq, num_q_heads, _ = q.shape
         consts = _consts(q, k, v, selection_block)
-        o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
-        lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
+        if rows is None:  # every row is written by the kernels
+            o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
+            lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
+        else:  # the rows without picks are not launched: their output is 0, their lse -inf, written here
+            o = torch.zeros((batch, seq, num_q_heads, v.shape[-1]), dtype=q.dtype, device=q.device)
+            lse = torch.full((batch, seq, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
         # the kernel writes the slots it visits; the others (after a row's last pick) stay -inf
         slot_shape = (batch, seq, num_q_heads, block_idx.shape[-1]) if want_slot_lse else (0,)
         slot_lse = torch.full(slot_shape, float("-inf"), dtype=torch.float32, device=q.device)
@@ -937,9 +960,9 @@ class SelectedAttention(torch.autograd.Function):
             _forward_by_blocks(q, k, v, block_idx, layout, o, lse, q_start, scale, consts, by_blocks)
         else:
             _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_block, sizes, consts,
-                               want_slot_lse)
+                               want_slot_lse, rows)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
-        ctx.args = (selection_block, scale, q_start)
+        ctx.args = (selection_block, scale, q_start, rows)
         ctx.mark_non_differentiable(slot_lse)
         return o, lse, slot_lse
 
@@ -947,7 +970,7 @@ class SelectedAttention(torch.autograd.Function):
     def backward(ctx, do, dlse, dslot_lse):
         q, k, v, o, lse, block_idx, *layout = ctx.saved_tensors
         _, block_base, block_start, block_end = layout
-        selection_block, scale, q_start = ctx.args
+        selection_block, scale, q_start, rows = ctx.args
         batch, seq, num_q_heads, _ = q.shape
         num_keys, num_kv_heads = k.shape[1], k.shape[2]
         do = do.contiguous()
@@ -955,12 +978,13 @@ class SelectedAttention(torch.autograd.Function):
         consts = _consts(q, k, v, selection_block)
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 
-        dq = poisoned(q.shape, q.dtype, q.device)
+        dq = poisoned(q.shape, q.dtype, q.device) if rows is None else torch.zeros_like(q)
         by_blocks = _by_blocks_launch("dq", consts["G"], q.is_cuda)
         if by_blocks is not None:
             _dq_by_blocks(q, k, v, do, lse, delta, block_idx, layout, dq, q_start, scale, consts, by_blocks)
         else:
-            _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selection_block, q_start, scale, consts)
+            _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selection_block, q_start, scale, consts,
+                          rows)
 
         num_blocks = block_start.numel()
         entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(block_idx, block_base, num_blocks)
@@ -982,7 +1006,7 @@ class SelectedAttention(torch.autograd.Function):
             DK=consts["DK"], DV=consts["DV"], BLOCK_S=tile[0], BLOCK_DK=tile[1], BLOCK_DV=tile[2],
             **launch_params(LAUNCH, "reduce"),
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def selected_attention_triton(
@@ -995,6 +1019,7 @@ def selected_attention_triton(
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
     slot_lse: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Attention of query t over tokens <= t of its group's selected blocks (Triton; as selected_attention_ref).
 
@@ -1007,6 +1032,11 @@ def selected_attention_triton(
     Returns o: [B, T, HQ, Dv] q.dtype and lse: [B, T, HQ] float32 (-inf, with o = 0, where nothing is
     visible). Differentiable in q, k, v (and through lse). slot_lse: also each slot's log-sum-exp over its
     block's visible keys alone, [B, T, HQ, n] float32, no gradient (as selected_attention_ref's).
+    rows: optional int32 [R] on q's device, the query rows (0 <= row < T, any order, each once) that hold
+    picks; every other row must have none (-1 throughout, for every batch and KV head). The one-token
+    kernels then launch a program a listed row instead of a row each, and the others get o = 0, lse = -inf
+    and no gradient without a launch (compose_nsa's window-covered rows: about nine in ten of the proof's
+    first-stage rows). The result is the same as without it; the key-block and token-tile paths ignore it.
     """
     check_attention_inputs("selected_attention_triton", q, k, v)
     check_packed("selected_attention_triton", q.shape[0], cu_seqlens)
@@ -1016,6 +1046,6 @@ def selected_attention_triton(
     scale = default_scale(q.shape[-1], scale)
     o, lse, slots = SelectedAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), block_idx.to(torch.int32).contiguous(),
-        selection_block, scale, q_start, layout, slot_lse,
+        selection_block, scale, q_start, layout, slot_lse, rows,
     )
     return (o, lse, slots) if slot_lse else (o, lse)

@@ -248,11 +248,12 @@ def test_shared_kv_rows_near_a_document_start_take_the_window_output(monkeypatch
 @pytest.mark.parametrize("bounds", [None, [0, 5, 30, 35, 160], [0, 5, 40, 41, 100, 160]],
                          ids=["one-sequence", "one-document-across", "documents-starting-within"])
 def test_window_covered_rows_are_the_rows_near_their_document_start(bounds):
-    """window_covered_rows against a per-row count, for query spans laid out as context parallelism lays
-    out a rank's two zigzag chunks (rows 0-39 at positions 40-79, rows 40-79 at 80-119); None exactly where
+    """window_covered_rows against a per-row count, and window_uncovered_rows (the selected kernels' row
+    lists) as its complement, for query spans laid out as context parallelism lays out a rank's two zigzag
+    chunks (rows 0-39 at positions 40-79, rows 40-79 at 80-119); None exactly where
     no row of the spans is covered (the host knows it from the bounds, without a device read)."""
     from kernels.common import remember_bounds
-    from kernels.nsa import QuerySpan, window_covered_rows
+    from kernels.nsa import QuerySpan, window_covered_rows, window_uncovered_rows
 
     cu_seqlens = None
     if bounds is not None:
@@ -266,6 +267,11 @@ def test_window_covered_rows_are_the_rows_near_their_document_start(bounds):
         first = [max(s for s in starts if s <= p) for p in positions]
         want = torch.tensor([p - f < limit for p, f in zip(positions, first)])
         got = window_covered_rows(spans, limit, cu_seqlens, torch.device("cpu"))
+        # the selected kernels' row lists: each span's other rows, counted from its first
+        lists = [window_uncovered_rows(s, limit, cu_seqlens, torch.device("cpu")) for s in spans]
+        assert all(rows.dtype == torch.int32 for rows in lists)
+        assert torch.equal(torch.cat([rows + s.offset for rows, s in zip(lists, spans)]),
+                           torch.nonzero(~want).flatten().to(torch.int32)), limit
         if want.any():
             assert torch.equal(got, want), (limit, got, want)
             outcomes.add("all" if want.all() else "some")

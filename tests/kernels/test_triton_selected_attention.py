@@ -79,6 +79,39 @@ def test_rows_without_picks(monkeypatch, launch):
     assert q.grad[:, empty, 2:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("launch", [{}, {"TMA": True}, {"BY_BLOCKS": True}], ids=["one-token", "tma", "by-blocks"])
+def test_row_list(monkeypatch, launch):
+    """rows= (compose_nsa's rows outside the window-covered ones): the one-token kernels launch for the
+    listed rows alone, in any order; output, lse and every gradient are those of the launch over every
+    row, to the bit, and the unlisted rows (no picks) get 0, -inf and no gradient. An empty list launches
+    nothing. The key-block kernels ignore the list."""
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, dict(launch))
+    torch.manual_seed(8)
+    blocks = random_blocks(1, T, 2)
+    empty = torch.arange(T, device=DEVICE) % 3 != 2
+    blocks[:, empty] = -1  # two rows in three hold no pick, for both KV heads
+    listed = torch.nonzero(~empty).flatten()
+    rows = listed[torch.randperm(listed.numel(), device=DEVICE)].to(torch.int32)
+    inputs = leaves(1, T, T, 2, 2, torch.float32)
+
+    def run(row_list, picks):
+        x = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+        o, lse = selected_attention_triton(x["q"], x["k"], x["v"], block_idx=picks, selection_block=SEL,
+                                           rows=row_list)
+        (o.square().sum() + lse[lse.isfinite()].sum()).backward()
+        return o, lse, x["q"].grad, x["k"].grad, x["v"].grad
+
+    for got, want in zip(run(rows, blocks), run(None, blocks)):
+        assert torch.equal(got, want)
+    o, lse, dq, dk, dv = run(rows, blocks)
+    assert torch.equal(o[:, empty], torch.zeros_like(o[:, empty])) and (lse[:, empty] == float("-inf")).all()
+    assert torch.equal(dq[:, empty], torch.zeros_like(dq[:, empty])) and dq[:, ~empty].abs().sum() > 0
+    none = torch.full_like(blocks, -1)
+    o, lse, dq, dk, dv = run(rows[:0], none)
+    assert not o.any() and (lse == float("-inf")).all() and not dq.any() and not dk.any() and not dv.any()
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_low_precision_error_is_at_most_twice_the_references(dtype):
     """The proof model's shape: one KV head shared by 16 query heads."""

@@ -1042,6 +1042,10 @@ def selected_attention_triton(
     check_packed("selected_attention_triton", q.shape[0], cu_seqlens)
     if selection_block > 256:
         raise ValueError(f"selected_attention_triton: selection_block={selection_block} > 256 is not supported")
+    if rows is not None and (rows.dtype != torch.int32 or rows.dim() != 1 or rows.device != q.device):
+        raise ValueError(f"selected_attention_triton: rows is {rows.dtype} of shape {tuple(rows.shape)} on "
+                         f"{rows.device}; give a 1-D int32 tensor of row indices on q's device ({q.device}), "
+                         "or None for every row")
     layout = selection_layout(q.shape[1], k.shape[1], selection_block, q_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
     o, lse, slots = SelectedAttention.apply(

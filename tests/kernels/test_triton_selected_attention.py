@@ -110,6 +110,8 @@ def test_row_list(monkeypatch, launch):
     none = torch.full_like(blocks, -1)
     o, lse, dq, dk, dv = run(rows[:0], none)
     assert not o.any() and (lse == float("-inf")).all() and not dq.any() and not dk.any() and not dv.any()
+    with pytest.raises(ValueError, match="rows is torch.int64.*1-D int32"):
+        run(rows.long(), blocks)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)

@@ -22,6 +22,12 @@ With --sync-check (GPU only), steps 2 to the last run under torch.cuda's sync de
 that made the host wait for the device (a read-back, a copy from pageable memory, a stream synchronize) is
 counted by the line of this repository's code that led to it: what keeps the host from queueing work ahead.
 
+With --host-check, each step from the second on is timed twice: until the host has queued its forward and
+backward (Megatron's forward-backward function returns; the device is idle when it is called), and until the
+device has run them (a synchronize right after). If the device finishes just after the host queued its last
+kernel, it waited for the host all along: the step is host-bound, and fewer or cheaper launches would shorten
+it. If it finishes well after, the host was ahead and the device sets the pace.
+
 With --compile-report, every Triton compile of the run is recorded (Triton's compilation listener): the step it
 came in, the kernel, its seconds, whether the on-disk cache served it, and what set it apart from the same
 kernel's other compiles (an autotune candidate's tiles and warps, or an integer argument that was divisible by
@@ -39,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections import Counter
@@ -51,6 +58,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not inst
 
 from nsa_dist.config import ConfigError, load_config  # noqa: E402  (after the filter: megatron warns at import)
 import kernels.nsa as nsa_composition  # noqa: E402
+import nsa_dist.trainer as trainer  # noqa: E402
 from kernels.nsa import resolve_impl  # noqa: E402
 from nsa_dist.trainer import TrainingHooks, train  # noqa: E402
 
@@ -72,6 +80,9 @@ def parse_args() -> argparse.Namespace:
                         help="cProfile the host over steps 2 to the last (--steps must be >= 2)")
     parser.add_argument("--sync-check", action="store_true",
                         help="count the host-device synchronizations of steps 2 to the last by source line (GPU)")
+    parser.add_argument("--host-check", action="store_true",
+                        help="time each step's queueing of forward+backward on the host against the device's run "
+                             "of it (steps 2 to the last): is the step host-bound?")
     parser.add_argument("--compile-report", action="store_true",
                         help="record every Triton compile: step, kernel, seconds, what set its variant apart")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/train_<seq_len>.json)")
@@ -273,6 +284,43 @@ class CompileRecorder(TrainingHooks):
         return "\n".join(lines), {"events": self.events, "kernels": kernels}
 
 
+class HostCheck:
+    """--host-check: wraps the trainer's forward-backward function. Each training call (not evaluation's
+    forward-only ones) starts with the device idle and records the seconds until the host has queued it
+    (the function returns) and until the device has run it (a synchronize after that)."""
+
+    def __init__(self):
+        self.queued: list[float] = []
+        self.done: list[float] = []
+
+    def wrap(self, forward_backward):
+        def timed(**kwargs):
+            if kwargs.get("forward_only"):
+                return forward_backward(**kwargs)
+            _synchronize()
+            start = time.perf_counter()
+            result = forward_backward(**kwargs)
+            self.queued.append(time.perf_counter() - start)
+            _synchronize()
+            self.done.append(time.perf_counter() - start)
+            return result
+
+        return timed
+
+    def report(self) -> dict:
+        """Medians over the steps after the first (which compiles): the host's queueing, the device's finish,
+        and the device's tail after the host's last launch, in milliseconds."""
+        queued, done = self.queued[1:] or self.queued, self.done[1:] or self.done
+        return {"steps": len(queued), "host_queued_ms": median(queued) * 1e3, "device_done_ms": median(done) * 1e3,
+                "device_tail_ms": median(d - q for q, d in zip(queued, done)) * 1e3,
+                "queued_ms": [q * 1e3 for q in self.queued], "done_ms": [d * 1e3 for d in self.done]}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 ATTENTION_LINES = ("dense", "nsa", "nsa-every-row")
 
 
@@ -293,10 +341,15 @@ def bench(args, line: str) -> dict:
     compiles = CompileRecorder() if args.compile_report else None
     if compiles:
         compiles.start()
+    pace = HostCheck() if args.host_check else None
+    forward_backward_func = trainer.get_forward_backward_func
+    if pace:
+        trainer.get_forward_backward_func = lambda: pace.wrap(forward_backward_func())
     try:
         history = train(config, [PrintStep(line)] + [hook for hook in (profile, host, syncs, compiles) if hook]).history
     finally:
         nsa_composition.WINDOW_SERVES_SELECTION = True
+        trainer.get_forward_backward_func = forward_backward_func
         if compiles:
             compiles.stop()
     timed = history[1:] or history
@@ -318,6 +371,12 @@ def bench(args, line: str) -> dict:
         result["host_profile"] = host.report()
         result["host_profiled_steps"] = args.steps - 1
         print(f"\n{line}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
+    if pace:
+        result["host_check"] = pace.report()
+        check = result["host_check"]
+        print(f"\n{line}: forward+backward of steps 2-{args.steps}, medians: queued by the host in "
+              f"{check['host_queued_ms']:.1f} ms, run by the device in {check['device_done_ms']:.1f} ms (its tail "
+              f"after the last launch {check['device_tail_ms']:.1f} ms)", flush=True)
     if compiles:
         table, result["compiles"] = compiles.report()
         print(f"\n{line}: Triton compiles by step and kernel\n{table}", flush=True)
@@ -348,6 +407,8 @@ def main() -> None:
         sys.exit(f"error: --profile records steps 2 and 3, and --steps={args.steps}: pass --steps 3 or more")
     if args.host_profile and args.steps < 2:
         sys.exit(f"error: --host-profile records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
+    if args.host_check and args.steps < 2:
+        sys.exit(f"error: --host-check times steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
     if args.sync_check and args.steps < 2:
         sys.exit(f"error: --sync-check records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
     unknown = [line for line in args.attention.split(",") if line not in ATTENTION_LINES]

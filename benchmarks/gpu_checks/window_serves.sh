@@ -7,8 +7,9 @@
 # stops if they fail. Then tools/bench_train.py on the proof model at 16 x 2K of 256-token passkey samples
 # (recompute off, as in the proof), 12 steps a line, medians of steps 2-12: dense, NSA, NSA with the selected
 # kernels on every row (nsa-every-row: what ran before), then the two NSA lines again in the other order (two
-# runs of one setting have differed by 10% before: kernels-notes, session 21). Then the device profile of
-# both NSA lines, steps 2-3: where the GPU time a step went (top-n's and RoPE's share against
+# runs of one setting have differed by 10% before: kernels-notes, session 21), each with --host-check (the
+# forward+backward as queued by the host against as run by the device: is NSA's 2K step host-bound?). Then
+# the device profile of both NSA lines, steps 2-3: where the GPU time a step went (top-n's and RoPE's share against
 # profile_2k_*-b489880.*). Last, if time is left, top-n's tests on the GPU (session 42 leaves out the tiles
 # whose queries have no choice).
 set -u
@@ -21,9 +22,11 @@ stage="stages=[{name: bench, seq_len: 2048, steps: 12, global_batch_size: 16, mi
 for order in "dense,nsa,nsa-every-row" "nsa-every-row,nsa"; do
   name=window_serves_2k-$tag-${order//,/-}
   timeout 150 python3 tools/bench_train.py --config configs/proof_100m.yaml --seq-len 2048 --steps 12 \
-    --attention $order --set "$stage" --set training.recompute=false --out $OUT/$name.json > $OUT/$name.log 2>&1
+    --attention $order --set "$stage" --set training.recompute=false --host-check --out $OUT/$name.json \
+    > $OUT/$name.log 2>&1
   echo "$(date +%T) $order rc=$?"
   grep -A 4 "NSA implementation" $OUT/$name.log
+  grep "queued by the host" $OUT/$name.log
 done
 stage4="stages=[{name: bench, seq_len: 2048, steps: 4, global_batch_size: 16, micro_batch_size: 16, mix: $mix}]"
 timeout 120 python3 tools/bench_train.py --config configs/proof_100m.yaml --seq-len 2048 --steps 4 --profile \

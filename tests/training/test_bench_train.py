@@ -1,6 +1,7 @@
 """tools/bench_train.py on CPU: real training steps of the quickstart model, timed and, with --profile,
-profiled (steps 2-3), with --host-profile profiled on the host (cProfile, steps 2-4), written to its JSON. A
-separate process, as a user runs it."""
+profiled (steps 2-3), with --host-profile profiled on the host (cProfile, steps 2-4), with --host-check its
+forward+backward timed as queued and as run (steps 2-4), written to its JSON. A separate process, as a user
+runs it."""
 
 import json
 import os
@@ -15,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_train_times_and_profiles_steps(tmp_path):
     out = tmp_path / "train.json"
     command = [sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml", "--attention", "dense",
-               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--compile-report", "--out", str(out),
+               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--host-check", "--compile-report",
+               "--out", str(out),
                "--set", "training.dtype=fp32", "--set", "training.device=cpu", "--set", "model.num_layers=1",
                # a stage of the user's own, shorter than quickstart.yaml's 5 warmup steps (the benchmark sets 1)
                "--set", "stages=[{name: mine, seq_len: 128, steps: 4, global_batch_size: 2, micro_batch_size: 2}]"]
@@ -36,6 +38,13 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
     assert result["host_profiled_steps"] == 3 and "Ordered by: cumulative time" in host
     assert "Ordered by: internal time" in host and "trainer.py" in host
     assert "host time of steps 2-4" in done.stdout
+    # the host check: one forward+backward a training step (the stage-end evaluation's forward-only calls left
+    # out), each run no sooner than queued; medians over steps 2-4
+    check = result["host_check"]
+    assert len(check["queued_ms"]) == len(check["done_ms"]) == 4 and check["steps"] == 3
+    assert all(0 < queued <= done for queued, done in zip(check["queued_ms"], check["done_ms"]))
+    assert check["host_queued_ms"] == sorted(check["queued_ms"][1:])[1] and check["device_tail_ms"] >= 0
+    assert "forward+backward of steps 2-4, medians: queued by the host in" in done.stdout
     # the compile report is wired in; dense attention on CPU compiles no Triton kernel
     assert result["compiles"] == {"events": [], "kernels": {}}
     assert "Triton compiles by step and kernel" in done.stdout
@@ -48,6 +57,9 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
                                                                      str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert one_step.returncode != 0 and "--host-profile records steps 2 to the last, and --steps=1" in one_step.stderr
+    one_step = subprocess.run(command[:command.index("--steps")] + ["--steps", "1", "--host-check", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert one_step.returncode != 0 and "--host-check times steps 2 to the last, and --steps=1" in one_step.stderr
 
 
 def _synchronizes(times):

@@ -15,8 +15,10 @@ import triton
 
 
 def pow2(x: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(x, minimum): tl.arange needs powers of two, tl.dot needs >= 16."""
-    return max(minimum, triton.next_power_of_2(x))
+    """Smallest power of two >= max(x, minimum): tl.arange needs powers of two, tl.dot needs >= 16. Integer
+    arithmetic, not triton.next_power_of_2: that is a constexpr function, whose wrapper costs microseconds of
+    host time a call, and the kernels' wrappers ask about 30 times a layer."""
+    return 1 << (max(x, minimum, 1) - 1).bit_length()
 
 
 def launch_params(overrides: dict[str, dict], kernel: str, **defaults) -> dict:

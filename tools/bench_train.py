@@ -22,9 +22,9 @@ With --sync-check (GPU only), steps 2 to the last run under torch.cuda's sync de
 that made the host wait for the device (a read-back, a copy from pageable memory, a stream synchronize) is
 counted by the line of this repository's code that led to it: what keeps the host from queueing work ahead.
 
-With --host-check, each step from the second on is timed twice: until the host has queued its forward and
-backward (Megatron's forward-backward function returns; the device is idle when it is called), and until the
-device has run them (a synchronize right after). If the device finishes just after the host queued its last
+With --host-check, each step from the second on is timed twice from the start of its forward and backward
+(the device idle): until the host has queued them (the gradient finalization is called: the first point that
+waits for the device), and until the device has run them (a synchronize there). If the device finishes just after the host queued its last
 kernel, it waited for the host all along: the step is host-bound, and fewer or cheaper launches would shorten
 it. If it finishes well after, the host was ahead and the device sets the pace.
 
@@ -285,25 +285,36 @@ class CompileRecorder(TrainingHooks):
 
 
 class HostCheck:
-    """--host-check: wraps the trainer's forward-backward function. Each training call (not evaluation's
-    forward-only ones) starts with the device idle and records the seconds until the host has queued it
-    (the function returns) and until the device has run it (a synchronize after that)."""
+    """--host-check: wraps the trainer's forward-backward function and its gradient finalization. Each training
+    call (not evaluation's forward-only ones) starts with the device idle; at the finalization's entry the host
+    has queued the whole forward and backward (the finalization is the first thing in it that waits for the
+    device), and a synchronize there tells when the device has run it."""
 
     def __init__(self):
         self.queued: list[float] = []
         self.done: list[float] = []
+        self._start: float | None = None
 
     def wrap(self, forward_backward):
         def timed(**kwargs):
             if kwargs.get("forward_only"):
                 return forward_backward(**kwargs)
             _synchronize()
-            start = time.perf_counter()
-            result = forward_backward(**kwargs)
-            self.queued.append(time.perf_counter() - start)
-            _synchronize()
-            self.done.append(time.perf_counter() - start)
-            return result
+            self._start = time.perf_counter()
+            try:
+                return forward_backward(**kwargs)
+            finally:
+                self._start = None
+
+        return timed
+
+    def wrap_finalize(self, finalize):
+        def timed(*args, **kwargs):
+            if self._start is not None:
+                self.queued.append(time.perf_counter() - self._start)
+                _synchronize()
+                self.done.append(time.perf_counter() - self._start)
+            return finalize(*args, **kwargs)
 
         return timed
 
@@ -342,14 +353,15 @@ def bench(args, line: str) -> dict:
     if compiles:
         compiles.start()
     pace = HostCheck() if args.host_check else None
-    forward_backward_func = trainer.get_forward_backward_func
+    forward_backward_func, finalize_grads = trainer.get_forward_backward_func, trainer.finalize_grads
     if pace:
         trainer.get_forward_backward_func = lambda: pace.wrap(forward_backward_func())
+        trainer.finalize_grads = pace.wrap_finalize(finalize_grads)
     try:
         history = train(config, [PrintStep(line)] + [hook for hook in (profile, host, syncs, compiles) if hook]).history
     finally:
         nsa_composition.WINDOW_SERVES_SELECTION = True
-        trainer.get_forward_backward_func = forward_backward_func
+        trainer.get_forward_backward_func, trainer.finalize_grads = forward_backward_func, finalize_grads
         if compiles:
             compiles.stop()
     timed = history[1:] or history

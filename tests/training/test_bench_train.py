@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_train_times_and_profiles_steps(tmp_path):
     out = tmp_path / "train.json"
     command = [sys.executable, "tools/bench_train.py", "--config", "configs/quickstart.yaml", "--attention", "dense",
-               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--host-check", "--compile-report",
-               "--out", str(out),
+               "--seq-len", "128", "--steps", "4", "--profile", "--host-profile", "--compile-report", "--out", str(out),
                "--set", "training.dtype=fp32", "--set", "training.device=cpu", "--set", "model.num_layers=1",
                # a stage of the user's own, shorter than quickstart.yaml's 5 warmup steps (the benchmark sets 1)
                "--set", "stages=[{name: mine, seq_len: 128, steps: 4, global_batch_size: 2, micro_batch_size: 2}]"]
@@ -38,16 +37,20 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
     assert result["host_profiled_steps"] == 3 and "Ordered by: cumulative time" in host
     assert "Ordered by: internal time" in host and "trainer.py" in host
     assert "host time of steps 2-4" in done.stdout
-    # the host check: one forward+backward a training step (the stage-end evaluation's forward-only calls left
-    # out), each run no sooner than queued; medians over steps 2-4
-    check = result["host_check"]
-    assert len(check["queued_ms"]) == len(check["done_ms"]) == 4 and check["steps"] == 3
-    assert all(0 < queued <= done for queued, done in zip(check["queued_ms"], check["done_ms"]))
-    assert check["host_queued_ms"] == sorted(check["queued_ms"][1:])[1] and check["device_tail_ms"] >= 0
-    assert "forward+backward of steps 2-4, medians: queued by the host in" in done.stdout
     # the compile report is wired in; dense attention on CPU compiles no Triton kernel
     assert result["compiles"] == {"events": [], "kernels": {}}
     assert "Triton compiles by step and kernel" in done.stdout
+
+    # the host check (a run of its own): one forward+backward a training step (the stage-end evaluation's
+    # forward-only calls left out), each run no sooner than queued; medians over steps 2-4
+    checked = subprocess.run(command[:command.index("--profile")] + ["--host-check", "--out", str(out)]
+                             + command[command.index("--set"):], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    check = json.loads(out.read_text())["results"][0]["host_check"]
+    assert len(check["queued_ms"]) == len(check["done_ms"]) == 4 and check["steps"] == 3
+    assert all(0 < queued <= done for queued, done in zip(check["queued_ms"], check["done_ms"]))
+    assert check["host_queued_ms"] == sorted(check["queued_ms"][1:])[1] and check["device_tail_ms"] >= 0
+    assert "forward+backward of steps 2-4, medians: queued by the host in" in checked.stdout
 
     too_few = subprocess.run(command[:command.index("--steps")] + ["--steps", "2", "--profile", "--out", str(out)],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -24,9 +24,9 @@ counted by the line of this repository's code that led to it: what keeps the hos
 
 With --host-check, each step from the second on is timed twice from the start of its forward and backward
 (the device idle): until the host has queued them (the gradient finalization is called: the first point that
-waits for the device), and until the device has run them (a synchronize there). If the device finishes just after the host queued its last
-kernel, it waited for the host all along: the step is host-bound, and fewer or cheaper launches would shorten
-it. If it finishes well after, the host was ahead and the device sets the pace.
+waits for the device), and until the device has run them (a synchronize there). If the device finishes just
+after the host queued its last kernel, it waited for the host all along: the step is host-bound, and fewer or
+cheaper launches would shorten it. If it finishes well after, the host was ahead and the device sets the pace.
 
 With --compile-report, every Triton compile of the run is recorded (Triton's compilation listener): the step it
 came in, the kernel, its seconds, whether the on-disk cache served it, and what set it apart from the same

@@ -3,8 +3,10 @@ on the same inputs: the layer's forward+backward as configured (the paper's "sum
 selection alignment loss (nsa.selection_loss) at several row strides (nsa.selection_loss_stride); with
 other selection scores (--scores, nsa.selection_score: the layer, and top-n alone against the "sum" score's
 top-n, given compressed attention's log-sum-exp; "indexer": the learned indexer with --indexer-heads heads
-a group at its start weights, its layer line with its loss on every --indexer-loss-stride-th row); and
-dense causal attention (torch SDPA, cuDNN or flash on the GPU) on the same q, k, v.
+a group at its start weights, its layer line with its loss on every --indexer-loss-stride-th row, and its
+loss alone, forward+backward, on one document a sequence and on packed ones, beside an earlier version's
+with --indexer-baseline); and dense causal attention (torch SDPA, cuDNN or flash on the GPU) on the same
+q, k, v.
 
 Shapes: configs/proof_100m.yaml's layer (16 query heads, 1 KV head, head dim 64, l=16 d=8 l'=64 n=16,
 512-token window, phi the mean, shared K/V) on each curriculum stage's tokens a step: 16 x 2K, 8 x 8K and
@@ -17,12 +19,16 @@ first: where the loss's time goes.
     python3 tools/bench_selection_loss.py --out benchmarks/selection-loss-$(date +%F).json
     python3 tools/bench_selection_loss.py --strides --scores exact bound --out benchmarks/selection-score-$(date +%F).json
     python3 tools/bench_selection_loss.py --strides --scores exact indexer --out benchmarks/indexer-$(date +%F).json
+    git show f679137:kernels/block_selection/indexer.py > /tmp/indexer_f679137.py
+    python3 tools/bench_selection_loss.py --strides --scores indexer --no-dense \
+        --indexer-baseline /tmp/indexer_f679137.py --out benchmarks/indexer-loss-$(date +%F).json
 
 On CPU (--impl reference, small --shapes) it runs the same lines slowly: a check that it works, not a
 measurement.
 """
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -32,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.block_selection import indexer as indexer_module
 from kernels.block_selection.indexer import indexer_init
 from kernels.block_selection.naive import SELECTION_SCORES
 from kernels.compression.naive import mean_compress
@@ -54,6 +61,8 @@ def parse_args():
     p.add_argument("--indexer-heads", type=int, default=4, help="the 'indexer' score's heads a group (nsa.indexer_heads)")
     p.add_argument("--indexer-loss-stride", type=int, default=128,
                    help="the 'indexer' layer line's loss rows (nsa.indexer_loss_stride; 0: no loss)")
+    p.add_argument("--indexer-baseline", type=Path,
+                   help="an earlier copy of kernels/block_selection/indexer.py: its loss timed beside the current one")
     p.add_argument("--impl", default="triton", choices=["triton", "reference"])
     p.add_argument("--reps", type=int, default=5, help="timed runs per figure (at least 3)")
     p.add_argument("--profile", action="store_true", help="device operators of the first shape at stride 4")
@@ -65,6 +74,9 @@ def parse_args():
     group = args.q_heads // args.kv_heads
     if "indexer" in args.scores and (args.indexer_heads < 1 or group % args.indexer_heads):
         p.error(f"--indexer-heads {args.indexer_heads}: must divide the {group} query heads of a KV head")
+    if args.indexer_baseline is not None and ("indexer" not in args.scores or not args.indexer_baseline.is_file()):
+        p.error(f"--indexer-baseline {args.indexer_baseline}: needs --scores indexer and an existing file (e.g. "
+                "git show f679137:kernels/block_selection/indexer.py > /tmp/indexer_f679137.py)")
     for shape in args.shapes:
         parts = shape.split("x")
         if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
@@ -117,6 +129,31 @@ def topn_step(inputs: dict, impl: str, score: str):
                                            PROOF["stride"])[1]
     ops.select(q, inputs["k_cmp"], inputs["lse_cmp"], PROOF["block_size"], PROOF["stride"], PROOF["selection_block"],
                PROOF["num_selected"], score=score, keys=k, indexer=inputs["indexer"])
+
+
+def packed_documents(batch: int, seq: int, packed: bool, device: torch.device) -> torch.Tensor:
+    """cu_seqlens over the batch's sequences laid end to end: one document a sequence, or each sequence
+    packed with documents of 1/8, 1/4 and 5/8 of it."""
+    cuts = [seq // 8, 3 * seq // 8] if packed else []
+    bounds = [b * seq + c for b in range(batch) for c in [0, *cuts]] + [batch * seq]
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+def indexer_loss_step(inputs: dict, loss_terms, cu_seqlens: torch.Tensor):
+    """The indexer's loss alone (loss_terms: indexer_loss_terms of some version), forward+backward, on the
+    layer's q and k laid end to end as one packed batch."""
+    q, k = (inputs[name].detach().flatten(0, 1)[None] for name in ("q", "k"))
+    terms = loss_terms(q, inputs["indexer"], k, selection_block=PROOF["selection_block"],
+                       num_selected=PROOF["num_selected"], cu_seqlens=cu_seqlens, row_stride=inputs["indexer_loss"])
+    (terms.kl / terms.rows.clamp_min(1)).backward()
+
+
+def load_indexer(path: Path):
+    """indexer_loss_terms from a copy of kernels/block_selection/indexer.py at `path`."""
+    spec = importlib.util.spec_from_file_location("indexer_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.indexer_loss_terms
 
 
 def dense_step(inputs: dict):
@@ -185,6 +222,22 @@ def main():
                          "ratio": took / topn_sum})
             print(f"{batch:>3} x {seq:>6}  top-n, {score:<10} {took * 1e3:9.2f} ms  {took / topn_sum:5.2f}x",
                   flush=True)
+        if "indexer" in args.scores and args.indexer_loss_stride:
+            versions = {"current": indexer_module.indexer_loss_terms}
+            if args.indexer_baseline is not None:
+                versions["baseline"] = load_indexer(args.indexer_baseline)
+            for packed in (False, True):
+                documents = packed_documents(batch, seq, packed, device)
+                times = {}
+                for version, loss_terms in versions.items():
+                    times[version], runs = median_s(lambda: indexer_loss_step(inputs, loss_terms, documents),
+                                                    args.reps, device)
+                    rows.append({"B": batch, "T": seq, "indexer_loss": version, "packed": packed,
+                                 "ms": times[version] * 1e3, "runs": runs, "ratio": times[version] / base})
+                    print(f"{batch:>3} x {seq:>6}  indexer loss, {version:<8} {'packed' if packed else 'one doc':<7} "
+                          f"{times[version] * 1e3:9.2f} ms  {times[version] / base:5.2f}x of the layer"
+                          + (f", {times['baseline'] / times['current']:5.2f}x faster than the baseline"
+                             if version == "baseline" else ""), flush=True)
         if not args.no_dense:
             took, runs = median_s(lambda: dense_step(inputs), args.reps, device)
             rows.append({"B": batch, "T": seq, "dense": "sdpa", "ms": took * 1e3, "runs": runs, "ratio": took / base})
@@ -201,6 +254,7 @@ def main():
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "commit": commit, "impl": args.impl, "nsa": PROOF,
               "heads": {"q": args.q_heads, "kv": args.kv_heads, "dim": args.head_dim},
+              "indexer_baseline": None if args.indexer_baseline is None else str(args.indexer_baseline),
               "rows": rows, "profile_stride_4": profiled}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.common import default_scale, group_queries, host_bounds, masked_kl, run_chunk
+from kernels.common import acc_dtype, default_scale, device_tensor, group_queries, host_bounds, masked_kl, run_chunk
 
 
 def indexer_init(heads: int, group: int, head_dim: int) -> torch.Tensor:
@@ -73,6 +73,10 @@ def indexer_inputs(caller: str, q: torch.Tensor, keys: torch.Tensor | None, weig
     return indexer_queries(q.detach(), weight.detach(), keys.shape[2]).to(q.dtype)
 
 
+# a loss chunk's rows x window keys at most: its group's fp32 logits take 128 MB at G = 16 (64 rows of 32K)
+_CHUNK_KEYS = 64 * 32768
+
+
 class IndexerTerms(NamedTuple):
     """Sums over the scored (row, KV head) terms of indexer_loss_terms (float tensors): the mean KL is
     kl / rows, the recall overlap / choices."""
@@ -107,78 +111,102 @@ def indexer_loss_terms(
     cu_seqlens: packed documents (B = 1): each row sees its own document's keys, with block ids counted
     from the document's start, as top-n does. Rows with fewer than two blocks to rank (less than 4 l' into
     their document) are left out before anything is computed: with one block both distributions are 1.
-    The gradient reaches W only (q and keys are detached). Chunked over rows (the target outside autograd,
-    the prediction recomputed in the backward), so memory stays one chunk's worth. The rows are found from
-    host-side bounds, and their tensors made on the device: no host-device synchronisation.
+    The gradient reaches W only (q and keys are detached).
+
+    The rows go in chunks of at most chunk_size rows (and _CHUNK_KEYS rows x keys), each scored against
+    one window of keys from its first row's document start through its last row. The window lays each
+    document out from a multiple of l', so the blocks of every row's document are whole blocks of the
+    window, and a block's mass is a log-sum-exp over a reshape (no scatter). The target is computed outside
+    autograd and the prediction recomputed in the backward, so memory stays one chunk's worth. The rows are
+    found from host-side bounds and reach the device in one copy a chunk: no host-device synchronisation.
     """
     terms = [q.new_zeros((), dtype=torch.float32)] * 4
     q, keys = q.detach(), keys.detach()
     bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else [0, q_start + q.shape[1]]
+    rows = _scored_rows(bounds, q_start, q.shape[1], row_stride, 4 * selection_block)
     sizes = (selection_block, default_scale(q.shape[-1], scale), num_selected - 3)
-    runs = _scored_runs(bounds, q_start, q.shape[1], row_stride, 4 * selection_block)
-    for chunk in _row_chunks(runs, chunk_size, row_stride):
-        index = torch.cat([torch.arange(lo, hi, row_stride, device=q.device) for lo, hi, _ in chunk])
-        key_lo, key_hi = chunk[0][2], q_start + chunk[-1][1]  # the first row's document start, past the last row
-        doc_start = torch.cat([torch.full((len(range(lo, hi, row_stride)),), doc - key_lo, device=q.device)
-                               for lo, hi, doc in chunk])
-        positions = index + (q_start - key_lo)  # counted from the window's first key, as doc_start
-        rows_q, window = q[:, index], keys[:, key_lo:key_hi]
-        layout = _layout(window.shape[1], positions, doc_start, selection_block)
+    for chunk in _chunks(rows, q_start, chunk_size, selection_block):
+        layout = _window(chunk, q_start, selection_block, q.device)
+        rows_q = q[:, layout.rows]
         with torch.no_grad():
-            target = _block_mass(rows_q, window, layout, sizes[1]).mean(dim=3)  # the group's mean, [B, R, HK, S]
-        chunk_terms = run_chunk(_chunk_terms, rows_q, weight, window, positions, doc_start, target, sizes)
+            target = _block_mass(rows_q, keys, layout, selection_block, sizes[1]).mean(dim=3)  # [B, R, HK, S]
+        chunk_terms = run_chunk(_chunk_terms, rows_q, weight, keys, layout, target, sizes)
         terms = [total + part for total, part in zip(terms, chunk_terms)]
     return IndexerTerms(*terms)
 
 
-def _scored_runs(bounds: list[int], q_start: int, seq: int, row_stride: int, min_offset: int) -> list[tuple]:
-    """The scored rows as runs (first local row, end, document start): rows 0, k, 2k, ... of the seq queries
-    from global position q_start that sit at least min_offset tokens into their document."""
-    runs = []
+def _scored_rows(bounds: list[int], q_start: int, seq: int, row_stride: int, min_offset: int) -> list[tuple]:
+    """The scored rows as (local row, its document's first position), in order: rows 0, k, 2k, ... of the
+    seq queries from global position q_start that sit at least min_offset tokens into their document."""
+    rows = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         lo, hi = max(start + min_offset, q_start) - q_start, min(end, q_start + seq) - q_start
-        lo = -(-lo // row_stride) * row_stride  # the first sampled row at or after it
-        if lo < hi:
-            runs.append((lo, hi, start))
-    return runs
+        lo = _round_up(lo, row_stride)  # the first sampled row at or after it
+        rows.extend((row, start) for row in range(lo, hi, row_stride))
+    return rows
 
 
-def _row_chunks(runs: list[tuple], chunk_size: int, row_stride: int):
-    """Yields the runs, split where needed, in lists that hold at most chunk_size sampled rows each."""
-    chunk, count = [], 0
-    for lo, hi, doc in runs:
-        while lo < hi:
-            take = min(chunk_size - count, len(range(lo, hi, row_stride)))
-            end = min(hi, lo + take * row_stride)
-            chunk.append((lo, end, doc))
-            count, lo = count + take, end
-            if count == chunk_size:
-                yield chunk
-                chunk, count = [], 0
-    if chunk:
-        yield chunk
+def _chunks(rows: list[tuple], q_start: int, chunk_size: int, selection_block: int):
+    """Yields the rows in runs of at most chunk_size whose window (_window) holds at most _CHUNK_KEYS / rows
+    keys (one row a chunk at least)."""
+    lo = 0
+    while lo < len(rows):
+        hi, docs = lo + 1, {rows[lo][1]}
+        while hi < min(lo + chunk_size, len(rows)):
+            docs.add(rows[hi][1])
+            keys = rows[hi][0] + q_start + 1 - rows[lo][1] + len(docs) * selection_block  # an upper bound
+            if (hi + 1 - lo) * keys > _CHUNK_KEYS:
+                break
+            hi += 1
+        yield rows[lo:hi]
+        lo = hi
 
 
-def _layout(num_keys: int, positions: torch.Tensor, doc_start: torch.Tensor, selection_block: int):
-    """For rows at `positions` [R] of documents from doc_start [R] (both counted from the first key): which
-    keys each row sees [R, K], each key's block in the row's document [R, K], and the blocks' count."""
-    key = torch.arange(num_keys, device=positions.device)[None, :]
-    visible = (key >= doc_start[:, None]) & (key <= positions[:, None])
-    block = (key - doc_start[:, None]).clamp_min(0) // selection_block
-    return visible, block, num_keys // selection_block + 1
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
-def _chunk_terms(q, weight, keys, positions, doc_start, target, sizes):
-    """IndexerTerms' four sums for one chunk of rows (q [B, R, HQ, D] at `positions`, documents from
-    doc_start, both counted from keys' first token; target: the group's mean mass [B, R, HK, S])."""
+class _Window(NamedTuple):
+    """A chunk's key window on the device: window slot s holds global key key_of[s]; the chunk's rows
+    (local indices `rows`) each see the slots lo .. hi ([R, 1] each), lo a multiple of l' where the row's
+    document starts."""
+
+    rows: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    key_of: torch.Tensor
+
+
+def _window(chunk: list[tuple], q_start: int, selection_block: int, device) -> _Window:
+    """The chunk's window: each of its documents' keys, from the document's start through the chunk's
+    last row in it, laid out one after the other, each from a multiple of l' (padding between)."""
+    starts, firsts, slot = [], [], 0  # each document's first slot and first key
+    for row, doc in chunk:
+        if not firsts or doc != firsts[-1]:
+            starts.append(slot)
+            firsts.append(doc)
+        slot = starts[-1] + _round_up(row + q_start - doc + 1, selection_block)
+    lo = [starts[firsts.index(doc)] for _, doc in chunk]
+    hi = [start + row + q_start - doc for start, (row, doc) in zip(lo, chunk)]
+    table = device_tensor([r for r, _ in chunk] + lo + hi + starts + firsts, torch.int64, device)
+    count, docs = len(chunk), len(starts)
+    rows, lo, hi = table[:count], table[count : 2 * count, None], table[2 * count : 3 * count, None]
+    starts, firsts = table[3 * count : 3 * count + docs], table[3 * count + docs :]
+    slots = torch.arange(slot, device=device)
+    doc_of = torch.searchsorted(starts, slots, right=True) - 1
+    return _Window(rows, lo, hi, firsts[doc_of] + slots - starts[doc_of])
+
+
+def _chunk_terms(q, weight, keys, layout, target, sizes):
+    """IndexerTerms' four sums for one chunk of rows (q [B, R, HQ, D], the rows of layout, a _Window;
+    target: the group's mean mass [B, R, HK, S], S the window's blocks)."""
     selection_block, scale, free = sizes
-    layout = _layout(keys.shape[1], positions, doc_start, selection_block)
-    pred = _block_mass(indexer_queries(q, weight, keys.shape[2]), keys, layout, scale).mean(dim=3)
+    pred = _block_mass(indexer_queries(q, weight, keys.shape[2]), keys, layout, selection_block, scale).mean(dim=3)
 
-    # the blocks top-n ranks: whole blocks after block 0 and before the two local ones
-    current = (positions - doc_start) // selection_block
-    ids = torch.arange(layout[2], device=q.device)
-    rankable = ((ids[None, :] >= 1) & (ids[None, :] <= current[:, None] - 2))[None, :, None, :]  # [1, R, 1, S]
+    # the blocks top-n ranks: whole blocks after the document's block 0 and before the two local ones
+    first, current = layout.lo // selection_block, layout.hi // selection_block  # [R, 1] window block ids
+    ids = torch.arange(target.shape[-1], device=q.device)[None, :]
+    rankable = ((ids >= first + 1) & (ids <= current - 2))[None, :, None, :]  # [1, R, 1, S]
     kl, scored = masked_kl(target, pred, rankable)  # [B, R, HK]
     overlap, choices = _shared_picks(target.detach(), pred.detach(), rankable, scored, free)
     return kl.sum(), scored.sum().float(), overlap, choices
@@ -196,12 +224,17 @@ def _shared_picks(target, pred, rankable, scored, free):
     return torch.where(choice, shared, 0).sum().float(), choice.sum().float() * free
 
 
-def _block_mass(q, keys, layout, scale):
-    """Each query head's attention probability on each block: q [B, R, HQ, D], keys [B, K, HK, D], layout
-    from _layout -> [B, R, HK, G, S] float32."""
-    visible, block, num_blocks = layout
-    qg = group_queries(q, keys.shape[2]).float()
-    logits = torch.einsum("brhgd,bkhd->brhgk", qg, keys.float()) * scale
-    probs = torch.softmax(logits.masked_fill(~visible[None, :, None, None, :], float("-inf")), dim=-1)
-    index = block[None, :, None, None, :].expand_as(probs)
-    return probs.new_zeros(*probs.shape[:-1], num_blocks).scatter_add(-1, index, probs)
+def _block_mass(q, keys, layout, selection_block, scale):
+    """Each query head's attention probability on each block of the window: q [B, R, HQ, D], keys
+    [B, S, HK, D], layout a _Window -> [B, R, HK, G, window blocks] float32 (float64 for float64 q); 0 off
+    the row's own document and past the row."""
+    acc = acc_dtype(q)
+    window = keys[:, layout.key_of.clamp_max(keys.shape[1] - 1)]  # [B, K, HK, D] (padding: any key, masked)
+    logits = torch.einsum("brhgd,bkhd->brhgk", group_queries(q, keys.shape[2]).to(acc), window.to(acc)) * scale
+    slots = torch.arange(window.shape[1], device=q.device)[None, :]
+    visible = (slots >= layout.lo) & (slots <= layout.hi)  # [R, K]
+    # a finite floor, not -inf: a block no key of which the row sees would give log-sum-exp -inf, and NaN
+    # gradients
+    logits = logits.masked_fill(~visible[None, :, None, None, :], torch.finfo(acc).min)
+    block_lse = logits.unflatten(-1, (-1, selection_block)).logsumexp(dim=-1)
+    return torch.exp(block_lse - block_lse.logsumexp(dim=-1, keepdim=True))

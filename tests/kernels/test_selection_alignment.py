@@ -186,3 +186,24 @@ def test_the_cost_benchmark_times_the_layer_with_and_without_the_loss(tmp_path):
         assert r["ratio"] == pytest.approx(r["ms"] / (topn_sum if "topn" in r else base))
     assert report["nsa"]["window"] == 512 and "--strides 2 8" in report["command"]
     assert "--scores exact bound" in report["command"]
+
+
+@pytest.mark.timeout(180)
+def test_bench_indexer_loss_lines_beside_a_baseline(tmp_path):
+    """tools/bench_selection_loss.py --scores indexer --indexer-baseline: the indexer's loss alone, on one
+    document a sequence and on packed ones, for the current version and for an earlier copy of its module
+    (here the current file itself), each the median of its timed runs against the layer's time."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "indexer.json"
+    subprocess.run([sys.executable, "tools/bench_selection_loss.py", "--impl", "reference", "--shapes", "1x512",
+                    "--strides", "--scores", "indexer", "--no-dense", "--indexer-loss-stride", "16", "--reps", "3",
+                    "--indexer-baseline", str(root / "kernels/block_selection/indexer.py"), "--out", str(out)],
+                   cwd=root, check=True, timeout=170, capture_output=True)
+    report = json.loads(out.read_text())
+    rows = [r for r in report["rows"] if "indexer_loss" in r]
+    assert [(r["indexer_loss"], r["packed"]) for r in rows] == [
+        ("current", False), ("baseline", False), ("current", True), ("baseline", True)]
+    base = report["rows"][0]["ms"]
+    for r in rows:
+        assert r["runs"] == 3 and r["ms"] > 0 and r["ratio"] == pytest.approx(r["ms"] / base)
+    assert report["indexer_baseline"].endswith("indexer.py") and "--indexer-baseline" in report["command"]

@@ -8,7 +8,11 @@
 # tools/bench_train.py on the proof model, medians of steps 2-10, each stage's own length, batch, base
 # and mix: dense; NSA ranking by the exact score (v27's 8k and 32k stages); by the indexer with 4 heads
 # (a quarter of the exact score's per-head passes) and its loss on every 128th row; the same with the loss
-# off (nsa.indexer_loss=0: what the loss itself costs).
+# off (nsa.indexer_loss=0: what the loss itself costs). BASELINE=path: an earlier copy of
+# kernels/block_selection/indexer.py (in a folder carried with the call), whose loss alone is timed beside
+# the current one's (bench_selection_loss.py --indexer-baseline), e.g. from the repository's root:
+#   mkdir -p .baseline && git show f679137:kernels/block_selection/indexer.py > .baseline/indexer_f679137.py
+#   (.baseline/ in .git/info/exclude; carry [".whl", ".baseline"]; BASELINE=.baseline/indexer_f679137.py)
 set -u
 tag=${COMMIT:-unknown}
 which=${1:-all}  # all, 32k or 8k: the train-step lines to run (all of them may pass one call's 600 s)
@@ -16,10 +20,10 @@ source benchmarks/proof/setup.sh
 source benchmarks/gpu_checks/kernel_tests.sh
 kernel_tests indexer-$tag tests/kernels/test_indexer.py || exit 1
 # the layer and top-n alone at the proof's three stage shapes: sum, exact, indexer (4 heads, loss every 128th row)
-timeout 150 python3 tools/bench_selection_loss.py --strides --scores exact indexer --no-dense \
-  --out $OUT/indexer_layer-$tag.json > $OUT/indexer_layer-$tag.log 2>&1
+timeout 180 python3 tools/bench_selection_loss.py --strides --scores exact indexer --no-dense \
+  ${BASELINE:+--indexer-baseline $BASELINE} --out $OUT/indexer_layer-$tag.json > $OUT/indexer_layer-$tag.log 2>&1
 echo "$(date +%T) layer and top-n rc=$?"
-grep -E "layer|top-n" $OUT/indexer_layer-$tag.log
+grep -E "layer|top-n|indexer loss" $OUT/indexer_layer-$tag.log
 step() {  # name seq_len batch base mix score [--set ...]
   local name=$1 seq=$2 batch=$3 base=$4 mix=$5 score=$6; shift 6
   local stage="stages=[{name: bench, seq_len: $seq, steps: 10, global_batch_size: $batch, micro_batch_size: $batch,"
@@ -41,4 +45,5 @@ fi
 if [ "$which" != 32k ]; then
   step 8k-exact 8192 8 160000.0 "$mix8" exact --attention dense,nsa
   step 8k-indexer 8192 8 160000.0 "$mix8" indexer --attention nsa "${idx[@]}"
+  step 8k-indexer-noloss 8192 8 160000.0 "$mix8" indexer --attention nsa "${idx[@]}" --set nsa.indexer_loss=0
 fi

@@ -15,7 +15,7 @@
 #   (.baseline/ in .git/info/exclude; carry [".whl", ".baseline"]; BASELINE=.baseline/indexer_f679137.py)
 set -u
 tag=${COMMIT:-unknown}
-which=${1:-all}  # all, 32k or 8k: the train-step lines to run (all of them may pass one call's 600 s)
+which=${1:-all}  # all, 32k, 8k, or indexer (both stages' indexer lines, loss on and off, no exact or dense line)
 source benchmarks/proof/setup.sh
 source benchmarks/gpu_checks/kernel_tests.sh
 kernel_tests indexer-$tag tests/kernels/test_indexer.py || exit 1
@@ -37,6 +37,13 @@ step() {  # name seq_len batch base mix score [--set ...]
 mix32="{source: 0.3, passkey: 0.6, multikey_niah: 0.1, task_min_length: 1024}"
 mix8="{source: 0.3, passkey: 0.6, multikey_niah: 0.1, task_min_length: 2048}"
 idx=(--set nsa.indexer_heads=4 --set nsa.indexer_loss_stride=128)
+if [ "$which" = indexer ]; then
+  step 8k-indexer 8192 8 160000.0 "$mix8" indexer --attention nsa "${idx[@]}"
+  step 8k-indexer-noloss 8192 8 160000.0 "$mix8" indexer --attention nsa "${idx[@]}" --set nsa.indexer_loss=0
+  step 32k-indexer 32768 1 2560000.0 "$mix32" indexer --attention nsa "${idx[@]}"
+  step 32k-indexer-noloss 32768 1 2560000.0 "$mix32" indexer --attention nsa "${idx[@]}" --set nsa.indexer_loss=0
+  exit 0
+fi
 if [ "$which" != 8k ]; then
   step 32k-exact 32768 1 2560000.0 "$mix32" exact --attention dense,nsa
   step 32k-indexer 32768 1 2560000.0 "$mix32" indexer --attention nsa "${idx[@]}"

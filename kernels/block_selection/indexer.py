@@ -31,7 +31,9 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.common import acc_dtype, default_scale, device_tensor, group_queries, host_bounds, masked_kl, run_chunk
+from kernels.common import (
+    acc_dtype, default_scale, device_tensor, group_queries, host_bounds, masked_kl, run_chunk,
+)
 
 
 def indexer_init(heads: int, group: int, head_dim: int) -> torch.Tensor:
@@ -73,8 +75,10 @@ def indexer_inputs(caller: str, q: torch.Tensor, keys: torch.Tensor | None, weig
     return indexer_queries(q.detach(), weight.detach(), keys.shape[2]).to(q.dtype)
 
 
-# a loss chunk's rows x window keys at most: its group's fp32 logits take 128 MB at G = 16 (64 rows of 32K)
-_CHUNK_KEYS = 64 * 32768
+# a loss chunk's logits at most (rows x window keys x query heads): 256 MB in fp32. The chunk count sets the
+# loss's cost more than its size does: each chunk is ~150 kernel launches, forward and backward, and the
+# launches, not the arithmetic, took the time on the GPU (session 47)
+_CHUNK_LOGITS = 1 << 26
 
 
 class IndexerTerms(NamedTuple):
@@ -113,101 +117,96 @@ def indexer_loss_terms(
     their document) are left out before anything is computed: with one block both distributions are 1.
     The gradient reaches W only (q and keys are detached).
 
-    The rows go in chunks of at most chunk_size rows (and _CHUNK_KEYS rows x keys), each scored against
-    one window of keys from its first row's document start through its last row. The window lays each
-    document out from a multiple of l', so the blocks of every row's document are whole blocks of the
-    window, and a block's mass is a log-sum-exp over a reshape (no scatter). The target is computed outside
-    autograd and the prediction recomputed in the backward, so memory stays one chunk's worth. The rows are
-    found from host-side bounds and reach the device in one copy a chunk: no host-device synchronisation.
+    The scored rows of each document go in segments of at most chunk_size rows, each segment's window the
+    document's keys from its start through the segment's last row, so a row's blocks are whole blocks of
+    its window and a block's mass is a log-sum-exp over a reshape (no scatter). Segments are stacked into
+    chunks of [segments, rows, window] padded to the largest, at most _CHUNK_LOGITS logits each (one
+    segment a chunk at least). The target is computed outside autograd and the prediction recomputed in
+    the backward, so memory stays one chunk's worth. The rows are found from host-side bounds and reach the
+    device in one copy a chunk: no host-device synchronisation.
     """
     terms = [q.new_zeros((), dtype=torch.float32)] * 4
     q, keys = q.detach(), keys.detach()
     bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else [0, q_start + q.shape[1]]
-    rows = _scored_rows(bounds, q_start, q.shape[1], row_stride, 4 * selection_block)
+    segments = _segments(bounds, q_start, q.shape[1], row_stride, selection_block, chunk_size, q.shape[2])
     sizes = (selection_block, default_scale(q.shape[-1], scale), num_selected - 3)
-    for chunk in _chunks(rows, q_start, chunk_size, selection_block):
-        layout = _window(chunk, q_start, selection_block, q.device)
-        rows_q = q[:, layout.rows]
+    for chunk in _chunks(segments, q.shape[2]):
+        rows, seen, window = _layout(chunk, keys, q_start)
+        rows_q = q[:, rows]  # [B, N, R, HQ, D]
         with torch.no_grad():
-            target = _block_mass(rows_q, keys, layout, selection_block, sizes[1]).mean(dim=3)  # [B, R, HK, S]
-        chunk_terms = run_chunk(_chunk_terms, rows_q, weight, keys, layout, target, sizes)
+            target = _block_mass(rows_q, window, seen, selection_block, sizes[1]).mean(dim=-2)  # [B, N, R, HK, S]
+        chunk_terms = run_chunk(_chunk_terms, rows_q, weight, window, seen, target, sizes)
         terms = [total + part for total, part in zip(terms, chunk_terms)]
     return IndexerTerms(*terms)
 
 
-def _scored_rows(bounds: list[int], q_start: int, seq: int, row_stride: int, min_offset: int) -> list[tuple]:
-    """The scored rows as (local row, its document's first position), in order: rows 0, k, 2k, ... of the
-    seq queries from global position q_start that sit at least min_offset tokens into their document."""
-    rows = []
+def _segments(bounds, q_start, seq, row_stride, selection_block, chunk_size, heads) -> list[tuple]:
+    """The scored rows, rows 0, k, 2k, ... of the seq queries from global position q_start that sit at least
+    4 l' into their document, as segments (document start, [local rows], window): one document's
+    consecutive rows, at most chunk_size of them and, with their window (the keys from the document's start
+    through the last row, rounded up to whole blocks), at most _CHUNK_LOGITS logits for `heads` heads."""
+    segments = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        lo, hi = max(start + min_offset, q_start) - q_start, min(end, q_start + seq) - q_start
-        lo = _round_up(lo, row_stride)  # the first sampled row at or after it
-        rows.extend((row, start) for row in range(lo, hi, row_stride))
-    return rows
+        lo, hi = max(start + 4 * selection_block, q_start) - q_start, min(end, q_start + seq) - q_start
+        rows, span = [], 0
+        for row in range(_round_up(lo, row_stride), hi, row_stride):  # the first sampled row at or after lo
+            grown = _round_up(row + q_start - start + 1, selection_block)
+            if rows and (len(rows) == chunk_size or (len(rows) + 1) * grown * heads > _CHUNK_LOGITS):
+                segments.append((start, rows, span))
+                rows = []
+            rows.append(row)
+            span = grown
+        if rows:
+            segments.append((start, rows, span))
+    return segments
 
 
-def _chunks(rows: list[tuple], q_start: int, chunk_size: int, selection_block: int):
-    """Yields the rows in runs of at most chunk_size whose window (_window) holds at most _CHUNK_KEYS / rows
-    keys (one row a chunk at least)."""
-    lo = 0
-    while lo < len(rows):
-        hi, docs = lo + 1, {rows[lo][1]}
-        while hi < min(lo + chunk_size, len(rows)):
-            docs.add(rows[hi][1])
-            keys = rows[hi][0] + q_start + 1 - rows[lo][1] + len(docs) * selection_block  # an upper bound
-            if (hi + 1 - lo) * keys > _CHUNK_KEYS:
-                break
-            hi += 1
-        yield rows[lo:hi]
-        lo = hi
+def _chunks(segments: list[tuple], heads: int):
+    """Yields lists of segments whose stacked logits ([segments, most rows, longest window] x heads) stay
+    within _CHUNK_LOGITS (one segment a list at least), in order of window length."""
+    chunk, most_rows = [], 0
+    for segment in sorted(segments, key=lambda segment: segment[2]):  # the last one added has the longest window
+        rows, span = segment[1], segment[2]
+        if chunk and (len(chunk) + 1) * max(most_rows, len(rows)) * span * heads > _CHUNK_LOGITS:
+            yield chunk
+            chunk, most_rows = [], 0
+        chunk.append(segment)
+        most_rows = max(most_rows, len(rows))
+    if chunk:
+        yield chunk
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class _Window(NamedTuple):
-    """A chunk's key window on the device: window slot s holds global key key_of[s]; the chunk's rows
-    (local indices `rows`) each see the slots lo .. hi ([R, 1] each), lo a multiple of l' where the row's
-    document starts."""
-
-    rows: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
-    key_of: torch.Tensor
-
-
-def _window(chunk: list[tuple], q_start: int, selection_block: int, device) -> _Window:
-    """The chunk's window: each of its documents' keys, from the document's start through the chunk's
-    last row in it, laid out one after the other, each from a multiple of l' (padding between)."""
-    starts, firsts, slot = [], [], 0  # each document's first slot and first key
-    for row, doc in chunk:
-        if not firsts or doc != firsts[-1]:
-            starts.append(slot)
-            firsts.append(doc)
-        slot = starts[-1] + _round_up(row + q_start - doc + 1, selection_block)
-    lo = [starts[firsts.index(doc)] for _, doc in chunk]
-    hi = [start + row + q_start - doc for start, (row, doc) in zip(lo, chunk)]
-    table = device_tensor([r for r, _ in chunk] + lo + hi + starts + firsts, torch.int64, device)
-    count, docs = len(chunk), len(starts)
-    rows, lo, hi = table[:count], table[count : 2 * count, None], table[2 * count : 3 * count, None]
-    starts, firsts = table[3 * count : 3 * count + docs], table[3 * count + docs :]
-    slots = torch.arange(slot, device=device)
-    doc_of = torch.searchsorted(starts, slots, right=True) - 1
-    return _Window(rows, lo, hi, firsts[doc_of] + slots - starts[doc_of])
+def _layout(chunk: list[tuple], keys: torch.Tensor, q_start: int):
+    """A chunk's segments stacked: the local rows [N, R] (short segments padded with their last row), how
+    many keys before each row its document holds [N, R, 1] (-1 on padding: it sees nothing), and each
+    segment's window of keys from its document's start [B, N, S, HK, D], S whole blocks."""
+    most, span = max(len(rows) for _, rows, _ in chunk), max(span for _, _, span in chunk)
+    padded = [rows + rows[-1:] * (most - len(rows)) for _, rows, _ in chunk]
+    seen = [[row + q_start - start for row in rows] + [-1] * (most - len(rows)) for start, rows, _ in chunk]
+    starts = [start for start, _, _ in chunk]
+    table = device_tensor([x for rows in padded for x in rows] + [x for rows in seen for x in rows] + starts,
+                          torch.int64, keys.device)
+    count = len(chunk) * most
+    rows, seen = table[:count].view(len(chunk), most), table[count : 2 * count].view(len(chunk), most, 1)
+    index = (table[2 * count :, None] + torch.arange(span, device=keys.device)).clamp_max(keys.shape[1] - 1)
+    return rows, seen, keys[:, index]  # past the last key: any key, never visible
 
 
-def _chunk_terms(q, weight, keys, layout, target, sizes):
-    """IndexerTerms' four sums for one chunk of rows (q [B, R, HQ, D], the rows of layout, a _Window;
-    target: the group's mean mass [B, R, HK, S], S the window's blocks)."""
+def _chunk_terms(q, weight, window, seen, target, sizes):
+    """IndexerTerms' four sums for one chunk (q [B, N, R, HQ, D], window [B, N, S, HK, D], seen [N, R, 1];
+    target: the group's mean mass [B, N, R, HK, S / l'])."""
     selection_block, scale, free = sizes
-    pred = _block_mass(indexer_queries(q, weight, keys.shape[2]), keys, layout, selection_block, scale).mean(dim=3)
+    q_idx = indexer_queries(q.flatten(1, 2), weight, window.shape[3]).unflatten(1, q.shape[1:3])
+    pred = _block_mass(q_idx, window, seen, selection_block, scale).mean(dim=-2)
 
-    # the blocks top-n ranks: whole blocks after the document's block 0 and before the two local ones
-    first, current = layout.lo // selection_block, layout.hi // selection_block  # [R, 1] window block ids
-    ids = torch.arange(target.shape[-1], device=q.device)[None, :]
-    rankable = ((ids >= first + 1) & (ids <= current - 2))[None, :, None, :]  # [1, R, 1, S]
-    kl, scored = masked_kl(target, pred, rankable)  # [B, R, HK]
+    # the blocks top-n ranks: whole blocks after block 0 and before the two local ones
+    ids = torch.arange(target.shape[-1], device=q.device)
+    rankable = ((ids >= 1) & (ids <= seen // selection_block - 2))[None, :, :, None, :]  # [1, N, R, 1, S]
+    kl, scored = masked_kl(target, pred, rankable)  # [B, N, R, HK]
     overlap, choices = _shared_picks(target.detach(), pred.detach(), rankable, scored, free)
     return kl.sum(), scored.sum().float(), overlap, choices
 
@@ -224,17 +223,17 @@ def _shared_picks(target, pred, rankable, scored, free):
     return torch.where(choice, shared, 0).sum().float(), choice.sum().float() * free
 
 
-def _block_mass(q, keys, layout, selection_block, scale):
-    """Each query head's attention probability on each block of the window: q [B, R, HQ, D], keys
-    [B, S, HK, D], layout a _Window -> [B, R, HK, G, window blocks] float32 (float64 for float64 q); 0 off
-    the row's own document and past the row."""
+def _block_mass(q, window, seen, selection_block, scale):
+    """Each query head's attention probability on each block of its window: q [B, N, R, HQ, D], window
+    [B, N, S, HK, D], row r of segment n seeing the first seen[n, r] + 1 keys -> [B, N, R, HK, G, S / l']
+    float32 (float64 for float64 q)."""
     acc = acc_dtype(q)
-    window = keys[:, layout.key_of.clamp_max(keys.shape[1] - 1)]  # [B, K, HK, D] (padding: any key, masked)
-    logits = torch.einsum("brhgd,bkhd->brhgk", group_queries(q, keys.shape[2]).to(acc), window.to(acc)) * scale
-    slots = torch.arange(window.shape[1], device=q.device)[None, :]
-    visible = (slots >= layout.lo) & (slots <= layout.hi)  # [R, K]
+    batch, segments, rows, heads, dim = q.shape
+    qg = (q.to(acc) * scale).view(batch, segments, rows, window.shape[3], heads // window.shape[3], dim)
+    logits = torch.einsum("bnrhgd,bnkhd->bnrhgk", qg, window.to(acc))
+    visible = torch.arange(window.shape[2], device=q.device) <= seen  # [N, R, S]
     # a finite floor, not -inf: a block no key of which the row sees would give log-sum-exp -inf, and NaN
-    # gradients
-    logits = logits.masked_fill(~visible[None, :, None, None, :], torch.finfo(acc).min)
+    # gradients. In place: the product's backward does not read its output
+    logits.masked_fill_(~visible[None, :, :, None, None, :], torch.finfo(acc).min)
     block_lse = logits.unflatten(-1, (-1, selection_block)).logsumexp(dim=-1)
     return torch.exp(block_lse - block_lse.logsumexp(dim=-1, keepdim=True))

@@ -108,17 +108,20 @@ def test_loss_matches_a_loop_from_its_definition(q_start, docs, row_stride, chun
     assert choices > 0 and (terms.overlap.item(), terms.choices.item()) == (overlap, choices)
 
 
-def test_chunks_bounded_by_keys_give_the_same_terms(monkeypatch):
-    """A small _CHUNK_KEYS splits the rows into more chunks (one row a chunk at least), each with its own
-    window of documents; the sums stay those of one chunk."""
+def test_chunks_bounded_by_logits_give_the_same_terms(monkeypatch):
+    """A small _CHUNK_LOGITS splits the rows into more segments and chunks (one row a chunk at least); the
+    sums stay those of one chunk."""
     torch.manual_seed(6)
     q = torch.randn(1, 150, 4, 8, dtype=torch.float64)
     keys = torch.randn(1, 150, 1, 8, dtype=torch.float64)
     kw = dict(selection_block=8, num_selected=5, row_stride=3,
               cu_seqlens=torch.tensor([0, 41, 43, 100, 150], dtype=torch.int32))
     whole = indexer_loss_terms(q, _weight(2, 4, 8, seed=7), keys, **kw)
-    monkeypatch.setattr(indexer, "_CHUNK_KEYS", 200)
-    assert len(list(indexer._chunks(indexer._scored_rows([0, 41, 43, 100, 150], 0, 150, 3, 32), 0, 64, 8))) > 3
+    segments = indexer._segments([0, 41, 43, 100, 150], 0, 150, 3, 8, 64, 4)
+    assert len(list(indexer._chunks(segments, 4))) == 1 and len(segments) == 3  # documents 0, 2 and 3
+    monkeypatch.setattr(indexer, "_CHUNK_LOGITS", 800)
+    segments = indexer._segments([0, 41, 43, 100, 150], 0, 150, 3, 8, 64, 4)
+    assert len(segments) > 3 and len(list(indexer._chunks(segments, 4))) > len(segments) // 2
     split = indexer_loss_terms(q, _weight(2, 4, 8, seed=7), keys, **kw)
     assert whole.rows.item() > 0 and whole.choices.item() > 0
     for a, b in zip(whole, split):

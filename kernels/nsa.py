@@ -300,7 +300,8 @@ def compose_nsa(
     if indexer_loss:
         parts = [indexer_loss_terms(q[:, s.offset : s.offset + s.length], indexer, selection_keys,
                                     selection_block=selection_block, num_selected=num_selected, scale=scale,
-                                    q_start=s.start, cu_seqlens=cu_seqlens, row_stride=indexer_loss) for s in spans]
+                                    q_start=s.start, cu_seqlens=cu_seqlens, row_stride=indexer_loss, impl=impl)
+                 for s in spans]
         indexer_terms = IndexerTerms(*(sum(field) for field in zip(*parts)))
     return NSAResult(output, block_idx, lse_cmp, lse_slc, lse_win, selection_terms, indexer_terms)
 

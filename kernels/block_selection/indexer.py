@@ -105,6 +105,7 @@ def indexer_loss_terms(
     cu_seqlens: torch.Tensor | None = None,
     row_stride: int = 1,
     chunk_size: int = 64,
+    impl: str = "reference",
 ) -> IndexerTerms:
     """The indexer's summed KL over (row, KV head) terms, their count, and its recall of the exact score's
     free picks (IndexerTerms; n = num_selected).
@@ -121,10 +122,14 @@ def indexer_loss_terms(
     document's keys from its start through the segment's last row, so a row's blocks are whole blocks of
     its window and a block's mass is a log-sum-exp over a reshape (no scatter). Segments are stacked into
     chunks of [segments, rows, window] padded to the largest, at most _CHUNK_LOGITS logits each (one
-    segment a chunk at least). The target is computed outside autograd and the prediction recomputed in
-    the backward, so memory stays one chunk's worth. The rows are found from host-side bounds and reach the
-    device in one copy a chunk: no host-device synchronisation.
+    segment a chunk at least). The rows are found from host-side bounds and reach the device in one copy a
+    chunk: no host-device synchronisation. impl "reference": the blocks' log-sum-exps in PyTorch, the
+    target outside autograd and the prediction recomputed in the backward, so memory stays one chunk's
+    worth; "triton": in kernels (indexer_triton.py) that keep no [rows, heads, window] logits, nothing
+    recomputed (fp32, fp16 or bf16 inputs).
     """
+    if impl not in ("reference", "triton"):
+        raise ValueError(f"indexer_loss_terms: impl={impl!r}, expected 'reference' or 'triton'")
     terms = [q.new_zeros((), dtype=torch.float32)] * 4
     q, keys = q.detach(), keys.detach()
     bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else [0, q_start + q.shape[1]]
@@ -134,8 +139,11 @@ def indexer_loss_terms(
         rows, seen, window = _layout(chunk, keys, q_start)
         rows_q = q[:, rows]  # [B, N, R, HQ, D]
         with torch.no_grad():
-            target = _block_mass(rows_q, window, seen, selection_block, sizes[1]).mean(dim=-2)  # [B, N, R, HK, S]
-        chunk_terms = run_chunk(_chunk_terms, rows_q, weight, window, seen, target, sizes)
+            target = _block_mass(rows_q, window, seen, sizes, impl).mean(dim=-2)  # [B, N, R, HK, S]
+        if impl == "triton":
+            chunk_terms = _chunk_terms(rows_q, weight, window, seen, target, sizes, impl)
+        else:
+            chunk_terms = run_chunk(_chunk_terms, rows_q, weight, window, seen, target, sizes, impl)
         terms = [total + part for total, part in zip(terms, chunk_terms)]
     return IndexerTerms(*terms)
 
@@ -196,12 +204,12 @@ def _layout(chunk: list[tuple], keys: torch.Tensor, q_start: int):
     return rows, seen, keys[:, index]  # past the last key: any key, never visible
 
 
-def _chunk_terms(q, weight, window, seen, target, sizes):
+def _chunk_terms(q, weight, window, seen, target, sizes, impl):
     """IndexerTerms' four sums for one chunk (q [B, N, R, HQ, D], window [B, N, S, HK, D], seen [N, R, 1];
     target: the group's mean mass [B, N, R, HK, S / l'])."""
-    selection_block, scale, free = sizes
+    selection_block, _, free = sizes
     q_idx = indexer_queries(q.flatten(1, 2), weight, window.shape[3]).unflatten(1, q.shape[1:3])
-    pred = _block_mass(q_idx, window, seen, selection_block, scale).mean(dim=-2)
+    pred = _block_mass(q_idx, window, seen, sizes, impl).mean(dim=-2)
 
     # the blocks top-n ranks: whole blocks after block 0 and before the two local ones
     ids = torch.arange(target.shape[-1], device=q.device)
@@ -223,17 +231,27 @@ def _shared_picks(target, pred, rankable, scored, free):
     return torch.where(choice, shared, 0).sum().float(), choice.sum().float() * free
 
 
-def _block_mass(q, window, seen, selection_block, scale):
+def _block_mass(q, window, seen, sizes, impl):
     """Each query head's attention probability on each block of its window: q [B, N, R, HQ, D], window
     [B, N, S, HK, D], row r of segment n seeing the first seen[n, r] + 1 keys -> [B, N, R, HK, G, S / l']
-    float32 (float64 for float64 q)."""
-    acc = acc_dtype(q)
+    float32 (float64 for float64 q, impl "reference")."""
+    selection_block, scale, _ = sizes
     batch, segments, rows, heads, dim = q.shape
-    qg = (q.to(acc) * scale).view(batch, segments, rows, window.shape[3], heads // window.shape[3], dim)
-    logits = torch.einsum("bnrhgd,bnkhd->bnrhgk", qg, window.to(acc))
-    visible = torch.arange(window.shape[2], device=q.device) <= seen  # [N, R, S]
-    # a finite floor, not -inf: a block no key of which the row sees would give log-sum-exp -inf, and NaN
-    # gradients. In place: the product's backward does not read its output
-    logits.masked_fill_(~visible[None, :, :, None, None, :], torch.finfo(acc).min)
-    block_lse = logits.unflatten(-1, (-1, selection_block)).logsumexp(dim=-1)
+    kv_heads = window.shape[3]
+    if impl == "triton":
+        # imported on first use, as kernels.nsa.branch_ops does: importing this module must not define kernels
+        from kernels.block_selection.indexer_triton import block_lse_triton
+
+        block_lse = block_lse_triton(q, window, seen, selection_block, scale)
+        block_lse = block_lse.view(batch, segments, rows, kv_heads, heads // kv_heads, -1)
+    else:
+        acc = acc_dtype(q)
+        qg = (q.to(acc) * scale).view(batch, segments, rows, kv_heads, heads // kv_heads, dim)
+        logits = torch.einsum("bnrhgd,bnkhd->bnrhgk", qg, window.to(acc))
+        visible = torch.arange(window.shape[2], device=q.device) <= seen  # [N, R, S]
+        # the lowest finite fp32, not -inf: a block no key of which the row sees would give log-sum-exp -inf,
+        # and NaN gradients (the kernels write it for such blocks). In place: the product's backward does
+        # not read its output
+        logits.masked_fill_(~visible[None, :, :, None, None, :], torch.finfo(torch.float32).min)
+        block_lse = logits.unflatten(-1, (-1, selection_block)).logsumexp(dim=-1)
     return torch.exp(block_lse - block_lse.logsumexp(dim=-1, keepdim=True))

@@ -191,7 +191,7 @@ def test_the_cost_benchmark_times_the_layer_with_and_without_the_loss(tmp_path):
 @pytest.mark.timeout(180)
 def test_bench_indexer_loss_lines_beside_a_baseline(tmp_path):
     """tools/bench_selection_loss.py --scores indexer --indexer-baseline: the indexer's loss alone, on one
-    document a sequence and on packed ones, for the current version and for an earlier copy of its module
+    document a sequence and on packed ones, through PyTorch and through an earlier copy of its module
     (here the current file itself), each the median of its timed runs against the layer's time."""
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "indexer.json"
@@ -201,8 +201,8 @@ def test_bench_indexer_loss_lines_beside_a_baseline(tmp_path):
                    cwd=root, check=True, timeout=170, capture_output=True)
     report = json.loads(out.read_text())
     rows = [r for r in report["rows"] if "indexer_loss" in r]
-    assert [(r["indexer_loss"], r["packed"]) for r in rows] == [
-        ("current", False), ("baseline", False), ("current", True), ("baseline", True)]
+    assert [(r["indexer_loss"], r["packed"]) for r in rows] == [  # no "kernels" line with --impl reference
+        ("pytorch", False), ("baseline", False), ("pytorch", True), ("baseline", True)]
     base = report["rows"][0]["ms"]
     for r in rows:
         assert r["runs"] == 3 and r["ms"] > 0 and r["ratio"] == pytest.approx(r["ms"] / base)

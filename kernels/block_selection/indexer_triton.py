@@ -23,10 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot_precision, launch_params, pow2
+from kernels.triton_utils import launch_params, pow2
 
 FLOOR = torch.finfo(torch.float32).min  # a block no key of which the row sees
 BLOCK_M = 64  # (row, head) pairs a program
+# The dots of fp32 queries (the indexer's) in tf32 on the GPU: in full fp32 (ieee) the forward and the
+# backward spill 5.7 and 13.9 KB a program at the proof's shapes, in tf32 none (sm_90a offline compile,
+# benchmarks/indexer-kernels-offline.py); the loss learns toward an estimate of the attention anyway.
+# bf16 and fp16 dots ignore it; the interpreter computes in full precision.
+PRECISION = "tf32"
 # Launch parameters set over the defaults (BLOCK_M, num_warps), per kernel: "fwd", "bwd"; empty in use
 LAUNCH: dict[str, dict] = {}
 
@@ -68,12 +73,12 @@ def _block_logits(k, q_rows, row_seen, seg, hk, j, S, scale, HK: tl.constexpr, D
 def _block_lse_fwd(q, k, seen, lse, scale, R, NB, S, HQ: tl.constexpr, HK: tl.constexpr, GQ: tl.constexpr,
                    D: tl.constexpr, L: tl.constexpr, FLOOR: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    seg, hk, m_ok, out_row, _, _, q_rows, row_seen = _tile(q, seen, R, HQ, HK, GQ, D, BLOCK_M, BLOCK_D)
+    seg, hk, m_ok, out_row, q_offs, q_mask, q_rows, row_seen = _tile(q, seen, R, HQ, HK, GQ, D, BLOCK_M, BLOCK_D)
     farthest = tl.max(row_seen, 0)
     for j in range(0, NB):
         out = tl.full([BLOCK_M], FLOOR, tl.float32)
         if j * L <= farthest:
-            _, s = _block_logits(k, q_rows, row_seen, seg, hk, j, S, scale, HK, D, L, BLOCK_L, BLOCK_D,
+            keys, s = _block_logits(k, q_rows, row_seen, seg, hk, j, S, scale, HK, D, L, BLOCK_L, BLOCK_D,
                                          PRECISION)
             top = tl.max(s, 1)
             top = tl.where(top == float("-inf"), 0.0, top)
@@ -119,7 +124,8 @@ class BlockLSE(torch.autograd.Function):
         launch, grid = _launch("fwd", q, window)
         _block_lse_fwd[grid](q, window, seen, lse, scale, rows, blocks, window.shape[1], HQ=heads,
                              HK=window.shape[2], GQ=heads // window.shape[2], D=dim, L=selection_block,
-                             FLOOR=FLOOR, BLOCK_L=pow2(selection_block), BLOCK_D=pow2(dim), PRECISION=dot_precision(q.dtype), **launch)
+                             FLOOR=FLOOR, BLOCK_L=pow2(selection_block), BLOCK_D=pow2(dim), PRECISION=PRECISION,
+                             **launch)
         ctx.save_for_backward(q, window, seen, lse)
         ctx.scale, ctx.selection_block = scale, selection_block
         return lse
@@ -133,7 +139,7 @@ class BlockLSE(torch.autograd.Function):
         _block_lse_bwd[grid](q, window, seen, lse, dlse.contiguous(), dq, ctx.scale, rows, lse.shape[-1],
                              window.shape[1], HQ=heads, HK=window.shape[2], GQ=heads // window.shape[2], D=dim,
                              L=ctx.selection_block, BLOCK_L=pow2(ctx.selection_block), BLOCK_D=pow2(dim),
-                             PRECISION=dot_precision(q.dtype), **launch)
+                             PRECISION=PRECISION, **launch)
         return dq, None, None, None, None
 
 

@@ -157,7 +157,8 @@ def test_block_lse_kernels_match_pytorch(dtype):
     empty = want <= FLOOR / 2
     assert empty.any() and (~empty).any()
     assert torch.equal(got <= FLOOR / 2, empty) and (got[empty] == FLOOR).all()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # fp32 dots run in tf32 on the GPU (indexer_triton.PRECISION), in full precision interpreted
+    tol = (1e-5 if DEVICE == "cpu" else 5e-3) if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got[~empty], want[~empty].detach(), rtol=tol, atol=tol)
     grad = torch.randn_like(got) * ~empty
     (got_grad,) = torch.autograd.grad((got * grad).sum(), leaf)
@@ -169,7 +170,8 @@ def test_block_lse_kernels_match_pytorch(dtype):
 @pytest.mark.timeout(240)
 def test_loss_through_the_kernels_matches_pytorch():
     """indexer_loss_terms with impl "triton" (the kernels, nothing recomputed) against "reference", fp32:
-    the same KL, rows, recall counts and weight gradient over packed documents from a CP chunk's offset."""
+    the same KL, rows, recall counts and weight gradient over packed documents from a CP chunk's offset
+    (on the GPU within tf32's rounding)."""
     require_backend()
     torch.manual_seed(9)
     q = torch.randn(1, 150, 8, 16, device=DEVICE)
@@ -184,10 +186,13 @@ def test_loss_through_the_kernels_matches_pytorch():
         results.append((terms, weight.grad))
     (ref, ref_grad), (tri, tri_grad) = results
     assert ref.rows.item() > 0 and ref.choices.item() > 0
-    assert [ref.rows.item(), ref.overlap.item(), ref.choices.item()] == [tri.rows.item(), tri.overlap.item(),
-                                                                         tri.choices.item()]
-    torch.testing.assert_close(tri.kl, ref.kl, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(tri_grad, ref_grad, rtol=1e-4, atol=1e-6 * ref_grad.abs().max().item())
+    assert (ref.rows.item(), ref.choices.item()) == (tri.rows.item(), tri.choices.item())
+    # tf32 dots on the GPU (indexer_triton.PRECISION) may swap two near-tied blocks in a ranking
+    swaps = 0 if DEVICE == "cpu" else 0.05 * ref.choices.item()
+    assert abs(ref.overlap.item() - tri.overlap.item()) <= swaps
+    tol = 1e-4 if DEVICE == "cpu" else 2e-2
+    torch.testing.assert_close(tri.kl, ref.kl, rtol=tol, atol=tol * 1e-2)
+    torch.testing.assert_close(tri_grad, ref_grad, rtol=tol, atol=tol * 1e-2 * ref_grad.abs().max().item())
 
 
 def test_only_the_weight_learns_and_training_lowers_the_loss():

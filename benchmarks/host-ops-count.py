@@ -4,6 +4,8 @@ where each operator costs a few microseconds of Python and dispatch and each lau
 
     python benchmarks/host-ops-count.py nsa 2      # attention, layers; about 12 minutes on 2 cores
     python benchmarks/host-ops-count.py dense 2    # seconds
+    python benchmarks/host-ops-count.py nsa 2 frames  # and each operator charged to the innermost frame
+                                                      # of this repository's code (file:function) that ran it
 
 The proof model's NSA settings (l=16 d=8 l'=64 n=16 w=64, shared K/V, phi mean, compressed keys RoPE'd at
 their blocks) at a small width (hidden 64, 4 query heads, 1 KV head, head dim 16), one 1K sequence of
@@ -27,12 +29,30 @@ from nsa_dist.config import load_config
 from nsa_dist.trainer import TrainingHooks, train
 
 STATE = {"on": False, "paused": 0}
-OPS = collections.Counter(); LAUNCHES = collections.Counter()
+OPS = collections.Counter(); LAUNCHES = collections.Counter(); FRAMES = collections.Counter()
+ROOT = str(Path(__file__).resolve().parents[1]) + os.sep
+BY_FRAME = sys.argv[3:] == ["frames"]
+if BY_FRAME:
+    sys.argv = sys.argv[:3]
+
+
+def innermost_frame() -> str:
+    """file:function of the innermost frame of this repository's code (not this script, not the CPU redirect of
+    nsa_dist/megatron_cpu.py, which sees every operator), or "(outside ...)": Megatron, torch, autograd."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(ROOT) and not name.startswith((ROOT + "benchmarks/", ROOT + ".venv/", ROOT + "nsa_dist/megatron_cpu.py")):
+            return f"{name[len(ROOT):]}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "(outside: autograd engine, optimizer, torch)"
 
 class Count(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if STATE["on"] and not STATE["paused"]:
             OPS[str(func.overloadpacket.__name__)] += 1
+            if BY_FRAME:
+                FRAMES[innermost_frame()] += 1
         return func(*args, **(kwargs or {}))
 
 original = interp.InterpretedFunction.run
@@ -80,3 +100,7 @@ except Exception as error:  # the final checkpoint fails under the dispatch mode
 print(f"{attention}, {layers} layers: {sum(OPS.values())} aten ops, {sum(LAUNCHES.values())} Triton launches in one step")
 print("  top ops:", OPS.most_common(25))
 print("  launches:", dict(LAUNCHES))
+if BY_FRAME:
+    print("  by frame:")
+    for frame, count in FRAMES.most_common(40):
+        print(f"    {count:6d}  {frame}")

@@ -140,7 +140,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     halves a, b; per half that is a * cos_a - b * sin_a and b * cos_b + a * sin_b, the same roundings (a
     negated product is exact, and adding it is subtracting), so the same bits, without the two
     concatenations (the half turn, then the rotated channels beside the rest) that were most of RoPE's
-    memory traffic. The transposed rotation: a * cos_a + b * sin_b and b * cos_b - a * sin_a."""
+    memory traffic. The transposed rotation: a * cos_a + b * sin_b and b * cos_b - a * sin_a. On the GPU
+    one Triton kernel computes the same, to the bit (kernels/rope.py): seven launches a call become one."""
+    if x.is_cuda:
+        from kernels.rope import rotate_triton  # imported on first use, as kernels.nsa.branch_ops does
+
+        return rotate_triton(x, cos, sin, inverse)
     half, r = cos.shape[-1] // 2, cos.shape[-1]
     a, b = x[..., :half], x[..., half:r]
     cos_a, cos_b, sin_a, sin_b = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]

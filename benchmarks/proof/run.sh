@@ -17,6 +17,7 @@ if [ "${PRECHECK:-0}" = 1 ]; then
   source benchmarks/gpu_checks/kernel_tests.sh
   kernel_tests $cfg tests/kernels/test_triton_gate_combine.py tests/kernels/test_triton_nsa.py \
     tests/kernels/test_triton_selected_attention.py tests/kernels/test_triton_window_attention.py \
+    tests/kernels/test_rope.py \
     || { echo "not starting $cfg"; exit 1; }
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

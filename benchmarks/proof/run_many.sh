@@ -41,12 +41,13 @@ done
 [ ${#names[@]} -le 4 ] || { echo "spec $spec names ${#names[@]} runs: the device tool returns 8 files (a log"\
   "and a tar a run), so give at most 4"; exit 1; }
 source benchmarks/proof/setup.sh
-# PRECHECK=1: the selected-attention and NSA kernel tests on this GPU first (as in run.sh), or the test
-# files PRECHECK_TESTS names (e.g. tests/kernels/test_indexer.py for a run ranked by the indexer); a
-# failure starts no run
+# PRECHECK=1: the selected-attention, NSA and RoPE kernel tests on this GPU first (as in run.sh), or the
+# test files PRECHECK_TESTS names (e.g. tests/kernels/test_indexer.py for a run ranked by the indexer) and
+# the RoPE kernel's, which dense runs take too; a failure starts no run
 if [ "${PRECHECK:-0}" = 1 ]; then
   source benchmarks/gpu_checks/kernel_tests.sh
   kernel_tests "${names[0]}" ${PRECHECK_TESTS:-tests/kernels/test_triton_selected_attention.py tests/kernels/test_triton_nsa.py} \
+    tests/kernels/test_rope.py \
     || { echo "starting none of ${names[*]}"; exit 1; }
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

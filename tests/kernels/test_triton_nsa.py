@@ -97,6 +97,35 @@ def test_packed_documents_read_nothing_back_from_the_device(monkeypatch, kv_pair
     assert torch.equal(outputs[0], outputs[1])
 
 
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_zero_length_documents_change_nothing(impl):
+    """Repeated boundaries (empty documents inside and after the last, as a packer that pads cu_seqlens to a
+    fixed count for a CUDA graph would write them) give the output and gradients of the unpadded bounds."""
+    require_backend()
+    from kernels.common import device_tensor, remember_bounds
+
+    torch.manual_seed(0)
+    q = randn(1, T, 2, 32)
+    kv = [(randn(1, T, 1, 32), randn(1, T, 1, 16)) for _ in range(3)]
+    gates = torch.rand(1, T, 2, 3, device=DEVICE).requires_grad_()
+    leaves = [q, *kv[0], *kv[1], *kv[2], gates]
+    phi = partial(mean_compress, block_size=16, stride=8)
+    sizes = dict(block_size=16, stride=8, selection_block=16, num_selected=4, window=24)
+    upstream = randn(1, T, 2, 16, grad=False)
+    results = []
+    for bounds in ([0, 50, 51, 115, T], [0, 50, 50, 51, 115, T, T, T]):
+        cu_seqlens = device_tensor(bounds, torch.int32, DEVICE)
+        remember_bounds(cu_seqlens, bounds)
+        out = native_sparse_attention(q, *kv, gates, phi, phi, **sizes, impl=impl, cu_seqlens=cu_seqlens,
+                                      selection_score="exact")
+        results.append((out, torch.autograd.grad((out.output * upstream).sum(), leaves)))
+    (plain, plain_grads), (padded, padded_grads) = results
+    assert torch.equal(padded.block_idx, plain.block_idx)
+    assert_close("output", padded.output, plain.output, torch.float32)
+    for i, (g, g_plain) in enumerate(zip(padded_grads, plain_grads)):
+        assert_close(f"grad of leaf {i}", g, g_plain, torch.float32)
+
 def test_strided_q_and_gates_are_made_dense_once():
     """In training q and the gates are slices of the fused projection's output (q's channels, the gate
     channels beside them), so neither is dense. Four branch calls read q and the kernels' wrappers need

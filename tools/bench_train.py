@@ -28,6 +28,14 @@ waits for the device), and until the device has run them (a synchronize there). 
 after the host queued its last kernel, it waited for the host all along: the step is host-bound, and fewer or
 cheaper launches would shorten it. If it finishes well after, the host was ahead and the device sets the pace.
 
+With --graph-ceiling (GPU), the last step's micro-batches are held fixed after its own forward and backward:
+run eagerly a few times (the host's queueing and the device's finish), then captured into one CUDA graph and
+replayed. The capture freezes every layout built for those batches, as a graph over layouts of fixed capacity
+would (benchmarks/graph-readiness.py lists what changes between micro-batches today), so the replay's time is
+the floor a graphed step could reach, and the eager time over it what graphs could save. A capture that fails
+is reported with its error and where it came from. The extra runs add to the last step's gradients, so the
+bench's last optimizer step is not a real one.
+
 With --compile-report, every Triton compile of the run is recorded (Triton's compilation listener): the step it
 came in, the kernel, its seconds, whether the on-disk cache served it, and what set it apart from the same
 kernel's other compiles (an autotune candidate's tiles and warps, or an integer argument that was divisible by
@@ -83,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--host-check", action="store_true",
                         help="time each step's queueing of forward+backward on the host against the device's run "
                              "of it (steps 2 to the last): is the step host-bound?")
+    parser.add_argument("--graph-ceiling", action="store_true",
+                        help="after the last step, time its micro-batches eagerly and as a replayed CUDA graph (GPU)")
     parser.add_argument("--compile-report", action="store_true",
                         help="record every Triton compile: step, kernel, seconds, what set its variant apart")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/train_<seq_len>.json)")
@@ -327,6 +337,90 @@ class HostCheck:
                 "queued_ms": [q * 1e3 for q in self.queued], "done_ms": [d * 1e3 for d in self.done]}
 
 
+class GraphCeiling:
+    """--graph-ceiling: wraps the trainer's forward-backward function and its gradient finalization. After the
+    last training call returns, its micro-batches are drawn anew from the iterator once and held: run eagerly
+    REPEATS + 1 times (the first not counted), then three times on a side stream (the warm-up a capture needs:
+    its allocations), then captured into a CUDA graph and replayed REPEATS + 1 times. The finalization is
+    skipped in these runs: it is the step's first wait for the device (HostCheck), and a wait cannot be
+    captured. The result is printed as soon as it is measured, in case what follows a failed capture fails."""
+
+    REPEATS = 5
+
+    def __init__(self, steps: int, line: str):
+        self.steps, self.line = steps, line
+        self.calls = 0
+        self.skip_finalize = False
+        self.result: dict | None = None
+
+    def wrap(self, forward_backward):
+        def run(**kwargs):
+            losses = forward_backward(**kwargs)
+            if not kwargs.get("forward_only"):
+                self.calls += 1
+                if self.calls == self.steps:
+                    self.result = self.measure(forward_backward, kwargs)
+            return losses
+
+        return run
+
+    def wrap_finalize(self, finalize):
+        def run(*args, **kwargs):
+            return None if self.skip_finalize else finalize(*args, **kwargs)
+
+        return run
+
+    def measure(self, forward_backward, kwargs) -> dict:
+        batches = [next(kwargs["data_iterator"]) for _ in range(kwargs["num_microbatches"])]
+
+        def once():
+            forward_backward(**{**kwargs, "data_iterator": iter(batches)})
+
+        def timed(run) -> tuple[float, float]:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            queued = time.perf_counter() - start
+            torch.cuda.synchronize()
+            return queued, time.perf_counter() - start
+
+        self.skip_finalize = True
+        try:
+            eager = [timed(once) for _ in range(self.REPEATS + 1)][1:]
+            result = {"micro_batches": len(batches), "eager_host_queued_ms": median(q for q, _ in eager) * 1e3,
+                      "eager_device_done_ms": median(d for _, d in eager) * 1e3}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    once()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    once()
+            except Exception as error:  # what a graph of the step would have to get rid of first
+                frames = traceback.extract_tb(error.__traceback__)
+                ours = [f for f in frames if f.filename.startswith(str(ROOT)) and "tools/" not in f.filename]
+                at = (ours or frames)[-1]
+                result["capture_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+                result["capture_error_at"] = f"{at.filename}:{at.lineno} ({at.name})"
+                print(f"\n{self.line}: CUDA graph capture failed at {result['capture_error_at']}: "
+                      f"{result['capture_error']}", flush=True)
+                return result
+            replays = [timed(graph.replay) for _ in range(self.REPEATS + 1)][1:]
+            result["graph_replay_ms"] = median(d for _, d in replays) * 1e3
+            result["eager_over_graph"] = result["eager_device_done_ms"] / result["graph_replay_ms"]
+            del graph
+            print(f"\n{self.line}: forward+backward of one fixed step, medians of {self.REPEATS}: eager queued by the "
+                  f"host in {result['eager_host_queued_ms']:.1f} ms and run in {result['eager_device_done_ms']:.1f} "
+                  f"ms; as a replayed CUDA graph {result['graph_replay_ms']:.1f} ms "
+                  f"({result['eager_over_graph']:.2f}x)", flush=True)
+            return result
+        finally:
+            self.skip_finalize = False
+
+
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -352,7 +446,7 @@ def bench(args, line: str) -> dict:
     compiles = CompileRecorder() if args.compile_report else None
     if compiles:
         compiles.start()
-    pace = HostCheck() if args.host_check else None
+    pace = HostCheck() if args.host_check else GraphCeiling(args.steps, line) if args.graph_ceiling else None
     forward_backward_func, finalize_grads = trainer.get_forward_backward_func, trainer.finalize_grads
     if pace:
         trainer.get_forward_backward_func = lambda: pace.wrap(forward_backward_func())
@@ -383,7 +477,9 @@ def bench(args, line: str) -> dict:
         result["host_profile"] = host.report()
         result["host_profiled_steps"] = args.steps - 1
         print(f"\n{line}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
-    if pace:
+    if isinstance(pace, GraphCeiling):
+        result["graph_ceiling"] = pace.result
+    elif pace:
         result["host_check"] = pace.report()
         check = result["host_check"]
         print(f"\n{line}: forward+backward of steps 2-{args.steps}, medians: queued by the host in "
@@ -423,6 +519,10 @@ def main() -> None:
         sys.exit(f"error: --host-check times steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
     if args.sync_check and args.steps < 2:
         sys.exit(f"error: --sync-check records steps 2 to the last, and --steps={args.steps}: pass --steps 2 or more")
+    if args.graph_ceiling and not torch.cuda.is_available():
+        sys.exit("error: --graph-ceiling needs a GPU: it captures a CUDA graph; run it on the GPU machine")
+    if args.graph_ceiling and args.host_check:
+        sys.exit("error: --graph-ceiling and --host-check both time the forward and backward: pass one of them")
     unknown = [line for line in args.attention.split(",") if line not in ATTENTION_LINES]
     if unknown:
         sys.exit(f"error: --attention {args.attention}: {unknown} not among {', '.join(ATTENTION_LINES)}")

@@ -10,6 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -63,6 +65,10 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
     one_step = subprocess.run(command[:command.index("--steps")] + ["--steps", "1", "--host-check", "--out", str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert one_step.returncode != 0 and "--host-check times steps 2 to the last, and --steps=1" in one_step.stderr
+    if not torch.cuda.is_available():  # --graph-ceiling captures a CUDA graph: refused on CPU, with the reason
+        refused = subprocess.run(command[:command.index("--profile")] + ["--graph-ceiling", "--out", str(out)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "--graph-ceiling needs a GPU" in refused.stderr
 
 
 def _synchronizes(times):

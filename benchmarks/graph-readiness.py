@@ -14,6 +14,7 @@ matter here), so it takes seconds on CPU.
 
     python benchmarks/graph-readiness.py            # T = 2 x 2048, documents as the proof's 2K stage packs them
     python benchmarks/graph-readiness.py --seq 8192 --score exact
+    python benchmarks/graph-readiness.py --pad-documents 64   # cu_seqlens padded to a fixed count first
 """
 import argparse
 import collections
@@ -88,6 +89,15 @@ def proof_documents(seq: int, sequences: int, rng: random.Random) -> list[int]:
     return sorted(set(bounds))
 
 
+def padded(bounds: list[int], count: int) -> list[int]:
+    """bounds with zero-length documents after the last, `count` + 1 boundaries in all: the fixed-count
+    cu_seqlens a packer would write for a CUDA graph (tests/kernels/test_triton_nsa.py checks that such
+    documents change no result)."""
+    if len(bounds) > count + 1:
+        sys.exit(f"--pad-documents {count}: a micro-batch holds {len(bounds) - 1} documents; give at least that many")
+    return bounds + [bounds[-1]] * (count + 1 - len(bounds))
+
+
 def run_layer(seq: int, sequences: int, bounds: list[int], score: str) -> list:
     torch.manual_seed(0)
     heads, dim = 16, 16
@@ -113,12 +123,16 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048, help="tokens a sequence (default 2048, the first stage)")
     p.add_argument("--sequences", type=int, default=2, help="sequences packed into the micro-batch")
     p.add_argument("--score", default="sum", choices=["sum", "exact"], help="top-n's score (the proof: sum at 2K)")
+    p.add_argument("--pad-documents", type=int, default=0, metavar="N",
+                   help="pad both micro-batches' cu_seqlens to N documents with empty ones (what remains then)")
     a = p.parse_args()
     if a.seq < 512 or a.sequences < 1:
         sys.exit(f"--seq {a.seq} --sequences {a.sequences}: give at least 512 tokens and one sequence")
     interp.InterpretedFunction.run = record_launch
-    runs = [run_layer(a.seq, a.sequences, proof_documents(a.seq, a.sequences, random.Random(seed)), a.score)
-            for seed in (1, 2)]
+    documents = [proof_documents(a.seq, a.sequences, random.Random(seed)) for seed in (1, 2)]
+    if a.pad_documents:
+        documents = [padded(bounds, a.pad_documents) for bounds in documents]
+    runs = [run_layer(a.seq, a.sequences, bounds, a.score) for bounds in documents]
     for n, run in enumerate(runs, 1):
         kinds = collections.Counter(kind for kind, _, _ in run)
         print(f"micro-batch {n}: {kinds['launch']} Triton launches, {kinds['op']} PyTorch operators")

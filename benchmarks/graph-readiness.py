@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--pad-documents", type=int, default=0, metavar="N",
                    help="pad both micro-batches' cu_seqlens to N documents with empty ones (what remains then)")
     a = p.parse_args()
+    if a.pad_documents < 0:
+        sys.exit(f"--pad-documents {a.pad_documents}: give a number of documents, or 0 (the default) for no padding")
     if a.seq < 512 or a.sequences < 1:
         sys.exit(f"--seq {a.seq} --sequences {a.sequences}: give at least 512 tokens and one sequence")
     interp.InterpretedFunction.run = record_launch

@@ -15,6 +15,10 @@
 set -u
 names=("${@:-v28_idx4_s3}")
 spec=benchmarks/proof/probes/v28_indexer.spec
+for name in "${names[@]}"; do
+  grep -q "^$name " $spec || { echo "$spec has no run called $name: give one of" \
+    "$(grep -o '^v28[a-z0-9_]*' $spec | tr '\n' ' ')"; exit 1; }
+done
 LIMIT=${LIMIT:-480} bash benchmarks/proof/run_many.sh $spec "${names[@]}"
 source benchmarks/proof/setup.sh > /dev/null
 evals=/tmp/v28_ab_evals

@@ -340,8 +340,7 @@ class HostCheck:
 class GraphCeiling:
     """--graph-ceiling: wraps the trainer's forward-backward function and its gradient finalization. After the
     last training call returns, its micro-batches are drawn anew from the iterator once and held: run eagerly
-    REPEATS + 1 times (the first not counted), then three times on a side stream (the warm-up a capture needs:
-    its allocations), then captured into a CUDA graph and replayed REPEATS + 1 times. The finalization is
+    REPEATS + 1 times (the first not counted; the warm-up a capture needs), then captured into a CUDA graph and replayed REPEATS + 1 times. The finalization is
     skipped in these runs: it is the step's first wait for the device (HostCheck), and a wait cannot be
     captured. The result is printed as soon as it is measured, in case what follows a failed capture fails."""
 
@@ -389,15 +388,12 @@ class GraphCeiling:
             eager = [timed(once) for _ in range(self.REPEATS + 1)][1:]
             result = {"micro_batches": len(batches), "eager_host_queued_ms": median(q for q, _ in eager) * 1e3,
                       "eager_device_done_ms": median(d for _, d in eager) * 1e3}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    once()
-            torch.cuda.current_stream().wait_stream(side)
+            # the whole run is on bench()'s side stream, so the capture uses it: a capture on another stream
+            # would meet the autograd engine syncing with the stream Megatron's DDP hooks were made on
+            stream = torch.cuda.current_stream()
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, stream=stream):
                     once()
             except Exception as error:  # what a graph of the step would have to get rid of first
                 frames = traceback.extract_tb(error.__traceback__)
@@ -451,8 +447,13 @@ def bench(args, line: str) -> dict:
     if pace:
         trainer.get_forward_backward_func = lambda: pace.wrap(forward_backward_func())
         trainer.finalize_grads = pace.wrap_finalize(finalize_grads)
+    # a CUDA graph is captured on a stream other than the default one, and the autograd engine waits for the
+    # stream each parameter's gradient-accumulation node was made on (Megatron's DDP keeps them from its
+    # start): so with --graph-ceiling the whole run, model building included, goes on one side stream
+    stream = torch.cuda.Stream() if args.graph_ceiling else None
     try:
-        history = train(config, [PrintStep(line)] + [hook for hook in (profile, host, syncs, compiles) if hook]).history
+        with torch.cuda.stream(stream):
+            history = train(config, [PrintStep(line)] + [h for h in (profile, host, syncs, compiles) if h]).history
     finally:
         nsa_composition.WINDOW_SERVES_SELECTION = True
         trainer.get_forward_backward_func, trainer.finalize_grads = forward_backward_func, finalize_grads

@@ -880,6 +880,11 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
     batch, seq = q.shape[:2]
     doc_start, block_base, block_start, block_end = layout
     defaults = {**_forward_launch(q, v), **_tma_by_default("fwd", q, k, v)}
+    if defaults.get("TMA") and q.shape[-1] == v.shape[-1] == 128:
+        # through TMA at D = 128: 32-key parts and 3 stages, 1.04-1.07x of whole blocks and 2 stages at 8K-128K
+        # alone, the layer's forward 1.004-1.007x at 64K (one H100, G=16, bf16; session 49 in
+        # benchmarks/kernels-notes.md); other head dims keep the H200's choice above, not yet swept
+        defaults.update(num_stages=3, BLOCK_K=min(32, consts["BLOCK_S"]))
     if want_slot_lse:
         # the slot sums' registers: at G = 16, D = 128, 2 warps, whole 64-key blocks spill 16 bytes (255
         # registers, an sm_90a compile by benchmarks/selected-occupancy-offline.py); 32-key parts take

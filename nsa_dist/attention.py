@@ -240,6 +240,11 @@ class NSACoreAttention(MegatronModule):
         if nsa.indexer_heads:
             group = model.num_query_heads // model.num_kv_heads
             self.indexer = nn.Parameter(indexer_init(nsa.indexer_heads, group, model.head_dim_k))
+            # Left out of the global gradient norm that clipping divides every gradient by, so that the
+            # indexer moves no other weight even through clipping: Megatron's optimizers leave a parameter
+            # marked `shared` out of that norm (and carry the mark to their fp32 and sharded copies). The
+            # clip factor still scales W's gradient, which Adam's step all but ignores.
+            self.indexer.shared = True
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

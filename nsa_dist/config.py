@@ -81,7 +81,7 @@ class NSAConfig:
     # score, by its own loss on detached inputs: KL from the group's exact attention mass over the blocks
     # top-n ranks to the indexer's, on every indexer_loss_stride-th query row, added as indexer_loss x (mean
     # KL) per token (MLflow: indexer_loss; indexer_recall, the share of the exact score's free picks it makes
-    # too). It moves no other weight (gradient clipping's norm counts its gradient, though).
+    # too). It moves no other weight: its gradient is left out of the norm gradient clipping divides by.
     indexer_heads: int = 0
     indexer_loss: float = 1.0
     indexer_loss_stride: int = 64

@@ -56,7 +56,7 @@ class StepLog:
     stage: str
     step: int  # optimizer steps taken so far, over all stages
     loss: float  # mean next-token loss over the step's global batch
-    grad_norm: float  # global gradient norm, before clipping
+    grad_norm: float  # global gradient norm, before clipping (the learned indexer's left out: nsa.indexer_heads)
     lr: float
     tokens_per_s: float  # tokens of the global batch per second of step time
     step_time_s: float

@@ -85,19 +85,25 @@ TMA_LOADS: tuple[str, ...] = ()
 _CPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 
 
+def _candidates(name, BLOCK_DK, BLOCK_DV, PRECISION, **_):
+    """The configs of _CONFIGS[name] tried for these head dims and this precision."""
+    small, large = _CONFIGS[name]
+    tried = large if max(BLOCK_DK, BLOCK_DV) > 128 else small
+    # fp32 inputs (full-precision dots: for checking, never for speed) get the last, smallest config
+    # alone. Their dots are FMA loops: on an H200 the one-pass backward's 64 x 128 fp32 configs took
+    # 14 s or more each to build and run once (one spills ~37 KB a thread), while the runs took
+    # milliseconds (benchmarks/gpu_checks/onepass_stall-fd26132.txt); trying them all most likely
+    # held the GPU kernel tests for minutes
+    return tried[-1:] if PRECISION == "ieee" else tried
+
+
 def _autotuned(kernel, name, accumulators):
     """kernel autotuned over _CONFIGS[name]; `accumulators` (argument names) are zeroed before every
     trial run and after the search, for kernels that add into their outputs."""
     small, large = _CONFIGS[name]
 
     def by_head_dim(configs, named_args, **kwargs):
-        tried = large if max(kwargs["BLOCK_DK"], kwargs["BLOCK_DV"]) > 128 else small
-        # fp32 inputs (full-precision dots: for checking, never for speed) get the last, smallest config
-        # alone. Their dots are FMA loops: on an H200 the one-pass backward's 64 x 128 fp32 configs took
-        # 14 s or more each to build and run once (one spills ~37 KB a thread), while the runs took
-        # milliseconds (benchmarks/gpu_checks/onepass_stall-fd26132.txt); trying them all most likely
-        # held the GPU kernel tests for minutes
-        return tried[-1:] if kwargs["PRECISION"] == "ieee" else tried
+        return _candidates(name, **kwargs)
 
     # keyed on the powers of two above T and TK, not on T and TK: with packed documents TK (the compressed
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
@@ -545,9 +551,15 @@ _MAX_CHUNKS = 64
 
 def _launch(name, device, grid, *args, **consts):
     """Runs kernel `name`: autotuned on the GPU, the fixed CPU tiles under the interpreter. grid maps
-    the tile sizes (a dict with BLOCK_M, BLOCK_N) to the launch grid."""
+    the tile sizes (a dict with BLOCK_M, BLOCK_N) to the launch grid. Under PyTorch's deterministic
+    algorithms (training.deterministic) the GPU takes the first candidate config, not the search's pick:
+    the search times the candidates, so two runs may pick other tiles, which sum in another order."""
     if device.type == "cpu":
         _KERNELS[name][grid(_CPU_TILES)](*args, **consts, **_CPU_TILES)
+    elif torch.are_deterministic_algorithms_enabled():
+        config = _candidates(name, **consts)[0]
+        _KERNELS[name][grid(config.kwargs)](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                                            num_stages=config.num_stages)
     else:
         _TUNED[name][grid](*args, **consts)
 

@@ -116,6 +116,11 @@ class TrainingConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # parameter/activation dtype (bf16 on GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     log_interval: int = 1  # steps between log lines
+    # Bitwise-repeatable steps on one kind of GPU, for A/B experiments and debugging, at some speed: PyTorch's
+    # deterministic algorithms (an op without one raises, naming itself), cuBLAS's fixed workspace, Megatron's
+    # deterministic_mode (its embedding backward), the compressed and window branches' backward by the split
+    # path (no atomics) and their tiles fixed instead of autotuned by timing (kernels/range_attention.py)
+    deterministic: bool = False
 
 
 TASKS = ("passkey", "multikey_niah", "variable_tracking")  # the synthetic long-context tasks (nsa_dist/tasks.py)

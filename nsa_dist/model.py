@@ -134,6 +134,7 @@ def transformer_config(config: Config, stage: Stage, dtype: torch.dtype) -> Tran
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
+        deterministic_mode=tr.deterministic,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -271,6 +271,9 @@ def _start_processes(config: Config) -> torch.device:
     # Megatron-core's tensor-parallel layers want one CUDA work queue, so that communication kernels run
     # in the order they were issued (it warns otherwise); must be set before CUDA starts.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    if config.training.deterministic:
+        # cuBLAS's deterministic GEMMs need a fixed workspace, read when its first handle is made
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     megatron_fallbacks.install()  # gradient clipping without apex: no sync per parameter
     if device.type == "cpu":
         enable_cpu()  # Megatron-core's CUDA-only calls, redirected: see nsa_dist/megatron_cpu.py
@@ -415,6 +418,19 @@ def _broadcast_from_rank0(compute: Callable):
 # ------------------------------------------------------------------------------------ training
 
 
+@contextmanager
+def deterministic_algorithms(on: bool):
+    """training.deterministic: PyTorch's deterministic algorithms while the block runs (the process's setting
+    is restored after it: a test or benchmark may train several configs in one process)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str | None = None) -> TrainResult:
     """Trains config's model through the stages left in its run directory (up to and including
     `last_stage` if given: a launcher that runs later stages with another number of processes); every
@@ -432,7 +448,8 @@ def train(config: Config, hooks: Sequence[TrainingHooks] = (), last_stage: str |
 
     writer = CheckpointWriter(config, on_saved=checkpoint_saved)
     history: list[StepLog] = []
-    with kept_layouts():  # stages and evaluations of one layout share its process groups
+    # stages and evaluations of one layout share its process groups
+    with deterministic_algorithms(config.training.deterministic), kept_layouts():
         try:
             for stage in stages:
                 if stage.model_parallel > world_size:

@@ -881,9 +881,10 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
     doc_start, block_base, block_start, block_end = layout
     defaults = {**_forward_launch(q, v), **_tma_by_default("fwd", q, k, v)}
     if defaults.get("TMA") and q.shape[-1] == v.shape[-1] == 128:
-        # through TMA at D = 128: 32-key parts and 3 stages, 1.04-1.07x of whole blocks and 2 stages at 8K-128K
-        # alone, the layer's forward 1.004-1.007x at 64K (one H100, G=16, bf16; session 49 in
-        # benchmarks/kernels-notes.md); other head dims keep the H200's choice above, not yet swept
+        # through TMA at D = 128: 32-key parts and 3 stages, 1.04-1.07x of whole blocks and 2 stages at 8K-128K,
+        # the kernel alone, both in one run (one H100, G=16, bf16; session 49 in benchmarks/kernels-notes.md;
+        # the layer at 64K moved within the spread between runs); other head dims keep the choice above,
+        # not yet swept
         defaults.update(num_stages=3, BLOCK_K=min(32, consts["BLOCK_S"]))
     if want_slot_lse:
         # the slot sums' registers: at G = 16, D = 128, 2 warps, whole 64-key blocks spill 16 bytes (255

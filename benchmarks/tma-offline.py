@@ -67,7 +67,7 @@ def cases(head_dim: int):
             constants = dict(G=16, SEL=64, BLOCK_G=16, BLOCK_S=64, BLOCK_N=16, BLOCK_K=64, TMA=tma, ROWS=False,
                              **dims)
             if name == "fwd":
-                constants["SLOT_LSE"] = False
+                constants.update(SLOT_LSE=False, KEYS_M=False)
             yield f"selected {name}", kernel, constants, 2, 2
 
 
@@ -85,7 +85,7 @@ def hashes() -> None:
         for name, kernel, constants, warps, stages in cases(head_dim):
             if constants["TMA"]:
                 continue
-            for flag in ("TMA", "ROWS"):  # a checkout from before the TMA path or the row lists
+            for flag in ("TMA", "ROWS", "KEYS_M"):  # a checkout from before the TMA path, row lists or KEYS_M
                 if flag in constants and flag not in kernel.arg_names:
                     del constants[flag]
             ptx = compile_sm90(kernel, signature(kernel, constants), constants, warps, stages)[3]

@@ -160,6 +160,23 @@ def online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISIO
 
 
 @triton.jit
+def online_softmax_step_keys(qt, kt, vt, visible, m, l_sum, acc_t, scale_log2, PRECISION: tl.constexpr):
+    """online_softmax_step with the key tile as the dots' first operand: the scores come out transposed, [keys,
+    rows] = kt qt^T, and the output too, acc_t [Dv, rows] += vt^T p^T. For few query rows (selected attention's
+    one-token programs: a group's 16 heads) the dots' M is then the keys (64) and the head dim, which Hopper's
+    warpgroup MMA takes, where 16 rows leave it to the older warp MMA. visible: [keys, 1] or [keys, rows]."""
+    s = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - shift)
+    p = tl.exp2(s - shift[None, :])
+    l_sum = l_sum * alpha + tl.sum(p, 0)
+    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(vt), p.to(vt.dtype), input_precision=PRECISION)
+    return m_new, l_sum, acc_t
+
+
+@triton.jit
 def store_rows(o, lse, flat, row_ok, dv, DV: tl.constexpr, m, l_sum, acc):
     """Normalizes and stores a forward's rows: output (0 where a row saw no key) and natural-log lse
     (-inf there)."""

@@ -28,14 +28,17 @@ import triton
 import triton.language as tl
 
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, host_bounds
-from kernels.range_attention import LOG2E, attention_delta, dq_step, kv_sources, online_softmax_step, store_rows
+from kernels.range_attention import (
+    LOG2E, attention_delta, dq_step, kv_sources, online_softmax_step, online_softmax_step_keys, store_rows,
+)
 from kernels.triton_utils import (
     check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted, tma_unfit,
 )
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages, BLOCK_K: keys a
-# loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors; "fwd" also BY_BLOCKS: the
+# loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors; "fwd" also KEYS_M: the dots
+# with the keys as M (_selected_fwd), and BY_BLOCKS: the
 # forward by key blocks, with BLOCK_M, CHUNK, num_warps, num_stages, see _forward_by_blocks), "dkv" (BLOCK_M,
 # num_warps, num_stages), "reduce" (num_warps, num_stages); empty in use, filled by
 # benchmarks/kernels-exp-sweep.py
@@ -118,9 +121,10 @@ def _selected_fwd(
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SLOT_LSE: tl.constexpr,
-    TMA: tl.constexpr, ROWS: tl.constexpr,
+    TMA: tl.constexpr, ROWS: tl.constexpr, KEYS_M: tl.constexpr,
 ):
-    """SLOT_LSE also writes each visited slot's log-sum-exp (its block's visible keys alone) to slot_lse
+    """KEYS_M: the dots take the key part as their first operand (online_softmax_step_keys), so their M is
+    the keys and the head dim, not the group's rows. SLOT_LSE also writes each visited slot's log-sum-exp (its block's visible keys alone) to slot_lse
     [B, T, HQ, NSEL]: from the running sums before and after the slot's keys, l_after - l_before * 2^(m_before -
     m_after) (the slot's share, in the base of m_after), so the loop does no more dots. Slots past the last
     visited one are left as they were (the caller fills -inf). ROWS: program i runs the query row rows[i]
@@ -138,6 +142,7 @@ def _selected_fwd(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    acc_t = tl.zeros([BLOCK_DV, BLOCK_G], tl.float32)  # KEYS_M: the output transposed
     row = (b * T + t) * HK + hk
     used = _used_slots(block_idx, row, NSEL, BLOCK_N)
     if used == 0:  # a row without picks (compose_nsa's window-covered rows) reads nothing more: 0 and -inf
@@ -160,7 +165,11 @@ def _selected_fwd(
             slot_start = it % (BLOCK_S // BLOCK_K) == 0
             m_before = tl.where(slot_start, m, m_before)
             l_before = tl.where(slot_start, l_sum, l_before)
-        m, l_sum, acc = online_softmax_step(qt, kt, vt, key_ok[None, :], m, l_sum, acc, scale_log2, PRECISION)
+        if KEYS_M:
+            m, l_sum, acc_t = online_softmax_step_keys(qt, kt, vt, key_ok[:, None], m, l_sum, acc_t, scale_log2,
+                                                       PRECISION)
+        else:
+            m, l_sum, acc = online_softmax_step(qt, kt, vt, key_ok[None, :], m, l_sum, acc, scale_log2, PRECISION)
         if SLOT_LSE:
             shift = tl.where(m == float("-inf"), 0.0, m)
             share = l_sum - l_before * tl.exp2(m_before - shift)
@@ -168,6 +177,8 @@ def _selected_fwd(
                                   float("-inf"))
             slot_end = it % (BLOCK_S // BLOCK_K) == BLOCK_S // BLOCK_K - 1
             tl.store(slot_lse + flat * NSEL + it // (BLOCK_S // BLOCK_K), slot_value, mask=head_ok & slot_end)
+    if KEYS_M:
+        acc = tl.trans(acc_t)
     store_rows(o, lse, flat, head_ok, dv, DV, m, l_sum, acc)
 
 
@@ -894,13 +905,17 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
     launch = _key_tiled(launch_params(LAUNCH, "fwd", **defaults), consts["BLOCK_S"])
     tokens, heads = _token_tile(launch, consts["G"])
     tma = _tma_loads(launch, q, k, v, tokens)
+    keys_m = launch.pop("KEYS_M", False)
+    if keys_m and tokens > 1:
+        raise ValueError(f"selected attention: LAUNCH['fwd'] KEYS_M=True is for the one-token forward; it sets "
+                         f"TOKENS={tokens}: leave one of them out")
     if tokens == 1:
         if rows is not None and rows.numel() == 0:
             return
         _selected_fwd[(seq if rows is None else rows.numel(), batch * k.shape[2])](
             q, k, v, block_idx, doc_start, o, lse, slot_lse, rows, *sizes,
             SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]),
-            SLOT_LSE=want_slot_lse, TMA=tma, ROWS=rows is not None, **consts, **launch,
+            SLOT_LSE=want_slot_lse, TMA=tma, ROWS=rows is not None, KEYS_M=keys_m, **consts, **launch,
         )
     elif want_slot_lse:
         raise ValueError(f"selected_attention_triton: slot_lse is written by the one-token forward only; "

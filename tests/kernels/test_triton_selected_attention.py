@@ -295,6 +295,53 @@ def test_tma_low_precision_error_is_at_most_twice_the_references(monkeypatch, dt
                     block_idx=random_blocks(1, T, 1), selection_block=SEL)
 
 
+@pytest.mark.parametrize("launch", [{"KEYS_M": True}, {"KEYS_M": True, "TMA": True, "BLOCK_K": 16}],
+                         ids=["pointers", "tma-parts"])
+def test_keys_as_m_over_packed_documents(monkeypatch, launch):
+    """The forward with the key part as the dots' first operand (LAUNCH KEYS_M, the transposed scores and
+    output): packed documents at an offset, shuffled slots, rows past a document's end or the query masked,
+    gradients through the backward kernels as usual."""
+    torch.manual_seed(11)
+    monkeypatch.setitem(selected.LAUNCH, "fwd", dict(launch))
+    sel, q_start, seq = 64, 5, 165
+    cu_seqlens = torch.tensor([0, 30, 160, q_start + seq], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, q_start + seq), right=True) - 1]
+    compare_attention(selected_attention_triton, selected_attention_ref,
+                      leaves(1, seq, q_start + seq, 16, 2, torch.float32), torch.float32,
+                      block_idx=random_blocks(1, seq, 2, q_start, doc_starts, shuffle=True, sel=sel),
+                      selection_block=sel, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_keys_as_m_low_precision_error_is_at_most_twice_the_references(monkeypatch, dtype):
+    torch.manual_seed(12)
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"KEYS_M": True})
+    compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 16, 1, torch.float32), dtype,
+                    block_idx=random_blocks(1, T, 1), selection_block=SEL)
+
+
+def test_keys_as_m_gives_the_slot_lse_and_the_one_token_forwards_result(monkeypatch):
+    """KEYS_M changes the dots' operand order only: slot_lse, output and lse agree with the default forward's
+    (fp32, to rounding)."""
+    torch.manual_seed(13)
+    inputs = {name: x.detach() for name, x in leaves(1, T, T, 4, 2, torch.float32).items()}
+    kwargs = dict(block_idx=random_blocks(1, T, 2, shuffle=True), selection_block=SEL, slot_lse=True)
+    plain = selected_attention_triton(**inputs, **kwargs)
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"KEYS_M": True})
+    keys_m = selected_attention_triton(**inputs, **kwargs)
+    for name, a, b in zip(("o", "lse", "slot_lse"), plain, keys_m):
+        finite = torch.isfinite(a)
+        assert torch.equal(finite, torch.isfinite(b)), name
+        assert torch.allclose(a[finite], b[finite], atol=1e-5, rtol=0), name
+
+
+def test_keys_as_m_is_the_one_token_forwards(monkeypatch):
+    monkeypatch.setitem(selected.LAUNCH, "fwd", {"KEYS_M": True, "TOKENS": 4})
+    with pytest.raises(ValueError, match="KEYS_M=True is for the one-token forward"):
+        selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
+                                  selection_block=SEL)
+
+
 def test_tma_needs_tile_wide_head_dims(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"TMA": True})
     inputs = leaves(1, 20, 20, 2, 1, torch.float32)

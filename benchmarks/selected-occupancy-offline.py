@@ -27,8 +27,8 @@ SIZES = dict(DK=128, DV=128, BLOCK_S=64, BLOCK_DK=128, BLOCK_DV=128, BLOCK_N=16,
 
 def kernel_and_constants(dq: bool, group: int, tokens: int, slot_lse: bool = False) -> tuple:
     if tokens == 1:
-        constants = dict(SIZES, G=group, SEL=64, BLOCK_G=max(16, group), ROWS=False)
-        forward = dict(constants, SLOT_LSE=slot_lse, KEYS_M=False)
+        constants = dict(SIZES, G=group, SEL=64, BLOCK_G=max(16, group), ROWS=False, KEYS_M=False)
+        forward = dict(constants, SLOT_LSE=slot_lse)
         return (_selected_bwd_dq, constants) if dq else (_selected_fwd, forward)
     return (_selected_bwd_dq_tokens if dq else _selected_fwd_tokens), dict(SIZES, G=group, TT=tokens, HEADS=group)
 

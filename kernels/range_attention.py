@@ -310,6 +310,17 @@ def dq_step(qt, dot, kt, vt, visible, row_lse, row_delta, acc, scale_log2, PRECI
     return acc + tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
 
 
+@triton.jit
+def dq_step_keys(qt, dot, kt, vt, visible, row_lse, row_delta, acc_t, scale_log2, PRECISION: tl.constexpr):
+    """dq_step with the key tile as the dots' first operand (as online_softmax_step_keys): P, dP and dS come
+    out [keys, rows], and acc_t [Dk, rows] += K^T dS^T. visible: [keys, 1] or [keys, rows]."""
+    s = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
+    p = tl.where(visible, tl.exp2(s - row_lse[None, :]), 0.0)
+    dp = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
+    ds = p * (dp - row_delta[None, :])
+    return acc_t + tl.dot(tl.trans(kt), ds.to(kt.dtype), input_precision=PRECISION)
+
+
 @triton.jit(do_not_specialize=["TK"])
 def _range_attn_bwd_dq(
     q, k, v, do, lse, delta, dq, lo, hi,

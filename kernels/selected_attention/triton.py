@@ -29,7 +29,8 @@ import triton.language as tl
 
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, host_bounds
 from kernels.range_attention import (
-    LOG2E, attention_delta, dq_step, kv_sources, online_softmax_step, online_softmax_step_keys, store_rows,
+    LOG2E, attention_delta, dq_step, dq_step_keys, kv_sources, online_softmax_step, online_softmax_step_keys,
+    store_rows,
 )
 from kernels.triton_utils import (
     check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted, tma_unfit,
@@ -37,8 +38,8 @@ from kernels.triton_utils import (
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages, BLOCK_K: keys a
-# loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors; "fwd" also KEYS_M: the dots
-# with the keys as M (_selected_fwd), and BY_BLOCKS: the
+# loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors, KEYS_M: the dots with the
+# keys as M (_keys_as_m); "fwd" also BY_BLOCKS: the
 # forward by key blocks, with BLOCK_M, CHUNK, num_warps, num_stages, see _forward_by_blocks), "dkv" (BLOCK_M,
 # num_warps, num_stages), "reduce" (num_warps, num_stages); empty in use, filled by
 # benchmarks/kernels-exp-sweep.py
@@ -189,8 +190,9 @@ def _selected_bwd_dq(
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROWS: tl.constexpr,
+    KEYS_M: tl.constexpr,
 ):
-    """ROWS: as _selected_fwd's (the caller zeroed the other rows' dq)."""
+    """ROWS and KEYS_M: as _selected_fwd's (the caller zeroed the other rows' dq)."""
     t = _program_row(rows, ROWS)
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
@@ -215,6 +217,7 @@ def _selected_bwd_dq(
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     row_delta = tl.load(delta + flat, mask=head_ok, other=0.0)
     k, v = kv_sources(k, v, b, TK, HK, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_K, TMA)
+    acc_t = tl.zeros([BLOCK_DK, BLOCK_G], tl.float32)  # KEYS_M: dQ transposed
     for it in range(used * (BLOCK_S // BLOCK_K)):
         j = tl.load(block_idx + row * NSEL + it // (BLOCK_S // BLOCK_K))
         part = (it % (BLOCK_S // BLOCK_K)) * BLOCK_K  # the part's first key's place in its selection block
@@ -223,11 +226,16 @@ def _selected_bwd_dq(
         key_ok = (j >= 0) & (in_block < SEL) & (keys <= pos)
         kt, vt = _key_part(k, v, b, hk, first_key + j.to(tl.int64) * SEL + part, keys, key_ok, TK, HK, dk, dv,
                            DK, DV, TMA)
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        p = tl.where(key_ok[None, :], tl.exp2(s - row_lse[:, None]), 0.0)
-        dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - row_delta[:, None])
-        acc += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+        if KEYS_M:
+            acc_t = dq_step_keys(qt, dot, kt, vt, key_ok[:, None], row_lse, row_delta, acc_t, scale_log2, PRECISION)
+        else:
+            s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+            p = tl.where(key_ok[None, :], tl.exp2(s - row_lse[:, None]), 0.0)
+            dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
+            ds = p * (dp - row_delta[:, None])
+            acc += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
+    if KEYS_M:
+        acc = tl.trans(acc_t)
     tl.store(dq + flat[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=head_ok[:, None] & (dk[None, :] < DK))
 
@@ -783,6 +791,17 @@ def _tma_loads(params: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return True
 
 
+def _keys_as_m(params: dict, kernel: str, tokens: int) -> bool:
+    """KEYS_M (popped from params, a LAUNCH override; default off): whether the one-token forward or dQ takes
+    the key part as its dots' first operand, so that their M is the keys and the head dim rather than the
+    group's rows (16 at G = 16: Hopper's warpgroup MMA wants 64, and takes it at 4 warps)."""
+    keys_m = params.pop("KEYS_M", False)
+    if keys_m and tokens > 1:
+        raise ValueError(f"selected attention: LAUNCH['{kernel}'] KEYS_M=True is for the one-token kernels; it "
+                         f"sets TOKENS={tokens}: leave one of them out")
+    return keys_m
+
+
 def _forward_launch(q, v) -> dict:
     # head dims <= 128: 2 warps, 2 stages (measured on one H200 at 128K, G=16, D=128: 35.4 ms against
     # 39.2 with 4 warps and 3 stages, within the bf16 error bound; benchmarks/kernels-2026-11-30-sweep.json)
@@ -905,10 +924,7 @@ def _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_b
     launch = _key_tiled(launch_params(LAUNCH, "fwd", **defaults), consts["BLOCK_S"])
     tokens, heads = _token_tile(launch, consts["G"])
     tma = _tma_loads(launch, q, k, v, tokens)
-    keys_m = launch.pop("KEYS_M", False)
-    if keys_m and tokens > 1:
-        raise ValueError(f"selected attention: LAUNCH['fwd'] KEYS_M=True is for the one-token forward; it sets "
-                         f"TOKENS={tokens}: leave one of them out")
+    keys_m = _keys_as_m(launch, "fwd", tokens)
     if tokens == 1:
         if rows is not None and rows.numel() == 0:
             return
@@ -938,6 +954,7 @@ def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selecti
     launch = _key_tiled(launch_params(LAUNCH, "dq", **defaults), consts["BLOCK_S"])
     tokens, heads = _token_tile(launch, consts["G"])
     tma = _tma_loads(launch, q, k, v, tokens)
+    keys_m = _keys_as_m(launch, "dq", tokens)
     if tokens == 1:
         if rows is not None and rows.numel() == 0:
             return
@@ -945,7 +962,7 @@ def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selecti
             q, k, v, do, lse, delta, block_idx, doc_start, dq, rows,
             *sizes, block_idx.shape[-1], q_start, scale * LOG2E, scale,
             SEL=selection_block, BLOCK_G=pow2(consts["G"]), BLOCK_N=pow2(block_idx.shape[-1]), TMA=tma,
-            ROWS=rows is not None, **consts, **launch,
+            ROWS=rows is not None, KEYS_M=keys_m, **consts, **launch,
         )
     else:
         _selected_bwd_dq_tokens[(triton.cdiv(seq, tokens), batch * num_kv_heads)](

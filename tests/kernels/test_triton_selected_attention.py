@@ -298,11 +298,12 @@ def test_tma_low_precision_error_is_at_most_twice_the_references(monkeypatch, dt
 @pytest.mark.parametrize("launch", [{"KEYS_M": True}, {"KEYS_M": True, "TMA": True, "BLOCK_K": 16}],
                          ids=["pointers", "tma-parts"])
 def test_keys_as_m_over_packed_documents(monkeypatch, launch):
-    """The forward with the key part as the dots' first operand (LAUNCH KEYS_M, the transposed scores and
-    output): packed documents at an offset, shuffled slots, rows past a document's end or the query masked,
-    gradients through the backward kernels as usual."""
+    """The forward and dQ with the key part as the dots' first operand (LAUNCH KEYS_M: scores, output and dQ
+    transposed): packed documents at an offset, shuffled slots, rows past a document's end or the query
+    masked."""
     torch.manual_seed(11)
-    monkeypatch.setitem(selected.LAUNCH, "fwd", dict(launch))
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, dict(launch))
     sel, q_start, seq = 64, 5, 165
     cu_seqlens = torch.tensor([0, 30, 160, q_start + seq], dtype=torch.int32)
     doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, q_start + seq), right=True) - 1]
@@ -315,7 +316,8 @@ def test_keys_as_m_over_packed_documents(monkeypatch, launch):
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_keys_as_m_low_precision_error_is_at_most_twice_the_references(monkeypatch, dtype):
     torch.manual_seed(12)
-    monkeypatch.setitem(selected.LAUNCH, "fwd", {"KEYS_M": True})
+    for kernel in ("fwd", "dq"):
+        monkeypatch.setitem(selected.LAUNCH, kernel, {"KEYS_M": True})
     compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 16, 1, torch.float32), dtype,
                     block_idx=random_blocks(1, T, 1), selection_block=SEL)
 
@@ -335,9 +337,9 @@ def test_keys_as_m_gives_the_slot_lse_and_the_one_token_forwards_result(monkeypa
         assert torch.allclose(a[finite], b[finite], atol=1e-5, rtol=0), name
 
 
-def test_keys_as_m_is_the_one_token_forwards(monkeypatch):
+def test_keys_as_m_is_the_one_token_kernels(monkeypatch):
     monkeypatch.setitem(selected.LAUNCH, "fwd", {"KEYS_M": True, "TOKENS": 4})
-    with pytest.raises(ValueError, match="KEYS_M=True is for the one-token forward"):
+    with pytest.raises(ValueError, match=r"LAUNCH\['fwd'\] KEYS_M=True is for the one-token kernels"):
         selected_attention_triton(**leaves(1, 20, 20, 4, 1, torch.float32), block_idx=random_blocks(1, 20, 1),
                                   selection_block=SEL)
 

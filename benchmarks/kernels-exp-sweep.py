@@ -8,7 +8,8 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
 - selected attention, kernels/selected_attention/triton.py: forward "fwd" and "dq" (BLOCK_K too: keys
   of a selection block per loop step; at G < 16 TOKENS too: tokens a program; and today's launch with
   TMA: K/V parts copied through TMA descriptors; --tma-only: those alone; --by-blocks: the kernels by key
-  blocks alone, BY_BLOCKS; --keys-m: the kernels with the keys as their dots' M alone, KEYS_M), backward
+  blocks alone, BY_BLOCKS; --keys-m: the kernels with the keys as their dots' M alone, KEYS_M; --tokens:
+  token tiles alone, at any group), backward
   "dkv" (BLOCK_M too)
   and "reduce" (--selected-parts picks among the four);
 - gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward) and
@@ -119,6 +120,8 @@ def parse_args():
                    help="selected forward and dQ: today's config and its TMA variants only (K/V through TMA)")
     p.add_argument("--by-blocks", action="store_true",
                    help="selected forward and dQ: today's config and the kernels by key blocks only (BY_BLOCKS)")
+    p.add_argument("--tokens", action="store_true",
+                   help="selected forward and dQ: today's config and token tiles (TOKENS 2 and 4) only, at any group")
     p.add_argument("--keys-m", action="store_true",
                    help="selected forward and dQ: today's config and the kernels with the keys as their dots' M only "
                         "(KEYS_M)")
@@ -187,8 +190,18 @@ def keys_m_variants(sel: int) -> list[dict]:
             dict(KEYS_M=True, num_warps=4, num_stages=2, BLOCK_K=sel)]
 
 
+def token_tile_variants(sel: int) -> list[dict]:
+    """Tiles of TOKENS consecutive tokens walking the union of their picks once (selected._token_tile): at
+    G = 16 a tile of 4 is 64 rows, and each distinct block's K/V is read once for the tile where the
+    one-token kernels read it once per token that picked it (at 8K those re-reads are ~15 GB through L2, and
+    the one-token forward runs at 87% of L2's throughput: kernels-notes, session 50)."""
+    return [dict(TOKENS=tt, num_warps=w, num_stages=st, BLOCK_K=bk)
+            for tt, w, st, bk in ((2, 4, 2, sel), (4, 4, 2, sel), (4, 4, 3, sel), (4, 8, 2, sel), (2, 4, 3, sel),
+                                  (4, 4, 2, sel // 2), (8, 8, 2, sel // 2))]
+
+
 def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool = False,
-                    keys_m: bool = False) -> list[Sweep]:
+                    keys_m: bool = False, tokens: bool = False) -> list[Sweep]:
     sel = PAPER["selection_block"]
     fwd_now = {"num_stages": DEFAULT_STAGES, **selected._forward_launch(q, v), "BLOCK_K": sel}  # as launched
     dq_now = {"num_stages": DEFAULT_STAGES, **selected._dq_launch(q, v), "BLOCK_K": sel}
@@ -212,13 +225,19 @@ def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool
         fill = 16 // triton.next_power_of_2(group)
         grid_fs = dict(num_warps=(2, 4), num_stages=(2, 3), BLOCK_K=(sel, sel // 4), TOKENS=(1, fill, 2 * fill))
         fwd_now["TOKENS"] = dq_now["TOKENS"] = 1
-    fwd_list = [fwd_now] if tma_only or by_blocks or keys_m else configs(fwd_now, **grid_fs)
-    dq_list = [dq_now] if tma_only or by_blocks or keys_m else configs(dq_now, **grid_fs)
-    # TMA: the one-token kernels' variants
-    fwd_list += by_blocks_variants(q, k) if by_blocks else keys_m_variants(sel) if keys_m else \
-        tma_variants(fwd_now, sel)
-    dq_list += by_blocks_variants(q, k) if by_blocks else keys_m_variants(sel) if keys_m else \
-        tma_variants(dq_now, sel)
+    only = tma_only or by_blocks or keys_m or tokens  # today's config and one family of variants
+    fwd_list = [fwd_now] if only else configs(fwd_now, **grid_fs)
+    dq_list = [dq_now] if only else configs(dq_now, **grid_fs)
+    # one family of variants beside today's config (default: the one-token kernels through TMA)
+    for family in (fwd_list, dq_list):
+        if by_blocks:
+            family += by_blocks_variants(q, k)
+        elif keys_m:
+            family += keys_m_variants(sel)
+        elif tokens:
+            family += token_tile_variants(sel)
+        else:
+            family += tma_variants(family[0], sel)
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, fwd_list, forward, reference[0]),
         Sweep("selected bwd: dq", selected, "dq", dq_now, dq_list, backward, reference[1]),
@@ -432,7 +451,8 @@ def one_shape(shape: Shape, first: Shape, args, report, device, dtype) -> None:
         if "top-n" in args.kernels:
             sweep_all([topn])
         if "selected" in args.kernels and not over_budget(args):
-            sweeps = selected_sweeps(q, k, v, do, topn.run()[0], args.tma_only, args.by_blocks, args.keys_m)
+            sweeps = selected_sweeps(q, k, v, do, topn.run()[0], args.tma_only, args.by_blocks, args.keys_m,
+                                     args.tokens)
             sweep_all([sw for sw in sweeps if sw.key in args.selected_parts])
         del q, k, v, do, k_cmp, v_cmp, lse, topn
         empty_cache()

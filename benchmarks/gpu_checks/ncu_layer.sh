@@ -6,25 +6,30 @@
 # replays each kernel once per counter pass, so the durations are ncu's, not do_bench's. One device call
 # of about 2-4 minutes, carry [".whl"]:
 #   COMMIT=$(git rev-parse --short HEAD) SEQ=8192 bash benchmarks/gpu_checks/ncu_layer.sh
-# Writes $OUT/ncu-layer-$SEQ-$COMMIT.csv (ncu's raw page) and .txt (the table).
+# Writes $OUT/ncu-layer-$SEQ-$COMMIT.ncu.log (ncu's raw page as CSV: with --log-file ncu writes its report
+# there, not to stdout), .out (the program's own output) and .txt (the table). The table alone, from a log
+# that came back: NCU_TABLE_ONLY=1 OUT=<folder> ... bash benchmarks/gpu_checks/ncu_layer.sh
 set -u
 tag=${COMMIT:-unknown}
 seq=${SEQ:-8192}
-source benchmarks/proof/setup.sh
 base=$OUT/ncu-layer-$seq-$tag
-# --clock-control none: leave the clocks as they are (the device tool's METHOD.md)
-timeout ${NCU_LIMIT:-420} ncu --clock-control none --profile-from-start off --kernel-name-base function \
-  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-  --section MemoryWorkloadAnalysis \
-  --metrics lts__t_bytes.sum,dram__bytes.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
-  --csv --page raw --print-units base --log-file $base.ncu.log \
-  $PYTHON benchmarks/gpu_checks/ncu_layer.py --seq $seq > $base.csv
-echo "ncu rc=$? ($(grep -c . $base.csv) csv lines)"
-tail -5 $base.ncu.log
+if [ "${NCU_TABLE_ONLY:-0}" != 1 ]; then
+  source benchmarks/proof/setup.sh
+  # --clock-control none: leave the clocks as they are (the device tool's METHOD.md)
+  timeout ${NCU_LIMIT:-420} ncu --clock-control none --profile-from-start off --kernel-name-base function \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis \
+    --metrics lts__t_bytes.sum,dram__bytes.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
+    --csv --page raw --print-units base --log-file $base.ncu.log \
+    $PYTHON benchmarks/gpu_checks/ncu_layer.py --seq $seq > $base.out 2>&1
+  echo "ncu rc=$? ($(grep -c '^"' $base.ncu.log) csv lines)"
+  tail -3 $base.out
+fi
+PYTHON=${PYTHON:-python3}
 $PYTHON - "$base" <<'PY' | tee $base.txt
 import csv, sys
 base = sys.argv[1]
-lines = [l for l in open(base + ".csv") if l.startswith('"')]
+lines = [l for l in open(base + ".ncu.log") if l.startswith('"')]
 rows = list(csv.DictReader(lines))
 rows = [r for r in rows if r.get("ID", "").isdigit()]  # the second line holds the units
 def num(r, key):

@@ -152,10 +152,11 @@ def test_blocks_in_key_parts(monkeypatch, block_k):
     (4, 4, 64, torch.float32),
     (3, 8, 32, torch.float16),  # 3 heads padded to 4 rows a token, 32 rows a tile
     (2, 8, 16, torch.float32),
+    (16, 4, 64, torch.float32),  # 64 rows a tile: fewer K/V bytes through L2 than a program a token
 ])
 def test_token_tiles(monkeypatch, group, tokens, block_k, dtype):
-    """Forward and dQ over tiles of consecutive tokens walking the union of their picks (a LAUNCH override,
-    for groups under 16): tiles that span documents, start past q_start, and end past the last token."""
+    """Forward and dQ over tiles of consecutive tokens walking the union of their picks (a LAUNCH override):
+    tiles that span documents, start past q_start, and end past the last token."""
     for kernel in ("fwd", "dq"):
         monkeypatch.setitem(selected.LAUNCH, kernel, {"TOKENS": tokens, "BLOCK_K": block_k})
     compare_on_packed_documents(group, dtype)

@@ -211,12 +211,15 @@ def test_by_key_blocks_over_a_batch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_by_key_blocks_low_precision(monkeypatch, dtype):
+@pytest.mark.parametrize("launch, group, kv_heads", [({"BY_BLOCKS": True}, 4, 2), ({"KEYS_M": True}, 16, 1)],
+                         ids=["by-blocks", "keys-m"])
+def test_launch_low_precision(monkeypatch, launch, group, kv_heads, dtype):
+    """By key blocks and with the keys as the dots' M: fp16 / bf16 error at most twice the reference's."""
     torch.manual_seed(10)
-    for kernel in ("fwd", "dq"):
-        monkeypatch.setitem(selected.LAUNCH, kernel, {"BY_BLOCKS": True})
-    compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 4, 2, torch.float32), dtype,
-                    block_idx=random_blocks(1, T, 2), selection_block=SEL)
+    launch_both(monkeypatch, **launch)
+    compare_to_fp32(selected_attention_triton, selected_attention_ref,
+                    leaves(1, T, T, group, kv_heads, torch.float32), dtype,
+                    block_idx=random_blocks(1, T, kv_heads), selection_block=SEL)
 
 
 def test_by_key_blocks_take_their_own_launch_parameters(monkeypatch):
@@ -259,9 +262,14 @@ def test_gpu_defaults_choose_by_group_and_yield_to_launch(monkeypatch):
     assert selected._tma_by_default("dq", q, k, v) == {}, "TMA by default off the GPU"
 
 
-def tma_on(monkeypatch, **params):
+def launch_both(monkeypatch, **params):
+    """The forward and dQ both launched with `params` (LAUNCH overrides, undone after the test)."""
     for kernel in ("fwd", "dq"):
-        monkeypatch.setitem(selected.LAUNCH, kernel, {"TMA": True, **params})
+        monkeypatch.setitem(selected.LAUNCH, kernel, dict(params))
+
+
+def tma_on(monkeypatch, **params):
+    launch_both(monkeypatch, TMA=True, **params)
 
 
 def test_tma_over_a_batch(monkeypatch):
@@ -303,8 +311,7 @@ def test_keys_as_m_over_packed_documents(monkeypatch, launch):
     transposed): packed documents at an offset, shuffled slots, rows past a document's end or the query
     masked."""
     torch.manual_seed(11)
-    for kernel in ("fwd", "dq"):
-        monkeypatch.setitem(selected.LAUNCH, kernel, dict(launch))
+    launch_both(monkeypatch, **launch)
     sel, q_start, seq = 64, 5, 165
     cu_seqlens = torch.tensor([0, 30, 160, q_start + seq], dtype=torch.int32)
     doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(q_start, q_start + seq), right=True) - 1]
@@ -312,15 +319,6 @@ def test_keys_as_m_over_packed_documents(monkeypatch, launch):
                       leaves(1, seq, q_start + seq, 16, 2, torch.float32), torch.float32,
                       block_idx=random_blocks(1, seq, 2, q_start, doc_starts, shuffle=True, sel=sel),
                       selection_block=sel, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_keys_as_m_low_precision_error_is_at_most_twice_the_references(monkeypatch, dtype):
-    torch.manual_seed(12)
-    for kernel in ("fwd", "dq"):
-        monkeypatch.setitem(selected.LAUNCH, kernel, {"KEYS_M": True})
-    compare_to_fp32(selected_attention_triton, selected_attention_ref, leaves(1, T, T, 16, 1, torch.float32), dtype,
-                    block_idx=random_blocks(1, T, 1), selection_block=SEL)
 
 
 def test_keys_as_m_gives_the_slot_lse_and_the_one_token_forwards_result(monkeypatch):

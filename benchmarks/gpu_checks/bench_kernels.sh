@@ -17,4 +17,4 @@ name=kernels-$(date +%F)-$tag-${seq}-g${group}
 PYTHONUNBUFFERED=1 timeout ${LIMIT:-540} python3 tools/bench_kernels.py --seqs $seq --groups $group \
   --lines ours dense fla --phis mean --commit $tag --out $OUT/$name.json "$@" > $OUT/$name.log 2>&1
 echo "$(date +%T) bench_kernels $seq G=$group rc=$? (124: past ${LIMIT:-540} s)"
-grep -v "^  " $OUT/$name.log | tail -30
+sed -n "/ratio = baseline/,\$p" $OUT/$name.log  # the tables and targets, not the per-shape lines

@@ -194,15 +194,19 @@ def main(argv=None) -> dict:
         sys.exit(f"{a.json} does not exist: give a JSON written by tools/bench_kernels.py "
                  "(benchmarks/kernels-*.json)")
     report = json.loads(path.read_text())
-    if "paper_config" not in report or "rows" not in report:
-        sys.exit(f"{a.json} has no `paper_config` and `rows`: it was not written by tools/bench_kernels.py")
+    rows = report.get("rows")
+    if not ("paper_config" in report and "args" in report and isinstance(rows, list)
+            and all(isinstance(r, dict) and "line" in r for r in rows)):
+        sys.exit(f"{a.json} is not a JSON of tools/bench_kernels.py (no `paper_config`, `args`, or rows with a "
+                 "`line`): give one of benchmarks/kernels-*.json that it wrote")
     if a.tile_tokens < 1 or not 1.0 <= a.union_ratio <= a.tile_tokens:
         sys.exit(f"--tile-tokens {a.tile_tokens} --union-ratio {a.union_ratio}: the union of K tokens' picks is "
                  "between 1 and K times one token's; give K >= 1 and 1 <= R <= K")
     entries = floors(report, a.group, a.l2_tbs, a.tile_tokens, a.union_ratio, a.tensor_tflops)
     if not entries:
-        sys.exit(f"{a.json} has no cuDNN row at G={a.group}: run tools/bench_kernels.py with --lines dense "
-                 f"and --groups {a.group}")
+        groups = sorted({r["G"] for r in report["rows"] if r["line"] == "cudnn" and "error" not in r})
+        sys.exit(f"{a.json} has no cuDNN row at G={a.group} (cuDNN rows at G: {groups or 'none'}): pass --group "
+                 f"with one of those, or run tools/bench_kernels.py with --lines dense --groups {a.group}")
     print_tables(entries, a.json)
     result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "source": a.json, "source_commit": report.get("commit"), "gpu": report.get("gpu"),

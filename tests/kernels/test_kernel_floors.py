@@ -84,7 +84,8 @@ def test_tool_no_measured_branch_beats_its_floor(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["benchmarks/no-such.json"], "does not exist"),
     ([MEASURED, "--tile-tokens", "4", "--union-ratio", "5"], "--union-ratio 5"),
-    ([MEASURED, "--group", "8"], "no cuDNN row at G=8"),
+    ([MEASURED, "--group", "8"], "no cuDNN row at G=8 (cuDNN rows at G: [4, 16])"),
+    (["benchmarks/kernels-2026-11-30-sweep.json"], "is not a JSON of tools/bench_kernels.py"),
 ])
 def test_tool_refuses_bad_input_by_name(args, message):
     done = subprocess.run([sys.executable, "tools/kernel_floors.py", *args], cwd=ROOT, capture_output=True,

@@ -18,3 +18,5 @@ PYTHONUNBUFFERED=1 timeout ${LIMIT:-540} python3 tools/bench_kernels.py --seqs $
   --lines ours dense fla --phis mean --commit $tag --out $OUT/$name.json "$@" > $OUT/$name.log 2>&1
 echo "$(date +%T) bench_kernels $seq G=$group rc=$? (124: past ${LIMIT:-540} s)"
 sed -n "/ratio = baseline/,\$p" $OUT/$name.log  # the tables and targets, not the per-shape lines
+# what the branches' floors allow against the same run's cuDNN (no GPU work; skipped without cuDNN rows)
+python3 tools/kernel_floors.py $OUT/$name.json --group $group 2>&1 | grep -E "^T=|floors sum|no cuDNN row" || true

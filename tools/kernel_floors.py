@@ -26,9 +26,12 @@ counted the selected forward's 14.6 GB through L2 in 1,881 us, 7.8 TB/s at 86.9%
 (benchmarks/gpu_checks/ncu/ncu-8k-79b11ce.txt.gz). --tensor-tflops F puts every kernel at F instead
 (what-if: FlashAttention-3 reaches about 740 on an H100's forward). --tile-tokens K --union-ratio R models
 selected attention over tiles of K tokens whose picks' union is R times one token's (LAUNCH TOKENS): R / K
-of the bytes, R times the flops.
+of the bytes, R times the flops. --long-seq T --ranks N: one layer at a length the run did not time, at the
+rates of its longest one, shared evenly by N context-parallel ranks with no communication (the 1M target
+on 4 GPUs).
 
     python3 tools/kernel_floors.py benchmarks/kernels-2026-12-04-fla-g4-e364bce.json
+    python3 tools/kernel_floors.py benchmarks/kernels-2026-12-06-79afaf3-g16.json --long-seq 1048576 --ranks 4
 """
 
 import argparse
@@ -49,6 +52,8 @@ L2_TBS = 8.9
 TARGETS = {131072: {"fwd": 8.0, "bwd": 8.0}, 65536: {"fwd": 6.0, "bwd": 5.0}, 16384: {"fwd_bwd": 1.5},
            8192: {"fwd_bwd": 1.0}}
 TARGET_GROUP = 16
+# and one layer at 1M tokens on 4 GPUs (CP = 4): (T, ranks) -> {pass: most ms}
+TARGETS_CP = {(1048576, 4): {"fwd_bwd": 2500.0}}
 
 
 def compressed_keys(seq: int, block_size: int, stride: int) -> np.ndarray:
@@ -112,6 +117,44 @@ def find(rows, line, group, seq):
                  and "error" not in r), None)
 
 
+def branch_floors(seq: int, q_heads: int, kv_heads: int, head_dim: int, config: dict, rate: dict, l2_tbs: float,
+                  tile_tokens: int = 1, union_ratio: float = 1.0) -> list[dict]:
+    """Each (branch, pass)'s floor in ms: its kernels' flops at rate[pass] (flop/s) or their bytes at l2_tbs,
+    whichever takes longer, summed over its kernels."""
+    branches = []
+    for (name, part), kernels in branch_work(seq, q_heads, kv_heads, head_dim, config, tile_tokens,
+                                             union_ratio).items():
+        parts = []
+        for kernel, flops, nbytes in kernels:
+            tensor_ms, l2_ms = flops / rate[part] * 1e3, nbytes / (l2_tbs * 1e12) * 1e3
+            parts.append({"kernel": kernel, "tflop": flops / 1e12, "l2_gb": nbytes / 1e9,
+                          "floor_ms": max(tensor_ms, l2_ms), "bound": "L2" if l2_ms > tensor_ms else "tensor"})
+        branches.append({"branch": name, "pass": part, "kernels": parts,
+                         "floor_ms": sum(k["floor_ms"] for k in parts),
+                         "bound": "+".join(dict.fromkeys(k["bound"] for k in parts))})
+    return branches
+
+
+def long_floors(entries: list[dict], report: dict, group: int, seq: int, ranks: int, l2_tbs: float,
+                tile_tokens: int = 1, union_ratio: float = 1.0) -> dict:
+    """Floors of one layer at a length the run did not time with cuDNN, at the rates of its longest length
+    that it did, shared evenly by `ranks` context-parallel ranks with no communication: what one rank
+    cannot go under."""
+    longest = entries[-1]
+    rate = {p: longest["rate_tflops"][p] * 1e12 for p in ("fwd", "bwd")}
+    kv_heads, head_dim = report["args"]["kv_heads"], report["args"]["head_dim"]
+    branches = branch_floors(seq, group * kv_heads, kv_heads, head_dim, report["paper_config"], rate, l2_tbs,
+                             tile_tokens, union_ratio)
+    for b in branches:
+        b["floor_ms"] /= ranks
+    out = {"T": seq, "G": group, "ranks": ranks, "rates_of_T": longest["T"], "branches": branches}
+    for part in ("fwd", "bwd", "fwd_bwd"):
+        passes = ("fwd", "bwd") if part == "fwd_bwd" else (part,)
+        out[part] = {"floor_ms": sum(b["floor_ms"] for b in branches if b["pass"] in passes),
+                     "target_ms": TARGETS_CP.get((seq, ranks), {}).get(part) if group == TARGET_GROUP else None}
+    return out
+
+
 def floors(report: dict, group: int, l2_tbs: float, tile_tokens: int, union_ratio: float,
            tensor_tflops: float | None = None) -> list[dict]:
     """One entry a length with a cuDNN row at `group`: rates, each branch's floor and measured time, sums.
@@ -129,18 +172,10 @@ def floors(report: dict, group: int, l2_tbs: float, tile_tokens: int, union_rati
         # the breakdown runs at the JSON's first group only
         measured = {r["line"]: r for r in report.get("breakdown", []) if r.get("T") == seq and "error" not in r
                     and group == report["args"]["groups"][0]}
-        branches = []
-        for (name, part), kernels in branch_work(seq, q_heads, kv_heads, head_dim, report["paper_config"],
-                                                 tile_tokens, union_ratio).items():
-            parts = []
-            for kernel, flops, nbytes in kernels:
-                tensor_ms, l2_ms = flops / rate[part] * 1e3, nbytes / (l2_tbs * 1e12) * 1e3
-                parts.append({"kernel": kernel, "tflop": flops / 1e12, "l2_gb": nbytes / 1e9,
-                              "floor_ms": max(tensor_ms, l2_ms), "bound": "L2" if l2_ms > tensor_ms else "tensor"})
-            branches.append({"branch": name, "pass": part, "kernels": parts,
-                             "floor_ms": sum(k["floor_ms"] for k in parts),
-                             "bound": "+".join(dict.fromkeys(k["bound"] for k in parts)),
-                             "measured_ms": measured.get(name, {}).get(f"{part}_ms")})
+        branches = branch_floors(seq, q_heads, kv_heads, head_dim, report["paper_config"], rate, l2_tbs,
+                                 tile_tokens, union_ratio)
+        for b in branches:
+            b["measured_ms"] = measured.get(b["branch"], {}).get(f"{b['pass']}_ms")
         unmodelled = [{"branch": line, "pass": part, "measured_ms": measured[line][f"{part}_ms"]}
                       for line in measured for part in ("fwd", "bwd")
                       if line not in {b["branch"] for b in branches} and "max score" not in line
@@ -168,7 +203,8 @@ def print_tables(entries: list[dict], source: str):
         for b in e["branches"]:
             ms = b["measured_ms"]
             measured, over = ("-", "-") if ms is None else (f"{ms:.2f}", f"{ms / b['floor_ms']:.2f}")
-            print(f"  {b['branch']:28s} {b['pass']:4s} {b['floor_ms']:9.2f} {b['bound']:>13s} {measured:>9s} {over:>8s}")
+            print(f"  {b['branch']:28s} {b['pass']:4s} {b['floor_ms']:9.2f} {b['bound']:>13s} {measured:>9s} "
+                  f"{over:>8s}")
         for b in e["not_modelled"]:
             print(f"  {b['branch']:28s} {b['pass']:4s} {'-':>9s} {'not modelled':>13s} {b['measured_ms']:9.2f}")
         for part in ("fwd", "bwd", "fwd_bwd"):
@@ -177,6 +213,17 @@ def print_tables(entries: list[dict], source: str):
             target = "-" if p["target"] is None else f"{p['target']:.1f}x"
             print(f"  {part}: floors sum {p['floor_ms']:.1f} ms -> at best {p['ratio_allowed']:.2f}x cuDNN "
                   f"({p['cudnn_ms']:.1f} ms); measured {measured}; target {target}")
+
+
+def print_long(entry: dict):
+    print(f"\nT={entry['T']} G={entry['G']} over {entry['ranks']} ranks (the rates of T={entry['rates_of_T']}; "
+          "even shares, no communication), per rank:")
+    for b in entry["branches"]:
+        print(f"  {b['branch']:28s} {b['pass']:4s} {b['floor_ms']:9.1f} ms {b['bound']:>13s}")
+    for part in ("fwd", "bwd", "fwd_bwd"):
+        target = entry[part]["target_ms"]
+        print(f"  {part}: floors sum {entry[part]['floor_ms']:.1f} ms"
+              + ("" if target is None else f"; target at most {target:.0f} ms"))
 
 
 def main(argv=None) -> dict:
@@ -189,6 +236,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tile-tokens", type=int, default=1, help="selected attention: tokens a program")
     p.add_argument("--union-ratio", type=float, default=1.0,
                    help="selected attention: blocks a tile's tokens picked over one token's")
+    p.add_argument("--long-seq", type=int, action="append", default=[],
+                   help="also a length the run did not time, at its longest length's rates (repeatable)")
+    p.add_argument("--ranks", type=int, default=1, help="context-parallel ranks that share --long-seq")
     p.add_argument("--out", help="write the floors as JSON here")
     a = p.parse_args(argv)
     path = Path(a.json)
@@ -209,10 +259,17 @@ def main(argv=None) -> dict:
         groups = sorted({r["G"] for r in report["rows"] if r["line"] == "cudnn" and "error" not in r})
         sys.exit(f"{a.json} has no cuDNN row at G={a.group} (cuDNN rows at G: {groups or 'none'}): pass --group "
                  f"with one of those, or run tools/bench_kernels.py with --lines dense --groups {a.group}")
+    if a.ranks < 1:
+        sys.exit(f"--ranks {a.ranks}: give the number of context-parallel ranks, 1 or more")
     print_tables(entries, a.json)
+    long = [long_floors(entries, report, a.group, seq, a.ranks, a.l2_tbs, a.tile_tokens, a.union_ratio)
+            for seq in a.long_seq]
+    for entry in long:
+        print_long(entry)
     result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "source": a.json, "source_commit": report.get("commit"), "gpu": report.get("gpu"),
-              "l2_tbs": a.l2_tbs, "tensor_tflops": a.tensor_tflops, "tile_tokens": a.tile_tokens, "union_ratio": a.union_ratio, "floors": entries}
+              "l2_tbs": a.l2_tbs, "tensor_tflops": a.tensor_tflops, "tile_tokens": a.tile_tokens,
+              "union_ratio": a.union_ratio, "floors": entries, "long_floors": long}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1))

@@ -18,7 +18,9 @@ from kernels.window_attention.naive import window_attention_ref
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from kernel_floors import compressed_keys, dense_flops, has_choice, selected_blocks, window_keys  # noqa: E402
+from kernel_floors import (  # noqa: E402
+    compressed_keys, dense_flops, floors, has_choice, long_floors, selected_blocks, window_keys,
+)
 
 T, HQ, HK, D = 150, 4, 2, 8
 L, STRIDE, SEL, N, W = 8, 4, 16, 3, 24
@@ -59,6 +61,24 @@ def test_selected_counts_are_the_reference_top_n_picks():
 def test_dense_flops_are_a_window_as_long_as_the_sequence():
     assert dense_flops(T, HQ, D)["fwd"] == 4 * D * HQ * int(window_keys(T, T).sum())
     assert dense_flops(T, HQ, D)["bwd"] == 10 * D * HQ * int(window_keys(T, T).sum())
+
+
+def test_a_long_length_over_ranks_is_the_longest_measured_lengths_floor_shared():
+    report = json.loads((ROOT / MEASURED).read_text())
+    entries = floors(report, 16, 8.9, 1, 1.0)
+    longest = entries[-1]
+    for ranks in (1, 4):
+        long = long_floors(entries, report, 16, longest["T"], ranks, 8.9)
+        for part in ("fwd", "bwd"):
+            assert long[part]["floor_ms"] == pytest.approx(longest[part]["floor_ms"] / ranks)
+    # a 1M layer on 4 ranks: 64x the compressed work (quadratic) and 8x the rest, over 4
+    million = long_floors(entries, report, 16, 1 << 20, 4, 8.9)
+    per = {(b["branch"], b["pass"]): b["floor_ms"] for b in million["branches"]}
+    at_128k = {(b["branch"], b["pass"]): b["floor_ms"] for b in longest["branches"]}
+    compressed, window = ("compressed attention", "fwd"), ("window attention", "fwd")
+    assert per[compressed] == pytest.approx(at_128k[compressed] * 64 / 4, rel=1e-3)
+    assert per[window] == pytest.approx(at_128k[window] * 8 / 4, rel=5e-3)  # the first w tokens see fewer keys
+    assert million["fwd_bwd"]["target_ms"] == 2500.0
 
 
 @pytest.mark.timeout(120)

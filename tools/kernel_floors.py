@@ -24,7 +24,7 @@ backward, over T (T + 1) / 2 pairs a head), so a floor is what the branch would 
 efficiently as cuDNN's dense kernel; L2 at --l2-tbs, 8.9 TB/s by default: on the H100 Nsight Compute
 counted the selected forward's 14.6 GB through L2 in 1,881 us, 7.8 TB/s at 86.9% of the L2's peak
 (benchmarks/gpu_checks/ncu/ncu-8k-79b11ce.txt.gz). --tensor-tflops F puts every kernel at F instead
-(what-if: FlashAttention-3 reaches about 740 on an H100's forward). --tile-tokens K --union-ratio R models
+(what-if: the FlashAttention-3 paper reports about 740 on an H100's forward). --tile-tokens K --union-ratio R models
 selected attention over tiles of K tokens whose picks' union is R times one token's (LAUNCH TOKENS): R / K
 of the bytes, R times the flops. --long-seq T --ranks N: one layer at a length the run did not time, at the
 rates of its longest one, shared evenly by N context-parallel ranks with no communication (the 1M target
@@ -44,15 +44,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_kernels import SPEED_TARGETS, find, git_commit  # noqa: E402  (beside this file in tools/)
 from kernels.selected_attention.triton import BY_BLOCKS_UP_TO_GROUP  # noqa: E402
 
 BF16_BYTES = 2
 L2_TBS = 8.9
-# issue 11's cuDNN targets at G = 16: T -> {pass: minimum ratio}
-TARGETS = {131072: {"fwd": 8.0, "bwd": 8.0}, 65536: {"fwd": 6.0, "bwd": 5.0}, 16384: {"fwd_bwd": 1.5},
-           8192: {"fwd_bwd": 1.0}}
 TARGET_GROUP = 16
-# and one layer at 1M tokens on 4 GPUs (CP = 4): (T, ranks) -> {pass: most ms}
+
+
+def cudnn_targets() -> dict:
+    """Issue 11's cuDNN targets as bench_kernels.py holds them (at G = 16): T -> {pass: minimum ratio}."""
+    targets = {}
+    for _, (base, seq, part), minimum in SPEED_TARGETS:
+        if base == "cudnn":
+            targets.setdefault(seq, {})[part] = minimum
+    return targets
+
+
+TARGETS = cudnn_targets()
+# issue 11: one layer at 1M tokens on 4 GPUs (CP = 4): (T, ranks) -> {pass: most ms}
 TARGETS_CP = {(1048576, 4): {"fwd_bwd": 2500.0}}
 
 
@@ -112,9 +122,10 @@ def dense_flops(seq: int, q_heads: int, head_dim: int) -> dict:
     return {"fwd": 4 * head_dim * pairs, "bwd": 10 * head_dim * pairs}
 
 
-def find(rows, line, group, seq):
-    return next((r for r in rows if r["line"] == line and r.get("G") == group and r.get("T") == seq
-                 and "error" not in r), None)
+def pass_floor(branches: list[dict], part: str) -> float:
+    """The floors of one pass ("fwd", "bwd" or both, "fwd_bwd") summed over the branches, ms."""
+    passes = ("fwd", "bwd") if part == "fwd_bwd" else (part,)
+    return sum(b["floor_ms"] for b in branches if b["pass"] in passes)
 
 
 def branch_floors(seq: int, q_heads: int, kv_heads: int, head_dim: int, config: dict, rate: dict, l2_tbs: float,
@@ -149,8 +160,7 @@ def long_floors(entries: list[dict], report: dict, group: int, seq: int, ranks: 
         b["floor_ms"] /= ranks
     out = {"T": seq, "G": group, "ranks": ranks, "rates_of_T": longest["T"], "branches": branches}
     for part in ("fwd", "bwd", "fwd_bwd"):
-        passes = ("fwd", "bwd") if part == "fwd_bwd" else (part,)
-        out[part] = {"floor_ms": sum(b["floor_ms"] for b in branches if b["pass"] in passes),
+        out[part] = {"floor_ms": pass_floor(branches, part),
                      "target_ms": TARGETS_CP.get((seq, ranks), {}).get(part) if group == TARGET_GROUP else None}
     return out
 
@@ -167,7 +177,7 @@ def floors(report: dict, group: int, l2_tbs: float, tile_tokens: int, union_rati
         if cudnn is None:
             continue
         dense = dense_flops(seq, q_heads, head_dim)
-        rate = {p: tensor_tflops * 1e12 if tensor_tflops else dense[p] / (cudnn[f"{p}_ms"] / 1e3)
+        rate = {p: tensor_tflops * 1e12 if tensor_tflops is not None else dense[p] / (cudnn[f"{p}_ms"] / 1e3)
                 for p in ("fwd", "bwd")}  # flop/s
         # the breakdown runs at the JSON's first group only
         measured = {r["line"]: r for r in report.get("breakdown", []) if r.get("T") == seq and "error" not in r
@@ -183,8 +193,7 @@ def floors(report: dict, group: int, l2_tbs: float, tile_tokens: int, union_rati
         entry = {"T": seq, "G": group, "rate_tflops": {p: v / 1e12 for p, v in rate.items()}, "branches": branches,
                  "not_modelled": unmodelled}
         for part in ("fwd", "bwd", "fwd_bwd"):
-            passes = ("fwd", "bwd") if part == "fwd_bwd" else (part,)
-            floor = sum(b["floor_ms"] for b in branches if b["pass"] in passes)
+            floor = pass_floor(branches, part)
             ours_ms = ours[f"{part}_ms"] if ours else None
             entry[part] = {"floor_ms": floor, "cudnn_ms": cudnn[f"{part}_ms"], "ours_ms": ours_ms,
                            "ratio_allowed": cudnn[f"{part}_ms"] / floor,
@@ -251,6 +260,10 @@ def main(argv=None) -> dict:
             and all(isinstance(r, dict) and "line" in r for r in rows)):
         sys.exit(f"{a.json} is not a JSON of tools/bench_kernels.py (no `paper_config`, `args`, or rows with a "
                  "`line`): give one of benchmarks/kernels-*.json that it wrote")
+    for name, value in (("--l2-tbs", a.l2_tbs), ("--tensor-tflops", a.tensor_tflops), ("--ranks", a.ranks),
+                        *(("--long-seq", seq) for seq in a.long_seq)):
+        if value is not None and value <= 0:
+            sys.exit(f"{name} {value}: give a positive number (a rate, a count of ranks or a length in tokens)")
     if a.tile_tokens < 1 or not 1.0 <= a.union_ratio <= a.tile_tokens:
         sys.exit(f"--tile-tokens {a.tile_tokens} --union-ratio {a.union_ratio}: the union of K tokens' picks is "
                  "between 1 and K times one token's; give K >= 1 and 1 <= R <= K")
@@ -259,15 +272,14 @@ def main(argv=None) -> dict:
         groups = sorted({r["G"] for r in report["rows"] if r["line"] == "cudnn" and "error" not in r})
         sys.exit(f"{a.json} has no cuDNN row at G={a.group} (cuDNN rows at G: {groups or 'none'}): pass --group "
                  f"with one of those, or run tools/bench_kernels.py with --lines dense --groups {a.group}")
-    if a.ranks < 1:
-        sys.exit(f"--ranks {a.ranks}: give the number of context-parallel ranks, 1 or more")
     print_tables(entries, a.json)
     long = [long_floors(entries, report, a.group, seq, a.ranks, a.l2_tbs, a.tile_tokens, a.union_ratio)
             for seq in a.long_seq]
     for entry in long:
         print_long(entry)
-    result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-              "source": a.json, "source_commit": report.get("commit"), "gpu": report.get("gpu"),
+    result = {"command": " ".join(["tools/kernel_floors.py"] + (argv if argv is not None else sys.argv[1:])),
+              "commit": git_commit(None), "source": a.json, "source_commit": report.get("commit"),
+              "gpu": report.get("gpu"),
               "l2_tbs": a.l2_tbs, "tensor_tflops": a.tensor_tflops, "tile_tokens": a.tile_tokens,
               "union_ratio": a.union_ratio, "floors": entries, "long_floors": long}
     if a.out:

@@ -106,6 +106,8 @@ def test_tool_no_measured_branch_beats_its_floor(tmp_path):
     ([MEASURED, "--tile-tokens", "4", "--union-ratio", "5"], "--union-ratio 5"),
     ([MEASURED, "--group", "8"], "no cuDNN row at G=8 (cuDNN rows at G: [4, 16])"),
     (["benchmarks/kernels-2026-11-30-sweep.json"], "is not a JSON of tools/bench_kernels.py"),
+    ([MEASURED, "--long-seq", "1048576", "--ranks", "0"], "--ranks 0: give a positive number"),
+    ([MEASURED, "--tensor-tflops", "0"], "--tensor-tflops 0.0: give a positive number"),
 ])
 def test_tool_refuses_bad_input_by_name(args, message):
     done = subprocess.run([sys.executable, "tools/kernel_floors.py", *args], cwd=ROOT, capture_output=True,

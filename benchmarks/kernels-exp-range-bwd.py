@@ -107,7 +107,7 @@ def one_length(seq: int, args, device):
     res = {"T": seq, "TK": num_keys, "HQ": args.q_heads, "HK": args.kv_heads, "D": args.head_dim}
 
     def backward(q, k, v, o, lse, do, one_pass):
-        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale, one_pass)
+        return ra.range_attention_bwd(q, k, v, lse, do, ra.attention_delta(o, do, None)[0], *ranges, scale, one_pass)
 
     with fixed_fp32_configs():
         o32, lse32 = ra.range_attention_fwd(q, k, v, *ranges[:2], scale)

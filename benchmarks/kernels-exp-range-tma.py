@@ -100,7 +100,7 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
         one_pass = args.one_pass == "on"
 
     def backward(q, k, v, o, lse, do):
-        return ra.range_attention_bwd(q, k, v, o, lse, do, None, *ranges, scale, one_pass)
+        return ra.range_attention_bwd(q, k, v, lse, do, ra.attention_delta(o, do, None)[0], *ranges, scale, one_pass)
 
     with fixed_fp32_configs(), tma_loads(()):
         o32, lse32 = forward(q, k, v)

@@ -12,16 +12,17 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
   token tiles alone, at any group), backward
   "dkv" (BLOCK_M too)
   and "reduce" (--selected-parts picks among the four);
-- gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward) and
-  "gate_bwd" (one branch's gate backward): BLOCK_R x num_warps (until 2026-12-04 a forward kernel per
-  gate, "gate_fwd", then the sum; until 2026-12-01 one combine kernel of the three, "fwd" and "bwd").
+- gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward):
+  BLOCK_R x num_warps (until 2026-12-06 also "gate_bwd", one branch's gate backward, now in the branches'
+  delta pass; until 2026-12-04 a forward kernel per gate, "gate_fwd", then the sum; until 2026-12-01 one
+  combine kernel of the three, "fwd" and "bwd").
 Not swept: compressed and window attention (kernels/range_attention.py, autotuned), phi (PyTorch, no
 Triton kernel), and the backwards' delta kernel (range_attention.attention_delta: fixed, ~1 ms).
 
 Each kernel is timed through the public function that launches it, so a figure is what training pays:
 top-n is select_blocks_triton; selected forward, selected_attention_triton; the three selected backward
 kernels, the whole backward (autograd.grad with retain_graph: delta, dQ, inverted index, dK/dV,
-reduce; only the swept kernel's launch changes); gate combine, its forward and its backward. The
+reduce; only the swept kernel's launch changes); gate combine, its forward. The
 baseline is the code path as used (LAUNCH empty), timed in the same run before the candidates; the
 list of candidates includes today's config (marked *), so its ms against the baseline's shows the
 noise. Medians of triton.testing.do_bench over >= --reps timed runs (tools/bench_kernels.median_ms).
@@ -271,25 +272,16 @@ def combine_sweeps(T, hq, d, dtype, device) -> list[Sweep]:
     gen = torch.Generator(device=device).manual_seed(T)
     outs = [torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen) for _ in range(3)]
     gates = [torch.rand(1, T, hq, device=device, generator=gen).to(dtype) for _ in range(3)]
-    grad = torch.randn(1, T, hq, d, device=device, dtype=dtype, generator=gen)
-    o, gate = [x.clone().requires_grad_() for x in (outs[0], gates[0])]
-    out = gate_combine.gate_branch_triton(o, gate)
 
     def forward():
         with torch.no_grad():
             return (gate_combine.gated_sum_triton(*outs, *gates),)
 
-    def backward():  # one gate node's backward
-        return torch.autograd.grad(out, [o, gate], grad, retain_graph=True)
-
-    o32, gate32 = [x.detach().float().requires_grad_() for x in (o, gate)]
     sum32 = gate_combine.gated_sum_triton(*(x.float() for x in outs), *(g.float() for g in gates))
-    reference_bwd = torch.autograd.grad(gate_combine.gate_branch_triton(o32, gate32), [o32, gate32], grad.float())
     now = dict(BLOCK_R=gate_combine.BLOCK_R, num_warps=4)
     grid = [c for c in configs(now, BLOCK_R=(16, 32, 64, 128), num_warps=(2, 4, 8))
             if (c["BLOCK_R"], c["num_warps"]) not in ((16, 8), (128, 2))]
-    return [Sweep("gated sum fwd", gate_combine, "sum", now, grid, forward, (sum32,)),
-            Sweep("gate bwd", gate_combine, "gate_bwd", now, grid, backward, reference_bwd)]
+    return [Sweep("gated sum fwd", gate_combine, "sum", now, grid, forward, (sum32,))]
 
 
 def topn_sweep(q, k_cmp, lse) -> Sweep:

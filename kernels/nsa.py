@@ -12,7 +12,7 @@ from kernels.common import (LAYOUT_CACHE_SIZE, acc_dtype, device_tensor, documen
                             positions_in_documents)
 from kernels.compressed_attention.naive import compressed_attention_ref
 from kernels.compression.naive import compress_documents
-from kernels.gate_combine.naive import gate_branch_ref, gated_sum_ref
+from kernels.gate_combine.naive import gated_sum_ref
 from kernels.selected_attention.naive import selected_attention_ref
 from kernels.window_attention.naive import window_attention_ref
 
@@ -20,13 +20,15 @@ Compress = Callable[[torch.Tensor], torch.Tensor]
 
 
 class BranchOps(NamedTuple):
-    """One implementation of the four branch functions; both share the reference signatures."""
+    """One implementation of the four branch functions and the gated sum; both share the reference
+    signatures. The attention branches take their gate (gate=, [B, T, HQ]) and return their output ungated,
+    as `sum` takes it: the Triton ones' backward applies the gate, the reference's sum does."""
 
-    compressed: Callable  # (q, k_cmp, v_cmp, l, d, scale, *, q_start, cu_seqlens) -> (o, lse)
+    compressed: Callable  # (q, k_cmp, v_cmp, l, d, scale, *, q_start, cu_seqlens, gate) -> (o, lse)
     select: Callable  # (q, k_cmp, lse_cmp, l, d, l', n, scale, *, q_start, cu_seqlens, score, keys, indexer) -> ids
-    selected: Callable  # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens, slot_lse) -> (o, lse[, slot_lse])
-    window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens) -> (o, lse)
-    gate: Callable  # (o, gate [B, T, HQ]) -> o as `sum` takes it (the Triton one's backward applies the gate)
+    # (q, k, v, block_idx, l', scale, *, q_start, cu_seqlens, slot_lse, rows, gate) -> (o, lse[, slot_lse])
+    selected: Callable
+    window: Callable  # (q, k, v, w, scale, *, q_start, k_start, cu_seqlens, gate) -> (o, lse)
     sum: Callable  # (o_cmp, o_slc, o_win or None, g_cmp, g_slc, g_win or None) -> the gated sum
 
 
@@ -35,19 +37,19 @@ def branch_ops(impl: str) -> BranchOps:
     CUDA, or CPU under TRITON_INTERPRET=1). Choosing for "auto" is the caller's business."""
     if impl == "reference":
         return BranchOps(compressed_attention_ref, select_blocks_ref, selected_attention_ref, window_attention_ref,
-                         gate_branch_ref, gated_sum_ref)
+                         gated_sum_ref)
     if impl == "triton":
         # Imported on first use: Triton decides between compiling and interpreting (TRITON_INTERPRET) when
         # a kernel is defined, so importing this module must not define them.
         from kernels.block_selection.triton import select_blocks_triton
         from kernels.compressed_attention.triton import compressed_attention_triton
-        from kernels.gate_combine.triton import gate_branch_triton, gated_sum_triton
+        from kernels.gate_combine.triton import gated_sum_triton
         from kernels.selected_attention.triton import selected_attention_triton
         from kernels.window_attention.triton import window_attention_triton
 
         return BranchOps(
             compressed_attention_triton, select_blocks_triton, selected_attention_triton, window_attention_triton,
-            gate_branch_triton, gated_sum_triton,
+            gated_sum_triton,
         )
     raise ValueError(f"impl={impl!r}: expected 'reference' or 'triton' ('auto' is resolved by the caller)")
 
@@ -209,10 +211,9 @@ def compose_nsa(
     g_win for them. Not with selection_loss, which reads the selected branch's
     own per-slot sums. The result is the same up to rounding; NSAResult.block_idx keeps top-n's picks.
 
-    Each branch's output passes through ops.gate as soon as the branch has run, and ops.sum adds them
-    gated at the end: the Triton gate's backward applies the gate, and autograd runs the most recently
-    created ready node first, so the backward makes one branch's output gradient just before that
-    branch's backward frees it, one at a time (kernels/gate_combine/triton.py).
+    Each branch is given its gate and ops.sum adds the outputs gated at the end: the Triton branches'
+    backward applies the gate, so each branch's output gradient is made inside its own backward and freed
+    there, one at a time (kernels/gate_combine/triton.py).
     """
     ops = branch_ops(impl)
     sizes_cmp = (block_size, stride)
@@ -247,8 +248,9 @@ def compose_nsa(
     for span in spans:
         span_rows = slice(span.offset, span.offset + span.length)
         rows = q[:, span_rows]
-        o, lse = ops.compressed(rows, k_cmp, v_cmp, *sizes_cmp, scale, q_start=span.start, cu_seqlens=cu_seqlens)
-        o_cmp.append(ops.gate(o, gate_cmp[:, span_rows]))
+        o, lse = ops.compressed(rows, k_cmp, v_cmp, *sizes_cmp, scale, q_start=span.start, cu_seqlens=cu_seqlens,
+                                gate=gate_cmp[:, span_rows])
+        o_cmp.append(o)
         g_cmp.append(gate_cmp[:, span_rows])
         lse_cmp.append(lse)
         blocks.append(ops.select(rows.detach(), k_cmp.detach(), lse.detach(), *sizes_cmp, selection_block,
@@ -256,8 +258,8 @@ def compose_nsa(
                                  score=selection_score, keys=selection_keys, indexer=indexer))
         if window > 0:
             o, lse = ops.window(rows, span.k_win, span.v_win, window, scale, q_start=span.start,
-                                k_start=span.win_start, cu_seqlens=cu_seqlens)
-            o_win.append(ops.gate(o, gate_win[:, span_rows]))
+                                k_start=span.win_start, cu_seqlens=cu_seqlens, gate=gate_win[:, span_rows])
+            o_win.append(o)
             g_win.append(gate_win[:, span_rows])
             lse_win.append(lse)
     block_idx = _cat(blocks, 1)
@@ -273,8 +275,9 @@ def compose_nsa(
             rows = slice(s.offset, s.offset + s.length)
             o, lse, *slot_lse = ops.selected(q[:, rows, q_heads], k, v, picks[:, rows, heads], selection_block,
                                              scale, q_start=s.start, cu_seqlens=cu_seqlens,
-                                             slot_lse=bool(selection_loss), rows=rows_slc[index])
-            o_item.append(ops.gate(o, gate_slc[:, rows, q_heads]))
+                                             slot_lse=bool(selection_loss), rows=rows_slc[index],
+                                             gate=gate_slc[:, rows, q_heads])
+            o_item.append(o)
             g_item.append(gate_slc[:, rows, q_heads])
             lse_item.append(lse)
             if selection_loss:

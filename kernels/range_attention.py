@@ -534,8 +534,8 @@ def _range_attn_bwd_onepass(
 
 
 @triton.jit
-def _delta_kernel(o, do, dlse, delta, R, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  HAS_DLSE: tl.constexpr):
+def _delta_kernel(o, do, dlse, gate, d_o, d_gate, delta, R, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_GATE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     dv = tl.arange(0, BLOCK_DV)
@@ -543,24 +543,38 @@ def _delta_kernel(o, do, dlse, delta, R, DV: tl.constexpr, BLOCK_R: tl.constexpr
     mask = row_ok[:, None] & (dv[None, :] < DV)
     out = tl.load(o + offs, mask=mask, other=0.0).to(tl.float32)
     grad = tl.load(do + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:  # grad is the gated sum's: the gate's gradient, then the branch's, g * grad, rounded as stored
+        tl.store(d_gate + rows, tl.sum(out * grad, 1).to(d_gate.dtype.element_ty), mask=row_ok)
+        g = tl.load(gate + rows, mask=row_ok, other=0.0).to(tl.float32)
+        gated = (g[:, None] * grad).to(d_o.dtype.element_ty)
+        tl.store(d_o + offs, gated, mask=mask)
+        grad = gated.to(tl.float32)
     row_delta = tl.sum(out * grad, 1)
     if HAS_DLSE:
         row_delta -= tl.load(dlse + rows, mask=row_ok, other=0.0)
     tl.store(delta + rows, row_delta, mask=row_ok)
 
 
-def attention_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
-    """delta = rowsum(o * dO) - dlse, fp32 [B, T, HQ], the backward's correction term: dL/ds = p * (dp - delta)
-    (a gradient on lse folds in here). One pass over o and dO; o, do: [B, T, HQ, Dv] contiguous."""
+def attention_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None,
+                    gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward's correction term delta = rowsum(o * dO) - dlse, fp32 [B, T, HQ] (dL/ds = p * (dp -
+    delta); a gradient on lse folds in here), in one pass over o and dO ([B, T, HQ, Dv] contiguous).
+
+    gate: the branch's gate in NSA's gated sum ([B, T, HQ], any float dtype), or None. With a gate, `do` is
+    the gated sum's gradient, and the same pass makes the gate's gradient, rowsum(o * dO) in the gate's
+    dtype, and the branch output's, g * dO in o's dtype, which delta then uses. Returns (delta, the branch
+    output's gradient, the gate's gradient or None); without a gate the second is `do` itself."""
     rows, dv = o.numel() // o.shape[-1], o.shape[-1]
     delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
     dlse = dlse.float().contiguous() if dlse is not None else None
+    d_o, d_gate = (torch.empty_like(o), torch.empty_like(gate)) if gate is not None else (do, None)
     block_r = 16
     _delta_kernel[(triton.cdiv(rows, block_r),)](
-        o, do, dlse if dlse is not None else delta, delta, rows,
-        DV=dv, BLOCK_R=block_r, BLOCK_DV=pow2(dv), HAS_DLSE=dlse is not None,
+        o, do, dlse if dlse is not None else delta, gate if gate is not None else delta, d_o,
+        d_gate if d_gate is not None else delta, delta, rows,
+        DV=dv, BLOCK_R=block_r, BLOCK_DV=pow2(dv), HAS_DLSE=dlse is not None, HAS_GATE=gate is not None,
     )
-    return delta
+    return delta, d_o, d_gate
 
 
 _KERNELS = {"fwd": _range_attn_fwd, "dq": _range_attn_bwd_dq, "dkv": _range_attn_bwd_dkv,
@@ -620,20 +634,20 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
     return o, lse
 
 
-def range_attention_bwd(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale, one_pass):
-    """(dq, dk, dv) in the dtypes of q, k, v: by the one-pass backward if one_pass, else by the split one.
+def range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, one_pass):
+    """(dq, dk, dv) in the dtypes of q, k, v, given the output's gradient do and attention_delta's delta: by
+    the one-pass backward if one_pass, else by the split one.
     The one pass adds in fp32 atomics, in any order, so its gradients vary in the last bits from run to
     run: when PyTorch is asked for deterministic algorithms the split path runs instead."""
     if one_pass and not torch.are_deterministic_algorithms_enabled():
-        return _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale)
-    return _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale)
+        return _bwd_one_pass(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale)
+    return _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale)
 
 
-def _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
+def _bwd_one_pass(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
     """One kernel over key tiles and chunks of their rows, fp32 atomics into dQ, dK, dV (then cast)."""
     batch = q.shape[0]
     consts, sizes = _launch_args(q, k, v, scale)
-    delta = attention_delta(o, do, dlse)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -649,12 +663,11 @@ def _bwd_one_pass(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
     return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
-def _bwd_split(q, k, v, o, lse, do, dlse, lo, hi, qlo, qhi, scale):
+def _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
     """dQ by row tiles, then dK/dV by key tiles (split over rows into fp32 partials where key tiles are
     too few); each recomputes S and dP, no atomics, deterministic."""
     batch, seq, _, _ = q.shape
     consts, sizes = _launch_args(q, k, v, scale)
-    delta = attention_delta(o, do, dlse)
     dq = poisoned(q.shape, q.dtype, q.device)
     dk = poisoned(k.shape, k.dtype, k.device)
     dv = poisoned(v.shape, v.dtype, v.device)
@@ -691,20 +704,23 @@ class RangeAttention(torch.autograd.Function):
     qlo, qhi: [TK] int32, key s is seen by exactly the query tokens qlo[s] <= t < qhi[s] (qlo >= qhi: by
     none): the inverse of lo/hi, which the dK/dV kernel uses to bound its rows and to skip the mask.
     one_pass: the backward path (range_attention_bwd).
+    gate: None, or the branch's gate in NSA's gated sum ([B, T, HQ] contiguous): o is returned ungated for
+    kernels.gate_combine.triton.gated_sum_triton, whose backward hands o the sum's gradient as it is, and
+    this backward applies the gate (attention_delta) and returns the gate's gradient too.
     Returns o: [B, T, HQ, Dv] q.dtype (0 where nothing is visible) and lse: [B, T, HQ] float32 (-inf there).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale, one_pass):
+    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale, one_pass, gate=None):
         o, lse = range_attention_fwd(q, k, v, lo, hi, scale)
-        ctx.save_for_backward(q, k, v, o, lse, lo, hi, qlo, qhi)
+        ctx.save_for_backward(q, k, v, o, lse, lo, hi, qlo, qhi, gate)
         ctx.scale = scale
         ctx.one_pass = one_pass
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, lo, hi, qlo, qhi = ctx.saved_tensors
-        dq, dk, dv = range_attention_bwd(q, k, v, o, lse, do.contiguous(), dlse, lo, hi, qlo, qhi, ctx.scale,
-                                         ctx.one_pass)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, o, lse, lo, hi, qlo, qhi, gate = ctx.saved_tensors
+        delta, do, d_gate = attention_delta(o, do.contiguous(), dlse, gate)
+        dq, dk, dv = range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, ctx.scale, ctx.one_pass)
+        return dq, dk, dv, None, None, None, None, None, None, d_gate

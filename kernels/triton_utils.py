@@ -113,6 +113,19 @@ def check_attention_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch
         raise ValueError(f"{name}: head dims up to 256 are supported; got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
 
 
+def gate_input(name: str, q: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | None:
+    """A branch's gate ([B, T, HQ], one per query row; None: no gate) laid out densely for its kernels;
+    raises a ValueError when its shape is not q's without the head dim."""
+    if gate is None:
+        return None
+    if gate.shape != q.shape[:-1]:
+        raise ValueError(f"{name}: gate {tuple(gate.shape)} must be q's shape {tuple(q.shape)} without its last "
+                         "dimension (one gate a query row)")
+    if not gate.is_floating_point():
+        raise ValueError(f"{name}: gate must be a float tensor; got {gate.dtype}")
+    return gate.contiguous()
+
+
 def check_packed(name: str, batch: int, cu_seqlens: torch.Tensor | None) -> None:
     if cu_seqlens is None:
         return

@@ -190,10 +190,14 @@ def time_line(name, make, reps, rows, **where):
 
 
 def gate_combine(ops):
-    """The gate combine of `ops`: each output through its gate node, then the gated sum (BranchOps.gate and
-    .sum, with the gates since 2026-12-04; before, each gate wrote its product and .sum added them); one
-    combine kernel (BranchOps.combine, before 2026-12-01); or, for kernels older still (an earlier
-    --kernels-root), torch's arithmetic."""
+    """The gate combine of `ops`: the gated sum alone, where the branches' backward applies the gates (no
+    BranchOps.gate, since 2026-12-06: its backward passes the gradient on and gives the gates none, so the
+    line times the forward kernel and that hand-over); each output through its gate node, then the gated
+    sum (BranchOps.gate and .sum, with the gates since 2026-12-04; before, each gate wrote its product and
+    .sum added them); one combine kernel (BranchOps.combine, before 2026-12-01); or, for kernels older still
+    (an earlier --kernels-root), torch's arithmetic."""
+    if not hasattr(ops, "gate") and not hasattr(ops, "combine"):
+        return lambda o_cmp, o_slc, o_win, gates: ops.sum(o_cmp, o_slc, o_win, *gates.unbind(-1))
     if hasattr(ops, "gate") and "g_cmp" in inspect.signature(ops.sum).parameters:
         def gated(o_cmp, o_slc, o_win, gates):
             g = gates.unbind(-1)
@@ -237,7 +241,9 @@ def breakdown(nsa_mod, T, hq, hk, d, reps) -> list[dict]:
         "compressed attention": (lambda: ops.compressed(q, k_cmp, v_cmp, l, s)[0], [q, k_cmp, v_cmp]),
         "selected attention": (lambda: ops.selected(q, k, v, blocks, ls)[0], [q, k, v]),
         "window attention": (lambda: ops.window(q, k, v, w)[0], [q, k, v]),
-        "gate combine": (lambda: combine(*branch_outs, gates), [*branch_outs, gates]),
+        # with the gates applied in the branches' backward (no BranchOps.gate) the sum gives them no gradient
+        "gate combine": (lambda: combine(*branch_outs, gates),
+                         branch_outs if not hasattr(ops, "gate") else [*branch_outs, gates]),
     }
     for name, (forward, leaves) in parts.items():
         time_line(name, lambda: (forward, leaves), reps, rows, T=T)

@@ -26,6 +26,7 @@ def compressed_attention_ref(
     chunk_size: int = 256,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of queries over compressed tokens.
 
@@ -38,6 +39,8 @@ def compressed_attention_ref(
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (global positions, B = 1):
     each document is attended on its own, with positions restarting at its start, over its own
     compressed tokens (k_cmp holds them document after document, see compression.compress_documents).
+    gate: this branch's gate in NSA's gated sum, for the shared signature: the Triton version's backward
+    applies it; here gated_sum_ref applies every gate, and it is not used.
     """
     if cu_seqlens is not None:
         cmp_bounds = compressed_cu_seqlens(cu_seqlens, block_size, stride).tolist()

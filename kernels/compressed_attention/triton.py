@@ -11,7 +11,7 @@ import torch
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of, longest_document
 from kernels.compression.naive import compressed_cu_seqlens
 from kernels.range_attention import RangeAttention
-from kernels.triton_utils import check_attention_inputs, check_packed
+from kernels.triton_utils import check_attention_inputs, check_packed, gate_input
 
 # The range attention's backward path (kernels/range_attention.py): one pass with atomic dQ, where
 # ONE_PASS_BACKWARD is set and some query sees at least ONE_PASS_MIN_TOKENS tokens of its document
@@ -85,6 +85,7 @@ def compressed_attention_triton(
     scale: float | None = None,
     q_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of queries over compressed tokens (Triton; same meaning as compressed_attention_ref).
 
@@ -94,13 +95,18 @@ def compressed_attention_triton(
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (B must be 1); positions
     restart at each document, a query sees only its document's blocks, and k_cmp holds every document's
     compressed tokens in document order (kernels.compression.naive.compress_documents).
+    gate: optional [B, T, HQ], this branch's gate in NSA's gated sum. The output stays ungated, for
+    kernels.gate_combine.triton.gated_sum_triton, and its backward applies the gate: the gradient it is
+    given is taken as the gated sum's, and the gate gets its gradient (kernels/gate_combine/triton.py).
     Returns o: [B, T, HQ, Dv] q.dtype (0 for a query that sees no block) and
     lse: [B, T, HQ] float32, natural log-sum-exp of the scaled scores (-inf where no block is visible).
-    Differentiable in q, k_cmp, v_cmp (and through lse).
+    Differentiable in q, k_cmp, v_cmp (and through lse), and the gate.
     """
     check_attention_inputs("compressed_attention_triton", q, k_cmp, v_cmp)
     check_packed("compressed_attention_triton", q.shape[0], cu_seqlens)
     ranges = compressed_ranges(q.shape[1], k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
     one_pass = ONE_PASS_BACKWARD and longest_document(q.shape[1], q_start, cu_seqlens) >= ONE_PASS_MIN_TOKENS
-    return RangeAttention.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), *ranges, scale, one_pass)
+    gate = gate_input("compressed_attention_triton", q, gate)
+    return RangeAttention.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), *ranges, scale, one_pass,
+                                gate)

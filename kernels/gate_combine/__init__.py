@@ -1,3 +1,3 @@
-from kernels.gate_combine.naive import gate_branch_ref, gated_sum_ref
+from kernels.gate_combine.naive import gated_sum_ref
 
-__all__ = ["gate_branch_ref", "gated_sum_ref"]
+__all__ = ["gated_sum_ref"]

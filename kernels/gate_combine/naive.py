@@ -8,16 +8,9 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, float64 for float64 inputs
 
 
-def gate_branch_ref(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """One branch's output as the gated sum takes it: o itself ([B, T, HQ, Dv]). The reference applies
-    every gate in gated_sum_ref; the Triton version's twin applies it in its backward (memory order)."""
-    return o
-
-
 def gated_sum_ref(o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor | None,
                   g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor | None) -> torch.Tensor:
-    """o_*: the branch outputs [B, T, HQ, Dv], one dtype, each passed through gate_branch_ref; g_*: their
-    gates [B, T, HQ] in (0, 1). o_win and g_win None: the window branch is off. Returns the gated sum in
+    """o_*: the branch outputs [B, T, HQ, Dv], one dtype; g_*: their gates [B, T, HQ] in (0, 1). o_win and g_win None: the window branch is off. Returns the gated sum in
     the outputs' dtype, computed in fp32."""
     acc = _accumulator(o_cmp.dtype)
     pairs = [(o, g) for o, g in ((o_cmp, g_cmp), (o_slc, g_slc), (o_win, g_win)) if o is not None]

@@ -19,6 +19,7 @@ def selected_attention_ref(
     cu_seqlens: torch.Tensor | None = None,
     slot_lse: bool = False,
     rows: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Attention of query t over tokens <= t of the selection blocks its GQA group picked.
 
@@ -35,6 +36,8 @@ def selected_attention_ref(
     share of a query's attention in a block is exp(slot_lse - lse) (the selection alignment loss's target).
     rows: the rows that hold picks, a launch hint for the Triton version (selected_attention_triton); here
     every row is computed, and one without picks gives 0 and -inf as the hint says.
+    gate: this branch's gate in NSA's gated sum, for the shared signature: the Triton version's backward
+    applies it; here gated_sum_ref applies every gate, and it is not used.
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()

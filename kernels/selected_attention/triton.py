@@ -33,7 +33,8 @@ from kernels.range_attention import (
     store_rows,
 )
 from kernels.triton_utils import (
-    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2, programs_wanted, tma_unfit,
+    check_attention_inputs, check_packed, dot_precision, gate_input, launch_params, poisoned, pow2, programs_wanted,
+    tma_unfit,
 )
 
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
@@ -973,11 +974,12 @@ def _dq_by_tokens(q, k, v, do, lse, delta, block_idx, layout, dq, sizes, selecti
 
 
 class SelectedAttention(torch.autograd.Function):
-    """(o, lse) of selected attention; differentiable in q, k, v. Arguments as selected_attention_triton,
-    plus the layout from selection_layout."""
+    """(o, lse) of selected attention; differentiable in q, k, v (and the gate, whose backward it applies:
+    kernels.range_attention.RangeAttention). Arguments as selected_attention_triton, plus the layout from
+    selection_layout."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout, want_slot_lse, rows):
+    def forward(ctx, q, k, v, block_idx, selection_block, scale, q_start, layout, want_slot_lse, rows, gate=None):
         batch, seq, num_q_heads, _ = q.shape
         consts = _consts(q, k, v, selection_block)
         if rows is None:  # every row is written by the kernels
@@ -999,20 +1001,19 @@ class SelectedAttention(torch.autograd.Function):
         else:
             _forward_by_tokens(q, k, v, block_idx, layout, o, lse, slot_lse, selection_block, sizes, consts,
                                want_slot_lse, rows)
-        ctx.save_for_backward(q, k, v, o, lse, block_idx, *layout)
+        ctx.save_for_backward(q, k, v, o, lse, block_idx, gate, *layout)
         ctx.args = (selection_block, scale, q_start, rows)
         ctx.mark_non_differentiable(slot_lse)
         return o, lse, slot_lse
 
     @staticmethod
     def backward(ctx, do, dlse, dslot_lse):
-        q, k, v, o, lse, block_idx, *layout = ctx.saved_tensors
+        q, k, v, o, lse, block_idx, gate, *layout = ctx.saved_tensors
         _, block_base, block_start, block_end = layout
         selection_block, scale, q_start, rows = ctx.args
         batch, seq, num_q_heads, _ = q.shape
         num_keys, num_kv_heads = k.shape[1], k.shape[2]
-        do = do.contiguous()
-        delta = attention_delta(o, do, dlse)
+        delta, do, d_gate = attention_delta(o, do.contiguous(), dlse, gate)
         consts = _consts(q, k, v, selection_block)
         sizes = (seq, num_keys, num_q_heads, num_kv_heads)
 
@@ -1044,7 +1045,7 @@ class SelectedAttention(torch.autograd.Function):
             DK=consts["DK"], DV=consts["DV"], BLOCK_S=tile[0], BLOCK_DK=tile[1], BLOCK_DV=tile[2],
             **launch_params(LAUNCH, "reduce"),
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, d_gate
 
 
 def selected_attention_triton(
@@ -1058,6 +1059,7 @@ def selected_attention_triton(
     cu_seqlens: torch.Tensor | None = None,
     slot_lse: bool = False,
     rows: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Attention of query t over tokens <= t of its group's selected blocks (Triton; as selected_attention_ref).
 
@@ -1075,6 +1077,9 @@ def selected_attention_triton(
     kernels then launch a program a listed row instead of a row each, and the others get o = 0, lse = -inf
     and no gradient without a launch (compose_nsa's window-covered rows: about nine in ten of the proof's
     first-stage rows). The result is the same as without it; the key-block and token-tile paths ignore it.
+    gate: optional [B, T, HQ], this branch's gate in NSA's gated sum. The output stays ungated, for
+    kernels.gate_combine.triton.gated_sum_triton, and its backward applies the gate: the gradient it is
+    given is taken as the gated sum's, and the gate gets its gradient (kernels/gate_combine/triton.py).
     """
     check_attention_inputs("selected_attention_triton", q, k, v)
     check_packed("selected_attention_triton", q.shape[0], cu_seqlens)
@@ -1088,6 +1093,6 @@ def selected_attention_triton(
     scale = default_scale(q.shape[-1], scale)
     o, lse, slots = SelectedAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), block_idx.to(torch.int32).contiguous(),
-        selection_block, scale, q_start, layout, slot_lse, rows,
+        selection_block, scale, q_start, layout, slot_lse, rows, gate_input("selected_attention_triton", q, gate),
     )
     return (o, lse, slots) if slot_lse else (o, lse)

@@ -17,6 +17,7 @@ def window_attention_ref(
     q_start: int = 0,
     k_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention.
 
@@ -27,6 +28,8 @@ def window_attention_ref(
     queries reads only its C + window - 1 keys, so memory is O(C * (C + w)).
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents (global positions, B = 1):
     a query sees only the keys of its own document.
+    gate: this branch's gate in NSA's gated sum, for the shared signature: the Triton version's backward
+    applies it; here gated_sum_ref applies every gate, and it is not used.
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()

@@ -10,7 +10,7 @@ import torch
 
 from kernels.common import LAYOUT_CACHE_SIZE, default_scale, document_layout, document_of
 from kernels.range_attention import RangeAttention
-from kernels.triton_utils import check_attention_inputs, check_packed
+from kernels.triton_utils import check_attention_inputs, check_packed, gate_input
 
 # The range attention's backward path (kernels/range_attention.py): one pass with atomic dQ (True) or the
 # dQ and dK/dV kernels (False). A window row is seen by about (w + key tile) / key tile key tiles (5 at
@@ -73,6 +73,7 @@ def window_attention_triton(
     q_start: int = 0,
     k_start: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention (Triton; same meaning as window_attention_ref).
 
@@ -82,11 +83,16 @@ def window_attention_triton(
     t - window < p <= t.
     cu_seqlens: optional int32 [num_docs + 1] boundaries of packed documents in global positions
     (B must be 1); a query sees only keys of its own document.
+    gate: optional [B, Tq, HQ], this branch's gate in NSA's gated sum. The output stays ungated, for
+    kernels.gate_combine.triton.gated_sum_triton, and its backward applies the gate: the gradient it is
+    given is taken as the gated sum's, and the gate gets its gradient (kernels/gate_combine/triton.py).
     Returns o: [B, Tq, HQ, Dv] q.dtype and lse: [B, Tq, HQ] float32 (-inf, with o = 0, where no key is
-    visible). Differentiable in q, k, v (and through lse).
+    visible). Differentiable in q, k, v (and through lse), and the gate.
     """
     check_attention_inputs("window_attention_triton", q, k, v)
     check_packed("window_attention_triton", q.shape[0], cu_seqlens)
     ranges = window_ranges(q.shape[1], k.shape[1], window, q_start, k_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
-    return RangeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *ranges, scale, ONE_PASS_BACKWARD)
+    gate = gate_input("window_attention_triton", q, gate)
+    return RangeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *ranges, scale, ONE_PASS_BACKWARD,
+                                gate)

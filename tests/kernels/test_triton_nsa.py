@@ -158,13 +158,13 @@ def test_strided_q_and_gates_are_made_dense_once():
 
 
 def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
-    """compose_nsa passes each branch's output through its gate node right after the branch runs, so in the
-    backward each branch's output gradient (a [T, HQ, Dv] tensor, made by the gate node's backward) is made
-    just before that branch's own backward consumes it, never two at once. The test records when each
-    gate node's backward runs (the Triton one, kernels/gate_combine/triton.py) and when each branch's
-    backward has finished (its q's gradient made)."""
-    import kernels.gate_combine.triton as gate_combine
+    """compose_nsa gives each Triton branch its gate, and the branch's backward makes its output gradient
+    (g * dO, a [T, HQ, Dv] tensor, in the delta pass: kernels.range_attention.attention_delta) and consumes
+    it, so no two exist at once. The test records when each delta pass with a gate runs and when each
+    branch's backward has finished (its q's gradient made)."""
     import kernels.nsa as nsa
+    import kernels.range_attention as range_attention
+    import kernels.selected_attention.triton as selected_triton
 
     require_backend()
     events = []
@@ -185,11 +185,13 @@ def test_the_backward_makes_one_branch_output_gradient_at_a_time(monkeypatch):
             return branch(Mark.apply(q, f"{name} backward done"), k, v, *args, **kwargs)
         return run
 
-    def gate_backward(ctx, grad, backward=gate_combine.GateBranch.backward):
-        events.append("output gradient made")
-        return backward(ctx, grad)
+    def delta(o, do, dlse, gate=None, original=range_attention.attention_delta):
+        if gate is not None:
+            events.append("output gradient made")
+        return original(o, do, dlse, gate)
 
-    monkeypatch.setattr(gate_combine.GateBranch, "backward", staticmethod(gate_backward))
+    monkeypatch.setattr(range_attention, "attention_delta", delta)
+    monkeypatch.setattr(selected_triton, "attention_delta", delta)
     ops = branch_ops("triton")
     ops = ops._replace(compressed=marked("cmp", ops.compressed), selected=marked("slc", ops.selected),
                        window=marked("win", ops.window))

@@ -218,6 +218,19 @@ def test_gradcheck_compression():
     assert torch.autograd.gradcheck(lambda x, *p: mlp_compress(x, l, d, *p), (x, *params), **GRADCHECK)
 
 
+@pytest.mark.parametrize("seq, l, d", [(67, 16, 8), (131, 32, 16), (64, 64, 64), (16, 16, 8), (15, 16, 8),
+                                        (50, 12, 8)])
+def test_mean_compress_is_each_blocks_mean(seq, l, d):
+    """By runs of d tokens where d divides l (else by unfolded blocks): block i is the mean of tokens
+    i*d .. i*d+l-1, with no block where fewer than l tokens remain."""
+    x = _randn(2, seq, 3, 5)
+    got = mean_compress(x, l, d)
+    blocks = [x[:, i * d : i * d + l].mean(dim=1) for i in range((seq - l) // d + 1 if seq >= l else 0)]
+    want = torch.stack(blocks, dim=1) if blocks else x.new_zeros(2, 0, 3, 5)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
 # The branch checks use chunk_size=8 so that several query chunks (each recomputed in backward) are hit.
 def test_gradcheck_compressed_attention():
     l, d, T = TINY.l, TINY.d, TINY.T

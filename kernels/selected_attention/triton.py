@@ -55,15 +55,6 @@ LAUNCH: dict[str, dict] = {}
 # - larger groups: the one-token kernels copying K/V through TMA descriptors where the shapes fit:
 #   forward 1.11x, dQ 1.04x at G=16 (benchmarks/gpu_checks/sweep-selected-tma-01c47e8.json)
 BY_BLOCKS_UP_TO_GROUP = 4
-# dK/dV by token chunks (_dkv_chunk): the inverted index lists, for each key block, the query tokens of each
-# chunk of DKV_TOKEN_CHUNK tokens apart, and its segments run chunk after chunk, so that the programs
-# running at once read the q and dO of one chunk (at G = 16, D = 128, 8 KB a token: 16 MB a chunk), which
-# L2 then serves to the 16 blocks each token picked; one list per block reads them across the whole
-# sequence, at 29% L2 hits at 128K (benchmarks/kernels-notes.md, session 51). Each segment adds its dK/dV
-# into fp32 accumulators with atomics (a partial per (block, chunk) would need gigabytes), so the result's
-# last bits depend on the order the programs run in: under PyTorch's deterministic algorithms the lists
-# stay whole. 0: whole lists always.
-DKV_TOKEN_CHUNK = 0
 BY_BLOCKS_LAUNCH = {"fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
                     "dq": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 2}}
 
@@ -358,21 +349,20 @@ def _selected_bwd_dq_tokens(
 @triton.jit
 def _segment_block(k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, CHUNKS):
-    """This program's segment of the inverted index (inverted_index_slots, its lists CHUNKS per key block):
-    its batch and KV head, its first entry and number of (token, head) rows, the key block's keys (global
-    positions), which exist (none for an empty segment, so that it loads nothing), the head-dim ranges,
-    and the block's K and V tiles (zero past the block's end)."""
+                   BLOCK_DV: tl.constexpr):
+    """This program's segment of the inverted index (inverted_index_slots): its batch and KV head, its
+    first entry and number of (token, head) rows, the key block's keys (global positions), which exist,
+    the head-dim ranges, and the block's K and V tiles (zero past the block's end)."""
     seg = tl.program_id(0).to(tl.int64)
-    block = tl.load(seg_block + seg).to(tl.int64)  # ((b * HK + hk) * CHUNKS + chunk) * KB + key block
+    block = tl.load(seg_block + seg).to(tl.int64)  # (b * HK + hk) * KB + key block
+    b = block // (HK * KB)
+    hk = (block // KB) % HK
     kb = block % KB
-    hk = (block // (KB * CHUNKS)) % HK
-    b = block // (KB * CHUNKS * HK)
     e0 = tl.load(seg_lo + seg)
     num_rows = (tl.load(seg_hi + seg) - e0) * G
     offs = tl.arange(0, BLOCK_S)
     keys = tl.load(block_start + kb).to(tl.int64) + offs
-    key_ok = (keys < tl.load(block_end + kb)) & (num_rows > 0)
+    key_ok = keys < tl.load(block_end + kb)
     kv_row = (b * TK + keys) * HK + hk
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -381,21 +371,16 @@ def _segment_block(k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, 
     return b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt
 
 
-@triton.jit(do_not_specialize=["KB", "CHUNKS"])  # sizes that follow the packed documents (triton_utils)
+@triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
 def _selected_bwd_dkv(
     q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
-    T, TK, HQ, HK, KB, CHUNKS, q_start, scale_log2, scale,
+    T, TK, HQ, HK, KB, q_start, scale_log2, scale,
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """dK/dV of one segment of a key block's list of query tokens: the block's K and V loaded once, its
-    rows (token, head) BLOCK_M at a time. The segment's sums go to its partial (part_k, part_v [segment,
-    BLOCK_S, D], summed per block by _selected_bwd_reduce), or with ATOMIC (lists by token chunks,
-    DKV_TOKEN_CHUNK) are added into part_k, part_v as fp32 [B, TK, HK, D] accumulators."""
     b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
-        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV,
-        CHUNKS)
+        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
 
     acc_k = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     acc_v = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
@@ -416,16 +401,9 @@ def _selected_bwd_dkv(
         dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])
         acc_k += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
-    if ATOMIC:
-        kv_row = (b * TK + keys) * HK + hk
-        tl.atomic_add(part_k + kv_row[:, None] * DK + dk[None, :], acc_k * scale,
-                      mask=key_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
-        tl.atomic_add(part_v + kv_row[:, None] * DV + dv[None, :], acc_v,
-                      mask=key_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
-    else:
-        seg = tl.program_id(0).to(tl.int64)
-        tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
-        tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
+    seg = tl.program_id(0).to(tl.int64)
+    tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
+    tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
 
 
 @triton.jit(do_not_specialize=["KB"])
@@ -489,8 +467,7 @@ def _selected_fwd_blocks(
     time. Each row's softmax over this block alone goes to its slot's partial: the running max m (base 2),
     the sum l of exp2(s - m) and the unnormalized output, at part_*[slot * G + head]."""
     b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
-        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV,
-        1)
+        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
     for r0 in range(0, num_rows, BLOCK_M):
         row_ok, flat, visible, part, qt = _segment_rows(q, entries, slots, b, hk, e0, r0, num_rows, keys, key_ok, dk,
                                                         T, HQ, T0, q_start, G, DK, BLOCK_M)
@@ -556,8 +533,7 @@ def _selected_bwd_dq_blocks(
     """dQ by key blocks (_dq_by_blocks): as _selected_fwd_blocks, each row's share of dQ from this block
     alone, dS K (unscaled), to part_dq[slot * G + head]."""
     b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
-        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV,
-        1)
+        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
     for r0 in range(0, num_rows, BLOCK_M):
         row_ok, flat, visible, part, qt = _segment_rows(q, entries, slots, b, hk, e0, r0, num_rows, keys, key_ok, dk,
                                                         T, HQ, T0, q_start, G, DK, BLOCK_M)
@@ -634,17 +610,17 @@ def _document_blocks(seq: int, selection_block: int, q_start: int, cu_seqlens: t
 INDEX_BLOCK = 1024  # slots, entries or segments per program of the inverted-index kernels
 
 
-@triton.jit(do_not_specialize=["KB", "TOTAL", "CHUNK", "CHUNKS"])
-def _index_keys(block_idx, block_base, key, N, T, HK, NSEL, KB, TOTAL, CHUNK, CHUNKS, BLOCK: tl.constexpr):
-    """key of each block_idx slot: ((b * HK + hk) * CHUNKS + token // CHUNK) * KB + the document's first key
-    block + the pick, or TOTAL for an unused slot (sorted last)."""
+@triton.jit(do_not_specialize=["KB", "TOTAL"])
+def _index_keys(block_idx, block_base, key, N, T, HK, NSEL, KB, TOTAL, BLOCK: tl.constexpr):
+    """key of each block_idx slot: (b * HK + hk) * KB + the document's first key block + the pick, or
+    TOTAL for an unused slot (sorted last)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < N
     ids = tl.load(block_idx + i, mask=ok, other=-1).to(tl.int64)
     tok = (i // (HK * NSEL)) % T
     group = (i // (T * HK * NSEL)) * HK + (i // NSEL) % HK
     base = tl.load(block_base + tok, mask=ok, other=0).to(tl.int64)
-    tl.store(key + i, tl.where(ids >= 0, (group * CHUNKS + tok // CHUNK) * KB + base + ids, TOTAL), mask=ok)
+    tl.store(key + i, tl.where(ids >= 0, group * KB + base + ids, TOTAL), mask=ok)
 
 
 @triton.jit(do_not_specialize=["TOTAL", "CAP"])
@@ -692,21 +668,18 @@ def _block_ids(total_blocks: int, device: torch.device) -> torch.Tensor:
     return torch.arange(total_blocks + 1, device=device)
 
 
-def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks: int, chunk_tokens: int = 0):
+def inverted_index(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks: int):
     """block_idx [B, T, HK, n] -> for each (b, hk, key block): the query tokens that selected it.
     (inverted_index_slots' first six values; see there.)"""
-    return inverted_index_slots(block_idx, block_base, num_blocks, chunk_tokens)[:6]
+    return inverted_index_slots(block_idx, block_base, num_blocks)[:6]
 
 
-def inverted_index_slots(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks: int,
-                         chunk_tokens: int = 0):
+def inverted_index_slots(block_idx: torch.Tensor, block_base: torch.Tensor, num_blocks: int):
     """block_idx [B, T, HK, n] -> for each (b, hk, key block): the query tokens that selected it.
 
     Returns entries (int32 query tokens, grouped by key block, ascending within one) and segments: each
     a slice [seg_lo, seg_hi) of entries belonging to key block seg_block ((b * HK + hk) * KB + block);
-    a block's segments are consecutive, from seg_first[block], seg_count[block] of them. chunk_tokens > 0:
-    a list for each chunk of that many tokens (0 .. chunk_tokens - 1, ...) and key block instead, ordered
-    by (b, hk, chunk, key block), seg_block then ((b * HK + hk) * chunks + chunk) * KB + block. Last, slots
+    a block's segments are consecutive, from seg_first[block], seg_count[block] of them. Last, slots
     (int64, beside entries): each entry's place in block_idx flattened, ((b * T + t) * HK + hk) * n + j. No host sync:
     the number of segments is data-dependent, so there are as many as it can be at most
     (segments_bound); the ones past the last real segment are empty and belong to no block's range.
@@ -717,9 +690,7 @@ def inverted_index_slots(block_idx: torch.Tensor, block_base: torch.Tensor, num_
     """
     batch, seq, num_kv_heads, num_selected = block_idx.shape
     device = block_idx.device
-    chunk = chunk_tokens if chunk_tokens > 0 else max(seq, 1)
-    chunks = -(-seq // chunk) if seq else 1
-    total_blocks = batch * num_kv_heads * chunks * num_blocks  # the lists
+    total_blocks = batch * num_kv_heads * num_blocks
     num_slots = block_idx.numel()
     cap = segment_cap(seq, num_selected, num_blocks, num_slots, programs_wanted(device))
     num_segments = segments_bound(num_slots, total_blocks, cap) if total_blocks else 0
@@ -727,7 +698,7 @@ def inverted_index_slots(block_idx: torch.Tensor, block_base: torch.Tensor, num_
     if num_slots:
         _index_keys[(triton.cdiv(num_slots, INDEX_BLOCK),)](
             block_idx, block_base, key, num_slots, seq, num_kv_heads, num_selected, num_blocks, total_blocks,
-            chunk, chunks, BLOCK=INDEX_BLOCK)
+            BLOCK=INDEX_BLOCK)
     sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending within a block
     bounds = torch.searchsorted(sorted_key, _block_ids(total_blocks, device))
     entries = torch.empty(num_slots, dtype=torch.int32, device=device)
@@ -1055,28 +1026,17 @@ class SelectedAttention(torch.autograd.Function):
                           rows)
 
         num_blocks = block_start.numel()
-        # by token chunks (DKV_TOKEN_CHUNK) where a sequence holds more than one and the order of additions
-        # may vary; otherwise one list a key block, a partial a segment, summed in order
-        chunk = DKV_TOKEN_CHUNK if seq > DKV_TOKEN_CHUNK > 0 and not torch.are_deterministic_algorithms_enabled() else 0
-        entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(block_idx, block_base, num_blocks,
-                                                                                  chunk)
+        entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(block_idx, block_base, num_blocks)
         tile = (consts["BLOCK_S"], consts["BLOCK_DK"], consts["BLOCK_DV"])
-        if chunk:
-            part_k = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-            part_v = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-        else:
-            part_k = torch.empty(seg_block.numel(), tile[0], tile[1], dtype=torch.float32, device=q.device)
-            part_v = torch.empty(seg_block.numel(), tile[0], tile[2], dtype=torch.float32, device=q.device)
+        part_k = torch.empty(seg_block.numel(), tile[0], tile[1], dtype=torch.float32, device=q.device)
+        part_v = torch.empty(seg_block.numel(), tile[0], tile[2], dtype=torch.float32, device=q.device)
         if seg_block.numel():
             _selected_bwd_dkv[(seg_block.numel(),)](
                 q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
-                *sizes, num_blocks, -(-seq // chunk) if chunk else 1, q_start, scale * LOG2E, scale,
+                *sizes, num_blocks, q_start, scale * LOG2E, scale,
                 # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
                 **consts, **launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2),
-                ATOMIC=bool(chunk),
             )
-        if chunk:
-            return dq, part_k.to(k.dtype), part_v.to(v.dtype), None, None, None, None, None, None, None, d_gate
         dk = poisoned(k.shape, k.dtype, k.device)
         dv = poisoned(v.shape, v.dtype, v.device)
         _selected_bwd_reduce[(batch * num_kv_heads * num_blocks,)](

@@ -210,52 +210,6 @@ def test_by_key_blocks_over_a_batch(monkeypatch):
                       torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
 
 
-@pytest.mark.parametrize("group, chunk, dtype", [(16, 32, torch.float32), (2, 7, torch.float32), (3, 50, torch.float16)])
-def test_dkv_by_token_chunks(monkeypatch, group, chunk, dtype):
-    """dK/dV with the lists cut by token chunks (DKV_TOKEN_CHUNK), each segment adding into fp32 dK/dV with
-    atomics: over packed documents with q_start, shuffled slots and two KV heads; chunks that end inside a
-    document and inside a key block."""
-    monkeypatch.setattr(selected, "DKV_TOKEN_CHUNK", chunk)
-    compare_on_packed_documents(group, dtype)
-
-
-def test_dkv_by_token_chunks_over_a_batch(monkeypatch):
-    """Two sequences of one document each: a segment adds into its own sequence's dK/dV."""
-    torch.manual_seed(4)
-    monkeypatch.setattr(selected, "DKV_TOKEN_CHUNK", 40)
-    compare_attention(selected_attention_triton, selected_attention_ref, leaves(2, T, T, 4, 1, torch.float32),
-                      torch.float32, block_idx=random_blocks(2, T, 1), selection_block=SEL)
-
-
-def test_dkv_by_token_chunks_only_where_additions_may_reorder(monkeypatch):
-    """The chunked lists (atomic additions) are not used under PyTorch's deterministic algorithms, nor where
-    the sequence fits one chunk; there the lists stay whole and the partials are summed in order."""
-    chunks = []
-
-    def index(*args, original=selected.inverted_index):
-        chunks.append(args[3])
-        return original(*args)
-
-    monkeypatch.setattr(selected, "inverted_index", index)
-    monkeypatch.setattr(selected, "DKV_TOKEN_CHUNK", 40)
-    torch.manual_seed(2)
-    inputs = leaves(1, T, T, 2, 1, torch.float32)
-    blocks = random_blocks(1, T, 1)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        compare_attention(selected_attention_triton, selected_attention_ref, inputs, torch.float32, block_idx=blocks,
-                          selection_block=SEL)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    compare_attention(selected_attention_triton, selected_attention_ref, inputs, torch.float32, block_idx=blocks,
-                      selection_block=SEL)
-    monkeypatch.setattr(selected, "DKV_TOKEN_CHUNK", T)
-    compare_attention(selected_attention_triton, selected_attention_ref, inputs, torch.float32, block_idx=blocks,
-                      selection_block=SEL)
-    assert chunks == [0, 40, 0]
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("launch, group, kv_heads", [({"BY_BLOCKS": True}, 4, 2), ({"KEYS_M": True}, 16, 1)],
                          ids=["by-blocks", "keys-m"])
@@ -429,20 +383,15 @@ def test_chunk_at_offset_in_packed_documents():
                       block_idx=blocks, selection_block=SEL, q_start=q_start, cu_seqlens=cu_seqlens.to(DEVICE))
 
 
-def check_inverted_index(blocks, block_base, num_blocks, chunk_tokens=0):
-    """The index lists, per (batch, KV head, key block), or per (batch, KV head, chunk of chunk_tokens
-    tokens, key block), exactly the tokens that picked it, ascending, cut into consecutive segments; the
-    segments past the real ones (the launch is sized without a host sync) are empty. Returns the
-    segments' lengths and counts."""
-    kv_heads, seq = blocks.shape[2], blocks.shape[1]
-    chunk = chunk_tokens or seq
-    chunks = -(-seq // chunk)
-    entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(blocks, block_base, num_blocks,
-                                                                              chunk_tokens)
+def check_inverted_index(blocks, block_base, num_blocks):
+    """The index lists, per (batch, KV head, key block), exactly the tokens that picked it, ascending, cut
+    into consecutive segments; the segments past the real ones (the launch is sized without a host
+    sync) are empty. Returns the segments' lengths and counts."""
+    kv_heads = blocks.shape[2]
+    entries, seg_block, seg_lo, seg_hi, seg_first, seg_count = inverted_index(blocks, block_base, num_blocks)
     expected = {}
     for b, t, h, slot in torch.nonzero(blocks >= 0).tolist():
-        lst = ((b * kv_heads + h) * chunks + t // chunk) * num_blocks + int(block_base[t] + blocks[b, t, h, slot])
-        expected.setdefault(lst, []).append(t)
+        expected.setdefault((b * kv_heads + h) * num_blocks + int(block_base[t] + blocks[b, t, h, slot]), []).append(t)
     found = {}
     num_real = int(seg_count.sum())
     for seg, block in enumerate(seg_block.tolist()):
@@ -466,20 +415,6 @@ def test_inverted_index_lists_every_pick_once(monkeypatch, programs, cap):
     lengths, seg_count = check_inverted_index(blocks, block_base, block_start.numel())
     assert int(lengths.max()) == cap
     assert int(seg_count[0]) > 1, "block 0 (picked by every query) should span several segments"
-
-
-@pytest.mark.parametrize("chunk_tokens", [1, 16, 50])
-def test_inverted_index_by_token_chunks(monkeypatch, chunk_tokens):
-    """Lists per chunk of tokens and key block, ordered chunk after chunk within a KV head (the chunked
-    dK/dV's launch order), over packed documents."""
-    torch.manual_seed(chunk_tokens)
-    monkeypatch.setattr(selected, "programs_wanted", lambda device: 40)
-    cu_seqlens = torch.tensor([0, 7, 50, 51, 117, T], dtype=torch.int32)
-    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(T), right=True) - 1]
-    blocks = random_blocks(2, T, 2, 0, doc_starts)
-    _, block_base, block_start, _ = selection_layout(T, T, SEL, 0, cu_seqlens.to(DEVICE), blocks.device)
-    lengths, seg_count = check_inverted_index(blocks, block_base, block_start.numel(), chunk_tokens)
-    assert int(lengths.max()) > 0
 
 
 def test_inverted_index_over_packed_documents(monkeypatch):

@@ -352,15 +352,23 @@ def print_tables(report):
         print(f"  {name:32s} {t['target']:22s} {'-' if r is None else f'{r:.2f}':>6}  met={t['met']}")
 
 
+def gpu_kernels(tool: str, kernels_root: str | None):
+    """kernels.nsa for a GPU tool: from the repository, or from another checkout (kernels_root); exits with
+    a message naming `tool` where torch sees no GPU."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{tool} times the NSA kernels on an NVIDIA GPU, and this machine has none that torch can use: "
+                 "run it on a GPU machine (README, 'On a GPU machine')")
+    if kernels_root:
+        sys.path.insert(0, str(Path(kernels_root).resolve()))
+    sys.path.insert(1 if kernels_root else 0, str(REPO))
+    import kernels.nsa as nsa_mod
+
+    return nsa_mod
+
+
 def main():
     a = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("tools/bench_kernels.py times the NSA kernels against cuDNN and fla on an NVIDIA GPU, and this machine has none that torch can use: run it on a GPU machine "
-                 "(README, 'On a GPU machine')")
-    if a.kernels_root:
-        sys.path.insert(0, str(Path(a.kernels_root).resolve()))
-    sys.path.insert(1 if a.kernels_root else 0, str(REPO))
-    import kernels.nsa as nsa_mod
+    nsa_mod = gpu_kernels("tools/bench_kernels.py", a.kernels_root)
 
     fla_version = None
     if "fla" in a.lines:

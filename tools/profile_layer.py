@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tools.bench_kernels import Inputs, git_commit, median_ms, ours_paper  # noqa: E402
+from tools.bench_kernels import Inputs, git_commit, gpu_kernels, median_ms, ours_paper  # noqa: E402
 
 
 def parse_args():
@@ -68,12 +68,7 @@ def short(name: str, width: int = 70) -> str:
 
 def main():
     a = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("tools/profile_layer.py profiles the NSA kernels on an NVIDIA GPU, and this machine has none "
-                 "that torch can use: run it on a GPU machine (README, 'On a GPU machine')")
-    if a.kernels_root:
-        sys.path.insert(0, str(Path(a.kernels_root).resolve()))
-    import kernels.nsa as nsa_mod
+    nsa_mod = gpu_kernels("tools/profile_layer.py", a.kernels_root)
 
     inp = Inputs(a.seq, a.group * a.kv_heads, a.kv_heads, a.head_dim)
     forward, leaves = ours_paper(nsa_mod.native_sparse_attention, inp, a.phi)

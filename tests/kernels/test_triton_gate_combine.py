@@ -18,7 +18,8 @@ from kernels.selected_attention.naive import selected_attention_ref
 from kernels.selected_attention.triton import selected_attention_triton
 from kernels.window_attention.naive import window_attention_ref
 from kernels.window_attention.triton import window_attention_triton
-from triton_cases import DEVICE, DTYPES, INTERPRETER_WARNINGS, assert_close, compare_attention, randn, require_backend
+from triton_cases import (DEVICE, DTYPES, INTERPRETER_WARNINGS, LOW_PRECISION, assert_close, compare_attention,
+                          compare_to_fp32, randn, require_backend)
 
 pytestmark = INTERPRETER_WARNINGS
 
@@ -112,9 +113,8 @@ def test_each_branch_applies_its_gate_in_its_backward(monkeypatch, name, one_pas
             monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", one_pass)
         monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
     torch.manual_seed(3)
-    triton_branch, reference, make_kv, sizes = BRANCHES[name]
-    leaves = dict(gate=torch.rand(1, T, G * HK, device=DEVICE).requires_grad_(), q=randn(1, T, G * HK, DK),
-                  **make_kv())
+    triton_branch, reference, _, sizes = BRANCHES[name]
+    leaves = branch_leaves(name)
     if name == "selected":
         blocks = picks(T)
         blocks[:, :9] = -1  # rows without picks, as compose_nsa leaves the window-covered ones
@@ -124,6 +124,25 @@ def test_each_branch_applies_its_gate_in_its_backward(monkeypatch, name, one_pas
                           torch.float32, rows=rows, **sizes)
     compare_attention(gated(triton_branch, gated_sum_triton), gated(reference, gated_sum_ref), leaves,
                       torch.float32, **sizes)
+
+
+def branch_leaves(name):
+    """The gate, q and the branch's own K/V (fp32, requiring grad)."""
+    return dict(gate=torch.rand(1, T, G * HK, device=DEVICE).requires_grad_(), q=randn(1, T, G * HK, DK),
+                **BRANCHES[name][2]())
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("name", list(BRANCHES))
+def test_gated_branch_low_precision_error_is_at_most_twice_the_references(name, dtype):
+    """In fp16 (and bf16 on a GPU) the gated sum and every gradient, the gate's included, at most twice as
+    far from the fp32 reference as the reference at that dtype is (compare_to_fp32)."""
+    torch.manual_seed(5)
+    triton_branch, reference, _, sizes = BRANCHES[name]
+    if name == "selected":
+        sizes = dict(sizes, block_idx=picks(T))
+    compare_to_fp32(gated(triton_branch, gated_sum_triton), gated(reference, gated_sum_ref), branch_leaves(name),
+                    dtype, **sizes)
 
 
 def test_mismatched_shapes_are_a_clear_error():

@@ -124,7 +124,7 @@ class ProfileSteps(TrainingHooks):
     def step(self, log):
         self.profiler.step()
 
-    def report(self, rows: int = 25) -> tuple[str, int]:
+    def report(self, rows: int = 40) -> tuple[str, int]:
         """The top operators by self time on the device (CPU without one), and how many steps they cover."""
         self.profiler.stop()
         averages = self.profiler.key_averages()

@@ -16,7 +16,8 @@ device (CPU without one), e.g. the proof model's 2K stage on its own data, maske
 
 With --host-profile, Python's cProfile records the host side of steps 2 to the last on the training thread
 (the device synchronized at both ends): the functions by cumulative and by own time, for a step that is
-host-bound (short sequences: the GPU waits for the Python that launches its kernels).
+host-bound (short sequences: the GPU waits for the Python that launches its kernels); the whole profile
+goes beside the JSON, <out>.<attention>.prof (python -m pstats FILE).
 
 With --sync-check (GPU only), steps 2 to the last run under torch.cuda's sync debug mode, and every operation
 that made the host wait for the device (a read-back, a copy from pageable memory, a stream synchronize) is
@@ -151,8 +152,12 @@ class ProfileHost(TrainingHooks):
         elif self.seen == self.steps:
             self.profiler.disable()
 
-    def report(self, rows: int = 30) -> str:
-        """The top functions by cumulative time, then by own time."""
+    def report(self, rows: int = 30, dump: Path | None = None) -> str:
+        """The top functions by cumulative time, then by own time; `dump`: also the whole profile there
+        (pstats's format, for callers and callees: python -m pstats FILE)."""
+        if dump is not None:
+            dump.parent.mkdir(parents=True, exist_ok=True)
+            self.profiler.dump_stats(dump)
         out = io.StringIO()
         stats = pstats.Stats(self.profiler, stream=out)
         for key in ("cumulative", "tottime"):
@@ -425,6 +430,10 @@ def _synchronize() -> None:
 ATTENTION_LINES = ("dense", "nsa", "nsa-every-row")
 
 
+def out_path(args) -> Path:
+    return Path(args.out) if args.out else ROOT / f"benchmarks/train_{args.seq_len}.json"
+
+
 def bench(args, line: str) -> dict:
     attention = "nsa" if line == "nsa-every-row" else line
     nsa_composition.WINDOW_SERVES_SELECTION = line != "nsa-every-row"
@@ -475,7 +484,7 @@ def bench(args, line: str) -> dict:
         result["profile"], result["profiled_steps"] = profile.report()
         print(f"\n{line}: steps 2-3 by self time\n{result['profile']}", flush=True)
     if host:
-        result["host_profile"] = host.report()
+        result["host_profile"] = host.report(dump=out_path(args).with_suffix(f".{line}.prof"))
         result["host_profiled_steps"] = args.steps - 1
         print(f"\n{line}: host time of steps 2-{args.steps}\n{result['host_profile']}", flush=True)
     if isinstance(pace, GraphCeiling):
@@ -545,7 +554,7 @@ def main() -> None:
     report = {"command": "python3 " + " ".join(sys.argv), "device": device, "torch": torch.__version__,
               "commit": git_commit(),
               "nsa_impl": nsa_impl, "seq_len": args.seq_len, "results": results}
-    out = Path(args.out) if args.out else ROOT / f"benchmarks/train_{args.seq_len}.json"
+    out = out_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     base = results[0]

@@ -5,6 +5,7 @@ runs it."""
 
 import json
 import os
+import pstats
 import subprocess
 import sys
 import warnings
@@ -39,6 +40,9 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
     assert result["host_profiled_steps"] == 3 and "Ordered by: cumulative time" in host
     assert "Ordered by: internal time" in host and "trainer.py" in host
     assert "host time of steps 2-4" in done.stdout
+    # and the whole profile beside the JSON, readable by pstats (callers and callees)
+    stats = pstats.Stats(str(tmp_path / "train.dense.prof"))
+    assert any(Path(filename).name == "trainer.py" for filename, _, _ in stats.stats)
     # the compile report is wired in; dense attention on CPU compiles no Triton kernel
     assert result["compiles"] == {"events": [], "kernels": {}}
     assert "Triton compiles by step and kernel" in done.stdout

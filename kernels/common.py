@@ -109,11 +109,16 @@ def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
 
 def longest_document(seq: int, q_start: int, cu_seqlens: torch.Tensor | None) -> int:
     """The most tokens any query of a chunk (seq queries from global position q_start) can see in its
-    document, from host-side bounds (no device read)."""
+    document, from host-side bounds (no device read), once per cu_seqlens (document_layout)."""
     if cu_seqlens is None:
         return q_start + seq
-    bounds = host_bounds(cu_seqlens)
-    return max((min(hi, q_start + seq) - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > q_start), default=0)
+
+    def build():
+        bounds = host_bounds(cu_seqlens)
+        return max((min(hi, q_start + seq) - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > q_start),
+                   default=0)
+
+    return document_layout(cu_seqlens, ("longest_document", seq, q_start), build)
 
 
 def device_tensor(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

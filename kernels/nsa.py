@@ -101,15 +101,21 @@ def window_covered_rows(spans: list[QuerySpan], limit: int, cu_seqlens: torch.Te
     document is below `limit`; None where no row is (known from host-side bounds). compose_nsa passes limit
     = min(w, n * l'): such a row sees at most n selection blocks, so top-n takes all of them, and its window
     reaches back to the document's first token, so its selected and window branches attend the same keys."""
-    bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else [0, max(s.start + s.length for s in spans)]
-    if not any(max(lo, s.start) < min(hi, lo + limit, s.start + s.length)
-               for s in spans for lo, hi in zip(bounds[:-1], bounds[1:])):
-        return None
     spans_key = tuple((s.offset, s.start, s.length) for s in spans)
     if cu_seqlens is None:
+        if not _any_covered(spans_key, limit, [0, max(start + length for _, start, length in spans_key)]):
+            return None
         return _covered_from_start(spans_key, limit, device)
+    # the check too once per cu_seqlens: it walks every document, and every layer asks
     return document_layout(cu_seqlens, ("window_covered_rows", spans_key, limit, device),
-                           lambda: _covered(spans_key, limit, cu_seqlens, device))
+                           lambda: _covered(spans_key, limit, cu_seqlens, device)
+                           if _any_covered(spans_key, limit, host_bounds(cu_seqlens)) else None)
+
+
+def _any_covered(spans_key: tuple, limit: int, bounds: list[int]) -> bool:
+    """Whether any row of the spans sits less than `limit` tokens into its document (bounds: host-side)."""
+    return any(max(lo, start) < min(hi, lo + limit, start + length)
+               for _, start, length in spans_key for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
 @functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)

@@ -591,13 +591,6 @@ ONEPASS_CHUNKING = 16
 _MAX_CHUNKS = 64
 
 
-# The config triton.autotune picked, per kernel name and autotuning key: after a key's first launch, later
-# ones go to the kernel with it directly. The autotuner rebuilds its key from every argument at each call,
-# about 0.05 ms of host time a launch; at the proof's 2K stage NSA's step waits on its host, which launches
-# six of these a layer (benchmarks/kernels-notes.md, session 53).
-_PICKED: dict[tuple, triton.Config] = {}
-
-
 def _launch(name, device, grid, *args, **consts):
     """Runs kernel `name`: autotuned on the GPU, the fixed CPU tiles under the interpreter. grid maps
     the tile sizes (a dict with BLOCK_M, BLOCK_N) to the launch grid. Under PyTorch's deterministic
@@ -610,15 +603,7 @@ def _launch(name, device, grid, *args, **consts):
         _KERNELS[name][grid(config.kwargs)](*args, **consts, **config.kwargs, num_warps=config.num_warps,
                                             num_stages=config.num_stages)
     else:
-        # what triton.autotune keys its pick on: the constants named in _autotuned's key (all of consts here)
-        # and every tensor argument's dtype
-        key = (name, *consts.items(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
-        config = _PICKED.get(key)
-        if config is None:
-            _TUNED[name][grid](*args, **consts)
-            _PICKED[key] = _TUNED[name].best_config
-        else:
-            _KERNELS[name][grid(config.kwargs)](*args, **consts, **config.all_kwargs())
+        _TUNED[name][grid](*args, **consts)
 
 
 def use_tma(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import kernels.range_attention as range_attention
-import kernels.window_attention.triton as window_attention
 from kernels.range_attention import _CPU_TILES
 from kernels.window_attention.naive import window_attention_ref
 from kernels.window_attention.triton import window_attention_triton
@@ -90,35 +89,3 @@ def test_fp32_tries_one_config_on_the_gpu(name):
         assert tuned.early_config_prune(tuned.configs, {}, PRECISION="ieee", **dims) == listed[-1:]
         assert tuned.early_config_prune(tuned.configs, {}, PRECISION="tf32", **dims) == listed
         assert len(listed) > 1
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="the kernels are autotuned on the GPU only")
-def test_later_launches_take_the_autotuners_pick(monkeypatch):
-    """On the GPU a shape's first launch of a range kernel goes through triton.autotune and the later ones
-    straight to the kernel with its pick (range_attention._PICKED): the same outputs and gradients, bit for
-    bit, without calling the autotuner again."""
-    torch.manual_seed(0)
-    inputs = leaves(1, 512, 512, 16, 1, torch.bfloat16)
-
-    def run():
-        leaves_ = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
-        o, lse = window_attention_triton(leaves_["q"], leaves_["k"], leaves_["v"], 100)
-        (o.float().square().sum() + lse.sum()).backward()
-        return o, lse, *(x.grad for x in leaves_.values())
-
-    first = run()
-    picked = {key[0] for key in range_attention._PICKED}
-    assert {"fwd", "dq", "dkv"} <= picked or {"fwd", "onepass"} <= picked
-
-    def no_autotuner(*args, **kwargs):
-        raise AssertionError("the autotuner was called again for a shape it had tuned")
-
-    for tuned in range_attention._TUNED.values():
-        monkeypatch.setattr(tuned, "run", no_autotuner)
-    again = run()
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    for a, b in zip(first[2:], again[2:]):  # the one pass adds dQ in fp32 atomics, in any order
-        if window_attention.ONE_PASS_BACKWARD:
-            torch.testing.assert_close(a, b)
-        else:
-            assert torch.equal(a, b)

@@ -109,7 +109,7 @@ def _autotuned(kernel, name, accumulators):
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
     # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
     # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
-    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA"],
+    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA", "LSE_ONLY"],
                            reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
@@ -263,6 +263,7 @@ def _range_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
+    LSE_ONLY: tl.constexpr = False,  # the lse alone (range_attention_lse): no V read, no P V product, no o
 ):
     pid_m = _longest_first(T, G, BLOCK_M)
     b = tl.program_id(1) // HK
@@ -286,15 +287,36 @@ def _range_attn_fwd(
     for n0 in range(start, mid_lo, BLOCK_N):
         keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True, TMA)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
+        m, l_sum, acc = _fwd_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION, True, LSE_ONLY)
     for n0 in range(mid_lo, mid_hi, BLOCK_N):
         keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, False, TMA)
-        m, l_sum, acc = online_softmax_step(qt, kt, vt, None, m, l_sum, acc, scale_log2, PRECISION, False)
+        m, l_sum, acc = _fwd_step(qt, kt, vt, None, m, l_sum, acc, scale_log2, PRECISION, False, LSE_ONLY)
     for n0 in range(mid_hi, end, BLOCK_N):
         keys, kt, vt = _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK, DV, BLOCK_N, True, TMA)
         visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        m, l_sum, acc = online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION)
-    store_rows(o, lse, flat, row_ok, dv, DV, m, l_sum, acc)
+        m, l_sum, acc = _fwd_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION, True, LSE_ONLY)
+    if LSE_ONLY:
+        seen = l_sum > 0
+        row_lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse + flat, row_lse, mask=row_ok)
+    else:
+        store_rows(o, lse, flat, row_ok, dv, DV, m, l_sum, acc)
+
+
+@triton.jit
+def _fwd_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+              LSE_ONLY: tl.constexpr):
+    """online_softmax_step, or with LSE_ONLY its running max and sum alone (acc passed through; vt unused,
+    so its load is dropped by the compiler)."""
+    if LSE_ONLY:
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_sum = l_sum * tl.exp2(m - shift) + tl.sum(tl.exp2(s - shift[:, None]), 1)
+        return m_new, l_sum, acc
+    return online_softmax_step(qt, kt, vt, visible, m, l_sum, acc, scale_log2, PRECISION, MASKED)
 
 
 @triton.jit
@@ -632,6 +654,23 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
 
     _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts, TMA=use_tma("fwd", q, k, v))
     return o, lse
+
+
+def range_attention_lse(q, k, lo, hi, scale):
+    """lse [B, T, HQ] float32 of range_attention_fwd without its output: each query row's natural
+    log-sum-exp of scale * q.k over its key range (-inf where the range is empty). The same kernel with its
+    V read and P V product left out (LSE_ONLY), autotuned on its own: top-n's exact score
+    (kernels/block_selection/triton.py). Not differentiable."""
+    batch, seq, num_q_heads, _ = q.shape
+    consts, sizes = _launch_args(q, k, k, scale)
+    lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
+
+    def grid(tiles):
+        return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
+
+    # o: lse stands in for it, never written
+    _launch("fwd", q.device, grid, q, k, k, lse, lse, lo, hi, *sizes, **consts, TMA=False, LSE_ONLY=True)
+    return lse
 
 
 def range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, one_pass):

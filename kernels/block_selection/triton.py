@@ -28,10 +28,12 @@ descending sort of keys ranks by score and breaks ties toward the lower block id
 reference's stable sort. Blocks a query may not pick get key -1.
 
 With the "exact" score (nsa.selection_score) top-n reads the selection branch's raw keys instead of the
-compressed ones, in two kernels over the same query tiles: the first computes each query head's
-log-sum-exp over every key it may see, the second recomputes q.k one selection block (l' keys) at a time,
-sums exp(q.k - lse) over the block's keys and the group's heads, and merges ST blocks at a time into the
-same running top-ST list. Two causal QK^T passes with no PV product: about a dense attention forward's FLOPs.
+compressed ones, in two passes: the range attention's forward without its output (range_attention_lse:
+its tiles are (token, head) rows of one GQA group, so each key tile is read once for the group's heads)
+computes each query head's log-sum-exp over every key it may see; then _topn_exact_kernel, over the query
+tiles, recomputes q.k one selection block (l' keys) at a time, sums exp(q.k - lse) over the block's keys
+and the group's heads, and merges ST blocks at a time into the same running top-ST list. Two causal QK^T
+passes with no PV product: about a dense attention forward's FLOPs.
 """
 
 import functools
@@ -48,7 +50,7 @@ from kernels.common import (
 )
 from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_bounds
-from kernels.range_attention import LOG2E
+from kernels.range_attention import LOG2E, range_attention_lse
 from kernels.triton_utils import (
     check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
 )
@@ -259,35 +261,6 @@ def _block_keys(k, b, hk, j, doc_start, TK, HK, SEL: tl.constexpr, DK: tl.conste
 
 
 @triton.jit(do_not_specialize=["TK"])
-def _exact_lse_kernel(
-    q, k, tiles, lse,
-    T, TK, HQ, HK, q_start, scale_log2,
-    G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """lse [B, T, HQ] float32, in log2 units: each query head's log-sum-exp of scale * q.k over the raw keys
-    at positions <= its own (online, one selection block of keys at a time)."""
-    b = (tl.program_id(1) // HK).to(tl.int64)
-    hk = tl.program_id(1) % HK
-    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, tl.program_id(0), q_start, SEL, BLOCK_T)
-    dk = tl.arange(0, BLOCK_DK)
-    for g in range(G):
-        flat = (b * T + toks) * HQ + hk * G + g
-        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        m = tl.full([BLOCK_T], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_T], tl.float32)
-        for j in range(0, last + 1):
-            kt, kpos = _block_keys(k, b, hk, j, doc_start, TK, HK, SEL, DK, BLOCK_DK)
-            s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-            s = tl.where(tok_ok[:, None] & (kpos[None, :] <= pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            total = total * tl.exp2(m - shift) + tl.sum(tl.exp2(s - shift[:, None]), 1)
-            m = m_new
-        tl.store(lse + flat, m + tl.log2(tl.where(tok_ok, total, 1.0)), mask=tok_ok)
-
-
-@triton.jit(do_not_specialize=["TK"])
 def _topn_exact_kernel(
     q, k, lse, tiles, out,
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
@@ -295,7 +268,8 @@ def _topn_exact_kernel(
     ST: tl.constexpr, PRECISION: tl.constexpr, SORTED_MERGE: tl.constexpr,
 ):
     """Top-n by the group's exact attention mass on each block: sum over its heads and the block's visible
-    keys of exp2(s - lse), ST blocks scored into one [BLOCK_T, ST] tile and then merged."""
+    keys of exp2(s - lse) (lse: natural log, range_attention_lse's), ST blocks scored into one [BLOCK_T, ST]
+    tile and then merged."""
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
     toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, tl.program_id(0), q_start, SEL, BLOCK_T)
@@ -312,7 +286,7 @@ def _topn_exact_kernel(
                 flat = (b * T + toks) * HQ + hk * G + g
                 qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK),
                              other=0.0)
-                row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
+                row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0) * 1.4426950408889634  # to log2 units
                 s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
                 mass += tl.sum(tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0), 1)
             scores = tl.where(cols[None, :] == jj, mass[:, None], scores)
@@ -517,8 +491,31 @@ def _splits(steps: int, tile_bytes: int) -> int:
     return splits
 
 
+def exact_ranges(seq: int, q_start: int, cu_seqlens: torch.Tensor | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw keys the exact score sums over, per query token (int32 [seq] each): keys lo .. hi - 1, from
+    its document's first token through itself (keys are indexed by global position, as the selection
+    branch's raw keys are). Once per cu_seqlens, or per shape without."""
+    if cu_seqlens is None:
+        return _exact_ranges_from_start(seq, q_start, device)
+
+    def build():
+        end = torch.arange(q_start + 1, q_start + seq + 1, device=device)
+        start = end - 1 - positions_in_documents(q_start, seq, cu_seqlens, device)
+        return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+    return document_layout(cu_seqlens, ("exact_ranges", seq, q_start, device), build)
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _exact_ranges_from_start(seq: int, q_start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    end = torch.arange(q_start + 1, q_start + seq + 1, dtype=torch.int32, device=device)
+    return torch.zeros_like(end), end
+
+
 def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens):
-    """select_blocks_triton with the "exact" score: _exact_lse_kernel, then _topn_exact_kernel."""
+    """select_blocks_triton with the "exact" score: range_attention_lse over each query's document up to
+    itself (every query row, tiles or not: the tiles' forced queries are scored too), then _topn_exact_kernel."""
     if keys is None:
         raise ValueError("select_blocks_triton: the 'exact' selection score needs the raw keys (keys=)")
     if selection_block < 16 or selection_block & (selection_block - 1):
@@ -536,13 +533,15 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     if tiles.shape[0] == 0:
         return out
     q, keys = q.contiguous(), keys.contiguous()
-    lse = poisoned((batch, seq, num_q_heads), torch.float32, q.device)
     grid = (tiles.shape[0], batch * num_kv_heads)
     sorted_merge = launch.pop("SORTED_MERGE")
     shapes = dict(G=num_q_heads // num_kv_heads, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
                   PRECISION=dot_precision(q.dtype), **launch)
     common = (seq, keys.shape[1], num_q_heads, num_kv_heads)
-    _exact_lse_kernel[grid](q, keys, tiles, lse, *common, q_start, scale * LOG2E, **shapes)
+    lo, hi = exact_ranges(seq, q_start, cu_seqlens, q.device)
+    if q_start + seq > keys.shape[1]:  # keys end before the last query (their last block's end may)
+        hi = hi.clamp_max(keys.shape[1])
+    lse = range_attention_lse(q, keys, lo, hi, scale)
     _topn_exact_kernel[grid](q, keys, lse, tiles, out, *common, num_selected, q_start, scale * LOG2E,
                              ST=pow2(num_selected), SORTED_MERGE=sorted_merge, **shapes)
     return out

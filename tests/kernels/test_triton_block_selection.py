@@ -196,9 +196,16 @@ def test_documents_within_n_blocks_need_no_kernel(monkeypatch, score):
     require_backend()
     torch.manual_seed(0)
     launched = []
-    for name in ("_topn_kernel", "_topn_exact_kernel", "_exact_lse_kernel"):
+    for name in ("_topn_kernel", "_topn_exact_kernel"):
         kernel = getattr(block_selection, name)
         monkeypatch.setattr(block_selection, name, _Recorded(kernel, launched, name))
+    lse_pass = block_selection.range_attention_lse  # the exact score's first pass
+
+    def recorded_lse_pass(*args, **kwargs):
+        launched.append("range_attention_lse")
+        return lse_pass(*args, **kwargs)
+
+    monkeypatch.setattr(block_selection, "range_attention_lse", recorded_lse_pass)
     cu_seqlens = torch.tensor([0, 64, 70, 121, T], dtype=torch.int32, device=DEVICE)  # n * l' = 64
     if score in ("exact", "bound"):
         check_raw_key_score(score, 2, 1, torch.float32, 16, 4, cu_seqlens=cu_seqlens)

@@ -89,3 +89,21 @@ def test_fp32_tries_one_config_on_the_gpu(name):
         assert tuned.early_config_prune(tuned.configs, {}, PRECISION="ieee", **dims) == listed[-1:]
         assert tuned.early_config_prune(tuned.configs, {}, PRECISION="tf32", **dims) == listed
         assert len(listed) > 1
+
+
+@pytest.mark.parametrize("group", [1, 16])
+def test_lse_alone_is_the_forwards_lse(group):
+    """range_attention_lse (top-n's exact score) is the range forward's lse without the output, to the bit:
+    the same running max and sum, with rows whose range is empty at -inf."""
+    from kernels.range_attention import range_attention_fwd, range_attention_lse
+
+    torch.manual_seed(0)
+    inputs = leaves(1, T, T, group, 2, torch.float32)
+    q, k = inputs["q"].detach(), inputs["k"].detach()
+    hi = torch.arange(1, T + 1, dtype=torch.int32, device=DEVICE)
+    lo = (hi - 1 - torch.arange(T, device=DEVICE) % 70).to(torch.int32)  # documents of 70 tokens
+    lo[5:9] = hi[5:9]  # rows that see nothing
+    expected = range_attention_fwd(q, k, k, lo, hi, DK**-0.5)[1]
+    lse = range_attention_lse(q, k, lo, hi, DK**-0.5)
+    assert torch.equal(lse, expected)
+    assert torch.isinf(lse[:, 5:9]).all() and torch.isfinite(lse[:, 9:]).all()

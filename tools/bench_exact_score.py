@@ -1,0 +1,71 @@
+"""Top-n's exact score (nsa.selection_score: exact) at the proof model's shapes, on one GPU: the time of
+select_blocks_triton(score="exact") per layer call, median of triton.testing.do_bench, for one 32K document
+and for 8 packed documents of 8K (16 query heads on 1 KV head of 64, bf16, the proof's l' = 64 and n = 16).
+
+--kernels-root DIR imports `kernels` from another checkout (`git archive <commit> kernels`, unpacked in
+DIR), to time an earlier version on the same machine; --picks FILE saves the picks, and --against FILE
+reports the share of (token, pick) entries equal to a saved run's.
+
+    python3 tools/bench_exact_score.py --out benchmarks/exact-score.json
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import git_commit, gpu_kernels  # noqa: E402
+
+SHAPES = {"1x32768": (32768, 1), "8x8192": (65536, 8)}  # tokens, documents
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels-root", help="import `kernels` from this directory instead of the repository")
+    p.add_argument("--commit", help="git commit of the kernels (default: git rev-parse HEAD)")
+    p.add_argument("--picks", help="save the picks of every shape to this file (torch.save)")
+    p.add_argument("--against", help="picks saved by an earlier run (--picks): report the share that agrees")
+    p.add_argument("--out", help="JSON path (default: print only)")
+    return p.parse_args()
+
+
+def main():
+    a = parse_args()
+    gpu_kernels("tools/bench_exact_score.py", a.kernels_root)
+    import triton
+    from kernels.block_selection.triton import select_blocks_triton
+
+    report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "commit": git_commit(a.commit),
+              "kernels": a.kernels_root or "repository", "rows": []}
+    picks, earlier = {}, torch.load(a.against) if a.against else None
+    for name, (tokens, documents) in SHAPES.items():
+        torch.manual_seed(0)
+        q = torch.randn(1, tokens, 16, 64, device="cuda", dtype=torch.bfloat16)
+        keys = torch.randn(1, tokens, 1, 64, device="cuda", dtype=torch.bfloat16)
+        cu = torch.arange(0, tokens + 1, tokens // documents, dtype=torch.int32, device="cuda")
+        cu_seqlens = cu if documents > 1 else None
+
+        def run():
+            return select_blocks_triton(q, None, None, 16, 8, 64, 16, None, cu_seqlens=cu_seqlens, score="exact",
+                                        keys=keys)
+
+        picks[name] = run().cpu()
+        ms = [triton.testing.do_bench(run, warmup=5, rep=50) for _ in range(3)]
+        row = {"shape": name, "ms_runs": ms, "ms": sorted(ms)[1]}
+        if earlier is not None:
+            row["picks_agree"] = (earlier[name] == picks[name]).float().mean().item()
+        report["rows"].append(row)
+        print(f"{name}: {row['ms']:.3f} ms (runs {', '.join(f'{m:.3f}' for m in ms)})"
+              + (f", picks agree {row['picks_agree']:.4%}" if earlier is not None else ""), flush=True)
+    if a.picks:
+        torch.save(picks, a.picks)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

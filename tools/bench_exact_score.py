@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import git_commit, gpu_kernels  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.bench_kernels import git_commit, gpu_kernels  # noqa: E402
 
 SHAPES = {"1x32768": (32768, 1), "8x8192": (65536, 8)}  # tokens, documents
 

@@ -52,7 +52,7 @@ from kernels.compressed_attention.triton import compressed_attention_triton
 from kernels.compression.naive import compressed_bounds
 from kernels.range_attention import LOG2E, range_attention_lse
 from kernels.triton_utils import (
-    check_attention_inputs, check_packed, dot_precision, launch_params, poisoned, pow2,
+    check_attention_inputs, check_packed, dot_precision, launch_params, pow2,
 )
 
 BLOCK_T = 64  # query tokens per program
@@ -524,6 +524,10 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     check_attention_inputs("select_blocks_triton", q, keys, keys)
     check_packed("select_blocks_triton", q.shape[0], cu_seqlens)
     batch, seq, num_q_heads, head_dim = q.shape
+    if keys.shape[1] < q_start + seq:
+        raise ValueError(f"select_blocks_triton: the 'exact' score reads every raw key up to each query's own "
+                         f"position, so keys must hold at least q_start + T = {q_start + seq} tokens; got "
+                         f"{keys.shape[1]} (pass the selection branch's keys from position 0 through the last query)")
     num_kv_heads = keys.shape[2]
     scale = default_scale(head_dim, scale)
     launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, SORTED_MERGE=True)
@@ -539,8 +543,6 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
                   PRECISION=dot_precision(q.dtype), **launch)
     common = (seq, keys.shape[1], num_q_heads, num_kv_heads)
     lo, hi = exact_ranges(seq, q_start, cu_seqlens, q.device)
-    if q_start + seq > keys.shape[1]:  # keys end before the last query (their last block's end may)
-        hi = hi.clamp_max(keys.shape[1])
     lse = range_attention_lse(q, keys, lo, hi, scale)
     _topn_exact_kernel[grid](q, keys, lse, tiles, out, *common, num_selected, q_start, scale * LOG2E,
                              ST=pow2(num_selected), SORTED_MERGE=sorted_merge, **shapes)

@@ -298,3 +298,5 @@ def test_raw_key_score_refusals():
                 select(q, None, None, 0, 0, 16, 4, score=score)
     with pytest.raises(ValueError, match="power of two >= 16"):
         select_blocks_triton(q, None, None, 0, 0, 8, 4, score="exact", keys=torch.zeros(1, 32, 1, DK))
+    with pytest.raises(ValueError, match=r"keys must hold at least q_start \+ T = 48 tokens; got 40"):
+        select_blocks_triton(q, None, None, 0, 0, 16, 4, q_start=16, score="exact", keys=torch.zeros(1, 40, 1, DK))

@@ -2,9 +2,12 @@
 select_blocks_triton(score="exact") per layer call, median of triton.testing.do_bench, for one 32K document
 and for 8 packed documents of 8K (16 query heads on 1 KV head of 64, bf16, the proof's l' = 64 and n = 16).
 
---kernels-root DIR imports `kernels` from another checkout (`git archive <commit> kernels`, unpacked in
-DIR), to time an earlier version on the same machine; --picks FILE saves the picks, and --against FILE
-reports the share of (token, pick) entries equal to a saved run's.
+Each shape also times the first pass alone (range_attention_lse, each query head's log-sum-exp), so the
+second, _topn_exact_kernel, is the difference. --kernels-root DIR imports `kernels` from another checkout
+(`git archive <commit> kernels`, unpacked in DIR), to time an earlier version on the same machine; --picks
+FILE saves the picks, and --against FILE reports the share of (token, pick) entries equal to a saved run's.
+--launches times other launch parameters of _topn_exact_kernel (JSON objects set as
+LAUNCH["topn_exact"]), each checked for the default's picks.
 
     python3 tools/bench_exact_score.py --out benchmarks/exact-score.json
 """
@@ -30,6 +33,8 @@ def parse_args():
     p.add_argument("--commit", help="git commit of the kernels (default: git rev-parse HEAD)")
     p.add_argument("--picks", help="save the picks of every shape to this file (torch.save)")
     p.add_argument("--against", help="picks saved by an earlier run (--picks): report the share that agrees")
+    p.add_argument("--launches", nargs="*", default=[],
+                   help='launch parameters to time besides the default, e.g. \'{"BLOCK_T": 8, "num_warps": 4}\'')
     p.add_argument("--out", help="JSON path (default: print only)")
     return p.parse_args()
 
@@ -38,11 +43,12 @@ def main():
     a = parse_args()
     gpu_kernels("tools/bench_exact_score.py", a.kernels_root)
     import triton
-    from kernels.block_selection.triton import select_blocks_triton
+    from kernels.block_selection import triton as block_selection
 
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "commit": git_commit(a.commit),
               "kernels": a.kernels_root or "repository", "rows": []}
     picks, earlier = {}, torch.load(a.against) if a.against else None
+    launches = [None] + [json.loads(text) for text in a.launches]
     for name, (tokens, documents) in SHAPES.items():
         torch.manual_seed(0)
         q = torch.randn(1, tokens, 16, 64, device="cuda", dtype=torch.bfloat16)
@@ -51,22 +57,40 @@ def main():
         cu_seqlens = cu if documents > 1 else None
 
         def run():
-            return select_blocks_triton(q, None, None, 16, 8, 64, 16, None, cu_seqlens=cu_seqlens, score="exact",
-                                        keys=keys)
+            return block_selection.select_blocks_triton(q, None, None, 16, 8, 64, 16, None, cu_seqlens=cu_seqlens,
+                                                        score="exact", keys=keys)
 
-        picks[name] = run().cpu()
-        ms = [triton.testing.do_bench(run, warmup=5, rep=50) for _ in range(3)]
-        row = {"shape": name, "ms_runs": ms, "ms": sorted(ms)[1]}
-        if earlier is not None:
-            row["picks_agree"] = (earlier[name] == picks[name]).float().mean().item()
-        report["rows"].append(row)
-        print(f"{name}: {row['ms']:.3f} ms (runs {', '.join(f'{m:.3f}' for m in ms)})"
-              + (f", picks agree {row['picks_agree']:.4%}" if earlier is not None else ""), flush=True)
+        lo, hi = block_selection.exact_ranges(tokens, 0, cu_seqlens, q.device)
+        lse_ms = median_of_3(triton, lambda: block_selection.range_attention_lse(q, keys, lo, hi, 64 ** -0.5))
+        for launch in launches:
+            block_selection.LAUNCH.pop("topn_exact", None)
+            if launch is not None:
+                block_selection.LAUNCH["topn_exact"] = launch
+            picked = run().cpu()
+            ms = [triton.testing.do_bench(run, warmup=5, rep=50) for _ in range(3)]
+            row = {"shape": name, "launch": launch or "default", "ms_runs": ms, "ms": sorted(ms)[1],
+                   "lse_pass_ms": lse_ms, "topn_ms": sorted(ms)[1] - lse_ms}
+            if launch is None:
+                picks[name] = picked
+                if earlier is not None:
+                    row["picks_agree"] = (earlier[name] == picked).float().mean().item()
+            else:
+                row["picks_agree_default"] = (picks[name] == picked).float().mean().item()
+            report["rows"].append(row)
+            agree = row.get("picks_agree", row.get("picks_agree_default"))
+            print(f"{name} {json.dumps(row['launch'])}: {row['ms']:.3f} ms (runs {', '.join(f'{m:.3f}' for m in ms)}; "
+                  f"lse pass {lse_ms:.3f}, top-n {row['topn_ms']:.3f})"
+                  + (f", picks agree {agree:.4%}" if agree is not None else ""), flush=True)
+        block_selection.LAUNCH.pop("topn_exact", None)
     if a.picks:
         torch.save(picks, a.picks)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2))
+
+
+def median_of_3(triton, fn) -> float:
+    return sorted(triton.testing.do_bench(fn, warmup=5, rep=50) for _ in range(3))[1]
 
 
 if __name__ == "__main__":

@@ -265,30 +265,35 @@ def _topn_exact_kernel(
     q, k, lse, tiles, out,
     T, TK, HQ, HK, NSEL, q_start, scale_log2,
     G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr,
-    ST: tl.constexpr, PRECISION: tl.constexpr, SORTED_MERGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, ST: tl.constexpr, PRECISION: tl.constexpr, SORTED_MERGE: tl.constexpr,
 ):
     """Top-n by the group's exact attention mass on each block: sum over its heads and the block's visible
     keys of exp2(s - lse) (lse: natural log, range_attention_lse's), ST blocks scored into one [BLOCK_T, ST]
-    tile and then merged."""
+    tile and then merged. The tile's rows are its (token, head) pairs, head fastest: the group's queries
+    are loaded once and stay in registers, and each block's keys take one [BLOCK_T * BLOCK_G, l'] product."""
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
-    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, tl.program_id(0), q_start, SEL, BLOCK_T)
-    cols = tl.arange(0, ST)
+    tile = tl.program_id(0)
+    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, tile, q_start, SEL, BLOCK_T)
+    rows = tl.arange(0, BLOCK_T * BLOCK_G)
+    row_tok = tl.load(tiles + tile * 5) + rows // BLOCK_G
+    row_g = rows % BLOCK_G
+    row_ok = (row_tok < tl.load(tiles + tile * 5 + 1)) & (row_g < G)
+    row_pos = q_start + row_tok - doc_start
+    flat = (b * T + row_tok) * HQ + hk * G + row_g
     dk = tl.arange(0, BLOCK_DK)
+    qr = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    # in log2 units; +inf for padding rows, whose exp2(s - lse) is then 0
+    row_lse = tl.load(lse + flat, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    cols = tl.arange(0, ST)
     running = tl.full([BLOCK_T, ST], -1, tl.int64)
     for j0 in range(0, last + 1, ST):
         scores = tl.zeros([BLOCK_T, ST], tl.float32)
         for jj in range(0, ST):
             kt, kpos = _block_keys(k, b, hk, j0 + jj, doc_start, TK, HK, SEL, DK, BLOCK_DK)
-            visible = tok_ok[:, None] & (kpos[None, :] <= pos[:, None])
-            mass = tl.zeros([BLOCK_T], tl.float32)
-            for g in range(G):
-                flat = (b * T + toks) * HQ + hk * G + g
-                qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK),
-                             other=0.0)
-                row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0) * 1.4426950408889634  # to log2 units
-                s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-                mass += tl.sum(tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0), 1)
+            s = tl.dot(qr, tl.trans(kt), input_precision=PRECISION) * scale_log2
+            p = tl.where(kpos[None, :] <= row_pos[:, None], tl.exp2(s - row_lse[:, None]), 0.0)
+            mass = tl.sum(tl.reshape(tl.sum(p, 1), [BLOCK_T, BLOCK_G]), 1)
             scores = tl.where(cols[None, :] == jj, mass[:, None], scores)
         running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST, SORTED_MERGE)
     _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
@@ -513,6 +518,13 @@ def _exact_ranges_from_start(seq: int, q_start: int, device: torch.device) -> tu
     return torch.zeros_like(end), end
 
 
+def exact_tile_tokens(group: int, head_dim: int) -> int:
+    """Query tokens a program of _topn_exact_kernel scores: its rows are the tokens' (token, head) pairs and
+    hold their queries in registers, so about 256 rows at head dim 64 and 128 above (at most 64 tokens)."""
+    rows = 256 if head_dim <= 64 else 128
+    return min(BLOCK_T, max(1, rows // pow2(group)))
+
+
 def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens):
     """select_blocks_triton with the "exact" score: range_attention_lse over each query's document up to
     itself (every query row, tiles or not: the tiles' forced queries are scored too), then _topn_exact_kernel."""
@@ -530,7 +542,10 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
                          f"{keys.shape[1]} (pass the selection branch's keys from position 0 through the last query)")
     num_kv_heads = keys.shape[2]
     scale = default_scale(head_dim, scale)
-    launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=BLOCK_T, num_warps=4, num_stages=2, SORTED_MERGE=True)
+    group = num_q_heads // num_kv_heads
+    tokens = exact_tile_tokens(group, head_dim)
+    launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=tokens, num_warps=8 if tokens * pow2(group) >= 256 else 4,
+                           num_stages=2, SORTED_MERGE=True)
     tiles = query_tiles(seq, 0, selection_block, selection_block, q_start, cu_seqlens, launch["BLOCK_T"], q.device,
                         forced_until=num_selected * selection_block)
     out = _forced_output(batch, seq, num_kv_heads, num_selected, selection_block, q_start, cu_seqlens, q.device)
@@ -539,7 +554,7 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     q, keys = q.contiguous(), keys.contiguous()
     grid = (tiles.shape[0], batch * num_kv_heads)
     sorted_merge = launch.pop("SORTED_MERGE")
-    shapes = dict(G=num_q_heads // num_kv_heads, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
+    shapes = dict(G=group, BLOCK_G=pow2(group), SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
                   PRECISION=dot_precision(q.dtype), **launch)
     common = (seq, keys.shape[1], num_q_heads, num_kv_heads)
     lo, hi = exact_ranges(seq, q_start, cu_seqlens, q.device)

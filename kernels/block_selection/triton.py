@@ -518,11 +518,17 @@ def _exact_ranges_from_start(seq: int, q_start: int, device: torch.device) -> tu
     return torch.zeros_like(end), end
 
 
-def exact_tile_tokens(group: int, head_dim: int) -> int:
-    """Query tokens a program of _topn_exact_kernel scores: its rows are the tokens' (token, head) pairs and
-    hold their queries in registers, so about 256 rows at head dim 64 and 128 above (at most 64 tokens)."""
-    rows = 256 if head_dim <= 64 else 128
-    return min(BLOCK_T, max(1, rows // pow2(group)))
+# Rows of a _topn_exact_kernel program: its tokens' (token, head) pairs. One H100, the proof's G=16, D=64
+# (benchmarks/gpu_checks/exact_score/exact-score-64cb326.json, top-n alone at 1 x 32K): 64 rows (4 tokens,
+# 4 warps) 4.60 ms, 128 rows 4.78-5.12, 256 rows 4.64-5.08, 512 rows 4.91; the kernel before them, 64
+# tokens with the group's heads one after another, 6.54-6.58.
+EXACT_ROWS = 64
+
+
+def exact_tile_tokens(group: int) -> int:
+    """Query tokens a program of _topn_exact_kernel scores: EXACT_ROWS (token, head) rows, at most BLOCK_T
+    tokens."""
+    return min(BLOCK_T, max(1, EXACT_ROWS // pow2(group)))
 
 
 def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start, cu_seqlens):
@@ -543,9 +549,8 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     num_kv_heads = keys.shape[2]
     scale = default_scale(head_dim, scale)
     group = num_q_heads // num_kv_heads
-    tokens = exact_tile_tokens(group, head_dim)
-    launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=tokens, num_warps=8 if tokens * pow2(group) >= 256 else 4,
-                           num_stages=2, SORTED_MERGE=True)
+    launch = launch_params(LAUNCH, "topn_exact", BLOCK_T=exact_tile_tokens(group), num_warps=4, num_stages=2,
+                           SORTED_MERGE=True)
     tiles = query_tiles(seq, 0, selection_block, selection_block, q_start, cu_seqlens, launch["BLOCK_T"], q.device,
                         forced_until=num_selected * selection_block)
     out = _forced_output(batch, seq, num_kv_heads, num_selected, selection_block, q_start, cu_seqlens, q.device)

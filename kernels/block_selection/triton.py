@@ -30,10 +30,11 @@ reference's stable sort. Blocks a query may not pick get key -1.
 With the "exact" score (nsa.selection_score) top-n reads the selection branch's raw keys instead of the
 compressed ones, in two passes: the range attention's forward without its output (range_attention_lse:
 its tiles are (token, head) rows of one GQA group, so each key tile is read once for the group's heads)
-computes each query head's log-sum-exp over every key it may see; then _topn_exact_kernel, over the query
-tiles, recomputes q.k one selection block (l' keys) at a time, sums exp(q.k - lse) over the block's keys
-and the group's heads, and merges ST blocks at a time into the same running top-ST list. Two causal QK^T
-passes with no PV product: about a dense attention forward's FLOPs.
+computes each query head's log-sum-exp over every key it may see; then _topn_exact_kernel, over query
+tiles of a few tokens whose (token, head) pairs are its rows (the queries loaded once), recomputes q.k one
+selection block (l' keys) at a time, sums exp(q.k - lse) over the block's keys and the group's heads, and
+merges ST blocks at a time into the same running top-ST list. Two causal QK^T passes with no PV product:
+about a dense attention forward's FLOPs.
 """
 
 import functools
@@ -59,8 +60,8 @@ BLOCK_T = 64  # query tokens per program
 # Launch parameters set over the defaults (BLOCK_T, num_warps, num_stages, SPLITS, SORTED_MERGE: _merge's
 # way) under the keys "topn" and "topn_exact"; empty in use, filled by benchmarks/kernels-exp-sweep.py.
 # (A second kernel holding the group's heads as the rows of one tile, so a tile's queries load once, picked
-# the same blocks but ran 0.42-0.68x as fast at 128K, G=16; removed, see benchmarks/kernels-notes.md,
-# session 29.)
+# the same blocks but ran 0.42-0.68x as fast at 128K, G=16, D=128; removed, see benchmarks/kernels-notes.md,
+# session 29. The exact score's top-n, whose key tiles are raw keys, is faster that way: EXACT_ROWS.)
 LAUNCH: dict[str, dict] = {}
 
 

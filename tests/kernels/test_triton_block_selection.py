@@ -104,6 +104,17 @@ def test_launch_override(monkeypatch):
     check(2, 1, torch.float32, (8, 4, 8, 5))
 
 
+@pytest.mark.parametrize("tokens", [4, 64])
+def test_exact_launch_override(monkeypatch, tokens):
+    """The exact score's top-n with other tiles than its default (16 tokens at G = 4: 64 (token, head) rows),
+    as tools/bench_exact_score.py --launches sets them: 16 and 256 rows pick the reference's blocks too,
+    over several documents and merges (n = 5: two free picks from 80 tokens into a document on)."""
+    torch.manual_seed(tokens)
+    monkeypatch.setitem(block_selection.LAUNCH, "topn_exact", {"BLOCK_T": tokens})
+    cu_seqlens = torch.tensor([0, 7, 50, 51, 200], dtype=torch.int32, device=DEVICE)  # the last: 149 tokens
+    check_raw_key_score("exact", 4, 1, torch.float32, 16, 5, cu_seqlens=cu_seqlens, seq=200)
+
+
 @pytest.mark.parametrize("score", ["sum", "max", "exact"])
 def test_topk_merge_picks_what_the_sorted_merge_picks(monkeypatch, score):
     """SORTED_MERGE=False (each step's keys and the running list through topk, the merge before the sorted

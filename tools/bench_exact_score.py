@@ -36,7 +36,21 @@ def parse_args():
     p.add_argument("--launches", nargs="*", default=[],
                    help='launch parameters to time besides the default, e.g. \'{"BLOCK_T": 8, "num_warps": 4}\'')
     p.add_argument("--out", help="JSON path (default: print only)")
-    return p.parse_args()
+    a = p.parse_args()
+    a.launches = [launch_arg(p, text) for text in a.launches]
+    return a
+
+
+def launch_arg(parser, text: str) -> dict:
+    """One --launches value as a dict, or a parser error naming it and the form it must take."""
+    try:
+        launch = json.loads(text)
+    except json.JSONDecodeError as err:
+        parser.error(f"--launches {text!r} is not JSON ({err}); give objects such as '{{\"BLOCK_T\": 8, \"num_warps\": 4}}'")
+    if not isinstance(launch, dict) or not launch:
+        parser.error(f"--launches {text!r} is not a JSON object of launch parameters; give objects such as "
+                     "'{\"BLOCK_T\": 8, \"num_warps\": 4}'")
+    return launch
 
 
 def main():
@@ -48,7 +62,9 @@ def main():
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "commit": git_commit(a.commit),
               "kernels": a.kernels_root or "repository", "rows": []}
     picks, earlier = {}, torch.load(a.against) if a.against else None
-    launches = [None] + [json.loads(text) for text in a.launches]
+    launches = [None] + a.launches
+    # the lse pass alone needs kernels from 9cb0637 on (an older --kernels-root times the whole only)
+    lse_alone = hasattr(block_selection, "exact_ranges") and hasattr(block_selection, "range_attention_lse")
     for name, (tokens, documents) in SHAPES.items():
         torch.manual_seed(0)
         q = torch.randn(1, tokens, 16, 64, device="cuda", dtype=torch.bfloat16)
@@ -60,8 +76,10 @@ def main():
             return block_selection.select_blocks_triton(q, None, None, 16, 8, 64, 16, None, cu_seqlens=cu_seqlens,
                                                         score="exact", keys=keys)
 
-        lo, hi = block_selection.exact_ranges(tokens, 0, cu_seqlens, q.device)
-        lse_ms = median_of_3(triton, lambda: block_selection.range_attention_lse(q, keys, lo, hi, 64 ** -0.5))
+        lse_ms = None
+        if lse_alone:
+            lo, hi = block_selection.exact_ranges(tokens, 0, cu_seqlens, q.device)
+            lse_ms = median_of_3(triton, lambda: block_selection.range_attention_lse(q, keys, lo, hi, 64 ** -0.5))
         for launch in launches:
             block_selection.LAUNCH.pop("topn_exact", None)
             if launch is not None:
@@ -69,7 +87,7 @@ def main():
             picked = run().cpu()
             ms = [triton.testing.do_bench(run, warmup=5, rep=50) for _ in range(3)]
             row = {"shape": name, "launch": launch or "default", "ms_runs": ms, "ms": sorted(ms)[1],
-                   "lse_pass_ms": lse_ms, "topn_ms": sorted(ms)[1] - lse_ms}
+                   "lse_pass_ms": lse_ms, "topn_ms": None if lse_ms is None else sorted(ms)[1] - lse_ms}
             if launch is None:
                 picks[name] = picked
                 if earlier is not None:
@@ -78,8 +96,9 @@ def main():
                 row["picks_agree_default"] = (picks[name] == picked).float().mean().item()
             report["rows"].append(row)
             agree = row.get("picks_agree", row.get("picks_agree_default"))
-            print(f"{name} {json.dumps(row['launch'])}: {row['ms']:.3f} ms (runs {', '.join(f'{m:.3f}' for m in ms)}; "
-                  f"lse pass {lse_ms:.3f}, top-n {row['topn_ms']:.3f})"
+            parts = f"; lse pass {lse_ms:.3f}, top-n {row['topn_ms']:.3f}" if lse_ms is not None else ""
+            print(f"{name} {json.dumps(row['launch'])}: {row['ms']:.3f} ms (runs {', '.join(f'{m:.3f}' for m in ms)}"
+                  f"{parts})"
                   + (f", picks agree {agree:.4%}" if agree is not None else ""), flush=True)
         block_selection.LAUNCH.pop("topn_exact", None)
     if a.picks:

@@ -275,7 +275,7 @@ def _topn_exact_kernel(
     b = (tl.program_id(1) // HK).to(tl.int64)
     hk = tl.program_id(1) % HK
     tile = tl.program_id(0)
-    toks, tok_ok, pos, cur, last, doc_start = _tile_tokens(tiles, tile, q_start, SEL, BLOCK_T)
+    toks, tok_ok, _, cur, last, doc_start = _tile_tokens(tiles, tile, q_start, SEL, BLOCK_T)
     rows = tl.arange(0, BLOCK_T * BLOCK_G)
     row_tok = tl.load(tiles + tile * 5) + rows // BLOCK_G
     row_g = rows % BLOCK_G

@@ -311,3 +311,17 @@ def test_raw_key_score_refusals():
         select_blocks_triton(q, None, None, 0, 0, 8, 4, score="exact", keys=torch.zeros(1, 32, 1, DK))
     with pytest.raises(ValueError, match=r"keys must hold at least q_start \+ T = 48 tokens; got 40"):
         select_blocks_triton(q, None, None, 0, 0, 16, 4, q_start=16, score="exact", keys=torch.zeros(1, 40, 1, DK))
+
+
+@pytest.mark.parametrize("value, says", [("{bad", "is not JSON"), ("[4]", "is not a JSON object")])
+def test_bench_exact_score_refuses_a_bad_launch(monkeypatch, capsys, value, says):
+    """tools/bench_exact_score.py --launches: a value that is not a JSON object of launch parameters stops
+    the tool with a message naming it and the form to give, before any GPU is looked for."""
+    import sys
+
+    from tools import bench_exact_score
+    monkeypatch.setattr(sys, "argv", ["bench_exact_score.py", "--launches", '{"BLOCK_T": 4}', value])
+    with pytest.raises(SystemExit):
+        bench_exact_score.parse_args()
+    err = capsys.readouterr().err
+    assert f"--launches {value!r} {says}" in err and '{"BLOCK_T": 8, "num_warps": 4}' in err

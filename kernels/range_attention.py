@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import compile_ahead
 from kernels.triton_utils import dot_precision, poisoned, pow2, programs_wanted, tma_unfit
 
 LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2 is the fast instruction)
@@ -617,13 +618,16 @@ def _launch(name, device, grid, *args, **consts):
     """Runs kernel `name`: autotuned on the GPU, the fixed CPU tiles under the interpreter. grid maps
     the tile sizes (a dict with BLOCK_M, BLOCK_N) to the launch grid. Under PyTorch's deterministic
     algorithms (training.deterministic) the GPU takes the first candidate config, not the search's pick:
-    the search times the candidates, so two runs may pick other tiles, which sum in another order."""
+    the search times the candidates, so two runs may pick other tiles, which sum in another order. In
+    compile_ahead's dry pass every candidate is recorded for compiling, and nothing runs."""
     if device.type == "cpu":
         _KERNELS[name][grid(_CPU_TILES)](*args, **consts, **_CPU_TILES)
     elif torch.are_deterministic_algorithms_enabled():
         config = _candidates(name, **consts)[0]
         _KERNELS[name][grid(config.kwargs)](*args, **consts, **config.kwargs, num_warps=config.num_warps,
                                             num_stages=config.num_stages)
+    elif compile_ahead.recording():
+        _TUNED[name].warmup(*args, grid=grid, **consts)
     else:
         _TUNED[name][grid](*args, **consts)
 

@@ -121,6 +121,10 @@ class TrainingConfig:
     # deterministic_mode (its embedding backward), the compressed and window branches' backward by the split
     # path (no atomics) and their tiles fixed instead of autotuned by timing (kernels/range_attention.py)
     deterministic: bool = False
+    # On a GPU, each stage's first step first compiles the Triton kernels it will launch, in parallel: a dry
+    # pass of one micro-batch records them, a thread pool builds them (kernels/compile_ahead.py). Off, the
+    # step compiles each kernel when it first launches it, one after another
+    compile_ahead: bool = True
 
 
 TASKS = ("passkey", "multikey_niah", "variable_tracking")  # the synthetic long-context tasks (nsa_dist/tasks.py)

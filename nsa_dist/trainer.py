@@ -14,6 +14,7 @@ with enough processes continues from there. Hooks (TrainingHooks: the console, M
 stage, step and saved checkpoint on the ranks they are given to (launchers give them to rank 0).
 """
 
+import itertools
 import logging
 import math
 import multiprocessing
@@ -25,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import psutil
 import torch
@@ -36,6 +37,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from kernels.compile_ahead import compile_ahead
 from nsa_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, TrainState, check_same_model,
                                  load_checkpoint, newest_checkpoint, read_checkpoint, step_dir)
 from nsa_dist.config import Config, ConfigError, Stage
@@ -512,8 +514,12 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
 
     # 3. the loop; checkpoints every checkpoint.interval steps and at the stage's end
     first_log = len(history)
+    ahead = tr.compile_ahead and device.type == "cuda"
     while state.stage_step < stage.steps:
         start_time = time.perf_counter()
+        if ahead:  # inside the first step's time, which would otherwise compile the same kernels one by one
+            batches = _compile_ahead(model, optimizer, batches, stage, forward_backward, device)
+            ahead = False
         comm = CommStats()
         set_comm_stats(model, comm)  # the attention layers add their collectives' bytes and waits
         model.zero_grad_buffer()
@@ -557,6 +563,27 @@ def _train_stage(config: Config, stage: Stage, start: Checkpoint | None, initial
     for hook in hooks:
         hook.stage_finished(stage, history[first_log:])
     return read_checkpoint(step_dir(config.run.dir, state.step))
+
+
+def _compile_ahead(model, optimizer, batches: Iterator, stage: Stage, forward_backward, device: torch.device):
+    """Compiles the Triton kernels of this stage's step in parallel before it runs (kernels/compile_ahead.py):
+    the dry pass is the step's first micro-batch forward and backward, whose gradients and losses are then
+    thrown away. Returns the micro-batches with that one still first."""
+    first = next(batches)
+
+    def dry_pass():
+        forward_backward(forward_step_func=forward_step, data_iterator=iter([first]), model=[model],
+                         num_microbatches=1, seq_length=stage.seq_len, micro_batch_size=stage.micro_batch_size,
+                         forward_only=False)
+
+    report = compile_ahead(dry_pass, device)
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    for records in (SELECTION_LOSSES, INDEXER_LOSSES, INDEXER_RECALLS):
+        records.clear()
+    if report is not None and dist.get_rank() == 0:
+        log.info("stage %s: %s", stage.name, report.line())
+    return itertools.chain([first], batches)
 
 
 # ------------------------------------------------------------------------------------ evaluation

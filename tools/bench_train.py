@@ -48,6 +48,7 @@ import cProfile
 import gc
 import io
 import json
+import logging
 import os
 import pstats
 import socket
@@ -521,6 +522,9 @@ def git_commit() -> str | None:
 
 def main() -> None:
     args = parse_args()
+    # the trainer's stage lines (compile_ahead's among them: what the first step spent compiling)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("nsa_dist.trainer").setLevel(logging.INFO)
     if args.profile and args.steps < 3:
         sys.exit(f"error: --profile records steps 2 and 3, and --steps={args.steps}: pass --steps 3 or more")
     if args.host_profile and args.steps < 2:

@@ -95,9 +95,10 @@ def compile_ahead(run, device: torch.device, workers: int | None = None) -> Comp
     torch.cuda.synchronize(device)
     dry_pass = time.perf_counter() - start
     workers = max(1, min(len(found), workers or os.cpu_count() or 1))
+    index = device.index if device.index is not None else torch.cuda.current_device()
     start = time.perf_counter()
     # each thread's current device is the step's, for the cache the kernel lands in and the module load
-    with ThreadPoolExecutor(workers, initializer=torch.cuda.set_device, initargs=(device,)) as pool:
+    with ThreadPoolExecutor(workers, initializer=torch.cuda.set_device, initargs=(index,)) as pool:
         seconds = list(pool.map(lambda item: _build(*item), found.values()))
     return CompileAheadReport(kernels=len(found), dry_pass_s=dry_pass, wall_s=time.perf_counter() - start,
                               busy_s=sum(seconds), workers=workers)

@@ -576,7 +576,12 @@ def _compile_ahead(model, optimizer, batches: Iterator, stage: Stage, forward_ba
                          num_microbatches=1, seq_length=stage.seq_len, micro_batch_size=stage.micro_batch_size,
                          forward_only=False)
 
-    report = compile_ahead(dry_pass, device)
+    try:
+        report = compile_ahead(dry_pass, device)
+    except Exception as error:
+        raise RuntimeError(f"stage {stage.name!r}: compiling the step's Triton kernels ahead of it failed ({error}); "
+                           "set training.compile_ahead: false to compile each kernel as the step launches it, and "
+                           "report this") from error
     model.zero_grad_buffer()
     optimizer.zero_grad()
     for records in (SELECTION_LOSSES, INDEXER_LOSSES, INDEXER_RECALLS):

@@ -2,7 +2,7 @@
 # Issue 13, the cold start: training.compile_ahead (kernels/compile_ahead.py) against the first step compiling
 # each kernel as it launches it. First the GPU test (a real NSA step after compiling ahead compiles nothing
 # and matches the reference), then tools/bench_train.py on the proof's first-stage shape (16 x 2K, as
-# first_step.sh), 4 steps, each run a new process with an empty Triton cache: off, on, off, on.
+# first_step.sh), 4 steps, each run a new process with an empty Triton cache: off, on, REPEATS times (2).
 # Device tool, carry [".whl"], about 4 minutes:
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/compile_ahead.sh
 set -u
@@ -23,7 +23,7 @@ run() {  # name compile_ahead
   grep -o "compiled [0-9]* Triton kernels.*" $OUT/compile_ahead_$name-$tag.log
   grep -A3 "Triton compiles by step and kernel" $OUT/compile_ahead_$name-$tag.log | tail -2
 }
-run off1 false
-run on1 true
-run off2 false
-run on2 true
+for i in $(seq ${REPEATS:-2}); do
+  run off$i false
+  run on$i true
+done

@@ -24,7 +24,6 @@ nothing is compiled and compile_ahead does nothing.
 """
 
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,25 +32,28 @@ from dataclasses import dataclass
 import torch
 import triton
 
-_RECORDING = threading.local()
+# Process-wide, as Triton's hook is: a CUDA backward runs on autograd's device thread, not the caller's.
+_RECORDING = {"on": False}
 
 
 def recording() -> bool:
-    """Whether a dry pass is recording launches on this thread (launches must then not run)."""
-    return getattr(_RECORDING, "on", False)
+    """Whether a dry pass is recording launches (they must then not run)."""
+    return _RECORDING["on"]
 
 
 @dataclass
 class CompileAheadReport:
     kernels: int  # specializations compiled (with their launchers)
+    failed: int  # specializations that did not build here (left for their launch: _build)
     dry_pass_s: float  # the recording run
     wall_s: float  # compiling them on the pool
     busy_s: float  # the same compiles' seconds added up: what one thread would have taken
     workers: int
 
     def line(self) -> str:
+        failed = f", {self.failed} left to their launch" if self.failed else ""
         return (f"compiled {self.kernels} Triton kernels ahead of the step in {self.wall_s:.1f} s on "
-                f"{self.workers} threads ({self.busy_s:.1f} s of compiling; dry pass {self.dry_pass_s:.1f} s)")
+                f"{self.workers} threads ({self.busy_s:.1f} s of compiling{failed}; dry pass {self.dry_pass_s:.1f} s)")
 
 
 @contextmanager
@@ -67,20 +69,26 @@ def _recorded(found: dict):
     if runtime.jit_cache_hook is not None:
         raise RuntimeError("compile_ahead: Triton's jit_cache_hook is already set by someone else")
     runtime.jit_cache_hook = hook
-    _RECORDING.on = True
+    _RECORDING["on"] = True
     try:
         yield
     finally:
         runtime.jit_cache_hook = None
-        _RECORDING.on = False
+        _RECORDING["on"] = False
 
 
-def _build(jit_function, specialization_data: str) -> float:
-    """Compiles one recorded specialization into the kernel's cache, builds its launcher and loads it."""
+def _build(jit_function, specialization_data: str) -> tuple[float, bool]:
+    """Compiles one recorded specialization into the kernel's cache, builds its launcher and loads it:
+    (seconds, whether it built). A failure is left for the real launch, which meets it again as it would
+    have without compiling ahead: an autotuning candidate this GPU cannot hold (too much shared memory, a
+    ptxas error) is then timed as infinitely slow, and any other kernel raises there."""
     start = time.perf_counter()
-    kernel = jit_function.preload(specialization_data)
-    kernel._init_handles()  # what the first launch would do: the launcher's C build and the module load
-    return time.perf_counter() - start
+    try:
+        kernel = jit_function.preload(specialization_data)
+        kernel._init_handles()  # what the first launch would do: the launcher's C build and the module load
+    except Exception:
+        return time.perf_counter() - start, False
+    return time.perf_counter() - start, True
 
 
 def compile_ahead(run, device: torch.device, workers: int | None = None) -> CompileAheadReport | None:
@@ -99,6 +107,7 @@ def compile_ahead(run, device: torch.device, workers: int | None = None) -> Comp
     start = time.perf_counter()
     # each thread's current device is the step's, for the cache the kernel lands in and the module load
     with ThreadPoolExecutor(workers, initializer=torch.cuda.set_device, initargs=(index,)) as pool:
-        seconds = list(pool.map(lambda item: _build(*item), found.values()))
-    return CompileAheadReport(kernels=len(found), dry_pass_s=dry_pass, wall_s=time.perf_counter() - start,
-                              busy_s=sum(seconds), workers=workers)
+        builds = list(pool.map(lambda item: _build(*item), found.values()))
+    return CompileAheadReport(kernels=sum(built for _, built in builds), failed=sum(not built for _, built in builds),
+                              dry_pass_s=dry_pass, wall_s=time.perf_counter() - start,
+                              busy_s=sum(seconds for seconds, _ in builds), workers=workers)

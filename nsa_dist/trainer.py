@@ -578,14 +578,16 @@ def _compile_ahead(model, optimizer, batches: Iterator, stage: Stage, forward_ba
 
     try:
         report = compile_ahead(dry_pass, device)
-    except Exception as error:
-        raise RuntimeError(f"stage {stage.name!r}: compiling the step's Triton kernels ahead of it failed ({error}); "
-                           "set training.compile_ahead: false to compile each kernel as the step launches it, and "
-                           "report this") from error
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    for records in (SELECTION_LOSSES, INDEXER_LOSSES, INDEXER_RECALLS):
-        records.clear()
+    except Exception as error:  # only time is lost: the step compiles each kernel as it launches it
+        report = None
+        log.warning("stage %s: compiling the step's Triton kernels ahead of it failed (%s: %s); the step compiles "
+                    "each as it launches it. Set training.compile_ahead: false to skip the attempt, and report this",
+                    stage.name, type(error).__name__, error)
+    finally:
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        for records in (SELECTION_LOSSES, INDEXER_LOSSES, INDEXER_RECALLS):
+            records.clear()
     if report is not None and dist.get_rank() == 0:
         log.info("stage %s: %s", stage.name, report.line())
     return itertools.chain([first], batches)

@@ -47,7 +47,7 @@ class CompileAheadReport:
     failed: int  # specializations that did not build here (left for their launch: _build)
     dry_pass_s: float  # the recording run
     wall_s: float  # compiling them on the pool
-    busy_s: float  # the same compiles' seconds added up: what one thread would have taken
+    busy_s: float  # the threads' seconds added up (each slower than alone: the threads share the cores)
     workers: int
 
     def line(self) -> str:

@@ -5,9 +5,13 @@
 # then this tree's --host-check. base.tar (git archive BASE kernels nsa_dist tools) must be in the tree:
 #   git archive 46d1d1d kernels nsa_dist tools > base.tar
 #   COMMIT=$(git rev-parse --short HEAD) BASE=46d1d1d bash benchmarks/gpu_checks/host_ab.sh   # carry [".whl"]
+# PROFILE=1 adds this tree's --host-profile (cProfile of steps 2-16). The logs, JSONs and profile come back
+# as one file, $OUT/host_ab-COMMIT.tar (the device tool returns 8 files a call): tar -xf it where they go.
 set -u
 tag=${COMMIT:-unknown}
 source benchmarks/proof/setup.sh
+results=$OUT
+OUT=$(mktemp -d)/host_ab-$tag && mkdir -p $OUT
 rm -rf /tmp/base && mkdir -p /tmp/base && cp -r configs launch /tmp/base/ && ln -s $PWD/data /tmp/base/data && tar -xf base.tar -C /tmp/base
 stage="stages=[{name: bench, seq_len: 2048, steps: 16, global_batch_size: 16, micro_batch_size: 16, mix: {source: 0.125, passkey: 0.875, task_min_length: 256, task_max_length: 256}}]"
 bench() {  # bench NAME ROOT ATTENTION [extra args]
@@ -34,3 +38,8 @@ for path in sorted(Path(sys.argv[1]).glob("*.json")):
 for name, times in rows.items():
     print(f"{name:>24}  median step {statistics.median(times):.4f} s  mean {statistics.mean(times):.4f}  (steps 2-16)")
 PY
+if [ "${PROFILE:-0}" = 1 ]; then
+  bench profile-$tag $PWD nsa --host-profile
+  grep -A 25 "host time of steps" $OUT/profile-$tag.log | head -30
+fi
+tar -C $(dirname $OUT) -cf $results/host_ab-$tag.tar host_ab-$tag

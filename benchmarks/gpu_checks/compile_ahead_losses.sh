@@ -3,7 +3,7 @@
 # backward with every Triton launch skipped, then throws the gradients and losses away. Two runs of the
 # proof's first-stage step (16 x 2K), compile_ahead off then on, one process each on one GPU: the second
 # takes the first's autotuned tiles from Triton's cache, so both launch the same kernels, and their losses
-# must agree at every step (two such runs gave the same loss at all 40 steps measured, session 49).
+# must agree at every step (two such runs of the step gave the same loss at all 40 steps measured; docs/proof-results.md, Repeatability).
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_checks/compile_ahead_losses.sh   # carry [".whl"]
 set -u
 tag=${COMMIT:-unknown}

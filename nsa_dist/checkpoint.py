@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,9 +32,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.storage import WriteResult
 
 # What a failed save or load raises: PyTorch's DCP reports its ranks' failures as CheckpointException,
 # which derives from BaseException, not Exception.
@@ -309,6 +314,24 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(path)
 
 
+def _start_results_queue() -> None:
+    """Starts the queue through which Megatron's writer processes report each save's results, so that the
+    first save finds it running. Megatron starts it on the first save otherwise: a multiprocessing manager
+    in a spawned process (filesystem_async._get_write_results_queue), which imports the job's main module
+    again (torch, Megatron, MLflow: 7-8 s on the CI machine) before it serves. One round trip of the
+    classes a save's results hold then makes the manager import their modules (PyTorch's distributed
+    checkpoint, 0.7 s), which it would otherwise do on the first save's results. On the CI machine the tiny
+    model's first save took 2.7 s without this and 0.2 s with it (later saves 0.1 s); in the proof run on
+    an H100 the first save took 17-22 s and the later ones 3-5 s. A failure here is left to the save,
+    which meets it again and reports it."""
+    try:
+        results = filesystem_async._get_write_results_queue()
+        results.put((WriteResult, MetadataIndex, _StorageInfo))  # pickled by name: unpickling imports them
+        results.get()
+    except Exception as error:  # the save starts it again and raises there, with its own message
+        log.debug("starting Megatron's checkpoint results queue ahead of the first save failed: %s", error)
+
+
 class CheckpointWriter:
     """Saves checkpoints, synchronously or (async_save) in Megatron's background writer processes.
 
@@ -321,9 +344,13 @@ class CheckpointWriter:
         self.on_saved = on_saved  # called on rank 0 once a checkpoint is complete
         self.keep_last = config.checkpoint.keep_last
         self.queue = AsyncCallsQueue() if config.checkpoint.async_save else None
+        self.results_queue_started = threading.Thread(target=_start_results_queue, daemon=True,
+                                                      name="checkpoint-results-queue")
+        self.results_queue_started.start()
 
     def save(self, model, optimizer, scheduler, state: TrainState) -> Path:
         """Saves (or, with async_save, starts saving) a checkpoint of `state`; every rank calls it."""
+        self.results_queue_started.join()  # started with the writer; as a rule done long before the first save
         path = step_dir(self.run_dir, state.step)
         if dist.get_rank() == 0:
             if path.exists():  # an earlier save of this step that never completed
@@ -378,6 +405,8 @@ class CheckpointWriter:
             self.queue.maybe_finalize_async_calls(blocking=True)
 
     def close(self) -> None:
+        # a manager still starting when the job ends would not be shut down with it: let it finish starting
+        self.results_queue_started.join()
         if self.queue is not None:
             self.queue.maybe_finalize_async_calls(blocking=True)
             self.queue.close()

@@ -21,4 +21,8 @@ off, on = (json.load(open(f"{sys.argv[1]}/ahead-{a}-{sys.argv[2]}.json"))["resul
 for step, (a, b) in enumerate(zip(off, on), 1):
     print(f"step {step}: loss off {a:.6f}  on {b:.6f}  {'same' if a == b else f'differs by {b - a:+.2e}'}")
 print("all the same" if off == on else "NOT all the same")
+import statistics
+for ahead in ("false", "true"):
+    times = json.load(open(f"{sys.argv[1]}/ahead-{ahead}-{sys.argv[2]}.json"))["results"][0]["step_times_s"]
+    print(f"compile_ahead={ahead}: first step {times[0]:.2f} s, steps 2-{len(times)} median {statistics.median(times[1:]):.4f} s")
 PY

@@ -11,9 +11,10 @@ What a run directory's runs hold:
 - a child per stage (tag mlflow.parentRunId): the resolved stage as params; per step the loss, lr,
   grad_norm, tokens_per_s, step_time_s, memory_gb and `comm/<collective>/bytes|exposed_s`; MLflow's
   system metrics (`system/...`) while the stage trains; checkpoint paths as tags (`checkpoint.latest`,
-  `checkpoint.step_<8 digits>`); at the stage's end `loss.png`; after an evaluation of one of its
-  checkpoints (nsa_dist/evaluation.py), `eval/...` metrics at the checkpoint's step and the report's
-  eval.json and niah.png under `eval/step_<8 digits>/`.
+  `checkpoint.step_<8 digits>`) and each save's seconds (`checkpoint/save_s`, from its complete.json);
+  at the stage's end `loss.png`; after an evaluation of one of its checkpoints (nsa_dist/evaluation.py),
+  `eval/...` metrics at the checkpoint's step and the report's eval.json and niah.png under
+  `eval/step_<8 digits>/`.
 
 The run ids live in `<run.dir>/tracking.json`: a later job on the same run directory (a resumed or
 restarted one) continues the same runs. A store that fails (a server down at start or mid-run, a broken
@@ -38,7 +39,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-from nsa_dist.checkpoint import TrainState, write_json_atomically
+from nsa_dist.checkpoint import MARKER, TrainState, write_json_atomically
 from nsa_dist.config import Config, Stage
 from nsa_dist.trainer import StepLog, TrainingHooks, TrainResult
 
@@ -255,7 +256,11 @@ class MLflowTracker(TrainingHooks):
         self._client.log_batch(self._ids["stages"][step_log.stage], metrics=metrics)
 
     def _tag_checkpoint(self, path: Path, state: TrainState) -> None:
-        self._client.log_batch(self._ids["stages"][state.stage], tags=[
+        marker = path / MARKER
+        seconds = json.loads(marker.read_text()).get("save_seconds") if marker.exists() else None
+        metrics = [] if seconds is None else [Metric("checkpoint/save_s", float(seconds), int(time.time() * 1000),
+                                                     state.step)]
+        self._client.log_batch(self._ids["stages"][state.stage], metrics=metrics, tags=[
             RunTag("checkpoint.latest", str(path)), RunTag(f"checkpoint.{path.name}", str(path))])
         self._client.set_tag(self._ids["parent"], "checkpoint.latest", str(path))
 

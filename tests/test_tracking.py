@@ -1,6 +1,7 @@
 """MLflowTracker on a real MLflow store (sqlite in tmp_path), driven with synthetic steps of the
 quickstart curriculum: no training needed."""
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from nsa_dist.checkpoint import TrainState, step_dir
+from nsa_dist.checkpoint import MARKER, TrainState, step_dir
 from nsa_dist.config import load_config
 from nsa_dist.tracking import MLflowTracker, read_run_ids, tracking_uri
 from nsa_dist.trainer import StepLog, TrainResult
@@ -108,6 +109,9 @@ def png_title(path: Path) -> str:
 def test_two_stage_curriculum_one_parent_two_children(tmp_path):
     config = quickstart(tmp_path)
     short, long = config.resolved_stages()
+    for step, seconds in ((10, 2.5), (20, 0.25)):  # what the checkpoint writer's marker says of these saves
+        step_dir(config.run.dir, step).mkdir(parents=True)
+        (step_dir(config.run.dir, step) / MARKER).write_text(json.dumps({"save_seconds": seconds}))
     tracker = MLflowTracker(config, command=COMMAND, hardware="2 CPU cores")
     history = run_steps(tracker, config, short, range(1, 21))
     # the child run's id appears once the background thread has created it; its system metrics soon after
@@ -161,6 +165,10 @@ def test_two_stage_curriculum_one_parent_two_children(tmp_path):
     assert [m.value for m in client.get_metric_history(long_id, "comm/halo/bytes")] == [4096.0] * 10
     assert [m.step for m in client.get_metric_history(long_id, "comm/halo/exposed_s")] == list(range(21, 31))
     assert "comm/halo/bytes" not in runs[ids["stages"]["short"]].data.metrics
+    # each save's seconds at its step, from its marker (step 30's checkpoint has none here: no metric)
+    saves = client.get_metric_history(ids["stages"]["short"], "checkpoint/save_s")
+    assert sorted((m.step, m.value) for m in saves) == [(10, 2.5), (20, 0.25)]
+    assert not client.get_metric_history(long_id, "checkpoint/save_s")
 
     # artifacts beside the store, the config as YAML, the curriculum's plot
     parent_artifacts = artifact_dir(parent)

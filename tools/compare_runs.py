@@ -11,7 +11,8 @@ each stage and at the short lengths after the last, validation loss, wall second
 in task samples, one more: the answer loss at each stage's start and end (--course STAGE adds that
 stage's answer loss per 25 steps), and the training loss on the steps that held no task samples (the
 same text for runs of one data seed), and for NSA runs each layer's mean gate per branch at each stage's
-end. --against RUN:BASELINE (names from --names) adds each RUN's validation loss, its first position
+end. Where a job's time outside its steps went: each stage-end evaluation's seconds by part, and each
+checkpoint save's seconds (the `checkpoint/save_s` metric, logged since 2026-12-06). --against RUN:BASELINE (names from --names) adds each RUN's validation loss, its first position
 bucket's and its loss without tasks as percentages above or below BASELINE's, per stage. Writes to
 --out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
 drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
@@ -73,7 +74,7 @@ def stage_summary(client, run_id: str, run_dir: Path, trained_as: str | None = N
     summary = {"loss": loss, "answer_loss": history("answer_loss"), "steps": len(loss), "tokens_per_s": sum(timed) / len(timed) if timed else None,
                "train_seconds": sum(value for _, value in times), "val_loss": run.data.metrics.get("eval/val_loss"),
                "niah_accuracy": run.data.metrics.get("eval/niah_accuracy"), "niah_worst_depth": None, "heatmap": None,
-               "eval": None, "eval_step": None}
+               "eval": None, "eval_step": None, "save_seconds": [value for _, value in history("checkpoint/save_s")]}
     checkpoint = run.data.tags.get("checkpoint.latest")
     checkpoint = relocated(checkpoint, run_dir, trained_as) if checkpoint else None
     if checkpoint and (checkpoint / "eval" / "eval.json").exists():
@@ -302,6 +303,15 @@ def evaluation_seconds(runs: dict) -> str:
     return per_stage_table(runs, lambda stage: f"{stage}: evaluation s, model / NIAH / validation", cell)
 
 
+def save_seconds(runs: dict) -> str:
+    """One row per run: per stage, each of its checkpoint saves' seconds in step order (the `checkpoint/save_s`
+    metric; "-" where the stage logged none, as runs before 2026-12-06 did)."""
+    def cell(s: dict) -> str:
+        return " / ".join(f"{seconds:.1f}" for seconds in s.get("save_seconds") or []) or "-"
+
+    return per_stage_table(runs, lambda stage: f"{stage}: checkpoint saves s", cell)
+
+
 def source_half(s: dict) -> list[float]:
     """The training losses of the second half of a stage's steps without task answers (source_loss)."""
     with_tasks = {step for step, _ in s.get("answer_loss", [])}
@@ -464,6 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
     table += "\n" + source_loss(runs)
     if any((s["eval"] or {}).get("seconds") for run in runs.values() for s in run["stages"].values()):
         table += "\n" + evaluation_seconds(runs)
+    if any(s.get("save_seconds") for run in runs.values() for s in run["stages"].values()):
+        table += "\n" + save_seconds(runs)
     if pairs:
         table += "\n" + against(runs, pairs)
     gates = gates_by_layer(runs)

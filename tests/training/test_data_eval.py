@@ -19,6 +19,8 @@ from corpus import stdlib_corpus  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
 from tiny import TINY, tiny_config  # noqa: E402
 
+from nsa_dist.checkpoint import MARKER  # noqa: E402
+
 DATA = ["data.source=indexed", "model.vocab_size=256", "data.split=90,10,0", "data.documents=mask",
         "eval.niah_lengths=[256]", "eval.niah_stage_length=true", "eval.niah_depths=[0,0.5,1]", "eval.niah_samples=2",
         "eval.validation_sequences=6", "eval.position_buckets=4"]
@@ -192,6 +194,12 @@ def test_compare_runs_reports_the_tracked_figures(trained, tmp_path):
     timed = {stage: _reports(root / "run")[stage]["seconds"] for stage in stages}
     assert all(seconds[part] > 0 for seconds in timed.values() for part in ("model", "niah", "validation"))
     assert ("| tiny | " + " | ".join(" / ".join(f"{timed[stage][part]:.1f}" for part in ("model", "niah", "validation"))
+                                     for stage in stages) + " |\n") in table
+    # each checkpoint save's seconds (the tracker's checkpoint/save_s), the last of a stage its final one's
+    for stage in stages:
+        final = json.loads((Path(_reports(root / "run")[stage]["checkpoint"]) / MARKER).read_text())
+        assert stages[stage]["save_seconds"][-1] == pytest.approx(final["save_seconds"])
+    assert ("| tiny | " + " | ".join(" / ".join(f"{seconds:.1f}" for seconds in stages[stage]["save_seconds"])
                                      for stage in stages) + " |\n") in table
     # each stage's gates, one c/s/w cell per layer
     gates = report["gates"]["mean_by_layer"]

@@ -321,7 +321,8 @@ def _start_results_queue() -> None:
     again (torch, Megatron, MLflow: 7-8 s on the CI machine) before it serves. One round trip of the
     classes a save's results hold then makes the manager import their modules (PyTorch's distributed
     checkpoint, 0.7 s), which it would otherwise do on the first save's results. On the CI machine the tiny
-    model's first save took 2.7 s without this and 0.2 s with it (later saves 0.1 s); in the proof run on
+    model's first save took 2.26 s without this and 0.15 s with it, later saves 0.13-0.16 s (medians of 3,
+    tools/bench_first_save.py, benchmarks/first_save-9013160.json); in the proof run on
     an H100 the first save took 17-22 s and the later ones 3-5 s. A failure here is left to the save,
     which meets it again and reports it."""
     try:

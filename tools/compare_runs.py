@@ -12,10 +12,10 @@ in task samples, one more: the answer loss at each stage's start and end (--cour
 stage's answer loss per 25 steps), and the training loss on the steps that held no task samples (the
 same text for runs of one data seed), and for NSA runs each layer's mean gate per branch at each stage's
 end. Where a job's time outside its steps went: each stage-end evaluation's seconds by part, and each
-checkpoint save's seconds (the `checkpoint/save_s` metric, logged since 2026-12-06). --against RUN:BASELINE (names from --names) adds each RUN's validation loss, its first position
-bucket's and its loss without tasks as percentages above or below BASELINE's, per stage. Writes to
---out: `loss.png` (one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap,
-drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
+checkpoint save's seconds (the `checkpoint/save_s` metric, logged since 2026-12-06). --against
+RUN:BASELINE (names from --names) adds each RUN's validation loss, its first position bucket's and its
+loss without tasks as percentages above or below BASELINE's, per stage. Writes to --out: `loss.png`
+(one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap, drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
 stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
 model learns to retrieve (logged since commit 7a21946).
 

@@ -271,5 +271,5 @@ def _first_save_with_the_queue_started(rank: int, world_size: int, root: str) ->
 @pytest.mark.timeout(300)
 def test_the_writer_starts_the_results_queue_before_the_first_save(tmp_path):
     """Megatron starts its results queue (a manager in a spawned process that imports the job's main module
-    again) on the first save unless the writer has: most of a first save's time (2.5 of 2.7 s here)."""
+    again) on the first save unless the writer has: most of a first save's time (tools/bench_first_save.py)."""
     run_distributed(_first_save_with_the_queue_started, 1, str(tmp_path))

@@ -15,9 +15,10 @@ end. Where a job's time outside its steps went: each stage-end evaluation's seco
 checkpoint save's seconds (the `checkpoint/save_s` metric, logged since 2026-12-06). --against
 RUN:BASELINE (names from --names) adds each RUN's validation loss, its first position bucket's and its
 loss without tasks as percentages above or below BASELINE's, per stage. Writes to --out: `loss.png`
-(one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap, drawn from its eval.json), `report.md` (the tables, ready for the README) and `report.json`; where
-stages mixed in task samples, `answers.png`: the loss on the answers' tokens alone, which falls when a
-model learns to retrieve (logged since commit 7a21946).
+(one panel per stage, one line per run), `niah_<run>_<stage>.png` (each stage's heatmap, drawn from its
+eval.json), `report.md` (the tables, ready for the README) and `report.json`; where stages mixed in task
+samples, `answers.png`: the loss on the answers' tokens alone, which falls when a model learns to
+retrieve (logged since commit 7a21946).
 
 When an evaluation covers more than one length (`eval.niah_lengths`), report.md also has a table of NIAH
 accuracy by length, one row per run and checkpoint. --evals adds evaluations made after training
@@ -74,7 +75,8 @@ def stage_summary(client, run_id: str, run_dir: Path, trained_as: str | None = N
     summary = {"loss": loss, "answer_loss": history("answer_loss"), "steps": len(loss), "tokens_per_s": sum(timed) / len(timed) if timed else None,
                "train_seconds": sum(value for _, value in times), "val_loss": run.data.metrics.get("eval/val_loss"),
                "niah_accuracy": run.data.metrics.get("eval/niah_accuracy"), "niah_worst_depth": None, "heatmap": None,
-               "eval": None, "eval_step": None, "save_seconds": [value for _, value in history("checkpoint/save_s")]}
+               "eval": None, "eval_step": None,
+               "save_seconds": [value for _, value in history("checkpoint/save_s")]}
     checkpoint = run.data.tags.get("checkpoint.latest")
     checkpoint = relocated(checkpoint, run_dir, trained_as) if checkpoint else None
     if checkpoint and (checkpoint / "eval" / "eval.json").exists():

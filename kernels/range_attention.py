@@ -110,7 +110,8 @@ def _autotuned(kernel, name, accumulators):
     # tokens of all documents) changes from micro-batch to micro-batch, and every new key would time every
     # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
     # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
-    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA", "LSE_ONLY"],
+    return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA", "LSE_ONLY",
+                                               "ALIGNED_ROWS"],
                            reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
@@ -476,7 +477,16 @@ def _range_attn_bwd_dkv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
+    ALIGNED_ROWS: tl.constexpr = False,
 ):
+    """dK and dV of one key tile (axis 0) over its share (axis 2) of the rows that see it. ALIGNED_ROWS: the
+    rows that see the whole tile are visited from the tile whose index is a multiple of their count,
+    wrapping round, instead of from the first: where every key tile is seen by as many rows (the window
+    branch), neighbouring key tiles, which run at the same time, then read each row tile at the same step,
+    so that it comes from L2 after the first of them. In order, key tile p + 1 reads a row tile
+    BLOCK_N * G / BLOCK_M steps before key tile p: at 128K, G = 16, D = 128 all the programs in flight read
+    some 70 MB of q and dO in between, more than L2 holds, and the window's dK/dV read from DRAM (L2 hit rate
+    17%, docs/speed.md)."""
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
     dk = tl.arange(0, BLOCK_DK)
@@ -496,9 +506,18 @@ def _range_attn_bwd_dkv(
     for r0 in range(split_lo, mid_lo, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
                                  dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
-    for r0 in range(mid_lo, mid_hi, BLOCK_M):
+    turn = mid_lo  # the unmasked tiles from `turn` to mid_hi, then (ALIGNED_ROWS) from mid_lo to `turn`
+    if ALIGNED_ROWS:
+        count = tl.maximum((mid_hi - mid_lo) // BLOCK_M, 1)
+        turn = mid_lo + (count - (mid_lo // BLOCK_M) % count) % count * BLOCK_M
+    for r0 in range(turn, mid_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
                                  dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA)
+    if ALIGNED_ROWS:
+        for r0 in range(mid_lo, turn, BLOCK_M):
+            acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k,
+                                     acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False,
+                                     TMA)
     for r0 in range(mid_hi, split_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
                                  dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
@@ -677,14 +696,15 @@ def range_attention_lse(q, k, lo, hi, scale):
     return lse
 
 
-def range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, one_pass):
+def range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, one_pass, aligned_rows=False):
     """(dq, dk, dv) in the dtypes of q, k, v, given the output's gradient do and attention_delta's delta: by
-    the one-pass backward if one_pass, else by the split one.
+    the one-pass backward if one_pass, else by the split one, whose dK/dV kernel visits its rows in the
+    order ALIGNED_ROWS describes (_range_attn_bwd_dkv) if aligned_rows.
     The one pass adds in fp32 atomics, in any order, so its gradients vary in the last bits from run to
     run: when PyTorch is asked for deterministic algorithms the split path runs instead."""
     if one_pass and not torch.are_deterministic_algorithms_enabled():
         return _bwd_one_pass(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale)
-    return _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale)
+    return _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, aligned_rows)
 
 
 def _bwd_one_pass(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
@@ -706,7 +726,7 @@ def _bwd_one_pass(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
     return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
-def _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
+def _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, aligned_rows=False):
     """dQ by row tiles, then dK/dV by key tiles (split over rows into fp32 partials where key tiles are
     too few); each recomputes S and dP, no atomics, deterministic."""
     batch, seq, _, _ = q.shape
@@ -732,7 +752,7 @@ def _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
         return (triton.cdiv(k.shape[1], tiles["BLOCK_N"]), batch * k.shape[2], splits)
 
     _launch("dkv", q.device, grid_k, q, k, v, do, lse, delta, dk_parts, dv_parts, lo, hi, qlo, qhi, batch, *sizes,
-            scale, splits, **consts, TMA=use_tma("dkv", q, k, v))
+            scale, splits, **consts, TMA=use_tma("dkv", q, k, v), ALIGNED_ROWS=aligned_rows)
     if splits > 1:
         dk.copy_(dk_parts.sum(0))
         dv.copy_(dv_parts.sum(0))
@@ -746,7 +766,7 @@ class RangeAttention(torch.autograd.Function):
     lo, hi: [T] int32, query token t sees keys lo[t] <= s < hi[t] (empty when lo >= hi).
     qlo, qhi: [TK] int32, key s is seen by exactly the query tokens qlo[s] <= t < qhi[s] (qlo >= qhi: by
     none): the inverse of lo/hi, which the dK/dV kernel uses to bound its rows and to skip the mask.
-    one_pass: the backward path (range_attention_bwd).
+    one_pass, aligned_rows: the backward path (range_attention_bwd).
     gate: None, or the branch's gate in NSA's gated sum ([B, T, HQ] contiguous): o is returned ungated for
     kernels.gate_combine.triton.gated_sum_triton, whose backward hands o the sum's gradient as it is, and
     this backward applies the gate (attention_delta) and returns the gate's gradient too.
@@ -754,16 +774,18 @@ class RangeAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale, one_pass, gate=None):
+    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale, one_pass, gate=None, aligned_rows=False):
         o, lse = range_attention_fwd(q, k, v, lo, hi, scale)
         ctx.save_for_backward(q, k, v, o, lse, lo, hi, qlo, qhi, gate)
         ctx.scale = scale
         ctx.one_pass = one_pass
+        ctx.aligned_rows = aligned_rows
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, lo, hi, qlo, qhi, gate = ctx.saved_tensors
         delta, do, d_gate = attention_delta(o, do.contiguous(), dlse, gate)
-        dq, dk, dv = range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, ctx.scale, ctx.one_pass)
-        return dq, dk, dv, None, None, None, None, None, None, d_gate
+        dq, dk, dv = range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, ctx.scale, ctx.one_pass,
+                                         ctx.aligned_rows)
+        return dq, dk, dv, None, None, None, None, None, None, d_gate, None

@@ -15,13 +15,13 @@ config=configs/proof_100m.yaml
 run=/tmp/runs/eval_time-${ATTENTION:-nsa}
 stages="stages=[{name: 2k, seq_len: 2048, steps: 8, global_batch_size: 16, micro_batch_size: 16, mix: {source: 0.125, passkey: 0.875, task_min_length: 256, task_max_length: 256}}, {name: 32k, seq_len: 32768, steps: 2, global_batch_size: 1, micro_batch_size: 1, selection_score: exact, rotary_base: 2560000.0, mix: {source: 0.3, passkey: 0.6, multikey_niah: 0.1, task_min_length: 1024}}]"
 t0=$(date +%s)
-timeout 300 python3 -m launch.train --config $config --set "$stages" --set eval.at_stage_end=false \
+timeout 300 python3 -m launch.train --config $config --set "$stages" --set training.warmup_steps=4 --set eval.at_stage_end=false \
   --set run.dir=$run > $OUT/train-${ATTENTION:-nsa}-$tag.log 2>&1
 echo "train rc=$? $(( $(date +%s) - t0 )) s"
 for pass in cold warm; do
   t0=$(date +%s)
   name=eval-$pass-${ATTENTION:-nsa}-$tag
-  timeout 200 python3 -m launch.eval --config $config --set "$stages" --set run.dir=$run --stage 32k \
+  timeout 200 python3 -m launch.eval --config $config --set "$stages" --set training.warmup_steps=4 --set run.dir=$run --stage 32k \
     --out /tmp/$name > $OUT/$name.log 2>&1
   echo "eval $pass rc=$? $(( $(date +%s) - t0 )) s a process; the evaluation's own seconds:" \
     "$(python3 -c "import json; print(json.load(open('/tmp/$name/eval.json'))['seconds'])")"

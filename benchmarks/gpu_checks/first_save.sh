@@ -14,7 +14,7 @@ stage="stages=[{name: 2k, seq_len: 2048, steps: 12, global_batch_size: 16, micro
 job() {  # job NAME ROOT
   local name=$1 root=$2 t0=$(date +%s)
   (cd $root && PYTHONPATH=/tmp/site:$root timeout 240 python3 -m launch.train --config configs/proof_100m.yaml \
-    --set "$stage" --set checkpoint.interval=6 --set eval.at_stage_end=false --set run.dir=/tmp/runs/$name \
+    --set "$stage" --set checkpoint.interval=6 --set training.warmup_steps=4 --set eval.at_stage_end=false --set run.dir=/tmp/runs/$name \
     > $OUT/$name.log 2>&1)
   echo "$name rc=$? wall $(( $(date +%s) - t0 )) s; saves (step: s): $(python3 -c "
 import json, pathlib

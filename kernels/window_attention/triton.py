@@ -21,6 +21,10 @@ from kernels.triton_utils import check_attention_inputs, check_packed, gate_inpu
 # 1.65, and over 16 documents of 2K 0.82 / 1.41 (range-bwd-window-proof-2kdocs-2026-12-04-9efe853.json).
 # A module setting, read at each backward, so that one process can time both.
 ONE_PASS_BACKWARD = False
+# The split path's dK/dV kernel visits its rows in an order that neighbouring key tiles share
+# (range_attention._range_attn_bwd_dkv, ALIGNED_ROWS): every key of a window is seen by the same number of
+# rows, so the key tiles that run together read each row tile at the same step, from L2. Read at each backward.
+ALIGNED_ROWS = True
 
 
 def window_ranges(
@@ -95,4 +99,4 @@ def window_attention_triton(
     scale = default_scale(q.shape[-1], scale)
     gate = gate_input("window_attention_triton", q, gate)
     return RangeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), *ranges, scale, ONE_PASS_BACKWARD,
-                                gate)
+                                gate, ALIGNED_ROWS)

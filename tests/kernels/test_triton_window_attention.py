@@ -68,7 +68,9 @@ def test_packed_documents(q_start):
 
 def test_window_over_several_key_tiles():
     """A window of 2.5 key tiles (interpreter tiles): rows whose every key of a tile is visible take the
-    kernels' unmasked path, the tiles at the window's two edges the masked one."""
+    kernels' unmasked path, the tiles at the window's two edges the masked one. The split backward's dK/dV
+    kernel visits a key tile's 3 unmasked row tiles in the aligned order (window_attention.ALIGNED_ROWS),
+    which starts after the first of them for two key tiles in three."""
     torch.manual_seed(0)
     window = 5 * _CPU_TILES["BLOCK_N"] // 2
     seq = 3 * window

@@ -484,9 +484,11 @@ def _range_attn_bwd_dkv(
     wrapping round, instead of from the first: where every key tile is seen by as many rows (the window
     branch), neighbouring key tiles, which run at the same time, then read each row tile at the same step,
     so that it comes from L2 after the first of them. In order, key tile p + 1 reads a row tile
-    BLOCK_N * G / BLOCK_M steps before key tile p: at 128K, G = 16, D = 128 all the programs in flight read
-    some 70 MB of q and dO in between, more than L2 holds, and the window's dK/dV read from DRAM (L2 hit rate
-    17%, docs/speed.md)."""
+    BLOCK_N * G / BLOCK_M steps before key tile p: at 128K, G = 16, D = 128 the programs in flight read some
+    70 MB of q and dO in between, more than L2 holds. Measured on one H100 (benchmarks/kernels-exp-aligned-rows.py,
+    benchmarks/aligned-rows-*-h100-33a55b5.json; the window's split backward, both orders alternated twice):
+    1.02x at 16K and 128K, 1.03x at 64K (HQ = 64, HK = 4, D = 128), 1.05x at the proof model's 16 / 1 heads of
+    64 over 2K documents. So the order is not what holds the window backward at twice its floor."""
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
     dk = tl.arange(0, BLOCK_DK)

@@ -47,8 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.range_attention as ra  # noqa: E402
-from range_experiments import (errors, fixed_fp32_configs, range_inputs, run_facts, timed,  # noqa: E402
-                               within_bound, write)
+from range_experiments import (check_shape_arguments, errors, fixed_fp32_configs, range_inputs,  # noqa: E402
+                               run_facts, shape_arguments, timed, within_bound, write)
 
 PATHS = {"split": False, "onepass": True}
 
@@ -56,22 +56,11 @@ PATHS = {"split": False, "onepass": True}
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--branch", default="compressed", choices=["compressed", "window"])
-    p.add_argument("--window", type=int, default=512, help="window branch: keys a query sees")
-    p.add_argument("--doc-len", type=int, default=0,
-                   help="packed documents of this many tokens (the proof's stages: 2048, 8192); 0: one")
-    p.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072])
-    p.add_argument("--q-heads", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
-                   help="of the timed runs (the interpreter computes bf16 wrongly: float16 there)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per figure (at least)")
+    shape_arguments(p, seqs=[65536, 131072])
     p.add_argument("--chunking", type=int, nargs="*", default=[1, 16],
                    help="ONEPASS_CHUNKING values timed at the last T besides the default")
-    p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args()
-    if args.doc_len < 0:
-        p.error(f"--doc-len {args.doc_len}: give a document length in tokens, or 0 for one document a sequence")
+    check_shape_arguments(p, args)
     return args
 
 

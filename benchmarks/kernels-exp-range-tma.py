@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.compressed_attention.triton as compressed_triton  # noqa: E402
 import kernels.range_attention as ra  # noqa: E402
-from range_experiments import (errors, fixed_fp32_configs, range_inputs, run_facts, timed,  # noqa: E402
-                               within_bound, write)
+from range_experiments import (check_shape_arguments, errors, fixed_fp32_configs, range_inputs,  # noqa: E402
+                               run_facts, shape_arguments, timed, within_bound, write)
 
 WAYS = {"pointers": (), "tma-kv": ("fwd", "dq"), "tma-all": ("fwd", "dq", "dkv", "onepass")}  # TMA_LOADS
 OUTPUTS = ("o", "dq", "dk", "dv")
@@ -53,21 +53,11 @@ OUTPUTS = ("o", "dq", "dk", "dv")
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--branches", nargs="+", default=["compressed", "window"], choices=["compressed", "window"])
-    p.add_argument("--window", type=int, default=512, help="window branch: keys a query sees")
-    p.add_argument("--doc-len", type=int, default=0, help="packed documents of this many tokens; 0: one")
-    p.add_argument("--seqs", type=int, nargs="+", default=[16384, 131072])
-    p.add_argument("--q-heads", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
-                   help="of the timed runs (the interpreter computes bf16 wrongly: float16 there)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per figure (at least)")
+    shape_arguments(p, seqs=[16384, 131072])
     p.add_argument("--one-pass", default="auto", choices=["auto", "on", "off"],
                    help="backward path (auto: the branch's rule, kernels/*/triton.py ONE_PASS_BACKWARD)")
-    p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args()
-    if args.doc_len < 0:
-        p.error(f"--doc-len {args.doc_len}: give a document length in tokens, or 0 for one document a sequence")
+    check_shape_arguments(p, args)
     if args.head_dim != triton.next_power_of_2(args.head_dim) or args.head_dim < 16:
         p.error(f"--head-dim {args.head_dim}: TMA tiles are the head dim wide; give a power of two from 16")
     return args

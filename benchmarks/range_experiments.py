@@ -75,6 +75,26 @@ def within_bound(err: dict, bound: dict) -> bool:
                for t in err)
 
 
+def shape_arguments(p, seqs: list[int]) -> None:
+    """The options every range experiment takes: the window, packed documents, lengths (default `seqs`), head
+    shape, dtype, timed runs and the JSON file. Check the parsed ones with check_shape_arguments."""
+    p.add_argument("--window", type=int, default=512, help="window branch: keys a query sees")
+    p.add_argument("--doc-len", type=int, default=0, help="packed documents of this many tokens; 0: one")
+    p.add_argument("--seqs", type=int, nargs="+", default=seqs)
+    p.add_argument("--q-heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="of the timed runs (the interpreter computes bf16 wrongly: float16 there)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per figure (at least)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+
+
+def check_shape_arguments(p, args) -> None:
+    if args.doc_len < 0:
+        p.error(f"--doc-len {args.doc_len}: give a document length in tokens, or 0 for one document a sequence")
+
+
 def timed(fn, reps: int) -> float:
     """Median ms of fn over >= reps timed runs on the GPU; NaN under the interpreter."""
     return median_ms(fn, reps)["ms"] if torch.cuda.is_available() else float("nan")

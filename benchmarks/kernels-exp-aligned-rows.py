@@ -3,16 +3,20 @@ aligned order (range_attention._range_attn_bwd_dkv, ALIGNED_ROWS), window branch
 process on one GPU.
 
 At each T of --seqs (B=1, HQ=64, HK=4, D=128, bf16; window --window keys, or --branch compressed: the paper
-config; --doc-len packs documents of that length), for rows in order and aligned:
+config; --doc-len packs documents of that length), for rows in order and aligned, each with the autotuner's
+dK/dV tiles, and aligned with each dK/dV config of --dkv-configs (BLOCK_M,BLOCK_N,warps,stages, taken through
+range_attention.LAUNCH instead of the pick):
 - backward ms (range_attention_bwd, split path: delta, dQ and dK/dV kernels), medians of
-  triton.testing.do_bench over >= --reps timed runs, then both again alternated twice (ABAB), so that their
-  ratio does not carry the drift between timings made a while apart;
-- dq, dk, dv against an fp32 run (rows in order): max abs and RMS-relative error; the aligned order passes
-  if within 2x the in-order bf16 error (+ 1e-3 on the RMS-relative one). dq is the same kernel both ways.
+  triton.testing.do_bench over >= --reps timed runs, then all of them again alternated twice, so that their
+  ratios do not carry the drift between timings made a while apart;
+- dq, dk, dv against an fp32 run (rows in order): max abs and RMS-relative error; each variant passes if
+  within 2x the in-order bf16 error (+ 1e-3 on the RMS-relative one). dq is the same kernel in every variant.
 Prints a table and writes JSON to --out. From the repository root, on one GPU:
 
     PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-aligned-rows.py --seqs 16384 65536 131072 \
         --out $OUT/aligned-rows.json
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels-exp-aligned-rows.py --seqs 131072 \
+        --dkv-configs 64,64,8,3 64,128,8,3 64,32,4,2 --out $OUT/aligned-rows-dkv.json
 
 Without CUDA it runs under Triton's interpreter on small sizes, without timings, to check the script:
 --seqs 1200 --q-heads 4 --kv-heads 2 --head-dim 32 --dtype float16 --window 200
@@ -35,13 +39,22 @@ import kernels.range_attention as ra  # noqa: E402
 from range_experiments import (check_shape_arguments, errors, fixed_fp32_configs, range_inputs,  # noqa: E402
                                run_facts, shape_arguments, timed, within_bound, write)
 
-ORDERS = {"in_order": False, "aligned": True}
+
+def dkv_config(text: str):
+    """BLOCK_M,BLOCK_N,warps,stages -> a triton.Config for range_attention.LAUNCH["dkv"]."""
+    try:
+        block_m, block_n, warps, stages = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dkv-configs {text!r}: give BLOCK_M,BLOCK_N,warps,stages, e.g. 64,64,8,3")
+    return ra._config(block_m, block_n, warps, stages)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--branch", default="window", choices=["window", "compressed"])
     shape_arguments(p, seqs=[16384, 65536, 131072])
+    p.add_argument("--dkv-configs", type=dkv_config, nargs="*", default=[],
+                   help="dK/dV configs BLOCK_M,BLOCK_N,warps,stages timed with aligned rows against the pick")
     args = p.parse_args()
     check_shape_arguments(p, args)
     return args
@@ -65,23 +78,40 @@ def one_length(seq: int, args, device) -> dict:
 
     q, k, v, do = (x.to(getattr(torch, args.dtype)) for x in (q, k, v, do))
     o, lse = ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
-    for name, aligned in ORDERS.items():
-        grads = backward(q, k, v, o, lse, do, aligned)  # compiles and autotunes
+    variants = {"in_order": (False, None), "aligned": (True, None)}
+    for config in args.dkv_configs:
+        kw = config.kwargs
+        variants[f"aligned {kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}"] = (True, config)
+
+    def run(variant):
+        aligned, config = variants[variant]
+        if config is not None:
+            ra.LAUNCH["dkv"] = config
+        try:
+            return backward(q, k, v, o, lse, do, aligned)
+        finally:
+            ra.LAUNCH.pop("dkv", None)
+
+    for name, (aligned, config) in variants.items():
+        grads = run(name)  # compiles (and autotunes)
         line = {"errors": errors(grads, ref, ("dq", "dk", "dv"))}
-        line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do, aligned), args.reps)
-        line["config"] = str(ra._TUNED["dkv"].best_config) if torch.cuda.is_available() else "interpreter"
+        line["bwd_ms"] = timed(lambda: run(name), args.reps)
+        if torch.cuda.is_available():
+            line["config"] = str(ra._TUNED["dkv"].best_config if config is None else config)
+        else:
+            line["config"] = "interpreter"  # its fixed tiles, whatever --dkv-configs says
+        line["within_bound"] = within_bound(line["errors"], res["in_order"]["errors"]) if res.get("in_order") else True
         res[name] = line
         print(f"T={seq} {name}: bwd {line['bwd_ms']:.2f} ms, config {line['config']}, errors {line['errors']}",
               flush=True)
-    res["aligned"]["within_bound"] = within_bound(res["aligned"]["errors"], res["in_order"]["errors"])
-    abab = {name: [] for name in ORDERS}
+    alternated = {name: [] for name in variants}
     for _ in range(2):
-        for name, aligned in ORDERS.items():
-            abab[name].append(timed(lambda: backward(q, k, v, o, lse, do, aligned), args.reps))
-    res["abab_ms"] = abab
-    res["speedup_abab"] = sum(abab["in_order"]) / sum(abab["aligned"])
-    print(f"T={seq} ABAB: in order {abab['in_order']}, aligned {abab['aligned']} ms: "
-          f"{res['speedup_abab']:.3f}x", flush=True)
+        for name in variants:
+            alternated[name].append(timed(lambda: run(name), args.reps))
+    res["alternated_ms"] = alternated
+    res["speedup_vs_in_order"] = {name: sum(alternated["in_order"]) / sum(times)
+                                  for name, times in alternated.items()}
+    print(f"T={seq} alternated: " + ", ".join(f"{name} {times}" for name, times in alternated.items()), flush=True)
     return res
 
 
@@ -96,11 +126,13 @@ def main():
 
     print(f"\nsplit backward, {args.branch} branch (HQ={args.q_heads}, HK={args.kv_heads}, D={args.head_dim}, "
           f"{args.dtype}), commit {report['commit'][:10]}: dK/dV rows in order against aligned")
-    print(f"{'T':>7} {'in order ms':>11} {'aligned ms':>10} {'x':>6} {'ABAB x':>7}  within bound")
+    print("x: in order's ms / the variant's, from the alternated timings")
+    print(f"{'T':>7} {'variant':<26} {'ms':>8} {'x':>6}  within bound  dK/dV config")
     for r in report["lengths"]:
-        before, after = r["in_order"]["bwd_ms"], r["aligned"]["bwd_ms"]
-        print(f"{r['T']:>7} {before:>11.2f} {after:>10.2f} {before / after:>5.2f}x {r['speedup_abab']:>6.2f}x  "
-              f"{r['aligned']['within_bound']}")
+        for name, x in r["speedup_vs_in_order"].items():
+            line = r[name]
+            print(f"{r['T']:>7} {name:<26} {line['bwd_ms']:>8.2f} {x:>5.2f}x  {str(line['within_bound']):<12}  "
+                  f"{line['config']}")
     print(f"wrote {args.out}")
 
 

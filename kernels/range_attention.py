@@ -82,6 +82,10 @@ _CONFIGS = {
 # issue one per thread and vector, with their addresses. Per kernel: in an offline sm_90a compile
 # (benchmarks/tma-offline.py) TMA saves the forward registers but makes the one pass at D = 128 spill.
 TMA_LOADS: tuple[str, ...] = ()
+# A fixed launch config per kernel name (_KERNELS), taken on the GPU instead of the autotuner's pick; empty
+# in use, set by experiments to time one config against the pick (benchmarks/kernels-exp-aligned-rows.py
+# --dkv-configs).
+LAUNCH: dict[str, triton.Config] = {}
 # The interpreter runs one numpy op per tile op: big tiles make it fast.
 _CPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 
@@ -639,12 +643,13 @@ def _launch(name, device, grid, *args, **consts):
     """Runs kernel `name`: autotuned on the GPU, the fixed CPU tiles under the interpreter. grid maps
     the tile sizes (a dict with BLOCK_M, BLOCK_N) to the launch grid. Under PyTorch's deterministic
     algorithms (training.deterministic) the GPU takes the first candidate config, not the search's pick:
-    the search times the candidates, so two runs may pick other tiles, which sum in another order. In
-    compile_ahead's dry pass every candidate is recorded for compiling, and nothing runs."""
+    the search times the candidates, so two runs may pick other tiles, which sum in another order. Where
+    LAUNCH sets the kernel, the GPU takes that config. In compile_ahead's dry pass every candidate is
+    recorded for compiling, and nothing runs."""
     if device.type == "cpu":
         _KERNELS[name][grid(_CPU_TILES)](*args, **consts, **_CPU_TILES)
-    elif torch.are_deterministic_algorithms_enabled():
-        config = _candidates(name, **consts)[0]
+    elif name in LAUNCH or torch.are_deterministic_algorithms_enabled():
+        config = LAUNCH[name] if name in LAUNCH else _candidates(name, **consts)[0]
         _KERNELS[name][grid(config.kwargs)](*args, **consts, **config.kwargs, num_warps=config.num_warps,
                                             num_stages=config.num_stages)
     elif compile_ahead.recording():

@@ -45,7 +45,8 @@ def dkv_config(text: str):
     try:
         block_m, block_n, warps, stages = (int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--dkv-configs {text!r}: give BLOCK_M,BLOCK_N,warps,stages, e.g. 64,64,8,3")
+        raise argparse.ArgumentTypeError(
+            f"--dkv-configs {text!r}: give BLOCK_M,BLOCK_N,warps,stages, e.g. 64,64,8,3") from None
     return ra._config(block_m, block_n, warps, stages)
 
 

@@ -17,6 +17,31 @@ SHARED_PER_SM = 228 * 1024  # bytes of shared memory a multiprocessor gives its 
 REGISTERS_PER_SM = 65536
 
 
+# Kernel arguments by name, for signature_by_names: the int32 / fp32 tensors and the fp32 scales
+POINTERS = {"lse": "*fp32", "delta": "*fp32", "lo": "*i32", "hi": "*i32", "qlo": "*i32", "qhi": "*i32",
+            "block_idx": "*i32", "doc_start": "*i32", "rows": "*i32", "slot_lse": "*fp32", "dk_out": "*fp32", "dv_out": "*fp32",
+            "dq_acc": "*fp32", "dk_acc": "*fp32", "dv_acc": "*fp32"}
+FLOATS = ("scale_log2", "scale")
+
+
+def signature_by_names(kernel, constants: dict) -> dict:
+    """Each argument's type in the kernel's order: bf16 tensors, the int32 / fp32 tensors named in
+    POINTERS, fp32 scales, int32 sizes, and the constants."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = POINTERS[name]
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif name in ("q", "k", "v", "o", "do", "dq"):
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
 def resources(kernel, signature: dict, constexprs: dict, warps: int, stages: int) -> tuple[int, int, int]:
     """(shared bytes, registers a thread, spilled bytes) of one sm_90a compile (compile_sm90)."""
     return compile_sm90(kernel, signature, constexprs, warps, stages)[:3]

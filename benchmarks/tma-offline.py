@@ -26,31 +26,7 @@ sys.path.insert(0, ARGS.kernels_root)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.range_attention as ra  # noqa: E402
 import kernels.selected_attention.triton as selected  # noqa: E402
-from offline_compile import compile_sm90, programs_per_sm  # noqa: E402
-
-POINTERS = {"lse": "*fp32", "delta": "*fp32", "lo": "*i32", "hi": "*i32", "qlo": "*i32", "qhi": "*i32",
-            "block_idx": "*i32", "doc_start": "*i32", "rows": "*i32", "slot_lse": "*fp32", "dk_out": "*fp32", "dv_out": "*fp32",
-            "dq_acc": "*fp32", "dk_acc": "*fp32", "dv_acc": "*fp32"}
-FLOATS = ("scale_log2", "scale")
-
-
-def signature(kernel, constants: dict) -> dict:
-    """Each argument's type in the kernel's order: bf16 tensors, the int32 / fp32 tensors named in
-    POINTERS, fp32 scales, int32 sizes, and the constants."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            sig[name] = "constexpr"
-        elif name in POINTERS:
-            sig[name] = POINTERS[name]
-        elif name in FLOATS:
-            sig[name] = "fp32"
-        elif name in ("q", "k", "v", "o", "do", "dq"):
-            sig[name] = "*bf16"
-        else:
-            sig[name] = "i32"
-    return sig
-
+from offline_compile import compile_sm90, programs_per_sm, signature_by_names  # noqa: E402
 
 def cases(head_dim: int):
     """(name, kernel, constants, warps, stages): the launches in use (range: the autotuner's configs at head
@@ -60,6 +36,9 @@ def cases(head_dim: int):
         for config in ra._CONFIGS[name][0]:
             for tma in (False, True):
                 constants = dict(G=16, **dims, **config.kwargs, TMA=tma)
+                # the kernels' constexpr arguments with defaults, at them (left out, they would compile as
+                # int32 arguments)
+                constants.update({"fwd": dict(LSE_ONLY=False), "dkv": dict(ALIGNED_ROWS=False)}.get(name, {}))
                 tiles = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
                 yield f"range {name} {tiles}", ra._KERNELS[name], constants, config.num_warps, config.num_stages
     for name, kernel in (("fwd", selected._selected_fwd), ("dq", selected._selected_bwd_dq)):
@@ -88,7 +67,7 @@ def hashes() -> None:
             for flag in ("TMA", "ROWS", "KEYS_M"):  # a checkout from before the TMA path, row lists or KEYS_M
                 if flag in constants and flag not in kernel.arg_names:
                     del constants[flag]
-            ptx = compile_sm90(kernel, signature(kernel, constants), constants, warps, stages)[3]
+            ptx = compile_sm90(kernel, signature_by_names(kernel, constants), constants, warps, stages)[3]
             print(f"{head_dim:>4} {name:<22} w{warps} s{stages} {ptx_hash(ptx)}")
 
 
@@ -100,7 +79,7 @@ def main():
           f"{'spilled B':>9} {'bulk copies':>11}  programs a multiprocessor by shared / by registers")
     for head_dim in (128, 64):
         for name, kernel, constants, warps, stages in cases(head_dim):
-            shared, regs, spills, ptx = compile_sm90(kernel, signature(kernel, constants), constants, warps, stages)
+            shared, regs, spills, ptx = compile_sm90(kernel, signature_by_names(kernel, constants), constants, warps, stages)
             copies = ptx.count("cp.async.bulk.tensor")
             by_shared, by_registers = programs_per_sm(shared, regs, warps)
             print(f"{head_dim:>4} {name:<22} {str(constants['TMA']):>5} {warps:>5} {stages:>6} {shared / 1024:>9.1f} "

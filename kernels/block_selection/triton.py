@@ -103,6 +103,27 @@ def _spread(c, c_ok, j0, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexp
 
 
 @triton.jit
+def _spread_runs(p, carry, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, ST: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    """_spread's weights applied to p [BLOCK_T, ST * R] (R = l' / d a power of two: the compressed blocks
+    starting in each of the ST selection blocks, in order), without the [ST * R, ST] product: the r-th block
+    starting in selection block j puts min(l, l' - r d) / d on j and the rest, (r d + l - l')+ / d, on j + 1
+    (l <= l'). Returns the ST blocks' scores, carry (from the step before) added to the first, and what the
+    last one's compressed blocks carry into the next step. [BLOCK_T, ST], [BLOCK_T]"""
+    R: tl.constexpr = SEL // STRIDE
+    r = tl.arange(0, R)
+    own_weight = tl.minimum(L, SEL - r * STRIDE).to(tl.float32) / STRIDE
+    next_weight = tl.maximum(r * STRIDE + L - SEL, 0).to(tl.float32) / STRIDE
+    runs = tl.reshape(p, [BLOCK_T, ST, R])
+    own = tl.sum(runs * own_weight[None, None, :], 2)
+    to_next = tl.sum(runs * next_weight[None, None, :], 2)
+    cols = tl.arange(0, ST)
+    from_before = tl.gather(to_next, tl.broadcast_to(tl.maximum(cols - 1, 0)[None, :], [BLOCK_T, ST]), 1)
+    from_before = tl.where(cols[None, :] == 0, carry[:, None], from_before)
+    return own + from_before, tl.sum(tl.where(cols[None, :] == ST - 1, to_next, 0.0), 1)
+
+
+@triton.jit
 def _merge(running, scores, tok_ok, cur, blocks, BLOCK_T: tl.constexpr, ST: tl.constexpr, SORTED_MERGE: tl.constexpr):
     """Merges one tile of selection blocks' scores [BLOCK_T, ST] into the running top-ST keys, sorted
     descending (the module docstring's ranking; block 0 and the two local blocks forced, blocks after the
@@ -133,16 +154,26 @@ def _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST: tl.constexp
 
 
 @triton.jit
-def _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2,
-                G: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr):
-    """p_cmp of query head g of the group for the tile's tokens and the compressed keys kt: [BLOCK_T, keys]."""
+def _head_exp(q, lse, kt, b, hk, g, toks, tok_ok, T, HQ, scale_log2,
+              G: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr):
+    """exp(scale * q.k - lse) of query head g of the group for the tile's tokens and the compressed keys kt,
+    [BLOCK_T, keys], for every pair: p_cmp where the key is visible, any value >= 0 (+inf included) where
+    not, to be masked by the caller."""
     dk = tl.arange(0, BLOCK_DK)
     flat = (b * T + toks) * HQ + hk * G + g
     qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=tok_ok[:, None] & (dk[None, :] < DK), other=0.0)
     row_lse = tl.load(lse + flat, mask=tok_ok, other=0.0)
     row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_log2
-    return tl.where(visible, tl.exp2(s - row_lse[:, None]), 0.0)
+    return tl.exp2(s - row_lse[:, None])
+
+
+@triton.jit
+def _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2,
+                G: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr):
+    """p_cmp of query head g of the group for the tile's tokens and the compressed keys kt: [BLOCK_T, keys]."""
+    return tl.where(visible, _head_exp(q, lse, kt, b, hk, g, toks, tok_ok, T, HQ, scale_log2, G, DK, BLOCK_DK,
+                                       PRECISION), 0.0)
 
 
 @triton.jit
@@ -175,7 +206,7 @@ def _topn_kernel(
     G: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
     DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ST: tl.constexpr,
     PRECISION: tl.constexpr, MAX_SCORE: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr,
-    CARRY_C: tl.constexpr, SORTED_MERGE: tl.constexpr,
+    CARRY_C: tl.constexpr, SORTED_MERGE: tl.constexpr, SPREAD_RUNS: tl.constexpr,
 ):
     """A program a tile of BLOCK_T tokens; the group's heads one after another (a [BLOCK_T, D] query tile
     loaded and multiplied per head and key tile). With SPLITS > 1 (sum score only) a tile's selection
@@ -211,24 +242,31 @@ def _topn_kernel(
         kv_row = (b * NC + cmp_start + c) * HK + hk
         kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=c_ok[:, None] & (dk[None, :] < DK), other=0.0)
         visible = tok_ok[:, None] & c_ok[None, :] & (c[None, :] < num_seen[:, None])
-        weight, spill_weight = _spread(c, c_ok, j0, L, STRIDE, SEL, ST)
-
-        p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
-        scores = tl.zeros([BLOCK_T, ST], tl.float32)
-        for g in range(G):
-            p = _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2, G, DK, BLOCK_DK,
-                            PRECISION)
-            if MAX_SCORE:
+        if MAX_SCORE:
+            weight, spill_weight = _spread(c, c_ok, j0, L, STRIDE, SEL, ST)
+            scores = tl.zeros([BLOCK_T, ST], tl.float32)
+            for g in range(G):
+                p = _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2, G, DK, BLOCK_DK,
+                                PRECISION)
                 is_g = heads[None, :] == g
                 carried = tl.sum(tl.where(is_g, head_carry, 0.0), 1)
                 head_scores = tl.dot(p, weight, input_precision="ieee")
                 scores = tl.maximum(scores, head_scores + tl.where(cols[None, :] == 0, carried[:, None], 0.0))
                 head_carry = tl.where(is_g, tl.sum(p * spill_weight[None, :], 1)[:, None], head_carry)
+        else:
+            # the heads' exps summed unmasked (an invisible pair's may be +inf), then masked once
+            p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+            for g in range(G):
+                p_sum += _head_exp(q, lse, kt, b, hk, g, toks, tok_ok, T, HQ, scale_log2, G, DK, BLOCK_DK,
+                                   PRECISION)
+            p_sum = tl.where(visible, p_sum, 0.0)
+            if SPREAD_RUNS:
+                scores, carry = _spread_runs(p_sum, carry, L, STRIDE, SEL, ST, BLOCK_T)
             else:
-                p_sum += p
-        if not MAX_SCORE:
-            scores = tl.dot(p_sum, weight, input_precision="ieee") + tl.where(cols[None, :] == 0, carry[:, None], 0.0)
-            carry = tl.sum(p_sum * spill_weight[None, :], 1)
+                weight, spill_weight = _spread(c, c_ok, j0, L, STRIDE, SEL, ST)
+                scores = (tl.dot(p_sum, weight, input_precision="ieee")
+                          + tl.where(cols[None, :] == 0, carry[:, None], 0.0))
+                carry = tl.sum(p_sum * spill_weight[None, :], 1)
         running = _merge(running, scores, tok_ok, cur, j0 + cols, BLOCK_T, ST, SORTED_MERGE)
     if SPLITS == 1:
         _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
@@ -449,6 +487,7 @@ def select_blocks_triton(
     if tiles.shape[0] == 0:
         return out
     splits = launch["SPLITS"]
+    runs = selection_block // stride  # compressed blocks starting in a selection block
     # every (token, KV head, split) row is written: each split program stores its list, empty or not
     part = torch.empty((batch, seq, num_kv_heads, splits, top) if splits > 1 else (1,), dtype=torch.int64,
                        device=q.device)
@@ -457,7 +496,8 @@ def select_blocks_triton(
         seq, k_cmp.shape[1], num_q_heads, num_kv_heads, num_selected, q_start, scale * LOG2E,
         G=group, L=block_size, STRIDE=stride, SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
         BLOCK_C=pow2(top * selection_block // stride), ST=top, PRECISION=dot_precision(q.dtype),
-        MAX_SCORE=score == "max", BLOCK_G=pow2(group), CARRY_C=max(16, pow2(selection_block // stride)), **launch,
+        MAX_SCORE=score == "max", BLOCK_G=pow2(group), CARRY_C=max(16, pow2(selection_block // stride)),
+        SPREAD_RUNS=runs & (runs - 1) == 0, **launch,
     )
     if splits > 1:
         _topn_merge_kernel[(tiles.shape[0], batch * num_kv_heads)](

@@ -52,8 +52,9 @@ def test_matches_reference(dtype, group, kv_heads):
         (8, 4, 8, 5),  # 17 selection blocks: two tiles, scores carried across the tile boundary
         (16, 8, 32, 3),  # l < l'
         (16, 4, 16, 2),  # n smaller than the three forced blocks
+        (16, 8, 24, 4),  # l' / d = 3 compressed blocks start in a selection block: not a power of two
     ],
-    ids=["two-tiles", "l-below-l'", "n-below-forced"],
+    ids=["two-tiles", "l-below-l'", "n-below-forced", "three-runs-a-block"],
 )
 def test_block_sizes(sizes):
     torch.manual_seed(0)
@@ -90,6 +91,30 @@ def test_scores_carried_across_tiles(score):
     their 6 free picks (n = 9)."""
     torch.manual_seed(5)
     check(4, 1, torch.float32, (8, 4, 8, 9), score=score, seq=200)
+
+
+@pytest.mark.parametrize("score", ["sum", "max"])
+def test_a_compressed_block_scores_the_selection_block_after_its_start(score):
+    """A compressed block that starts near a selection block's end gives most of its score to the next one.
+    With l = l' = 16 and d = 4, compressed block 19 covers tokens 76-91: 4 in block 4 (weight 1) and 12 in
+    block 5 (weight 3). Planted as the one key every query matches, it must win block 5 the one free pick
+    (n = 4 with three forced) of the queries from block 7 on; block 4 wins it if the 12 tokens' share is
+    dropped. Both blocks lie in one step of the kernel's 16 (pow2(n), at least 16) blocks, so this is the
+    spread within a step; test_scores_carried_across_tiles covers the carry between steps."""
+    require_backend()
+    torch.manual_seed(11)
+    sizes, seq, group, planted = (16, 4, 16, 4), 200, 2, 19
+    q = 0.1 * randn(1, seq, group, DK, grad=False)
+    k_cmp = 0.1 * randn(1, num_compressed_blocks(seq, 16, 4), 1, DK, grad=False)
+    q[..., 0] += 3.0
+    k_cmp[:, planted, :, 0] += 3.0
+    _, lse = compressed_attention_ref(q, k_cmp, k_cmp, 16, 4)
+    args = (q, k_cmp, lse, *sizes)
+    picked = select_blocks_triton(*args, score=score)
+    expected = select_blocks_ref(*args, score=score)
+    assert torch.equal(picked, expected)
+    later = picked[0, 7 * 16:, 0]  # queries in block 7 and after: blocks 0, cur - 1, cur forced, one free
+    assert (later == 5).any(-1).all() and not (later == 4).any()
 
 
 def test_chunk_at_offset():

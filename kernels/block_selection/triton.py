@@ -3,8 +3,12 @@
 One program owns a tile of BLOCK_T query tokens of one document and one (batch, KV head). It walks the
 selection blocks in tiles of ST (>= n) blocks. For each tile it recomputes, for the ST * l'/d compressed
 blocks that start inside it, p_cmp = exp(scale * q.k_cmp - lse_cmp) summed over the G query heads of the
-group, spreads them onto selection blocks with the overlap weights (a [BLOCK_C, ST] matrix built from
-indices), and merges the tile's scores into a running top-ST list kept in registers. A compressed block
+group (masked once, after the sum), spreads them onto selection blocks with the overlap weights, and
+merges the tile's scores into a running top-ST list kept in registers. Where R = l'/d is a power of two
+the spread works on runs: the sums reshaped to [BLOCK_T, ST, R], weighted over R for the block a run
+starts in and for the next one, the latter moved one block on (_spread_runs); otherwise it is a product
+with a [BLOCK_C, ST] weight matrix built from indices, which an sm_90a compile at the paper config shows
+as 512 FMAs a thread and step and a spill (benchmarks/kernels-notes.md, session 58). A compressed block
 can reach one selection block past the tile (it ends l - d tokens after it starts); that part is carried
 into the next tile. So each compressed score is computed once, as in compressed attention's forward.
 With the "max" score (nsa.selection_score) each head's p_cmp is spread on its own and the group's score
@@ -250,9 +254,14 @@ def _topn_kernel(
                                 PRECISION)
                 is_g = heads[None, :] == g
                 carried = tl.sum(tl.where(is_g, head_carry, 0.0), 1)
-                head_scores = tl.dot(p, weight, input_precision="ieee")
-                scores = tl.maximum(scores, head_scores + tl.where(cols[None, :] == 0, carried[:, None], 0.0))
-                head_carry = tl.where(is_g, tl.sum(p * spill_weight[None, :], 1)[:, None], head_carry)
+                if SPREAD_RUNS:
+                    head_scores, carried = _spread_runs(p, carried, L, STRIDE, SEL, ST, BLOCK_T)
+                else:
+                    head_scores = (tl.dot(p, weight, input_precision="ieee")
+                                   + tl.where(cols[None, :] == 0, carried[:, None], 0.0))
+                    carried = tl.sum(p * spill_weight[None, :], 1)
+                scores = tl.maximum(scores, head_scores)
+                head_carry = tl.where(is_g, carried[:, None], head_carry)
         else:
             # the heads' exps summed unmasked (an invisible pair's may be +inf), then masked once
             p_sum = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)

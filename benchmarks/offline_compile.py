@@ -65,6 +65,23 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, warps: int, stages: 
     return compiled.metadata.shared, registers, int(spills.group(1)), compiled.asm["ptx"]
 
 
+def sass_counts(ptx: str) -> dict[str, int]:
+    """SASS instructions of a compile_sm90 PTX (ptxas to a cubin, nvdisasm), counted by opcode (predicates and
+    modifiers dropped: "FFMA", "HGMMA", ...), with "total". Static counts: a loop's body counts once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "kernel.ptx").write_text(ptx)
+        subprocess.run([PTXAS, "-arch=sm_90a", f"{tmp}/kernel.ptx", "-o", f"{tmp}/kernel.cubin"], check=True)
+        sass = subprocess.run([PTXAS.parent / "nvdisasm", "-c", f"{tmp}/kernel.cubin"], capture_output=True,
+                              text=True, check=True).stdout
+    counts = {"total": 0}
+    for line in sass.splitlines():
+        found = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if found:
+            counts["total"] += 1
+            counts[found.group(1)] = counts.get(found.group(1), 0) + 1
+    return counts
+
+
 def programs_per_sm(shared: int, registers: int, warps: int) -> tuple[int, int]:
     """How many programs fit on a multiprocessor by shared memory and by registers."""
     return SHARED_PER_SM // max(shared, 1), REGISTERS_PER_SM // (registers * 32 * warps)

@@ -12,7 +12,8 @@ base=${BASE:-base}
 name=${NAME:-layer-ab}
 mkdir -p /tmp/base && tar -xf base-kernels.tar -C /tmp/base
 timeout ${TEST_LIMIT:-240} python3 -m pytest -q -x -p no:cacheprovider $TESTS > $OUT/pytest-$name-$tag.log 2>&1
-echo "$(date +%T) GPU tests rc=$? ($(tail -1 $OUT/pytest-$name-$tag.log))"
+rc=$?  # before the echo's $(date), which would reset it
+echo "$(date +%T) GPU tests rc=$rc ($(tail -1 $OUT/pytest-$name-$tag.log))"
 for seq in "$@"; do
   for round in 1 2; do
     for which in base new; do
@@ -23,7 +24,8 @@ for seq in "$@"; do
       dir=/tmp; [ $round = 2 ] && dir=$OUT
       timeout ${PROFILE_LIMIT:-200} python3 tools/profile_layer.py --seq $seq --commit $c $root \
         --out $dir/$json.json > /tmp/$json.log 2>&1
-      echo "$(date +%T) $which $seq round $round rc=$?"
+      rc=$?
+      echo "$(date +%T) $which $seq round $round rc=$rc"
       grep -E "$KERNELS|sum of kernel|wall time" /tmp/$json.log
     done
   done

@@ -8,14 +8,19 @@ Not a timing (benchmarks/gpu_checks/topn_spread_ab.sh times the kernel against t
 
     env -u TRITON_INTERPRET python benchmarks/topn-offline.py
 
-(about a minute on two CPU cores.)
+(about a minute on two CPU cores.) --kernels-root DIR compiles another checkout's kernel (`git archive <commit>
+kernels`, unpacked in DIR); one from before SPREAD_RUNS (b3148a9 and earlier) has the product only.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--kernels-root", help="import `kernels` from this directory instead of the repository")
+ARGS = parser.parse_args()
+sys.path.insert(0, ARGS.kernels_root or str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 import kernels.block_selection.triton as selection  # noqa: E402
 from offline_compile import compile_sm90, sass_counts  # noqa: E402
 
@@ -25,14 +30,18 @@ TYPES = {"q": "*bf16", "k_cmp": "*bf16", "lse": "*fp32", "tiles": "*i64", "out":
 
 def main():
     kernel = selection._topn_kernel
+    spreads = (True, False) if "SPREAD_RUNS" in kernel.arg_names else (False,)
+    print(f"kernels from {Path(selection.__file__).parents[1]}")
     print(f"{'score':>5} {'spread':>7} {'warps':>5} {'shared KB':>9} {'registers':>9} {'spilled B':>9} "
           f"{'SASS':>5} {'FFMA':>5} {'MUFU':>5}")
     for score in ("sum", "max"):
-        for runs in (True, False):
+        for runs in spreads:
             for warps in (4, 8):
                 constants = dict(G=16, L=32, STRIDE=16, SEL=64, DK=128, BLOCK_DK=128, BLOCK_T=selection.BLOCK_T,
                                  BLOCK_C=64, ST=16, PRECISION="tf32", MAX_SCORE=score == "max", BLOCK_G=16,
-                                 SPLITS=1 if score == "max" else 2, CARRY_C=16, SORTED_MERGE=True, SPREAD_RUNS=runs)
+                                 SPLITS=1 if score == "max" else 2, CARRY_C=16, SORTED_MERGE=True)
+                if "SPREAD_RUNS" in kernel.arg_names:
+                    constants["SPREAD_RUNS"] = runs
                 signature = {name: "constexpr" if name in constants else TYPES.get(name, "i32")
                              for name in kernel.arg_names}
                 shared, regs, spills, ptx = compile_sm90(kernel, signature, constants, warps, 3)

@@ -247,7 +247,8 @@ def _topn_kernel(
         kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=c_ok[:, None] & (dk[None, :] < DK), other=0.0)
         visible = tok_ok[:, None] & c_ok[None, :] & (c[None, :] < num_seen[:, None])
         if MAX_SCORE:
-            weight, spill_weight = _spread(c, c_ok, j0, L, STRIDE, SEL, ST)
+            if not SPREAD_RUNS:
+                weight, spill_weight = _spread(c, c_ok, j0, L, STRIDE, SEL, ST)
             scores = tl.zeros([BLOCK_T, ST], tl.float32)
             for g in range(G):
                 p = _head_probs(q, lse, kt, visible, b, hk, g, toks, tok_ok, T, HQ, scale_log2, G, DK, BLOCK_DK,

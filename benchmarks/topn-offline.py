@@ -19,6 +19,9 @@ from pathlib import Path
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--kernels-root", help="import `kernels` from this directory instead of the repository")
 ARGS = parser.parse_args()
+if ARGS.kernels_root and not (Path(ARGS.kernels_root) / "kernels" / "block_selection").is_dir():
+    parser.error(f"--kernels-root {ARGS.kernels_root}: no kernels/block_selection there; unpack a checkout's "
+                 "kernels into it first, e.g. `git archive b3148a9 kernels | tar -x -C DIR`")
 sys.path.insert(0, ARGS.kernels_root or str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 import kernels.block_selection.triton as selection  # noqa: E402

@@ -5,11 +5,12 @@ For each branch of --branches (compressed: paper config l=32, d=16, TK = (T - 32
 keys; window: TK = T keys, window --window) and each T of --seqs (B=1, HQ=--q-heads, HK=--kv-heads,
 D=--head-dim, bf16; --doc-len packs documents of that length):
 - the forward and the backward on the path the branch takes at that length (the window branch split;
-  the compressed one the one pass from 64K tokens of a document; --one-pass overrides), three ways:
-  pointer loads, TMA in the forward and dQ kernels (K/V tiles), and TMA in every kernel (q/dO row tiles
-  of the dK/dV and one-pass kernels too); each against an fp32 run with pointer loads (max abs and
-  RMS-relative error of o, dq, dk, dv), passing if within 2x the pointer way's own error (+ 1e-3 on the
-  RMS-relative one);
+  the compressed one the one pass from 64K tokens of a document; --one-pass overrides), five ways (WAYS):
+  pointer loads; TMA in the forward and dQ kernels (K/V tiles); TMA in every kernel (q/dO row tiles
+  of the dK/dV and one-pass kernels too); the one pass's dQ added by TMA bulk reductions
+  (range_attention.TMA_DQ_REDUCE) with pointer loads; and that with TMA in the forward. Each against an
+  fp32 run with pointer loads (max abs and RMS-relative error of o, dq, dk, dv), passing if within 2x the
+  pointer way's own error (+ 1e-3 on the RMS-relative one);
 - medians of triton.testing.do_bench over >= --reps timed runs, then every way again in turn (twice),
   whose sums give the ratios (pointer ms / TMA ms), free of the drift between timings made a while apart.
 Prints a table last and writes JSON to --out (after each shape too). From the repository root, on one
@@ -46,7 +47,9 @@ import kernels.range_attention as ra  # noqa: E402
 from range_experiments import (check_shape_arguments, errors, fixed_fp32_configs, range_inputs,  # noqa: E402
                                run_facts, shape_arguments, timed, within_bound, write)
 
-WAYS = {"pointers": (), "tma-kv": ("fwd", "dq"), "tma-all": ("fwd", "dq", "dkv", "onepass")}  # TMA_LOADS
+# way: (TMA_LOADS, TMA_DQ_REDUCE); the dQ reduction only changes the one-pass backward
+WAYS = {"pointers": ((), False), "tma-kv": (("fwd", "dq"), False), "tma-all": (("fwd", "dq", "dkv", "onepass"), False),
+        "dq-reduce": ((), True), "tma-fwd+dq-reduce": (("fwd",), True)}
 OUTPUTS = ("o", "dq", "dk", "dv")
 
 
@@ -54,23 +57,26 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--branches", nargs="+", default=["compressed", "window"], choices=["compressed", "window"])
     shape_arguments(p, seqs=[16384, 131072])
+    p.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS),
+                   help="the ways timed (pointers always, first)")
     p.add_argument("--one-pass", default="auto", choices=["auto", "on", "off"],
                    help="backward path (auto: the branch's rule, kernels/*/triton.py ONE_PASS_BACKWARD)")
     args = p.parse_args()
     check_shape_arguments(p, args)
+    args.ways = ["pointers"] + [way for way in args.ways if way != "pointers"]
     if args.head_dim != triton.next_power_of_2(args.head_dim) or args.head_dim < 16:
         p.error(f"--head-dim {args.head_dim}: TMA tiles are the head dim wide; give a power of two from 16")
     return args
 
 
 @contextmanager
-def tma_loads(kernels: tuple[str, ...]):
-    saved = ra.TMA_LOADS
-    ra.TMA_LOADS = kernels
+def tma_loads(way: tuple[tuple[str, ...], bool]):
+    saved = ra.TMA_LOADS, ra.TMA_DQ_REDUCE
+    ra.TMA_LOADS, ra.TMA_DQ_REDUCE = way
     try:
         yield
     finally:
-        ra.TMA_LOADS = saved
+        ra.TMA_LOADS, ra.TMA_DQ_REDUCE = saved
 
 
 def one_shape(branch: str, seq: int, args, device) -> dict:
@@ -92,20 +98,21 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
     def backward(q, k, v, o, lse, do):
         return ra.range_attention_bwd(q, k, v, lse, do, ra.attention_delta(o, do, None)[0], *ranges, scale, one_pass)
 
-    with fixed_fp32_configs(), tma_loads(()):
+    with fixed_fp32_configs(), tma_loads(WAYS["pointers"]):
         o32, lse32 = forward(q, k, v)
         ref = (o32, *backward(q, k, v, o32, lse32, do))
     res = {"branch": branch, "T": seq, "TK": num_keys, "HQ": args.q_heads, "HK": args.kv_heads, "D": args.head_dim,
            "doc_len": args.doc_len, "one_pass": one_pass, "fp32_reference_s": time.time() - t0}
     q, k, v, do = (x.to(getattr(torch, args.dtype)) for x in (q, k, v, do))
     kept = {}
-    for way, on in WAYS.items():
-        with tma_loads(on):
+    for way in args.ways:
+        with tma_loads(WAYS[way]):
             t1 = time.time()
             o, lse = forward(q, k, v)
             grads = backward(q, k, v, o, lse, do)  # compiles and autotunes
             line = {"first_call_s": time.time() - t1, "errors": errors((o, *grads), ref, OUTPUTS),
-                    "tma_taken": [name for name in ra._KERNELS if ra.use_tma(name, q, k, v)]}
+                    "tma_taken": [name for name in ra._KERNELS if ra.use_tma(name, q, k, v)],
+                    "dq_reduce_taken": one_pass and ra.use_dq_reduce(q, k, v)}
             line["fwd_ms"] = timed(lambda: forward(q, k, v), args.reps)
             line["bwd_ms"] = timed(lambda: backward(q, k, v, o, lse, do), args.reps)
             if torch.cuda.is_available():
@@ -115,17 +122,17 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
         res[way] = line
         print(f"  {branch} T={seq} {way}: fwd {line['fwd_ms']:.2f} ms, bwd {line['bwd_ms']:.2f} ms, "
               f"first call {line['first_call_s']:.1f} s", flush=True)
-    for way in WAYS:
+    for way in args.ways:
         res[way]["within_bound"] = within_bound(res[way]["errors"], res["pointers"]["errors"])
-    abab = {f"{way}_{part}": [] for way in WAYS for part in ("fwd", "bwd")}
+    abab = {f"{way}_{part}": [] for way in args.ways for part in ("fwd", "bwd")}
     for _ in range(2):
-        for way, on in WAYS.items():
+        for way in args.ways:
             o, lse = kept[way]
-            with tma_loads(on):
+            with tma_loads(WAYS[way]):
                 abab[f"{way}_fwd"].append(timed(lambda: forward(q, k, v), args.reps))
                 abab[f"{way}_bwd"].append(timed(lambda: backward(q, k, v, o, lse, do), args.reps))
     res["abab_ms"] = abab
-    for way in list(WAYS)[1:]:
+    for way in args.ways[1:]:
         for part in ("fwd", "bwd"):
             res[f"{way}_speedup_{part}_abab"] = sum(abab[f"pointers_{part}"]) / sum(abab[f"{way}_{part}"])
     print(f"  ABAB: {json.dumps(abab)}", flush=True)
@@ -135,7 +142,7 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = {**run_facts(REPO), "window": args.window, "shapes": []}
+    report = {**run_facts(REPO), "window": args.window, "ways": {way: WAYS[way] for way in args.ways}, "shapes": []}
     for branch in args.branches:
         for seq in args.seqs:
             report["shapes"].append(one_shape(branch, seq, args, device))
@@ -143,17 +150,18 @@ def main():
 
     print(f"\nrange attention, TMA copies against pointer loads (HQ={args.q_heads}, HK={args.kv_heads}, "
           f"D={args.head_dim}, {args.dtype}), commit {report['commit'][:10]}")
-    print("ms, pointers / TMA in the forward and dQ (K/V) / TMA in every kernel; x: pointer ms / TMA ms over the "
+    print(f"ms in the ways {' / '.join(args.ways)}; x: forward/backward, pointer ms / the way's ms over the "
           "alternating timings; ok: errors against fp32 within 2x the pointer way's, and TMA taken")
-    print(f"{'branch':>10} {'T':>7} {'bwd path':>8} {'fwd ms':>23} {'bwd ms':>23} {'kv x':>11} {'all x':>11}  ok")
+    print(f"{'branch':>10} {'T':>7} {'bwd path':>8} {'fwd ms':>34} {'bwd ms':>39}  "
+          + " ".join(f"{way + ' x':>18}" for way in args.ways[1:]) + "  ok")
     for r in report["shapes"]:
-        lines = [r[way] for way in WAYS]
+        lines = [r[way] for way in args.ways]
         fwd = "/".join(f"{line['fwd_ms']:.2f}" for line in lines)
         bwd = "/".join(f"{line['bwd_ms']:.2f}" for line in lines)
-        ratios = [f"{r[f'{way}_speedup_fwd_abab']:.2f}/{r[f'{way}_speedup_bwd_abab']:.2f}" for way in list(WAYS)[1:]]
-        ok = all(r[way]["within_bound"] and r[way]["tma_taken"] for way in list(WAYS)[1:])
-        print(f"{r['branch']:>10} {r['T']:>7} {'one pass' if r['one_pass'] else 'split':>8} {fwd:>23} {bwd:>23} "
-              f"{ratios[0]:>11} {ratios[1]:>11}  {ok}")
+        ratios = [f"{r[f'{way}_speedup_fwd_abab']:.2f}/{r[f'{way}_speedup_bwd_abab']:.2f}" for way in args.ways[1:]]
+        ok = all(r[way]["within_bound"] and (r[way]["tma_taken"] or not WAYS[way][0]) for way in args.ways[1:])
+        print(f"{r['branch']:>10} {r['T']:>7} {'one pass' if r['one_pass'] else 'split':>8} {fwd:>34} {bwd:>39}  "
+              + " ".join(f"{ratio:>18}" for ratio in ratios) + f"  {ok}")
     print(f"wrote {args.out}")
 
 

@@ -82,6 +82,12 @@ _CONFIGS = {
 # issue one per thread and vector, with their addresses. Per kernel: in an offline sm_90a compile
 # (benchmarks/tma-offline.py) TMA saves the forward registers but makes the one pass at D = 128 spill.
 TMA_LOADS: tuple[str, ...] = ()
+# Whether the one-pass backward adds each row tile's dQ share through a TMA bulk reduction (the tile staged in
+# shared memory, one copy instruction) instead of fp32 atomics from every thread (Hopper and later, shapes that
+# take TMA; the interpreter has no bulk reduction, so the CPU keeps the atomics). In an offline sm_90a compile
+# at D = 128 (64 rows x 128 keys, 8 warps) it drops the 40-48 bytes the atomics' addresses spill and 7% of the
+# instructions, for 16 KB more shared memory. Off until timed (benchmarks/kernels-exp-range-tma.py).
+TMA_DQ_REDUCE = False
 # A fixed launch config per kernel name (_KERNELS), taken on the GPU instead of the autotuner's pick; empty
 # in use, set by experiments to time one config against the pick (benchmarks/kernels-exp-aligned-rows.py
 # --dkv-configs).
@@ -115,7 +121,7 @@ def _autotuned(kernel, name, accumulators):
     # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
     # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
     return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA", "LSE_ONLY",
-                                               "ALIGNED_ROWS"],
+                                               "ALIGNED_ROWS", "DQ_TMA"],
                            reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
@@ -398,11 +404,13 @@ def _range_attn_bwd_dq(
 @triton.jit
 def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, vt, acc_k, acc_v, dk, dv,
               T, HQ, scale_log2, scale, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr = False):
+              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr = False,
+              DQ_TMA: tl.constexpr = False):
     """Rows r0 .. r0 + BLOCK_M - 1 into dK, dV of one key tile, transposed (keys are the dots' rows):
     acc_v += P^T dO, acc_k += dS^T Q with dS^T = P^T * (V dO^T - delta). An unmasked tile's rows all
     exist and see every key of the tile, by construction. With an fp32 dq_acc (the one-pass backward),
-    the rows' dQ share, scale * dS K, is added into it atomically; None leaves dQ to its own kernel."""
+    the rows' dQ share, scale * dS K, is added into it atomically (DQ_TMA: dq_acc is a TMA descriptor, and the
+    tile goes in one bulk reduction); None leaves dQ to its own kernel."""
     rows = r0 + tl.arange(0, BLOCK_M)
     tok = rows // G
     flat = (b.to(tl.int64) * T + tok) * HQ + hk * G + rows % G
@@ -444,11 +452,15 @@ def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, v
     acc_k += tl.dot(ds_t, qt, input_precision=PRECISION)
     if dq_acc is not None:
         dq_part = tl.dot(tl.trans(ds_t), kt, input_precision=PRECISION) * scale
-        dq_ptr = dq_acc + flat[:, None] * DK + dk[None, :]
-        if MASKED:
-            tl.atomic_add(dq_ptr, dq_part, mask=row_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
+        if DQ_TMA:  # one bulk reduction of the tile (rows outside the chunk add zeros: their p_t is 0)
+            at = [(b * T + r0 // G).to(tl.int32), (hk * G).to(tl.int32), 0]
+            dq_acc.atomic_add(at, tl.reshape(dq_part, [BLOCK_M // G, G, dq_part.shape[1]]))
         else:
-            tl.atomic_add(dq_ptr, dq_part, mask=dk[None, :] < DK, sem="relaxed")
+            dq_ptr = dq_acc + flat[:, None] * DK + dk[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptr, dq_part, mask=row_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptr, dq_part, mask=dk[None, :] < DK, sem="relaxed")
     return acc_k, acc_v
 
 
@@ -543,6 +555,7 @@ def _range_attn_bwd_onepass(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
+    DQ_TMA: tl.constexpr = False,
 ):
     """dQ, dK and dV in one pass (S and dP computed once per (row tile, key tile)): program (key tile,
     chunk c, batch x KV head) takes the rows of chunk c of its key tile and adds its dQ, dK and dV
@@ -550,7 +563,9 @@ def _range_attn_bwd_onepass(
     Chunks hold the same number of rows for every key tile (a multiple of BLOCK_M), counted back from
     the tile's last row: in the compressed branch every key is seen up to the last query, so the
     programs that run together (the key tiles of one chunk, axis 0 running fastest) walk the same rows
-    and their dQ additions meet in L2. Chunks past a key tile's first row have no rows (and add nothing)."""
+    and their dQ additions meet in L2. Chunks past a key tile's first row have no rows (and add nothing).
+    DQ_TMA: each row tile's dQ share goes to dq_acc as one TMA bulk reduction (the tile staged in shared
+    memory) instead of fp32 atomics from every thread (TMA_DQ_REDUCE)."""
     b = tl.program_id(2) // HK
     hk = tl.program_id(2) % HK
     dk = tl.arange(0, BLOCK_DK)
@@ -558,6 +573,9 @@ def _range_attn_bwd_onepass(
     keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
         k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
     q, do = row_sources(q, do, b, T, HQ, G, DK, DV, BLOCK_M, TMA)
+    if DQ_TMA:
+        dq_acc = tl.make_tensor_descriptor(dq_acc, shape=[((b + 1) * T).to(tl.int32), HQ, DK], strides=[HQ * DK, DK, 1],
+                                           block_shape=[BLOCK_M // G, G, BLOCK_DK])
     chunk_rows = tl.cdiv(tl.cdiv(T * G, tl.num_programs(1)), BLOCK_M) * BLOCK_M
     chunk_hi = row_end - tl.program_id(1) * chunk_rows
     chunk_lo = tl.maximum(chunk_hi - chunk_rows, row_start)
@@ -567,13 +585,13 @@ def _range_attn_bwd_onepass(
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for r0 in range(chunk_lo, mid_lo, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA, DQ_TMA)
     for r0 in range(mid_lo, mid_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA, DQ_TMA)
     for r0 in range(mid_hi, chunk_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA, DQ_TMA)
     has_rows = chunk_lo < chunk_hi
     tl.atomic_add(dk_acc + kv_row[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=has_rows & key_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
@@ -665,6 +683,12 @@ def use_tma(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
     return kernel in TMA_LOADS and tma_unfit(q, k, v, whole_groups=True) is None
 
 
+def use_dq_reduce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the one-pass backward adds dQ through TMA bulk reductions: TMA_DQ_REDUCE, on a GPU (the
+    interpreter has no bulk reduction), for inputs that fit a descriptor (triton_utils.tma_unfit)."""
+    return TMA_DQ_REDUCE and q.device.type == "cuda" and tma_unfit(q, k, v, whole_groups=True) is None
+
+
 def _launch_args(q, k, v, scale):
     group = q.shape[2] // k.shape[2]
     return dict(
@@ -729,7 +753,7 @@ def _bwd_one_pass(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
         return (key_tiles, max(1, min(_MAX_CHUNKS, chunks)), batch * k.shape[2])
 
     _launch("onepass", q.device, grid, q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi, *sizes,
-            scale, **consts, TMA=use_tma("onepass", q, k, v))
+            scale, **consts, TMA=use_tma("onepass", q, k, v), DQ_TMA=use_dq_reduce(q, k, v))
     return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 

@@ -26,26 +26,38 @@ DK, DV = 32, 16
 ALL_KERNELS = ("fwd", "dq", "dkv", "onepass")
 
 
-@pytest.fixture(params=[False, True], ids=["split-bwd", "onepass-bwd"])
+@pytest.fixture(params=[(False, False), (True, False), (True, True)],
+                ids=["split-bwd", "onepass-bwd", "onepass-dq-reduce"])
 def tma_loads(request, monkeypatch):
-    """TMA copies on in every kernel, once per backward path of both branches; checks that every launch
-    took the TMA path, and that the forward and this path's backward kernels all ran."""
+    """TMA copies on in every kernel, once per backward path of both branches, and the one pass once more with
+    its dQ added by TMA bulk reductions (TMA_DQ_REDUCE; a GPU's: the interpreter has none); checks that every
+    launch took the TMA path, and that the forward and this path's backward kernels all ran."""
+    one_pass, dq_reduce = request.param
+    if dq_reduce and DEVICE == "cpu":
+        pytest.skip("the interpreter has no TMA bulk reduction")
     monkeypatch.setattr(range_attention, "TMA_LOADS", ALL_KERNELS)
+    monkeypatch.setattr(range_attention, "TMA_DQ_REDUCE", dq_reduce)
     for branch in (compressed_triton, window_triton):
-        monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", request.param)
+        monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", one_pass)
     monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
     taken = []
-    use_tma = range_attention.use_tma
+    use_tma, use_dq_reduce = range_attention.use_tma, range_attention.use_dq_reduce
 
     def counting(kernel, q, k, v):
         taken.append((kernel, use_tma(kernel, q, k, v)))
         return taken[-1][1]
 
+    def counting_reductions(q, k, v):
+        taken.append(("dq-reduce", use_dq_reduce(q, k, v)))
+        return taken[-1][1]
+
     monkeypatch.setattr(range_attention, "use_tma", counting)
+    monkeypatch.setattr(range_attention, "use_dq_reduce", counting_reductions)
     yield taken
-    assert taken and all(on for _, on in taken), f"a kernel did not take the TMA path: {taken}"
     ran = {kernel for kernel, _ in taken}
-    assert ran == ({"fwd", "onepass"} if request.param else {"fwd", "dq", "dkv"}), ran
+    assert ran == ({"fwd", "onepass", "dq-reduce"} if one_pass else {"fwd", "dq", "dkv"}), ran
+    assert all(on for kernel, on in taken if kernel != "dq-reduce"), f"a kernel did not take the TMA path: {taken}"
+    assert all(on == dq_reduce for kernel, on in taken if kernel == "dq-reduce"), taken
 
 
 def leaves(batch, seq, num_keys, group, kv_heads, dk=DK, dv=DV):

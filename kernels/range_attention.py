@@ -45,14 +45,19 @@ until timed against the pointer loads (benchmarks/kernels-exp-range-tma.py); the
 interpreter.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels import compile_ahead
-from kernels.triton_utils import dot_precision, poisoned, pow2, programs_wanted, tma_unfit
+from kernels.triton_utils import (dot_precision, interpreter_bulk_reductions, poisoned, pow2, programs_wanted,
+                                  tma_unfit)
 
 LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2 is the fast instruction)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter_bulk_reductions()
 
 
 def _config(block_m, block_n, warps, stages):
@@ -84,7 +89,7 @@ _CONFIGS = {
 TMA_LOADS: tuple[str, ...] = ()
 # Whether the one-pass backward adds each row tile's dQ share through a TMA bulk reduction (the tile staged in
 # shared memory, one copy instruction) instead of fp32 atomics from every thread (Hopper and later, shapes that
-# take TMA; the interpreter has no bulk reduction, so the CPU keeps the atomics). In an offline sm_90a compile
+# take TMA; under the interpreter, triton_utils.interpreter_bulk_reductions adds them). In an offline sm_90a compile
 # at D = 128 (64 rows x 128 keys, 8 warps) it drops the 40-48 bytes the atomics' addresses spill and 7% of the
 # instructions, for 16 KB more shared memory. Off until timed (benchmarks/kernels-exp-range-tma.py).
 TMA_DQ_REDUCE = False
@@ -684,9 +689,9 @@ def use_tma(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 
 
 def use_dq_reduce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the one-pass backward adds dQ through TMA bulk reductions: TMA_DQ_REDUCE, on a GPU (the
-    interpreter has no bulk reduction), for inputs that fit a descriptor (triton_utils.tma_unfit)."""
-    return TMA_DQ_REDUCE and q.device.type == "cuda" and tma_unfit(q, k, v, whole_groups=True) is None
+    """Whether the one-pass backward adds dQ through TMA bulk reductions: TMA_DQ_REDUCE, for inputs that fit a
+    descriptor (triton_utils.tma_unfit)."""
+    return TMA_DQ_REDUCE and tma_unfit(q, k, v, whole_groups=True) is None
 
 
 def _launch_args(q, k, v, scale):

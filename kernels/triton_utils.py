@@ -133,3 +133,26 @@ def check_packed(name: str, batch: int, cu_seqlens: torch.Tensor | None) -> None
         raise ValueError(f"{name}: packed sequences (cu_seqlens) need batch size 1; got {batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: cu_seqlens must be an int32 tensor [num_docs + 1]; got {cu_seqlens}")
+
+
+def interpreter_bulk_reductions() -> None:
+    """Gives Triton's interpreter the tensor-descriptor reductions (`desc.atomic_add`) that a GPU runs as TMA
+    bulk reductions and that Triton 3.6's interpreter lacks: a tile's elements inside the descriptor's shape
+    are added one by one, as atomic adds, which is what the bulk reduction does. So the CPU tests run the
+    kernels' reduction paths (range_attention.TMA_DQ_REDUCE) too. Only ADD on floats is supported, the one
+    kind the kernels use; a no-op where the interpreter has its own."""
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD or not value.dtype.scalar.is_floating():
+            raise NotImplementedError(f"descriptor reduction {kind} on {value.dtype} in the interpreter")
+        ptrs, inside = desc.materialize_pointers(indices)
+        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, TensorHandle(inside, tl.int1),
+                                      ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce

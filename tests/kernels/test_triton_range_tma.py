@@ -30,11 +30,9 @@ ALL_KERNELS = ("fwd", "dq", "dkv", "onepass")
                 ids=["split-bwd", "onepass-bwd", "onepass-dq-reduce"])
 def tma_loads(request, monkeypatch):
     """TMA copies on in every kernel, once per backward path of both branches, and the one pass once more with
-    its dQ added by TMA bulk reductions (TMA_DQ_REDUCE; a GPU's: the interpreter has none); checks that every
-    launch took the TMA path, and that the forward and this path's backward kernels all ran."""
+    its dQ added by TMA bulk reductions (TMA_DQ_REDUCE); checks that every launch took the TMA path, and that
+    the forward and this path's backward kernels all ran."""
     one_pass, dq_reduce = request.param
-    if dq_reduce and DEVICE == "cpu":
-        pytest.skip("the interpreter has no TMA bulk reduction")
     monkeypatch.setattr(range_attention, "TMA_LOADS", ALL_KERNELS)
     monkeypatch.setattr(range_attention, "TMA_DQ_REDUCE", dq_reduce)
     for branch in (compressed_triton, window_triton):

@@ -89,10 +89,12 @@ _CONFIGS = {
 TMA_LOADS: tuple[str, ...] = ()
 # Whether the one-pass backward adds each row tile's dQ share through a TMA bulk reduction (the tile staged in
 # shared memory, one copy instruction) instead of fp32 atomics from every thread (Hopper and later, shapes that
-# take TMA; under the interpreter, triton_utils.interpreter_bulk_reductions adds them). In an offline sm_90a compile
-# at D = 128 (64 rows x 128 keys, 8 warps) it drops the 40-48 bytes the atomics' addresses spill and 7% of the
-# instructions, for 16 KB more shared memory. Off until timed (benchmarks/kernels-exp-range-tma.py).
-TMA_DQ_REDUCE = False
+# take TMA; under the interpreter, triton_utils.interpreter_bulk_reductions adds them). In an offline sm_90a
+# compile at D = 128 (64 rows x 128 keys, 8 warps) it drops the 40-48 bytes the atomics' addresses spill and 7%
+# of the instructions, for 16 KB more shared memory. On one H200 (benchmarks/kernels-exp-range-tma.py, ABAB,
+# benchmarks/gpu_checks/dq_reduce/): the compressed one pass 1.02x at 64K and 1.005x at 128K (G = 16, D = 128),
+# the same gradients' error; about the noise floor, not slower.
+TMA_DQ_REDUCE = True
 # A fixed launch config per kernel name (_KERNELS), taken on the GPU instead of the autotuner's pick; empty
 # in use, set by experiments to time one config against the pick (benchmarks/kernels-exp-aligned-rows.py
 # --dkv-configs).
@@ -681,11 +683,11 @@ def _launch(name, device, grid, *args, **consts):
         _TUNED[name][grid](*args, **consts)
 
 
-def use_tma(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `kernel` copies its tiles through TMA descriptors: TMA_LOADS names it and the inputs fit
-    (triton_utils.tma_unfit). TMA_LOADS is a speed setting for every shape, so shapes that do not fit
-    take the pointer loads, as they always could."""
-    return kernel in TMA_LOADS and tma_unfit(q, k, v, whole_groups=True) is None
+def use_tma(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wanted: bool = False) -> bool:
+    """Whether `kernel` copies its tiles through TMA descriptors: TMA_LOADS names it, or the caller wants it
+    for these inputs (the compressed branch's forward over long documents), and the inputs fit
+    (triton_utils.tma_unfit). Shapes that do not fit take the pointer loads, as they always could."""
+    return (wanted or kernel in TMA_LOADS) and tma_unfit(q, k, v, whole_groups=True) is None
 
 
 def use_dq_reduce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -702,7 +704,9 @@ def _launch_args(q, k, v, scale):
     ), (q.shape[1], k.shape[1], q.shape[2], k.shape[2], scale * LOG2E)
 
 
-def range_attention_fwd(q, k, v, lo, hi, scale):
+def range_attention_fwd(q, k, v, lo, hi, scale, tma=False):
+    """(o, lse) of RangeAttention's forward; tma: copy the K/V tiles through TMA descriptors where the inputs
+    fit, whatever TMA_LOADS says (use_tma)."""
     batch, seq, num_q_heads, _ = q.shape
     consts, sizes = _launch_args(q, k, v, scale)
     o = poisoned((batch, seq, num_q_heads, v.shape[-1]), q.dtype, q.device)
@@ -711,7 +715,7 @@ def range_attention_fwd(q, k, v, lo, hi, scale):
     def grid(tiles):
         return (triton.cdiv(seq * consts["G"], tiles["BLOCK_M"]), batch * k.shape[2])
 
-    _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts, TMA=use_tma("fwd", q, k, v))
+    _launch("fwd", q.device, grid, q, k, v, o, lse, lo, hi, *sizes, **consts, TMA=use_tma("fwd", q, k, v, tma))
     return o, lse
 
 
@@ -803,6 +807,7 @@ class RangeAttention(torch.autograd.Function):
     qlo, qhi: [TK] int32, key s is seen by exactly the query tokens qlo[s] <= t < qhi[s] (qlo >= qhi: by
     none): the inverse of lo/hi, which the dK/dV kernel uses to bound its rows and to skip the mask.
     one_pass, aligned_rows: the backward path (range_attention_bwd).
+    tma_forward: the forward copies its K/V tiles through TMA where the inputs fit (range_attention_fwd).
     gate: None, or the branch's gate in NSA's gated sum ([B, T, HQ] contiguous): o is returned ungated for
     kernels.gate_combine.triton.gated_sum_triton, whose backward hands o the sum's gradient as it is, and
     this backward applies the gate (attention_delta) and returns the gate's gradient too.
@@ -810,8 +815,8 @@ class RangeAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale, one_pass, gate=None, aligned_rows=False):
-        o, lse = range_attention_fwd(q, k, v, lo, hi, scale)
+    def forward(ctx, q, k, v, lo, hi, qlo, qhi, scale, one_pass, gate=None, aligned_rows=False, tma_forward=False):
+        o, lse = range_attention_fwd(q, k, v, lo, hi, scale, tma_forward)
         ctx.save_for_backward(q, k, v, o, lse, lo, hi, qlo, qhi, gate)
         ctx.scale = scale
         ctx.one_pass = one_pass
@@ -824,4 +829,4 @@ class RangeAttention(torch.autograd.Function):
         delta, do, d_gate = attention_delta(o, do.contiguous(), dlse, gate)
         dq, dk, dv = range_attention_bwd(q, k, v, lse, do, delta, lo, hi, qlo, qhi, ctx.scale, ctx.one_pass,
                                          ctx.aligned_rows)
-        return dq, dk, dv, None, None, None, None, None, None, d_gate, None
+        return dq, dk, dv, None, None, None, None, None, None, d_gate, None, None

@@ -24,6 +24,13 @@ from kernels.triton_utils import check_attention_inputs, check_packed, gate_inpu
 # 16 of 2K 0.35 / 0.52. Module settings, read at each backward, so that one process can time both.
 ONE_PASS_BACKWARD = True
 ONE_PASS_MIN_TOKENS = 65536
+# The forward copies its K/V tiles through TMA descriptors (kernels/range_attention.py) where some query sees at
+# least TMA_FORWARD_MIN_TOKENS tokens of its document. On one H200, pointer / TMA forward ms alternated
+# (benchmarks/kernels-exp-range-tma.py; G=16, D=128): 128K 40.2 / 36.1 (2026-12-05, gpu_checks/range-tma-paper-01c47e8.json)
+# and 40.5 / 36.4 (1.11x, gpu_checks/dq_reduce/range-tma-compressed-65536-131072-52f48c3.json), 64K 10.65 / 9.92
+# (1.07x, the same file), 16K 0.92 / 0.93; the proof model's 16 / 1 heads of 64 at 32K in documents of 8K lost
+# (0.93x, range-tma-proof-01c47e8.json).
+TMA_FORWARD_MIN_TOKENS = 65536
 
 
 def compressed_ranges(
@@ -106,7 +113,8 @@ def compressed_attention_triton(
     check_packed("compressed_attention_triton", q.shape[0], cu_seqlens)
     ranges = compressed_ranges(q.shape[1], k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
-    one_pass = ONE_PASS_BACKWARD and longest_document(q.shape[1], q_start, cu_seqlens) >= ONE_PASS_MIN_TOKENS
+    longest = longest_document(q.shape[1], q_start, cu_seqlens)
+    one_pass = ONE_PASS_BACKWARD and longest >= ONE_PASS_MIN_TOKENS
     gate = gate_input("compressed_attention_triton", q, gate)
     return RangeAttention.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), *ranges, scale, one_pass,
-                                gate)
+                                gate, False, longest >= TMA_FORWARD_MIN_TOKENS)

@@ -135,3 +135,33 @@ def test_short_documents_take_the_split_backward(monkeypatch):
         compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
                           block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
         assert ran.pop() == path and not ran, f"T={seq}, documents {bounds}: expected {path}"
+
+
+def test_long_documents_take_the_tma_forward(monkeypatch):
+    """TMA_FORWARD_MIN_TOKENS: where some query sees that many tokens of its document the forward copies its
+    K/V tiles through TMA descriptors, else through pointers (TMA_LOADS empty); packed documents count one by
+    one. The TMA forward matches the reference too."""
+    import kernels.range_attention as range_attention
+
+    taken = []
+    use_tma = range_attention.use_tma
+
+    def counting(kernel, q, k, v, wanted=False):
+        if kernel == "fwd":
+            taken.append(use_tma(kernel, q, k, v, wanted))
+        return use_tma(kernel, q, k, v, wanted)
+
+    monkeypatch.setattr(range_attention, "use_tma", counting)
+    monkeypatch.setattr(range_attention, "TMA_LOADS", ())
+    monkeypatch.setattr(compressed_triton, "TMA_FORWARD_MIN_TOKENS", 40)
+    torch.manual_seed(0)
+    cases = [(39, None, False), (40, None, True), (80, [0, 39, 78, 80], False), (80, [0, 38, 78, 80], True)]
+    for seq, bounds, tma in cases:
+        cu_seqlens = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+        num_blocks = num_compressed_blocks(seq, L, STRIDE) if bounds is None else \
+            int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
+        inputs = leaves(1, seq, num_blocks, 2, 1, torch.float32)
+        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                          block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
+        assert taken and all(on == tma for on in taken), f"T={seq}, documents {bounds}: TMA taken {taken}"
+        taken.clear()

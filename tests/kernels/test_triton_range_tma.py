@@ -41,8 +41,8 @@ def tma_loads(request, monkeypatch):
     taken = []
     use_tma, use_dq_reduce = range_attention.use_tma, range_attention.use_dq_reduce
 
-    def counting(kernel, q, k, v):
-        taken.append((kernel, use_tma(kernel, q, k, v)))
+    def counting(kernel, q, k, v, wanted=False):
+        taken.append((kernel, use_tma(kernel, q, k, v, wanted)))
         return taken[-1][1]
 
     def counting_reductions(q, k, v):

@@ -15,13 +15,13 @@ timeout ${TEST_LIMIT:-240} python3 -m pytest -q -x -p no:cacheprovider $TESTS > 
 rc=$?  # before the echo's $(date), which would reset it
 echo "$(date +%T) GPU tests rc=$rc ($(tail -1 $OUT/pytest-$name-$tag.log))"
 for seq in "$@"; do
-  for round in 1 2; do
+  for round in $(seq 1 ${ROUNDS:-2}); do
     for which in base new; do
       root=""; [ $which = base ] && root="--kernels-root /tmp/base"
       c=$tag; [ $which = base ] && c=$base
-      # the second round's JSON comes back (a device call returns at most 8 files); every round prints
+      # the last round's JSON comes back (a device call returns at most 8 files); every round prints
       json=profile-layer-$(date +%F)-$c-$seq
-      dir=/tmp; [ $round = 2 ] && dir=$OUT
+      dir=/tmp; [ $round = ${ROUNDS:-2} ] && dir=$OUT
       timeout ${PROFILE_LIMIT:-200} python3 tools/profile_layer.py --seq $seq --commit $c $root \
         --out $dir/$json.json > /tmp/$json.log 2>&1
       rc=$?

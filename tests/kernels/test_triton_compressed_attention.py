@@ -113,6 +113,26 @@ def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
                           block_size=L, stride=STRIDE)
 
 
+LONG = 40  # the length rules' threshold in documents_short_and_long
+
+
+def documents_short_and_long():
+    """Compressed attention against its reference (fp32, forward and backward) over documents whose longest is
+    shorter than LONG tokens or not: one document of 39 and of 40 tokens, then 80 tokens packed as 39 + 39 + 2 and
+    as 38 + 40 + 2 (packed documents count one by one, not by the batch's tokens). Yields (T, boundaries or
+    None, whether the longest reaches LONG) after each run."""
+    torch.manual_seed(0)
+    for seq, bounds, long in [(39, None, False), (40, None, True), (80, [0, 39, 78, 80], False),
+                              (80, [0, 38, 78, 80], True)]:
+        cu_seqlens = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+        num_blocks = num_compressed_blocks(seq, L, STRIDE) if bounds is None else \
+            int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
+        inputs = leaves(1, seq, num_blocks, 2, 1, torch.float32)
+        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                          block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
+        yield seq, bounds, long
+
+
 def test_short_documents_take_the_split_backward(monkeypatch):
     """ONE_PASS_MIN_TOKENS: where no query sees that many tokens of its document the split backward runs,
     else the one pass; packed documents count one by one, not by the batch's tokens."""
@@ -123,24 +143,16 @@ def test_short_documents_take_the_split_backward(monkeypatch):
         monkeypatch.setattr(range_attention, name,
                             lambda *args, name=name, run=getattr(range_attention, name): ran.append(name) or run(*args))
     monkeypatch.setattr(compressed_triton, "ONE_PASS_BACKWARD", True)
-    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 40)
-    torch.manual_seed(0)
-    cases = [(39, None, "_bwd_split"), (40, None, "_bwd_one_pass"), (80, [0, 39, 78, 80], "_bwd_split"),
-             (80, [0, 38, 78, 80], "_bwd_one_pass")]
-    for seq, bounds, path in cases:
-        cu_seqlens = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
-        num_blocks = num_compressed_blocks(seq, L, STRIDE) if bounds is None else \
-            int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
-        inputs = leaves(1, seq, num_blocks, 2, 1, torch.float32)
-        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
-                          block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", LONG)
+    for seq, bounds, long in documents_short_and_long():
+        path = "_bwd_one_pass" if long else "_bwd_split"
         assert ran.pop() == path and not ran, f"T={seq}, documents {bounds}: expected {path}"
 
 
 def test_long_documents_take_the_tma_forward(monkeypatch):
     """TMA_FORWARD_MIN_TOKENS: where some query sees that many tokens of its document the forward copies its
-    K/V tiles through TMA descriptors, else through pointers (TMA_LOADS empty); packed documents count one by
-    one. The TMA forward matches the reference too."""
+    K/V tiles through TMA descriptors, else through pointers (TMA_LOADS empty). The TMA forward matches the
+    reference too."""
     import kernels.range_attention as range_attention
 
     taken = []
@@ -153,15 +165,7 @@ def test_long_documents_take_the_tma_forward(monkeypatch):
 
     monkeypatch.setattr(range_attention, "use_tma", counting)
     monkeypatch.setattr(range_attention, "TMA_LOADS", ())
-    monkeypatch.setattr(compressed_triton, "TMA_FORWARD_MIN_TOKENS", 40)
-    torch.manual_seed(0)
-    cases = [(39, None, False), (40, None, True), (80, [0, 39, 78, 80], False), (80, [0, 38, 78, 80], True)]
-    for seq, bounds, tma in cases:
-        cu_seqlens = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
-        num_blocks = num_compressed_blocks(seq, L, STRIDE) if bounds is None else \
-            int(compressed_cu_seqlens(cu_seqlens, L, STRIDE)[-1])
-        inputs = leaves(1, seq, num_blocks, 2, 1, torch.float32)
-        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
-                          block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
-        assert taken and all(on == tma for on in taken), f"T={seq}, documents {bounds}: TMA taken {taken}"
+    monkeypatch.setattr(compressed_triton, "TMA_FORWARD_MIN_TOKENS", LONG)
+    for seq, bounds, long in documents_short_and_long():
+        assert taken and all(on == long for on in taken), f"T={seq}, documents {bounds}: TMA taken {taken}"
         taken.clear()

@@ -35,10 +35,13 @@ def test_bench_train_times_and_profiles_steps(tmp_path):
     # exactly steps 2 and 3, not a later (partial) cycle of the profiler's schedule
     assert result["profiled_steps"] == 2
     assert "steps 2-3 by self time" in done.stdout
-    # the host profile: cProfile's tables by cumulative and own time, reaching into the model's forward
+    # the host profile: cProfile's tables by cumulative and own time, reaching into the step's schedule and the
+    # model's forward (the top 30 by cumulative time; the trainer's own functions start before the profile and
+    # may fall outside them: a loaded CI machine once left trainer.py out)
     host = result["host_profile"]
     assert result["host_profiled_steps"] == 3 and "Ordered by: cumulative time" in host
-    assert "Ordered by: internal time" in host and "trainer.py" in host
+    assert "Ordered by: internal time" in host
+    assert "schedules.py" in host and "transformer_layer.py" in host
     assert "host time of steps 2-4" in done.stdout
     # and the whole profile beside the JSON, readable by pstats (callers and callees)
     stats = pstats.Stats(str(tmp_path / "train.dense.prof"))

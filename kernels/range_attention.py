@@ -40,9 +40,11 @@ configuration runs.
 
 The streamed tiles (K/V in the forward and dQ kernels, q/dO in the dK/dV and one-pass kernels) can come
 through TMA tensor descriptors instead of pointer loads (TMA_LOADS, per kernel; Hopper and later, head
-dims and group sizes that are powers of two): one copy instruction a tile, no per-thread addresses. Off
-until timed against the pointer loads (benchmarks/kernels-exp-range-tma.py); the tests run it under the
-interpreter.
+dims and group sizes that are powers of two): one copy instruction a tile, no per-thread addresses. Timed
+against the pointer loads (benchmarks/kernels-exp-range-tma.py), only the compressed forward over long
+documents gains, so that branch asks for it there (range_attention_fwd's tma) and TMA_LOADS is empty. The
+one pass adds its dQ tiles by TMA bulk reductions where the shapes fit (TMA_DQ_REDUCE). The tests run both
+under the interpreter.
 """
 
 import os
@@ -581,8 +583,8 @@ def _range_attn_bwd_onepass(
         k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
     q, do = row_sources(q, do, b, T, HQ, G, DK, DV, BLOCK_M, TMA)
     if DQ_TMA:
-        dq_acc = tl.make_tensor_descriptor(dq_acc, shape=[((b + 1) * T).to(tl.int32), HQ, DK], strides=[HQ * DK, DK, 1],
-                                           block_shape=[BLOCK_M // G, G, BLOCK_DK])
+        dq_acc = tl.make_tensor_descriptor(dq_acc, shape=[((b + 1) * T).to(tl.int32), HQ, DK],
+                                           strides=[HQ * DK, DK, 1], block_shape=[BLOCK_M // G, G, BLOCK_DK])
     chunk_rows = tl.cdiv(tl.cdiv(T * G, tl.num_programs(1)), BLOCK_M) * BLOCK_M
     chunk_hi = row_end - tl.program_id(1) * chunk_rows
     chunk_lo = tl.maximum(chunk_hi - chunk_rows, row_start)
@@ -592,13 +594,16 @@ def _range_attn_bwd_onepass(
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for r0 in range(chunk_lo, mid_lo, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA, DQ_TMA)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA,
+                                 DQ_TMA)
     for r0 in range(mid_lo, mid_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA, DQ_TMA)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA,
+                                 DQ_TMA)
     for r0 in range(mid_hi, chunk_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
-                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA, DQ_TMA)
+                                 acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA,
+                                 DQ_TMA)
     has_rows = chunk_lo < chunk_hi
     tl.atomic_add(dk_acc + kv_row[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=has_rows & key_ok[:, None] & (dk[None, :] < DK), sem="relaxed")

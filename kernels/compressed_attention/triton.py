@@ -26,10 +26,11 @@ ONE_PASS_BACKWARD = True
 ONE_PASS_MIN_TOKENS = 65536
 # The forward copies its K/V tiles through TMA descriptors (kernels/range_attention.py) where some query sees at
 # least TMA_FORWARD_MIN_TOKENS tokens of its document. On one H200, pointer / TMA forward ms alternated
-# (benchmarks/kernels-exp-range-tma.py; G=16, D=128): 128K 40.2 / 36.1 (2026-12-05, gpu_checks/range-tma-paper-01c47e8.json)
-# and 40.5 / 36.4 (1.11x, gpu_checks/dq_reduce/range-tma-compressed-65536-131072-52f48c3.json), 64K 10.65 / 9.92
-# (1.07x, the same file), 16K 0.92 / 0.93; the proof model's 16 / 1 heads of 64 at 32K in documents of 8K lost
-# (0.93x, range-tma-proof-01c47e8.json).
+# (benchmarks/kernels-exp-range-tma.py; G=16, D=128): 128K 40.2 / 36.1 (2026-12-05,
+# gpu_checks/range-tma-paper-01c47e8.json) and 40.5 / 36.4 (1.11x,
+# gpu_checks/dq_reduce/range-tma-compressed-65536-131072-52f48c3.json), 64K 10.65 / 9.92 (1.07x, the same file),
+# 16K 0.92 / 0.93; the proof model's 16 / 1 heads of 64 at 32K in documents of 8K lost (0.93x,
+# range-tma-proof-01c47e8.json).
 TMA_FORWARD_MIN_TOKENS = 65536
 
 

@@ -43,8 +43,8 @@ through TMA tensor descriptors instead of pointer loads (TMA_LOADS, per kernel; 
 dims and group sizes that are powers of two): one copy instruction a tile, no per-thread addresses. Timed
 against the pointer loads (benchmarks/kernels-exp-range-tma.py), only the compressed forward over long
 documents gains, so that branch asks for it there (range_attention_fwd's tma) and TMA_LOADS is empty. The
-one pass adds its dQ tiles by TMA bulk reductions where the shapes fit (TMA_DQ_REDUCE). The tests run both
-under the interpreter.
+one pass adds its dQ tiles by TMA bulk reductions and reads its rows' lse and delta by TMA copies where the
+shapes fit (TMA_DQ_REDUCE, TMA_ROW_STATS). The tests run both under the interpreter.
 """
 
 import os
@@ -97,6 +97,12 @@ TMA_LOADS: tuple[str, ...] = ()
 # benchmarks/gpu_checks/dq_reduce/): the compressed one pass 1.02x at 64K and 1.005x at 128K (G = 16, D = 128),
 # the same gradients' error; about the noise floor, not slower.
 TMA_DQ_REDUCE = True
+# Whether the one-pass backward reads each row tile's lse and delta by two TMA copies (shapes that take TMA, with
+# groups of at least 4 heads: a copy's rows must be 16 bytes or more) instead of every thread loading those of its
+# 16 columns of the transposed scores, each with its own 64-bit address. In an offline sm_90a compile at D = 128
+# (64 rows x 128 keys, 8 warps, 3 stages; benchmarks/onepass-offline.py) the unmasked step drops from 836 SASS
+# instructions to 608, and to 528 with dkv_row_stats' base-2 lse and scaled delta.
+TMA_ROW_STATS = True
 # A fixed launch config per kernel name (_KERNELS), taken on the GPU instead of the autotuner's pick; empty
 # in use, set by experiments to time one config against the pick (benchmarks/kernels-exp-aligned-rows.py
 # --dkv-configs).
@@ -130,7 +136,7 @@ def _autotuned(kernel, name, accumulators):
     # config again (~0.65 s a step). cache_results keeps each search's timings in Triton's cache directory,
     # beside the compiled kernels, so that a resumed or repeated run on the machine skips the search too
     return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA", "LSE_ONLY",
-                                               "ALIGNED_ROWS", "DQ_TMA"],
+                                               "ALIGNED_ROWS", "DQ_TMA", "STATS_TMA"],
                            reset_to_zero=accumulators,
                            prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
 
@@ -414,12 +420,14 @@ def _range_attn_bwd_dq(
 def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, vt, acc_k, acc_v, dk, dv,
               T, HQ, scale_log2, scale, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr = False,
-              DQ_TMA: tl.constexpr = False):
+              DQ_TMA: tl.constexpr = False, STATS_TMA: tl.constexpr = False):
     """Rows r0 .. r0 + BLOCK_M - 1 into dK, dV of one key tile, transposed (keys are the dots' rows):
-    acc_v += P^T dO, acc_k += dS^T Q with dS^T = P^T * (V dO^T - delta). An unmasked tile's rows all
-    exist and see every key of the tile, by construction. With an fp32 dq_acc (the one-pass backward),
-    the rows' dQ share, scale * dS K, is added into it atomically (DQ_TMA: dq_acc is a TMA descriptor, and the
-    tile goes in one bulk reduction); None leaves dQ to its own kernel."""
+    acc_v += P^T dO, acc_k += dS^T Q with dS^T = P^T * (scale * V dO^T - delta), the softmax scale folded into
+    dS (so acc_k is dK itself). lse and delta come as dkv_row_stats makes them: lse in base 2 (0 for rows
+    that see nothing), delta times scale; STATS_TMA: they are TMA descriptors over [B * T, HQ]. An
+    unmasked tile's rows all exist and see every key of the tile, by construction. With an fp32 dq_acc (the
+    one-pass backward), the rows' dQ share, dS K, is added into it atomically (DQ_TMA: dq_acc is a TMA
+    descriptor, and the tile goes in one bulk reduction); None leaves dQ to its own kernel."""
     rows = r0 + tl.arange(0, BLOCK_M)
     tok = rows // G
     flat = (b.to(tl.int64) * T + tok) * HQ + hk * G + rows % G
@@ -441,13 +449,16 @@ def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, v
         else:
             qt = tl.load(q_ptr, mask=dk[None, :] < DK, other=0.0)
             dot = tl.load(do_ptr, mask=dv[None, :] < DV, other=0.0)
-    if MASKED:
+    if STATS_TMA:  # rows past row_end get real rows' (or, past the batch, zero) stats and zero weight
+        at = [(b * T + r0 // G).to(tl.int32), (hk * G).to(tl.int32)]
+        row_lse = tl.reshape(lse.load(at), [BLOCK_M])
+        row_delta = tl.reshape(delta.load(at), [BLOCK_M])
+    elif MASKED:
         row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
         row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
     else:
         row_lse = tl.load(lse + flat)
         row_delta = tl.load(delta + flat)
-    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
     s_t = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
     p_t = tl.exp2(s_t - row_lse[None, :])
     if MASKED:
@@ -457,10 +468,10 @@ def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, v
         p_t = tl.where(visible, p_t, 0.0)
     acc_v += tl.dot(p_t.to(dot.dtype), dot, input_precision=PRECISION)
     dp_t = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
-    ds_t = (p_t * (dp_t - row_delta[None, :])).to(qt.dtype)
+    ds_t = (p_t * (dp_t * scale - row_delta[None, :])).to(qt.dtype)
     acc_k += tl.dot(ds_t, qt, input_precision=PRECISION)
     if dq_acc is not None:
-        dq_part = tl.dot(tl.trans(ds_t), kt, input_precision=PRECISION) * scale
+        dq_part = tl.dot(tl.trans(ds_t), kt, input_precision=PRECISION)
         if DQ_TMA:  # one bulk reduction of the tile (rows outside the chunk add zeros: their p_t is 0)
             at = [(b * T + r0 // G).to(tl.int32), (hk * G).to(tl.int32), 0]
             dq_acc.atomic_add(at, tl.reshape(dq_part, [BLOCK_M // G, G, dq_part.shape[1]]))
@@ -549,7 +560,7 @@ def _range_attn_bwd_dkv(
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
                                  dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
     out_row = split.to(tl.int64) * B * TK * HK + kv_row  # split s writes slice s of [NUM_SPLITS, B, TK, HK, D]
-    tl.store(dk_out + out_row[:, None] * DK + dk[None, :], (acc_k * scale).to(dk_out.dtype.element_ty),
+    tl.store(dk_out + out_row[:, None] * DK + dk[None, :], acc_k.to(dk_out.dtype.element_ty),
              mask=key_ok[:, None] & (dk[None, :] < DK))
     tl.store(dv_out + out_row[:, None] * DV + dv[None, :], acc_v.to(dv_out.dtype.element_ty),
              mask=key_ok[:, None] & (dv[None, :] < DV))
@@ -564,7 +575,7 @@ def _range_attn_bwd_onepass(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
-    DQ_TMA: tl.constexpr = False,
+    DQ_TMA: tl.constexpr = False, STATS_TMA: tl.constexpr = False,
 ):
     """dQ, dK and dV in one pass (S and dP computed once per (row tile, key tile)): program (key tile,
     chunk c, batch x KV head) takes the rows of chunk c of its key tile and adds its dQ, dK and dV
@@ -574,7 +585,9 @@ def _range_attn_bwd_onepass(
     programs that run together (the key tiles of one chunk, axis 0 running fastest) walk the same rows
     and their dQ additions meet in L2. Chunks past a key tile's first row have no rows (and add nothing).
     DQ_TMA: each row tile's dQ share goes to dq_acc as one TMA bulk reduction (the tile staged in shared
-    memory) instead of fp32 atomics from every thread (TMA_DQ_REDUCE)."""
+    memory) instead of fp32 atomics from every thread (TMA_DQ_REDUCE). STATS_TMA: each row tile's lse and
+    delta come by two TMA copies instead of every thread loading those of its columns of the transposed
+    scores (TMA_ROW_STATS)."""
     b = tl.program_id(2) // HK
     hk = tl.program_id(2) % HK
     dk = tl.arange(0, BLOCK_DK)
@@ -585,6 +598,11 @@ def _range_attn_bwd_onepass(
     if DQ_TMA:
         dq_acc = tl.make_tensor_descriptor(dq_acc, shape=[((b + 1) * T).to(tl.int32), HQ, DK],
                                            strides=[HQ * DK, DK, 1], block_shape=[BLOCK_M // G, G, BLOCK_DK])
+    if STATS_TMA:
+        lse = tl.make_tensor_descriptor(lse, shape=[((b + 1) * T).to(tl.int32), HQ], strides=[HQ, 1],
+                                        block_shape=[BLOCK_M // G, G])
+        delta = tl.make_tensor_descriptor(delta, shape=[((b + 1) * T).to(tl.int32), HQ], strides=[HQ, 1],
+                                          block_shape=[BLOCK_M // G, G])
     chunk_rows = tl.cdiv(tl.cdiv(T * G, tl.num_programs(1)), BLOCK_M) * BLOCK_M
     chunk_hi = row_end - tl.program_id(1) * chunk_rows
     chunk_lo = tl.maximum(chunk_hi - chunk_rows, row_start)
@@ -595,17 +613,17 @@ def _range_attn_bwd_onepass(
     for r0 in range(chunk_lo, mid_lo, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
                                  acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA,
-                                 DQ_TMA)
+                                 DQ_TMA, STATS_TMA)
     for r0 in range(mid_lo, mid_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
                                  acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA,
-                                 DQ_TMA)
+                                 DQ_TMA, STATS_TMA)
     for r0 in range(mid_hi, chunk_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, chunk_hi, keys, kt, vt, acc_k,
                                  acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA,
-                                 DQ_TMA)
+                                 DQ_TMA, STATS_TMA)
     has_rows = chunk_lo < chunk_hi
-    tl.atomic_add(dk_acc + kv_row[:, None] * DK + dk[None, :], acc_k * scale,
+    tl.atomic_add(dk_acc + kv_row[:, None] * DK + dk[None, :], acc_k,
                   mask=has_rows & key_ok[:, None] & (dk[None, :] < DK), sem="relaxed")
     tl.atomic_add(dv_acc + kv_row[:, None] * DV + dv[None, :], acc_v,
                   mask=has_rows & key_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
@@ -701,6 +719,20 @@ def use_dq_reduce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return TMA_DQ_REDUCE and tma_unfit(q, k, v, whole_groups=True) is None
 
 
+def use_row_stats_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the one-pass backward reads lse and delta through TMA descriptors: TMA_ROW_STATS, for inputs that
+    fit a descriptor (triton_utils.tma_unfit) with groups of at least 4 query heads (a copy's [tokens, G] fp32
+    tile needs rows of 16 bytes or more)."""
+    return TMA_ROW_STATS and q.shape[2] // k.shape[2] >= 4 and tma_unfit(q, k, v, whole_groups=True) is None
+
+
+def dkv_row_stats(lse: torch.Tensor, delta: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dK/dV kernels' per-row inputs (_dkv_step): lse in base 2, 0 where a row sees no key (-inf), and delta
+    times the softmax scale, which _dkv_step folds into dS. Made once a backward, so that the kernels' inner
+    steps do neither for every (row, key tile) pair."""
+    return torch.where(lse == float("-inf"), 0.0, lse * LOG2E), delta * scale
+
+
 def _launch_args(q, k, v, scale):
     group = q.shape[2] // k.shape[2]
     return dict(
@@ -766,8 +798,10 @@ def _bwd_one_pass(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale):
         chunks = triton.cdiv(ONEPASS_CHUNKING * programs_wanted(q.device), key_programs)
         return (key_tiles, max(1, min(_MAX_CHUNKS, chunks)), batch * k.shape[2])
 
-    _launch("onepass", q.device, grid, q, k, v, do, lse, delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi, *sizes,
-            scale, **consts, TMA=use_tma("onepass", q, k, v), DQ_TMA=use_dq_reduce(q, k, v))
+    row_lse, row_delta = dkv_row_stats(lse, delta, scale)
+    _launch("onepass", q.device, grid, q, k, v, do, row_lse, row_delta, dq_acc, dk_acc, dv_acc, lo, hi, qlo, qhi,
+            *sizes, scale, **consts, TMA=use_tma("onepass", q, k, v), DQ_TMA=use_dq_reduce(q, k, v),
+            STATS_TMA=use_row_stats_tma(q, k, v))
     return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
@@ -796,8 +830,9 @@ def _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, aligned_rows=Fa
     def grid_k(tiles):
         return (triton.cdiv(k.shape[1], tiles["BLOCK_N"]), batch * k.shape[2], splits)
 
-    _launch("dkv", q.device, grid_k, q, k, v, do, lse, delta, dk_parts, dv_parts, lo, hi, qlo, qhi, batch, *sizes,
-            scale, splits, **consts, TMA=use_tma("dkv", q, k, v), ALIGNED_ROWS=aligned_rows)
+    row_lse, row_delta = dkv_row_stats(lse, delta, scale)
+    _launch("dkv", q.device, grid_k, q, k, v, do, row_lse, row_delta, dk_parts, dv_parts, lo, hi, qlo, qhi, batch,
+            *sizes, scale, splits, **consts, TMA=use_tma("dkv", q, k, v), ALIGNED_ROWS=aligned_rows)
     if splits > 1:
         dk.copy_(dk_parts.sum(0))
         dv.copy_(dv_parts.sum(0))

@@ -30,16 +30,19 @@ ALL_KERNELS = ("fwd", "dq", "dkv", "onepass")
                 ids=["split-bwd", "onepass-bwd", "onepass-dq-reduce"])
 def tma_loads(request, monkeypatch):
     """TMA copies on in every kernel, once per backward path of both branches, and the one pass once more with
-    its dQ added by TMA bulk reductions (TMA_DQ_REDUCE); checks that every launch took the TMA path, and that
-    the forward and this path's backward kernels all ran."""
+    its dQ added by TMA bulk reductions and its lse and delta read by TMA copies (TMA_DQ_REDUCE, TMA_ROW_STATS);
+    checks that every launch took the TMA path, the row stats' copies exactly where the group has 4 heads or
+    more, and that the forward and this path's backward kernels all ran."""
     one_pass, dq_reduce = request.param
     monkeypatch.setattr(range_attention, "TMA_LOADS", ALL_KERNELS)
     monkeypatch.setattr(range_attention, "TMA_DQ_REDUCE", dq_reduce)
+    monkeypatch.setattr(range_attention, "TMA_ROW_STATS", dq_reduce)
     for branch in (compressed_triton, window_triton):
         monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", one_pass)
     monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
     taken = []
     use_tma, use_dq_reduce = range_attention.use_tma, range_attention.use_dq_reduce
+    use_row_stats_tma = range_attention.use_row_stats_tma
 
     def counting(kernel, q, k, v, wanted=False):
         taken.append((kernel, use_tma(kernel, q, k, v, wanted)))
@@ -49,13 +52,21 @@ def tma_loads(request, monkeypatch):
         taken.append(("dq-reduce", use_dq_reduce(q, k, v)))
         return taken[-1][1]
 
+    def counting_stats(q, k, v):
+        taken.append((f"row-stats-G{q.shape[2] // k.shape[2]}", use_row_stats_tma(q, k, v)))
+        return taken[-1][1]
+
     monkeypatch.setattr(range_attention, "use_tma", counting)
     monkeypatch.setattr(range_attention, "use_dq_reduce", counting_reductions)
+    monkeypatch.setattr(range_attention, "use_row_stats_tma", counting_stats)
     yield taken
-    ran = {kernel for kernel, _ in taken}
-    assert ran == ({"fwd", "onepass", "dq-reduce"} if one_pass else {"fwd", "dq", "dkv"}), ran
-    assert all(on for kernel, on in taken if kernel != "dq-reduce"), f"a kernel did not take the TMA path: {taken}"
+    kernels = [kernel for kernel, _ in taken if not kernel.startswith("row-stats")]
+    assert set(kernels) == ({"fwd", "onepass", "dq-reduce"} if one_pass else {"fwd", "dq", "dkv"}), taken
+    assert all(on for kernel, on in taken if kernel in ALL_KERNELS), f"a kernel did not take the TMA path: {taken}"
     assert all(on == dq_reduce for kernel, on in taken if kernel == "dq-reduce"), taken
+    stats = [(int(kernel.removeprefix("row-stats-G")), on) for kernel, on in taken if kernel.startswith("row-stats")]
+    assert len(stats) == (kernels.count("onepass") if one_pass else 0), taken
+    assert all(on == (dq_reduce and group >= 4) for group, on in stats), taken
 
 
 def leaves(batch, seq, num_keys, group, kv_heads, dk=DK, dv=DV):

@@ -65,21 +65,51 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, warps: int, stages: 
     return compiled.metadata.shared, registers, int(spills.group(1)), compiled.asm["ptx"]
 
 
-def sass_counts(ptx: str) -> dict[str, int]:
-    """SASS instructions of a compile_sm90 PTX (ptxas to a cubin, nvdisasm), counted by opcode (predicates and
-    modifiers dropped: "FFMA", "HGMMA", ...), with "total". Static counts: a loop's body counts once."""
+SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)")
+LABEL = re.compile(r"\.(L_x_\d+):")
+
+
+def sass(ptx: str) -> str:
+    """The SASS listing of a compile_sm90 PTX (ptxas to a cubin, nvdisasm)."""
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "kernel.ptx").write_text(ptx)
         subprocess.run([PTXAS, "-arch=sm_90a", f"{tmp}/kernel.ptx", "-o", f"{tmp}/kernel.cubin"], check=True)
-        sass = subprocess.run([PTXAS.parent / "nvdisasm", "-c", f"{tmp}/kernel.cubin"], capture_output=True,
+        return subprocess.run([PTXAS.parent / "nvdisasm", "-c", f"{tmp}/kernel.cubin"], capture_output=True,
                               text=True, check=True).stdout
+
+
+def _counted(opcodes) -> dict[str, int]:
     counts = {"total": 0}
-    for line in sass.splitlines():
-        found = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if found:
-            counts["total"] += 1
-            counts[found.group(1)] = counts.get(found.group(1), 0) + 1
+    for opcode in opcodes:
+        counts["total"] += 1
+        counts[opcode] = counts.get(opcode, 0) + 1
     return counts
+
+
+def sass_counts(ptx: str) -> dict[str, int]:
+    """SASS instructions of a compile_sm90 PTX, counted by opcode (predicates and modifiers dropped: "FFMA",
+    "HGMMA", ...), with "total". Static counts: a loop's body counts once."""
+    return _counted(found.group(1) for found in map(SASS_LINE.match, sass(ptx).splitlines()) if found)
+
+
+def loop_counts(ptx: str) -> list[dict[str, int]]:
+    """sass_counts of each loop body, in the order of the code: the instructions from a branch's target to the
+    branch, for every branch back to an earlier label (a loop nested in another counts in both)."""
+    opcodes, rests, labels = [], [], {}
+    for line in sass(ptx).splitlines():
+        label = LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(opcodes)
+        elif found := SASS_LINE.match(line):
+            opcodes.append(found.group(1))
+            rests.append(found.group(2))
+    loops = []
+    for end, (opcode, rest) in enumerate(zip(opcodes, rests)):
+        target = re.search(r"L_x_\d+", rest) if opcode == "BRA" else None
+        start = labels.get(target.group(0)) if target else None
+        if start is not None and start <= end:
+            loops.append(_counted(opcodes[start:end + 1]))
+    return loops
 
 
 def programs_per_sm(shared: int, registers: int, warps: int) -> tuple[int, int]:

@@ -19,6 +19,9 @@ from kernels.triton_utils import check_attention_inputs, check_packed, gate_inpu
 # range-bwd-window-proof-2026-12-04-1f8dde3.json; bf16, w=512), split / one pass ms: G=16, D=128 16K
 # 2.86 / 4.03, 128K 22.9 / 24.8 (peak 2.3 / 6.8 GB); the proof model's 16 / 1 heads of 64 at 32K 0.85 /
 # 1.65, and over 16 documents of 2K 0.82 / 1.41 (range-bwd-window-proof-2kdocs-2026-12-04-9efe853.json).
+# Again with the one pass's TMA bulk reductions and row statistics (93a6b62, one H100,
+# benchmarks/gpu_checks/row_stats/range-bwd-window-*.json), split / one pass: 16K 2.87 / 4.90, 128K 22.75 /
+# 32.01, the proof's heads over 2K documents at 32K 0.86 / 1.74.
 # A module setting, read at each backward, so that one process can time both.
 ONE_PASS_BACKWARD = False
 # The split path's dK/dV kernel visits its rows in an order that neighbouring key tiles share

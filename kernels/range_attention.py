@@ -255,6 +255,18 @@ def row_sources(q, do, b, T, HQ, G: tl.constexpr, DK: tl.constexpr, DV: tl.const
 
 
 @triton.jit
+def row_stats_sources(lse, delta, b, T, HQ, G: tl.constexpr, BLOCK_M: tl.constexpr, STATS_TMA: tl.constexpr):
+    """What the dK/dV kernels read the rows' lse and delta ([B, T, HQ] fp32) through: the pointers, or
+    (STATS_TMA) descriptors over [(b + 1) T, HQ] whose [BLOCK_M / G, G] tiles are a row tile's (G >= 4, so
+    that a tile's rows are 16 bytes or more)."""
+    if STATS_TMA:
+        rows = ((b + 1) * T).to(tl.int32)
+        lse = tl.make_tensor_descriptor(lse, shape=[rows, HQ], strides=[HQ, 1], block_shape=[BLOCK_M // G, G])
+        delta = tl.make_tensor_descriptor(delta, shape=[rows, HQ], strides=[HQ, 1], block_shape=[BLOCK_M // G, G])
+    return lse, delta
+
+
+@triton.jit
 def _key_tile(k, v, b, hk, n0, end, TK, HK, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr = False):
     """Keys n0 .. n0 + BLOCK_N - 1 and their K and V tiles (rows past `end` zero when MASKED; an unmasked
@@ -515,7 +527,7 @@ def _range_attn_bwd_dkv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
-    ALIGNED_ROWS: tl.constexpr = False,
+    ALIGNED_ROWS: tl.constexpr = False, STATS_TMA: tl.constexpr = False,
 ):
     """dK and dV of one key tile (axis 0) over its share (axis 2) of the rows that see it. ALIGNED_ROWS: the
     rows that see the whole tile are visited from the tile whose index is a multiple of their count,
@@ -534,6 +546,7 @@ def _range_attn_bwd_dkv(
     keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
         k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
     q, do = row_sources(q, do, b, T, HQ, G, DK, DV, BLOCK_M, TMA)
+    lse, delta = row_stats_sources(lse, delta, b, T, HQ, G, BLOCK_M, STATS_TMA)
     # this program's share of the rows
     share = tl.cdiv(tl.cdiv(tl.maximum(row_end - row_start, 0), NUM_SPLITS), BLOCK_M) * BLOCK_M
     split = tl.program_id(2)
@@ -545,22 +558,25 @@ def _range_attn_bwd_dkv(
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for r0 in range(split_lo, mid_lo, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
-                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA,
+                                 STATS_TMA=STATS_TMA)
     turn = mid_lo  # the unmasked tiles from `turn` to mid_hi, then (ALIGNED_ROWS) from mid_lo to `turn`
     if ALIGNED_ROWS:
         count = tl.maximum((mid_hi - mid_lo) // BLOCK_M, 1)
         turn = mid_lo + (count - (mid_lo // BLOCK_M) % count) % count * BLOCK_M
     for r0 in range(turn, mid_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
-                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA)
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False, TMA,
+                                 STATS_TMA=STATS_TMA)
     if ALIGNED_ROWS:
         for r0 in range(mid_lo, turn, BLOCK_M):
             acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k,
                                      acc_v, dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, False,
-                                     TMA)
+                                     TMA, STATS_TMA=STATS_TMA)
     for r0 in range(mid_hi, split_hi, BLOCK_M):
         acc_k, acc_v = _dkv_step(q, do, lse, delta, lo, hi, None, b, hk, r0, split_hi, keys, kt, vt, acc_k, acc_v,
-                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA)
+                                 dk, dv, T, HQ, scale_log2, scale, G, DK, DV, BLOCK_M, PRECISION, True, TMA,
+                                 STATS_TMA=STATS_TMA)
     out_row = split.to(tl.int64) * B * TK * HK + kv_row  # split s writes slice s of [NUM_SPLITS, B, TK, HK, D]
     tl.store(dk_out + out_row[:, None] * DK + dk[None, :], acc_k.to(dk_out.dtype.element_ty),
              mask=key_ok[:, None] & (dk[None, :] < DK))
@@ -600,11 +616,7 @@ def _range_attn_bwd_onepass(
     if DQ_TMA:
         dq_acc = tl.make_tensor_descriptor(dq_acc, shape=[((b + 1) * T).to(tl.int32), HQ, DK],
                                            strides=[HQ * DK, DK, 1], block_shape=[BLOCK_M // G, G, BLOCK_DK])
-    if STATS_TMA:
-        lse = tl.make_tensor_descriptor(lse, shape=[((b + 1) * T).to(tl.int32), HQ], strides=[HQ, 1],
-                                        block_shape=[BLOCK_M // G, G])
-        delta = tl.make_tensor_descriptor(delta, shape=[((b + 1) * T).to(tl.int32), HQ], strides=[HQ, 1],
-                                          block_shape=[BLOCK_M // G, G])
+    lse, delta = row_stats_sources(lse, delta, b, T, HQ, G, BLOCK_M, STATS_TMA)
     chunk_rows = tl.cdiv(tl.cdiv(T * G, tl.num_programs(1)), BLOCK_M) * BLOCK_M
     chunk_hi = row_end - tl.program_id(1) * chunk_rows
     chunk_lo = tl.maximum(chunk_hi - chunk_rows, row_start)
@@ -834,7 +846,8 @@ def _bwd_split(q, k, v, lse, do, delta, lo, hi, qlo, qhi, scale, aligned_rows=Fa
 
     row_lse, row_delta = dkv_row_stats(lse, delta, scale)
     _launch("dkv", q.device, grid_k, q, k, v, do, row_lse, row_delta, dk_parts, dv_parts, lo, hi, qlo, qhi, batch,
-            *sizes, scale, splits, **consts, TMA=use_tma("dkv", q, k, v), ALIGNED_ROWS=aligned_rows)
+            *sizes, scale, splits, **consts, TMA=use_tma("dkv", q, k, v), ALIGNED_ROWS=aligned_rows,
+            STATS_TMA=use_row_stats_tma(q, k, v))
     if splits > 1:
         dk.copy_(dk_parts.sum(0))
         dv.copy_(dv_parts.sum(0))

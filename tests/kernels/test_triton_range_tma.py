@@ -26,17 +26,17 @@ DK, DV = 32, 16
 ALL_KERNELS = ("fwd", "dq", "dkv", "onepass")
 
 
-@pytest.fixture(params=[(False, False), (True, False), (True, True)],
-                ids=["split-bwd", "onepass-bwd", "onepass-dq-reduce"])
+@pytest.fixture(params=[(False, False), (False, True), (True, False), (True, True)],
+                ids=["split-bwd", "split-bwd-row-stats", "onepass-bwd", "onepass-dq-reduce"])
 def tma_loads(request, monkeypatch):
-    """TMA copies on in every kernel, once per backward path of both branches, and the one pass once more with
-    its dQ added by TMA bulk reductions and its lse and delta read by TMA copies (TMA_DQ_REDUCE, TMA_ROW_STATS);
-    checks that every launch took the TMA path, the row stats' copies exactly where the group has 4 heads or
-    more, and that the forward and this path's backward kernels all ran."""
-    one_pass, dq_reduce = request.param
+    """TMA copies on in every kernel, once per backward path of both branches, and each path once more with the
+    dK/dV kernel's lse and delta read by TMA copies (TMA_ROW_STATS) and the one pass's dQ added by TMA bulk
+    reductions (TMA_DQ_REDUCE); checks that every launch took the TMA path, the row stats' copies exactly where
+    the group has 4 heads or more, and that the forward and this path's backward kernels all ran."""
+    one_pass, tma_rows = request.param
     monkeypatch.setattr(range_attention, "TMA_LOADS", ALL_KERNELS)
-    monkeypatch.setattr(range_attention, "TMA_DQ_REDUCE", dq_reduce)
-    monkeypatch.setattr(range_attention, "TMA_ROW_STATS", dq_reduce)
+    monkeypatch.setattr(range_attention, "TMA_DQ_REDUCE", tma_rows and one_pass)
+    monkeypatch.setattr(range_attention, "TMA_ROW_STATS", tma_rows)
     for branch in (compressed_triton, window_triton):
         monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", one_pass)
     monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
@@ -63,10 +63,10 @@ def tma_loads(request, monkeypatch):
     kernels = [kernel for kernel, _ in taken if not kernel.startswith("row-stats")]
     assert set(kernels) == ({"fwd", "onepass", "dq-reduce"} if one_pass else {"fwd", "dq", "dkv"}), taken
     assert all(on for kernel, on in taken if kernel in ALL_KERNELS), f"a kernel did not take the TMA path: {taken}"
-    assert all(on == dq_reduce for kernel, on in taken if kernel == "dq-reduce"), taken
+    assert all(on == tma_rows for kernel, on in taken if kernel == "dq-reduce"), taken
     stats = [(int(kernel.removeprefix("row-stats-G")), on) for kernel, on in taken if kernel.startswith("row-stats")]
-    assert len(stats) == (kernels.count("onepass") if one_pass else 0), taken
-    assert all(on == (dq_reduce and group >= 4) for group, on in stats), taken
+    assert len(stats) == kernels.count("onepass") + kernels.count("dkv"), taken
+    assert all(on == (tma_rows and group >= 4) for group, on in stats), taken
 
 
 def leaves(batch, seq, num_keys, group, kv_heads, dk=DK, dv=DV):

@@ -43,8 +43,8 @@ through TMA tensor descriptors instead of pointer loads (TMA_LOADS, per kernel; 
 dims and group sizes that are powers of two): one copy instruction a tile, no per-thread addresses. Timed
 against the pointer loads (benchmarks/kernels-exp-range-tma.py), only the compressed forward over long
 documents gains, so that branch asks for it there (range_attention_fwd's tma) and TMA_LOADS is empty. The
-one pass adds its dQ tiles by TMA bulk reductions and reads its rows' lse and delta by TMA copies where the
-shapes fit (TMA_DQ_REDUCE, TMA_ROW_STATS). The tests run both under the interpreter.
+one pass adds its dQ tiles by TMA bulk reductions, and both dK/dV kernels read their rows' lse and delta by TMA
+copies, where the shapes fit (TMA_DQ_REDUCE, TMA_ROW_STATS). The tests run both under the interpreter.
 """
 
 import os
@@ -97,13 +97,14 @@ TMA_LOADS: tuple[str, ...] = ()
 # benchmarks/gpu_checks/dq_reduce/): the compressed one pass 1.02x at 64K and 1.005x at 128K (G = 16, D = 128),
 # the same gradients' error; about the noise floor, not slower.
 TMA_DQ_REDUCE = True
-# Whether the one-pass backward reads each row tile's lse and delta by two TMA copies (shapes that take TMA, with
-# groups of at least 4 heads: a copy's rows must be 16 bytes or more) instead of every thread loading those of its
-# 16 columns of the transposed scores, each with its own 64-bit address. In an offline sm_90a compile at D = 128
-# (64 rows x 128 keys, 8 warps, 3 stages; benchmarks/onepass-offline.py) the unmasked step drops from 836 SASS
-# instructions to 608, and to 528 with dkv_row_stats' base-2 lse and scaled delta. Both on one H100 (93a6b62
-# against a4df9dc, alternated twice, benchmarks/gpu_checks/row_stats/): the compressed one pass 1.14x at 128K,
-# 1.10x at 64K (G = 16, D = 128).
+# Whether the dK/dV kernels (one pass and split) read each row tile's lse and delta by two TMA copies (shapes that
+# take TMA, with groups of at least 4 heads: a copy's rows must be 16 bytes or more) instead of every thread
+# loading those of its 16 columns of the transposed scores, each with its own 64-bit address. In an offline sm_90a
+# compile at D = 128 (64 rows x 128 keys, 8 warps, 3 stages; benchmarks/onepass-offline.py) the one pass's unmasked
+# step drops from 836 SASS instructions to 608, and to 528 with dkv_row_stats' base-2 lse and scaled delta; the
+# split kernel's from 677 to 448. On one H100, each against the kernels before it, alternated twice
+# (benchmarks/gpu_checks/row_stats/): the compressed one pass 1.14x at 128K, 1.10x at 64K (93a6b62, G = 16,
+# D = 128); the window's split dK/dV 1.18x at 128K, 1.09x at 16K (fa29c1f).
 TMA_ROW_STATS = True
 # A fixed launch config per kernel name (_KERNELS), taken on the GPU instead of the autotuner's pick; empty
 # in use, set by experiments to time one config against the pick (benchmarks/kernels-exp-aligned-rows.py
@@ -538,7 +539,8 @@ def _range_attn_bwd_dkv(
     70 MB of q and dO in between, more than L2 holds. Measured on one H100 (benchmarks/kernels-exp-aligned-rows.py,
     benchmarks/aligned-rows-*-h100-33a55b5.json; the window's split backward, both orders alternated twice):
     1.02x at 16K and 128K, 1.03x at 64K (HQ = 64, HK = 4, D = 128), 1.05x at the proof model's 16 / 1 heads of
-    64 over 2K documents. So the order is not what holds the window backward at twice its floor."""
+    64 over 2K documents. So the order is not what holds the window backward at twice its floor.
+    STATS_TMA: lse and delta by TMA copies (row_stats_sources, TMA_ROW_STATS)."""
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
     dk = tl.arange(0, BLOCK_DK)
@@ -734,9 +736,9 @@ def use_dq_reduce(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def use_row_stats_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the one-pass backward reads lse and delta through TMA descriptors: TMA_ROW_STATS, for inputs that
-    fit a descriptor (triton_utils.tma_unfit) with groups of at least 4 query heads (a copy's [tokens, G] fp32
-    tile needs rows of 16 bytes or more)."""
+    """Whether the dK/dV kernels (one pass and split) read lse and delta through TMA descriptors: TMA_ROW_STATS,
+    for inputs that fit a descriptor (triton_utils.tma_unfit) with groups of at least 4 query heads (a copy's
+    [tokens, G] fp32 tile needs rows of 16 bytes or more)."""
     return TMA_ROW_STATS and q.shape[2] // k.shape[2] >= 4 and tma_unfit(q, k, v, whole_groups=True) is None
 
 

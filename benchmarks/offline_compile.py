@@ -2,9 +2,11 @@
 reports: shared memory, registers a thread and spilled bytes. Shared by the offline occupancy scripts
 beside it (run them with TRITON_INTERPRET unset)."""
 
+import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,16 @@ from triton.compiler import ASTSource
 PTXAS = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
 SHARED_PER_SM = 228 * 1024  # bytes of shared memory a multiprocessor gives its programs (H100/H200)
 REGISTERS_PER_SM = 65536
+
+
+def use_kernels_root(parser: argparse.ArgumentParser, kernels_root: str | None, needed: str, example: str) -> None:
+    """Puts the `kernels` package to compile first on sys.path, before the script imports it: this repository's,
+    or with --kernels-root DIR another checkout's (`git archive <commit> kernels` unpacked in DIR), which must
+    hold `needed` (a path under DIR, e.g. "kernels/range_attention.py"); example: a commit for the message."""
+    if kernels_root and not (Path(kernels_root) / needed).exists():
+        parser.error(f"--kernels-root {kernels_root}: no {needed} there; unpack a checkout's kernels into it "
+                     f"first, e.g. `git archive {example} kernels | tar -x -C DIR`")
+    sys.path.insert(0, kernels_root or str(Path(__file__).resolve().parents[1]))
 
 
 # Kernel arguments by name, for signature_by_names: the int32 / fp32 tensors and the fp32 scales

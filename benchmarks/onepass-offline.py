@@ -16,20 +16,16 @@ lse to base 2 and scaled dS and dQ itself.
 """
 
 import argparse
-import sys
 from pathlib import Path
+
+from offline_compile import compile_sm90, loop_counts, sass_counts, signature_by_names, use_kernels_root
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--kernels-root", help="import `kernels` from this directory instead of the repository")
 parser.add_argument("--split", action="store_true", help="the split backward's dK/dV kernel instead of the one pass")
 ARGS = parser.parse_args()
-if ARGS.kernels_root and not (Path(ARGS.kernels_root) / "kernels" / "range_attention.py").is_file():
-    parser.error(f"--kernels-root {ARGS.kernels_root}: no kernels/range_attention.py there; unpack a checkout's "
-                 "kernels into it first, e.g. `git archive a4df9dc kernels | tar -x -C DIR`")
-sys.path.insert(0, ARGS.kernels_root or str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
+use_kernels_root(parser, ARGS.kernels_root, "kernels/range_attention.py", "a4df9dc")
 import kernels.range_attention as ra  # noqa: E402
-from offline_compile import compile_sm90, loop_counts, sass_counts, signature_by_names  # noqa: E402
 
 SHOWN = ("HGMMA", "MUFU", "FFMA", "FMUL", "FSEL", "LDGSTS", "IMAD", "IADD3", "UIADD3", "ISETP")
 WAYS = {"pointers": {}, "dq-reduce": {"DQ_TMA": True}, "dq-reduce+stats": {"DQ_TMA": True, "STATS_TMA": True}}
@@ -39,7 +35,7 @@ SPLIT_WAYS = {"pointers": {}, "stats": {"STATS_TMA": True}}
 def main():
     kernel = ra._range_attn_bwd_dkv if ARGS.split else ra._range_attn_bwd_onepass
     ways = SPLIT_WAYS if ARGS.split else WAYS
-    print(f"kernels from {Path(ra.__file__).parents[1]}; unmasked step: SASS of the middle row loop's body")
+    print(f"kernels from {Path(ra.__file__).parents[1]}; unmasked step: SASS of the second row loop's body")
     print(f"{'way':>16} {'shared KB':>9} {'registers':>9} {'spilled B':>9} {'SASS':>5} {'step':>5} "
           + " ".join(f"{name:>6}" for name in SHOWN))
     for way, flags in ways.items():

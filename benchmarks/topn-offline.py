@@ -13,19 +13,15 @@ kernels`, unpacked in DIR); one from before SPREAD_RUNS (b3148a9 and earlier) ha
 """
 
 import argparse
-import sys
 from pathlib import Path
+
+from offline_compile import compile_sm90, sass_counts, use_kernels_root
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--kernels-root", help="import `kernels` from this directory instead of the repository")
 ARGS = parser.parse_args()
-if ARGS.kernels_root and not (Path(ARGS.kernels_root) / "kernels" / "block_selection").is_dir():
-    parser.error(f"--kernels-root {ARGS.kernels_root}: no kernels/block_selection there; unpack a checkout's "
-                 "kernels into it first, e.g. `git archive b3148a9 kernels | tar -x -C DIR`")
-sys.path.insert(0, ARGS.kernels_root or str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
+use_kernels_root(parser, ARGS.kernels_root, "kernels/block_selection", "b3148a9")
 import kernels.block_selection.triton as selection  # noqa: E402
-from offline_compile import compile_sm90, sass_counts  # noqa: E402
 
 TYPES = {"q": "*bf16", "k_cmp": "*bf16", "lse": "*fp32", "tiles": "*i64", "out": "*i32", "part": "*i64",
          "scale_log2": "fp32"}

@@ -5,7 +5,7 @@ For each branch of --branches (compressed: paper config l=32, d=16, TK = (T - 32
 keys; window: TK = T keys, window --window) and each T of --seqs (B=1, HQ=--q-heads, HK=--kv-heads,
 D=--head-dim, bf16; --doc-len packs documents of that length):
 - the forward and the backward on the path the branch takes at that length (the window branch split;
-  the compressed one the one pass from 64K tokens of a document; --one-pass overrides), five ways (WAYS):
+  the compressed one the one pass by compressed_attention's ONE_PASS_MIN_WORK; --one-pass overrides), five ways (WAYS):
   pointer loads; TMA in the forward and dQ kernels (K/V tiles); TMA in every kernel (q/dO row tiles
   of the dK/dV and one-pass kernels too); the one pass's dQ added by TMA bulk reductions
   (range_attention.TMA_DQ_REDUCE) with pointer loads; and that with TMA in the forward. Each against an
@@ -88,9 +88,10 @@ def one_shape(branch: str, seq: int, args, device) -> dict:
     def forward(q, k, v):
         return ra.range_attention_fwd(q, k, v, *ranges[:2], scale)
 
-    if args.one_pass == "auto":  # the branches' rule (compressed: a document of >= ONE_PASS_MIN_TOKENS tokens)
+    if args.one_pass == "auto":  # the branches' rule (compressed: longest document x HQ x D >= ONE_PASS_MIN_WORK)
         longest = args.doc_len or seq
-        one_pass = branch == "compressed" and longest >= compressed_triton.ONE_PASS_MIN_TOKENS and \
+        work = longest * q.shape[2] * q.shape[3]
+        one_pass = branch == "compressed" and work >= compressed_triton.ONE_PASS_MIN_WORK and \
             compressed_triton.ONE_PASS_BACKWARD
     else:
         one_pass = args.one_pass == "on"

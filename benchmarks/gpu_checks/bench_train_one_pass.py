@@ -18,6 +18,6 @@ import kernels.window_attention.triton as window_triton  # noqa: E402
 
 window_triton.ONE_PASS_BACKWARD = True
 compressed_triton.ONE_PASS_BACKWARD = True
-compressed_triton.ONE_PASS_MIN_TOKENS = 0
+compressed_triton.ONE_PASS_MIN_WORK = 0
 sys.argv[0] = str(REPO / "tools/bench_train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")

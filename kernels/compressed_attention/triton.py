@@ -14,16 +14,21 @@ from kernels.range_attention import RangeAttention
 from kernels.triton_utils import check_attention_inputs, check_packed, gate_input
 
 # The range attention's backward path (kernels/range_attention.py): one pass with atomic dQ, where
-# ONE_PASS_BACKWARD is set and some query sees at least ONE_PASS_MIN_TOKENS tokens of its document
-# (kernels.common.longest_document: a compressed key's rows are its document's, so the one pass pays
-# by document length, not by the batch's tokens), else the dQ and dK/dV kernels (split). Measured on one
-# H200 (bf16; benchmarks/kernels-exp-range-bwd.py), split / one pass ms:
-# G=16, D=128: 128K 141.7 / 125.2 (2026-11-30), 142.9 / 122.3 (range-bwd-compressed-2026-12-04-1f8dde3.json),
-# 64K 37.2 / 31.9 (2026-11-30), 16K 2.76 / 2.75; the proof model's 16 / 1 heads of 64
-# (range-bwd-compressed-proof*-2026-12-04-9efe853.json): 32K 1.47 / 1.69, 8 documents of 8K 1.19 / 1.60,
-# 16 of 2K 0.35 / 0.52. Module settings, read at each backward, so that one process can time both.
+# ONE_PASS_BACKWARD is set and the longest document's work, its tokens x the query heads x the head dim, reaches
+# ONE_PASS_MIN_WORK (kernels.common.longest_document: a compressed key's rows are its document's, so the one pass
+# pays by document length, not by the batch's tokens); else the dQ and dK/dV kernels (split). The one pass gains
+# with more rows a key tile and more programs, so tokens alone do not decide it: at 32K the paper's 64 heads of 128
+# take it, 16 heads of 128 or the proof model's 16 heads of 64 do not. Split / one pass ms, bf16, alternated
+# (benchmarks/kernels-exp-range-bwd.py; gpu_checks/one_pass_rule/ on one H100, 190b98c):
+# - 64 query / 4 KV heads of 128: 16K 2.88 / 2.86 (1.01x, at the threshold), 32K 9.78 / 8.78 (1.11x), 64K
+#   36.9 / 30.2 (1.22x); on one H200 128K 142.9 / 122.3 (range-bwd-compressed-2026-12-04-1f8dde3.json);
+# - 16 / 4 heads of 128: 32K 0.94x, 64K 1.07x;
+# - the proof model's 16 / 1 heads of 64: 32K 0.82x, 48K 0.86x, 128K 0.99x; on one H200 8 documents of 8K 1.19 /
+#   1.60, 16 of 2K 0.35 / 0.52 (range-bwd-compressed-proof*-2026-12-04-9efe853.json).
+# Until 2026-12-07 the rule was 64K tokens whatever the heads. Module settings, read at each backward, so that one
+# process can time both.
 ONE_PASS_BACKWARD = True
-ONE_PASS_MIN_TOKENS = 65536
+ONE_PASS_MIN_WORK = 16384 * 64 * 128
 # The forward copies its K/V tiles through TMA descriptors (kernels/range_attention.py) where some query sees at
 # least TMA_FORWARD_MIN_TOKENS tokens of its document. On one H200, pointer / TMA forward ms alternated
 # (benchmarks/kernels-exp-range-tma.py; G=16, D=128): 128K 40.2 / 36.1 (2026-12-05,
@@ -115,7 +120,7 @@ def compressed_attention_triton(
     ranges = compressed_ranges(q.shape[1], k_cmp.shape[1], block_size, stride, q_start, cu_seqlens, q.device)
     scale = default_scale(q.shape[-1], scale)
     longest = longest_document(q.shape[1], q_start, cu_seqlens)
-    one_pass = ONE_PASS_BACKWARD and longest >= ONE_PASS_MIN_TOKENS
+    one_pass = ONE_PASS_BACKWARD and longest * q.shape[2] * q.shape[3] >= ONE_PASS_MIN_WORK
     gate = gate_input("compressed_attention_triton", q, gate)
     return RangeAttention.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), *ranges, scale, one_pass,
                                 gate, False, longest >= TMA_FORWARD_MIN_TOKENS)

@@ -12,4 +12,4 @@ def range_backward(request, monkeypatch):
     two-kernel one and the one pass with atomic dQ."""
     for branch in (compressed_attention, window_attention):
         monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", request.param)
-    monkeypatch.setattr(compressed_attention, "ONE_PASS_MIN_TOKENS", 0)
+    monkeypatch.setattr(compressed_attention, "ONE_PASS_MIN_WORK", 0)

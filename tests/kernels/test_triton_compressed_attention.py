@@ -97,7 +97,7 @@ def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
         raise AssertionError("the one-pass backward ran")
 
     monkeypatch.setattr(compressed_triton, "ONE_PASS_BACKWARD", True)
-    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_WORK", 0)
     monkeypatch.setattr(range_attention, "_bwd_one_pass", one_pass)
     torch.manual_seed(0)
     inputs = leaves(1, 40, num_compressed_blocks(40, L, STRIDE), 2, 1, torch.float32)
@@ -113,7 +113,7 @@ def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
                           block_size=L, stride=STRIDE)
 
 
-LONG = 40  # the length rules' threshold in documents_short_and_long
+LONG = 40  # the length rules' threshold in documents_short_and_long (at its 2 query heads)
 
 
 def documents_short_and_long():
@@ -134,8 +134,9 @@ def documents_short_and_long():
 
 
 def test_short_documents_take_the_split_backward(monkeypatch):
-    """ONE_PASS_MIN_TOKENS: where no query sees that many tokens of its document the split backward runs,
-    else the one pass; packed documents count one by one, not by the batch's tokens."""
+    """ONE_PASS_MIN_WORK: where the longest document's tokens x query heads x head dim fall short of it the split
+    backward runs, else the one pass; packed documents count one by one, not by the batch's tokens, and a group
+    with half the heads needs a document twice as long."""
     import kernels.range_attention as range_attention
 
     ran = []
@@ -143,10 +144,15 @@ def test_short_documents_take_the_split_backward(monkeypatch):
         monkeypatch.setattr(range_attention, name,
                             lambda *args, name=name, run=getattr(range_attention, name): ran.append(name) or run(*args))
     monkeypatch.setattr(compressed_triton, "ONE_PASS_BACKWARD", True)
-    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", LONG)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_WORK", LONG * 2 * DK)  # documents_short_and_long: 2 heads
     for seq, bounds, long in documents_short_and_long():
         path = "_bwd_one_pass" if long else "_bwd_split"
         assert ran.pop() == path and not ran, f"T={seq}, documents {bounds}: expected {path}"
+    for seq, heads, path in [(LONG, 1, "_bwd_split"), (2 * LONG - 1, 1, "_bwd_split"), (2 * LONG, 1, "_bwd_one_pass")]:
+        inputs = leaves(1, seq, num_compressed_blocks(seq, L, STRIDE), heads, 1, torch.float32)
+        compare_attention(compressed_attention_triton, compressed_attention_ref, inputs, torch.float32,
+                          block_size=L, stride=STRIDE)
+        assert ran.pop() == path and not ran, f"T={seq}, {heads} head: expected {path}"
 
 
 def test_long_documents_take_the_tma_forward(monkeypatch):

@@ -111,7 +111,7 @@ def test_each_branch_applies_its_gate_in_its_backward(monkeypatch, name, one_pas
     if one_pass is not None:
         for branch in (compressed_triton, window_triton):
             monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", one_pass)
-        monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
+        monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_WORK", 0)
     torch.manual_seed(3)
     triton_branch, reference, _, sizes = BRANCHES[name]
     leaves = branch_leaves(name)

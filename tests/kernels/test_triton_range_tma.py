@@ -39,7 +39,7 @@ def tma_loads(request, monkeypatch):
     monkeypatch.setattr(range_attention, "TMA_ROW_STATS", tma_rows)
     for branch in (compressed_triton, window_triton):
         monkeypatch.setattr(branch, "ONE_PASS_BACKWARD", one_pass)
-    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_TOKENS", 0)
+    monkeypatch.setattr(compressed_triton, "ONE_PASS_MIN_WORK", 0)
     taken = []
     use_tma, use_dq_reduce = range_attention.use_tma, range_attention.use_dq_reduce
     use_row_stats_tma = range_attention.use_row_stats_tma

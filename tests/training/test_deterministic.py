@@ -22,8 +22,8 @@ def _run(rank: int, world_size: int, root: str, out_path: str) -> None:
     from kernels import range_attention
     from nsa_dist.trainer import TrainingHooks, train
 
-    # the one pass from the first token (it starts at 64K tokens), so that the default run takes it here
-    compressed.ONE_PASS_MIN_TOKENS = 1
+    # the one pass from the first token (it starts at 16K tokens of 64 heads of 128), so that the default run takes it here
+    compressed.ONE_PASS_MIN_WORK = 1
     paths = []
     for name in ("_bwd_one_pass", "_bwd_split"):
         def counted(*args, _original=getattr(range_attention, name), _name=name):

@@ -10,7 +10,7 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
   TMA: K/V parts copied through TMA descriptors; --tma-only: those alone; --by-blocks: the kernels by key
   blocks alone, BY_BLOCKS; --keys-m: the kernels with the keys as their dots' M alone, KEYS_M; --tokens:
   token tiles alone, at any group), backward
-  "dkv" (BLOCK_M too)
+  "dkv" (BLOCK_M too, and BY_TOKEN: one token a step with the keys as the dots' M; --by-token: those alone)
   and "reduce" (--selected-parts picks among the four);
 - gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward):
   BLOCK_R x num_warps (until 2026-12-06 also "gate_bwd", one branch's gate backward, now in the branches'
@@ -126,6 +126,8 @@ def parse_args():
     p.add_argument("--keys-m", action="store_true",
                    help="selected forward and dQ: today's config and the kernels with the keys as their dots' M only "
                         "(KEYS_M)")
+    p.add_argument("--by-token", action="store_true",
+                   help="selected dK/dV: today's config and the kernel one token a step (BY_TOKEN) only")
     p.add_argument("--out", required=True, help="JSON file to write")
     return p.parse_args()
 
@@ -202,7 +204,7 @@ def token_tile_variants(sel: int) -> list[dict]:
 
 
 def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool = False,
-                    keys_m: bool = False, tokens: bool = False) -> list[Sweep]:
+                    keys_m: bool = False, tokens: bool = False, by_token: bool = False) -> list[Sweep]:
     sel = PAPER["selection_block"]
     fwd_now = {"num_stages": DEFAULT_STAGES, **selected._forward_launch(q, v), "BLOCK_K": sel}  # as launched
     dq_now = {"num_stages": DEFAULT_STAGES, **selected._dq_launch(q, v), "BLOCK_K": sel}
@@ -242,9 +244,12 @@ def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, fwd_list, forward, reference[0]),
         Sweep("selected bwd: dq", selected, "dq", dq_now, dq_list, backward, reference[1]),
-        # BLOCK_M 16 and 32 leave the two fp32 accumulators room: no spills offline (selected-dkv-offline.py)
+        # BLOCK_M 16 and 32 leave the two fp32 accumulators room: no spills offline (selected-dkv-offline.py);
+        # BY_TOKEN: one token a step, keys as the dots' M (_selected_bwd_dkv_by_token)
         Sweep("selected bwd: dkv", selected, "dkv", dkv_now,
-              configs(dkv_now, BLOCK_M=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
+              ([dkv_now] if by_token else
+               configs(dkv_now, BLOCK_M=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)))
+              + configs(dkv_now, BY_TOKEN=(True,), num_warps=(4, 8), num_stages=(2, 3))[1:],
               backward, reference[1]),
         Sweep("selected bwd: reduce", selected, "reduce", reduce_now,
               [reduce_now, dict(num_warps=2, num_stages=3), dict(num_warps=8, num_stages=3),
@@ -444,7 +449,7 @@ def one_shape(shape: Shape, first: Shape, args, report, device, dtype) -> None:
             sweep_all([topn])
         if "selected" in args.kernels and not over_budget(args):
             sweeps = selected_sweeps(q, k, v, do, topn.run()[0], args.tma_only, args.by_blocks, args.keys_m,
-                                     args.tokens)
+                                     args.tokens, args.by_token)
             sweep_all([sw for sw in sweeps if sw.key in args.selected_parts])
         del q, k, v, do, k_cmp, v_cmp, lse, topn
         empty_cache()

@@ -40,10 +40,10 @@ from kernels.triton_utils import (
 ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages, BLOCK_K: keys a
 # loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors, KEYS_M: the dots with the
-# keys as M (_keys_as_m); "fwd" also BY_BLOCKS: the
-# forward by key blocks, with BLOCK_M, CHUNK, num_warps, num_stages, see _forward_by_blocks), "dkv" (BLOCK_M,
-# num_warps, num_stages), "reduce" (num_warps, num_stages); empty in use, filled by
-# benchmarks/kernels-exp-sweep.py
+# keys as M (_keys_as_m); "fwd" also BY_BLOCKS: the forward by key blocks, with BLOCK_M, CHUNK, num_warps,
+# num_stages, see _forward_by_blocks), "dkv" (BLOCK_M, num_warps, num_stages; BY_TOKEN: one token a step with
+# the keys as the dots' M, _selected_bwd_dkv_by_token), "reduce" (num_warps, num_stages); empty in use, filled
+# by benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
 
 # What the forward and dQ run on a GPU where LAUNCH does not set the kernel (measured on one H200, HK=4,
@@ -401,6 +401,49 @@ def _selected_bwd_dkv(
         dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])
         acc_k += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+    seg = tl.program_id(0).to(tl.int64)
+    tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
+    tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
+
+
+@triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
+def _selected_bwd_dkv_by_token(
+    q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
+    T, TK, HQ, HK, KB, q_start, scale_log2, scale,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_selected_bwd_dkv one token of the segment a step (LAUNCH["dkv"]["BY_TOKEN"]), with the block's keys as
+    the dots' M: scores [keys, heads] = K q^T, so the step's dots are warpgroup MMAs of M = 64 keys at any
+    group (G heads padded to BLOCK_G >= 16 columns), a token's q and dO rows are one contiguous [G, D] tile,
+    and P^T and dS^T, already in the accumulator's layout, feed dV += P^T dO and dK += dS^T q from registers.
+    Not timed on a GPU yet: the 64-row kernel above stays the default."""
+    b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
+        k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
+    # K and V made in registers (the select changes nothing: _segment_block loaded zeros there), so that an
+    # sm_90a compile takes them as the first operand from registers, not from shared memory every step
+    kt = tl.where(key_ok[:, None], kt, 0.0).to(k.dtype.element_ty)
+    vt = tl.where(key_ok[:, None], vt, 0.0).to(v.dtype.element_ty)
+    heads = tl.arange(0, BLOCK_G)
+    head_ok = heads < G
+    acc_k = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    for i in range(num_rows // G):
+        tok = tl.load(entries + e0 + i).to(tl.int64)
+        flat = (b * T + tok) * HQ + hk * G + heads
+        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        row_lse = tl.load(lse + flat, mask=head_ok, other=0.0)
+        row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+        row_delta = tl.load(delta + flat, mask=head_ok, other=0.0)
+        st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
+        visible = key_ok[:, None] & head_ok[None, :] & (keys[:, None] <= q_start + tok)
+        pt = tl.where(visible, tl.exp2(st - row_lse[None, :]), 0.0)
+        acc_v += tl.dot(pt.to(dot.dtype), dot, input_precision=PRECISION)
+        dpt = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
+        dst = pt * (dpt - row_delta[None, :])
+        acc_k += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
     seg = tl.program_id(0).to(tl.int64)
     tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
     tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
@@ -1031,11 +1074,17 @@ class SelectedAttention(torch.autograd.Function):
         part_k = torch.empty(seg_block.numel(), tile[0], tile[1], dtype=torch.float32, device=q.device)
         part_v = torch.empty(seg_block.numel(), tile[0], tile[2], dtype=torch.float32, device=q.device)
         if seg_block.numel():
-            _selected_bwd_dkv[(seg_block.numel(),)](
+            # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
+            launch = launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2)
+            if launch.pop("BY_TOKEN", False):
+                kernel = _selected_bwd_dkv_by_token
+                launch.pop("BLOCK_M")
+                launch["BLOCK_G"] = max(16, pow2(consts["G"]))
+            else:
+                kernel = _selected_bwd_dkv
+            kernel[(seg_block.numel(),)](
                 q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
-                *sizes, num_blocks, q_start, scale * LOG2E, scale,
-                # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
-                **consts, **launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2),
+                *sizes, num_blocks, q_start, scale * LOG2E, scale, **consts, **launch,
             )
         dk = poisoned(k.shape, k.dtype, k.device)
         dv = poisoned(v.shape, v.dtype, v.device)

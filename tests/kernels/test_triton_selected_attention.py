@@ -132,6 +132,22 @@ def test_launch_override(monkeypatch):
                       torch.float32, block_idx=random_blocks(1, T, 1), selection_block=SEL)
 
 
+@pytest.mark.parametrize("group, dtype", [(1, torch.float32), (3, torch.float16), (4, torch.float32),
+                                          (16, torch.float32)])
+def test_dkv_by_token(monkeypatch, group, dtype):
+    """dK/dV one token a step with the keys as the dots' M (LAUNCH["dkv"]["BY_TOKEN"]): the reference's gradients,
+    groups padded to 16 columns (1 and 3 heads) or not (16), over packed documents with 64-key blocks, where a
+    block can reach past a document's end and a token sees only the keys up to itself."""
+    torch.manual_seed(group)
+    sel, seq = 64, 170
+    monkeypatch.setitem(selected.LAUNCH, "dkv", {"BY_TOKEN": True})
+    cu_seqlens = torch.tensor([0, 30, 160, seq], dtype=torch.int32)
+    doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(seq), right=True) - 1]
+    compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, seq, seq, group, 2, dtype),
+                      dtype, block_idx=random_blocks(1, seq, 2, doc_starts=doc_starts, sel=sel),
+                      selection_block=sel, cu_seqlens=cu_seqlens.to(DEVICE))
+
+
 @pytest.mark.parametrize("block_k", [16, 32])
 def test_blocks_in_key_parts(monkeypatch, block_k):
     """The forward and dQ kernels taking each 64-token selection block in parts of BLOCK_K keys (a LAUNCH

@@ -94,6 +94,9 @@ class MLflowTracker(TrainingHooks):
         self.run_dir = Path(config.run.dir)
         self.stages = config.resolved_stages()
         self._finished = False
+        # the job's start, taken here on the training thread: the background thread may create the parent
+        # run seconds later (a new sqlite store migrates its schema first), while the first steps already run
+        self._started_ms = int(time.time() * 1000)
         if not self.enabled:
             return
         self.uri = tracking_uri(config)
@@ -116,7 +119,7 @@ class MLflowTracker(TrainingHooks):
     # ------------------------------------------------------------------------ the hooks (training thread)
 
     def stage_started(self, stage: Stage, state: TrainState, source: str) -> None:
-        self._submit(f"starting stage {stage.name!r}", self._start_stage, stage)
+        self._submit(f"starting stage {stage.name!r}", self._start_stage, stage, int(time.time() * 1000))
 
     def step(self, log: StepLog) -> None:
         self._submit(f"logging step {log.step}", self._log_step, log, int(time.time() * 1000))
@@ -205,7 +208,8 @@ class MLflowTracker(TrainingHooks):
                         "starting new runs there", self.run_dir / RUN_IDS_FILE, ids["parent"], self.uri)
         if parent is None:
             experiment_id = self._experiment_id()
-            parent = self._client.create_run(experiment_id, run_name=self.run_dir.resolve().name)
+            parent = self._client.create_run(experiment_id, start_time=self._started_ms,
+                                             run_name=self.run_dir.resolve().name)
             self._ids = {"tracking_uri": self.uri, "experiment_id": experiment_id, "parent": parent.info.run_id,
                          "stages": {}}
         else:
@@ -220,13 +224,14 @@ class MLflowTracker(TrainingHooks):
         self._log_new_params(parent, _flatten(self.config.to_dict()))
         self._client.log_text(parent_id, yaml.safe_dump(self.config.to_dict(), sort_keys=False), "config.yaml")
 
-    def _start_stage(self, stage: Stage) -> None:
-        """Continues the stage's child run or starts one; its params; system metrics until it ends."""
+    def _start_stage(self, stage: Stage, started_ms: int) -> None:
+        """Continues the stage's child run or starts one (started at started_ms, when the training thread began
+        the stage); its params; system metrics until it ends."""
         self._stop_monitor()
         run_id = self._ids["stages"].get(stage.name)
         run = self._existing_run(run_id) if run_id else None
         if run is None:
-            run = self._client.create_run(self._ids["experiment_id"], run_name=stage.name,
+            run = self._client.create_run(self._ids["experiment_id"], start_time=started_ms, run_name=stage.name,
                                           tags={"mlflow.parentRunId": self._ids["parent"]})
             self._ids["stages"][stage.name] = run.info.run_id
             self._save_ids()

@@ -180,6 +180,35 @@ def test_two_stage_curriculum_one_parent_two_children(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_runs_start_when_the_job_and_its_stages_do(tmp_path, monkeypatch):
+    """The parent run spans the job from the tracker's creation and a child its stage from stage_started, on the
+    training thread, however late the background thread creates them (a new sqlite store first migrates its
+    schema, seconds on a busy machine, while the first steps run): here every create_run first waits 1 s."""
+    create_run = MlflowClient.create_run
+
+    def slow_store(self, *args, **kwargs):
+        time.sleep(1.0)
+        return create_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", slow_store)
+    config = quickstart(tmp_path)
+    short, _ = config.resolved_stages()
+    job_start = int(time.time() * 1000)  # ms, as MLflow keeps them
+    tracker = MLflowTracker(config, command=COMMAND, hardware="2 CPU cores")
+    stage_start = int(time.time() * 1000)
+    history = run_steps(tracker, config, short, range(1, 3))
+    stage_started = int(time.time() * 1000) + 1
+    tracker.finish(TrainResult(history, None, waiting=None))
+
+    ids = read_run_ids(config.run.dir)
+    client = MlflowClient(tracking_uri(config))
+    parent = client.get_run(ids["parent"]).info
+    child = client.get_run(ids["stages"]["short"]).info
+    assert job_start <= parent.start_time <= stage_start + 1  # not when the store got to it, 1 s later
+    assert stage_start <= child.start_time <= stage_started
+
+
+@pytest.mark.timeout(60)
 def test_resumed_job_continues_the_same_runs(tmp_path, caplog):
     config = quickstart(tmp_path)
     short, long = config.resolved_stages()

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.range_attention as ra  # noqa: E402
-from range_experiments import (check_shape_arguments, errors, fixed_fp32_configs, range_inputs,  # noqa: E402
-                               run_facts, shape_arguments, timed, within_bound, write)
+from range_experiments import (alternated, check_shape_arguments, errors, fixed_fp32_configs,  # noqa: E402
+                               range_inputs, run_facts, shape_arguments, timed, within_bound, write)
 
 
 def dkv_config(text: str):
@@ -105,14 +105,8 @@ def one_length(seq: int, args, device) -> dict:
         res[name] = line
         print(f"T={seq} {name}: bwd {line['bwd_ms']:.2f} ms, config {line['config']}, errors {line['errors']}",
               flush=True)
-    alternated = {name: [] for name in variants}
-    for _ in range(2):
-        for name in variants:
-            alternated[name].append(timed(lambda: run(name), args.reps))
-    res["alternated_ms"] = alternated
-    res["speedup_vs_in_order"] = {name: sum(alternated["in_order"]) / sum(times)
-                                  for name, times in alternated.items()}
-    print(f"T={seq} alternated: " + ", ".join(f"{name} {times}" for name, times in alternated.items()), flush=True)
+    res["alternated_ms"], res["speedup_vs_in_order"] = alternated(
+        {name: lambda name=name: run(name) for name in variants}, "in_order", args.reps, f"T={seq}")
     return res
 
 

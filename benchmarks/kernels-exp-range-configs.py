@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import kernels.range_attention as ra  # noqa: E402
-from range_experiments import (check_shape_arguments, errors, fixed_fp32_configs, range_inputs,  # noqa: E402
-                               run_facts, shape_arguments, timed, within_bound, write)
+from range_experiments import (alternated, check_shape_arguments, errors, fixed_fp32_configs,  # noqa: E402
+                               range_inputs, run_facts, shape_arguments, timed, within_bound, write)
 
 OUTPUTS = {"fwd": ("o", "lse"), "dq": ("dq", "dk", "dv")}
 
@@ -119,13 +119,8 @@ def one_length(seq: int, args, device) -> dict:
         line["within_bound"] = within_bound(line["errors"], res["pick"]["errors"]) if "pick" in res else True
         res[name] = line
         print(f"T={seq} {name}: {line['ms']:.3f} ms, config {line['config']}, errors {line['errors']}", flush=True)
-    alternated = {name: [] for name in variants}
-    for _ in range(2):
-        for name, config in variants.items():
-            alternated[name].append(timed(lambda: run(config), args.reps))
-    res["alternated_ms"] = alternated
-    res["speedup_vs_pick"] = {name: sum(alternated["pick"]) / sum(times) for name, times in alternated.items()}
-    print(f"T={seq} alternated: " + ", ".join(f"{name} {times}" for name, times in alternated.items()), flush=True)
+    res["alternated_ms"], res["speedup_vs_pick"] = alternated(
+        {name: lambda config=config: run(config) for name, config in variants.items()}, "pick", args.reps, f"T={seq}")
     return res
 
 

@@ -100,6 +100,18 @@ def timed(fn, reps: int) -> float:
     return median_ms(fn, reps)["ms"] if torch.cuda.is_available() else float("nan")
 
 
+def alternated(runs: dict, baseline: str, reps: int, label: str) -> tuple[dict, dict]:
+    """Each of `runs` (name -> function) timed again twice, all of them in turn each round, so that their ratios
+    do not carry the drift between timings made a while apart: ({name: [ms, ms]}, {name: the baseline's ms / its
+    ms}); prints the timings on one line after `label`."""
+    times = {name: [] for name in runs}
+    for _ in range(2):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, reps))
+    print(f"{label} alternated: " + ", ".join(f"{name} {ms}" for name, ms in times.items()), flush=True)
+    return times, {name: sum(times[baseline]) / sum(ms) for name, ms in times.items()}
+
+
 def run_facts(repo: Path) -> dict:
     """The command, commit ($COMMIT where the device scripts set it: the GPU machine's copy of the tree
     may hold a stale .git), device and versions, for the head of a report."""

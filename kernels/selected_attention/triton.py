@@ -371,6 +371,15 @@ def _segment_block(k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, 
     return b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt
 
 
+@triton.jit
+def _store_partials(part_k, part_v, offs, dk, dv, acc_k, acc_v, scale, BLOCK_S: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """This program's fp32 partial dK (scaled) and dV of its segment, which _selected_bwd_reduce sums."""
+    seg = tl.program_id(0).to(tl.int64)
+    tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
+    tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
+
+
 @triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
 def _selected_bwd_dkv(
     q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
@@ -401,9 +410,7 @@ def _selected_bwd_dkv(
         dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - row_delta[:, None])
         acc_k += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
-    seg = tl.program_id(0).to(tl.int64)
-    tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
-    tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
+    _store_partials(part_k, part_v, offs, dk, dv, acc_k, acc_v, scale, BLOCK_S, BLOCK_DK, BLOCK_DV)
 
 
 @triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
@@ -444,9 +451,7 @@ def _selected_bwd_dkv_by_token(
         dpt = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
         dst = pt * (dpt - row_delta[None, :])
         acc_k += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
-    seg = tl.program_id(0).to(tl.int64)
-    tl.store(part_k + (seg * BLOCK_S + offs[:, None]) * BLOCK_DK + dk[None, :], acc_k * scale)
-    tl.store(part_v + (seg * BLOCK_S + offs[:, None]) * BLOCK_DV + dv[None, :], acc_v)
+    _store_partials(part_k, part_v, offs, dk, dv, acc_k, acc_v, scale, BLOCK_S, BLOCK_DK, BLOCK_DV)
 
 
 @triton.jit(do_not_specialize=["KB"])

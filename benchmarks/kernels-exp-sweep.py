@@ -10,7 +10,8 @@ Kernels, each set through its module's LAUNCH dict (kernels.triton_utils.launch_
   TMA: K/V parts copied through TMA descriptors; --tma-only: those alone; --by-blocks: the kernels by key
   blocks alone, BY_BLOCKS; --keys-m: the kernels with the keys as their dots' M alone, KEYS_M; --tokens:
   token tiles alone, at any group), backward
-  "dkv" (BLOCK_M too, and BY_TOKEN: one token a step with the keys as the dots' M; --by-token: those alone)
+  "dkv" (BLOCK_M too, and KEYS_M: the keys as the dots' M, BLOCK_N rows of whole tokens a step; --dkv-keys-m:
+  those alone)
   and "reduce" (--selected-parts picks among the four);
 - gate combine, kernels/gate_combine/triton.py "sum" (the gated sum of three outputs, forward):
   BLOCK_R x num_warps (until 2026-12-06 also "gate_bwd", one branch's gate backward, now in the branches'
@@ -126,8 +127,8 @@ def parse_args():
     p.add_argument("--keys-m", action="store_true",
                    help="selected forward and dQ: today's config and the kernels with the keys as their dots' M only "
                         "(KEYS_M)")
-    p.add_argument("--by-token", action="store_true",
-                   help="selected dK/dV: today's config and the kernel one token a step (BY_TOKEN) only")
+    p.add_argument("--dkv-keys-m", action="store_true",
+                   help="selected dK/dV: today's config and the kernel with the keys as the dots' M (KEYS_M) only")
     p.add_argument("--out", required=True, help="JSON file to write")
     return p.parse_args()
 
@@ -203,8 +204,16 @@ def token_tile_variants(sel: int) -> list[dict]:
                                   (4, 4, 2, sel // 2), (8, 8, 2, sel // 2))]
 
 
+def keys_m_dkv_variants() -> list[dict]:
+    """The dK/dV kernel with the keys as M: 16 rows (one token at G = 16) at 3 and 2 stages, 32 and 64 rows,
+    and 8 warps (0.5-0.6x at 16 rows, 2929fbc)."""
+    return [dict(KEYS_M=True, BLOCK_N=n, num_warps=w, num_stages=st)
+            for n, w, st in ((16, 4, 3), (16, 4, 2), (16, 4, 4), (32, 4, 3), (32, 4, 2), (32, 4, 4), (64, 4, 3),
+                             (64, 8, 3))]
+
+
 def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool = False,
-                    keys_m: bool = False, tokens: bool = False, by_token: bool = False) -> list[Sweep]:
+                    keys_m: bool = False, tokens: bool = False, dkv_keys_m: bool = False) -> list[Sweep]:
     sel = PAPER["selection_block"]
     fwd_now = {"num_stages": DEFAULT_STAGES, **selected._forward_launch(q, v), "BLOCK_K": sel}  # as launched
     dq_now = {"num_stages": DEFAULT_STAGES, **selected._dq_launch(q, v), "BLOCK_K": sel}
@@ -245,11 +254,12 @@ def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool
         Sweep("selected fwd", selected, "fwd", fwd_now, fwd_list, forward, reference[0]),
         Sweep("selected bwd: dq", selected, "dq", dq_now, dq_list, backward, reference[1]),
         # BLOCK_M 16 and 32 leave the two fp32 accumulators room: no spills offline (selected-dkv-offline.py);
-        # BY_TOKEN: one token a step, keys as the dots' M (_selected_bwd_dkv_by_token)
+        # KEYS_M: keys as the dots' M, BLOCK_N rows (1 to 4 tokens at G = 16) a step (_selected_bwd_dkv_keys_m);
+        # offline at D = 128, 4 warps: no spill up to 32 rows, 268 B at 64 (selected-dkv-offline.py)
         Sweep("selected bwd: dkv", selected, "dkv", dkv_now,
-              ([dkv_now] if by_token else
+              ([dkv_now] if dkv_keys_m else
                configs(dkv_now, BLOCK_M=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)))
-              + configs(dkv_now, BY_TOKEN=(True,), num_warps=(4, 8), num_stages=(2, 3))[1:],
+              + keys_m_dkv_variants(),
               backward, reference[1]),
         Sweep("selected bwd: reduce", selected, "reduce", reduce_now,
               [reduce_now, dict(num_warps=2, num_stages=3), dict(num_warps=8, num_stages=3),
@@ -449,7 +459,7 @@ def one_shape(shape: Shape, first: Shape, args, report, device, dtype) -> None:
             sweep_all([topn])
         if "selected" in args.kernels and not over_budget(args):
             sweeps = selected_sweeps(q, k, v, do, topn.run()[0], args.tma_only, args.by_blocks, args.keys_m,
-                                     args.tokens, args.by_token)
+                                     args.tokens, args.dkv_keys_m)
             sweep_all([sw for sw in sweeps if sw.key in args.selected_parts])
         del q, k, v, do, k_cmp, v_cmp, lse, topn
         empty_cache()

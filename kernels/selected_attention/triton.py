@@ -41,8 +41,8 @@ ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # Launch parameters set over the defaults, per kernel: "fwd", "dq" (num_warps, num_stages, BLOCK_K: keys a
 # loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors, KEYS_M: the dots with the
 # keys as M (_keys_as_m); "fwd" also BY_BLOCKS: the forward by key blocks, with BLOCK_M, CHUNK, num_warps,
-# num_stages, see _forward_by_blocks), "dkv" (BLOCK_M, num_warps, num_stages; BY_TOKEN: one token a step with
-# the keys as the dots' M, _selected_bwd_dkv_by_token), "reduce" (num_warps, num_stages); empty in use, filled
+# num_stages, see _forward_by_blocks), "dkv" (BLOCK_M, num_warps, num_stages; KEYS_M: the keys as the dots'
+# M, with BLOCK_N rows a step, _selected_bwd_dkv_keys_m), "reduce" (num_warps, num_stages); empty in use, filled
 # by benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
 
@@ -69,6 +69,18 @@ def _by_blocks_launch(kernel: str, group: int, on_gpu: bool, want_slot_lse: bool
     if on_gpu and group <= BY_BLOCKS_UP_TO_GROUP and not want_slot_lse:
         return dict(BY_BLOCKS_LAUNCH[kernel])
     return None
+
+
+def _keys_m_rows(block_n: int | None, group: int) -> int:
+    """The dK/dV kernel with the keys as M (_selected_bwd_dkv_keys_m): its rows a step, BLOCK_N from LAUNCH or
+    one token's heads (padded to 16, the smallest tl.dot); whole tokens, so a power of two from there."""
+    least = pow2(group)
+    if block_n is None:
+        return least
+    if block_n < least or block_n != pow2(block_n):
+        raise ValueError(f"selected attention: LAUNCH['dkv'] BLOCK_N={block_n} with KEYS_M=True must be a power of "
+                         f"two of at least {least} (whole tokens of a group of {group}, at least 16 rows)")
+    return block_n
 
 
 def _tma_by_default(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
@@ -414,38 +426,40 @@ def _selected_bwd_dkv(
 
 
 @triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
-def _selected_bwd_dkv_by_token(
+def _selected_bwd_dkv_keys_m(
     q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
     T, TK, HQ, HK, KB, q_start, scale_log2, scale,
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """_selected_bwd_dkv one token of the segment a step (LAUNCH["dkv"]["BY_TOKEN"]), with the block's keys as
-    the dots' M: scores [keys, heads] = K q^T, so the step's dots are warpgroup MMAs of M = 64 keys at any
-    group (G heads padded to BLOCK_G >= 16 columns), a token's q and dO rows are one contiguous [G, D] tile,
-    and P^T and dS^T, already in the accumulator's layout, feed dV += P^T dO and dK += dS^T q from registers.
-    Not timed on a GPU yet: the 64-row kernel above stays the default."""
+    """_selected_bwd_dkv with the block's keys as the dots' M (LAUNCH["dkv"]["KEYS_M"]): scores [keys, rows] =
+    K q^T, so the step's dots are warpgroup MMAs of M = 64 keys at any group, and P^T and dS^T, already in the
+    accumulator's layout, feed dV += P^T dO and dK += dS^T q from registers. A step's BLOCK_N rows are
+    BLOCK_N // GROUP_P tokens of the segment, each its G heads padded to GROUP_P (the group's power of two)."""
     b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
         k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
     # K and V made in registers (the select changes nothing: _segment_block loaded zeros there), so that an
     # sm_90a compile takes them as the first operand from registers, not from shared memory every step
     kt = tl.where(key_ok[:, None], kt, 0.0).to(k.dtype.element_ty)
     vt = tl.where(key_ok[:, None], vt, 0.0).to(v.dtype.element_ty)
-    heads = tl.arange(0, BLOCK_G)
-    head_ok = heads < G
+    r = tl.arange(0, BLOCK_N)
+    head = r % GROUP_P
+    num_tokens = num_rows // G
     acc_k = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     acc_v = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
-    for i in range(num_rows // G):
-        tok = tl.load(entries + e0 + i).to(tl.int64)
-        flat = (b * T + tok) * HQ + hk * G + heads
-        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=head_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=head_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        row_lse = tl.load(lse + flat, mask=head_ok, other=0.0)
+    for i0 in range(0, num_tokens, BLOCK_N // GROUP_P):
+        i = i0 + r // GROUP_P
+        row_ok = (head < G) & (i < num_tokens)
+        tok = tl.load(entries + e0 + i, mask=row_ok, other=0).to(tl.int64)
+        flat = (b * T + tok) * HQ + hk * G + head
+        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
         row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
-        row_delta = tl.load(delta + flat, mask=head_ok, other=0.0)
+        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
         st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
-        visible = key_ok[:, None] & head_ok[None, :] & (keys[:, None] <= q_start + tok)
+        visible = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= q_start + tok[None, :])
         pt = tl.where(visible, tl.exp2(st - row_lse[None, :]), 0.0)
         acc_v += tl.dot(pt.to(dot.dtype), dot, input_precision=PRECISION)
         dpt = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
@@ -1081,10 +1095,11 @@ class SelectedAttention(torch.autograd.Function):
         if seg_block.numel():
             # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
             launch = launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2)
-            if launch.pop("BY_TOKEN", False):
-                kernel = _selected_bwd_dkv_by_token
+            if launch.pop("KEYS_M", False):
+                kernel = _selected_bwd_dkv_keys_m
                 launch.pop("BLOCK_M")
-                launch["BLOCK_G"] = max(16, pow2(consts["G"]))
+                launch["GROUP_P"] = pow2(consts["G"], minimum=1)
+                launch["BLOCK_N"] = _keys_m_rows(launch.get("BLOCK_N"), consts["G"])
             else:
                 kernel = _selected_bwd_dkv
             kernel[(seg_block.numel(),)](

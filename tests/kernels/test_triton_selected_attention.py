@@ -132,20 +132,36 @@ def test_launch_override(monkeypatch):
                       torch.float32, block_idx=random_blocks(1, T, 1), selection_block=SEL)
 
 
-@pytest.mark.parametrize("group, dtype", [(1, torch.float32), (3, torch.float16), (4, torch.float32),
-                                          (16, torch.float32)])
-def test_dkv_by_token(monkeypatch, group, dtype):
-    """dK/dV one token a step with the keys as the dots' M (LAUNCH["dkv"]["BY_TOKEN"]): the reference's gradients,
-    groups padded to 16 columns (1 and 3 heads) or not (16), over packed documents with 64-key blocks, where a
-    block can reach past a document's end and a token sees only the keys up to itself."""
+@pytest.mark.parametrize("group, block_n, dtype", [
+    (1, None, torch.float32),  # 16 tokens a step
+    (3, 32, torch.float16),  # 3 heads padded to 4 rows, 8 tokens a step
+    (4, None, torch.float32),
+    (16, None, torch.float32),  # one token a step
+    (16, 64, torch.float16),  # 4 tokens a step
+])
+def test_dkv_keys_m(monkeypatch, group, block_n, dtype):
+    """dK/dV with the keys as the dots' M (LAUNCH["dkv"]["KEYS_M"]), BLOCK_N rows of whole tokens a step: the
+    reference's gradients over packed documents with 64-key blocks, where a block can reach past a document's
+    end, a token sees only the keys up to itself, and a segment's last step holds fewer tokens."""
     torch.manual_seed(group)
     sel, seq = 64, 170
-    monkeypatch.setitem(selected.LAUNCH, "dkv", {"BY_TOKEN": True})
+    launch = {"KEYS_M": True} if block_n is None else {"KEYS_M": True, "BLOCK_N": block_n}
+    monkeypatch.setitem(selected.LAUNCH, "dkv", launch)
     cu_seqlens = torch.tensor([0, 30, 160, seq], dtype=torch.int32)
     doc_starts = cu_seqlens[torch.searchsorted(cu_seqlens, torch.arange(seq), right=True) - 1]
     compare_attention(selected_attention_triton, selected_attention_ref, leaves(1, seq, seq, group, 2, dtype),
                       dtype, block_idx=random_blocks(1, seq, 2, doc_starts=doc_starts, sel=sel),
                       selection_block=sel, cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+@pytest.mark.parametrize("block_n", [8, 24])
+def test_dkv_keys_m_rows_must_be_whole_tokens(monkeypatch, block_n):
+    """BLOCK_N under 16 rows or not a power of two is refused, naming the field and what it must be."""
+    monkeypatch.setitem(selected.LAUNCH, "dkv", {"KEYS_M": True, "BLOCK_N": block_n})
+    inputs = {name: x.requires_grad_() for name, x in leaves(1, 64, 64, 4, 1, torch.float32).items()}
+    o, _ = selected_attention_triton(**inputs, block_idx=random_blocks(1, 64, 1), selection_block=SEL)
+    with pytest.raises(ValueError, match=rf"LAUNCH\['dkv'\] BLOCK_N={block_n} with KEYS_M=True must be a power of two"):
+        o.sum().backward()
 
 
 @pytest.mark.parametrize("block_k", [16, 32])

@@ -1,11 +1,13 @@
-"""Issue 11: the range attention's forward or split-backward dQ kernel on launch configs outside the autotuner's list
-(kernels/range_attention.py _CONFIGS), against the autotuner's pick, in one process on one GPU.
+"""Issue 11: the range attention's forward, split-backward dQ or dK/dV, or one-pass backward kernel on launch configs
+outside the autotuner's list (kernels/range_attention.py _CONFIGS), against the autotuner's pick, in one process on
+one GPU.
 
 At each T of --seqs (B=1, HQ=64, HK=4, D=128, bf16; --branch window (default: --window keys) or compressed, the
-paper config; --doc-len packs documents of that length), --kernel fwd times range_attention_fwd and --kernel dq
-the split backward (range_attention_bwd: delta, dQ and dK/dV kernels; only dQ's launch changes), each with the
-autotuner's pick and with every config of --configs (BLOCK_M,BLOCK_N,warps,stages, taken through
-range_attention.LAUNCH):
+paper config; --doc-len packs documents of that length), --kernel fwd times range_attention_fwd, --kernel dq and dkv
+the split backward (range_attention_bwd: delta, dQ and dK/dV kernels; only the named kernel's launch changes) and
+--kernel onepass the one-pass backward, each with the autotuner's pick and with every config of --configs
+(BLOCK_M,BLOCK_N,warps,stages, and ",r" for the dK/dV and one-pass kernels with K and V in registers, KV_REGS;
+taken through range_attention.LAUNCH):
 - ms, medians of triton.testing.do_bench over >= --reps timed runs, then every variant again alternated twice,
   so that the ratios do not carry the drift between timings made a while apart;
 - the outputs (o and lse, or dq, dk, dv) against an fp32 run: max abs and RMS-relative error; a config passes if
@@ -38,17 +40,22 @@ import kernels.range_attention as ra  # noqa: E402
 from range_experiments import (alternated, check_shape_arguments, errors, fixed_fp32_configs,  # noqa: E402
                                range_inputs, run_facts, shape_arguments, timed, within_bound, write)
 
-OUTPUTS = {"fwd": ("o", "lse"), "dq": ("dq", "dk", "dv")}
+OUTPUTS = {"fwd": ("o", "lse"), "dq": ("dq", "dk", "dv"), "dkv": ("dq", "dk", "dv"), "onepass": ("dq", "dk", "dv")}
 
 
 def launch_config(text: str):
-    """BLOCK_M,BLOCK_N,warps,stages -> a triton.Config for range_attention.LAUNCH."""
+    """BLOCK_M,BLOCK_N,warps,stages[,r] -> a triton.Config for range_attention.LAUNCH (r: KV_REGS)."""
+    fields = text.split(",")
+    kv_regs = fields[-1] == "r"
     try:
-        block_m, block_n, warps, stages = (int(x) for x in text.split(","))
+        block_m, block_n, warps, stages = (int(x) for x in fields[:4 if kv_regs else None])
+        if kv_regs and len(fields) != 5:
+            raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--configs {text!r}: give BLOCK_M,BLOCK_N,warps,stages, e.g. 128,64,8,2") from None
-    return ra._config(block_m, block_n, warps, stages)
+            f"--configs {text!r}: give BLOCK_M,BLOCK_N,warps,stages, e.g. 128,64,8,2, or 32,64,4,2,r for K and V "
+            "in registers") from None
+    return ra._config(block_m, block_n, warps, stages, kv_regs)
 
 
 def parse_args():
@@ -57,7 +64,7 @@ def parse_args():
     p.add_argument("--kernel", default="fwd", choices=sorted(OUTPUTS))
     shape_arguments(p, seqs=[16384, 131072])
     p.add_argument("--configs", type=launch_config, nargs="+", required=True,
-                   help="configs BLOCK_M,BLOCK_N,warps,stages timed against the autotuner's pick")
+                   help="configs BLOCK_M,BLOCK_N,warps,stages[,r] timed against the autotuner's pick")
     args = p.parse_args()
     check_shape_arguments(p, args)
     return args
@@ -65,7 +72,8 @@ def parse_args():
 
 def config_name(config) -> str:
     kw = config.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    regs = " kv-regs" if kw.get("KV_REGS") else ""
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}{regs}"
 
 
 def one_length(seq: int, args, device) -> dict:
@@ -81,7 +89,8 @@ def one_length(seq: int, args, device) -> dict:
     def backward(q, k, v, o, lse, do):
         delta = ra.attention_delta(o, do, None)[0]
         # the window branch's dK/dV rows aligned, as training runs them (ALIGNED_ROWS in kernels/window_attention)
-        return ra.range_attention_bwd(q, k, v, lse, do, delta, *ranges, scale, False, args.branch == "window")
+        return ra.range_attention_bwd(q, k, v, lse, do, delta, *ranges, scale, args.kernel == "onepass",
+                                      args.branch == "window")
 
     with fixed_fp32_configs():
         o32, lse32 = forward(q, k, v)
@@ -95,7 +104,7 @@ def one_length(seq: int, args, device) -> dict:
         if config is not None:
             ra.LAUNCH[args.kernel] = config
         try:
-            if args.kernel == "dq":
+            if args.kernel != "fwd":
                 return backward(q, k, v, o, lse, do)
             out, out_lse = forward(q, k, v)
             return out, torch.where(torch.isfinite(out_lse), out_lse, 0.0)
@@ -133,7 +142,8 @@ def main():
         report["lengths"].append(one_length(seq, args, device))
         write(report, args.out)
 
-    timed_part = "forward" if args.kernel == "fwd" else "split backward (dQ's launch varied)"
+    timed_part = {"fwd": "forward", "dq": "split backward (dQ's launch varied)",
+                  "dkv": "split backward (dK/dV's launch varied)", "onepass": "one-pass backward"}[args.kernel]
     print(f"\n{timed_part}, {args.branch} branch (HQ={args.q_heads}, HK={args.kv_heads}, D={args.head_dim}, "
           f"{args.dtype}), commit {report['commit'][:10]}: configs against the autotuner's pick")
     print("x: the pick's ms / the variant's, from the alternated timings")

@@ -62,8 +62,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     interpreter_bulk_reductions()
 
 
-def _config(block_m, block_n, warps, stages):
-    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages)
+def _config(block_m, block_n, warps, stages, kv_regs=False):
+    """kv_regs: the dK/dV and one-pass kernels keep K and V in registers (KV_REGS, _dkv_tile)."""
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, **({"KV_REGS": True} if kv_regs else {}))
+    return triton.Config(tiles, num_warps=warps, num_stages=stages)
 
 
 # (BLOCK_M query rows, BLOCK_N keys, warps, stages) tried per kernel on the GPU: the winners of a wider
@@ -505,15 +507,21 @@ def _dkv_step(q, do, lse, delta, lo, hi, dq_acc, b, hk, r0, row_end, keys, kt, v
 
 @triton.jit
 def _dkv_tile(k, v, qlo, qhi, pid_n, b, hk, T, TK, HK, dk, dv, G: tl.constexpr, DK: tl.constexpr,
-              DV: tl.constexpr, BLOCK_N: tl.constexpr):
+              DV: tl.constexpr, BLOCK_N: tl.constexpr, KV_REGS: tl.constexpr = False):
     """A dK/dV program's key tile: keys, key_ok, their (b, key, head) rows, K and V tiles, and the rows
     (token, head) [row_start, row_end) of the queries that may see any of its keys, [full_lo, full_hi)
-    of those that see all of them (empty if the tile has a missing key or one nobody sees)."""
+    of those that see all of them (empty if the tile has a missing key or one nobody sees). KV_REGS: K and V
+    are made in registers after loading (a select that changes nothing: missing keys loaded as zeros), so
+    that an sm_90a compile takes them as the S^T and dP^T dots' first operand from registers instead of
+    reading them from shared memory at every step; it needs a tile that leaves registers for them."""
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < TK
     kv_row = (b.to(tl.int64) * TK + keys) * HK + hk
     kt = tl.load(k + kv_row[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk[None, :] < DK), other=0.0)
     vt = tl.load(v + kv_row[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if KV_REGS:
+        kt = tl.where(key_ok[:, None], kt, 0.0).to(k.dtype.element_ty)
+        vt = tl.where(key_ok[:, None], vt, 0.0).to(v.dtype.element_ty)
     key_qlo = tl.load(qlo + keys, mask=key_ok, other=0)
     key_qhi = tl.load(qhi + keys, mask=key_ok, other=0)
     row_start = tl.min(tl.where(key_ok & (key_qlo < key_qhi), key_qlo, T)) * G
@@ -532,7 +540,7 @@ def _range_attn_bwd_dkv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
-    ALIGNED_ROWS: tl.constexpr = False, STATS_TMA: tl.constexpr = False,
+    ALIGNED_ROWS: tl.constexpr = False, STATS_TMA: tl.constexpr = False, KV_REGS: tl.constexpr = False,
 ):
     """dK and dV of one key tile (axis 0) over its share (axis 2) of the rows that see it. ALIGNED_ROWS: the
     rows that see the whole tile are visited from the tile whose index is a multiple of their count,
@@ -544,13 +552,13 @@ def _range_attn_bwd_dkv(
     benchmarks/aligned-rows-*-h100-33a55b5.json; the window's split backward, both orders alternated twice):
     1.02x at 16K and 128K, 1.03x at 64K (HQ = 64, HK = 4, D = 128), 1.05x at the proof model's 16 / 1 heads of
     64 over 2K documents. So the order is not what holds the window backward at twice its floor.
-    STATS_TMA: lse and delta by TMA copies (row_stats_sources, TMA_ROW_STATS)."""
+    STATS_TMA: lse and delta by TMA copies (row_stats_sources, TMA_ROW_STATS). KV_REGS: see _dkv_tile."""
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
-        k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
+        k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N, KV_REGS)
     q, do = row_sources(q, do, b, T, HQ, G, DK, DV, BLOCK_M, TMA)
     lse, delta = row_stats_sources(lse, delta, b, T, HQ, G, BLOCK_M, STATS_TMA)
     # this program's share of the rows
@@ -599,7 +607,7 @@ def _range_attn_bwd_onepass(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     T_BUCKET, TK_BUCKET,  # unused: the autotuning key (_autotuned)
-    DQ_TMA: tl.constexpr = False, STATS_TMA: tl.constexpr = False,
+    DQ_TMA: tl.constexpr = False, STATS_TMA: tl.constexpr = False, KV_REGS: tl.constexpr = False,
 ):
     """dQ, dK and dV in one pass (S and dP computed once per (row tile, key tile)): program (key tile,
     chunk c, batch x KV head) takes the rows of chunk c of its key tile and adds its dQ, dK and dV
@@ -611,13 +619,13 @@ def _range_attn_bwd_onepass(
     DQ_TMA: each row tile's dQ share goes to dq_acc as one TMA bulk reduction (the tile staged in shared
     memory) instead of fp32 atomics from every thread (TMA_DQ_REDUCE). STATS_TMA: each row tile's lse and
     delta come by two TMA copies instead of every thread loading those of its columns of the transposed
-    scores (TMA_ROW_STATS)."""
+    scores (TMA_ROW_STATS). KV_REGS: see _dkv_tile."""
     b = tl.program_id(2) // HK
     hk = tl.program_id(2) % HK
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     keys, key_ok, kv_row, kt, vt, row_start, row_end, full_lo, full_hi = _dkv_tile(
-        k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N)
+        k, v, qlo, qhi, tl.program_id(0), b, hk, T, TK, HK, dk, dv, G, DK, DV, BLOCK_N, KV_REGS)
     q, do = row_sources(q, do, b, T, HQ, G, DK, DV, BLOCK_M, TMA)
     if DQ_TMA:
         dq_acc = tl.make_tensor_descriptor(dq_acc, shape=[((b + 1) * T).to(tl.int32), HQ, DK],
@@ -713,9 +721,10 @@ def _launch(name, device, grid, *args, **consts):
     algorithms (training.deterministic) the GPU takes the first candidate config, not the search's pick:
     the search times the candidates, so two runs may pick other tiles, which sum in another order. Where
     LAUNCH sets the kernel, the GPU takes that config. In compile_ahead's dry pass every candidate is
-    recorded for compiling, and nothing runs."""
-    if device.type == "cpu":
-        _KERNELS[name][grid(_CPU_TILES)](*args, **consts, **_CPU_TILES)
+    recorded for compiling, and nothing runs. Under the interpreter LAUNCH's tile sizes and flags apply too."""
+    if device.type == "cpu":  # LAUNCH's tiles and flags (KV_REGS) apply, not its warps and stages
+        tiles = {**_CPU_TILES, **LAUNCH[name].kwargs} if name in LAUNCH else _CPU_TILES
+        _KERNELS[name][grid(tiles)](*args, **consts, **tiles)
     elif name in LAUNCH or torch.are_deterministic_algorithms_enabled():
         config = LAUNCH[name] if name in LAUNCH else _candidates(name, **consts)[0]
         _KERNELS[name][grid(config.kwargs)](*args, **consts, **config.kwargs, num_warps=config.num_warps,

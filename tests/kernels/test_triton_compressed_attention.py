@@ -88,6 +88,16 @@ def test_several_key_tiles(group, kv_heads, packed):
                       block_size=L, stride=STRIDE, cu_seqlens=cu_seqlens)
 
 
+def test_kv_in_registers(monkeypatch):
+    """The dK/dV and one-pass kernels with K and V made in registers (KV_REGS, a range_attention.LAUNCH
+    config): the reference's gradients over packed documents and several key tiles, the last one partial."""
+    import kernels.range_attention as range_attention
+
+    for name in ("dkv", "onepass"):
+        monkeypatch.setitem(range_attention.LAUNCH, name, range_attention._config(64, 64, 4, 1, kv_regs=True))
+    test_several_key_tiles(2, 1, True)
+
+
 def test_deterministic_algorithms_take_the_split_backward(monkeypatch):
     """The one-pass backward adds with atomics in any order; torch.use_deterministic_algorithms(True) must
     get the split path, whose result does not depend on the order in which programs run."""

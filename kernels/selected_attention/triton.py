@@ -425,6 +425,47 @@ def _selected_bwd_dkv(
     _store_partials(part_k, part_v, offs, dk, dv, acc_k, acc_v, scale, BLOCK_S, BLOCK_DK, BLOCK_DV)
 
 
+@triton.jit
+def _keys_m_step(q, do, lse, delta, entries, e0, i0, num_tokens, b, hk, T, HQ, q_start, keys, key_ok, kt, vt, dk, dv,
+                 acc_k, acc_v, scale_log2, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Tokens i0 .. i0 + BLOCK_N // GROUP_P - 1 of the segment into the block's dK and dV (transposed scores,
+    _selected_bwd_dkv_keys_m). MASKED: the step may reach past the segment's last token. One token a step
+    (BLOCK_N == GROUP_P) loads it once, as a scalar: its rows are one contiguous run, and no row is masked
+    but the group's padding (at 128K, G = 16 on one H100 the scalar token's kernel took 66.7 ms, 2929fbc, and a
+    row-wise token one a step 84.4, e897e0a)."""
+    r = tl.arange(0, BLOCK_N)
+    head = r % GROUP_P
+    if BLOCK_N == GROUP_P:
+        tok = tl.load(entries + e0 + i0).to(tl.int64)
+        row_ok = head < G
+        flat = (b * T + tok) * HQ + hk * G + head
+        pos = q_start + tok + tl.zeros([BLOCK_N], tl.int64)
+    else:
+        i = i0 + r // GROUP_P
+        if MASKED:
+            row_ok = (head < G) & (i < num_tokens)
+            tok = tl.load(entries + e0 + i, mask=row_ok, other=0).to(tl.int64)
+        else:
+            row_ok = head < G
+            tok = tl.load(entries + e0 + i).to(tl.int64)
+        flat = (b * T + tok) * HQ + hk * G + head
+        pos = q_start + tok
+    qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
+    row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
+    row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
+    st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
+    visible = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= pos[None, :])
+    pt = tl.where(visible, tl.exp2(st - row_lse[None, :]), 0.0)
+    acc_v += tl.dot(pt.to(dot.dtype), dot, input_precision=PRECISION)
+    dpt = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
+    dst = pt * (dpt - row_delta[None, :])
+    acc_k += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
+    return acc_k, acc_v
+
+
 @triton.jit(do_not_specialize=["KB"])  # sizes that follow the packed documents (triton_utils)
 def _selected_bwd_dkv_keys_m(
     q, k, v, do, lse, delta, entries, seg_block, seg_lo, seg_hi, block_start, block_end, part_k, part_v,
@@ -436,35 +477,27 @@ def _selected_bwd_dkv_keys_m(
     """_selected_bwd_dkv with the block's keys as the dots' M (LAUNCH["dkv"]["KEYS_M"]): scores [keys, rows] =
     K q^T, so the step's dots are warpgroup MMAs of M = 64 keys at any group, and P^T and dS^T, already in the
     accumulator's layout, feed dV += P^T dO and dK += dS^T q from registers. A step's BLOCK_N rows are
-    BLOCK_N // GROUP_P tokens of the segment, each its G heads padded to GROUP_P (the group's power of two)."""
+    BLOCK_N // GROUP_P tokens of the segment, each its G heads padded to GROUP_P (the group's power of two);
+    whole steps first, then the last, partial one (_keys_m_step)."""
     b, hk, e0, num_rows, offs, keys, key_ok, dk, dv, kt, vt = _segment_block(
         k, v, seg_block, seg_lo, seg_hi, block_start, block_end, TK, HK, KB, G, DK, DV, BLOCK_S, BLOCK_DK, BLOCK_DV)
     # K and V made in registers (the select changes nothing: _segment_block loaded zeros there), so that an
     # sm_90a compile takes them as the first operand from registers, not from shared memory every step
     kt = tl.where(key_ok[:, None], kt, 0.0).to(k.dtype.element_ty)
     vt = tl.where(key_ok[:, None], vt, 0.0).to(v.dtype.element_ty)
-    r = tl.arange(0, BLOCK_N)
-    head = r % GROUP_P
+    tokens_per_step: tl.constexpr = BLOCK_N // GROUP_P
     num_tokens = num_rows // G
+    whole = num_tokens // tokens_per_step * tokens_per_step
     acc_k = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     acc_v = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
-    for i0 in range(0, num_tokens, BLOCK_N // GROUP_P):
-        i = i0 + r // GROUP_P
-        row_ok = (head < G) & (i < num_tokens)
-        tok = tl.load(entries + e0 + i, mask=row_ok, other=0).to(tl.int64)
-        flat = (b * T + tok) * HQ + hk * G + head
-        qt = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        dot = tl.load(do + flat[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        row_lse = tl.load(lse + flat, mask=row_ok, other=0.0)
-        row_lse = tl.where(row_lse == float("-inf"), 0.0, row_lse * 1.4426950408889634)
-        row_delta = tl.load(delta + flat, mask=row_ok, other=0.0)
-        st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_log2
-        visible = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= q_start + tok[None, :])
-        pt = tl.where(visible, tl.exp2(st - row_lse[None, :]), 0.0)
-        acc_v += tl.dot(pt.to(dot.dtype), dot, input_precision=PRECISION)
-        dpt = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
-        dst = pt * (dpt - row_delta[None, :])
-        acc_k += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
+    for i0 in range(0, whole, tokens_per_step):
+        acc_k, acc_v = _keys_m_step(q, do, lse, delta, entries, e0, i0, num_tokens, b, hk, T, HQ, q_start, keys,
+                                    key_ok, kt, vt, dk, dv, acc_k, acc_v, scale_log2, G, DK, DV, GROUP_P, BLOCK_N,
+                                    PRECISION, False)
+    for i0 in range(whole, num_tokens, tokens_per_step):
+        acc_k, acc_v = _keys_m_step(q, do, lse, delta, entries, e0, i0, num_tokens, b, hk, T, HQ, q_start, keys,
+                                    key_ok, kt, vt, dk, dv, acc_k, acc_v, scale_log2, G, DK, DV, GROUP_P, BLOCK_N,
+                                    PRECISION, True)
     _store_partials(part_k, part_v, offs, dk, dv, acc_k, acc_v, scale, BLOCK_S, BLOCK_DK, BLOCK_DV)
 
 

@@ -513,7 +513,10 @@ def _dkv_tile(k, v, qlo, qhi, pid_n, b, hk, T, TK, HK, dk, dv, G: tl.constexpr, 
     of those that see all of them (empty if the tile has a missing key or one nobody sees). KV_REGS: K and V
     are made in registers after loading (a select that changes nothing: missing keys loaded as zeros), so
     that an sm_90a compile takes them as the S^T and dP^T dots' first operand from registers instead of
-    reading them from shared memory at every step; it needs a tile that leaves registers for them."""
+    reading them from shared memory at every step; it needs a tile that leaves registers for them. Not in the
+    autotuner's lists: on one H100 (e897e0a, benchmarks/gpu_checks/kv_regs/) the tiles that hold them without
+    spilling (32 x 64 keys, 4 warps) ran 1.05-1.09x the same tile without it in the compressed one pass, and
+    0.97-0.98x in the window's split dK/dV, but every one of them slower than the pick (0.70-0.98x)."""
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < TK
     kv_row = (b.to(tl.int64) * TK + keys) * HK + hk

@@ -2,6 +2,7 @@
 # Issue 11: K and V in registers in the range dK/dV and one-pass kernels (KV_REGS, kernels/range_attention.py
 # _dkv_tile) on the GPU, one device call, carry [".whl"]:
 #   COMMIT=<sha> bash benchmarks/gpu_checks/kv_regs.sh
+# Result at e897e0a (one H100): no config beat the pick (benchmarks/gpu_checks/kv_regs/).
 # 1. The GPU test (test_triton_compressed_attention.py -k kv_in_registers). Stops here if it fails.
 # 2. benchmarks/kernels-exp-range-configs.py, each config against the autotuner's pick, alternated:
 #    - the compressed one pass at 128K and 64K (64 query / 4 KV heads, D = 128);

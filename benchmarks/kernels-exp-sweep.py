@@ -205,8 +205,8 @@ def token_tile_variants(sel: int) -> list[dict]:
 
 
 def keys_m_dkv_variants() -> list[dict]:
-    """The dK/dV kernel with the keys as M: 16 rows (one token at G = 16) at 3 and 2 stages, 32 and 64 rows,
-    and 8 warps (0.5-0.6x at 16 rows, 2929fbc)."""
+    """The dK/dV kernel with the keys as M: 16 rows (one token at G = 16; at 3 stages the GPU default there,
+    DKV_KEYS_M_LAUNCH) at 3, 2 and 4 stages, 32 and 64 rows, and 8 warps (0.5-0.6x at 16 rows, 2929fbc)."""
     return [dict(KEYS_M=True, BLOCK_N=n, num_warps=w, num_stages=st)
             for n, w, st in ((16, 4, 3), (16, 4, 2), (16, 4, 4), (32, 4, 3), (32, 4, 2), (32, 4, 4), (64, 4, 3),
                              (64, 8, 3))]
@@ -217,7 +217,8 @@ def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool
     sel = PAPER["selection_block"]
     fwd_now = {"num_stages": DEFAULT_STAGES, **selected._forward_launch(q, v), "BLOCK_K": sel}  # as launched
     dq_now = {"num_stages": DEFAULT_STAGES, **selected._dq_launch(q, v), "BLOCK_K": sel}
-    dkv_now = dict(BLOCK_M=selected.ROWS_PER_TILE, num_warps=4, num_stages=2)
+    dkv_rows = dict(BLOCK_M=selected.ROWS_PER_TILE, num_warps=4, num_stages=2)  # the 64-row kernel
+    dkv_now = selected._dkv_launch(q.shape[2] // k.shape[2], q.is_cuda)  # as launched
     reduce_now = dict(num_warps=4, num_stages=DEFAULT_STAGES)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     o, _ = selected.selected_attention_triton(*leaves, blocks, sel)  # the forward as used, for every backward
@@ -250,16 +251,16 @@ def selected_sweeps(q, k, v, do, blocks, tma_only: bool = False, by_blocks: bool
             family += token_tile_variants(sel)
         else:
             family += tma_variants(family[0], sel)
+    # dK/dV: today's launch (_dkv_launch), the 64-row kernel, its row tiles (BLOCK_M 16 and 32 leave its two fp32
+    # accumulators room: no spills offline, selected-dkv-offline.py), and the kernel with the keys as the dots'
+    # M at 16 to 64 rows a step (offline at D = 128, 4 warps: no spill up to 32 rows)
+    row_tiles = [] if dkv_keys_m else configs(dkv_rows, BLOCK_M=(16, 32, 64, 128), num_warps=(4, 8),
+                                              num_stages=(1, 2, 3))[1:]
     return [
         Sweep("selected fwd", selected, "fwd", fwd_now, fwd_list, forward, reference[0]),
         Sweep("selected bwd: dq", selected, "dq", dq_now, dq_list, backward, reference[1]),
-        # BLOCK_M 16 and 32 leave the two fp32 accumulators room: no spills offline (selected-dkv-offline.py);
-        # KEYS_M: keys as the dots' M, BLOCK_N rows (1 to 4 tokens at G = 16) a step (_selected_bwd_dkv_keys_m);
-        # offline at D = 128, 4 warps: no spill up to 32 rows, 268 B at 64 (selected-dkv-offline.py)
         Sweep("selected bwd: dkv", selected, "dkv", dkv_now,
-              ([dkv_now] if dkv_keys_m else
-               configs(dkv_now, BLOCK_M=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)))
-              + keys_m_dkv_variants(),
+              [dkv_now] + [c for c in [dkv_rows, *row_tiles, *keys_m_dkv_variants()] if c != dkv_now],
               backward, reference[1]),
         Sweep("selected bwd: reduce", selected, "reduce", reduce_now,
               [reduce_now, dict(num_warps=2, num_stages=3), dict(num_warps=8, num_stages=3),

@@ -42,7 +42,7 @@ ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors, KEYS_M: the dots with the
 # keys as M (_keys_as_m); "fwd" also BY_BLOCKS: the forward by key blocks, with BLOCK_M, CHUNK, num_warps,
 # num_stages, see _forward_by_blocks), "dkv" (BLOCK_M, num_warps, num_stages; KEYS_M: the keys as the dots'
-# M, with BLOCK_N rows a step, _selected_bwd_dkv_keys_m), "reduce" (num_warps, num_stages); empty in use, filled
+# M, with BLOCK_N rows a step, _selected_bwd_dkv_keys_m; see _dkv_launch), "reduce" (num_warps, num_stages); empty in use, filled
 # by benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
 
@@ -69,6 +69,25 @@ def _by_blocks_launch(kernel: str, group: int, on_gpu: bool, want_slot_lse: bool
     if on_gpu and group <= BY_BLOCKS_UP_TO_GROUP and not want_slot_lse:
         return dict(BY_BLOCKS_LAUNCH[kernel])
     return None
+
+
+# What the dK/dV kernel runs on a GPU where LAUNCH does not set it: groups of 16 heads take the kernel with the
+# keys as the dots' M, one token a step (_selected_bwd_dkv_keys_m, BLOCK_N 16). On one H100 the whole selected
+# backward ran 1.04x at 128K and 1.06x at 16K (HQ = 64, HK = 4, D = 128) and 1.12x at the proof model's 16 / 1
+# heads of 64 at 32K, against the 64-row kernel in the same run (2929fbc, as _selected_bwd_dkv_by_token, whose
+# sm_90a SASS this kernel's equals at both head dims; benchmarks/gpu_checks/dkv_keys_m/). Other groups keep the
+# 64-row kernel: at G = 4 several tokens a step ran 0.94-1.02x (e897e0a).
+DKV_KEYS_M_GROUP = 16
+DKV_KEYS_M_LAUNCH = {"KEYS_M": True, "BLOCK_N": 16, "num_warps": 4, "num_stages": 3}
+
+
+def _dkv_launch(group: int, on_gpu: bool) -> dict:
+    """The dK/dV kernel's launch parameters: LAUNCH["dkv"] over the 64-row kernel's where LAUNCH sets it, else
+    DKV_KEYS_M_LAUNCH for a group of DKV_KEYS_M_GROUP heads on a GPU, else the 64-row kernel's."""
+    if on_gpu and group == DKV_KEYS_M_GROUP and "dkv" not in LAUNCH:
+        return dict(DKV_KEYS_M_LAUNCH)
+    # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
+    return launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2)
 
 
 def _keys_m_rows(block_n: int | None, group: int) -> int:
@@ -1126,11 +1145,10 @@ class SelectedAttention(torch.autograd.Function):
         part_k = torch.empty(seg_block.numel(), tile[0], tile[1], dtype=torch.float32, device=q.device)
         part_v = torch.empty(seg_block.numel(), tile[0], tile[2], dtype=torch.float32, device=q.device)
         if seg_block.numel():
-            # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
-            launch = launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2)
+            launch = _dkv_launch(consts["G"], q.is_cuda)
             if launch.pop("KEYS_M", False):
                 kernel = _selected_bwd_dkv_keys_m
-                launch.pop("BLOCK_M")
+                launch.pop("BLOCK_M", None)
                 launch["GROUP_P"] = pow2(consts["G"], minimum=1)
                 launch["BLOCK_N"] = _keys_m_rows(launch.get("BLOCK_N"), consts["G"])
             else:

@@ -273,6 +273,20 @@ def test_by_key_blocks_take_their_own_launch_parameters(monkeypatch):
                                   selection_block=SEL, slot_lse=True)
 
 
+def test_dkv_gpu_default_by_group_yields_to_launch(monkeypatch):
+    """dK/dV: a GPU runs groups of 16 heads on the kernel with the keys as M, one token a step (measured faster
+    there), other groups and the interpreter on the 64-row kernel; a LAUNCH entry decides alone, over the
+    64-row kernel's parameters."""
+    dkv = selected._dkv_launch
+    rows = {"BLOCK_M": selected.ROWS_PER_TILE, "num_warps": 4, "num_stages": 2}
+    assert dkv(16, on_gpu=True) == selected.DKV_KEYS_M_LAUNCH
+    assert selected.DKV_KEYS_M_LAUNCH["KEYS_M"] and selected.DKV_KEYS_M_LAUNCH["BLOCK_N"] == 16
+    for group, on_gpu in ((16, False), (4, True), (8, True), (32, True), (1, False)):
+        assert dkv(group, on_gpu) == rows
+    monkeypatch.setitem(selected.LAUNCH, "dkv", {"BLOCK_M": 32})
+    assert dkv(16, on_gpu=True) == {**rows, "BLOCK_M": 32}
+
+
 def test_gpu_defaults_choose_by_group_and_yield_to_launch(monkeypatch):
     """Where LAUNCH is silent, a GPU runs groups of at most 4 heads by key blocks (measured faster at G=4,
     slower at G=16) and larger groups on the one-token kernels; the interpreter always on the one-token

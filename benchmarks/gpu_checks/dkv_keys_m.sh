@@ -15,7 +15,8 @@ sweep() {  # name sweep-args...
   local name=$1
   shift
   PYTHONUNBUFFERED=1 timeout 200 ${PYTHON:-python3} benchmarks/kernels-exp-sweep.py --kernels selected \
-    --selected-parts dkv --dkv-keys-m --budget-s 120 "$@" --out $OUT/sweep-$name-$tag.json > $OUT/sweep-$name-$tag.log 2>&1
+    --selected-parts dkv --dkv-keys-m --budget-s 120 "$@" --out $OUT/sweep-$name-$tag.json \
+    > $OUT/sweep-$name-$tag.log 2>&1
   echo "$(date +%T) sweep $name rc=$?"
   grep -B 2 -A 12 "^best passing config" $OUT/sweep-$name-$tag.log
 }

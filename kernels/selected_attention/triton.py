@@ -42,8 +42,8 @@ ROWS_PER_TILE = 64  # (token, head) rows per tile in the dK/dV kernel
 # loop step, TOKENS: tokens a program, TMA: K/V parts through TMA descriptors, KEYS_M: the dots with the
 # keys as M (_keys_as_m); "fwd" also BY_BLOCKS: the forward by key blocks, with BLOCK_M, CHUNK, num_warps,
 # num_stages, see _forward_by_blocks), "dkv" (BLOCK_M, num_warps, num_stages; KEYS_M: the keys as the dots'
-# M, with BLOCK_N rows a step, _selected_bwd_dkv_keys_m; see _dkv_launch), "reduce" (num_warps, num_stages); empty in use, filled
-# by benchmarks/kernels-exp-sweep.py
+# M, with BLOCK_N rows a step, _selected_bwd_dkv_keys_m; see _dkv_launch), "reduce" (num_warps, num_stages);
+# empty in use, filled by benchmarks/kernels-exp-sweep.py
 LAUNCH: dict[str, dict] = {}
 
 # What the forward and dQ run on a GPU where LAUNCH does not set the kernel (measured on one H200, HK=4,

@@ -67,6 +67,9 @@ def parse_args():
                    help="configs BLOCK_M,BLOCK_N,warps,stages[,r] timed against the autotuner's pick")
     args = p.parse_args()
     check_shape_arguments(p, args)
+    if args.kernel in ("fwd", "dq") and any(c.kwargs.get("KV_REGS") for c in args.configs):
+        p.error(f"--configs ...,r (K and V in registers) is for --kernel dkv or onepass, not --kernel {args.kernel}: "
+                "drop the ,r")
     return args
 
 

@@ -86,6 +86,11 @@ def _dkv_launch(group: int, on_gpu: bool) -> dict:
     DKV_KEYS_M_LAUNCH for a group of DKV_KEYS_M_GROUP heads on a GPU, else the 64-row kernel's."""
     if on_gpu and group == DKV_KEYS_M_GROUP and "dkv" not in LAUNCH:
         return dict(DKV_KEYS_M_LAUNCH)
+    if LAUNCH.get("dkv", {}).get("KEYS_M"):
+        if "BLOCK_M" in LAUNCH["dkv"]:
+            raise ValueError(f"selected attention: LAUNCH['dkv'] KEYS_M=True takes BLOCK_N (rows a step), not "
+                             f"BLOCK_M={LAUNCH['dkv']['BLOCK_M']}, which is the 64-row kernel's: leave BLOCK_M out")
+        return {"num_warps": 4, "num_stages": 2, **LAUNCH["dkv"]}
     # 4 warps: 28.5 ms against 56.7 with 8 at 128K, G=16 (benchmarks/kernels-notes.md, session 4)
     return launch_params(LAUNCH, "dkv", BLOCK_M=ROWS_PER_TILE, num_warps=4, num_stages=2)
 
@@ -1148,7 +1153,6 @@ class SelectedAttention(torch.autograd.Function):
             launch = _dkv_launch(consts["G"], q.is_cuda)
             if launch.pop("KEYS_M", False):
                 kernel = _selected_bwd_dkv_keys_m
-                launch.pop("BLOCK_M", None)
                 launch["GROUP_P"] = pow2(consts["G"], minimum=1)
                 launch["BLOCK_N"] = _keys_m_rows(launch.get("BLOCK_N"), consts["G"])
             else:

@@ -285,6 +285,12 @@ def test_dkv_gpu_default_by_group_yields_to_launch(monkeypatch):
         assert dkv(group, on_gpu) == rows
     monkeypatch.setitem(selected.LAUNCH, "dkv", {"BLOCK_M": 32})
     assert dkv(16, on_gpu=True) == {**rows, "BLOCK_M": 32}
+    monkeypatch.setitem(selected.LAUNCH, "dkv", {"KEYS_M": True, "num_stages": 3})
+    assert dkv(4, on_gpu=False) == {"KEYS_M": True, "num_warps": 4, "num_stages": 3}
+    monkeypatch.setitem(selected.LAUNCH, "dkv", {"KEYS_M": True, "BLOCK_M": 32})
+    with pytest.raises(ValueError,
+                       match=r"KEYS_M=True takes BLOCK_N \(rows a step\), not BLOCK_M=32.*leave BLOCK_M out"):
+        dkv(16, on_gpu=True)
 
 
 def test_gpu_defaults_choose_by_group_and_yield_to_launch(monkeypatch):

@@ -75,8 +75,9 @@ def _by_blocks_launch(kernel: str, group: int, on_gpu: bool, want_slot_lse: bool
 # keys as the dots' M, one token a step (_selected_bwd_dkv_keys_m, BLOCK_N 16). On one H100 the whole selected
 # backward ran 1.04x at 128K and 1.06x at 16K (HQ = 64, HK = 4, D = 128) and 1.12x at the proof model's 16 / 1
 # heads of 64 at 32K, against the 64-row kernel in the same run (2929fbc, as _selected_bwd_dkv_by_token, whose
-# sm_90a SASS this kernel's equals at both head dims; benchmarks/gpu_checks/dkv_keys_m/). Other groups keep the
-# 64-row kernel: at G = 4 several tokens a step ran 0.94-1.02x (e897e0a).
+# sm_90a SASS this kernel's equals at both head dims: benchmarks/selected-dkv-sass.py;
+# benchmarks/gpu_checks/dkv_keys_m/). Other groups keep the 64-row kernel: at G = 4 several tokens a step ran
+# 0.94-1.02x (e897e0a).
 DKV_KEYS_M_GROUP = 16
 DKV_KEYS_M_LAUNCH = {"KEYS_M": True, "BLOCK_N": 16, "num_warps": 4, "num_stages": 3}
 

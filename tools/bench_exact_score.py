@@ -2,8 +2,10 @@
 select_blocks_triton(score="exact") per layer call, median of triton.testing.do_bench, for one 32K document
 and for 8 packed documents of 8K (16 query heads on 1 KV head of 64, bf16, the proof's l' = 64 and n = 16).
 
-Each shape also times the first pass alone (range_attention_lse, each query head's log-sum-exp), so the
-second, _topn_exact_kernel, is the difference. --kernels-root DIR imports `kernels` from another checkout
+Kernels with both ways to the score (EXACT_ONE_PASS) time both, alternated three times: one pass
+(_topn_exact_one_pass_kernel) and two (range_attention_lse, each query head's log-sum-exp, then
+_topn_exact_kernel), with their ratio and the share of picks they agree on. Each shape also times the
+first of the two passes alone, so the second is the difference. --kernels-root DIR imports `kernels` from another checkout
 (`git archive <commit> kernels`, unpacked in DIR), to time an earlier version on the same machine; --picks
 FILE saves the picks, and --against FILE reports the share of (token, pick) entries equal to a saved run's.
 --launches times other launch parameters of _topn_exact_kernel (JSON objects set as
@@ -65,6 +67,8 @@ def main():
     launches = [None] + a.launches
     # the lse pass alone needs kernels from 9cb0637 on (an older --kernels-root times the whole only)
     lse_alone = hasattr(block_selection, "exact_ranges") and hasattr(block_selection, "range_attention_lse")
+    # kernels with both ways (EXACT_ONE_PASS) time both, alternated; older ones the one they have
+    ways = ["one pass", "two passes"] if hasattr(block_selection, "EXACT_ONE_PASS") else ["as built"]
     for name, (tokens, documents) in SHAPES.items():
         torch.manual_seed(0)
         q = torch.randn(1, tokens, 16, 64, device="cuda", dtype=torch.bfloat16)
@@ -84,28 +88,48 @@ def main():
             block_selection.LAUNCH.pop("topn_exact", None)
             if launch is not None:
                 block_selection.LAUNCH["topn_exact"] = launch
-            picked = run().cpu()
-            ms = [triton.testing.do_bench(run, warmup=5, rep=50) for _ in range(3)]
-            row = {"shape": name, "launch": launch or "default", "ms_runs": ms, "ms": sorted(ms)[1],
-                   "lse_pass_ms": lse_ms, "topn_ms": None if lse_ms is None else sorted(ms)[1] - lse_ms}
-            if launch is None:
-                picks[name] = picked
-                if earlier is not None:
-                    row["picks_agree"] = (earlier[name] == picked).float().mean().item()
-            else:
-                row["picks_agree_default"] = (picks[name] == picked).float().mean().item()
-            report["rows"].append(row)
-            agree = row.get("picks_agree", row.get("picks_agree_default"))
-            parts = f"; lse pass {lse_ms:.3f}, top-n {row['topn_ms']:.3f}" if lse_ms is not None else ""
-            print(f"{name} {json.dumps(row['launch'])}: {row['ms']:.3f} ms (runs {', '.join(f'{m:.3f}' for m in ms)}"
-                  f"{parts})"
-                  + (f", picks agree {agree:.4%}" if agree is not None else ""), flush=True)
+            picked, ms = {}, {way: [] for way in ways}
+            for way in ways:
+                set_way(block_selection, way)
+                picked[way] = run().cpu()
+            for _ in range(3):  # the ways alternated, three timings each
+                for way in ways:
+                    set_way(block_selection, way)
+                    ms[way].append(triton.testing.do_bench(run, warmup=5, rep=50))
+            for way in ways:
+                row = {"shape": name, "launch": launch or "default", "way": way, "ms_runs": ms[way],
+                       "ms": sorted(ms[way])[1]}
+                if way != "one pass":
+                    row |= {"lse_pass_ms": lse_ms, "topn_ms": None if lse_ms is None else row["ms"] - lse_ms}
+                if way != ways[0]:
+                    row[f"x_{ways[0].replace(' ', '_')}"] = row["ms"] / sorted(ms[ways[0]])[1]
+                    row[f"picks_agree_{ways[0].replace(' ', '_')}"] = (picked[ways[0]] == picked[way]).float().mean().item()
+                if launch is None and way == ways[0]:
+                    picks[name] = picked[way]
+                    if earlier is not None:
+                        row["picks_agree"] = (earlier[name] == picked[way]).float().mean().item()
+                elif launch is not None:
+                    row["picks_agree_default"] = (picks[name] == picked[way]).float().mean().item()
+                report["rows"].append(row)
+                extra = {key: value for key, value in row.items() if key.startswith(("x_", "picks_agree"))}
+                parts = (f"; lse pass {lse_ms:.3f}, top-n {row['topn_ms']:.3f}"
+                         if row.get("topn_ms") is not None else "")
+                print(f"{name} {json.dumps(row['launch'])} {way}: {row['ms']:.3f} ms (runs "
+                      f"{', '.join(f'{m:.3f}' for m in ms[way])}{parts})"
+                      + "".join(f", {key} {value:.4f}" for key, value in extra.items()), flush=True)
+            set_way(block_selection, ways[0])
         block_selection.LAUNCH.pop("topn_exact", None)
     if a.picks:
         torch.save(picks, a.picks)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2))
+
+
+def set_way(block_selection, way: str):
+    """Selects the exact score's way in kernels that have both (EXACT_ONE_PASS)."""
+    if way != "as built":
+        block_selection.EXACT_ONE_PASS = way == "one pass"
 
 
 def median_of_3(triton, fn) -> float:

@@ -348,6 +348,66 @@ def _topn_exact_kernel(
     _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
 
 
+@triton.jit(do_not_specialize=["TK", "TILE0", "NB"])
+def _topn_exact_one_pass_kernel(
+    q, k, tiles, block_lse, out,
+    T, TK, HQ, HK, NSEL, q_start, scale_log2, TILE0, NB,
+    G: tl.constexpr, SEL: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_G: tl.constexpr, ST: tl.constexpr, PRECISION: tl.constexpr, SORTED_MERGE: tl.constexpr,
+):
+    """_topn_exact_kernel's picks with one pass over the keys instead of two. The first loop walks the tile's
+    blocks once, as a flash-attention forward without its output: each (token, head) row's running max m and
+    sum l over its visible keys, and each block's own log-sum-exp (base 2), m + log2(sum of the block's
+    exp2(s - m)), which it writes to this program's slice of `block_lse` ([NB, rows] fp32, NB >= the tile's
+    blocks). Then lse = m + log2(l) is known, and the second loop reads the block log-sum-exps back, so a
+    block's mass for a row is exp2(block lse - lse): one exp a (row, block) instead of a dot and an exp a key.
+    The heads' masses are summed per token and merged ST blocks at a time as in _topn_exact_kernel.
+    Program (i, batch x KV head) scores query tile TILE0 + i."""
+    b = (tl.program_id(1) // HK).to(tl.int64)
+    hk = tl.program_id(1) % HK
+    tile = TILE0 + tl.program_id(0)
+    toks, tok_ok, _, cur, last, doc_start = _tile_tokens(tiles, tile, q_start, SEL, BLOCK_T)
+    ROWS: tl.constexpr = BLOCK_T * BLOCK_G
+    rows = tl.arange(0, ROWS)
+    row_tok = tl.load(tiles + tile * 5) + rows // BLOCK_G
+    row_g = rows % BLOCK_G
+    row_ok = (row_tok < tl.load(tiles + tile * 5 + 1)) & (row_g < G)
+    row_pos = q_start + row_tok - doc_start
+    flat = (b * T + row_tok) * HQ + hk * G + row_g
+    dk = tl.arange(0, BLOCK_DK)
+    qr = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    scratch = block_lse + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * NB * ROWS
+
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l_sum = tl.zeros([ROWS], tl.float32)
+    for j in range(0, last + 1):
+        kt, kpos = _block_keys(k, b, hk, j, doc_start, TK, HK, SEL, DK, BLOCK_DK)
+        s = tl.dot(qr, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        s = tl.where(kpos[None, :] <= row_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) for rows that see nothing yet
+        block_sum = tl.sum(tl.exp2(s - shift[:, None]), 1)
+        l_sum = l_sum * tl.exp2(m - shift) + block_sum
+        m = m_new
+        seen = block_sum > 0
+        tl.store(scratch + j * ROWS + rows,
+                 tl.where(seen, shift + tl.log2(tl.where(seen, block_sum, 1.0)), float("-inf")))
+    # +inf for padding rows and rows that see no key: every exp2(block lse - lse) is then 0
+    seen = row_ok & (l_sum > 0)
+    row_lse = tl.where(seen, m + tl.log2(tl.where(seen, l_sum, 1.0)), float("inf"))
+    tl.debug_barrier()  # the block log-sum-exps one thread wrote are read back by others of the program
+
+    cols = tl.arange(0, ST)
+    running = tl.full([BLOCK_T, ST], -1, tl.int64)
+    for j0 in range(0, last + 1, ST):
+        blocks = j0 + cols
+        part = tl.load(scratch + blocks[None, :] * ROWS + rows[:, None], mask=(blocks <= last)[None, :],
+                       other=float("-inf"))
+        mass = tl.sum(tl.reshape(tl.exp2(part - row_lse[:, None]), [BLOCK_T, BLOCK_G, ST]), 1)
+        running = _merge(running, mass, tok_ok, cur, blocks, BLOCK_T, ST, SORTED_MERGE)
+    _store_picks(out, running, toks, tok_ok, b, hk, T, HK, NSEL, ST)
+
+
 def query_tiles(
     seq: int, num_blocks: int, block_size: int, stride: int, q_start: int, cu_seqlens: torch.Tensor | None,
     block_t: int, device: torch.device, forced_until: int = 0,
@@ -574,6 +634,13 @@ def _exact_ranges_from_start(seq: int, q_start: int, device: torch.device) -> tu
 # 4 warps) 4.60 ms, 128 rows 4.78-5.12, 256 rows 4.64-5.08, 512 rows 4.91; the kernel before them, 64
 # tokens with the group's heads one after another, 6.54-6.58.
 EXACT_ROWS = 64
+# The exact score's top-n in one pass over the keys (_topn_exact_one_pass_kernel: each block's log-sum-exp kept
+# in a scratch buffer, read back once the row's lse is known) instead of two (range_attention_lse, then
+# _topn_exact_kernel). The scratch holds, per query tile, the longest document's blocks x the tile's rows in
+# fp32: 128 KB a tile at the proof's 32K (G = 16, 4 tokens a tile), 1 GB for a 32K layer call, 0.5 GB for 8
+# documents of 8K. Tiles beyond EXACT_SCRATCH_BYTES run in further launches, a chunk of tiles each.
+EXACT_ONE_PASS = True
+EXACT_SCRATCH_BYTES = 1 << 30
 
 
 def exact_tile_tokens(group: int) -> int:
@@ -613,8 +680,27 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     shapes = dict(G=group, BLOCK_G=pow2(group), SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
                   PRECISION=dot_precision(q.dtype), **launch)
     common = (seq, keys.shape[1], num_q_heads, num_kv_heads)
+    if EXACT_ONE_PASS:
+        _topn_exact_one_pass(q, keys, tiles, out, common, num_selected, q_start, scale, sorted_merge, shapes,
+                             triton.cdiv(longest_document(seq, q_start, cu_seqlens), selection_block))
+        return out
     lo, hi = exact_ranges(seq, q_start, cu_seqlens, q.device)
     lse = range_attention_lse(q, keys, lo, hi, scale)
     _topn_exact_kernel[grid](q, keys, lse, tiles, out, *common, num_selected, q_start, scale * LOG2E,
                              ST=pow2(num_selected), SORTED_MERGE=sorted_merge, **shapes)
     return out
+
+
+def _topn_exact_one_pass(q, keys, tiles, out, common, num_selected, q_start, scale, sorted_merge, shapes,
+                         num_blocks):
+    """_topn_exact_one_pass_kernel over every tile, in chunks of tiles whose block log-sum-exps (num_blocks
+    of them a row: the longest document's) fit EXACT_SCRATCH_BYTES."""
+    batch_heads = q.shape[0] * keys.shape[2]
+    tile_bytes = batch_heads * num_blocks * shapes["BLOCK_T"] * shapes["BLOCK_G"] * 4
+    chunk = max(1, min(tiles.shape[0], EXACT_SCRATCH_BYTES // tile_bytes))
+    block_lse = torch.empty(chunk * tile_bytes // 4, dtype=torch.float32, device=q.device)
+    for first in range(0, tiles.shape[0], chunk):
+        grid = (min(chunk, tiles.shape[0] - first), batch_heads)
+        _topn_exact_one_pass_kernel[grid](q, keys, tiles, block_lse, out, *common, num_selected, q_start,
+                                          scale * LOG2E, first, num_blocks, ST=pow2(num_selected),
+                                          SORTED_MERGE=sorted_merge, **shapes)

@@ -140,6 +140,21 @@ def test_exact_launch_override(monkeypatch, tokens):
     check_raw_key_score("exact", 4, 1, torch.float32, 16, 5, cu_seqlens=cu_seqlens, seq=200)
 
 
+@pytest.mark.parametrize("one_pass, scratch_bytes", [(True, 1), (True, 6_500), (False, None)],
+                         ids=["one-pass-a-launch-a-tile", "one-pass-in-chunks", "two-pass"])
+def test_exact_score_ways(monkeypatch, one_pass, scratch_bytes):
+    """The exact score's ways to its picks, over packed documents, two KV heads and several merges: one pass
+    whose scratch holds a single query tile's block log-sum-exps (each of the 11 tiles its own launch) or two
+    tiles' (6 launches, the last with one tile), and the two passes (range_attention_lse, then
+    _topn_exact_kernel)."""
+    torch.manual_seed(11)
+    monkeypatch.setattr(block_selection, "EXACT_ONE_PASS", one_pass)
+    if scratch_bytes is not None:
+        monkeypatch.setattr(block_selection, "EXACT_SCRATCH_BYTES", scratch_bytes)
+    cu_seqlens = torch.tensor([0, 30, 31, 120, 200], dtype=torch.int32, device=DEVICE)
+    check_raw_key_score("exact", 4, 2, torch.float32, 16, 4, cu_seqlens=cu_seqlens, seq=200)
+
+
 @pytest.mark.parametrize("score", ["sum", "max", "exact"])
 def test_topk_merge_picks_what_the_sorted_merge_picks(monkeypatch, score):
     """SORTED_MERGE=False (each step's keys and the running list through topk, the merge before the sorted

@@ -101,9 +101,10 @@ def main():
                        "ms": sorted(ms[way])[1]}
                 if way != "one pass":
                     row |= {"lse_pass_ms": lse_ms, "topn_ms": None if lse_ms is None else row["ms"] - lse_ms}
-                if way != ways[0]:
-                    row[f"x_{ways[0].replace(' ', '_')}"] = row["ms"] / sorted(ms[ways[0]])[1]
-                    row[f"picks_agree_{ways[0].replace(' ', '_')}"] = (picked[ways[0]] == picked[way]).float().mean().item()
+                if way != ways[0]:  # this way's time over the first way's, and the picks they agree on
+                    first = ways[0].replace(" ", "_")
+                    row[f"time_vs_{first}"] = row["ms"] / sorted(ms[ways[0]])[1]
+                    row[f"picks_agree_{first}"] = (picked[ways[0]] == picked[way]).float().mean().item()
                 if launch is None and way == ways[0]:
                     picks[name] = picked[way]
                     if earlier is not None:
@@ -111,7 +112,7 @@ def main():
                 elif launch is not None:
                     row["picks_agree_default"] = (picks[name] == picked[way]).float().mean().item()
                 report["rows"].append(row)
-                extra = {key: value for key, value in row.items() if key.startswith(("x_", "picks_agree"))}
+                extra = {key: value for key, value in row.items() if key.startswith(("time_vs", "picks_agree"))}
                 parts = (f"; lse pass {lse_ms:.3f}, top-n {row['topn_ms']:.3f}"
                          if row.get("topn_ms") is not None else "")
                 print(f"{name} {json.dumps(row['launch'])} {way}: {row['ms']:.3f} ms (runs "

@@ -32,13 +32,15 @@ descending sort of keys ranks by score and breaks ties toward the lower block id
 reference's stable sort. Blocks a query may not pick get key -1.
 
 With the "exact" score (nsa.selection_score) top-n reads the selection branch's raw keys instead of the
-compressed ones, in two passes: the range attention's forward without its output (range_attention_lse:
-its tiles are (token, head) rows of one GQA group, so each key tile is read once for the group's heads)
-computes each query head's log-sum-exp over every key it may see; then _topn_exact_kernel, over query
-tiles of a few tokens whose (token, head) pairs are its rows (the queries loaded once), recomputes q.k one
-selection block (l' keys) at a time, sums exp(q.k - lse) over the block's keys and the group's heads, and
-merges ST blocks at a time into the same running top-ST list. Two causal QK^T passes with no PV product:
-about a dense attention forward's FLOPs.
+compressed ones, over query tiles of a few tokens whose (token, head) pairs are the program's rows (the
+group's queries loaded once). _topn_exact_one_pass_kernel (EXACT_ONE_PASS, the default) walks the selection
+blocks (l' keys each) once: each row's running max and sum over its visible keys, as a flash-attention
+forward without output, and each block's own log-sum-exp, kept in a scratch buffer; then, with the row's lse
+known, exp(block lse - lse) is the row's mass on the block, summed over the group's heads and merged ST
+blocks at a time into the same running top-ST list. One causal QK^T pass with its exps and no PV product.
+The two-pass way before it (EXACT_ONE_PASS = False): the range attention's forward without its output
+(range_attention_lse) for each head's lse, then _topn_exact_kernel, which recomputes q.k a block at a time
+and sums exp(q.k - lse) over the block's keys.
 """
 
 import functools
@@ -638,7 +640,9 @@ EXACT_ROWS = 64
 # in a scratch buffer, read back once the row's lse is known) instead of two (range_attention_lse, then
 # _topn_exact_kernel). The scratch holds, per query tile, the longest document's blocks x the tile's rows in
 # fp32: 128 KB a tile at the proof's 32K (G = 16, 4 tokens a tile), 1 GB for a 32K layer call, 0.5 GB for 8
-# documents of 8K. Tiles beyond EXACT_SCRATCH_BYTES run in further launches, a chunk of tiles each.
+# documents of 8K. Tiles beyond EXACT_SCRATCH_BYTES run in further launches, a chunk of tiles each. On one H100
+# (bb12bd1, benchmarks/gpu_checks/exact_score/exact-one-pass-*, both ways alternated in one run): 5.67 against
+# 7.81 ms at 1 x 32K, 2.84 against 4.16 at 8 x 8K, the same picks; the proof's 8K and 32K steps 1.02-1.09x.
 EXACT_ONE_PASS = True
 EXACT_SCRATCH_BYTES = 1 << 30
 

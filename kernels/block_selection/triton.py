@@ -311,6 +311,23 @@ def _block_keys(k, b, hk, j, doc_start, TK, HK, SEL: tl.constexpr, DK: tl.conste
     return tl.load(k + rows[:, None] * DK + dk[None, :], mask=ok, other=0.0), kpos
 
 
+@triton.jit
+def _exact_rows(q, tiles, tile, b, hk, T, HQ, q_start, doc_start, G: tl.constexpr, DK: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The exact score's rows of query tile `tile`: its (token, head) pairs, head fastest (BLOCK_G a token, the
+    group padded), which are real, their positions in the document, their flat offsets in [B, T, HQ] and their
+    queries [rows, BLOCK_DK] (zero for padding rows)."""
+    rows = tl.arange(0, BLOCK_T * BLOCK_G)
+    row_tok = tl.load(tiles + tile * 5) + rows // BLOCK_G
+    row_g = rows % BLOCK_G
+    row_ok = (row_tok < tl.load(tiles + tile * 5 + 1)) & (row_g < G)
+    row_pos = q_start + row_tok - doc_start
+    flat = (b * T + row_tok) * HQ + hk * G + row_g
+    dk = tl.arange(0, BLOCK_DK)
+    qr = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    return rows, row_ok, row_pos, flat, qr
+
+
 @triton.jit(do_not_specialize=["TK"])
 def _topn_exact_kernel(
     q, k, lse, tiles, out,
@@ -326,14 +343,8 @@ def _topn_exact_kernel(
     hk = tl.program_id(1) % HK
     tile = tl.program_id(0)
     toks, tok_ok, _, cur, last, doc_start = _tile_tokens(tiles, tile, q_start, SEL, BLOCK_T)
-    rows = tl.arange(0, BLOCK_T * BLOCK_G)
-    row_tok = tl.load(tiles + tile * 5) + rows // BLOCK_G
-    row_g = rows % BLOCK_G
-    row_ok = (row_tok < tl.load(tiles + tile * 5 + 1)) & (row_g < G)
-    row_pos = q_start + row_tok - doc_start
-    flat = (b * T + row_tok) * HQ + hk * G + row_g
-    dk = tl.arange(0, BLOCK_DK)
-    qr = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    _, row_ok, row_pos, flat, qr = _exact_rows(q, tiles, tile, b, hk, T, HQ, q_start, doc_start, G, DK, BLOCK_DK,
+                                               BLOCK_T, BLOCK_G)
     # in log2 units; +inf for padding rows, whose exp2(s - lse) is then 0
     row_lse = tl.load(lse + flat, mask=row_ok, other=float("inf")) * 1.4426950408889634
     cols = tl.arange(0, ST)
@@ -370,14 +381,8 @@ def _topn_exact_one_pass_kernel(
     tile = TILE0 + tl.program_id(0)
     toks, tok_ok, _, cur, last, doc_start = _tile_tokens(tiles, tile, q_start, SEL, BLOCK_T)
     ROWS: tl.constexpr = BLOCK_T * BLOCK_G
-    rows = tl.arange(0, ROWS)
-    row_tok = tl.load(tiles + tile * 5) + rows // BLOCK_G
-    row_g = rows % BLOCK_G
-    row_ok = (row_tok < tl.load(tiles + tile * 5 + 1)) & (row_g < G)
-    row_pos = q_start + row_tok - doc_start
-    flat = (b * T + row_tok) * HQ + hk * G + row_g
-    dk = tl.arange(0, BLOCK_DK)
-    qr = tl.load(q + flat[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    rows, row_ok, row_pos, _, qr = _exact_rows(q, tiles, tile, b, hk, T, HQ, q_start, doc_start, G, DK,
+                                               BLOCK_DK, BLOCK_T, BLOCK_G)
     scratch = block_lse + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * NB * ROWS
 
     m = tl.full([ROWS], float("-inf"), tl.float32)

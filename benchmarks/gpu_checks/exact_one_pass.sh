@@ -5,7 +5,8 @@
 # 1. The exact score's GPU tests (both ways, several tilings and layouts). Stops here if they fail.
 # 2. tools/bench_exact_score.py: top-n alone at 1 x 32K and 8 x 8K, both ways alternated, their picks compared.
 # 3. The proof model's 8K and 32K steps (tools/bench_train.py, NSA, the stages' mixes and the exact score), two
-#    passes then one, twice over.
+#    passes then one, twice over; every run's bench_train JSON, with its command and commit, gathered into
+#    $OUT/exact-steps-<commit>.json (one file: a device call brings back at most 8).
 set -u
 tag=${COMMIT:-unknown}
 source benchmarks/proof/setup.sh
@@ -41,3 +42,8 @@ for round in 1 2; do
     step $shape True $round
   done
 done
+python3 - <<PY
+import glob, json
+runs = {path.split("/")[-1][:-5]: json.load(open(path)) for path in sorted(glob.glob("/tmp/exact-step-*.json"))}
+json.dump({"commit": "$tag", "runs": runs}, open("$OUT/exact-steps-$tag.json", "w"), indent=1)
+PY

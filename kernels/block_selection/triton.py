@@ -704,7 +704,6 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
     if tiles.shape[0] == 0:
         return out
     q, keys = q.contiguous(), keys.contiguous()
-    grid = (tiles.shape[0], batch * num_kv_heads)
     sorted_merge = launch.pop("SORTED_MERGE")
     shapes = dict(G=group, BLOCK_G=pow2(group), SEL=selection_block, DK=head_dim, BLOCK_DK=pow2(head_dim),
                   PRECISION=dot_precision(q.dtype), **launch)
@@ -715,6 +714,7 @@ def _select_blocks_exact(q, keys, selection_block, num_selected, scale, q_start,
         return out
     lo, hi = exact_ranges(seq, q_start, cu_seqlens, q.device)
     lse = range_attention_lse(q, keys, lo, hi, scale)
+    grid = (tiles.shape[0], batch * num_kv_heads)
     _topn_exact_kernel[grid](q, keys, lse, tiles, out, *common, num_selected, q_start, scale * LOG2E,
                              ST=pow2(num_selected), SORTED_MERGE=sorted_merge, **shapes)
     return out

@@ -52,6 +52,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from kernels import compile_ahead
 from kernels.triton_utils import (dot_precision, interpreter_bulk_reductions, poisoned, pow2, programs_wanted,
@@ -132,6 +133,20 @@ def _candidates(name, BLOCK_DK, BLOCK_DV, PRECISION, **_):
     return tried[-1:] if PRECISION == "ieee" else tried
 
 
+# How long the autotuner times each candidate config, in ms of warmup and of timed runs. Triton's default is
+# 25 and 100, about an eighth of a second a candidate, and a proof job searches again for each new length
+# (T_BUCKET below): about 15 candidates at each of its stages' lengths, and the evaluation's 256 and 1K
+# tokens, a few seconds of its first steps that dense attention does not pay. 25 ms is still 10 or more
+# runs of a proof kernel at 32K and hundreds at 2K for the median that ranks them. Not yet timed on a GPU
+# (session 65): what it saves is the first steps' seconds in a proof pair, what it could cost a worse pick.
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+
+
+def _time_candidate(kernel_call, quantiles):
+    """The autotuner's timer (triton.autotune's do_bench): triton.testing.do_bench, shorter (AUTOTUNE_*_MS)."""
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
 def _autotuned(kernel, name, accumulators):
     """kernel autotuned over _CONFIGS[name]; `accumulators` (argument names) are zeroed before every
     trial run and after the search, for kernels that add into their outputs."""
@@ -147,7 +162,8 @@ def _autotuned(kernel, name, accumulators):
     return triton.autotune(small + large, key=["T_BUCKET", "TK_BUCKET", "G", "DK", "DV", "TMA", "LSE_ONLY",
                                                "ALIGNED_ROWS", "DQ_TMA", "STATS_TMA"],
                            reset_to_zero=accumulators,
-                           prune_configs_by={"early_config_prune": by_head_dim}, cache_results=True)(kernel)
+                           prune_configs_by={"early_config_prune": by_head_dim}, do_bench=_time_candidate,
+                           cache_results=True)(kernel)
 
 
 @triton.jit

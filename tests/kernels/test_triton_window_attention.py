@@ -93,6 +93,27 @@ def test_fp32_tries_one_config_on_the_gpu(name):
         assert len(listed) > 1
 
 
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkv", "onepass"])
+def test_the_search_times_candidates_briefly(name, monkeypatch):
+    """The range kernels' autotuner times each candidate through range_attention._time_candidate, which asks
+    triton.testing.do_bench for AUTOTUNE_WARMUP_MS and AUTOTUNE_REP_MS (Triton's default: 25 and 100 ms)."""
+    tuned = range_attention._TUNED[name]
+    asked = {}
+
+    def fake_do_bench(kernel_call, warmup, rep, quantiles):
+        asked.update(warmup=warmup, rep=rep, quantiles=quantiles)
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(range_attention.triton.testing, "do_bench", fake_do_bench)
+    calls = []
+    assert tuned.do_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [1.0, 1.0, 1.0]
+    assert calls == [1]
+    assert asked == dict(warmup=range_attention.AUTOTUNE_WARMUP_MS, rep=range_attention.AUTOTUNE_REP_MS,
+                         quantiles=(0.5, 0.2, 0.8))
+    assert range_attention.AUTOTUNE_WARMUP_MS + range_attention.AUTOTUNE_REP_MS < 25 + 100
+
+
 @pytest.mark.parametrize("group", [1, 16])
 def test_lse_alone_is_the_forwards_lse(group):
     """range_attention_lse (top-n's exact score) is the range forward's lse without the output, to the bit:
